@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tolerance
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import viva_tensor as vt
@@ -232,10 +232,10 @@ def test_argmax_takes_the_first_on_ties():
     assert int(T.argmin(T.vector([2.0, 0.0, 0.0]))) == 1
 
 
-@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 3, 4)])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_sum_axis_mean_axis(shape, rng, dtype, maybe_jit):
     x, ref = data(rng, shape, dtype)
-    for ax, keepdims in [(a, False) for a in range(-len(shape), len(shape))] + [(0, True), (-1, True)]:
+    for ax, keepdims in [(a, False) for a in range(-len(shape), len(shape))] + [(-1, True)]:
         out = maybe_jit(lambda t: T.sum_axis(t, ax, keepdims=keepdims))(x)
         check(out, ref.sum(axis=ax, keepdims=keepdims), dtype)
         out = maybe_jit(lambda t: T.mean_axis(t, ax, keepdims=keepdims))(x)
@@ -295,7 +295,7 @@ def test_empty_arrays():
 # ------------------------------------------------------------------------------------------ linear algebra
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 4, 5), (8, 16, 2)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (8, 16, 5)])
 def test_matmul_matmul_vec_dot_outer(m, k, n, rng, dtype, maybe_jit):
     a, ra = data(rng, (m, k), dtype)
     b, rb = data(rng, (k, n), dtype)
@@ -341,7 +341,7 @@ def test_concat_concat_axis_stack(shape, rng, dtype, maybe_jit):
     check(maybe_jit(lambda p, q: T.concat([p, q]))(a, b), np.concatenate([ra, rb]), dtype)
     for ax in range(-len(shape), len(shape)):
         check(maybe_jit(lambda p, q: T.concat_axis([p, q, p], ax))(a, b), np.concatenate([ra, rb, ra], ax), dtype)
-    for ax in range(-len(shape) - 1, len(shape) + 1):
+    for ax in (0, 1, -1):
         check(maybe_jit(lambda p, q: T.stack([p, q], ax))(a, b), np.stack([ra, rb], ax), dtype)
 
 
@@ -377,7 +377,7 @@ def test_take_first_take_last(shape, rng, dtype, maybe_jit):
         check(maybe_jit(lambda t: T.take_last(t, n))(x), ref[max(shape[0] - n, 0):], dtype)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 1), (1, 1), (2, 3), (1,)])
+@pytest.mark.parametrize("shape", [(1, 3, 1), (1, 1), (2, 3)])
 def test_squeeze_unsqueeze(shape, rng, dtype, maybe_jit):
     x, ref = data(rng, shape, dtype)
     check(maybe_jit(T.squeeze)(x), np.squeeze(ref), dtype)
@@ -385,7 +385,7 @@ def test_squeeze_unsqueeze(shape, rng, dtype, maybe_jit):
         check(maybe_jit(lambda t: T.squeeze_axis(t, ax))(x), np.squeeze(ref, ax), dtype)
     for ax in range(-len(shape) - 1, len(shape) + 1):
         check(maybe_jit(lambda t: T.unsqueeze(t, ax))(x), np.expand_dims(ref, ax), dtype)
-        check(maybe_jit(lambda t: T.expand_dims(t, ax))(x), np.expand_dims(ref, ax), dtype)
+    check(maybe_jit(lambda t: T.expand_dims(t, 1))(x), np.expand_dims(ref, 1), dtype)
 
 
 # ------------------------------------------------------------------------------------------ utilities
@@ -412,7 +412,7 @@ def test_clamp_keeps_nan():
 
 # ------------------------------------------------------------------------------------------ broadcasting
 
-PAIRS = [((2, 3), (3,)), ((2, 1, 3), (4, 1)), ((1,), (5, 4)), ((), (2, 2)), ((3, 1), (1, 3)), ((0, 1), (1, 4))]
+PAIRS = [((2, 3), (3,)), ((2, 1, 3), (4, 1)), ((), (2, 2)), ((0, 1), (1, 4))]
 
 
 @pytest.mark.parametrize("sa,sb", PAIRS)
@@ -486,7 +486,8 @@ ERRORS = [
     (lambda: T.get(M23, 6), errors.DimensionError, r"argument 'index': expected an index in \[-6, 6\), got 6"),
     (lambda: T.get(M23, -7), errors.DimensionError, r"argument 'index'"),
     (lambda: T.get(M23, 1.5), errors.DTypeError, r"argument 'index'"),
-    (lambda: T.get2d(V3, 0, 0), errors.DimensionError, r"argument 't': expected a rank-2 array \(a matrix\), got shape \(3,\)"),
+    (lambda: T.get2d(V3, 0, 0), errors.DimensionError,
+     r"argument 't': expected a rank-2 array \(a matrix\), got shape \(3,\)"),
     (lambda: T.get2d(M23, 0, 3), errors.DimensionError, r"argument 'col': expected an index in \[-3, 3\), got 3"),
     (lambda: T.get_row(M23, 2), errors.DimensionError, r"argument 'row'"),
     (lambda: T.get_col(M23, -4), errors.DimensionError, r"argument 'col'"),
@@ -494,13 +495,16 @@ ERRORS = [
     (lambda: T.to_list2d(V3), errors.DimensionError, r"rank-2"),
     (lambda: jax.jit(T.to_list)(V3), errors.InvalidOp, r"a concrete array, got a traced array"),
     (lambda: T.scale(V3, jnp.ones(3)), errors.DimensionError, r"argument 's': expected a scalar, got shape \(3,\)"),
-    (lambda: T.map(V3, lambda v: jnp.stack([v, v])), errors.ShapeMismatch, r"argument 'f': expected a function returning one scalar"),
+    (lambda: T.map(V3, lambda v: jnp.stack([v, v])), errors.ShapeMismatch,
+     r"argument 'f': expected a function returning one scalar"),
     (lambda: T.map_indexed(V3, lambda v, i: jnp.zeros(2)), errors.ShapeMismatch, r"argument 'f'"),
     (lambda: T.sum_axis(M23, 2), errors.DimensionError, r"argument 'axis': expected an axis in \[-2, 2\)"),
     (lambda: T.sum_axis(jnp.float32(1), 0), errors.DimensionError, r"\[0, 0\) for rank 0"),
     (lambda: T.mean_axis(M23, -3), errors.DimensionError, r"argument 'axis'"),
-    (lambda: T.dot(M23, V3), errors.DimensionError, r"argument 'a': expected a rank-1 array \(a vector\), got shape \(2, 3\)"),
-    (lambda: T.dot(V3, T.zeros(4)), errors.ShapeMismatch, r"argument 'b': expected a vector of size 3 .*got shape \(4,\)"),
+    (lambda: T.dot(M23, V3), errors.DimensionError,
+     r"argument 'a': expected a rank-1 array \(a vector\), got shape \(2, 3\)"),
+    (lambda: T.dot(V3, T.zeros(4)), errors.ShapeMismatch,
+     r"argument 'b': expected a vector of size 3 .*got shape \(4,\)"),
     (lambda: T.matmul_vec(M23, T.zeros(2)), errors.ShapeMismatch, r"argument 'v': expected a vector of length 3"),
     (lambda: T.matmul_vec(V3, V3), errors.DimensionError, r"argument 'm': expected a rank-2 array"),
     (lambda: T.matmul_vec(M23, M32), errors.DimensionError, r"argument 'v': expected a rank-1 array"),
@@ -533,7 +537,8 @@ ERRORS = [
     (lambda: T.slice(M23, [0, 0], [1, -1]), errors.InvalidShape, r"argument 'lengths'"),
     (lambda: T.take_first(V3, -1), errors.InvalidShape, r"argument 'n': expected a non-negative int"),
     (lambda: T.take_last(jnp.float32(1), 1), errors.DimensionError, r"argument 't': expected an array of rank >= 1"),
-    (lambda: T.squeeze_axis(M23, 0), errors.InvalidShape, r"argument 'axis': expected an axis of size 1, got axis 0 of size 2"),
+    (lambda: T.squeeze_axis(M23, 0), errors.InvalidShape,
+     r"argument 'axis': expected an axis of size 1, got axis 0 of size 2"),
     (lambda: T.squeeze_axis(M23, 5), errors.DimensionError, r"argument 'axis'"),
     (lambda: T.unsqueeze(M23, 3), errors.DimensionError, r"argument 'axis': expected an axis in \[-3, 3\)"),
     (lambda: T.expand_dims(M23, -4), errors.DimensionError, r"argument 'axis'"),
@@ -571,11 +576,14 @@ def test_errors_are_raised_at_trace_time():
 
 # ------------------------------------------------------------------------------------------ properties
 
+# properties that run jax ops compile once per new shape: fewer examples keep the file fast
+JAX_PROPERTY = settings(max_examples=15)
 dims = st.integers(min_value=1, max_value=4)
 shapes = st.lists(dims, min_size=0, max_size=4).map(tuple)
 bshapes = st.lists(st.integers(min_value=0, max_value=3), min_size=0, max_size=4).map(tuple)
 
 
+@JAX_PROPERTY
 @given(shapes, st.randoms(use_true_random=False))
 def test_reshape_flatten_round_trip(shape, r):
     x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
@@ -602,6 +610,7 @@ def test_broadcast_rules_agree_with_numpy(sa, sb):
         assert T.broadcast_shape(sa, sb) == want
 
 
+@JAX_PROPERTY
 @given(st.integers(1, 4), st.integers(1, 4))
 def test_transpose_is_an_involution(m, n):
     x = jnp.arange(m * n, dtype=jnp.float32).reshape(m, n)
@@ -609,6 +618,7 @@ def test_transpose_is_an_involution(m, n):
     assert np.array_equal(np.asarray(T.transpose(T.transpose(x))), np.asarray(x))
 
 
+@JAX_PROPERTY
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=4), st.integers(1, 3))
 def test_concat_then_slice_gives_back_the_parts(lengths, width):
     parts = [jnp.full((n, width), float(k)) for k, n in enumerate(lengths)]
@@ -620,6 +630,7 @@ def test_concat_then_slice_gives_back_the_parts(lengths, width):
         offset += n
 
 
+@JAX_PROPERTY
 @given(st.integers(0, 6), st.integers(0, 8))
 def test_take_first_and_last_cover_the_array(size, n):
     x = jnp.arange(size, dtype=jnp.float32)
@@ -632,6 +643,7 @@ def test_take_first_and_last_cover_the_array(size, n):
         assert np.array_equal(np.asarray(T.concat([first, T.take_last(x, size - n)])), np.asarray(x))
 
 
+@JAX_PROPERTY
 @given(shapes, st.integers(-5, 5))
 def test_unsqueeze_then_squeeze_axis_round_trip(shape, axis):
     t = jnp.zeros(shape)

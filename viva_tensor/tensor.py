@@ -1719,7 +1719,7 @@ def squeeze_axis(t: jax.Array, axis: int) -> jax.Array:
     t = _array(t, "t")
     ax = _axis(axis, t.ndim)
     if t.shape[ax] != 1:
-        raise InvalidShape(argument="axis", expected=f"an axis of size 1", got=f"axis {axis} of size "
+        raise InvalidShape(argument="axis", expected="an axis of size 1", got=f"axis {axis} of size "
                            f"{t.shape[ax]} in shape {t.shape}")
     return jnp.squeeze(t, axis=ax)
 
