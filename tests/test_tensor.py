@@ -308,6 +308,16 @@ def test_matmul_matmul_vec_dot_outer(m, k, n, rng, dtype, maybe_jit):
     check(maybe_jit(T.transpose)(a), ra.T, dtype)
 
 
+def test_precision_is_passed_through(rng):
+    a, ra = data(rng, (4, 8), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    check(jax.jit(lambda x: T.matmul(x, x.T, precision=hi))(a), ra @ ra.T, jnp.float32)
+    check(T.matmul_vec(a, a[0], precision=hi), ra @ ra[0], jnp.float32)
+    check(T.dot(a[0], a[1], precision=hi), ra[0] @ ra[1], jnp.float32)
+    hlo = jax.jit(lambda x: T.matmul(x, x.T, precision=hi)).lower(a).as_text()
+    assert "HIGHEST" in hlo
+
+
 def test_linear_algebra_under_vmap(rng):
     a, ra = data(rng, (4, 3, 5), jnp.float32)
     v, rv = data(rng, (4, 5), jnp.float32)

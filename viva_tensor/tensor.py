@@ -1303,19 +1303,22 @@ def _inner(a: jax.Array, b: jax.Array, ka: int, kb: int, what: str) -> None:
         )
 
 
-def _contract(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+def _contract(a: jax.Array, b: jax.Array, dims, precision) -> jax.Array:
     out = jnp.result_type(a.dtype, b.dtype)
     acc = _acc(out)
-    r = lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=acc)
+    r = lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=acc)
     return r.astype(out)
 
 
-def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot(a: jax.Array, b: jax.Array, *, precision=None) -> jax.Array:
     """The dot product of two vectors of equal length, accumulated in float32 for bf16/f16.
 
     Args:
         a: a vector.
         b: a vector of the same length.
+        precision: passed to ``lax.dot_general`` (keyword-only). ``None`` is JAX's default, which on
+            GPU/TPU may compute float32 products in TF32/bfloat16 passes; ``lax.Precision.HIGHEST`` asks
+            for full float32.
 
     Returns:
         A 0-d array.
@@ -1332,15 +1335,18 @@ def dot(a: jax.Array, b: jax.Array) -> jax.Array:
     _rank(a, 1, "a", "a vector")
     _rank(b, 1, "b", "a vector")
     _inner(a, b, 0, 0, "a vector")
-    return _contract(a, b, ((0,), (0,)))
+    return _contract(a, b, ((0,), (0,)), precision)
 
 
-def matmul_vec(m: jax.Array, v: jax.Array) -> jax.Array:
+def matmul_vec(m: jax.Array, v: jax.Array, *, precision=None) -> jax.Array:
     """Matrix-vector product ``m @ v``: ``(r, n) @ (n,) -> (r,)``.
 
     Args:
         m: a matrix of shape ``(r, n)``.
         v: a vector of length ``n``.
+        precision: passed to ``lax.dot_general`` (keyword-only). ``None`` is JAX's default, which on
+            GPU/TPU may compute float32 products in TF32/bfloat16 passes; ``lax.Precision.HIGHEST`` asks
+            for full float32.
 
     Returns:
         A vector of length ``r``, accumulated in float32 for bf16/f16.
@@ -1359,10 +1365,10 @@ def matmul_vec(m: jax.Array, v: jax.Array) -> jax.Array:
     if m.shape[1] != v.shape[0]:
         raise ShapeMismatch(argument="v", expected=f"a vector of length {m.shape[1]} (the columns of 'm' "
                             f"of shape {m.shape})", got=f"shape {v.shape}")
-    return _contract(m, v, ((1,), (0,)))
+    return _contract(m, v, ((1,), (0,)), precision)
 
 
-def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, *, precision=None) -> jax.Array:
     """Matrix product ``a @ b``: ``(m, k) @ (k, n) -> (m, n)``, accumulated in float32 for bf16/f16.
 
     Both operands must be matrices, as in Gleam (map over a batch with ``jax.vmap``).
@@ -1370,6 +1376,9 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     Args:
         a: a matrix of shape ``(m, k)``.
         b: a matrix of shape ``(k, n)``.
+        precision: passed to ``lax.dot_general`` (keyword-only). ``None`` is JAX's default, which on
+            GPU/TPU may compute float32 products in TF32/bfloat16 passes; ``lax.Precision.HIGHEST`` asks
+            for full float32.
 
     Returns:
         A matrix of shape ``(m, n)``.
@@ -1386,7 +1395,7 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     _rank(a, 2, "a", "a matrix")
     _rank(b, 2, "b", "a matrix")
     _inner(a, b, 1, 0, "a first axis")
-    return _contract(a, b, ((1,), (0,)))
+    return _contract(a, b, ((1,), (0,)), precision)
 
 
 def transpose(t: jax.Array) -> jax.Array:
