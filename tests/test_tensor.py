@@ -227,6 +227,14 @@ def test_argmax_argmin(shape, rng, dtype, maybe_jit):
         assert int(out) == int(np_fn(ref))
 
 
+def test_reductions_under_vmap(rng, dtype):
+    x, ref = data(rng, (3, 6), dtype)
+    for name in ("sum", "mean", "max", "variance", "std", "norm"):
+        check(jax.vmap(getattr(T, name))(x), np.array([REDUCTIONS[name](r) for r in ref]), dtype)
+    assert jax.vmap(T.argmax)(x).tolist() == ref.argmax(1).tolist()
+    check(jax.vmap(lambda r: T.map(r, jnp.sin))(x), np.sin(ref), dtype)
+
+
 def test_argmax_takes_the_first_on_ties():
     assert int(T.argmax(T.vector([1.0, 3.0, 3.0]))) == 1
     assert int(T.argmin(T.vector([2.0, 0.0, 0.0]))) == 1
