@@ -1,4 +1,16 @@
-"""Memory, measured: what XLA's compiler says a jitted function needs.
+"""Memory, measured and moved: tiers, offloading, streaming and rematerialisation.
+
+Everything here is about real bytes. :func:`compiled_memory` asks XLA what a jitted function needs;
+:func:`place` moves a pytree between JAX's memory kinds (``device``, ``pinned_host``,
+``unpinned_host``) and safetensors files on disk, and the data really is there afterwards (read
+``x.sharding.memory_kind``, or the file); the offloading policies decide, deterministically, where each
+leaf of a parameter tree lives; :func:`stream` runs a stack of layers whose weights do not fit a device
+budget, layer by layer, prefetching the next one; the rematerialisation strategies are
+``jax.checkpoint`` over a stack of layers, and :func:`checkpoint_savings` reads what they save from
+the compiler.
+
+A quantized record (any :class:`viva_tensor._record.QuantizedArray`) is one unit: the policies place
+it whole, with all its buffers.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -6,16 +18,61 @@ Example:
     >>> m = memory.compiled_memory(lambda x: (x @ x.T).sum(), jnp.ones((256, 64)))
     >>> m.argument_bytes
     65536
+    >>> host = memory.place({"w": jnp.ones((4, 4))}, "pinned_host")
+    >>> host["w"].sharding.memory_kind
+    'pinned_host'
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections
+import concurrent.futures
+import json
+import math
+import os
+import shutil
+import struct
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["CompiledMemory", "compiled_memory"]
+from viva_tensor._record import is_quantized
+from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
+
+__all__ = [
+    "CompiledMemory",
+    "compiled_memory",
+    "TIERS",
+    "DiskArray",
+    "place",
+    "load",
+    "tier_of",
+    "tree_nbytes",
+    "TierInfo",
+    "MemoryHierarchy",
+    "create_memory_hierarchy",
+    "KeepOnDevice",
+    "OffloadToHost",
+    "OffloadToDisk",
+    "SmartOffload",
+    "plan",
+    "offload",
+    "StreamStats",
+    "stream",
+    "NoCheckpoint",
+    "EveryN",
+    "LargeLayersOnly",
+    "Adaptive",
+    "layer_activation_bytes",
+    "checkpoint_plan",
+    "apply_layers",
+    "CheckpointSavings",
+    "checkpoint_savings",
+]
+
 
 
 @flax.struct.dataclass
@@ -72,3 +129,596 @@ def compiled_memory(f: Callable[..., Any], *args: Any, static_argnums=(), **kwar
         alias_bytes=int(analysis.alias_size_in_bytes),
         generated_code_bytes=int(analysis.generated_code_size_in_bytes),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiers: JAX memory kinds and safetensors files
+# --------------------------------------------------------------------------------------------------
+
+TIERS: tuple[str, ...] = ("device", "pinned_host", "unpinned_host", "disk")
+"""Where data can live, fastest first: JAX's three memory kinds, then a safetensors file."""
+
+_MEMORY_KINDS = TIERS[:3]
+
+# safetensors names of the dtypes whose bytes it stores one element per itemsize; any other dtype
+# (float4_e2m1fn, int4 ...) is stored as its raw bytes ("U8") with its name in the file's metadata.
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+_META_DTYPE = "viva_tensor.dtype."
+
+
+@flax.struct.dataclass
+class DiskArray:
+    """A handle to one array stored in a safetensors file: what :func:`place` leaves for the disk tier.
+
+    It holds no data (no pytree children): ``jax.tree_util.tree_leaves`` of a tree placed on disk is
+    empty. :func:`load` (or :func:`place` to a memory kind) reads it back, bit for bit.
+
+    Attributes:
+        path: the absolute path of the file.
+        key: the tensor's name in the file (the leaf's path in the tree, e.g. ``"['w']"``).
+        shape: the array's shape.
+        dtype: the array's dtype name (``"bfloat16"``, ``"float4_e2m1fn"`` ...).
+    """
+
+    path: str = flax.struct.field(pytree_node=False)
+    key: str = flax.struct.field(pytree_node=False)
+    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    dtype: str = flax.struct.field(pytree_node=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the array takes once loaded."""
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+
+def _is_unit(x: Any) -> bool:
+    return isinstance(x, DiskArray) or is_quantized(x)
+
+
+def _is_handle(x: Any) -> bool:
+    return isinstance(x, DiskArray)
+
+
+def _leaf_nbytes(leaf: Any) -> int:
+    if isinstance(leaf, DiskArray):
+        return leaf.nbytes
+    return int(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape))
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes of every array of a pytree, wherever it lives (disk handles count what they would load).
+
+    Args:
+        tree: any pytree of arrays, quantized records, :class:`DiskArray` handles or
+            ``jax.ShapeDtypeStruct`` s.
+
+    Returns:
+        The sum of the leaves' bytes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_nbytes({"w": jnp.ones((4, 4)), "b": jnp.ones(4, jnp.bfloat16)})
+        72
+    """
+    return sum(_leaf_nbytes(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_handle))
+
+
+def _check_tier(tier: Any) -> None:
+    if tier not in TIERS:
+        raise ConfigError(argument="tier", expected=f"one of {TIERS}", got=tier)
+
+
+def _sharding_for(leaf: Any, tier: str, device: jax.Device | None):
+    if device is None and isinstance(leaf, jax.Array):
+        return leaf.sharding.with_memory_kind(tier)
+    device = device or jax.devices()[0]
+    kinds = [m.kind for m in device.addressable_memories()]
+    if tier not in kinds:
+        raise ConfigError(argument="tier", expected=f"a memory kind of {device} ({kinds})", got=tier)
+    return jax.sharding.SingleDeviceSharding(device, memory_kind=tier)
+
+
+def _to_memory(leaf: Any, tier: str, device: jax.Device | None) -> jax.Array:
+    if isinstance(leaf, jax.core.Tracer):
+        raise InvalidOp(
+            argument="tree", expected="concrete arrays", got="a traced value",
+            hint="place moves data at run time: call it outside jit.",
+        )
+    if isinstance(leaf, DiskArray):
+        leaf = _read(leaf)
+    if isinstance(leaf, jax.Array):
+        same_device = device is None or leaf.devices() == {device}
+        if same_device and leaf.sharding.memory_kind == tier:
+            return leaf
+    elif not isinstance(leaf, np.ndarray):
+        raise InvalidOp(argument="tree", expected="leaves that are arrays", got=type(leaf).__name__)
+    return jax.device_put(leaf, _sharding_for(leaf, tier, device))
+
+
+def place(tree: Any, tier: str, *, path: str | os.PathLike | None = None,
+          device: jax.Device | None = None) -> Any:
+    """Moves every array of a pytree to a tier, and returns the tree as it is there.
+
+    Memory kinds keep each array's sharding and change only its memory kind (or put it on ``device``
+    when given); the copy is asynchronous, as ``jax.device_put`` is. The disk tier writes all leaves
+    into one safetensors file and returns the tree with :class:`DiskArray` handles in their places.
+    Disk handles given to a memory kind are read back. An array already where it is asked to be is
+    returned as it is.
+
+    Args:
+        tree: a pytree of ``jax.Array`` s, NumPy arrays, quantized records or :class:`DiskArray` s.
+        tier: one of :data:`TIERS`.
+        path: the file to write, for ``tier="disk"`` (overwritten if present).
+        device: the device to move to (default: each array's own devices, else the first device).
+
+    Returns:
+        The same tree structure, its leaves in ``tier``.
+
+    Raises:
+        ConfigError: an unknown tier, a memory kind the device lacks, or ``"disk"`` without a path.
+        InvalidOp: a leaf that is not an array, or a call under ``jit``.
+        CheckpointError: a disk handle whose file is missing or damaged.
+
+    Example:
+        >>> import jax.numpy as jnp, tempfile, os
+        >>> tree = {"w": jnp.arange(4.0)}
+        >>> place(tree, "unpinned_host")["w"].sharding.memory_kind
+        'unpinned_host'
+        >>> f = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+        >>> handles = place(tree, "disk", path=f)
+        >>> handles["w"].shape, load(handles)["w"].tolist()
+        ((4,), [0.0, 1.0, 2.0, 3.0])
+    """
+    _check_tier(tier)
+    if tier == "disk":
+        if path is None:
+            raise ConfigError(argument="path", expected="a file path for the disk tier", got=None)
+        return _write(tree, os.fspath(path))
+    return jax.tree_util.tree_map(lambda x: _to_memory(x, tier, device), tree, is_leaf=_is_handle)
+
+
+def load(tree: Any, *, tier: str = "device", device: jax.Device | None = None) -> Any:
+    """Reads the :class:`DiskArray` handles of a tree back into memory (other leaves are moved too).
+
+    Args:
+        tree: a pytree, typically returned by ``place(..., "disk", path=...)``.
+        tier: the memory kind to load into.
+        device: the device to load onto (default: the first device).
+
+    Returns:
+        The tree with arrays in ``tier``, bit-identical to what was written.
+
+    Raises:
+        CheckpointError: a missing, truncated or foreign file, or a tensor that is not in it.
+
+    Example:
+        >>> import jax.numpy as jnp, tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> load(place([jnp.ones(2, jnp.bfloat16)], "disk", path=f))[0].dtype
+        dtype(bfloat16)
+    """
+    if tier == "disk":
+        raise ConfigError(argument="tier", expected="a memory kind", got=tier, hint="use place(..., 'disk').")
+    return place(tree, tier, device=device)
+
+
+def tier_of(tree: Any) -> dict[str, str]:
+    """Where each unit of a tree lives: its memory kind, ``"disk"``, or ``"numpy"``.
+
+    A quantized record is one unit; its tier is ``"mixed"`` if its buffers are in different places.
+
+    Args:
+        tree: a pytree of arrays, quantized records and :class:`DiskArray` s.
+
+    Returns:
+        A dict from each unit's path (``jax.tree_util.keystr``) to its tier, in flattening order.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tier_of({"a": jnp.ones(2), "b": place(jnp.ones(2), "pinned_host")})
+        {"['a']": 'device', "['b']": 'pinned_host'}
+    """
+    out = {}
+    for kp, unit in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)[0]:
+        kinds = {_leaf_tier(x) for x in jax.tree_util.tree_leaves(unit, is_leaf=_is_handle)}
+        out[jax.tree_util.keystr(kp)] = kinds.pop() if len(kinds) == 1 else "mixed"
+    return out
+
+
+def _leaf_tier(x: Any) -> str:
+    if isinstance(x, DiskArray):
+        return "disk"
+    if isinstance(x, jax.Array):
+        return x.sharding.memory_kind or "device"
+    return "numpy"
+
+
+def _write(tree: Any, path: str) -> Any:
+    """Writes the leaves of ``tree`` into one safetensors file, one leaf at a time."""
+    path = os.path.abspath(path)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_handle)
+    leaves = [_read(x) if isinstance(x, DiskArray) else x for _, x in flat]  # before overwriting
+    header, meta, handles, offset = {}, {"format": "viva_tensor.memory"}, [], 0
+    for (kp, _), leaf in zip(flat, leaves):
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, (jax.Array, np.ndarray)):
+            raise InvalidOp(argument="tree", expected="concrete arrays", got=type(leaf).__name__)
+        key, name = jax.tree_util.keystr(kp), np.dtype(leaf.dtype).name
+        nbytes = _leaf_nbytes(leaf)
+        st = _ST_DTYPES.get(name)
+        if st is None:
+            st, shape = "U8", [nbytes]
+            meta[_META_DTYPE + key] = name
+        else:
+            shape = list(leaf.shape)
+        header[key] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        handles.append(DiskArray(path=path, key=key, shape=tuple(leaf.shape), dtype=name))
+        offset += nbytes
+    header["__metadata__"] = meta
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for leaf in leaves:
+            f.write(np.ascontiguousarray(np.asarray(leaf)).view(np.uint8).reshape(-1).data)
+    return jax.tree_util.tree_unflatten(treedef, handles)
+
+
+def _header(path: str) -> tuple[dict, int]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            (n,) = struct.unpack("<Q", raw)
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(argument="path", expected="an existing safetensors file", got=path) from None
+    except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError):
+        raise CheckpointError(argument="path", expected="a safetensors file", got=path) from None
+    return header, 8 + n
+
+
+def _read(handle: DiskArray) -> np.ndarray:
+    """Reads one array from its file, bit for bit."""
+    header, start = _header(handle.path)
+    entry = header.get(handle.key)
+    if entry is None:
+        raise CheckpointError(argument="key", expected=f"a tensor of {handle.path}", got=handle.key)
+    begin, end = entry["data_offsets"]
+    if end - begin != handle.nbytes:
+        raise CheckpointError(argument="key", expected=f"{handle.nbytes} bytes for {handle.key}",
+                              got=f"{end - begin} bytes in the file")
+    if os.path.getsize(handle.path) < start + end:
+        raise CheckpointError(argument="path", expected=f"at least {start + end} bytes",
+                              got=f"{os.path.getsize(handle.path)} (a truncated file)")
+    out = np.empty(handle.nbytes, np.uint8)
+    with open(handle.path, "rb") as f:
+        f.seek(start + begin)
+        f.readinto(out.data)
+    return out.view(np.dtype(handle.dtype)).reshape(handle.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# The hierarchy of the actual machine
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TierInfo:
+    """One level of a :class:`MemoryHierarchy`.
+
+    Attributes:
+        name: ``"device"``, ``"host"`` (``pinned_host`` and ``unpinned_host`` share it) or ``"disk"``.
+        capacity_bytes: how many bytes it holds.
+        used_bytes: bytes in use when the hierarchy was made, where the runtime says so, else ``None``.
+        source: where ``capacity_bytes`` comes from (``"memory_stats()['bytes_limit']"``, ``"explicit"``,
+            ``"physical RAM (os.sysconf)"``, ``"free disk space (shutil.disk_usage)"``).
+    """
+
+    name: str = flax.struct.field(pytree_node=False)
+    capacity_bytes: int = flax.struct.field(pytree_node=False)
+    used_bytes: int | None = flax.struct.field(pytree_node=False)
+    source: str = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class MemoryHierarchy:
+    """The device, host and disk levels of one machine, with capacities from the runtime.
+
+    Attributes:
+        device: the JAX device it describes (as text, e.g. ``"TFRT_CPU_0"`` or ``"cuda:0"``).
+        platform: ``"cpu"``, ``"gpu"``, ``"tpu"``.
+        memory_kinds: the memory kinds the device offers.
+        tiers: the levels, fastest first.
+    """
+
+    device: str = flax.struct.field(pytree_node=False)
+    platform: str = flax.struct.field(pytree_node=False)
+    memory_kinds: tuple[str, ...] = flax.struct.field(pytree_node=False)
+    tiers: tuple[TierInfo, ...] = flax.struct.field(pytree_node=False)
+
+    def capacity(self, tier: str) -> int:
+        """Capacity in bytes of a tier name (``"pinned_host"`` and ``"unpinned_host"`` mean host)."""
+        name = "host" if tier in ("pinned_host", "unpinned_host") else tier
+        for t in self.tiers:
+            if t.name == name:
+                return t.capacity_bytes
+        raise ConfigError(argument="tier", expected=f"one of {TIERS}", got=tier)
+
+
+def _physical_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def create_memory_hierarchy(device: jax.Device | None = None, *, device_bytes: int | None = None,
+                            host_bytes: int | None = None, disk_bytes: int | None = None,
+                            disk_path: str | os.PathLike = ".") -> MemoryHierarchy:
+    """Describes the memory of the actual machine: device, host and disk, with their capacities.
+
+    The device's capacity comes from ``device.memory_stats()['bytes_limit']`` where the backend gives it
+    (GPUs, TPUs); a CPU backend gives no statistics and its device memory *is* the host's RAM, so it
+    gets the physical RAM. Any explicit capacity wins over what the runtime says.
+
+    Args:
+        device: the JAX device (default: the first).
+        device_bytes: the device capacity to use instead of the runtime's.
+        host_bytes: the host capacity (default: the physical RAM).
+        disk_bytes: the disk capacity (default: the free space under ``disk_path``).
+        disk_path: where the disk tier writes.
+
+    Returns:
+        A :class:`MemoryHierarchy`, each capacity with its source.
+
+    Raises:
+        ConfigError: a capacity that is not positive, or an accelerator without memory statistics and
+            no explicit ``device_bytes``.
+
+    Example:
+        >>> h = create_memory_hierarchy(device_bytes=2**30)
+        >>> [t.name for t in h.tiers], h.capacity("device"), h.tiers[0].source
+        (['device', 'host', 'disk'], 1073741824, 'explicit')
+    """
+    device = device or jax.devices()[0]
+    for name, value in (("device_bytes", device_bytes), ("host_bytes", host_bytes), ("disk_bytes", disk_bytes)):
+        if value is not None and value <= 0:
+            raise ConfigError(argument=name, expected="a positive number of bytes", got=value)
+    stats = device.memory_stats() or {}
+    used = stats.get("bytes_in_use")
+    if device_bytes is not None:
+        dev = TierInfo("device", int(device_bytes), used, "explicit")
+    elif "bytes_limit" in stats:
+        dev = TierInfo("device", int(stats["bytes_limit"]), used, "memory_stats()['bytes_limit']")
+    elif device.platform == "cpu":
+        dev = TierInfo("device", _physical_ram(), None, "physical RAM (os.sysconf): a CPU device is the host")
+    else:
+        raise ConfigError(argument="device_bytes", expected=f"a capacity: {device} gives no memory_stats()",
+                          got=None)
+    host = (TierInfo("host", int(host_bytes), None, "explicit") if host_bytes is not None
+            else TierInfo("host", _physical_ram(), None, "physical RAM (os.sysconf)"))
+    usage = shutil.disk_usage(os.fspath(disk_path))
+    disk = (TierInfo("disk", int(disk_bytes), None, "explicit") if disk_bytes is not None
+            else TierInfo("disk", int(usage.free), int(usage.used), "free disk space (shutil.disk_usage)"))
+    kinds = tuple(m.kind for m in device.addressable_memories())
+    return MemoryHierarchy(str(device), device.platform, kinds, (dev, host, disk))
+
+
+# --------------------------------------------------------------------------------------------------
+# Offloading policies: where each leaf lives
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KeepOnDevice:
+    """Every leaf on the device (Gleam ``KeepOnGpu``)."""
+
+
+@flax.struct.dataclass
+class OffloadToHost:
+    """Leaves larger than ``threshold`` bytes go to host memory, the others stay on the device.
+
+    Attributes:
+        threshold: bytes; a unit strictly larger goes to ``kind``.
+        kind: the host memory kind, ``"pinned_host"`` (default: fast transfers) or ``"unpinned_host"``.
+    """
+
+    threshold: int = flax.struct.field(pytree_node=False)
+    kind: str = flax.struct.field(pytree_node=False, default="pinned_host")
+
+
+@flax.struct.dataclass
+class OffloadToDisk:
+    """Leaves larger than ``host_threshold`` bytes go to a safetensors file, the others to host memory.
+
+    Attributes:
+        host_threshold: bytes; a unit strictly larger goes to disk.
+        path: the file the disk leaves are written to.
+        kind: the host memory kind of the others.
+    """
+
+    host_threshold: int = flax.struct.field(pytree_node=False)
+    path: str = flax.struct.field(pytree_node=False)
+    kind: str = flax.struct.field(pytree_node=False, default="pinned_host")
+
+
+@flax.struct.dataclass
+class SmartOffload:
+    """Least-recently-used placement under byte budgets (the Gleam policy that was never built).
+
+    All units start in host memory (and, past ``host_budget``, on disk, in flattening order). The
+    ``trace`` of accesses (unit paths, oldest first; default: every unit once, in flattening order, as
+    one forward pass touches them) is replayed: an access brings the unit to the device, and while the
+    device holds more than ``device_budget`` its least recently used unit goes down to host; while host
+    holds more than ``host_budget`` its least recently used unit goes down to disk. A unit larger than
+    the device budget is used from host. Ties cannot happen: the order is total, so the plan is
+    deterministic.
+
+    Attributes:
+        device_budget: bytes the device may hold.
+        host_budget: bytes host memory may hold (``None``: unlimited).
+        path: the file for units that end on disk (needed only if some do).
+        trace: the accesses, as ``jax.tree_util.keystr`` paths of units.
+        kind: the host memory kind.
+    """
+
+    device_budget: int = flax.struct.field(pytree_node=False)
+    host_budget: int | None = flax.struct.field(pytree_node=False, default=None)
+    path: str | None = flax.struct.field(pytree_node=False, default=None)
+    trace: tuple[str, ...] | None = flax.struct.field(pytree_node=False, default=None)
+    kind: str = flax.struct.field(pytree_node=False, default="pinned_host")
+
+
+def _units_with_sizes(tree: Any) -> list[tuple[str, int]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)[0]
+    return [(jax.tree_util.keystr(kp), tree_nbytes(unit)) for kp, unit in flat]
+
+
+def _check_bytes(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ConfigError(argument=name, expected="a number of bytes >= 0", got=value)
+
+
+def _lru(units: list[tuple[str, int]], policy: SmartOffload) -> dict[str, str]:
+    sizes = dict(units)
+    trace = policy.trace if policy.trace is not None else tuple(sizes)
+    for key in trace:
+        if key not in sizes:
+            raise ConfigError(argument="trace", expected=f"paths of the tree's units {tuple(sizes)}", got=key)
+    host_cap = math.inf if policy.host_budget is None else policy.host_budget
+    dev, host = collections.OrderedDict(), collections.OrderedDict()  # oldest first
+    where = {}
+    for key, size in units:  # the start: host in flattening order, then disk
+        if sum(host.values()) + size <= host_cap:
+            host[key], where[key] = size, policy.kind
+        else:
+            where[key] = "disk"
+
+    def demote(key):
+        host[key] = sizes[key]
+        where[key] = policy.kind
+        while sum(host.values()) > host_cap:
+            old, _ = host.popitem(last=False)
+            where[old] = "disk"
+
+    for key in trace:
+        dev.pop(key, None)
+        host.pop(key, None)
+        if sizes[key] > policy.device_budget:
+            demote(key)
+            continue
+        dev[key], where[key] = sizes[key], "device"
+        while sum(dev.values()) > policy.device_budget:
+            old, _ = dev.popitem(last=False)
+            demote(old)
+    return {key: where[key] for key, _ in units}
+
+
+def plan(tree: Any, policy: Any, *, hierarchy: MemoryHierarchy | None = None) -> dict[str, str]:
+    """Decides where each unit of a parameter tree lives under a policy (moves nothing).
+
+    Args:
+        tree: a pytree of arrays, quantized records (one unit each), disk handles or
+            ``jax.ShapeDtypeStruct`` s.
+        policy: :class:`KeepOnDevice`, :class:`OffloadToHost`, :class:`OffloadToDisk` or
+            :class:`SmartOffload`.
+        hierarchy: if given, each tier's total is checked against its capacity.
+
+    Returns:
+        A dict from each unit's path (``jax.tree_util.keystr``) to its tier, in flattening order.
+        The same tree and policy always give the same plan.
+
+    Raises:
+        ConfigError: an unknown policy, a negative threshold or budget, a trace naming no unit, units
+            that must go to disk with no path, or a plan that overflows the hierarchy.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree = {"big": jnp.ones((256, 256)), "small": jnp.ones(8)}
+        >>> plan(tree, OffloadToHost(threshold=1024))
+        {"['big']": 'pinned_host', "['small']": 'device'}
+    """
+    units = _units_with_sizes(tree)
+    if isinstance(policy, KeepOnDevice):
+        out = {k: "device" for k, _ in units}
+    elif isinstance(policy, OffloadToHost):
+        _check_bytes("threshold", policy.threshold)
+        _check_host_kind(policy.kind)
+        out = {k: policy.kind if s > policy.threshold else "device" for k, s in units}
+    elif isinstance(policy, OffloadToDisk):
+        _check_bytes("host_threshold", policy.host_threshold)
+        _check_host_kind(policy.kind)
+        out = {k: "disk" if s > policy.host_threshold else policy.kind for k, s in units}
+    elif isinstance(policy, SmartOffload):
+        _check_bytes("device_budget", policy.device_budget)
+        _check_bytes("host_budget", policy.host_budget, allow_none=True)
+        _check_host_kind(policy.kind)
+        out = _lru(units, policy)
+        if "disk" in out.values() and policy.path is None:
+            raise ConfigError(argument="path", expected="a file for the units that go to disk", got=None,
+                              hint="give SmartOffload a path, or a larger host_budget.")
+    else:
+        raise ConfigError(argument="policy", expected="KeepOnDevice, OffloadToHost, OffloadToDisk or SmartOffload",
+                          got=type(policy).__name__)
+    if hierarchy is not None:
+        _check_fits(out, dict(units), hierarchy)
+    return out
+
+
+def _check_host_kind(kind: str) -> None:
+    if kind not in ("pinned_host", "unpinned_host"):
+        raise ConfigError(argument="kind", expected="'pinned_host' or 'unpinned_host'", got=kind)
+
+
+def _check_fits(where: dict[str, str], sizes: dict[str, int], hierarchy: MemoryHierarchy) -> None:
+    totals = collections.Counter()
+    for key, tier in where.items():
+        totals["host" if tier in ("pinned_host", "unpinned_host") else tier] += sizes[key]
+    for name, total in totals.items():
+        cap = hierarchy.capacity(name)
+        if total > cap:
+            raise ConfigError(argument="policy", expected=f"at most {cap} bytes on {name}", got=f"{total} bytes",
+                              hint="offload more, or quantize the tree.")
+
+
+def offload(tree: Any, policy: Any, *, hierarchy: MemoryHierarchy | None = None,
+            device: jax.Device | None = None) -> Any:
+    """Moves each unit of a tree where :func:`plan` decides.
+
+    Args:
+        tree: a pytree of arrays, quantized records or disk handles.
+        policy: an offloading policy (see :func:`plan`).
+        hierarchy: if given, the plan is checked against its capacities first.
+        device: the device for the memory kinds (default: each array's own).
+
+    Returns:
+        The tree, each unit in its tier (disk units as :class:`DiskArray` handles, all in the
+        policy's file).
+
+    Raises:
+        ConfigError: as :func:`plan`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree = {"big": jnp.ones((256, 256)), "small": jnp.ones(8)}
+        >>> moved = offload(tree, OffloadToHost(threshold=1024))
+        >>> moved["big"].sharding.memory_kind, moved["small"].sharding.memory_kind
+        ('pinned_host', 'device')
+    """
+    where = plan(tree, policy, hierarchy=hierarchy)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)
+    keys = [jax.tree_util.keystr(kp) for kp, _ in flat]
+    units = [u for _, u in flat]
+    disk_idx = [i for i, k in enumerate(keys) if where[k] == "disk"]
+    if disk_idx:
+        written = place({keys[i]: units[i] for i in disk_idx}, "disk", path=policy.path)
+        for i in disk_idx:
+            units[i] = written[keys[i]]
+    for i, k in enumerate(keys):
+        if where[k] != "disk":
+            units[i] = place(units[i], where[k], device=device)
+    return jax.tree_util.tree_unflatten(treedef, units)
