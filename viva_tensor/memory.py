@@ -722,3 +722,438 @@ def offload(tree: Any, policy: Any, *, hierarchy: MemoryHierarchy | None = None,
         if where[k] != "disk":
             units[i] = place(units[i], where[k], device=device)
     return jax.tree_util.tree_unflatten(treedef, units)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming a stack of layers through a device budget
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class StreamStats:
+    """What :func:`stream` held on the device, in bytes.
+
+    Attributes:
+        budget_bytes: the budget it was given.
+        layer_bytes: each layer's weight bytes.
+        peak_resident_bytes: the most weight bytes on the device at once (the ledger of copies alive).
+        peak_live_device_bytes: the most bytes of arrays in the device memory kind that the run created
+            and that were alive at once (weights and activations), read from ``jax.live_arrays()``
+            right after each layer finished, when both its weights and the next layer's are there.
+        prefetched: how many layers were copied while the previous one computed.
+    """
+
+    budget_bytes: int = flax.struct.field(pytree_node=False)
+    layer_bytes: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    peak_resident_bytes: int = flax.struct.field(pytree_node=False)
+    peak_live_device_bytes: int = flax.struct.field(pytree_node=False)
+    prefetched: int = flax.struct.field(pytree_node=False)
+
+
+def _device_live_bytes(exclude: set[int]) -> int:
+    total = 0
+    for a in jax.live_arrays():
+        if id(a) not in exclude and not a.is_deleted() and (a.sharding.memory_kind or "device") == "device":
+            total += a.nbytes
+    return total
+
+
+def _free(copy: Any, source: Any) -> None:
+    """Deletes the device copies that :func:`stream` made (never a caller's own array)."""
+    copies = jax.tree_util.tree_leaves(copy)
+    sources = jax.tree_util.tree_leaves(source, is_leaf=_is_handle)
+    for c, s in zip(copies, sources):
+        if c is not s:
+            c.delete()
+
+
+def stream(layer_fn: Callable[[Any, Any], Any], layers: Sequence[Any], x: Any, *, budget_bytes: int,
+           device: jax.Device | None = None, prefetch: bool = True,
+           return_stats: bool = False) -> Any:
+    """Runs ``x`` through a stack of layers whose weights live off the device, one layer at a time.
+
+    Each layer's weights (on host memory, in NumPy arrays or in safetensors files) are copied to the
+    device, used by ``layer_fn`` (jitted once for all layers of the same structure) and deleted once
+    the layer has run. While a layer computes, the next one is already being copied (``device_put`` is
+    asynchronous, file reads run in a worker thread) whenever both fit the budget; otherwise the copy
+    waits. The device never holds more than ``budget_bytes`` of weights, and the output is the one the
+    same ``layer_fn`` gives with every layer on the device.
+
+    Args:
+        layer_fn: ``layer_fn(params, x) -> x``, the same function for every layer.
+        layers: the layers' parameter trees, first to last.
+        x: the input (a pytree of device arrays).
+        budget_bytes: the most weight bytes the device may hold; each layer must fit alone.
+        device: the device to run on (default: the first).
+        prefetch: copy the next layer while the current computes (when both fit).
+        return_stats: also return a :class:`StreamStats`.
+
+    Returns:
+        The output of the last layer, or ``(output, StreamStats)``.
+
+    Raises:
+        ConfigError: a budget that is not positive, or a layer larger than the budget.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> layers = [place({"w": jnp.eye(4) * (i + 1)}, "pinned_host") for i in range(3)]
+        >>> y, stats = stream(lambda p, x: x @ p["w"], layers, jnp.ones((1, 4)), budget_bytes=128,
+        ...                   return_stats=True)
+        >>> y.tolist(), stats.peak_resident_bytes
+        ([[6.0, 6.0, 6.0, 6.0]], 128)
+    """
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)) or budget_bytes <= 0:
+        raise ConfigError(argument="budget_bytes", expected="a positive number of bytes", got=budget_bytes)
+    layers = list(layers)
+    sizes = [tree_nbytes(layer) for layer in layers]
+    for i, size in enumerate(sizes):
+        if size > budget_bytes:
+            raise ConfigError(argument="budget_bytes", expected=f"at least layer {i}'s {size} bytes",
+                              got=budget_bytes, hint="split the layer, or quantize it.")
+    device = device or jax.devices()[0]
+    fn = layer_fn if hasattr(layer_fn, "lower") else jax.jit(layer_fn)
+    before = {id(a) for a in jax.live_arrays()}
+    resident = peak = live_peak = prefetched = 0
+    pending: dict[int, concurrent.futures.Future] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        def fetch(i):
+            nonlocal resident
+            resident += sizes[i]
+            pending[i] = pool.submit(place, layers[i], "device", device=device)
+
+        if layers:
+            fetch(0)
+        for i in range(len(layers)):
+            weights = pending.pop(i).result()
+            nxt = i + 1
+            if prefetch and nxt < len(layers) and resident + sizes[nxt] <= budget_bytes:
+                fetch(nxt)
+                prefetched += 1
+            peak = max(peak, resident)
+            x = jax.block_until_ready(fn(weights, x))
+            live_peak = max(live_peak, _device_live_bytes(before))
+            _free(weights, layers[i])
+            del weights
+            resident -= sizes[i]
+            if nxt < len(layers) and nxt not in pending:
+                fetch(nxt)
+    if not return_stats:
+        return x
+    return x, StreamStats(int(budget_bytes), tuple(sizes), peak, live_peak, prefetched)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rematerialisation over a stack of layers
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class NoCheckpoint:
+    """Save every activation for the backward pass (no recomputation)."""
+
+
+@flax.struct.dataclass
+class EveryN:
+    """Checkpoint segments of ``n`` layers: only each segment's input is saved, its layers recomputed.
+
+    ``EveryN(1)`` checkpoints every layer; ``n`` near the square root of the depth is the classic
+    sqrt(L) schedule (Chen et al., 2016).
+    """
+
+    n: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class LargeLayersOnly:
+    """Checkpoint (one by one) the layers whose activations exceed ``threshold`` bytes.
+
+    A layer's activations are measured by :func:`layer_activation_bytes`.
+    """
+
+    threshold: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Adaptive:
+    """Choose the segment length of each stage from its measured activation and input bytes.
+
+    A stage of ``L`` layers, each creating ``a`` bytes of activations from an input of ``s`` bytes,
+    keeps about ``L*a`` bytes without checkpoints and about ``ceil(L/n)*s + n*a`` with segments of
+    ``n``; Adaptive takes the ``n`` that minimises it. With ``budget_bytes``, stages are left
+    unchecked (no recomputation) as long as the estimate stays within the budget, largest stages
+    checkpointed first. Every checkpointed stage recomputes its forward pass once, whatever ``n``.
+    """
+
+    budget_bytes: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def _jaxpr_bytes(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        subs = [p for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr")]
+        if subs:
+            total += sum(_jaxpr_bytes(getattr(s, "jaxpr", s)) for s in subs)
+            continue
+        for v in eqn.outvars:
+            aval = v.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                total += math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+    return total
+
+
+def layer_activation_bytes(layer_fn: Callable[[Any, Any], Any], layer_params: Any, x: Any) -> int:
+    """Bytes of every value one layer creates (one pass over its jaxpr): what it could save for grad.
+
+    Args:
+        layer_fn: ``layer_fn(params, x) -> x``.
+        layer_params: one layer's parameters (arrays or ``jax.ShapeDtypeStruct`` s).
+        x: the layer's input (arrays or ``jax.ShapeDtypeStruct`` s).
+
+    Returns:
+        The sum of the bytes of the outputs of every equation of ``layer_fn``'s jaxpr (entering nested
+        jaxprs such as ``jit`` calls; a loop body counts once).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w, x = jax.ShapeDtypeStruct((4, 8), jnp.float32), jax.ShapeDtypeStruct((2, 4), jnp.float32)
+        >>> layer_activation_bytes(lambda w, x: jnp.tanh(x @ w), w, x)  # x @ w and tanh: 2 * 2*8*4
+        128
+    """
+    return _jaxpr_bytes(jax.make_jaxpr(layer_fn)(layer_params, x).jaxpr)
+
+
+def _stages(layer_fn, layers) -> tuple[list, list]:
+    if isinstance(layers, (list, tuple)):
+        fns = list(layer_fn) if isinstance(layer_fn, (list, tuple)) else [layer_fn] * len(layers)
+        if len(fns) != len(layers):
+            raise ConfigError(argument="layer_fn", expected=f"{len(layers)} functions, one per stage",
+                              got=len(fns))
+        return fns, list(layers)
+    return [layer_fn], [layers]
+
+
+def _depth(stacked: Any) -> int:
+    leaves = jax.tree_util.tree_leaves(stacked)
+    if not leaves or any(np.ndim(a) == 0 for a in leaves):
+        raise ConfigError(argument="layers", expected="stacked parameters (a leading layer axis on every leaf)",
+                          got="a leaf without one" if leaves else "no leaves")
+    depths = {a.shape[0] for a in leaves}
+    if len(depths) != 1:
+        raise ConfigError(argument="layers", expected="one depth on every leaf", got=sorted(depths))
+    return depths.pop()
+
+
+def _one_layer(stacked: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+
+
+def _spec(x: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), x)
+
+
+def checkpoint_plan(layer_fn: Any, layers: Any, x: Any, strategy: Any) -> tuple[int, ...]:
+    """The segment length a strategy gives each stage (0: no checkpoint), decided at trace time.
+
+    Args:
+        layer_fn: ``layer_fn(params, x) -> x``, or one such function per stage.
+        layers: stacked parameters (every leaf with a leading layer axis), or a list of them (stages).
+        x: the input (arrays or ``jax.ShapeDtypeStruct`` s).
+        strategy: :class:`NoCheckpoint`, :class:`EveryN`, :class:`LargeLayersOnly` or :class:`Adaptive`.
+
+    Returns:
+        One segment length per stage.
+
+    Raises:
+        ConfigError: an unknown strategy, ``n < 1``, a negative threshold or budget, or layers that
+            are not stacked.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda w, x: jnp.tanh(x @ w)
+        >>> small, big = jnp.zeros((3, 4, 4)), jnp.zeros((2, 4, 4))
+        >>> x = jnp.zeros((2, 4))
+        >>> checkpoint_plan(f, [small, big], x, EveryN(2)), checkpoint_plan(f, [small], x, NoCheckpoint())
+        ((2, 2), (0,))
+    """
+    fns, stacks = _stages(layer_fn, layers)
+    depths = [_depth(s) for s in stacks]
+    if isinstance(strategy, NoCheckpoint):
+        return (0,) * len(stacks)
+    if isinstance(strategy, EveryN):
+        if isinstance(strategy.n, bool) or not isinstance(strategy.n, (int, np.integer)) or strategy.n < 1:
+            raise ConfigError(argument="n", expected="an integer >= 1", got=strategy.n)
+        return (int(strategy.n),) * len(stacks)
+    if not isinstance(strategy, (LargeLayersOnly, Adaptive)):
+        raise ConfigError(argument="strategy", expected="NoCheckpoint, EveryN, LargeLayersOnly or Adaptive",
+                          got=type(strategy).__name__)
+    acts, ins, h = [], [], _spec(x)
+    for fn, stack in zip(fns, stacks):
+        one = _one_layer(stack)
+        acts.append(layer_activation_bytes(fn, one, h))
+        ins.append(tree_nbytes(h))
+        h = jax.eval_shape(fn, one, h)
+    if isinstance(strategy, LargeLayersOnly):
+        _check_bytes("threshold", strategy.threshold)
+        return tuple(1 if a > strategy.threshold else 0 for a in acts)
+    _check_bytes("budget_bytes", strategy.budget_bytes, allow_none=True)
+    best = []
+    for L, a, s in zip(depths, acts, ins):
+        estimates = {n: math.ceil(L / n) * s + n * a for n in range(1, L + 1)}
+        best.append(min(estimates, key=lambda n: (estimates[n], n)))
+    if strategy.budget_bytes is None:
+        return tuple(best)
+    plan_ = [0] * len(stacks)
+    keep = [L * a for L, a in zip(depths, acts)]
+    cost = {i: keep[i] for i in range(len(stacks))}
+    for i in sorted(range(len(stacks)), key=lambda i: (-keep[i], i)):
+        if sum(cost.values()) <= strategy.budget_bytes:
+            break
+        plan_[i] = best[i]
+        cost[i] = math.ceil(depths[i] / best[i]) * ins[i] + best[i] * acts[i]
+    return tuple(plan_)
+
+
+def _run_stage(fn: Callable, stacked: Any, x: Any, n: int) -> Any:
+    def body(h, p):
+        return fn(p, h), None
+
+    if n == 0:
+        return jax.lax.scan(body, x, stacked)[0]
+    if n == 1:
+        return jax.lax.scan(jax.checkpoint(body), x, stacked)[0]
+    L = _depth(stacked)
+    groups, rest = divmod(L, n)
+
+    def segment(h, ps):
+        return jax.lax.scan(body, h, ps)[0], None
+
+    if groups:
+        head = jax.tree_util.tree_map(lambda a: a[: groups * n].reshape((groups, n) + a.shape[1:]), stacked)
+        x = jax.lax.scan(jax.checkpoint(segment), x, head)[0]
+    if rest:
+        tail = jax.tree_util.tree_map(lambda a: a[groups * n:], stacked)
+        x = jax.checkpoint(segment)(x, tail)[0]
+    return x
+
+
+def apply_layers(layer_fn: Any, layers: Any, x: Any, *, strategy: Any = NoCheckpoint()) -> Any:
+    """Runs ``x`` through a stack of layers (``lax.scan``), checkpointed as a strategy says.
+
+    Checkpointed segments are ``jax.checkpoint`` ed bodies of the scan: their activations are
+    recomputed in the backward pass instead of being saved. (Inside a scan the recomputation cannot
+    be merged back into the forward pass by the compiler, which happens on CPU to a checkpoint in
+    straight-line code.)
+
+    Args:
+        layer_fn: ``layer_fn(params, x) -> x``, or one such function per stage.
+        layers: stacked parameters (a leading layer axis on every leaf), or a list of them (stages).
+        x: the input.
+        strategy: a rematerialisation strategy (see :func:`checkpoint_plan`).
+
+    Returns:
+        The output of the last layer: the same values whatever the strategy.
+
+    Raises:
+        ConfigError: as :func:`checkpoint_plan`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> ws = jnp.stack([jnp.eye(2) * 2, jnp.eye(2) * 3])
+        >>> apply_layers(lambda w, x: x @ w, ws, jnp.ones((1, 2)), strategy=EveryN(1)).tolist()
+        [[6.0, 6.0]]
+    """
+    fns, stacks = _stages(layer_fn, layers)
+    for fn, stack, n in zip(fns, stacks, checkpoint_plan(layer_fn, layers, x, strategy)):
+        x = _run_stage(fn, stack, x, n)
+    return x
+
+
+@flax.struct.dataclass
+class CheckpointSavings:
+    """Compiled memory of a gradient with and without a strategy.
+
+    Attributes:
+        baseline: :func:`compiled_memory` of the gradient with :class:`NoCheckpoint`.
+        checkpointed: the same with the strategy.
+        saved_bytes: ``baseline.temp_bytes - checkpointed.temp_bytes`` (temporaries at the peak).
+        saved_fraction: ``saved_bytes / baseline.temp_bytes``.
+        extra_flops: FLOPs the recomputation adds, from XLA's cost analysis.
+        plan: the segment length of each stage.
+    """
+
+    baseline: CompiledMemory
+    checkpointed: CompiledMemory
+    saved_bytes: int = flax.struct.field(pytree_node=False)
+    saved_fraction: float = flax.struct.field(pytree_node=False)
+    extra_flops: float = flax.struct.field(pytree_node=False)
+    plan: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+
+def _default_loss(y: Any) -> jax.Array:
+    return sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree_util.tree_leaves(y))
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def checkpoint_savings(layer_fn: Any, layers: Any, x: Any, strategy: Any, *,
+                       loss: Callable[[Any], jax.Array] | None = None) -> CheckpointSavings:
+    """Measures what a strategy saves: XLA's compiled memory of the gradient, with and without it.
+
+    The gradient of ``loss(apply_layers(layer_fn, layers, x, strategy=...))`` with respect to the
+    layers and ``x`` is compiled twice (nothing runs: ``jax.ShapeDtypeStruct`` inputs are enough).
+
+    Args:
+        layer_fn: ``layer_fn(params, x) -> x``, or one per stage.
+        layers: stacked parameters, or a list of them (stages).
+        x: the input.
+        strategy: the rematerialisation strategy to measure.
+        loss: a scalar function of the output (default: the sum of squares, in float32).
+
+    Returns:
+        A :class:`CheckpointSavings`.
+
+    Raises:
+        ConfigError: as :func:`checkpoint_plan`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> ws = jax.ShapeDtypeStruct((8, 64, 256), jnp.float32)
+        >>> x = jax.ShapeDtypeStruct((512, 64), jnp.float32)
+        >>> f = lambda w, x: x + jnp.tanh(x @ w) @ w.T
+        >>> s = checkpoint_savings(f, ws, x, EveryN(1))
+        >>> s.saved_bytes > 0, s.checkpointed.temp_bytes < s.baseline.temp_bytes
+        (True, True)
+    """
+    loss = loss or _default_loss
+
+    def compile_grad(strat):
+        g = jax.jit(jax.grad(lambda ls, h: loss(apply_layers(layer_fn, ls, h, strategy=strat)), argnums=(0, 1)))
+        compiled = g.lower(layers, x).compile()
+        return compiled
+
+    base_c, ck_c = compile_grad(NoCheckpoint()), compile_grad(strategy)
+    base = _memory_of(base_c)
+    ck = _memory_of(ck_c)
+    saved = base.temp_bytes - ck.temp_bytes
+    return CheckpointSavings(
+        baseline=base, checkpointed=ck, saved_bytes=saved,
+        saved_fraction=saved / base.temp_bytes if base.temp_bytes else 0.0,
+        extra_flops=_flops(ck_c) - _flops(base_c),
+        plan=checkpoint_plan(layer_fn, layers, x, strategy),
+    )
+
+
+def _memory_of(compiled) -> CompiledMemory:
+    analysis = compiled.memory_analysis()
+    return CompiledMemory(
+        argument_bytes=int(analysis.argument_size_in_bytes),
+        output_bytes=int(analysis.output_size_in_bytes),
+        temp_bytes=int(analysis.temp_size_in_bytes),
+        alias_bytes=int(analysis.alias_size_in_bytes),
+        generated_code_bytes=int(analysis.generated_code_size_in_bytes),
+    )
