@@ -145,10 +145,12 @@ def test_tree_nbytes_counts_every_buffer(tmp_path):
 
 
 def test_tier_of_reports_mixed_records():
-    rec = types.SimpleNamespace()  # not a record: leaves are reported one by one
-    del rec
-    tree = {"x": memory.place(jnp.ones(2), "unpinned_host"), "y": np.ones(2)}
-    assert memory.tier_of(tree) == {"['x']": "unpinned_host", "['y']": "numpy"}
+    quantize, _ = _q4_0()
+    q = quantize(jnp.ones((4, 32)))
+    leaves, treedef = jax.tree_util.tree_flatten(q)
+    split = jax.tree_util.tree_unflatten(treedef, [memory.place(leaves[0], "pinned_host")] + leaves[1:])
+    tree = {"q": split, "x": memory.place(jnp.ones(2), "unpinned_host"), "y": np.ones(2)}
+    assert memory.tier_of(tree) == {"['q']": "mixed", "['x']": "unpinned_host", "['y']": "numpy"}
 
 
 def test_place_errors(tmp_path):
@@ -528,8 +530,9 @@ def test_remat_errors():
 def test_remat_savings_grow_with_the_strategy():
     """Savings read from the compiled gradient: more checkpointing, fewer temporaries."""
     x = jax.ShapeDtypeStruct((256, 64), jnp.float32)
-    small = {"up": jax.ShapeDtypeStruct((6, 64, 64), jnp.float32), "down": jax.ShapeDtypeStruct((6, 64, 64), jnp.float32)}
-    big = {"up": jax.ShapeDtypeStruct((6, 64, 512), jnp.float32), "down": jax.ShapeDtypeStruct((6, 512, 64), jnp.float32)}
+    sds = jax.ShapeDtypeStruct
+    small = {"up": sds((6, 64, 64), jnp.float32), "down": sds((6, 64, 64), jnp.float32)}
+    big = {"up": sds((6, 64, 512), jnp.float32), "down": sds((6, 512, 64), jnp.float32)}
     stacks = [small, big]
     a_small = 5 * 256 * 64 * 4
     saved = {}

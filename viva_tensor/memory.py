@@ -213,13 +213,19 @@ def _check_tier(tier: Any) -> None:
         raise ConfigError(argument="tier", expected=f"one of {TIERS}", got=tier)
 
 
-def _sharding_for(leaf: Any, tier: str, device: jax.Device | None):
-    if device is None and isinstance(leaf, jax.Array):
-        return leaf.sharding.with_memory_kind(tier)
-    device = device or jax.devices()[0]
+def _check_kind(device: jax.Device, tier: str) -> None:
     kinds = [m.kind for m in device.addressable_memories()]
     if tier not in kinds:
         raise ConfigError(argument="tier", expected=f"a memory kind of {device} ({kinds})", got=tier)
+
+
+def _sharding_for(leaf: Any, tier: str, device: jax.Device | None):
+    if device is None and isinstance(leaf, jax.Array):
+        for d in leaf.devices():
+            _check_kind(d, tier)
+        return leaf.sharding.with_memory_kind(tier)
+    device = device or jax.devices()[0]
+    _check_kind(device, tier)
     return jax.sharding.SingleDeviceSharding(device, memory_kind=tier)
 
 
@@ -857,7 +863,9 @@ class EveryN:
     """Checkpoint segments of ``n`` layers: only each segment's input is saved, its layers recomputed.
 
     ``EveryN(1)`` checkpoints every layer; ``n`` near the square root of the depth is the classic
-    sqrt(L) schedule (Chen et al., 2016).
+    sqrt(L) schedule (Chen et al., 2016). When ``n`` does not divide the depth, the last layers form a
+    shorter segment, checkpointed outside the scan (on CPU, XLA may merge that one back into the
+    forward pass: its saving can be lost).
     """
 
     n: int = flax.struct.field(pytree_node=False)
