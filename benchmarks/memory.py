@@ -233,9 +233,14 @@ def table(rows, columns):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="stream a 2 GiB stack (default: 64 MiB)")
+    parser.add_argument("--stack-mib", type=int, default=64, help="size of the streamed stack (16 layers)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    depth, width = (32, 4096) if args.full else (16, 1024)
+    if args.full:
+        depth, width = 32, 4096  # 32 layers of 64 MiB
+    else:
+        depth = 16
+        width = int(round((args.stack_mib * 2**20 / depth / 4) ** 0.5))
     with tempfile.TemporaryDirectory(dir=os.environ.get("VIVA_BENCH_TMP")) as workdir:
         s_meta, s_rows = streaming(depth, width, batch=64, repeats=args.repeats, workdir=workdir)
         m_meta, m_rows = minilm_streaming(args.repeats, workdir)
@@ -243,7 +248,8 @@ def main():
     f_meta, f_rows = roofline(args.repeats)
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
            "machine": f_meta["cpu"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": "python benchmarks/memory.py" + (" --full" if args.full else "")}
+           "command": "python benchmarks/memory.py" + (" --full" if args.full else
+                                                         f" --stack-mib {args.stack_mib}" * (args.stack_mib != 64))}
     s_cols = ["source", "prefetch", "best_s", "median_s", "vs_in_memory", "peak_resident_MiB",
               "peak_live_device_MiB", "identical"]
     m_cols = ["source", "budget", "budget_MiB", "prefetch", "best_s", "median_s", "vs_in_memory",

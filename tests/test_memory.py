@@ -164,6 +164,9 @@ def test_place_errors(tmp_path):
         jax.jit(lambda x: memory.place(x, "pinned_host"))(jnp.ones(2))
     with pytest.raises(ConfigError, match="expected a memory kind"):
         memory.load(jnp.ones(2), tier="disk")
+    no_host = types.SimpleNamespace(addressable_memories=lambda: [types.SimpleNamespace(kind="device")])
+    with pytest.raises(ConfigError, match="argument 'tier': expected a memory kind of .*, got pinned_host"):
+        memory.place(np.ones(2), "pinned_host", device=no_host)
 
 
 def test_disk_errors(tmp_path):
