@@ -375,6 +375,25 @@ def test_stream_without_room_to_prefetch_holds_one_layer():
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
 
 
+_STREAM_F = jax.jit(_mlp)
+
+
+@given(depth=st.integers(1, 6), budget_layers=st.floats(1.0, 3.5), prefetch=st.booleans())
+def test_stream_property_same_output_within_budget(depth, budget_layers, prefetch):
+    layers = [memory.place(p, "unpinned_host") for p in _mlp_layers(np.float32)[:depth]]
+    one = memory.tree_nbytes(layers[0])
+    budget = int(budget_layers * one)
+    x = jnp.ones((BATCH, WIDTH))
+    y, stats = memory.stream(_STREAM_F, layers, x, budget_bytes=budget, prefetch=prefetch, return_stats=True)
+    expected = x
+    for p in layers:
+        expected = _STREAM_F(memory.place(p, "device"), expected)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
+    assert stats.peak_resident_bytes <= budget
+    # the next layer is copied early exactly when two fit and prefetching is on
+    assert stats.prefetched == (depth - 1 if prefetch and budget >= 2 * one else 0)
+
+
 def test_stream_traces_once():
     layers = [memory.place(p, "pinned_host") for p in _mlp_layers(np.float32)]
     f = chex.assert_max_traces(_mlp, n=1)
