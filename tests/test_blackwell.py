@@ -102,9 +102,9 @@ def ref_nvfp4(x):
     s = np.where(finite.all(axis=-1), s, np.nan)
     scale_bytes = e4m3_encode_positive(s)
     denom = (e4m3_decode(scale_bytes).astype(F32) * g).astype(F32)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = np.where(denom > 0, (b / denom).astype(F32), F32(0))
-    codes = e2m1_encode(scaled, negative=scaled < 0)
+    denom = np.where(denom > 0, denom, F32(np.inf))  # documented: a zero scale gives zeros
+    scaled = (b / denom).astype(F32)
+    codes = e2m1_encode(scaled, negative=np.signbit(scaled))
     packed = pack_low_first(codes.reshape(*codes.shape[:-2], -1))
     return packed, scale_bytes, g
 
@@ -177,10 +177,10 @@ def test_mxfp4_ties_round_to_even_and_saturate():
     assert np.asarray(q.codes)[0] == 0x07  # first value in the low nibble
 
 
-def test_nvfp4_sign_rule_like_modelopt():
-    q = bw.quantize_nvfp4(jnp.asarray(np.array([6.0, -0.0, -0.1, 0.1], F32)))
-    # -0.0 is not < 0 -> code 0; -0.1 / (1/448*...) rounds to zero with sign -> code 8
-    assert unpack_low_first(np.asarray(q.codes))[:4].tolist() == [7, 0, 8, 0]
+def test_nvfp4_sign_bit_is_the_float_sign_bit():
+    q = bw.quantize_nvfp4(jnp.asarray(np.array([6.0, -0.0, -0.1, 0.1, -6.0], F32)))
+    # scale 448 * (6 / 2688): -0.0 -> -0 (8), -0.1 / 1.0 rounds to -0 (8), 0.1 -> 0, -6 -> 15
+    assert unpack_low_first(np.asarray(q.codes))[:5].tolist() == [7, 8, 8, 0, 15]
 
 
 def test_mxfp4_scale_exponent_from_bits():
