@@ -311,8 +311,9 @@ def quantize(
     Args:
         x: A float32, bfloat16 or float16 array of any non-empty shape.
         block_size: Values per block (a positive even integer; bitsandbytes uses 64).
-        config: A Gleam-style :class:`NF4Config`; when given it overrides ``block_size``, and
-            ``double_quant=True`` returns :func:`double_quantize`'s record.
+        config: A Gleam-style :class:`NF4Config`; when given it sets the block size (a different,
+            non-default ``block_size`` is an error), and ``double_quant=True`` returns
+            :func:`double_quantize`'s record.
         validate: Check (eagerly) that every value is finite.
 
     Returns:
@@ -334,6 +335,11 @@ def quantize(
     if config is not None:
         if not isinstance(config, NF4Config):
             raise ConfigError(argument="config", expected="an NF4Config", got=type(config).__name__)
+        if block_size != 64 and block_size != config.block_size:
+            raise ConfigError(
+                argument="block_size", expected=f"{config.block_size} (the block size of 'config')",
+                got=block_size, hint="pass either config or block_size.",
+            )
         if config.double_quant:
             return double_quantize(x, block_size=config.block_size, validate=validate)
         block_size = config.block_size
