@@ -371,7 +371,8 @@ def test_error_paths():
         nf4.dequantize(np.ones(3))
     with pytest.raises(ConfigError, match="argument 'config': expected an NF4Config, got dict"):
         nf4.quantize(jnp.ones(4), config={"block_size": 64})
-    with pytest.raises(ConfigError, match=r"argument 'block_size': expected 128 \(the block size of 'config'\), got 32"):
+    msg = r"argument 'block_size': expected 128 \(the block size of 'config'\), got 32"
+    with pytest.raises(ConfigError, match=msg):
         nf4.quantize(jnp.ones(4), block_size=32, config=nf4.NF4Config(block_size=128))
     with pytest.raises(ShapeMismatch, match=r"argument 'original': expected shape \(4,\), got \(2, 2\)"):
         nf4.compute_stats(jnp.ones((2, 2)), nf4.quantize(jnp.ones(4)))

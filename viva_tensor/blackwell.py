@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
