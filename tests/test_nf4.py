@@ -478,3 +478,21 @@ def test_property_round_trip(shape, scale, block, seed, double):
     if not double:
         codes, am = ref_quantize(x, block)
         np.testing.assert_array_equal(np.asarray(q.codes), codes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiled memory (XLA's analysis: stable, not a timing)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("double", [False, True])
+def test_compiled_memory_is_linear_and_small(double):
+    from viva_tensor.memory import compiled_memory
+
+    f = nf4.double_quantize if double else nf4.quantize
+    x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+    m = compiled_memory(f, x)
+    # no (n, 15) comparison array: temporaries stay well under the 4 MiB input
+    assert m.temp_bytes <= 1.25 * 2**20
+    q = f(jnp.ones((1024, 1024)))
+    assert 0 <= m.output_bytes - q.nbytes <= 64  # the buffers, plus the output tuple's pointers
+    d = compiled_memory(nf4.dequantize, q)
+    assert d.temp_bytes <= 4 * 2**20 and d.output_bytes == 4 * 2**20
