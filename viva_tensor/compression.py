@@ -246,7 +246,7 @@ def _roundf(p: jax.Array) -> jax.Array:
 
 
 def _div_exact(a: jax.Array, n: int) -> jax.Array:
-    """``a / n`` correctly rounded in float32, for ``n`` in (15, 127): ``n + 1`` a power of two.
+    """``a / n`` correctly rounded in float32, for ``n`` in {15, 127}: ``n + 1`` a power of two.
 
     XLA rewrites a division by a constant into a multiplication by its rounded reciprocal, which is
     one ulp off for most values (GGML divides). So the quotient is taken among the floats nearest
@@ -272,10 +272,15 @@ def _div_exact(a: jax.Array, n: int) -> jax.Array:
 
 
 def _reciprocal(d: jax.Array) -> jax.Array:
-    """``1 / d``, or 0 where ``d`` is 0 or its reciprocal overflows (GGML: ``d ? 1.0f/d : 0.0f``)."""
-    # 1 / inf = 0 for d == 0; the final select reads only the quotient, so that XLA, which does not
-    # duplicate a division into the per-value loop, computes everything above it once per block.
-    inv = jnp.float32(1) / jnp.where(d == 0, jnp.float32(jnp.inf), d)
+    """``1 / d``, or 0 where ``d`` is 0 or subnormal or its reciprocal overflows.
+
+    GGML writes ``d ? 1.0f/d : 0.0f``; treating subnormal ``d`` as 0 too makes the result the same on
+    every backend (XLA on CPU flushes subnormals, on GPU it may not).
+    """
+    # 1 / inf = 0; the final select reads only the quotient, so that XLA, which does not duplicate a
+    # division into the per-value loop, computes everything above it once per block.
+    tiny = jnp.abs(d) < jnp.float32(np.finfo(np.float32).tiny)
+    inv = jnp.float32(1) / jnp.where(tiny, jnp.float32(jnp.inf), d)
     return jnp.where(jnp.isfinite(inv), inv, jnp.float32(0))
 
 
