@@ -293,7 +293,8 @@ class QLinear(nnx.Module):
         dims = (((x.ndim - 1,), (1,)), ((), ()))
         y = quant.dot_general(x, self.weight.get_value(), dims, preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias.get_value().astype(jnp.float32)
+            bias = self.bias.get_value().astype(jnp.float32)
+            y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
         return y.astype(dtype)
 
 
