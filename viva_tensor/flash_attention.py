@@ -187,7 +187,7 @@ def _kv_range(st: _Static, i0, num_kv_blocks: int):
     """[lo, hi) of the key/value blocks that some query of the block starting at i0 can see."""
     lo_pos = jnp.int32(0)
     hi_pos = jnp.int32(st.seq_kv)
-    last_q = i0 + st.block_q - 1
+    last_q = jnp.minimum(i0 + st.block_q, st.seq_q) - 1
     if st.causal:
         hi_pos = jnp.minimum(hi_pos, last_q + 1)
     if st.window is not None:
@@ -203,7 +203,7 @@ def _q_range(st: _Static, j0, num_q_blocks: int):
     """[lo, hi) of the query blocks that see some key of the block starting at j0."""
     lo_pos = jnp.int32(0)
     hi_pos = jnp.int32(st.seq_q)
-    last_k = j0 + st.block_kv - 1
+    last_k = jnp.minimum(j0 + st.block_kv, st.seq_kv) - 1
     if st.causal:
         lo_pos = jnp.maximum(lo_pos, j0)
     if st.window is not None:
