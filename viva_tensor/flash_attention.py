@@ -196,7 +196,7 @@ def _kv_range(st: _Static, i0, num_kv_blocks: int):
         hi_pos = jnp.minimum(hi_pos, last_q + right + 1)
     lo = jnp.clip(lo_pos // st.block_kv, 0, num_kv_blocks)
     hi = jnp.clip((hi_pos + st.block_kv - 1) // st.block_kv, lo, num_kv_blocks)
-    return lo, hi
+    return lo, jnp.where(lo_pos < hi_pos, hi, lo)
 
 
 def _q_range(st: _Static, j0, num_q_blocks: int):
@@ -212,7 +212,7 @@ def _q_range(st: _Static, j0, num_q_blocks: int):
         hi_pos = jnp.minimum(hi_pos, last_k + left + 1)
     lo = jnp.clip(lo_pos // st.block_q, 0, num_q_blocks)
     hi = jnp.clip((hi_pos + st.block_q - 1) // st.block_q, lo, num_q_blocks)
-    return lo, hi
+    return lo, jnp.where(lo_pos < hi_pos, hi, lo)
 
 
 def _pad_axis(x, axis: int, size: int):
