@@ -565,11 +565,16 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(dt)
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray makes 0-d 1-d)
+
+
 def _to_stored(a: np.ndarray) -> np.ndarray:
+    a = _contiguous(np.asarray(a))
     if a.dtype.name in _NATIVE:
-        return np.ascontiguousarray(a)
+        return a
     bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-    return np.ascontiguousarray(a).view(bits)
+    return a.view(bits)
 
 
 def _encode_static(v: Any) -> Any:
@@ -761,7 +766,7 @@ def _check_tensors(path: str, arrays: dict[str, np.ndarray], info: Any, verify: 
                 f"{path!r}: tensor {name!r} is {stored.dtype.name}{list(stored.shape)}, "
                 f"its metadata says {meta['dtype']}{list(meta['shape'])}"
             )
-        stored = np.ascontiguousarray(stored)
+        stored = _contiguous(stored)
         if verify and hashlib.sha256(stored.tobytes()).hexdigest() != meta["sha256"]:
             raise CheckpointError(f"{path!r}: the bytes of tensor {name!r} do not match their SHA-256 (corrupted?)")
         out[name] = stored if dt.name in _NATIVE else stored.view(dt)
