@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 import math
@@ -47,15 +46,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from viva_tensor import compression, nf4, blackwell  # noqa: F401, I001 - each registers its formats in FORMATS
 from viva_tensor._record import FORMATS, FormatSpec, is_quantized
 from viva_tensor.errors import CheckpointError, DimensionError, FormatError, InvalidOp, ShapeMismatch
-
-for _module in ("compression", "nf4", "blackwell"):  # each registers its formats in FORMATS
-    try:  # TODO(quant): import plainly once the format branches are merged
-        importlib.import_module(f"viva_tensor.{_module}")
-    except ModuleNotFoundError as _e:  # pragma: no cover - development only
-        if _e.name != f"viva_tensor.{_module}":
-            raise
 
 __all__ = [
     "FORMATS",
@@ -79,8 +72,11 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
+_ORDER = ("int8", "q4_0", "q4_1", "q8_0", "nf4", "nf4_dq", "nvfp4", "mxfp4")
+
+
 def format_names() -> list[str]:
-    """The names of the registered formats, in registration order.
+    """The names of the registered formats: the built-in ones in a fixed order, then any others.
 
     Returns:
         A list of names accepted by :func:`quantize`.
@@ -90,7 +86,7 @@ def format_names() -> list[str]:
         >>> quant.format_names()[:4]
         ['int8', 'q4_0', 'q4_1', 'q8_0']
     """
-    return list(FORMATS)
+    return [n for n in _ORDER if n in FORMATS] + [n for n in FORMATS if n not in _ORDER]
 
 
 def _whole(self: Any, index: Any) -> Any:
@@ -119,7 +115,7 @@ def _spec(fmt: Any) -> FormatSpec:
         return spec
     raise FormatError(
         argument="fmt",
-        expected="one of " + ", ".join(repr(n) for n in FORMATS),
+        expected="one of " + ", ".join(repr(n) for n in format_names()),
         got=repr(fmt),
         hint="quant.format_names() lists the registered formats.",
     )
@@ -842,7 +838,7 @@ def _decode_record(body: dict, where: str, arrays: dict, path: str, tensor: Call
     fmt = body.get("format")
     if fmt not in FORMATS:
         raise CheckpointError(
-            f"{path!r}: the record at '{where}' has format {fmt!r}, not one of {', '.join(FORMATS)}",
+            f"{path!r}: the record at '{where}' has format {fmt!r}, not one of {', '.join(format_names())}",
             hint="import the module that registers that format before loading.",
         )
     spec = _spec(fmt)
