@@ -110,8 +110,8 @@ class MXFP4Tensor(QuantizedArray):
     _core_ndim = staticmethod(_core_ndim)
 
 
-def _prepare(x: Any, block: int) -> tuple[jax.Array, jax.Array]:
-    """Checks ``x``; returns it as float32 blocks (*lead, nb, block) and the original array."""
+def _check(x: Any) -> jax.Array:
+    """Checks that ``x`` is a non-empty float array."""
     x = jnp.asarray(x)
     if x.dtype not in _FLOAT_DTYPES:
         raise DTypeError(
@@ -123,11 +123,16 @@ def _prepare(x: Any, block: int) -> tuple[jax.Array, jax.Array]:
             argument="x", expected="at least one value", got=f"an empty array of shape {tuple(x.shape)}",
             hint="an empty tensor has nothing to quantize; skip it.",
         )
+    return x
+
+
+def _blocked(x: jax.Array, block: int) -> jax.Array:
+    """``x`` as float32 blocks (*lead, nb, block) along its last axis, zero-padded."""
     v = x.reshape(x.shape if x.ndim else (1,)).astype(jnp.float32)
     last = v.shape[-1]
     nb = -(-last // block)
     v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, nb * block - last)])
-    return v.reshape(*v.shape[:-1], nb, block), x
+    return v.reshape(*v.shape[:-1], nb, block)
 
 
 def _validate_finite(x: jax.Array) -> None:
@@ -185,9 +190,16 @@ def quantize_nvfp4(x: Any, *, validate: bool = False) -> NVFP4Tensor:
         >>> [round(v, 2) for v in dequantize(q)[1, :4].tolist()]
         [15.5, 15.5, 15.5, 20.67]
     """
-    blocks, x = _prepare(x, NVFP4_BLOCK)
+    x = _check(x)
     if validate:
         _validate_finite(x)
+    codes, scales, tensor_scale = _nvfp4_core(x)
+    return NVFP4Tensor(codes=codes, scales=scales, tensor_scale=tensor_scale, shape=tuple(x.shape), dtype=x.dtype)
+
+
+@jax.jit
+def _nvfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    blocks = _blocked(x, NVFP4_BLOCK)
     finite = jnp.isfinite(blocks)
     mag = jnp.where(finite, jnp.abs(blocks), 0)
     tensor_scale = jnp.max(mag) / jnp.float32(6.0 * 448.0)
@@ -200,13 +212,7 @@ def quantize_nvfp4(x: Any, *, validate: bool = False) -> NVFP4Tensor:
     denom = (scales.astype(jnp.float32) * tensor_scale)[..., None]
     scaled = jnp.where(denom > 0, blocks / jnp.where(denom > 0, denom, 1), 0)
     scaled = jnp.where(scaled == 0, jnp.float32(0), scaled)  # -0.0 -> +0.0: the sign is x < 0
-    return NVFP4Tensor(
-        codes=_pack_e2m1(scaled),
-        scales=scales,
-        tensor_scale=tensor_scale,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
-    )
+    return _pack_e2m1(scaled), scales, tensor_scale
 
 
 def _pow2(exponent: jax.Array) -> jax.Array:
@@ -237,9 +243,16 @@ def quantize_mxfp4(x: Any, *, validate: bool = False) -> MXFP4Tensor:
         >>> q.scales.tolist(), dequantize(q).tolist()
         ([127], [0.0, 6.0, -2.0])
     """
-    blocks, x = _prepare(x, MXFP4_BLOCK)
+    x = _check(x)
     if validate:
         _validate_finite(x)
+    codes, scales = _mxfp4_core(x)
+    return MXFP4Tensor(codes=codes, scales=scales, shape=tuple(x.shape), dtype=x.dtype)
+
+
+@jax.jit
+def _mxfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    blocks = _blocked(x, MXFP4_BLOCK)
     finite = jnp.isfinite(blocks)
     amax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0), axis=-1)
     biased_exp = (jax.lax.bitcast_convert_type(amax, jnp.uint32) >> 23).astype(jnp.int32)
@@ -247,7 +260,7 @@ def quantize_mxfp4(x: Any, *, validate: bool = False) -> MXFP4Tensor:
     ok = jnp.all(finite, axis=-1)
     scaled = blocks * _pow2(127 - biased)[..., None]  # x / 2**(biased - 127), exact
     scales = jnp.where(ok, biased, 255).astype(jnp.uint8)
-    return MXFP4Tensor(codes=_pack_e2m1(scaled), scales=scales, shape=tuple(x.shape), dtype=x.dtype)
+    return _pack_e2m1(scaled), scales
 
 
 def _finish(values: jax.Array, q: Any) -> jax.Array:
@@ -277,22 +290,27 @@ def dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
         >>> dequantize(quantize_nvfp4(jnp.array([[1.0, -2.0, 0.0]]))).tolist()
         [[1.0, -2.0, 0.0]]
     """
+    if not isinstance(q, (NVFP4Tensor, MXFP4Tensor)):
+        raise FormatError(
+            argument="q", expected="an NVFP4Tensor or MXFP4Tensor", got=type(q).__name__,
+            hint="use viva_tensor.quant.dequantize for any format.",
+        )
+    return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
     if isinstance(q, NVFP4Tensor):
         values = _unpack_e2m1(q.codes)
         scale = q.scales.astype(jnp.float32) * q.tensor_scale.reshape(
             q.tensor_scale.shape + (1,) * (q.scales.ndim - q.tensor_scale.ndim)
         )
-    elif isinstance(q, MXFP4Tensor):
+    else:
         values = _unpack_e2m1(q.codes)
         e = q.scales.astype(jnp.int32) - 127
         half = e // 2  # two normal factors: XLA on CPU flushes the subnormal 2**-127 to zero
         scale = _pow2(half) * _pow2(e - half)
         scale = jnp.where(q.scales == 255, jnp.float32(jnp.nan), scale)
-    else:
-        raise FormatError(
-            argument="q", expected="an NVFP4Tensor or MXFP4Tensor", got=type(q).__name__,
-            hint="use viva_tensor.quant.dequantize for any format.",
-        )
     values = values.reshape(*q.scales.shape, q.block_size) * scale[..., None]
     return _finish(values, q)
 
