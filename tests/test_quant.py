@@ -347,7 +347,7 @@ def test_save_load_round_trip_is_bit_exact(fmt, tmp_path):
         "f32": quant.quantize(_normal((8, 96)), fmt),
         "bf16": quant.quantize(_normal((3, 5, 64), jnp.bfloat16), fmt),
         "plain": {"bias": _normal((7,), jnp.bfloat16), "scalar": jnp.float32(2.5), "empty": jnp.zeros((0, 3))},
-        "meta": [1, 2.5, "text", True, None, (jnp.arange(3, dtype=jnp.int8),)],
+        "meta": [1, 2.5, "text", True, None, (jnp.arange(3, dtype=jnp.int8), np.arange(3, dtype=np.int64))],
     }
     path = tmp_path / "ckpt.safetensors"
     quant.save(path, tree)

@@ -802,12 +802,19 @@ def _check_record(path: str, where: str, spec: FormatSpec, rec: Any) -> None:
             raise CheckpointError(f"{bad}: its buffers disagree on the batch dims")
 
 
+def _to_jax(a: np.ndarray) -> Any:
+    """A jax.Array, unless JAX would change the dtype (int64/float64 without x64): then NumPy, exact."""
+    if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
+        return a
+    return jnp.asarray(a)
+
+
 def _decode_node(node: Any, where: str, arrays: dict[str, np.ndarray], path: str, used: set) -> Any:
     def tensor(name: Any) -> jax.Array:
         if not isinstance(name, str) or name not in arrays:
             raise CheckpointError(f"{path!r}: metadata refers to a missing tensor {name!r} at '{where}'")
         used.add(name)
-        return jnp.asarray(arrays[name])
+        return _to_jax(arrays[name])
 
     if not isinstance(node, dict) or len(node) != 1:
         raise CheckpointError(f"{path!r}: malformed tree metadata at '{where}'")
@@ -878,7 +885,8 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Any:
         verify: check every tensor's SHA-256 against the metadata (detects corrupted bytes).
 
     Returns:
-        The saved tree, with ``jax.Array`` leaves and records.
+        The saved tree, with ``jax.Array`` leaves and records (a 64-bit tensor stays a NumPy array
+        when JAX runs without x64, rather than being silently narrowed).
 
     Raises:
         CheckpointError: a missing file, a file that is not safetensors, a truncated file, metadata that
@@ -897,7 +905,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Any:
     meta_str = (header.get("__metadata__") or {}).get(_META_KEY) if isinstance(header.get("__metadata__"), dict) else None
     arrays = _load_tensors(path)
     if meta_str is None:
-        return {name: jnp.asarray(arrays[name]) for name in header if name != "__metadata__"}
+        return {name: _to_jax(arrays[name]) for name in header if name != "__metadata__"}
     try:
         meta = json.loads(meta_str)
     except (TypeError, json.JSONDecodeError) as e:
