@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 import math
@@ -47,15 +46,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from viva_tensor import compression, nf4, blackwell  # noqa: F401, I001 - each registers its formats in FORMATS
 from viva_tensor._record import FORMATS, FormatSpec, is_quantized
 from viva_tensor.errors import CheckpointError, DimensionError, FormatError, InvalidOp, ShapeMismatch
-
-for _module in ("compression", "nf4", "blackwell"):  # each registers its formats in FORMATS
-    try:  # TODO(quant): import plainly once the format branches are merged
-        importlib.import_module(f"viva_tensor.{_module}")
-    except ModuleNotFoundError as _e:  # pragma: no cover - development only
-        if _e.name != f"viva_tensor.{_module}":
-            raise
 
 __all__ = [
     "FORMATS",
@@ -79,8 +72,11 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
+_ORDER = ("int8", "q4_0", "q4_1", "q8_0", "nf4", "nf4_dq", "nvfp4", "mxfp4")
+
+
 def format_names() -> list[str]:
-    """The names of the registered formats, in registration order.
+    """The names of the registered formats: the built-in ones in a fixed order, then any others.
 
     Returns:
         A list of names accepted by :func:`quantize`.
@@ -90,7 +86,7 @@ def format_names() -> list[str]:
         >>> quant.format_names()[:4]
         ['int8', 'q4_0', 'q4_1', 'q8_0']
     """
-    return list(FORMATS)
+    return [n for n in _ORDER if n in FORMATS] + [n for n in FORMATS if n not in _ORDER]
 
 
 def _whole(self: Any, index: Any) -> Any:
@@ -119,7 +115,7 @@ def _spec(fmt: Any) -> FormatSpec:
         return spec
     raise FormatError(
         argument="fmt",
-        expected="one of " + ", ".join(repr(n) for n in FORMATS),
+        expected="one of " + ", ".join(repr(n) for n in format_names()),
         got=repr(fmt),
         hint="quant.format_names() lists the registered formats.",
     )
@@ -281,10 +277,93 @@ def _decode(x: Any, other: Any) -> jax.Array:
     return dequantize(x).astype(_compute_dtype(x, other))
 
 
+# The decoded weight is produced and consumed in chunks of about this many values (2 MiB of float32,
+# an L2 cache), so the matmul reads it from cache instead of a full-size dequantized copy in memory.
+_CHUNK_VALUES = 1 << 19
+# Chunks hold a multiple of this many values, so that every block (16, 32, 64 values; NF4 double
+# quantization's 64 x 256) starts at the same place in a chunk as in the whole tensor.
+_CHUNK_ALIGN = 1 << 16
+
+
+def _chunk_plan(rec: Any) -> tuple[int, list[bool]] | None:
+    """Rows per chunk of a 2-D record, and which leaves are sliced by rows (others are shared)."""
+    if len(rec.shape) != 2 or rec.batch_shape:
+        return None
+    k, n = rec.shape
+    align = _CHUNK_ALIGN
+    for f in dataclasses.fields(rec):
+        v = getattr(rec, f.name)
+        if not f.metadata.get("pytree_node", True) and isinstance(v, int) and not isinstance(v, bool) and v > 1:
+            align = math.lcm(align, v)
+    step = align // math.gcd(align, n)
+    target = max(step, _CHUNK_VALUES // max(n, 1))
+    rows = next((r for r in range(step * -(-target // step), k // 2 + 1, step) if k % r == 0), None)
+    if rows is None:
+        return None
+    try:
+        chunk = _expected_record(_spec_of(rec), dataclasses.replace(rec, shape=(rows, n)))
+    except Exception:  # noqa: BLE001 - no plan: the caller decodes the whole record
+        return None
+    leaves, expected = jax.tree_util.tree_leaves(rec), jax.tree_util.tree_leaves(chunk)
+    if len(leaves) != len(expected):
+        return None
+    sliced, nc = [], k // rows
+    for leaf, e in zip(leaves, expected):
+        if tuple(leaf.shape) == tuple(e.shape):
+            sliced.append(False)
+        elif leaf.ndim >= 1 and leaf.shape[0] == nc * e.shape[0] and tuple(leaf.shape[1:]) == tuple(e.shape[1:]):
+            sliced.append(True)
+        else:
+            return None
+    return rows, sliced
+
+
+def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtype: Any, precision: Any):
+    """``x @ decode(rec)`` over row chunks of ``rec``: decode a chunk, multiply, accumulate in float32."""
+    spec = _spec_of(rec)
+    k, n = rec.shape
+    nc = k // rows
+    leaves, treedef = jax.tree_util.tree_flatten(rec)
+    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced)]
+    xs = jnp.moveaxis(x.reshape(*x.shape[:-1], nc, rows), -2, 0)
+    cdtype = _compute_dtype(rec, x)
+
+    def body(acc, inputs):
+        xc, parts = inputs
+        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced)]
+        chunk = dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
+        w = spec.dequantize(chunk).astype(cdtype)
+        part = jax.lax.dot_general(
+            xc.astype(cdtype), w, (((xc.ndim - 1,), (0,)), ((), ())),
+            precision=precision, preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        return acc + part, None
+
+    acc = jnp.zeros((*x.shape[:-1], n), jnp.float32)
+    acc, _ = jax.lax.scan(body, acc, (xs, stacked))
+    return acc.astype(out_dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("dims", "precision", "preferred_element_type", "out_sharding"))
 def _qdot(lhs, rhs, *, dims, precision, preferred_element_type, out_sharding):
-    # One XLA computation: the decode is fused into the producer of the matmul operand, and the
-    # decoded weight is a temporary of this call only (under an outer jit this inlines).
+    # One XLA computation: the decode runs next to the matmul, and the decoded weight is a temporary
+    # of this call only (under an outer jit this inlines). A large 2-D weight on the right of an
+    # ``x @ w`` contraction is decoded chunk by chunk, each chunk consumed while it is in cache.
+    (lc, rc), (lb, rb) = dims
+    if (
+        is_quantized(rhs)
+        and not is_quantized(lhs)
+        and out_sharding is None
+        and rc == (0,)
+        and lc == (jnp.ndim(lhs) - 1,)
+        and not lb
+        and math.prod(rhs.shape) >= 4 * _CHUNK_VALUES
+    ):
+        plan = _chunk_plan(rhs)
+        if plan is not None:
+            a = jnp.asarray(lhs)
+            out_dtype = preferred_element_type or jnp.result_type(a.dtype, _compute_dtype(rhs, a))
+            return _chunked_dot(a, rhs, *plan, out_dtype=out_dtype, precision=precision)
     a, b = _decode(lhs, rhs), _decode(rhs, lhs)
     return jax.lax.dot_general(
         a, b, dims, precision=precision, preferred_element_type=preferred_element_type, out_sharding=out_sharding
@@ -565,11 +644,16 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(dt)
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray makes 0-d 1-d)
+
+
 def _to_stored(a: np.ndarray) -> np.ndarray:
+    a = _contiguous(np.asarray(a))
     if a.dtype.name in _NATIVE:
-        return np.ascontiguousarray(a)
+        return a
     bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-    return np.ascontiguousarray(a).view(bits)
+    return a.view(bits)
 
 
 def _encode_static(v: Any) -> Any:
@@ -761,7 +845,7 @@ def _check_tensors(path: str, arrays: dict[str, np.ndarray], info: Any, verify: 
                 f"{path!r}: tensor {name!r} is {stored.dtype.name}{list(stored.shape)}, "
                 f"its metadata says {meta['dtype']}{list(meta['shape'])}"
             )
-        stored = np.ascontiguousarray(stored)
+        stored = _contiguous(stored)
         if verify and hashlib.sha256(stored.tobytes()).hexdigest() != meta["sha256"]:
             raise CheckpointError(f"{path!r}: the bytes of tensor {name!r} do not match their SHA-256 (corrupted?)")
         out[name] = stored if dt.name in _NATIVE else stored.view(dt)
@@ -801,12 +885,19 @@ def _check_record(path: str, where: str, spec: FormatSpec, rec: Any) -> None:
             raise CheckpointError(f"{bad}: its buffers disagree on the batch dims")
 
 
+def _to_jax(a: np.ndarray) -> Any:
+    """A jax.Array, unless JAX would change the dtype (int64/float64 without x64): then NumPy, exact."""
+    if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
+        return a
+    return jnp.asarray(a)
+
+
 def _decode_node(node: Any, where: str, arrays: dict[str, np.ndarray], path: str, used: set) -> Any:
     def tensor(name: Any) -> jax.Array:
         if not isinstance(name, str) or name not in arrays:
             raise CheckpointError(f"{path!r}: metadata refers to a missing tensor {name!r} at '{where}'")
         used.add(name)
-        return jnp.asarray(arrays[name])
+        return _to_jax(arrays[name])
 
     if not isinstance(node, dict) or len(node) != 1:
         raise CheckpointError(f"{path!r}: malformed tree metadata at '{where}'")
@@ -837,7 +928,7 @@ def _decode_record(body: dict, where: str, arrays: dict, path: str, tensor: Call
     fmt = body.get("format")
     if fmt not in FORMATS:
         raise CheckpointError(
-            f"{path!r}: the record at '{where}' has format {fmt!r}, not one of {', '.join(FORMATS)}",
+            f"{path!r}: the record at '{where}' has format {fmt!r}, not one of {', '.join(format_names())}",
             hint="import the module that registers that format before loading.",
         )
     spec = _spec(fmt)
@@ -877,7 +968,8 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Any:
         verify: check every tensor's SHA-256 against the metadata (detects corrupted bytes).
 
     Returns:
-        The saved tree, with ``jax.Array`` leaves and records.
+        The saved tree, with ``jax.Array`` leaves and records (a 64-bit tensor stays a NumPy array
+        when JAX runs without x64, rather than being silently narrowed).
 
     Raises:
         CheckpointError: a missing file, a file that is not safetensors, a truncated file, metadata that
@@ -896,7 +988,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Any:
     meta_str = (header.get("__metadata__") or {}).get(_META_KEY) if isinstance(header.get("__metadata__"), dict) else None
     arrays = _load_tensors(path)
     if meta_str is None:
-        return {name: jnp.asarray(arrays[name]) for name in header if name != "__metadata__"}
+        return {name: _to_jax(arrays[name]) for name in header if name != "__metadata__"}
     try:
         meta = json.loads(meta_str)
     except (TypeError, json.JSONDecodeError) as e:
