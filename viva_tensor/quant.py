@@ -755,7 +755,8 @@ def save(path: str | os.PathLike, tree: Any) -> None:
             scalars and ``None``.
 
     Raises:
-        CheckpointError: a leaf that cannot be saved, or two leaves with the same tensor name.
+        CheckpointError: a leaf that cannot be saved, two leaves with the same tensor name, or a file
+            that cannot be written.
 
     Example:
         >>> import os, tempfile, jax.numpy as jnp
@@ -770,7 +771,10 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     w = _Writer()
     tree_json = _encode_node(tree, "", w)
     meta = {"version": _VERSION, "tree": tree_json, "tensors": w.info}
-    save_file(w.tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    try:
+        save_file(w.tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for I/O failures
+        raise CheckpointError(f"cannot write {os.fspath(path)!r}: {e}") from None
 
 
 def _read_header(path: str) -> dict:
