@@ -48,7 +48,7 @@ import numpy as np
 
 from viva_tensor import compression, nf4, blackwell  # noqa: F401, I001 - each registers its formats in FORMATS
 from viva_tensor._record import FORMATS, FormatSpec, is_quantized
-from viva_tensor.errors import CheckpointError, DimensionError, FormatError, InvalidOp, ShapeMismatch
+from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
 
 __all__ = [
     "FORMATS",
@@ -494,8 +494,6 @@ def promote_dtype(args: Sequence[Any], /, *, dtype: Any = None, inexact: bool = 
         >>> str(x.dtype), type(q).__name__ == type(quant.quantize(jnp.ones((2, 32)), "q8_0")).__name__, b
         ('float32', True, None)
     """
-    from viva_tensor.errors import DTypeError
-
     if dtype is None:
         dtypes = [_operand_dtype(a) for a in args if a is not None]
         dtype = jnp.result_type(*dtypes) if dtypes else jnp.float32
