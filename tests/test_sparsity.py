@@ -78,11 +78,10 @@ def _f32(a):
 @pytest.fixture
 def registered(monkeypatch):
     """'sparse24' registered in quant's format table for one test only."""
-    monkeypatch.setattr(_record, "FORMATS", _record.FORMATS)  # restored by monkeypatch below
     monkeypatch.setitem(_record.FORMATS, "sparse24", None)
     sparsity.register_formats()
     yield
-    # monkeypatch.setitem removes the key again
+    # monkeypatch.setitem removes the key again (it was absent)
 
 
 # ------------------------------------------------------------------------------------- pruning
@@ -336,7 +335,7 @@ def test_error_paths():
         sparsity.decompress(bad)
 
 
-def test_quant_format_registration(registered, rng):
+def test_quant_format_registration(registered, rng, tmp_path):
     w = jnp.asarray(rng.standard_normal((64, 8)).astype(np.float32))
     q = quant.quantize(w, "sparse24", axis=0, values_format="nf4")
     assert isinstance(q, sparsity.Sparse24Tensor) and q.values_format == "nf4"
@@ -345,6 +344,12 @@ def test_quant_format_registration(registered, rng):
     np.testing.assert_allclose(np.asarray(quant.dot(x, q)), np.asarray(sparsity.sparse_matmul(x, q)), atol=1e-5)
     with pytest.raises(TypeError, match="axis"):
         quant.quantize(w, "sparse24")
+    path = tmp_path / "w.safetensors"
+    plain = quant.quantize(w, "sparse24", axis=0)
+    quant.save(path, {"w": plain})
+    back = quant.load(path)["w"]
+    assert type(back) is sparsity.Sparse24Tensor and back.axis == 0
+    np.testing.assert_array_equal(np.asarray(sparsity.decompress(back)), np.asarray(sparsity.decompress(plain)))
 
 
 # ------------------------------------------------------------------------------------- properties
