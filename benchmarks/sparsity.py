@@ -5,7 +5,10 @@ For every one of the 36 ``nnx.Linear`` layers (kernel ``(in, out)``, pruned alon
 
 - ``2:4 magnitude``: keep the 2 largest ``|w|`` of every 4 input weights;
 - ``2:4 gradient``: keep the 2 largest ``|w * g|``, where ``g`` is the gradient of a distillation loss
-  (below);
+  (below) over the calibration batch;
+- ``2:4 gradient (per-sentence)``: keep the 2 largest ``sum_s (w * g_s)^2`` over the calibration
+  sentences ``s`` (``prune_24_gradient(w, sqrt(sum_s g_s^2))``: the accumulated first-order Taylor
+  importance, which does not let gradients of different sentences cancel);
 - ``2:4 + INT8``: magnitude pruning, kept values in INT8 with one scale per output channel;
 - ``2:4 + NF4``: magnitude pruning, kept values in NF4 (blocks of 64 along the input axis);
 - and, for reference, the dense formats ``int8`` (per output channel) and ``nf4`` without pruning,
@@ -69,6 +72,7 @@ CALIBRATION = [
 VARIANTS = {
     "2:4 magnitude": dict(method="magnitude"),
     "2:4 gradient": dict(method="gradient"),
+    "2:4 gradient (per-sentence)": dict(method="gradient", per_sentence=True),
     "2:4 + INT8": dict(method="magnitude", values_format="int8"),
     "2:4 + NF4": dict(method="magnitude", values_format="nf4"),
 }
@@ -126,9 +130,25 @@ def distillation_gradients(encoder, pruned_kernels: dict[str, jax.Array]) -> dic
         emb = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))(ids, mask, types)
         return jnp.mean(1.0 - jnp.sum(emb * target, axis=-1))  # both unit norm
 
+    def per_sentence(kernels, i):
+        values = [kernels.get(p[: -len(".kernel")], v) if p.endswith(".kernel") else v
+                  for p, (_, v) in zip(paths, leaves)]
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
+        emb = model(ids[i][None], mask[i][None], types[i][None])
+        return 1.0 - jnp.sum(emb[0] * target[i])
+
+    @jax.jit
+    def fisher(kernels):  # sqrt(sum over sentences of g_s^2): |w| * this ranks by sum_s (w * g_s)^2
+        def body(acc, i):
+            g = jax.grad(per_sentence)(kernels, i)
+            return jax.tree_util.tree_map(lambda a, b: a + b * b, acc, g), None
+
+        acc, _ = jax.lax.scan(body, jax.tree_util.tree_map(jnp.zeros_like, kernels), jnp.arange(ids.shape[0]))
+        return jax.tree_util.tree_map(jnp.sqrt, acc)
+
     value, grads = jax.jit(jax.value_and_grad(loss))(pruned_kernels)
     print(f"distillation loss at the magnitude-pruned model: {float(value):.5f}", flush=True)
-    return grads
+    return grads, fisher(pruned_kernels)
 
 
 def relative_mse(x: np.ndarray, y_hat: np.ndarray, kernel: np.ndarray) -> float:
@@ -163,7 +183,7 @@ def main() -> None:
 
     magnitude = {n: sparsity.decompress(sparsity.compress(k, axis=0)) for n, k in kernels.items()}
     t0 = time.perf_counter()
-    grads = distillation_gradients(encoder, magnitude)
+    grads, fisher = distillation_gradients(encoder, magnitude)
     print(f"gradients in {time.perf_counter() - t0:.1f} s", flush=True)
 
     per_layer: dict[str, dict[str, dict]] = {n: {} for n in kernels}
@@ -176,7 +196,7 @@ def main() -> None:
             if variant in VARIANTS:
                 opts = dict(VARIANTS[variant])
                 if opts["method"] == "gradient":
-                    opts["grad"] = grads[name]
+                    opts["grad"] = (fisher if opts.pop("per_sentence", False) else grads)[name]
                 rec = sparsity.compress(k, axis=0, **opts)
                 y_hat = sparsity.sparse_matmul(x, rec)
                 dense_kernels[name] = sparsity.decompress(rec)
@@ -204,7 +224,7 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         }
         summary.append(row)
-        print(f"{variant:14s} {total_bytes:>11,} B ({row['bits_per_weight']:5.2f} bits/weight) layer rel MSE "
+        print(f"{variant:28s} {total_bytes:>11,} B ({row['bits_per_weight']:5.2f} bits/weight) layer rel MSE "
               f"mean {row['mean_layer_relative_mse']:.4f} max {row['max_layer_relative_mse']:.4f}  cos mean "
               f"{row['mean_cosine']:.5f} min {row['min_cosine']:.5f}", flush=True)
     write(summary, per_layer, kernels, len(sentences), sum(len(v) for v in inputs.values()) // len(inputs))
@@ -237,7 +257,8 @@ def write(summary, per_layer, kernels, n_sentences, n_tokens) -> None:
         f"`tests/data/minilm_reference.npz`, from the float32 model). Cosine: embeddings of those sentences "
         f"with every Linear layer replaced, to the float32 encoder's. `2:4 gradient` ranks by `|w·g|`, `g` the "
         f"gradient of `mean(1 - cos(emb, emb_float32))` over 16 other calibration sentences, taken at the "
-        f"magnitude-pruned model (at the float32 model it is zero). `int8 (dense)`, `nf4 (dense)`: no pruning, "
+        f"magnitude-pruned model (at the float32 model it is zero); `(per-sentence)` ranks by `Σ_s (w·g_s)²` over "
+        f"those sentences (`grad = sqrt(Σ_s g_s²)`). `int8 (dense)`, `nf4 (dense)`: no pruning, "
         f"for reference. Written by `python benchmarks/sparsity.py`.",
         "",
         "| variant | kernel bytes | bits/weight | ratio | mean layer rel. MSE | max layer rel. MSE | mean cos | min cos |",
