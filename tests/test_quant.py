@@ -549,3 +549,5 @@ def test_save_errors(tmp_path):
     with pytest.raises(CheckpointError, match="keys must be str or int"):
         quant.save(tmp_path / "x.safetensors", {(1, 2): jnp.ones(2)})
     assert not os.path.exists(tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="cannot write"):
+        quant.save(tmp_path / "no" / "such" / "dir.safetensors", {"a": jnp.ones(2)})

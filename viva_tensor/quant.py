@@ -48,7 +48,7 @@ import numpy as np
 
 from viva_tensor import compression, nf4, blackwell  # noqa: F401, I001 - each registers its formats in FORMATS
 from viva_tensor._record import FORMATS, FormatSpec, is_quantized
-from viva_tensor.errors import CheckpointError, DimensionError, FormatError, InvalidOp, ShapeMismatch
+from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
 
 __all__ = [
     "FORMATS",
@@ -494,8 +494,6 @@ def promote_dtype(args: Sequence[Any], /, *, dtype: Any = None, inexact: bool = 
         >>> str(x.dtype), type(q).__name__ == type(quant.quantize(jnp.ones((2, 32)), "q8_0")).__name__, b
         ('float32', True, None)
     """
-    from viva_tensor.errors import DTypeError
-
     if dtype is None:
         dtypes = [_operand_dtype(a) for a in args if a is not None]
         dtype = jnp.result_type(*dtypes) if dtypes else jnp.float32
@@ -755,7 +753,8 @@ def save(path: str | os.PathLike, tree: Any) -> None:
             scalars and ``None``.
 
     Raises:
-        CheckpointError: a leaf that cannot be saved, or two leaves with the same tensor name.
+        CheckpointError: a leaf that cannot be saved, two leaves with the same tensor name, or a file
+            that cannot be written.
 
     Example:
         >>> import os, tempfile, jax.numpy as jnp
@@ -770,7 +769,10 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     w = _Writer()
     tree_json = _encode_node(tree, "", w)
     meta = {"version": _VERSION, "tree": tree_json, "tensors": w.info}
-    save_file(w.tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    try:
+        save_file(w.tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for I/O failures
+        raise CheckpointError(f"cannot write {os.fspath(path)!r}: {e}") from None
 
 
 def _read_header(path: str) -> dict:
