@@ -261,7 +261,8 @@ def write(summary, per_layer, kernels, n_sentences, n_tokens) -> None:
         f"those sentences (`grad = sqrt(Σ_s g_s²)`). `int8 (dense)`, `nf4 (dense)`: no pruning, "
         f"for reference. Written by `python benchmarks/sparsity.py`.",
         "",
-        "| variant | kernel bytes | bits/weight | ratio | mean layer rel. MSE | max layer rel. MSE | mean cos | min cos |",
+        "| variant | kernel bytes | bits/weight | ratio | mean layer rel. MSE | max layer rel. MSE "
+        "| mean cos | min cos |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary:

@@ -366,13 +366,12 @@ def decompress(s: Sparse24Tensor) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("precision",))
 def _sparse_matmul(x: jax.Array, s: Sparse24Tensor, precision: Any) -> jax.Array:
     w = _dense_moved(s)  # (out, in): decoded next to the product, a temporary of this computation
-    out_dtype = jnp.result_type(x.dtype, s.dtype)
-    cdtype = jnp.result_type(x.dtype, s.dtype)
+    dtype = jnp.result_type(x.dtype, s.dtype)
     y = jax.lax.dot_general(
-        x.astype(cdtype), w.astype(cdtype), (((x.ndim - 1,), (1,)), ((), ())),
+        x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())),
         precision=precision, preferred_element_type=jnp.float32,
     )  # fmt: skip
-    return y.astype(out_dtype)
+    return y.astype(dtype)
 
 
 def sparse_matmul(x: jax.Array, s: Sparse24Tensor, *, precision: Any = None) -> jax.Array:
