@@ -58,8 +58,8 @@ def pruned_24(model):
     for _, node in nnx.iter_graph(copy):
         if isinstance(node, nnx.Linear):
             kernel = node.kernel.get_value()
-            record = sparsity.prune_24_magnitude(kernel.T)  # groups of 4 along the input features
-            node.kernel.set_value(sparsity.decompress(record).T)
+            record = sparsity.prune_24_magnitude(kernel, axis=0)  # groups of 4 along the input features
+            node.kernel.set_value(sparsity.decompress(record))
             before += int(kernel.nbytes)
             after += int(record.nbytes)
     return copy, after, before
