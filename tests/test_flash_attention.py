@@ -42,20 +42,20 @@ def _visible(B, N, T, S, *, mask=None, causal=False, window=None, qlen=None, kvl
 
 # name: (B, T, S, N, K, H, kwargs, bias shape, mask shape, (block_q, block_kv))
 CASES = {
-    "plain": (2, 64, 64, 4, 4, 16, {}, None, None, (16, 32)),
-    "causal": (2, 64, 64, 4, 4, 16, {"is_causal": True}, None, None, (16, 16)),
     "causal_odd_T_lt_S": (1, 37, 53, 2, 2, 8, {"is_causal": True}, None, None, (16, 16)),
-    "causal_T_gt_S": (1, 72, 40, 2, 1, 8, {"is_causal": True}, None, None, (16, 32)),
     "gqa_window": (2, 50, 50, 6, 2, 8, {"local_window_size": (5, 3)}, None, None, (8, 16)),
     "mqa_causal_window_bias": (1, 45, 45, 4, 1, 8, {"is_causal": True, "local_window_size": (7, 0)},
                                (1, 4, 45, 45), None, (16, 8)),
     "bias_full_mask": (2, 33, 41, 2, 2, 8, {}, (2, 2, 33, 41), (2, 1, 33, 41), (16, 16)),
     "lengths": (3, 40, 48, 2, 2, 8, {"query_seq_lengths": [40, 17, 1], "key_value_seq_lengths": [48, 9, 30]},
                 None, None, (16, 16)),
-    "default_blocks": (1, 70, 90, 2, 2, 8, {"is_causal": True}, (70, 90), None, (None, None)),
-    "blocks_bigger_than_seq": (1, 20, 30, 2, 2, 8, {}, (1, 1, 1, 30), (1, 2, 20, 1), (64, 64)),
 }
 SLOW_CASES = {
+    "blocks_bigger_than_seq": (1, 20, 30, 2, 2, 8, {}, (1, 1, 1, 30), (1, 2, 20, 1), (64, 64)),
+    "default_blocks": (1, 70, 90, 2, 2, 8, {"is_causal": True}, (70, 90), None, (None, None)),
+    "causal_T_gt_S": (1, 72, 40, 2, 1, 8, {"is_causal": True}, None, None, (16, 32)),
+    "causal": (2, 64, 64, 4, 4, 16, {"is_causal": True}, None, None, (16, 16)),
+    "plain": (2, 64, 64, 4, 4, 16, {}, None, None, (16, 32)),
     "window_int": (1, 64, 64, 2, 2, 8, {"local_window_size": 4}, None, None, (8, 8)),
     "window_T_gt_S_empty_rows": (1, 60, 20, 2, 2, 8, {"local_window_size": (3, 2)}, None, None, (16, 8)),
     "bias_row_col": (2, 30, 34, 4, 2, 8, {"is_causal": True}, (2, 1, 1, 34), (1, 4, 30, 34), (8, 16)),
@@ -84,31 +84,28 @@ def _inputs(case, dtype=jnp.float32):
     return q, k, v, bias, (None if mask is None else jnp.asarray(mask)), kw, blocks, seen
 
 
-def _loss_pair(q, k, v, bias, mask, kw, blocks, seen):
-    w = _normal(9, q.shape) * seen  # empty rows are out of the loss (jax.nn returns mean(V) there)
+def _out_and_grads(fn, q, k, v, bias, seen):
+    """One compiled call: the output and the gradients of sum(out * w) (w is 0 on rows that see nothing:
+    jax.nn returns the mean of V there, flash returns 0)."""
+    w = (_normal(9, q.shape) * seen).astype(q.dtype)
 
-    def ours(q, k, v, b):
-        out = fa.dot_product_attention(q, k, v, b, mask, block_q=blocks[0], block_kv=blocks[1], **kw)
-        return jnp.sum(out.astype(jnp.float32) * w)
+    def go(q, k, v, b):
+        out, vjp = jax.vjp(fn, q, k, v, b)
+        return out, vjp(w)
 
-    def ref(q, k, v, b):
-        out = jax.nn.dot_product_attention(q, k, v, b, mask, **kw)
-        return jnp.sum(out.astype(jnp.float32) * w)
-
-    return ours, ref
+    return jax.jit(go)(q, k, v, bias)
 
 
 def _check_case(case):
     q, k, v, bias, mask, kw, blocks, seen = _inputs(case)
-    out = jax.jit(lambda *a: fa.dot_product_attention(*a, mask, block_q=blocks[0], block_kv=blocks[1], **kw))(
-        q, k, v, bias)
-    ref = jax.nn.dot_product_attention(q, k, v, bias, mask, **kw)
+    out, g_ours = _out_and_grads(
+        lambda *a: fa.dot_product_attention(*a, mask, block_q=blocks[0], block_kv=blocks[1], **kw), q, k, v, bias, seen)
+    ref, g_ref = _out_and_grads(lambda *a: jax.nn.dot_product_attention(*a, mask, **kw), q, k, v, bias, seen)
     np.testing.assert_allclose(out, np.where(seen, ref, 0.0), **F32_TOL)
-    ours, theirs = _loss_pair(q, k, v, bias, mask, kw, blocks, seen)
-    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-    g_ours = jax.jit(jax.grad(ours, argnums))(q, k, v, bias)
-    g_ref = jax.grad(theirs, argnums)(q, k, v, bias)
     for name, a, b in zip("qkvb", g_ours, g_ref):
+        if b is None:
+            assert a is None
+            continue
         assert a.shape == b.shape, name
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=f"gradient of {name}")
 
@@ -124,20 +121,18 @@ def test_matches_jax_nn_more_cases(name):
     _check_case(SLOW_CASES[name])
 
 
-@pytest.mark.parametrize("name", ["causal_odd_T_lt_S", "bias_full_mask"])
+@pytest.mark.parametrize("name", ["bias_full_mask", pytest.param("causal_odd_T_lt_S", marks=pytest.mark.slow)])
 def test_bfloat16_within_stated_tolerance(name):
     # bfloat16 inputs, float32 statistics: compared with jax.nn in float32 on the same (rounded) inputs.
     # Stated tolerance: outputs within 2e-2, gradients within 3% of the largest gradient entry.
     q, k, v, bias, mask, kw, blocks, seen = _inputs(CASES[name], jnp.bfloat16)
-    out = fa.dot_product_attention(q, k, v, bias, mask, block_q=blocks[0], block_kv=blocks[1], **kw)
+    out, g_ours = _out_and_grads(
+        lambda *a: fa.dot_product_attention(*a, mask, block_q=blocks[0], block_kv=blocks[1], **kw), q, k, v, bias, seen)
     assert out.dtype == jnp.bfloat16
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref = jax.nn.dot_product_attention(*f32, bias, mask, **kw)
+    ref, g_ref = _out_and_grads(lambda *a: jax.nn.dot_product_attention(*a, mask, **kw), *f32, bias, seen)
     np.testing.assert_allclose(out.astype(jnp.float32), np.where(seen, ref, 0.0), rtol=2e-2, atol=2e-2)
-    ours, theirs = _loss_pair(q, k, v, bias, mask, kw, blocks, seen)
-    g_ours = jax.grad(ours, (0, 1, 2))(q, k, v, bias)
-    g_ref = jax.grad(theirs, (0, 1, 2))(*f32, bias)
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours[:3], g_ref[:3]):
         assert a.dtype == jnp.bfloat16
         scale = float(jnp.abs(b).max())
         np.testing.assert_allclose(a.astype(jnp.float32), b, atol=3e-2 * scale, rtol=0)
@@ -177,9 +172,9 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
                                         block_q=8, block_kv=8).sum()
 
     bias = _normal(4, (B, N, T, S))
-    out = fa.dot_product_attention(q, k, v, bias, jnp.asarray(mask), key_value_seq_lengths=kvlen, block_q=8,
-                                   block_kv=8)
-    grads = jax.grad(loss, (0, 1, 2, 3))(q, k, v, bias)
+    out = jax.jit(lambda *a: fa.dot_product_attention(*a, jnp.asarray(mask), key_value_seq_lengths=kvlen,
+                                                      block_q=8, block_kv=8))(q, k, v, bias)
+    grads = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, bias)
     assert bool(jnp.all(jnp.isfinite(out))) and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
     assert float(jnp.abs(out[0, 5]).max()) == 0.0 and float(jnp.abs(out[1]).max()) == 0.0
     assert float(jnp.abs(grads[0][1]).max()) == 0.0 and float(jnp.abs(grads[3][1]).max()) == 0.0

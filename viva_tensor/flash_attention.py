@@ -386,6 +386,8 @@ def _flash_bwd(st, res, dout):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+# One compiled program per static configuration, also when called eagerly (inlined under an outer jit).
+_flash_jit = jax.jit(_flash, static_argnums=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +560,7 @@ def dot_product_attention(
         seq_q=T,
         seq_kv=S,
     )
-    return _flash(st, q4, k4, v4, bias, mask, qlen, kvlen).reshape(out_shape)
+    return _flash_jit(st, q4, k4, v4, bias, mask, qlen, kvlen).reshape(out_shape)
 
 
 # --------------------------------------------------------------------------------------------------
