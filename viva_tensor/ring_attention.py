@@ -343,7 +343,9 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
     """
     _check(query, key, value)
     if mesh is None:
-        mesh = jax.sharding.get_abstract_mesh()
+        mesh = jax.sharding.get_mesh()
+        if mesh.empty:
+            mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             raise ShardingError(argument="mesh", expected="a mesh (the mesh= argument or jax.set_mesh)", got="none")
     if axis not in mesh.axis_names:
@@ -357,6 +359,5 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
     f = functools.partial(ring_attention_local, axis_name=axis, is_causal=is_causal, scale=scale,
                           block_q=block_q, block_kv=block_kv)
     sm = jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
-    if isinstance(mesh, jax.sharding.AbstractMesh):
-        return sm(query, key, value)
-    return jax.jit(sm)(*(_place(x, spec, mesh, True) for x in (query, key, value)))
+    concrete = not isinstance(mesh, jax.sharding.AbstractMesh)
+    return jax.jit(sm)(*(_place(x, spec, mesh, concrete) for x in (query, key, value)))
