@@ -51,40 +51,22 @@ def _auto_block(n: int, target: int) -> int:
     return 1
 
 
-def _varying(x, axis_name):
-    try:
-        return jax.lax.pcast(x, axis_name, to="varying")
-    except (ValueError, TypeError, NameError):  # outside a checked shard_map: nothing to do
-        return x
+def _idx(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False)
 
 
-def _blocked_q(x, b):  # (B, T, K, G, H) -> (T/b, B, K, G, b, H)
-    B, T, K, G, H = x.shape
-    return jnp.transpose(x.reshape(B, T // b, b, K, G, H), (1, 0, 3, 4, 2, 5))
-
-
-def _unblocked_q(x):  # inverse of _blocked_q
-    n, B, K, G, b, H = x.shape
-    return jnp.transpose(x, (1, 0, 4, 2, 3, 5)).reshape(B, n * b, K, G, H)
-
-
-def _blocked_kv(x, b):  # (B, S, K, H) -> (S/b, B, K, b, H)
-    B, S, K, H = x.shape
-    return jnp.transpose(x.reshape(B, S // b, b, K, H), (1, 0, 3, 2, 4))
-
-
-def _unblocked_kv(x):
-    n, B, K, b, H = x.shape
-    return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(B, n * b, K, H)
+def _put(x, val, i):
+    return jax.lax.dynamic_update_index_in_dim(x, val, i, 1)
 
 
 def _logits(qb, kb, scale, qpos0, kpos0, causal):
-    """Scores of a query sub-block ``(B,K,G,bq,H)`` against a key sub-block ``(B,K,bk,H)``."""
-    s = jnp.einsum("bkgqh,bkth->bkgqt", qb, kb, preferred_element_type=_F32) * scale
+    """Scores ``(B, bq, K, G, bk)`` of a query sub-block ``(B,bq,K,G,H)`` against keys ``(B,bk,K,H)``."""
+    s = jnp.einsum("bqkgh,btkh->bqkgt", qb, kb, preferred_element_type=_F32) * scale
     if causal:
-        qpos = qpos0 + jnp.arange(qb.shape[-2])
-        kpos = kpos0 + jnp.arange(kb.shape[-2])
-        s = jnp.where(kpos[None, :] <= qpos[:, None], s, _NEG)
+        qpos = qpos0 + jnp.arange(qb.shape[1])
+        kpos = kpos0 + jnp.arange(kb.shape[1])
+        visible = (kpos[None, :] <= qpos[:, None])[None, :, None, None, :]
+        s = jnp.where(visible, s, _NEG)
     return s
 
 
@@ -93,107 +75,109 @@ def _hidden(causal, qpos0, bq, kpos0):
     return jnp.logical_and(causal, kpos0 > qpos0 + bq - 1)
 
 
-def _fwd_chunk(st, qs, ks, vs, o, m, l, qoff, koff):
-    """Merge one key/value chunk into the running (o, m, l) of every query sub-block."""
+def _fwd_chunk(st, q5, k4, v4, o, m, l, qoff, koff):
+    """Merge one key/value chunk into the running (o, m, l); loops update the carries in place.
+
+    Layouts (free reshapes of the inputs): q5 and o ``(B, nq, bq, K, G, H)``, m and l
+    ``(B, nq, bq, K, G)``, k4 and v4 ``(B, nk, bk, K, H)``.
+    """
     scale, causal, bq, bk = st
+    nq, nk = q5.shape[1], k4.shape[1]
 
-    def per_q(args):
-        qb, ob, mb, lb, i = args
+    def q_body(i, carry):
+        o, m, l = carry
+        qb = _idx(q5, i)
 
-        def per_kv(carry, xs):
-            kb, vb, j = xs
-
-            def compute(carry):
-                ob, mb, lb = carry
-                s = _logits(qb, kb, scale, qoff + i * bq, koff + j * bk, causal)
+        def kv_body(j, c):
+            def compute(c):
+                ob, mb, lb = c
+                s = _logits(qb, _idx(k4, j), scale, qoff + i * bq, koff + j * bk, causal)
                 m_new = jnp.maximum(mb, s.max(-1))
                 m_safe = jnp.where(m_new == _NEG, 0.0, m_new)
                 p = jnp.exp(s - m_safe[..., None])
                 corr = jnp.exp(mb - m_safe)
                 lb = lb * corr + p.sum(-1)
-                ob = ob * corr[..., None] + jnp.einsum("bkgqt,bkth->bkgqh", p, vb.astype(_F32),
+                ob = ob * corr[..., None] + jnp.einsum("bqkgt,btkh->bqkgh", p, _idx(v4, j).astype(_F32),
                                                        preferred_element_type=_F32)
                 return ob, m_new, lb
 
-            hide = _hidden(causal, qoff + i * bq, bq, koff + j * bk)
-            return jax.lax.cond(hide, lambda c: c, compute, carry), None
+            return jax.lax.cond(_hidden(causal, qoff + i * bq, bq, koff + j * bk), lambda c: c, compute, c)
 
-        (ob, mb, lb), _ = jax.lax.scan(per_kv, (ob, mb, lb), (ks, vs, jnp.arange(ks.shape[0])))
-        return ob, mb, lb
+        ob, mb, lb = jax.lax.fori_loop(0, nk, kv_body, (_idx(o, i), _idx(m, i), _idx(l, i)))
+        return _put(o, ob, i), _put(m, mb, i), _put(l, lb, i)
 
-    return jax.lax.map(per_q, (qs, o, m, l, jnp.arange(qs.shape[0])))
+    return jax.lax.fori_loop(0, nq, q_body, (o, m, l))
 
 
-def _bwd_chunk(st, qs, dos, lses, ds_, dqs, ks, vs, qoff, koff):
-    """Gradient contributions of one key/value chunk: updated dQ, and this chunk's dK, dV."""
+def _bwd_chunk(st, q5, do5, lse5, dd5, dq, k4, v4, dk, dv, qoff, koff):
+    """Add one key/value chunk's gradient terms to dQ (all queries) and to the chunk's dK, dV."""
     scale, causal, bq, bk = st
+    nq, nk = q5.shape[1], k4.shape[1]
 
-    def per_kv(dqs, xs):
-        kb, vb, j = xs
+    def kv_body(j, carry):
+        dq, dk, dv = carry
+        kb, vb = _idx(k4, j), _idx(v4, j)
         kb32, vb32 = kb.astype(_F32), vb.astype(_F32)
 
-        def per_q(carry, xs):
-            dk, dv = carry
-            qb, dob, lse, dd, dq, i = xs
-
-            def compute(args):
-                dk, dv, dq = args
+        def q_body(i, c):
+            def compute(c):
+                dq, dkb, dvb = c
+                qb = _idx(q5, i)
                 s = _logits(qb, kb, scale, qoff + i * bq, koff + j * bk, causal)
-                p = jnp.exp(s - lse[..., None])
-                do32 = dob.astype(_F32)
-                dv = dv + jnp.einsum("bkgqt,bkgqh->bkth", p, do32, preferred_element_type=_F32)
-                dp = jnp.einsum("bkgqh,bkth->bkgqt", do32, vb32, preferred_element_type=_F32)
-                dsc = p * (dp - dd[..., None])
-                dq = dq + jnp.einsum("bkgqt,bkth->bkgqh", dsc, kb32, preferred_element_type=_F32) * scale
-                dk = dk + jnp.einsum("bkgqt,bkgqh->bkth", dsc, qb.astype(_F32), preferred_element_type=_F32) * scale
-                return dk, dv, dq
+                p = jnp.exp(s - _idx(lse5, i)[..., None])
+                do32 = _idx(do5, i).astype(_F32)
+                dvb = dvb + jnp.einsum("bqkgt,bqkgh->btkh", p, do32, preferred_element_type=_F32)
+                dp = jnp.einsum("bqkgh,btkh->bqkgt", do32, vb32, preferred_element_type=_F32)
+                dsc = p * (dp - _idx(dd5, i)[..., None])
+                dqb = _idx(dq, i) + jnp.einsum("bqkgt,btkh->bqkgh", dsc, kb32, preferred_element_type=_F32) * scale
+                dkb = dkb + jnp.einsum("bqkgt,bqkgh->btkh", dsc, qb.astype(_F32), preferred_element_type=_F32) * scale
+                return _put(dq, dqb, i), dkb, dvb
 
-            hide = _hidden(causal, qoff + i * bq, bq, koff + j * bk)
-            dk, dv, dq = jax.lax.cond(hide, lambda a: a, compute, (dk, dv, dq))
-            return (dk, dv), dq
+            return jax.lax.cond(_hidden(causal, qoff + i * bq, bq, koff + j * bk), lambda c: c, compute, c)
 
-        zeros = jnp.zeros(kb.shape, _F32) + 0.0 * kb32
-        (dk, dv), dqs = jax.lax.scan(per_q, (zeros, zeros), (qs, dos, lses, ds_, dqs, jnp.arange(qs.shape[0])))
-        return dqs, (dk, dv)
+        dq, dkb, dvb = jax.lax.fori_loop(0, nq, q_body, (dq, _idx(dk, j), _idx(dv, j)))
+        return dq, _put(dk, dkb, j), _put(dv, dvb, j)
 
-    dqs, (dks, dvs) = jax.lax.scan(per_kv, dqs, (ks, vs, jnp.arange(ks.shape[0])))
-    return dqs, dks, dvs
+    return jax.lax.fori_loop(0, nk, kv_body, (dq, dk, dv))
 
 
 def _ring_perm(n):
     return [(j, (j + 1) % n) for j in range(n)]
 
 
-def _forward(q, k, v, axis_name, causal, scale, bq, bk):
+def _shapes(q, k, bq, bk):
     B, T, N, H = q.shape
     K = k.shape[2]
-    G = N // K
+    return B, T, N, H, K, N // K, T // bq, T // bk
+
+
+def _forward(q, k, v, axis_name, causal, scale, bq, bk):
+    B, T, N, H, K, G, nq, nk = _shapes(q, k, bq, bk)
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
     st = (scale, causal, bq, bk)
-    qs = _blocked_q(q.reshape(B, T, K, G, H), bq)
-    o = jnp.zeros(qs.shape, _F32) + 0.0 * qs.astype(_F32)
-    m = jnp.full(qs.shape[:-1], _NEG, _F32) + 0.0 * qs[..., 0].astype(_F32)
-    l = jnp.zeros(qs.shape[:-1], _F32) + 0.0 * qs[..., 0].astype(_F32)
+    q5 = q.reshape(B, nq, bq, K, G, H)
+    zero = 0.0 * q5[..., 0].astype(_F32)  # zeros that vary along the mesh axis like q
+    o = jnp.zeros(q5.shape, _F32) + zero[..., None]
+    m = jnp.full(zero.shape, _NEG, _F32) + zero
+    l = zero
     perm = _ring_perm(n)
 
-    def step(carry, s):
+    def step(s, carry):
         o, m, l, k, v = carry
         src = (idx - s) % n
-        ks, vs = _blocked_kv(k, bk), _blocked_kv(v, bk)
 
         def compute(c):
-            return _fwd_chunk(st, qs, ks, vs, *c, idx * T, src * T)
+            return _fwd_chunk(st, q5, k.reshape(B, nk, bk, K, H), v.reshape(B, nk, bk, K, H), *c, idx * T, src * T)
 
         o, m, l = jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (o, m, l))
         k, v = jax.lax.ppermute((k, v), axis_name, perm)
-        return (o, m, l, k, v), None
+        return o, m, l, k, v
 
-    (o, m, l, _, _), _ = jax.lax.scan(step, (o, m, l, k, v), jnp.arange(n))
+    o, m, l, _, _ = jax.lax.fori_loop(0, n, step, (o, m, l, k, v))
     l_safe = jnp.where(l == 0, 1.0, l)
-    out = o / l_safe[..., None]
+    out = (o / l_safe[..., None]).reshape(B, T, N, H).astype(q.dtype)
     lse = jnp.where(l == 0, _NEG, m + jnp.log(l_safe))
-    out = _unblocked_q(out).reshape(B, T, N, H).astype(q.dtype)
     return out, lse
 
 
@@ -209,40 +193,37 @@ def _ring_fwd(q, k, v, axis_name, causal, scale, bq, bk):
 
 def _ring_bwd(axis_name, causal, scale, bq, bk, res, dout):
     q, k, v, out, lse = res
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    G = N // K
+    B, T, N, H, K, G, nq, nk = _shapes(q, k, bq, bk)
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
     st = (scale, causal, bq, bk)
-    qs = _blocked_q(q.reshape(B, T, K, G, H), bq)
-    dos = _blocked_q(dout.reshape(B, T, K, G, H), bq)
-    os_ = _blocked_q(out.reshape(B, T, K, G, H), bq)
-    dd = jnp.sum(dos.astype(_F32) * os_.astype(_F32), axis=-1)  # D = rowsum(dO * O)
-    lse_safe = jnp.where(lse == _NEG, 0.0, lse)
-    dqs = jnp.zeros(qs.shape, _F32) + 0.0 * qs.astype(_F32)
+    q5 = q.reshape(B, nq, bq, K, G, H)
+    do5 = dout.reshape(B, nq, bq, K, G, H)
+    dd5 = jnp.sum(do5.astype(_F32) * out.reshape(q5.shape).astype(_F32), axis=-1)  # D = rowsum(dO * O)
+    lse5 = jnp.where(lse == _NEG, 0.0, lse)
+    dq = jnp.zeros(q5.shape, _F32) + 0.0 * q5.astype(_F32)
     dk = jnp.zeros(k.shape, _F32) + 0.0 * k.astype(_F32)
     dv = jnp.zeros(v.shape, _F32) + 0.0 * v.astype(_F32)
     perm = _ring_perm(n)
 
-    def step(carry, s):
-        dqs, k, v, dk, dv = carry
+    def step(s, carry):
+        dq, k, v, dk, dv = carry
         src = (idx - s) % n
-        ks, vs = _blocked_kv(k, bk), _blocked_kv(v, bk)
 
         def compute(c):
-            dqs, dk, dv = c
-            dqs, dks, dvs = _bwd_chunk(st, qs, dos, lse_safe, dd, dqs, ks, vs, idx * T, src * T)
-            return dqs, dk + _unblocked_kv(dks), dv + _unblocked_kv(dvs)
+            dq, dk, dv = c
+            dq, dk4, dv4 = _bwd_chunk(st, q5, do5, lse5, dd5, dq, k.reshape(B, nk, bk, K, H),
+                                      v.reshape(B, nk, bk, K, H), dk.reshape(B, nk, bk, K, H),
+                                      dv.reshape(B, nk, bk, K, H), idx * T, src * T)
+            return dq, dk4.reshape(k.shape), dv4.reshape(v.shape)
 
-        dqs, dk, dv = jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (dqs, dk, dv))
+        dq, dk, dv = jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (dq, dk, dv))
         # the chunk and its gradient accumulators move on together: after n hops they are home
         k, v, dk, dv = jax.lax.ppermute((k, v, dk, dv), axis_name, perm)
-        return (dqs, k, v, dk, dv), None
+        return dq, k, v, dk, dv
 
-    (dqs, _, _, dk, dv), _ = jax.lax.scan(step, (dqs, k, v, dk, dv), jnp.arange(n))
-    dq = _unblocked_q(dqs).reshape(B, T, N, H)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dq, _, _, dk, dv = jax.lax.fori_loop(0, n, step, (dq, k, v, dk, dv))
+    return dq.reshape(B, T, N, H).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
