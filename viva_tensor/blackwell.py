@@ -1,0 +1,333 @@
+"""Micro-block floating formats of Blackwell-class hardware: NVIDIA NVFP4 and OCP MX FP4.
+
+Both store 4-bit E2M1 elements (1 sign, 2 exponent, 1 mantissa bit: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4,
+6) in blocks along the LAST axis, packed two per byte with the FIRST value in the LOW nibble (the
+OCP / torch / ModelOpt convention). They differ in the scales:
+
+* **NVFP4** (NVIDIA): a block of 16 values shares an FP8 E4M3 scale, and the tensor one float32 scale.
+  As in NVIDIA's TensorRT Model Optimizer (``NVFP4QTensor``): ``tensor_scale = amax / (6 * 448)``,
+  ``block_scale = e4m3(block_amax / (6 * tensor_scale))`` (a zero block scale becomes 1; values above
+  448 saturate to 448 before the cast), ``code = e2m1(x / (block_scale * tensor_scale))`` rounding to
+  nearest even and saturating at 6. 4.5 bits per value, plus 4 bytes per tensor.
+* **MXFP4** (OCP Microscaling spec v1.0, section 6.3): a block of 32 values shares an E8M0 scale
+  ``X = 2**(floor(log2(block_amax)) - 2)`` (2 is E2M1's largest exponent), clamped to E8M0's range
+  [2**-127, 2**127]; elements are ``e2m1(x / X)``, nearest even, saturating at 6. 4.25 bits per value.
+  The exponent is taken from the float32 bits (JAX's ``float8_e8m0fnu`` cast rounds to the nearest
+  power of two and maps 0 to NaN, so it is not used).
+
+Decisions, documented and tested:
+
+* Blocks are cut along the last axis; a last axis that is not a multiple of the block is padded with
+  zeros inside (the codes and scales keep the padded blocks), and the shape is restored. A 0-d
+  array is treated as shape ``(1,)``. Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`.
+* An all-zero block has codes 0 and dequantizes to exact zeros (NVFP4 block scale 1.0, or the tensor
+  scale 0 for an all-zero tensor; MXFP4 scale byte 0, 2**-127). ModelOpt would compute 0/0 = NaN
+  for an all-zero tensor; here it is 0.
+* A NaN or infinity makes its own block's scale NaN (E4M3 0x7F, E8M0 0xFF), so that block
+  dequantizes to NaN; NVFP4's tensor scale is computed from the finite values only, so no other
+  block changes. ``validate=True`` raises :class:`~viva_tensor.errors.NonFiniteError` instead.
+* NVFP4 takes the sign bit as ModelOpt does (``x < 0``): ``-0.0`` is stored as code 0, a small
+  negative value that rounds to zero as code 8. MXFP4 keeps IEEE semantics (``-0.0`` is code 8).
+* A block whose E4M3 scale underflows to 0 (block amax below ~2**-9 / 448 of the tensor amax) stores
+  codes 0 (ModelOpt would divide by zero); it dequantizes to zeros either way.
+* XLA on CPU flushes float32 subnormals to zero; inputs below 2**-126 in magnitude count as zeros.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from viva_tensor import blackwell
+    >>> q = blackwell.quantize_mxfp4(jnp.array([1.0, -0.5, 3.0, 6.0]))
+    >>> [hex(b) for b in q.codes.tolist()[:2]], q.scales.tolist()
+    (['0x92', '0x75'], [127])
+    >>> blackwell.dequantize(q).tolist()
+    [1.0, -0.5, 3.0, 6.0]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from viva_tensor._record import QuantizedArray, register_format
+from viva_tensor.errors import ConfigError, DTypeError, FormatError, InvalidShape, NonFiniteError
+
+__all__ = [
+    "E2M1_VALUES",
+    "NVFP4_BLOCK",
+    "MXFP4_BLOCK",
+    "NVFP4Tensor",
+    "MXFP4Tensor",
+    "quantize_nvfp4",
+    "quantize_mxfp4",
+    "dequantize",
+]
+
+#: Values of the 16 E2M1 codes (bit 3 sign, bits 2-1 exponent with bias 1, bit 0 mantissa).
+E2M1_VALUES = np.array(
+    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32
+)
+NVFP4_BLOCK = 16
+MXFP4_BLOCK = 32
+_E2M1_MAX = 6.0
+_E4M3_MAX = 448.0
+_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _core_ndim(record: Any) -> int:
+    return max(1, len(record.shape))
+
+
+@struct.dataclass
+class NVFP4Tensor(QuantizedArray):
+    """NVFP4: E2M1 codes, an E4M3 scale per 16 values of the last axis, a float32 tensor scale."""
+
+    codes: jax.Array  # uint8 (*lead, padded_last / 2), first value in the low nibble
+    scales: jax.Array  # float8_e4m3fn (*lead, blocks)
+    tensor_scale: jax.Array  # float32 ()
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False)
+    block_size: int = struct.field(pytree_node=False, default=NVFP4_BLOCK)
+
+    format = "nvfp4"
+    _core_ndim = staticmethod(_core_ndim)
+
+
+@struct.dataclass
+class MXFP4Tensor(QuantizedArray):
+    """OCP MXFP4: E2M1 codes and an E8M0 scale byte (biased exponent) per 32 values of the last axis."""
+
+    codes: jax.Array  # uint8 (*lead, padded_last / 2), first value in the low nibble
+    scales: jax.Array  # uint8 (*lead, blocks): E8M0, 2**(byte - 127), 0xFF = NaN
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False)
+    block_size: int = struct.field(pytree_node=False, default=MXFP4_BLOCK)
+
+    format = "mxfp4"
+    _core_ndim = staticmethod(_core_ndim)
+
+
+def _check(x: Any) -> jax.Array:
+    """Checks that ``x`` is a non-empty float array."""
+    x = jnp.asarray(x)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise DTypeError(
+            argument="x", expected="float32, bfloat16 or float16", got=str(x.dtype),
+            hint="cast with x.astype(jnp.float32) first.",
+        )
+    if x.size == 0:
+        raise InvalidShape(
+            argument="x", expected="at least one value", got=f"an empty array of shape {tuple(x.shape)}",
+            hint="an empty tensor has nothing to quantize; skip it.",
+        )
+    return x
+
+
+def _blocked(x: jax.Array, block: int) -> jax.Array:
+    """``x`` as float32 blocks (*lead, nb, block) along its last axis, zero-padded."""
+    v = x.reshape(x.shape if x.ndim else (1,)).astype(jnp.float32)
+    last = v.shape[-1]
+    nb = -(-last // block)
+    v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, nb * block - last)])
+    return v.reshape(*v.shape[:-1], nb, block)
+
+
+def _validate_finite(x: jax.Array) -> None:
+    if isinstance(x, jax.core.Tracer):
+        raise ConfigError(
+            argument="validate",
+            expected="a concrete array (validate=True cannot look at values under jit/vmap)",
+            got="a traced array",
+            hint="validate outside the transformation, or use jax.experimental.checkify.",
+        )
+    values = np.asarray(x, dtype=np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise NonFiniteError(
+            argument="x", expected="finite values", got=f"{float(values[index])} at index {index}",
+            hint="a non-finite value only spoils its own block; pass validate=False to keep it.",
+        )
+
+
+def _pack_e2m1(scaled: jax.Array) -> jax.Array:
+    """E2M1 (round to nearest even, saturating) of (..., nb, block) values, packed first-low per byte."""
+    fp4 = scaled.astype(jnp.float4_e2m1fn)
+    pairs = fp4.reshape(*fp4.shape[:-2], -1, 2)
+    return jax.lax.bitcast_convert_type(pairs, jnp.uint8)
+
+
+def _unpack_e2m1(codes: jax.Array) -> jax.Array:
+    both = jnp.stack([codes & 0xF, codes >> 4], axis=-1)
+    return jnp.asarray(E2M1_VALUES)[both.reshape(*codes.shape[:-1], -1)]
+
+
+def quantize_nvfp4(x: Any, *, validate: bool = False) -> NVFP4Tensor:
+    """Quantizes ``x`` to NVIDIA NVFP4 (E2M1, E4M3 scale per 16 values, float32 tensor scale).
+
+    Args:
+        x: A float32, bfloat16 or float16 array of any non-empty shape; blocks run along its last axis.
+        validate: Check (eagerly) that every value is finite.
+
+    Returns:
+        An :class:`NVFP4Tensor`: ``codes`` (uint8, two per byte, first value low), ``scales``
+        (float8_e4m3fn per block) and ``tensor_scale`` (float32).
+
+    Raises:
+        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        InvalidShape: ``x`` is empty.
+        ConfigError: ``validate=True`` under jit or vmap.
+        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize_nvfp4(jnp.arange(32.0).reshape(2, 16))
+        >>> q.codes.shape, q.scales.dtype.name, q.scales.astype(jnp.float32).tolist()
+        ((2, 8), 'float8_e4m3fn', [[224.0], [448.0]])
+        >>> [round(v, 2) for v in dequantize(q)[1, :4].tolist()]
+        [15.5, 15.5, 15.5, 20.67]
+    """
+    x = _check(x)
+    if validate:
+        _validate_finite(x)
+    codes, scales, tensor_scale = _nvfp4_core(x)
+    return NVFP4Tensor(codes=codes, scales=scales, tensor_scale=tensor_scale, shape=tuple(x.shape), dtype=x.dtype)
+
+
+@jax.jit
+def _nvfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    blocks = _blocked(x, NVFP4_BLOCK)
+    finite = jnp.isfinite(blocks)
+    mag = jnp.where(finite, jnp.abs(blocks), 0)
+    tensor_scale = jnp.max(mag) / jnp.float32(6.0 * 448.0)
+    block_amax = jnp.max(mag, axis=-1)
+    six_g = jnp.float32(6.0) * tensor_scale
+    s = jnp.where(six_g > 0, block_amax / jnp.where(six_g > 0, six_g, 1), 0)
+    s = jnp.minimum(jnp.where(s == 0, jnp.float32(1), s), jnp.float32(_E4M3_MAX))
+    s = jnp.where(jnp.all(finite, axis=-1), s, jnp.float32(jnp.nan))
+    scales = s.astype(jnp.float8_e4m3fn)
+    denom = (scales.astype(jnp.float32) * tensor_scale)[..., None]
+    scaled = jnp.where(denom > 0, blocks / jnp.where(denom > 0, denom, 1), 0)
+    scaled = jnp.where(scaled == 0, jnp.float32(0), scaled)  # -0.0 -> +0.0: the sign is x < 0
+    return _pack_e2m1(scaled), scales, tensor_scale
+
+
+def _pow2(exponent: jax.Array) -> jax.Array:
+    """2**exponent as float32 for an int32 exponent in [-126, 127] (exact, from the bits)."""
+    return jax.lax.bitcast_convert_type((exponent + 127).astype(jnp.uint32) << 23, jnp.float32)
+
+
+def quantize_mxfp4(x: Any, *, validate: bool = False) -> MXFP4Tensor:
+    """Quantizes ``x`` to OCP MXFP4 (E2M1 elements, an E8M0 scale per 32 values of the last axis).
+
+    Args:
+        x: A float32, bfloat16 or float16 array of any non-empty shape; blocks run along its last axis.
+        validate: Check (eagerly) that every value is finite.
+
+    Returns:
+        An :class:`MXFP4Tensor`: ``codes`` (uint8, two per byte, first value low) and ``scales``
+        (uint8 E8M0 bytes: the scale is ``2**(byte - 127)``, 0xFF is NaN).
+
+    Raises:
+        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        InvalidShape: ``x`` is empty.
+        ConfigError: ``validate=True`` under jit or vmap.
+        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize_mxfp4(jnp.array([0.1, 7.0, -2.5]))
+        >>> q.scales.tolist(), dequantize(q).tolist()
+        ([127], [0.0, 6.0, -2.0])
+    """
+    x = _check(x)
+    if validate:
+        _validate_finite(x)
+    codes, scales = _mxfp4_core(x)
+    return MXFP4Tensor(codes=codes, scales=scales, shape=tuple(x.shape), dtype=x.dtype)
+
+
+@jax.jit
+def _mxfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    blocks = _blocked(x, MXFP4_BLOCK)
+    finite = jnp.isfinite(blocks)
+    amax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0), axis=-1)
+    biased_exp = (jax.lax.bitcast_convert_type(amax, jnp.uint32) >> 23).astype(jnp.int32)
+    biased = jnp.maximum(biased_exp - 2, 0)  # floor(log2 amax) - 2, clamped at 2**-127
+    ok = jnp.all(finite, axis=-1)
+    scaled = blocks * _pow2(127 - biased)[..., None]  # x / 2**(biased - 127), exact
+    scales = jnp.where(ok, biased, 255).astype(jnp.uint8)
+    return _pack_e2m1(scaled), scales
+
+
+def _finish(values: jax.Array, q: Any) -> jax.Array:
+    """(*batch, *lead, nb, block) float32 -> (*batch, *q.shape) in q.dtype, padding dropped."""
+    flat = values.reshape(*values.shape[:-2], -1)
+    last = q.shape[-1] if q.shape else 1
+    return flat[..., :last].reshape(*values.shape[: values.ndim - 1 - _core_ndim(q)], *q.shape).astype(q.dtype)
+
+
+def dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
+    """Dequantizes an NVFP4 or MXFP4 record to its original shape and dtype (float32 arithmetic).
+
+    NVFP4: ``e2m1[code] * (float(block_scale) * tensor_scale)``; MXFP4: ``e2m1[code] * 2**(byte - 127)``
+    (NaN for the scale byte 0xFF). Records made under ``vmap`` work too.
+
+    Args:
+        q: An :class:`NVFP4Tensor` or :class:`MXFP4Tensor`.
+
+    Returns:
+        An array of ``q.shape`` (after any batch dims) and ``q.dtype``.
+
+    Raises:
+        FormatError: ``q`` is not an NVFP4 or MXFP4 record.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> dequantize(quantize_nvfp4(jnp.array([[1.0, -2.0, 0.0]]))).tolist()
+        [[1.0, -2.0, 0.0]]
+    """
+    if not isinstance(q, (NVFP4Tensor, MXFP4Tensor)):
+        raise FormatError(
+            argument="q", expected="an NVFP4Tensor or MXFP4Tensor", got=type(q).__name__,
+            hint="use viva_tensor.quant.dequantize for any format.",
+        )
+    return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
+    if isinstance(q, NVFP4Tensor):
+        values = _unpack_e2m1(q.codes)
+        scale = q.scales.astype(jnp.float32) * q.tensor_scale.reshape(
+            q.tensor_scale.shape + (1,) * (q.scales.ndim - q.tensor_scale.ndim)
+        )
+    else:
+        values = _unpack_e2m1(q.codes)
+        e = q.scales.astype(jnp.int32) - 127
+        half = e // 2  # two normal factors: XLA on CPU flushes the subnormal 2**-127 to zero
+        scale = _pow2(half) * _pow2(e - half)
+        scale = jnp.where(q.scales == 255, jnp.float32(jnp.nan), scale)
+    values = values.reshape(*q.scales.shape, q.block_size) * scale[..., None]
+    return _finish(values, q)
+
+
+register_format(
+    "nvfp4",
+    record=NVFP4Tensor,
+    quantize=quantize_nvfp4,
+    dequantize=dequantize,
+    block_size=NVFP4_BLOCK,
+    description="NVIDIA NVFP4: E2M1, an E4M3 scale per 16 values of the last axis, a float32 tensor scale",
+)
+register_format(
+    "mxfp4",
+    record=MXFP4Tensor,
+    quantize=quantize_mxfp4,
+    dequantize=dequantize,
+    block_size=MXFP4_BLOCK,
+    description="OCP MX FP4: E2M1 with an E8M0 power-of-two scale per 32 values of the last axis",
+)

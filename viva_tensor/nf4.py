@@ -1,0 +1,551 @@
+"""NormalFloat4 (QLoRA) with the byte layout of bitsandbytes, and its double quantization.
+
+NF4 stores each value as one of 16 levels, the quantiles of a standard normal distribution scaled to
+[-1, 1] with an exact 0 (QLoRA, Dettmers et al. 2023). The tensor is flattened and cut into blocks of
+``block_size`` values; each block keeps its float32 absmax, and each value the index of the level
+nearest to ``value * (1 / absmax)``. Two codes share a byte, the first value in the HIGH nibble, so
+``codes`` holds ``ceil(n / 2)`` bytes exactly like ``bitsandbytes.functional.quantize_4bit``.
+
+Choices made like bitsandbytes (``kQuantizeBlockwise`` / ``dQuantizeNF4``):
+
+* the value is multiplied by the float32 reciprocal of the absmax, not divided by the absmax;
+* the level is picked with the decision thresholds of ``dQuantizeNF4`` (midpoints between adjacent
+  levels): a value exactly on a threshold takes the LOWER code;
+* double quantization subtracts the mean of the absmax values (kept as ``offset``) and quantizes them
+  with the signed 8-bit dynamic map (``create_dynamic_map(signed=True)``) in nested blocks of
+  ``nested_block_size``, each with its float32 absmax, using the binary search of bitsandbytes'
+  ``dQuantize``; dequantization is ``dynamic_map[code] * nested_absmax + offset``.
+
+Where this port decides differently, on purpose:
+
+* An all-zero block: bitsandbytes computes ``0 * (1 / 0) = NaN`` and stores code 0 (the level -1),
+  which dequantizes to ``-0.0`` and, after double quantization, to ``-absmax'`` (a non-zero value).
+  Here the reciprocal of a zero absmax is 0, so such a block stores code 7 (the level 0.0) and always
+  dequantizes to exact ``+0.0``, also with double quantization. Only these blocks' bytes differ.
+* A NaN makes its block's absmax NaN (bitsandbytes' ``fmaxf`` skips NaN and silently turns it into
+  ``-absmax``); an infinity makes the absmax infinite. Either way that block dequantizes to
+  non-finite values, and no other block is touched. With double quantization the 8-bit absmax code
+  cannot hold NaN: the offset and the nested absmax are computed from the finite absmax values only,
+  and a nested block holding a non-finite absmax gets a NaN nested absmax, so its
+  ``nested_block_size`` NF4 blocks dequantize to NaN and all other nested blocks are exact as usual.
+  ``validate=True`` raises
+  :class:`~viva_tensor.errors.NonFiniteError` naming the first bad index instead.
+* Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`: there is nothing to scale.
+* The dynamic map is built from its definition with ``linspace`` evaluated point by point in float32
+  (``start + i * step`` from the nearer end, as torch's scalar path does); torch's SIMD path may land
+  a few entries one float32 ulp away, which changes a dequantized absmax by at most ~6e-8 relatively.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from viva_tensor import nf4
+    >>> q = nf4.quantize(jnp.array([1.0, -0.5, 0.25, 0.0]), block_size=64)
+    >>> [hex(b) for b in q.codes.tolist()], q.absmax.tolist()
+    (['0xf2', '0xa7'], [1.0])
+    >>> [round(v, 3) for v in nf4.dequantize(q).tolist()]
+    [1.0, -0.525, 0.246, 0.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from viva_tensor._record import QuantizedArray, register_format
+from viva_tensor.errors import ConfigError, DTypeError, FormatError, InvalidShape, NonFiniteError
+
+__all__ = [
+    "NF4_LEVELS",
+    "DYNAMIC_MAP",
+    "NF4Config",
+    "NF4Tensor",
+    "NF4DQTensor",
+    "NF4Stats",
+    "default_config",
+    "quantize",
+    "double_quantize",
+    "dequantize",
+    "compute_stats",
+    "create_dynamic_map",
+]
+
+#: The 16 NF4 levels, the float32 table of ``bitsandbytes.functional.get_4bit_type("nf4")``.
+NF4_LEVELS = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=np.float32,
+)  # fmt: skip
+
+# The 15 float32 decision thresholds of bitsandbytes' dQuantizeNF4: code = #thresholds strictly below x.
+_NF4_THRESHOLDS = np.array(
+    [
+        -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+        -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+        0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+        0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+    ],
+    dtype=np.float32,
+)  # fmt: skip
+
+_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def create_dynamic_map() -> np.ndarray:
+    """The signed 8-bit dynamic map of bitsandbytes (``create_dynamic_map(signed=True)``).
+
+    For each decade ``i`` in 0..6, ``2**i`` values: the means of adjacent points of ``2**i + 1`` points
+    spaced evenly over [0.1, 1], times ``10**(i - 6)``, with both signs; then 0 and 1.0; sorted. All in
+    float32, ``linspace`` evaluated point by point from the nearer end.
+
+    Returns:
+        A sorted float32 NumPy array of 256 values: ``[0] = -0.99296875``, ``[127] = 0``, ``[255] = 1``.
+
+    Example:
+        >>> m = create_dynamic_map()
+        >>> m.shape, float(m[127]), float(m[255]), round(float(m[0]), 6)
+        ((256,), 0.0, 1.0, -0.992969)
+    """
+    f32 = np.float32
+    values: list[np.float32] = []
+    for i in range(7):
+        n = 2**i + 1
+        start, end = f32(0.1), f32(1.0)
+        step = f32((end - start) / f32(n - 1))
+        points = np.array(
+            [start + step * f32(k) if k < n // 2 else end - step * f32(n - 1 - k) for k in range(n)],
+            dtype=f32,
+        )
+        means = ((points[:-1] + points[1:]) / f32(2.0)).astype(f32)
+        scale = f32(10.0 ** (i - 6))
+        values += list((scale * means).astype(f32)) + list((-scale * means).astype(f32))
+    values += [f32(0.0), f32(1.0)]
+    return np.sort(np.array(values, dtype=f32))
+
+
+#: The signed dynamic map (256 sorted float32 values) used for double quantization.
+DYNAMIC_MAP = create_dynamic_map()
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Config:
+    """Options of the Gleam ``NF4Config``: the block size, and whether to double-quantize the absmax.
+
+    Example:
+        >>> NF4Config(block_size=128, double_quant=True)
+        NF4Config(block_size=128, double_quant=True)
+    """
+
+    block_size: int = 64
+    double_quant: bool = False
+
+
+def default_config() -> NF4Config:
+    """The default NF4 options: blocks of 64, no double quantization (as QLoRA's default storage).
+
+    Returns:
+        ``NF4Config(block_size=64, double_quant=False)``.
+
+    Example:
+        >>> default_config()
+        NF4Config(block_size=64, double_quant=False)
+    """
+    return NF4Config()
+
+
+@struct.dataclass
+class NF4Tensor(QuantizedArray):
+    """NF4 codes (two per byte, first value high) and one float32 absmax per block of the flat tensor."""
+
+    codes: jax.Array  # uint8 (..., ceil(n / 2))
+    absmax: jax.Array  # float32 (..., ceil(n / block_size))
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False)
+    block_size: int = struct.field(pytree_node=False, default=64)
+
+    format = "nf4"
+
+    @staticmethod
+    def _core_ndim(record: Any) -> int:
+        return 1
+
+
+@struct.dataclass
+class NF4DQTensor(QuantizedArray):
+    """NF4 with double quantization: absmax stored as dynamic-map codes, nested absmax and an offset."""
+
+    codes: jax.Array  # uint8 (..., ceil(n / 2))
+    absmax_codes: jax.Array  # uint8 (..., ceil(n / block_size))
+    nested_absmax: jax.Array  # float32 (..., ceil(n_blocks / nested_block_size))
+    offset: jax.Array  # float32 (...,)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False)
+    block_size: int = struct.field(pytree_node=False, default=64)
+    nested_block_size: int = struct.field(pytree_node=False, default=256)
+
+    format = "nf4_dq"
+
+    @staticmethod
+    def _core_ndim(record: Any) -> int:
+        return 1
+
+
+class NF4Stats(NamedTuple):
+    """What :func:`compute_stats` measures (the Gleam ``compute_stats`` result)."""
+
+    original_bytes: int
+    quantized_bytes: int
+    compression_ratio: float
+    bits_per_value: float
+    mean_error: float
+    max_error: float
+
+
+def _check_block(name: str, value: Any, *, even: bool) -> int:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+    if ok and even:
+        ok = value % 2 == 0
+    if not ok:
+        want = "a positive even integer" if even else "a positive integer"
+        raise ConfigError(argument=name, expected=want, got=value, hint="bitsandbytes uses 64 (and 256 nested).")
+    return int(value)
+
+
+def _as_float(x: Any, name: str = "x") -> jax.Array:
+    x = jnp.asarray(x)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise DTypeError(
+            argument=name,
+            expected="float32, bfloat16 or float16",
+            got=str(x.dtype),
+            hint="cast with x.astype(jnp.float32) first.",
+        )
+    if x.size == 0:
+        raise InvalidShape(
+            argument=name,
+            expected="at least one value",
+            got=f"an empty array of shape {tuple(x.shape)}",
+            hint="an empty tensor has nothing to quantize; skip it.",
+        )
+    return x
+
+
+def _validate_finite(x: jax.Array, name: str = "x") -> None:
+    if isinstance(x, jax.core.Tracer):
+        raise ConfigError(
+            argument="validate",
+            expected="a concrete array (validate=True cannot look at values under jit/vmap)",
+            got="a traced array",
+            hint="validate outside the transformation, or use jax.experimental.checkify.",
+        )
+    bad = ~np.isfinite(np.asarray(x, dtype=np.float32))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = float(np.asarray(x, dtype=np.float32)[index])
+        raise NonFiniteError(
+            argument=name,
+            expected="finite values",
+            got=f"{value} at index {index}",
+            hint="a non-finite value only spoils its own block; pass validate=False to keep it.",
+        )
+
+
+def _safe_reciprocal(a: jax.Array) -> jax.Array:
+    """``1 / a`` in float32, but 0 where ``a == 0`` (so a zero block gives zeros, not NaN)."""
+    return jnp.where(a == 0, jnp.float32(0), jnp.float32(1) / jnp.where(a == 0, jnp.float32(1), a))
+
+
+def _blocks(flat: jax.Array, block: int) -> jax.Array:
+    n = flat.shape[0]
+    nb = -(-n // block)
+    return jnp.pad(flat, (0, nb * block - n)).reshape(nb, block)
+
+
+def _nf4_codes(scaled: jax.Array) -> jax.Array:
+    """Code = number of dQuantizeNF4 thresholds strictly below ``scaled`` (ties take the lower code)."""
+    t = jnp.asarray(_NF4_THRESHOLDS).reshape((1,) * scaled.ndim + (-1,))
+    return jnp.sum(scaled[..., None] > t, axis=-1, dtype=jnp.uint8)
+
+
+def _pack_high_first(codes: jax.Array) -> jax.Array:
+    n = codes.shape[0]
+    codes = jnp.pad(codes, (0, n % 2), constant_values=7).reshape(-1, 2)
+    return (codes[:, 0] << 4) | codes[:, 1]
+
+
+def _unpack_high_first(packed: jax.Array, n: int) -> jax.Array:
+    both = jnp.stack([packed >> 4, packed & 0xF], axis=-1)
+    return both.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _nf4_core(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    flat = x.reshape(-1).astype(jnp.float32)
+    n = flat.shape[0]
+    blocks = _blocks(flat, block)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    # XLA's max reduction on CPU may skip a NaN (like fmaxf): make a NaN block's absmax NaN explicitly.
+    absmax = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
+    scaled = (blocks * _safe_reciprocal(absmax)[:, None]).reshape(-1)[:n]
+    return _pack_high_first(_nf4_codes(scaled)), absmax
+
+
+def quantize(
+    x: Any,
+    *,
+    block_size: int = 64,
+    config: NF4Config | None = None,
+    validate: bool = False,
+) -> NF4Tensor | NF4DQTensor:
+    """Quantizes ``x`` to NF4 with one float32 absmax per block of the flattened tensor.
+
+    Args:
+        x: A float32, bfloat16 or float16 array of any non-empty shape.
+        block_size: Values per block (a positive even integer; bitsandbytes uses 64).
+        config: A Gleam-style :class:`NF4Config`; when given it overrides ``block_size``, and
+            ``double_quant=True`` returns :func:`double_quantize`'s record.
+        validate: Check (eagerly) that every value is finite.
+
+    Returns:
+        An :class:`NF4Tensor` (``codes``: uint8, ``ceil(n / 2)`` bytes, first value in the high
+        nibble; ``absmax``: float32 per block), or an :class:`NF4DQTensor` when the config asks.
+
+    Raises:
+        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        InvalidShape: ``x`` is empty.
+        ConfigError: a block size that is not a positive even integer; ``validate=True`` under jit.
+        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize(jnp.linspace(-1.0, 1.0, 128), block_size=64)
+        >>> q.codes.shape, q.absmax.shape, q.bits_per_value
+        ((64,), (2,), 4.5)
+    """
+    if config is not None:
+        if not isinstance(config, NF4Config):
+            raise ConfigError(argument="config", expected="an NF4Config", got=type(config).__name__)
+        if config.double_quant:
+            return double_quantize(x, block_size=config.block_size, validate=validate)
+        block_size = config.block_size
+    block = _check_block("block_size", block_size, even=True)
+    x = _as_float(x)
+    if validate:
+        _validate_finite(x)
+    codes, absmax = _nf4_core(x, block)
+    return NF4Tensor(codes=codes, absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, block_size=block)
+
+
+def _dynamic_codes(v: jax.Array) -> jax.Array:
+    """bitsandbytes' ``dQuantize<0>``: a 7-step binary search from index 127, then nearest of three."""
+    table = jnp.asarray(DYNAMIC_MAP)
+    pivot = jnp.full(v.shape, 127, jnp.int32)
+    lower_p = jnp.zeros(v.shape, jnp.int32)
+    upper_p = jnp.full(v.shape, 255, jnp.int32)
+    lower = jnp.full(v.shape, -1.0, jnp.float32)
+    upper = jnp.full(v.shape, 1.0, jnp.float32)
+    val = table[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        gt = v > val
+        lower_p, lower = jnp.where(gt, pivot, lower_p), jnp.where(gt, val, lower)
+        upper_p, upper = jnp.where(gt, upper_p, pivot), jnp.where(gt, upper, val)
+        pivot = jnp.where(gt, pivot + step, pivot - step)
+        val = table[pivot]
+    upper = jnp.where(upper_p == 255, table[255], upper)
+    lower = jnp.where(lower_p == 0, table[0], lower)
+    above = v > val
+    up = jnp.where(v > (upper + val) * jnp.float32(0.5), upper_p, pivot)
+    down = jnp.where(v < (lower + val) * jnp.float32(0.5), lower_p, pivot)
+    return jnp.where(above, up, down).astype(jnp.uint8)
+
+
+def double_quantize(
+    x: Any,
+    *,
+    block_size: int = 64,
+    nested_block_size: int = 256,
+    validate: bool = False,
+) -> NF4DQTensor:
+    """NF4 with double quantization, as bitsandbytes' ``quantize_4bit(..., compress_statistics=True)``.
+
+    The absmax values of the NF4 blocks, minus their mean (stored as ``offset``), are quantized to
+    8-bit codes of the signed dynamic map in nested blocks of ``nested_block_size``, each with a float32
+    absmax: about ``4 + 8 / 64 + 32 / (64 * 256)`` = 4.127 bits per value at the defaults.
+
+    Args:
+        x: A float32, bfloat16 or float16 array of any non-empty shape.
+        block_size: Values per NF4 block (a positive even integer).
+        nested_block_size: absmax values per nested block (a positive integer; bitsandbytes uses 256).
+        validate: Check (eagerly) that every value is finite.
+
+    Returns:
+        An :class:`NF4DQTensor` with ``codes``, ``absmax_codes`` (uint8), ``nested_absmax`` and
+        ``offset`` (float32).
+
+    Raises:
+        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        InvalidShape: ``x`` is empty.
+        ConfigError: a block size out of range; ``validate=True`` under jit.
+        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
+
+    Example:
+        >>> import jax
+        >>> q = double_quantize(jax.random.normal(jax.random.key(0), (1024, 1024)))
+        >>> q.absmax_codes.shape, q.nested_absmax.shape, round(q.bits_per_value, 3)
+        ((16384,), (64,), 4.127)
+    """
+    block = _check_block("block_size", block_size, even=True)
+    nested = _check_block("nested_block_size", nested_block_size, even=False)
+    x = _as_float(x)
+    if validate:
+        _validate_finite(x)
+    codes, absmax = _nf4_core(x, block)
+    absmax_codes, nested_absmax, offset = _double_core(absmax, nested)
+    return NF4DQTensor(
+        codes=codes,
+        absmax_codes=absmax_codes,
+        nested_absmax=nested_absmax,
+        offset=offset,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        block_size=block,
+        nested_block_size=nested,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _double_core(absmax: jax.Array, nested: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    finite = jnp.isfinite(absmax)
+    count = jnp.sum(finite).astype(jnp.float32)
+    offset = jnp.sum(jnp.where(finite, absmax, 0)) / jnp.maximum(count, 1)
+    centered = absmax - offset
+    nb = absmax.shape[0]
+    clean = jnp.where(finite, centered, 0)
+    groups = _blocks(clean, nested)
+    nested_absmax = jnp.max(jnp.abs(groups), axis=1)
+    scaled = (groups * _safe_reciprocal(nested_absmax)[:, None]).reshape(-1)[:nb]
+    absmax_codes = _dynamic_codes(scaled)
+    # An 8-bit code cannot hold NaN: a non-finite absmax makes its nested block's absmax NaN, so
+    # those blocks dequantize to NaN instead of to a finite, wrong value.
+    spoiled = jnp.any(_blocks(~finite, nested), axis=1)
+    nested_absmax = jnp.where(spoiled, jnp.float32(jnp.nan), nested_absmax)
+    return absmax_codes, nested_absmax, offset
+
+
+def _dq_absmax(q: NF4DQTensor) -> jax.Array:
+    nb = q.absmax_codes.shape[-1]
+    nested = jnp.repeat(q.nested_absmax, q.nested_block_size, axis=-1)[..., :nb]
+    product = jnp.asarray(DYNAMIC_MAP)[q.absmax_codes] * nested
+    # Round the product before adding the offset, as bitsandbytes does (two float32 roundings). A
+    # per-element select on the product's bits (it only makes NaN payloads canonical) keeps XLA on
+    # CPU from contracting the two into one fused multiply-add; a float select, or a select whose
+    # condition is loop-invariant, does not.
+    bits = jax.lax.bitcast_convert_type(product, jnp.int32)
+    bits = jnp.where(jnp.isnan(product), jnp.int32(0x7FC00000), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) + q.offset[..., None]
+
+
+def dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
+    """Dequantizes an NF4 record: ``level[code] * absmax`` in float32, cast to the original dtype.
+
+    Works on records made under ``vmap`` too (their leaves carry leading batch dims).
+
+    Args:
+        q: An :class:`NF4Tensor` or :class:`NF4DQTensor`.
+
+    Returns:
+        An array of ``q.shape`` (after any batch dims) and ``q.dtype``.
+
+    Raises:
+        FormatError: ``q`` is not an NF4 record.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> y = dequantize(quantize(jnp.array([[2.0, -1.0], [0.0, 0.5]])))
+        >>> y.shape, [round(v, 3) for v in y.reshape(-1).tolist()]
+        ((2, 2), [2.0, -1.05, 0.0, 0.492])
+    """
+    if not isinstance(q, (NF4Tensor, NF4DQTensor)):
+        raise FormatError(
+            argument="q", expected="an NF4Tensor or NF4DQTensor", got=type(q).__name__,
+            hint="use viva_tensor.quant.dequantize for any format.",
+        )
+    return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
+    absmax = _dq_absmax(q) if isinstance(q, NF4DQTensor) else q.absmax
+    batch = q.codes.shape[:-1]
+    n = math.prod(q.shape)
+    nb = absmax.shape[-1]
+    levels = jnp.asarray(NF4_LEVELS)[_unpack_high_first(q.codes, n)]
+    levels = jnp.pad(levels, [(0, 0)] * len(batch) + [(0, nb * q.block_size - n)])
+    values = levels.reshape(*batch, nb, q.block_size) * absmax[..., None]
+    return values.reshape(*batch, -1)[..., :n].reshape(*batch, *q.shape).astype(q.dtype)
+
+
+def compute_stats(original: Any, q: NF4Tensor | NF4DQTensor) -> NF4Stats:
+    """Bytes and errors of an NF4 record against the tensor it encodes (the Gleam ``compute_stats``).
+
+    Args:
+        original: The array that was quantized.
+        q: Its NF4 record.
+
+    Returns:
+        :class:`NF4Stats`: original and stored bytes (measured from the buffers), compression ratio,
+        bits per value, and the mean and max absolute error (in float32).
+
+    Raises:
+        FormatError: ``q`` is not an NF4 record.
+        ShapeMismatch: ``original`` does not have the shape that ``q`` encodes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([1.0, -0.5, 0.25, 0.0])
+        >>> s = compute_stats(x, quantize(x))
+        >>> s.quantized_bytes, round(s.max_error, 3)
+        (6, 0.025)
+    """
+    from viva_tensor.errors import ShapeMismatch
+
+    restored = dequantize(q)
+    original = jnp.asarray(original)
+    if tuple(original.shape) != tuple(restored.shape):
+        raise ShapeMismatch(argument="original", expected=f"shape {tuple(restored.shape)}", got=tuple(original.shape))
+    err = jnp.abs(original.astype(jnp.float32) - restored.astype(jnp.float32))
+    return NF4Stats(
+        original_bytes=q.original_nbytes,
+        quantized_bytes=q.nbytes,
+        compression_ratio=q.compression_ratio,
+        bits_per_value=q.bits_per_value,
+        mean_error=float(jnp.mean(err)),
+        max_error=float(jnp.max(err)),
+    )
+
+
+register_format(
+    "nf4",
+    record=NF4Tensor,
+    quantize=quantize,
+    dequantize=dequantize,
+    block_size=64,
+    description="NormalFloat4 (QLoRA, bitsandbytes layout): 16 levels, float32 absmax per 64 values",
+)
+register_format(
+    "nf4_dq",
+    record=NF4DQTensor,
+    quantize=double_quantize,
+    dequantize=dequantize,
+    block_size=64,
+    description="NF4 with double quantization: absmax as 8-bit dynamic-map codes per 256 blocks",
+)
