@@ -203,60 +203,70 @@ def named_sharding(t: Any, rules: Rules, mesh: Any = None, *, on_indivisible: st
 # ---------------------------------------------------------------------------- quantized records
 
 
-def _leaf_spec(leaf_shape: tuple, shape: tuple, entries: list, msize: Callable, on_indivisible: str, what: str) -> P:
+def _factors(record: Any) -> set:
+    """Values per buffer entry that a record's layout can have: 1, 2 (two codes per byte), its blocks."""
+    f = {1, 2}
+    bs = getattr(record, "block_size", None)
+    if isinstance(bs, int) and bs > 0:
+        f.add(bs)
+        f.add(bs // 2) if bs % 2 == 0 else None  # bytes of packed codes per block
+        nb = getattr(record, "nested_block_size", None)
+        if isinstance(nb, int) and nb > 0:
+            f.add(bs * nb)
+    return f
+
+
+def _leaf_spec(leaf_shape: tuple, shape: tuple, entries: list, msize: Callable, factors: set,
+               on_indivisible: str, what: str) -> P:
     """Spec of one buffer of a quantized record from the spec of the tensor it encodes.
 
-    A buffer dim that equals the tensor's dim takes its mesh axes; a dim that is the tensor's dim
-    divided by a block (or packing) factor takes them when the blocks do not straddle shards; a
-    trailing extra dim (values inside a block) and size-1 dims (per-tensor scales) are replicated; a
-    flat buffer of blocks in row-major order follows the first axis when only that axis is sharded.
+    A buffer laid out like the tensor (same leading dims) follows the tensor's spec dim by dim: a dim
+    equal to the tensor's takes its mesh axes; a dim that is the tensor's divided by a known block or
+    packing factor (no padding) takes them when each shard holds whole blocks; size-1 dims (per-tensor
+    or per-channel scales) are replicated. A flat buffer (blocks of the flattened tensor, row-major)
+    follows the tensor's first axis when only that axis is sharded and nothing is padded.
     """
     r = len(shape)
 
-    def fail(dim):
+    def fail(detail):
         if on_indivisible == "error":
             raise ShardingError(argument="record", expected=f"{what} with blocks that do not straddle shards",
                                 got=f"buffer of shape {leaf_shape} for tensor shape {shape} sharded {P(*entries)} "
-                                    f"(dim {dim})",
+                                    f"({detail})",
                                 hint="shard along another axis, or pass on_indivisible='replicate'.")
         return None
 
     def blocked(s, S, e):
-        if e is None or s == 1 and S != 1:
+        if e is None or (s == 1 and S != 1):
             return None
         if s == S:
             return e
-        m = msize(e)
-        if s and S % s == 0 and s % m == 0:
-            return e  # S/s values per block (or per byte): shards hold whole blocks
-        return fail(e)
+        if s and S % s == 0 and S // s in factors and s % msize(e) == 0:
+            return e  # S/s values per entry and no padding: shards hold whole blocks
+        return fail(f"{S} values in {s} entries over {msize(e)} shards")
 
     nd = len(leaf_shape)
     if nd == 0 or all(d == 1 for d in leaf_shape):
         return P()
-    if nd == r:
+    shaped = nd in (r, r + 1) and all(leaf_shape[i] in (shape[i], 1) for i in range(r - 1))
+    if shaped and nd == r:
         return P(*[blocked(s, S, e) for s, S, e in zip(leaf_shape, shape, entries)])
-    if nd == r + 1:
-        # (..., blocks along the last axis, values or bytes in a block)
+    if shaped:
+        # (..., blocks along the last axis, values or bytes of a block)
         out = [blocked(s, S, e) for s, S, e in zip(leaf_shape[: r - 1], shape[: r - 1], entries[: r - 1])]
-        nb, e = leaf_shape[r - 1], entries[r - 1]
-        if e is not None and nb % msize(e) == 0 and shape[r - 1] % nb == 0:
-            out.append(e)
-        else:
-            out.append(None if e is None else fail(e))
-        return P(*out, None)
+        return P(*out, blocked(leaf_shape[r - 1], shape[r - 1], entries[r - 1]), None)
     if nd in (1, 2) and r >= 1:
-        # a flat row-major list of blocks (optionally with the values of a block as a second dim)
         if all(e is None for e in entries):
-            return P()
-        if all(e is None for e in entries[1:]):
-            m = msize(entries[0])
-            if shape[0] % m == 0 and leaf_shape[0] % m == 0:
-                return P(entries[0], *([None] * (nd - 1)))
-        fail(entries)
-        return P()
-    fail(entries)
-    return P()
+            return P(*([None] * nd))
+        total = math.prod(shape)
+        m = msize(entries[0]) if entries[0] is not None else 1
+        if (all(e is None for e in entries[1:]) and shape[0] % m == 0 and leaf_shape[0] % m == 0
+                and total % leaf_shape[0] == 0 and total // leaf_shape[0] in factors):
+            return P(entries[0], *([None] * (nd - 1)))
+        fail("a flat list of blocks follows only the first axis, unpadded")
+        return P(*([None] * nd))
+    fail("an unknown layout")
+    return P(*([None] * nd))
 
 
 def record_specs(record: Any, names: Sequence, rules: Rules, *, mesh: Any = None,
@@ -290,7 +300,8 @@ def record_specs(record: Any, names: Sequence, rules: Rules, *, mesh: Any = None
         ...     scales: jax.Array
         ...     shape: tuple = flax.struct.field(pytree_node=False)
         ...     dtype: str = flax.struct.field(pytree_node=False, default="float32")
-        >>> q = Q(jnp.zeros((8, 32), jnp.int8), jnp.zeros((8, 2)), (8, 64))  # 64 values -> 32 bytes, 2 blocks
+        ...     block_size: int = flax.struct.field(pytree_node=False, default=32)
+        >>> q = Q(jnp.zeros((8, 32), jnp.uint8), jnp.zeros((8, 2)), (8, 64))  # 64 values -> 32 bytes, 2 blocks
         >>> mesh = jax.make_mesh((1,), ("m",))
         >>> s = record_specs(q, ("out", "in"), [("in", "m")], mesh=mesh)
         >>> s.codes, s.scales
@@ -313,8 +324,9 @@ def record_specs(record: Any, names: Sequence, rules: Rules, *, mesh: Any = None
         return math.prod(sizes.get(a, 1) for a in axes)
 
     what = type(record).__name__
-    return jax.tree.map(lambda leaf: _leaf_spec(tuple(leaf.shape), shape, entries, msize, on_indivisible, what),
-                        record)
+    factors = _factors(record)
+    return jax.tree.map(
+        lambda leaf: _leaf_spec(tuple(leaf.shape), shape, entries, msize, factors, on_indivisible, what), record)
 
 
 # ------------------------------------------------------------------------------------ placing
