@@ -340,3 +340,22 @@ def test_real_records_shard_consistently(fmt, two_axes):
     # the buffers really are split (not all replicated) along the rows
     biggest = max(jax.tree.leaves(placed.data), key=lambda a: a.size)
     assert biggest.addressable_shards[0].data.size < biggest.size
+
+
+def test_nnx_model_holding_a_quantized_record():
+    compression = pytest.importorskip("viva_tensor.compression")
+    m = mesh_of(AUTO)
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((8, 64)), jnp.float32)
+
+    class QLinear(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(compression.quantize_q8_0(x))
+
+    model = QLinear()
+    specs = sharding.param_specs(model, [("out", "data")], mesh=m, names={"w": ("out", "in")})
+    assert specs["w"].get_value().qs == P("data", None) and specs["w"].get_value().d == P("data")
+    sharding.shard_params(model, [("out", "data")], mesh=m, names={"w": ("out", "in")})
+    rec = model.w.get_value()
+    assert rec.qs.sharding.is_equivalent_to(NamedSharding(m, P("data", None)), 2)
+    np.testing.assert_array_equal(np.asarray(compression.dequantize(rec)),
+                                  np.asarray(compression.dequantize(compression.quantize_q8_0(x))))
