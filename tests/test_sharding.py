@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -359,3 +361,30 @@ def test_nnx_model_holding_a_quantized_record():
     assert rec.qs.sharding.is_equivalent_to(NamedSharding(m, P("data", None)), 2)
     np.testing.assert_array_equal(np.asarray(compression.dequantize(rec)),
                                   np.asarray(compression.dequantize(compression.quantize_q8_0(x))))
+
+
+@given(
+    st.lists(st.sampled_from(["batch", "seq", "embed", "mlp", None]), min_size=1, max_size=4),
+    st.lists(st.tuples(st.sampled_from(["batch", "seq", "embed", "mlp"]),
+                       st.sampled_from([None, "data", "model", ("data", "model"), ("model", "data")])), max_size=6),
+)
+def test_spec_invariants(names, rules):
+    """Each mesh axis shards at most one axis; each axis gets the first free rule for its name."""
+    names = [n for i, n in enumerate(names) if n is None or n not in names[:i]]
+    m = mesh_of(AUTO)
+    s = sharding.spec(tuple(names), rules, mesh=m)
+    assert len(s) == len(names)
+    used = [a for e in s if e is not None for a in ((e,) if isinstance(e, str) else e)]
+    assert len(used) == len(set(used))
+    taken: set = set()
+    for n, e in zip(names, s):
+        want = None
+        for rn, axes in rules:
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            if n is not None and rn == n and not taken & set(axes):
+                want = axes
+                break
+        want = None if not want else want[0] if len(want) == 1 else tuple(want)
+        assert e == want
+        if want:
+            taken |= {want} if isinstance(want, str) else set(want)
