@@ -214,6 +214,12 @@ def test_binary_scalar_and_scale(maybe_jit, dtype):
     s = maybe_jit(lambda t: named.scale(t, 0.5))(t)
     assert s.dtype == dtype
     np.testing.assert_array_equal(_np(s.data), np.arange(4.0) * 0.5)
+    assert named.add(t, 2.0).dtype == dtype  # a Python scalar keeps the dtype
+    i = named.new(jnp.arange(3), ("seq",))
+    assert named.scale(i, 2).data.tolist() == [0, 2, 4]
+    with pytest.raises(DTypeError, match="integer factor"):
+        named.scale(i, 0.5)
+    assert named.mul(i, 0.5).data.tolist() == [0.0, 0.5, 1.0]  # promoted, not truncated
     with pytest.raises(InvalidOp, match=r"NamedTensor or a scalar, got an array of shape \(4,\)"):
         named.add(t, jnp.zeros(4))
 

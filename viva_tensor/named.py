@@ -630,7 +630,9 @@ def _binary(a: NamedTensor, b: Any, op: Callable, name: str) -> NamedTensor:
         if b_arr.ndim != 0:
             raise InvalidOp(argument="b", expected="a NamedTensor or a scalar", got=f"an array of shape {b_arr.shape}",
                             hint="name its axes with named.new.")
-        return NamedTensor(data=op(a.data, b_arr.astype(a.data.dtype)), names=a.names)
+        if isinstance(b, (int, float)) and not isinstance(b, bool):
+            return NamedTensor(data=op(a.data, b), names=a.names)  # a Python scalar keeps a's dtype
+        return NamedTensor(data=op(a.data, b_arr), names=a.names)
     names, _ = _union(a, b)
     return NamedTensor(data=op(align_to(a, names), align_to(b, names)), names=names)
 
@@ -685,11 +687,17 @@ def div(a: NamedTensor, b: Any) -> NamedTensor:
 def scale(t: NamedTensor, s: float) -> NamedTensor:
     """Multiply every element by the scalar ``s`` (the dtype is kept).
 
+    Raises:
+        DTypeError: for a fractional factor on an integer tensor (it would be truncated).
+
     Example:
         >>> scale(ones({"seq": 2}), 3.0).data.tolist()
         [3.0, 3.0]
     """
     _check(t)
+    if not jnp.issubdtype(t.data.dtype, jnp.inexact) and float(s) != int(s):
+        raise DTypeError(argument="s", expected=f"an integer factor for a {t.data.dtype} tensor", got=s,
+                         hint="convert the tensor to a floating dtype first.")
     return NamedTensor(data=(t.data * jnp.asarray(s, t.data.dtype)).astype(t.data.dtype), names=t.names)
 
 
