@@ -51,21 +51,48 @@ def _auto_block(n: int, target: int) -> int:
     return 1
 
 
-def _idx(x, i):
-    return jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False)
+def _idx(x, i, axis):
+    return jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False)
 
 
-def _put(x, val, i):
-    return jax.lax.dynamic_update_index_in_dim(x, val, i, 1)
+def _put(x, val, i, axis):
+    return jax.lax.dynamic_update_index_in_dim(x, val, i, axis)
+
+
+# Layouts inside a device (batch-like dims first, so every block product is a plain batched matmul):
+# queries, outputs, dQ: (B, K, G, nq, bq, H); row statistics: (B, K, G, nq, bq);
+# keys, values, dK, dV (these travel the ring): (B, K, nk, bk, H). Sub-block i is index i of axis 3
+# (queries) or axis 2 (keys).
+_QA, _KA = 3, 2
+
+
+def _to_q(x, bq, K):  # (B, T, N, H) -> (B, K, G, nq, bq, H)
+    B, T, N, H = x.shape
+    return jnp.transpose(x.reshape(B, T // bq, bq, K, N // K, H), (0, 3, 4, 1, 2, 5))
+
+
+def _from_q(x):  # inverse of _to_q
+    B, K, G, nq, bq, H = x.shape
+    return jnp.transpose(x, (0, 3, 4, 1, 2, 5)).reshape(B, nq * bq, K * G, H)
+
+
+def _to_kv(x, bk):  # (B, S, K, H) -> (B, K, nk, bk, H)
+    B, S, K, H = x.shape
+    return jnp.transpose(x.reshape(B, S // bk, bk, K, H), (0, 3, 1, 2, 4))
+
+
+def _from_kv(x):
+    B, K, nk, bk, H = x.shape
+    return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(B, nk * bk, K, H)
 
 
 def _logits(qb, kb, scale, qpos0, kpos0, causal):
-    """Scores ``(B, bq, K, G, bk)`` of a query sub-block ``(B,bq,K,G,H)`` against keys ``(B,bk,K,H)``."""
-    s = jnp.einsum("bqkgh,btkh->bqkgt", qb, kb, preferred_element_type=_F32) * scale
+    """Scores ``(B, K, G, bq, bk)`` of a query sub-block ``(B,K,G,bq,H)`` against keys ``(B,K,bk,H)``."""
+    s = jnp.einsum("bkgqh,bkth->bkgqt", qb, kb, preferred_element_type=_F32) * scale
     if causal:
-        qpos = qpos0 + jnp.arange(qb.shape[1])
-        kpos = kpos0 + jnp.arange(kb.shape[1])
-        visible = (kpos[None, :] <= qpos[:, None])[None, :, None, None, :]
+        qpos = qpos0 + jnp.arange(qb.shape[-2])
+        kpos = kpos0 + jnp.arange(kb.shape[-2])
+        visible = (kpos[None, :] <= qpos[:, None])[None, None, None]
         s = jnp.where(visible, s, _NEG)
     return s
 
@@ -76,35 +103,31 @@ def _hidden(causal, qpos0, bq, kpos0):
 
 
 def _fwd_chunk(st, q5, k4, v4, o, m, l, qoff, koff):
-    """Merge one key/value chunk into the running (o, m, l); loops update the carries in place.
-
-    Layouts (free reshapes of the inputs): q5 and o ``(B, nq, bq, K, G, H)``, m and l
-    ``(B, nq, bq, K, G)``, k4 and v4 ``(B, nk, bk, K, H)``.
-    """
+    """Merge one key/value chunk into the running (o, m, l); loops update the carries in place."""
     scale, causal, bq, bk = st
-    nq, nk = q5.shape[1], k4.shape[1]
+    nq, nk = q5.shape[_QA], k4.shape[_KA]
 
     def q_body(i, carry):
         o, m, l = carry
-        qb = _idx(q5, i)
+        qb = _idx(q5, i, _QA)
 
         def kv_body(j, c):
             def compute(c):
                 ob, mb, lb = c
-                s = _logits(qb, _idx(k4, j), scale, qoff + i * bq, koff + j * bk, causal)
+                s = _logits(qb, _idx(k4, j, _KA), scale, qoff + i * bq, koff + j * bk, causal)
                 m_new = jnp.maximum(mb, s.max(-1))
                 m_safe = jnp.where(m_new == _NEG, 0.0, m_new)
                 p = jnp.exp(s - m_safe[..., None])
                 corr = jnp.exp(mb - m_safe)
                 lb = lb * corr + p.sum(-1)
-                ob = ob * corr[..., None] + jnp.einsum("bqkgt,btkh->bqkgh", p, _idx(v4, j).astype(_F32),
+                ob = ob * corr[..., None] + jnp.einsum("bkgqt,bkth->bkgqh", p, _idx(v4, j, _KA).astype(_F32),
                                                        preferred_element_type=_F32)
                 return ob, m_new, lb
 
             return jax.lax.cond(_hidden(causal, qoff + i * bq, bq, koff + j * bk), lambda c: c, compute, c)
 
-        ob, mb, lb = jax.lax.fori_loop(0, nk, kv_body, (_idx(o, i), _idx(m, i), _idx(l, i)))
-        return _put(o, ob, i), _put(m, mb, i), _put(l, lb, i)
+        ob, mb, lb = jax.lax.fori_loop(0, nk, kv_body, (_idx(o, i, _QA), _idx(m, i, _QA), _idx(l, i, _QA)))
+        return _put(o, ob, i, _QA), _put(m, mb, i, _QA), _put(l, lb, i, _QA)
 
     return jax.lax.fori_loop(0, nq, q_body, (o, m, l))
 
@@ -112,31 +135,32 @@ def _fwd_chunk(st, q5, k4, v4, o, m, l, qoff, koff):
 def _bwd_chunk(st, q5, do5, lse5, dd5, dq, k4, v4, dk, dv, qoff, koff):
     """Add one key/value chunk's gradient terms to dQ (all queries) and to the chunk's dK, dV."""
     scale, causal, bq, bk = st
-    nq, nk = q5.shape[1], k4.shape[1]
+    nq, nk = q5.shape[_QA], k4.shape[_KA]
 
     def kv_body(j, carry):
         dq, dk, dv = carry
-        kb, vb = _idx(k4, j), _idx(v4, j)
+        kb, vb = _idx(k4, j, _KA), _idx(v4, j, _KA)
         kb32, vb32 = kb.astype(_F32), vb.astype(_F32)
 
         def q_body(i, c):
             def compute(c):
                 dq, dkb, dvb = c
-                qb = _idx(q5, i)
+                qb = _idx(q5, i, _QA)
                 s = _logits(qb, kb, scale, qoff + i * bq, koff + j * bk, causal)
-                p = jnp.exp(s - _idx(lse5, i)[..., None])
-                do32 = _idx(do5, i).astype(_F32)
-                dvb = dvb + jnp.einsum("bqkgt,bqkgh->btkh", p, do32, preferred_element_type=_F32)
-                dp = jnp.einsum("bqkgh,btkh->bqkgt", do32, vb32, preferred_element_type=_F32)
-                dsc = p * (dp - _idx(dd5, i)[..., None])
-                dqb = _idx(dq, i) + jnp.einsum("bqkgt,btkh->bqkgh", dsc, kb32, preferred_element_type=_F32) * scale
-                dkb = dkb + jnp.einsum("bqkgt,bqkgh->btkh", dsc, qb.astype(_F32), preferred_element_type=_F32) * scale
-                return _put(dq, dqb, i), dkb, dvb
+                p = jnp.exp(s - _idx(lse5, i, _QA)[..., None])
+                do32 = _idx(do5, i, _QA).astype(_F32)
+                dvb = dvb + jnp.einsum("bkgqt,bkgqh->bkth", p, do32, preferred_element_type=_F32)
+                dp = jnp.einsum("bkgqh,bkth->bkgqt", do32, vb32, preferred_element_type=_F32)
+                dsc = p * (dp - _idx(dd5, i, _QA)[..., None])
+                dqb = _idx(dq, i, _QA) + jnp.einsum("bkgqt,bkth->bkgqh", dsc, kb32,
+                                                    preferred_element_type=_F32) * scale
+                dkb = dkb + jnp.einsum("bkgqt,bkgqh->bkth", dsc, qb.astype(_F32), preferred_element_type=_F32) * scale
+                return _put(dq, dqb, i, _QA), dkb, dvb
 
             return jax.lax.cond(_hidden(causal, qoff + i * bq, bq, koff + j * bk), lambda c: c, compute, c)
 
-        dq, dkb, dvb = jax.lax.fori_loop(0, nq, q_body, (dq, _idx(dk, j), _idx(dv, j)))
-        return dq, _put(dk, dkb, j), _put(dv, dvb, j)
+        dq, dkb, dvb = jax.lax.fori_loop(0, nq, q_body, (dq, _idx(dk, j, _KA), _idx(dv, j, _KA)))
+        return dq, _put(dk, dkb, j, _KA), _put(dv, dvb, j, _KA)
 
     return jax.lax.fori_loop(0, nk, kv_body, (dq, dk, dv))
 
@@ -145,18 +169,13 @@ def _ring_perm(n):
     return [(j, (j + 1) % n) for j in range(n)]
 
 
-def _shapes(q, k, bq, bk):
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    return B, T, N, H, K, N // K, T // bq, T // bk
-
-
 def _forward(q, k, v, axis_name, causal, scale, bq, bk):
-    B, T, N, H, K, G, nq, nk = _shapes(q, k, bq, bk)
+    K = k.shape[2]
+    T = q.shape[1]
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
     st = (scale, causal, bq, bk)
-    q5 = q.reshape(B, nq, bq, K, G, H)
+    q5 = _to_q(q, bq, K)
     zero = 0.0 * q5[..., 0].astype(_F32)  # zeros that vary along the mesh axis like q
     o = jnp.zeros(q5.shape, _F32) + zero[..., None]
     m = jnp.full(zero.shape, _NEG, _F32) + zero
@@ -164,19 +183,19 @@ def _forward(q, k, v, axis_name, causal, scale, bq, bk):
     perm = _ring_perm(n)
 
     def step(s, carry):
-        o, m, l, k, v = carry
+        o, m, l, k4, v4 = carry
         src = (idx - s) % n
 
         def compute(c):
-            return _fwd_chunk(st, q5, k.reshape(B, nk, bk, K, H), v.reshape(B, nk, bk, K, H), *c, idx * T, src * T)
+            return _fwd_chunk(st, q5, k4, v4, *c, idx * T, src * T)
 
         o, m, l = jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (o, m, l))
-        k, v = jax.lax.ppermute((k, v), axis_name, perm)
-        return o, m, l, k, v
+        k4, v4 = jax.lax.ppermute((k4, v4), axis_name, perm)
+        return o, m, l, k4, v4
 
-    o, m, l, _, _ = jax.lax.fori_loop(0, n, step, (o, m, l, k, v))
+    o, m, l, _, _ = jax.lax.fori_loop(0, n, step, (o, m, l, _to_kv(k, bk), _to_kv(v, bk)))
     l_safe = jnp.where(l == 0, 1.0, l)
-    out = (o / l_safe[..., None]).reshape(B, T, N, H).astype(q.dtype)
+    out = _from_q(o / l_safe[..., None]).astype(q.dtype)
     lse = jnp.where(l == 0, _NEG, m + jnp.log(l_safe))
     return out, lse
 
@@ -193,37 +212,35 @@ def _ring_fwd(q, k, v, axis_name, causal, scale, bq, bk):
 
 def _ring_bwd(axis_name, causal, scale, bq, bk, res, dout):
     q, k, v, out, lse = res
-    B, T, N, H, K, G, nq, nk = _shapes(q, k, bq, bk)
+    K = k.shape[2]
+    T = q.shape[1]
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
     st = (scale, causal, bq, bk)
-    q5 = q.reshape(B, nq, bq, K, G, H)
-    do5 = dout.reshape(B, nq, bq, K, G, H)
-    dd5 = jnp.sum(do5.astype(_F32) * out.reshape(q5.shape).astype(_F32), axis=-1)  # D = rowsum(dO * O)
+    q5 = _to_q(q, bq, K)
+    do5 = _to_q(dout, bq, K)
+    dd5 = jnp.sum(do5.astype(_F32) * _to_q(out, bq, K).astype(_F32), axis=-1)  # D = rowsum(dO * O)
     lse5 = jnp.where(lse == _NEG, 0.0, lse)
     dq = jnp.zeros(q5.shape, _F32) + 0.0 * q5.astype(_F32)
-    dk = jnp.zeros(k.shape, _F32) + 0.0 * k.astype(_F32)
-    dv = jnp.zeros(v.shape, _F32) + 0.0 * v.astype(_F32)
+    k4, v4 = _to_kv(k, bk), _to_kv(v, bk)
+    dk = jnp.zeros(k4.shape, _F32) + 0.0 * k4.astype(_F32)
+    dv = jnp.zeros(v4.shape, _F32) + 0.0 * v4.astype(_F32)
     perm = _ring_perm(n)
 
     def step(s, carry):
-        dq, k, v, dk, dv = carry
+        dq, k4, v4, dk, dv = carry
         src = (idx - s) % n
 
         def compute(c):
-            dq, dk, dv = c
-            dq, dk4, dv4 = _bwd_chunk(st, q5, do5, lse5, dd5, dq, k.reshape(B, nk, bk, K, H),
-                                      v.reshape(B, nk, bk, K, H), dk.reshape(B, nk, bk, K, H),
-                                      dv.reshape(B, nk, bk, K, H), idx * T, src * T)
-            return dq, dk4.reshape(k.shape), dv4.reshape(v.shape)
+            return _bwd_chunk(st, q5, do5, lse5, dd5, *c[:1], k4, v4, *c[1:], idx * T, src * T)
 
         dq, dk, dv = jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (dq, dk, dv))
         # the chunk and its gradient accumulators move on together: after n hops they are home
-        k, v, dk, dv = jax.lax.ppermute((k, v, dk, dv), axis_name, perm)
-        return dq, k, v, dk, dv
+        k4, v4, dk, dv = jax.lax.ppermute((k4, v4, dk, dv), axis_name, perm)
+        return dq, k4, v4, dk, dv
 
-    dq, _, _, dk, dv = jax.lax.fori_loop(0, n, step, (dq, k, v, dk, dv))
-    return dq.reshape(B, T, N, H).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dq, _, _, dk, dv = jax.lax.fori_loop(0, n, step, (dq, k4, v4, dk, dv))
+    return _from_q(dq).astype(q.dtype), _from_kv(dk).astype(k.dtype), _from_kv(dv).astype(v.dtype)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
