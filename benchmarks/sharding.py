@@ -10,7 +10,7 @@ Usage:
     python benchmarks/sharding.py                      # memory at 8k..64k, wall time at 8k
     python benchmarks/sharding.py --run 8192 16384     # wall time at more lengths (quiet machine)
 
-Writes ``benchmarks/results/sharding.json`` and ``benchmarks/results/sharding.md``.
+Writes ``benchmarks/results/sharding.json`` and ``.md`` (``sharding_causal.*`` with ``--causal``).
 """
 
 from __future__ import annotations
@@ -107,9 +107,10 @@ def main():
     print(text)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "sharding.json").write_text(json.dumps({"setup": head, "devices": jax.device_count(),
+    stem = "sharding_causal" if args.causal else "sharding"
+    (out / f"{stem}.json").write_text(json.dumps({"setup": head, "devices": jax.device_count(),
                                                    "backend": jax.default_backend(), "rows": rows}, indent=1))
-    (out / "sharding.md").write_text(text + "\n")
+    (out / f"{stem}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from viva_tensor.errors import (
     AxisNotFound,
     DimensionError,
     DTypeError,
-    DuplicateAxis,
     InvalidOp,
     InvalidShape,
     SizeMismatch,

@@ -18,15 +18,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from viva_tensor.sharding import _place
 from viva_tensor.errors import DTypeError, DimensionError, InvalidShape, ShapeMismatch, ShardingError
+from viva_tensor.sharding import _place
 
 __all__ = ["stack", "parallel_map", "parallel_sum", "cosine_similarity", "similarity_search", "top_k_similar"]
 

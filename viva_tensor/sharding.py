@@ -377,10 +377,8 @@ def shard(tree: Any, rules: Rules, mesh: Any = None, *, on_indivisible: str = "e
         P('data', None)
     """
     mesh_given = mesh is not None
-    leaves = jax.tree.leaves(tree, is_leaf=_is_leaf)
     tracing = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
     mesh = _current_mesh(mesh, concrete=not tracing and not mesh_given)
-    del leaves
 
     def one(x):
         if not isinstance(x, _named.NamedTensor):
