@@ -182,18 +182,23 @@ def _forward(q, k, v, axis_name, causal, scale, bq, bk):
     l = zero
     perm = _ring_perm(n)
 
-    def step(s, carry):
-        o, m, l, k4, v4 = carry
+    def merge(s, o, m, l, k4, v4):
         src = (idx - s) % n
 
         def compute(c):
             return _fwd_chunk(st, q5, k4, v4, *c, idx * T, src * T)
 
-        o, m, l = jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (o, m, l))
+        return jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (o, m, l))
+
+    def step(s, carry):
+        o, m, l, k4, v4 = carry
+        o, m, l = merge(s, o, m, l, k4, v4)
         k4, v4 = jax.lax.ppermute((k4, v4), axis_name, perm)
         return o, m, l, k4, v4
 
-    o, m, l, _, _ = jax.lax.fori_loop(0, n, step, (o, m, l, _to_kv(k, bk), _to_kv(v, bk)))
+    # n - 1 hops: the last chunk is merged where it arrives
+    o, m, l, k4, v4 = jax.lax.fori_loop(0, n - 1, step, (o, m, l, _to_kv(k, bk), _to_kv(v, bk)))
+    o, m, l = merge(n - 1, o, m, l, k4, v4)
     l_safe = jnp.where(l == 0, 1.0, l)
     out = _from_q(o / l_safe[..., None]).astype(q.dtype)
     lse = jnp.where(l == 0, _NEG, m + jnp.log(l_safe))
@@ -227,19 +232,24 @@ def _ring_bwd(axis_name, causal, scale, bq, bk, res, dout):
     dv = jnp.zeros(v4.shape, _F32) + 0.0 * v4.astype(_F32)
     perm = _ring_perm(n)
 
-    def step(s, carry):
-        dq, k4, v4, dk, dv = carry
+    def add(s, dq, k4, v4, dk, dv):
         src = (idx - s) % n
 
         def compute(c):
-            return _bwd_chunk(st, q5, do5, lse5, dd5, *c[:1], k4, v4, *c[1:], idx * T, src * T)
+            return _bwd_chunk(st, q5, do5, lse5, dd5, c[0], k4, v4, c[1], c[2], idx * T, src * T)
 
-        dq, dk, dv = jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (dq, dk, dv))
-        # the chunk and its gradient accumulators move on together: after n hops they are home
+        return jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (dq, dk, dv))
+
+    def step(s, carry):
+        dq, k4, v4, dk, dv = carry
+        dq, dk, dv = add(s, dq, k4, v4, dk, dv)
+        # the chunk and its gradient accumulators move on together
         k4, v4, dk, dv = jax.lax.ppermute((k4, v4, dk, dv), axis_name, perm)
         return dq, k4, v4, dk, dv
 
-    dq, _, _, dk, dv = jax.lax.fori_loop(0, n, step, (dq, k4, v4, dk, dv))
+    dq, k4, v4, dk, dv = jax.lax.fori_loop(0, n - 1, step, (dq, k4, v4, dk, dv))
+    dq, dk, dv = add(n - 1, dq, k4, v4, dk, dv)
+    dk, dv = jax.lax.ppermute((dk, dv), axis_name, perm)  # the n-th hop brings dK, dV home
     return _from_q(dq).astype(q.dtype), _from_kv(dk).astype(k.dtype), _from_kv(dv).astype(v.dtype)
 
 
