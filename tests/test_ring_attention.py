@@ -160,3 +160,17 @@ def test_errors():
         ra.ring_attention_local(q, k, v, axis_name="sp", block_q=0)
     with pytest.raises(ShardingError, match="expected a mesh"):
         ra.ring_attention(q, k, v, axis="sp")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_matches_single_device_flash_attention(causal):
+    flash = pytest.importorskip("viva_tensor.flash_attention")
+    q, k, v, do = inputs(jnp.float32, T=32)
+    mesh = ring_mesh(4)
+    ring = lambda q, k, v: ra.ring_attention(q, k, v, mesh=mesh, axis="sp", is_causal=causal, block_q=4)  # noqa: E731
+    one = lambda q, k, v: flash.dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(ring(q, k, v)), np.asarray(one(q, k, v)), rtol=2e-5, atol=2e-5)
+    g_ring = jax.grad(lambda *a: jnp.sum(ring(*a) * do), (0, 1, 2))(q, k, v)
+    g_one = jax.grad(lambda *a: jnp.sum(one(*a) * do), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_ring, g_one):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=5e-5, atol=5e-5)
