@@ -188,7 +188,7 @@ def _forward(q, k, v, axis_name, causal, scale, bq, bk):
         def compute(c):
             return _fwd_chunk(st, q5, k4, v4, *c, idx * T, src * T)
 
-        return jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (o, m, l))
+        return compute((o, m, l))  # hidden sub-blocks (all of them when src > idx) are skipped inside
 
     def step(s, carry):
         o, m, l, k4, v4 = carry
@@ -238,7 +238,7 @@ def _ring_bwd(axis_name, causal, scale, bq, bk, res, dout):
         def compute(c):
             return _bwd_chunk(st, q5, do5, lse5, dd5, c[0], k4, v4, c[1], c[2], idx * T, src * T)
 
-        return jax.lax.cond(jnp.logical_and(causal, src > idx), lambda c: c, compute, (dq, dk, dv))
+        return compute((dq, dk, dv))  # hidden sub-blocks (all of them when src > idx) are skipped inside
 
     def step(s, carry):
         dq, k4, v4, dk, dv = carry
