@@ -26,10 +26,13 @@ Decisions, documented and tested:
 * A NaN or infinity makes its own block's scale NaN (E4M3 0x7F, E8M0 0xFF), so that block
   dequantizes to NaN; NVFP4's tensor scale is computed from the finite values only, so no other
   block changes. ``validate=True`` raises :class:`~viva_tensor.errors.NonFiniteError` instead.
-* NVFP4 takes the sign bit as ModelOpt does (``x < 0``): ``-0.0`` is stored as code 0, a small
-  negative value that rounds to zero as code 8. MXFP4 keeps IEEE semantics (``-0.0`` is code 8).
-* A block whose E4M3 scale underflows to 0 (block amax below ~2**-9 / 448 of the tensor amax) stores
-  codes 0 (ModelOpt would divide by zero); it dequantizes to zeros either way.
+* The sign bit of a code is the float's sign bit, as the hardware conversion (PTX
+  ``cvt.rn.satfinite.e2m1x2``) and JAX's cast do: ``-0.0`` and a small negative value that rounds to
+  zero are code 8. ModelOpt's PyTorch fallback takes ``x < 0`` and so writes ``-0.0`` as code 0: the
+  only byte that can differ from it, and both decode to zero.
+* A block whose E4M3 scale underflows to 0 (block amax below ~2**-9 / 448 of the tensor amax) is
+  divided by infinity and stores zeros (codes 0 or 8; ModelOpt would divide by zero and store 7 or
+  15, times a zero scale); it dequantizes to zeros either way.
 * XLA on CPU flushes float32 subnormals to zero; inputs below 2**-126 in magnitude count as zeros.
 
 Example:
@@ -44,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -110,8 +112,8 @@ class MXFP4Tensor(QuantizedArray):
     _core_ndim = staticmethod(_core_ndim)
 
 
-def _prepare(x: Any, block: int) -> tuple[jax.Array, jax.Array]:
-    """Checks ``x``; returns it as float32 blocks (*lead, nb, block) and the original array."""
+def _check(x: Any) -> jax.Array:
+    """Checks that ``x`` is a non-empty float array."""
     x = jnp.asarray(x)
     if x.dtype not in _FLOAT_DTYPES:
         raise DTypeError(
@@ -123,11 +125,16 @@ def _prepare(x: Any, block: int) -> tuple[jax.Array, jax.Array]:
             argument="x", expected="at least one value", got=f"an empty array of shape {tuple(x.shape)}",
             hint="an empty tensor has nothing to quantize; skip it.",
         )
+    return x
+
+
+def _blocked(x: jax.Array, block: int) -> jax.Array:
+    """``x`` as float32 blocks (*lead, nb, block) along its last axis, zero-padded."""
     v = x.reshape(x.shape if x.ndim else (1,)).astype(jnp.float32)
     last = v.shape[-1]
     nb = -(-last // block)
     v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, nb * block - last)])
-    return v.reshape(*v.shape[:-1], nb, block), x
+    return v.reshape(*v.shape[:-1], nb, block)
 
 
 def _validate_finite(x: jax.Array) -> None:
@@ -149,10 +156,19 @@ def _validate_finite(x: jax.Array) -> None:
 
 
 def _pack_e2m1(scaled: jax.Array) -> jax.Array:
-    """E2M1 (round to nearest even, saturating) of (..., nb, block) values, packed first-low per byte."""
+    """E2M1 (round to nearest even, saturating) of (..., nb, block) values, packed first-low per byte.
+
+    The sign bit is the float's sign bit (``-0.0`` gives code 8). ``astype(float4_e2m1fn)`` then a
+    bitcast of pairs measured faster on CPU than counting decision points with compares.
+    """
     fp4 = scaled.astype(jnp.float4_e2m1fn)
     pairs = fp4.reshape(*fp4.shape[:-2], -1, 2)
     return jax.lax.bitcast_convert_type(pairs, jnp.uint8)
+
+
+def _block_ok(blocks: jax.Array) -> jax.Array:
+    """Whether each block is all finite: ``x * 0`` is NaN exactly for NaN and infinities."""
+    return ~jnp.isnan(jnp.sum(blocks * jnp.float32(0), axis=-1))
 
 
 def _unpack_e2m1(codes: jax.Array) -> jax.Array:
@@ -185,28 +201,28 @@ def quantize_nvfp4(x: Any, *, validate: bool = False) -> NVFP4Tensor:
         >>> [round(v, 2) for v in dequantize(q)[1, :4].tolist()]
         [15.5, 15.5, 15.5, 20.67]
     """
-    blocks, x = _prepare(x, NVFP4_BLOCK)
+    x = _check(x)
     if validate:
         _validate_finite(x)
-    finite = jnp.isfinite(blocks)
-    mag = jnp.where(finite, jnp.abs(blocks), 0)
-    tensor_scale = jnp.max(mag) / jnp.float32(6.0 * 448.0)
-    block_amax = jnp.max(mag, axis=-1)
+    codes, scales, tensor_scale = _nvfp4_core(x)
+    return NVFP4Tensor(codes=codes, scales=scales, tensor_scale=tensor_scale, shape=tuple(x.shape), dtype=x.dtype)
+
+
+@jax.jit
+def _nvfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    blocks = _blocked(x, NVFP4_BLOCK)
+    ok = _block_ok(blocks)
+    block_amax = jnp.where(ok, jnp.max(jnp.abs(blocks), axis=-1), 0)
+    tensor_scale = jnp.max(block_amax) / jnp.float32(6.0 * 448.0)
     six_g = jnp.float32(6.0) * tensor_scale
     s = jnp.where(six_g > 0, block_amax / jnp.where(six_g > 0, six_g, 1), 0)
     s = jnp.minimum(jnp.where(s == 0, jnp.float32(1), s), jnp.float32(_E4M3_MAX))
-    s = jnp.where(jnp.all(finite, axis=-1), s, jnp.float32(jnp.nan))
+    s = jnp.where(ok, s, jnp.float32(jnp.nan))
     scales = s.astype(jnp.float8_e4m3fn)
     denom = (scales.astype(jnp.float32) * tensor_scale)[..., None]
-    scaled = jnp.where(denom > 0, blocks / jnp.where(denom > 0, denom, 1), 0)
-    scaled = jnp.where(scaled == 0, jnp.float32(0), scaled)  # -0.0 -> +0.0: the sign is x < 0
-    return NVFP4Tensor(
-        codes=_pack_e2m1(scaled),
-        scales=scales,
-        tensor_scale=tensor_scale,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
-    )
+    # A zero scale (all-zero tensor, or an E4M3 underflow) divides by infinity instead: zeros.
+    denom = jnp.where(denom > 0, denom, jnp.float32(jnp.inf))
+    return _pack_e2m1(blocks / denom), scales, tensor_scale
 
 
 def _pow2(exponent: jax.Array) -> jax.Array:
@@ -237,17 +253,23 @@ def quantize_mxfp4(x: Any, *, validate: bool = False) -> MXFP4Tensor:
         >>> q.scales.tolist(), dequantize(q).tolist()
         ([127], [0.0, 6.0, -2.0])
     """
-    blocks, x = _prepare(x, MXFP4_BLOCK)
+    x = _check(x)
     if validate:
         _validate_finite(x)
-    finite = jnp.isfinite(blocks)
-    amax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0), axis=-1)
+    codes, scales = _mxfp4_core(x)
+    return MXFP4Tensor(codes=codes, scales=scales, shape=tuple(x.shape), dtype=x.dtype)
+
+
+@jax.jit
+def _mxfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    blocks = _blocked(x, MXFP4_BLOCK)
+    ok = _block_ok(blocks)
+    amax = jnp.where(ok, jnp.max(jnp.abs(blocks), axis=-1), 0)
     biased_exp = (jax.lax.bitcast_convert_type(amax, jnp.uint32) >> 23).astype(jnp.int32)
     biased = jnp.maximum(biased_exp - 2, 0)  # floor(log2 amax) - 2, clamped at 2**-127
-    ok = jnp.all(finite, axis=-1)
     scaled = blocks * _pow2(127 - biased)[..., None]  # x / 2**(biased - 127), exact
     scales = jnp.where(ok, biased, 255).astype(jnp.uint8)
-    return MXFP4Tensor(codes=_pack_e2m1(scaled), scales=scales, shape=tuple(x.shape), dtype=x.dtype)
+    return _pack_e2m1(scaled), scales
 
 
 def _finish(values: jax.Array, q: Any) -> jax.Array:
@@ -277,22 +299,27 @@ def dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
         >>> dequantize(quantize_nvfp4(jnp.array([[1.0, -2.0, 0.0]]))).tolist()
         [[1.0, -2.0, 0.0]]
     """
+    if not isinstance(q, (NVFP4Tensor, MXFP4Tensor)):
+        raise FormatError(
+            argument="q", expected="an NVFP4Tensor or MXFP4Tensor", got=type(q).__name__,
+            hint="use viva_tensor.quant.dequantize for any format.",
+        )
+    return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
     if isinstance(q, NVFP4Tensor):
         values = _unpack_e2m1(q.codes)
         scale = q.scales.astype(jnp.float32) * q.tensor_scale.reshape(
             q.tensor_scale.shape + (1,) * (q.scales.ndim - q.tensor_scale.ndim)
         )
-    elif isinstance(q, MXFP4Tensor):
+    else:
         values = _unpack_e2m1(q.codes)
         e = q.scales.astype(jnp.int32) - 127
         half = e // 2  # two normal factors: XLA on CPU flushes the subnormal 2**-127 to zero
         scale = _pow2(half) * _pow2(e - half)
         scale = jnp.where(q.scales == 255, jnp.float32(jnp.nan), scale)
-    else:
-        raise FormatError(
-            argument="q", expected="an NVFP4Tensor or MXFP4Tensor", got=type(q).__name__,
-            hint="use viva_tensor.quant.dequantize for any format.",
-        )
     values = values.reshape(*q.scales.shape, q.block_size) * scale[..., None]
     return _finish(values, q)
 

