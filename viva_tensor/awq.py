@@ -20,8 +20,9 @@ with the lowest MSE of that group's partial outputs on (at most ~512) calibratio
 
 The quantizer (:func:`quantize_group`, also the plain baseline, format ``"int4_group"``) is
 llm-awq's ``pseudo_quantize_tensor`` with zero points, in float32, with storage rounding made part
-of the definition: per group of ``group_size`` consecutive input channels of a row,
-``scale = float16(max(max - min, 1e-5) / 15)``, ``zero = clip(-round(min / scale), 0, 15)``,
+of the definition: per group of ``group_size`` consecutive input channels of a row, with
+``hi = max(max, 0)`` and ``lo = min(min, 0)``,
+``scale = float16(max(hi - lo, 1e-5) / 15)``, ``zero = clip(-round(lo / scale), 0, 15)``,
 ``code = clip(round(w / scale) + zero, 0, 15)`` (round half to even, with the float16 ``scale``
 read back as float32), value ``(code - zero) * scale``. Divisions are correctly rounded (XLA
 would otherwise multiply by a rounded reciprocal of a broadcast divisor under ``jit``), so the codes
@@ -46,6 +47,11 @@ only the attention output projection could be folded (into the value projection)
 therefore carries ``act_scale`` (``in`` float16 values, ~0.04 bits per weight for a 384-wide layer).
 
 Decisions:
+
+- The range of a group always holds 0 (as GPTQ's quantizer). llm-awq uses the group's own min and
+  max and clamps the zero point to 0..15, so a group that does not straddle 0 (e.g. all values in
+  [1.0, 1.1]) decodes to values in [0, 0.1]: a silent wrong answer. For the groups of real weights,
+  which straddle 0, both definitions give the same codes.
 
 - A group size that does not divide ``in``: the last group is shorter (padded inside with copies of
   its last value, which change neither its min nor its max; no code is stored for the padding).
@@ -750,8 +756,8 @@ def quantize_group(
 ) -> GroupInt4Tensor:
     """Plain group-wise asymmetric 4-bit quantization with zero points (the baseline; format ``"int4_group"``).
 
-    Per group of ``group_size`` input channels of each row: ``scale = float16(max(max - min, 1e-5) / 15)``,
-    ``zero = clip(-round(min / scale), 0, 15)``, ``code = clip(round(w / scale) + zero, 0, 15)``
+    Per group of ``group_size`` input channels of each row, with ``lo = min(min, 0)``, ``hi = max(max, 0)``:
+    ``scale = float16(max(hi - lo, 1e-5) / 15)``, ``zero = clip(-round(lo / scale), 0, 15)``, ``code = clip(round(w / scale) + zero, 0, 15)``
     (see the module docstring for the storage and the decisions).
 
     Args:
