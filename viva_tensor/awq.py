@@ -741,6 +741,7 @@ def _check_clip(clip: Any, out: int, ng: int) -> jax.Array:
     return clip.astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _encode(w32: jax.Array, group: int, clip: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     code, scale, zero = _quant_core(w32, group, clip)
     code = code.reshape(*code.shape[:-2], -1)[..., : w32.shape[-1]]
@@ -869,6 +870,7 @@ def _check_record(q: Any, name: str = "q") -> None:
         )
 
 
+@jax.jit
 def _grid_weight(q: GroupInt4Tensor | AWQTensor) -> jax.Array:
     """The stored grid weight (``Q(W * s)`` for AWQ), float32 ``batch + (out, in)``."""
     out, k = q.shape
