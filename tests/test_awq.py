@@ -110,6 +110,19 @@ def test_quantize_group_matches_numpy(shape, group, dtype, maybe_jit):
     np.testing.assert_array_equal(np.asarray(deq, np.float32), expected.astype(dtype).astype(np.float32))
 
 
+@pytest.mark.parametrize("shape", [(40,), (2, 3, 40), (5, 1)])
+def test_any_rank_groups_along_the_last_axis(shape):
+    w = np.random.default_rng(18).normal(size=shape).astype(np.float32)
+    q = awq.quantize_group(jnp.asarray(w), group_size=16)
+    assert q.shape == shape and q.codes.ndim == 2
+    deq = np.asarray(awq.dequantize(q))
+    assert deq.shape == shape
+    np.testing.assert_array_equal(deq.reshape(-1, shape[-1]), np_fake(w.reshape(-1, shape[-1]), 16))
+    a = awq.quantize_awq(jnp.asarray(w), scales=jnp.full(shape[-1], 2.0), group_size=16)
+    np.testing.assert_array_equal(np.asarray(awq.dequantize(a)).reshape(-1, shape[-1]),
+                                  np_fake(w.reshape(-1, shape[-1]) * 2, 16) / 2)
+
+
 def test_bytes_are_the_buffers():
     q = awq.quantize_group(jnp.ones((384, 300)), group_size=128)  # 3 groups, the last one of 44
     ng = 3
@@ -475,8 +488,12 @@ def test_capture_linear_inputs_and_quantize_model():
 
 def test_errors():
     w = jnp.ones((4, 32))
+    with pytest.raises(DimensionError, match=r"argument 'w': expected an array of rank >= 1 \(\.\.\., in\), got a scalar"):
+        awq.quantize_group(jnp.float32(1.0))
     with pytest.raises(DimensionError, match=r"argument 'w': expected a 2-D weight \(out, in\), got \(32,\)"):
-        awq.quantize_group(jnp.ones(32))
+        awq.apply_weight_transform(jnp.ones(32), jnp.ones(32))
+    with pytest.raises(DimensionError, match="argument 'q': expected a 2-D record"):
+        awq.awq_matmul(jnp.ones((1, 8)), awq.quantize_group(jnp.ones((2, 3, 8))))
     with pytest.raises(DTypeError, match="argument 'w': expected float32, bfloat16 or float16, got int32"):
         awq.quantize_group(jnp.ones((4, 32), jnp.int32))
     with pytest.raises(InvalidShape, match="argument 'w': expected at least one value"):

@@ -64,7 +64,9 @@ Decisions:
   (eagerly). A NaN output loss counts as infinite in the searches.
 - float16 scales: a group range above ~9.8e5 (after AWQ scaling) overflows to an infinite scale and
   that group dequantizes to NaN, as with any float16-scale format.
-- Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`; weights must be 2-D ``(out, in)``.
+- Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`. A weight is ``(out, in)``; the
+  quantizers also take any rank >= 1 (groups run along the last axis, every leading dim is a row),
+  so ``quant.quantize`` and ``viva-tensor report`` work on any tensor; the matmuls need 2-D records.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -270,6 +272,14 @@ def _weight(w: Any, name: str = "w") -> jax.Array:
             hint="nnx.Linear's kernel is (in, out): pass kernel.T; vmap over a stack of weights.",
         )
     return w
+
+
+def _rows_of(w: Any, name: str = "w") -> tuple[jax.Array, jax.Array]:
+    """A weight of any rank >= 1 and its 2-D view ``(rows, in)``: groups run along the last axis."""
+    w = _as_float(w, name)
+    if w.ndim == 0:
+        raise DimensionError(argument=name, expected="an array of rank >= 1 (..., in)", got="a scalar")
+    return w, w.reshape(-1, w.shape[-1])
 
 
 def _features(x: Any, n: int, name: str) -> jax.Array:
@@ -762,7 +772,8 @@ def quantize_group(
     (see the module docstring for the storage and the decisions).
 
     Args:
-        w: float32, bfloat16 or float16 ``(out, in)`` (PyTorch layout: groups run along ``in``).
+        w: float32, bfloat16 or float16 ``(out, in)`` (PyTorch layout: groups run along ``in``), or
+            any rank >= 1 (groups along the last axis).
         group_size: channels per group; the last group is shorter when it does not divide ``in``.
         clip: optional float ``(out, n_groups)``: clamp each group to ``[-clip, clip]`` first
             (from :func:`search_clip`).
@@ -772,7 +783,7 @@ def quantize_group(
         A :class:`GroupInt4Tensor`.
 
     Raises:
-        DimensionError: ``w`` not 2-D. DTypeError, InvalidShape: non-float or empty ``w``.
+        DimensionError: a scalar ``w``. DTypeError, InvalidShape: non-float or empty ``w``.
         ConfigError: a ``group_size`` that is not a positive integer; ``validate`` under jit.
         ShapeMismatch: a ``clip`` of the wrong shape. NonFiniteError: ``validate`` and a non-finite weight.
 
@@ -783,12 +794,12 @@ def quantize_group(
         ([[0.199951171875]], ['0x50', '0xfa'], [[0.0, 0.999755859375, 1.99951171875, 2.999267578125]])
     """
     group = _positive_int("group_size", group_size)
-    w = _weight(w)
+    w, w2 = _rows_of(w)
     if validate:
         _validate_finite(w, "w")
     if clip is not None:
-        clip = _check_clip(clip, w.shape[0], _n_groups(w.shape[1], group))
-    codes, scales, zeros = _encode(w.astype(jnp.float32), group, clip)
+        clip = _check_clip(clip, w2.shape[0], _n_groups(w2.shape[1], group))
+    codes, scales, zeros = _encode(w2.astype(jnp.float32), group, clip)
     return GroupInt4Tensor(codes, scales, zeros, shape=tuple(w.shape), dtype=w.dtype, group_size=group)
 
 
@@ -809,7 +820,7 @@ def quantize_awq(
     gives without activations).
 
     Args:
-        w: float32, bfloat16 or float16 ``(out, in)``.
+        w: float32, bfloat16 or float16 ``(out, in)`` (or any rank >= 1, groups along the last axis).
         calibration: the layer's inputs ``(..., in)``, real tokens only.
         scales: given AWQ scales ``(in,)`` (skips the scale search).
         config: an :class:`AWQConfig` (default :func:`default_config`).
@@ -831,22 +842,22 @@ def quantize_awq(
         ([2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], 1.0, 'awq_int4')
     """
     config = _config(config, group_size)
-    w = _weight(w)
+    w, w2 = _rows_of(w)
     x32 = None
     if calibration is not None:
-        x32 = _rows(_features(calibration, w.shape[1], "calibration"))
+        x32 = _rows(_features(calibration, w2.shape[1], "calibration"))
     if validate:
         _validate_finite(w, "w")
         if x32 is not None:
             _validate_finite(x32, "calibration")
-    w32 = w.astype(jnp.float32)
+    w32 = w2.astype(jnp.float32)
     if scales is not None:
-        s = _stored_scales(_vector(scales, w.shape[1], "scales"))
+        s = _stored_scales(_vector(scales, w2.shape[1], "scales"))
     elif x32 is not None:
         stats = jnp.mean(jnp.abs(x32), axis=0)
         s = _search_core(w32, x32, stats, group=config.group_size, n_grid=config.n_grid, duo=config.duo_scaling)[0]
     else:
-        s = jnp.ones((w.shape[1],), jnp.float32)
+        s = jnp.ones((w2.shape[1],), jnp.float32)
     ws = w32 * s[None, :]
     clip = None
     if config.clip:
@@ -872,15 +883,16 @@ def _check_record(q: Any, name: str = "q") -> None:
 
 @jax.jit
 def _grid_weight(q: GroupInt4Tensor | AWQTensor) -> jax.Array:
-    """The stored grid weight (``Q(W * s)`` for AWQ), float32 ``batch + (out, in)``."""
-    out, k = q.shape
+    """The stored grid weight (``Q(W * s)`` for AWQ), float32 ``batch + shape``."""
+    k = q.shape[-1]
     group = min(q.group_size, k)
     ng = -(-k // group)
     codes = _unpack(q.codes, k)
     codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, ng * group - k)])
     codes = codes.reshape(*codes.shape[:-1], ng, group)
     deq = _dequant_core(codes, q.scales, _unpack(q.zeros, ng))
-    return deq.reshape(*deq.shape[:-2], -1)[..., :k]
+    deq = deq.reshape(*deq.shape[:-2], -1)[..., :k]
+    return deq.reshape(*deq.shape[:-2], *q.shape)
 
 
 def dequantize(q: GroupInt4Tensor | AWQTensor) -> jax.Array:
@@ -890,7 +902,7 @@ def dequantize(q: GroupInt4Tensor | AWQTensor) -> jax.Array:
         q: a :class:`GroupInt4Tensor` or an :class:`AWQTensor` (batch dims from ``vmap`` allowed).
 
     Returns:
-        ``q.batch_shape + (out, in)`` in ``q.dtype``.
+        ``q.batch_shape + q.shape`` in ``q.dtype``.
 
     Raises:
         FormatError: ``q`` is another kind of object.
@@ -928,7 +940,8 @@ def dequantize_awq(q: GroupInt4Tensor | AWQTensor, *, include_scales: bool = Tru
     _check_record(q)
     w = _grid_weight(q)
     if include_scales and isinstance(q, AWQTensor):
-        w = _div(w, q.act_scale.astype(jnp.float32)[..., None, :])
+        s = q.act_scale.astype(jnp.float32)
+        w = _div(w, s.reshape(*s.shape[:-1], *(1,) * (len(q.shape) - 1), s.shape[-1]))
     return w.astype(q.dtype)
 
 
@@ -957,9 +970,10 @@ def awq_matmul(x: jax.Array, q: GroupInt4Tensor | AWQTensor, *, bias: jax.Array 
         [1.0, 2.0, 2.999, 3.999]
     """
     _check_record(q)
-    if q.batch_shape:
-        raise DimensionError(argument="q", expected="a record without batch dims", got=q.batch_shape,
-                             hint="vmap awq_matmul over the stacked records.")
+    if q.batch_shape or len(q.shape) != 2:
+        raise DimensionError(argument="q", expected="a 2-D record (out, in) without batch dims",
+                             got=f"shape {tuple(q.shape)}, batch dims {q.batch_shape}",
+                             hint="vmap awq_matmul over stacked records.")
     out, k = q.shape
     x = _features(x, k, "x")
     x32 = x.astype(jnp.float32)
