@@ -310,6 +310,12 @@ def write(results: dict, reference: dict, n_hold: int, seconds: float) -> None:
                 f"paragraphs {r['awq_mse_hold_long'] / r['int4_group_mse_hold_long']:.3f})" for r in losers) + "."]
     lines += [
         "",
+        "Why layers.3.attention.out loses (checked once, by hand, on the same captures): its per-channel "
+        "statistic is flat (max / median about 2.8 on the calibration, 2.6 on the holdout: no outlier channel "
+        "to protect), and the mean |x| of some heads moves by 40-50% between the calibration and the holdout "
+        "text, so the few percent the search gains on the calibration are fitted noise. Layers with outlier "
+        "channels (the FFN layers, the value projections) gain 25-40% on both.",
+        "",
         "## Calibration sets compared",
         "",
         "| calibration | tokens | AWQ lower on holdout | geomean AWQ / plain | geomean AWQ+clip / plain | cos AWQ | cos AWQ+clip |",
