@@ -350,6 +350,13 @@ def test_awq_never_worse_than_plain_on_its_calibration(seed, k, n):
     assert err(np.asarray(awq.dequantize(q))) <= err(np_fake(w, 16)) * (1 + 1e-4) + 1e-9
 
 
+def test_extreme_scales_are_clamped_to_float16_range():
+    s = jnp.array([1e-9, 1.0, 1e9, 3.0], jnp.float32)
+    q = awq.quantize_awq(jnp.ones((2, 4)), scales=s, group_size=4)
+    np.testing.assert_array_equal(np.asarray(q.act_scale, np.float32), [2.0**-14, 1.0, 65504.0, 3.0])
+    assert np.isfinite(np.asarray(awq.dequantize(q))).all()
+
+
 def test_unit_scales_without_activations_is_plain():
     w = jnp.asarray(np.random.default_rng(11).normal(size=(4, 64)), jnp.float32)
     q = awq.quantize_awq(w, group_size=32)

@@ -63,7 +63,9 @@ Decisions:
   other groups are untouched. ``validate=True`` raises :class:`~viva_tensor.errors.NonFiniteError`
   (eagerly). A NaN output loss counts as infinite in the searches.
 - float16 scales: a group range above ~9.8e5 (after AWQ scaling) overflows to an infinite scale and
-  that group dequantizes to NaN, as with any float16-scale format.
+  that group dequantizes to NaN, as with any float16-scale format. The AWQ scales ``s`` are clamped to
+  float16's normal range ``[2**-14, 65504]`` before they are used (reached only when the activation
+  statistics span more than ~9 decades).
 - Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`. A weight is ``(out, in)``; the
   quantizers also take any rank >= 1 (groups run along the last axis, every leading dim is a row),
   so ``quant.quantize`` and ``viva-tensor report`` work on any tensor; the matmuls need 2-D records.
@@ -390,8 +392,9 @@ def _unpack(packed: jax.Array, n: int) -> jax.Array:
 
 
 def _stored_scales(s: jax.Array) -> jax.Array:
-    """AWQ scales as they are stored (float16) and used (read back as float32)."""
-    return s.astype(jnp.float32).astype(jnp.float16).astype(jnp.float32)
+    """AWQ scales as they are stored (float16, clamped to its normal range) and used (read back as float32)."""
+    s = jnp.clip(s.astype(jnp.float32), jnp.float32(2.0**-14), jnp.float32(65504.0))
+    return s.astype(jnp.float16).astype(jnp.float32)
 
 
 def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
