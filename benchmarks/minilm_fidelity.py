@@ -1,6 +1,7 @@
 """Fidelity of the quantized MiniLM encoders: bytes of the weights, cosine to float32, retrieval agreement.
 
-For every format of :mod:`viva_tensor.quant` (and a mixed NF4 + INT8 recipe), the 36 ``nnx.Linear``
+For every format of :mod:`viva_tensor.quant` (a mixed NF4 + INT8 recipe, and one-shot 2:4 magnitude
+pruning from :mod:`viva_tensor.sparsity`, emulated dense), the 36 ``nnx.Linear``
 layers of all-MiniLM-L6-v2 are replaced by :class:`viva_tensor.nn.QLinear` (``nn.quantize_model``;
 the embeddings, norms and biases stay float32), the 32 sentences of
 ``tests/data/minilm_reference.npz`` are embedded, and compared with the float32 encoder:
@@ -47,8 +48,27 @@ def neighbours(e: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-sim, axis=1, kind="stable")[:, :k]
 
 
+def pruned_24(model):
+    """A copy with every Linear kernel 2:4-pruned by magnitude (kept dense: decompressed), and the bytes
+    of the 2:4 records (kept values + 2-bit positions). No retraining: one-shot pruning."""
+    from viva_tensor import sparsity
+
+    copy = nnx.clone(model)
+    before = after = 0
+    for _, node in nnx.iter_graph(copy):
+        if isinstance(node, nnx.Linear):
+            kernel = node.kernel.get_value()
+            record = sparsity.prune_24_magnitude(kernel.T)  # groups of 4 along the input features
+            node.kernel.set_value(sparsity.decompress(record).T)
+            before += int(kernel.nbytes)
+            after += int(record.nbytes)
+    return copy, after, before
+
+
 def quantized(model, fmt: str):
-    """(model, kernel bytes) for a format name, or the mixed recipe ``"nf4+int8"``."""
+    """(model, kernel bytes, float kernel bytes) for a format name, ``"nf4+int8"`` or ``"2:4"``."""
+    if fmt == "2:4":
+        return pruned_24(model)
     if fmt == "nf4+int8":
         sensitive = lambda path, layer: path.endswith(SENSITIVE)  # noqa: E731
         m1, r1 = nn.quantize_model(model, "nf4", where=lambda p, l: not sensitive(p, l))
@@ -98,7 +118,7 @@ def main() -> None:
         int(node.kernel.get_value().nbytes) for _, node in nnx.iter_graph(encoder.model) if isinstance(node, nnx.Linear)
     )
     rows = []
-    for fmt in ["float32", *quant.format_names(), "nf4+int8"]:
+    for fmt in ["float32", *quant.format_names(), "nf4+int8", "2:4"]:
         row = measure(encoder, sentences, base, original, fmt)
         if row["kernel_bytes"] is None:
             row["kernel_bytes"] = kernel_f32
@@ -131,6 +151,8 @@ def write(rows: list[dict], n: int) -> None:
         "float32 encoder's embeddings (the last column: to the original PyTorch model's); top-1 agreement "
         "is the share of sentences whose nearest other sentence is unchanged, top-3 the mean overlap of the "
         "3 nearest. `nf4+int8`: NF4, with the attention value, intermediate and output layers in INT8. "
+        "`2:4`: one-shot 2:4 magnitude pruning of the kernels (no retraining), float32 values kept; model "
+        "bytes for 2:4 count the dense emulation, kernel bytes the 2:4 records. "
         "Written by `python benchmarks/minilm_fidelity.py`.",
         "",
         "| format | kernel bytes | bits/value | model bytes | mean cos | min cos | top-1 agree | top-3 overlap "

@@ -408,3 +408,13 @@ def test_property_matches_reference(shape, log_scale, seed, fmt, dt):
     assert y.shape == x.shape and y.dtype == x.dtype
     amax = np.abs(x32).max()
     assert np.all(np.abs(np.asarray(y, F32) - x32) <= amax * 0.5 + 1e-30)
+
+
+@pytest.mark.parametrize("f", [bw.quantize_nvfp4, bw.quantize_mxfp4])
+def test_compiled_memory_is_small(f):
+    from viva_tensor.memory import compiled_memory
+
+    x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+    m = compiled_memory(f, x)
+    assert m.temp_bytes <= 0.6 * 2**20  # well under the 4 MiB input
+    assert 0 <= m.output_bytes - f(jnp.ones((1024, 1024))).nbytes <= 64  # plus the tuple's pointers

@@ -77,6 +77,12 @@ def test_run_report_every_format_and_print(checkpoint):
     assert "SQNR (dB)" in text and "cosine" in text
 
 
+def test_run_report_with_a_progress_bar(checkpoint, capsys):
+    rows = report.run_report(checkpoint[0], formats=["q8_0"], progress=True)
+    assert [r["format"] for r in rows] == ["original", "q8_0"]
+    assert capsys.readouterr().out == ""  # the bar goes to stderr, never into the report
+
+
 def test_run_report_errors(tmp_path, checkpoint):
     with pytest.raises(CheckpointError, match="no such file"):
         report.run_report(tmp_path / "missing.safetensors", progress=False)

@@ -193,6 +193,7 @@ def test_bytes_match_gguf_package(fmt, rng):
     np.testing.assert_array_equal(np.asarray(compression.dequantize(q)), quants.dequantize(ours, qtype))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
 def test_fma_immunity_millions_of_values(fmt):
     """Bytes identical to the C reference under jit and eagerly on 2**22 values.
@@ -209,6 +210,7 @@ def test_fma_immunity_millions_of_values(fmt):
     np.testing.assert_array_equal(eager, want[:64])
 
 
+@pytest.mark.slow
 def test_naive_formula_is_not_immune_note():
     """Documents why the immunity matters: the naive jitted Q4_0 formula, compared with C."""
     rng = np.random.default_rng(1234)

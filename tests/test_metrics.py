@@ -204,9 +204,9 @@ def test_find_salient_weights_ties_and_errors():
 # ----------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
-    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
+    shape=st.sampled_from([(1,), (7,), (3, 5), (2, 3, 4)]),
     seed=st.integers(0, 2**31 - 1),
     noise=st.sampled_from([0.0, 1e-3, 0.5, 10.0]),
 )

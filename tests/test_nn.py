@@ -227,7 +227,7 @@ class MLP(nnx.Module):
 
 
 def numpy_mlp(model, x):
-    """The MLP in float64 NumPy, with each layer's weight taken from ``weight_of``."""
+    """The MLP in float64 NumPy; a QLinear layer contributes its dequantized weight."""
 
     def lin(layer, a):
         if isinstance(layer, nn.QLinear):
@@ -253,9 +253,7 @@ def test_quantize_model_is_dequantize_then_matmul(fmt, rng):
     qmodel, report = nn.quantize_model(model, fmt)
     assert all(type(layer) is nnx.Linear for layer in (model.up, model.down, *model.blocks))  # unchanged
     assert all(type(layer) is nn.QLinear for layer in (qmodel.up, qmodel.down, *qmodel.blocks))
-    assert report.quantized == ("blocks.0", "blocks.1", "down", "up") or set(report.quantized) == {
-        "up", "blocks.0", "blocks.1", "down"
-    }
+    assert set(report.quantized) == {"up", "blocks.0", "blocks.1", "down"} and report.skipped == ()
     x = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
     out = nnx.jit(lambda m, x: m(x))(qmodel, x)
     np.testing.assert_allclose(np.asarray(out), numpy_mlp(qmodel, x), rtol=1e-4, atol=1e-4)

@@ -246,7 +246,7 @@ def _roundf(p: jax.Array) -> jax.Array:
 
 
 def _div_exact(a: jax.Array, n: int) -> jax.Array:
-    """``a / n`` correctly rounded in float32, for ``n`` in (15, 127): ``n + 1`` a power of two.
+    """``a / n`` correctly rounded in float32, for ``n`` in {15, 127}: ``n + 1`` a power of two.
 
     XLA rewrites a division by a constant into a multiplication by its rounded reciprocal, which is
     one ulp off for most values (GGML divides). So the quotient is taken among the floats nearest
@@ -272,10 +272,16 @@ def _div_exact(a: jax.Array, n: int) -> jax.Array:
 
 
 def _reciprocal(d: jax.Array) -> jax.Array:
-    """``1 / d``, or 0 where ``d`` is 0 or its reciprocal overflows (GGML: ``d ? 1.0f/d : 0.0f``)."""
-    safe = jnp.where(d == 0, jnp.float32(1), d)
-    inv = jnp.float32(1) / safe
-    return jnp.where((d == 0) | ~jnp.isfinite(inv), jnp.float32(0), inv)
+    """``1 / d``, or 0 where ``d`` is 0 or subnormal or its reciprocal overflows.
+
+    GGML writes ``d ? 1.0f/d : 0.0f``; treating subnormal ``d`` as 0 too makes the result the same on
+    every backend (XLA on CPU flushes subnormals, on GPU it may not).
+    """
+    # 1 / inf = 0; the final select reads only the quotient, so that XLA, which does not duplicate a
+    # division into the per-value loop, computes everything above it once per block.
+    tiny = jnp.abs(d) < jnp.float32(np.finfo(np.float32).tiny)
+    inv = jnp.float32(1) / jnp.where(tiny, jnp.float32(jnp.inf), d)
+    return jnp.where(jnp.isfinite(inv), inv, jnp.float32(0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,10 +459,17 @@ def _ggml_prepare(x: jax.Array, validate: bool) -> tuple[jax.Array, Any, tuple[i
 
 
 def _finite_blocks(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Blocks of 32 with non-finite blocks zeroed, and the ``(n_blocks, 1)`` mask of finite blocks."""
+    """Blocks of 32 and the ``(n_blocks, 1)`` mask of finite blocks.
+
+    Non-finite blocks are not zeroed here (that would cost a pass over memory): their statistics
+    become NaN or inf and their codes are replaced at the end (:func:`_zero_codes_where_not`).
+    """
     blocks = _blocks(x32, GGML_BLOCK_SIZE)
-    finite = jnp.all(jnp.isfinite(blocks), axis=1, keepdims=True)
-    return jnp.where(finite, blocks, jnp.float32(0)), finite
+    return blocks, jnp.all(jnp.isfinite(blocks), axis=1, keepdims=True)
+
+
+def _zero_codes_where_not(finite: jax.Array, codes: jax.Array, zero_code: int) -> jax.Array:
+    return jnp.where(finite, codes, zero_code)
 
 
 def _nan_where_not(finite: jax.Array, d: jax.Array) -> jax.Array:
@@ -498,11 +511,15 @@ def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
 def _q4_0_core(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
     blocks, finite = _finite_blocks(x32)
     amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
-    first = jnp.argmax(jnp.abs(blocks), axis=1, keepdims=True)
-    vmax = jnp.where(amax > 0, jnp.take_along_axis(blocks, first, axis=1), jnp.float32(0))
+    # The first value of largest magnitude (C keeps the first on a tie): +amax or -amax, whichever
+    # comes first. Two min-reductions instead of an argmax and a gather (much faster on CPU).
+    position = jax.lax.broadcasted_iota(jnp.int32, blocks.shape, 1)
+    first_pos = jnp.min(jnp.where(blocks == amax, position, GGML_BLOCK_SIZE), axis=1, keepdims=True)
+    first_neg = jnp.min(jnp.where(blocks == -amax, position, GGML_BLOCK_SIZE), axis=1, keepdims=True)
+    vmax = jnp.where(amax > 0, jnp.where(first_pos <= first_neg, amax, -amax), jnp.float32(0))
     d = vmax / jnp.float32(-8)  # exact: a power of two
     codes = _count_thresholds(blocks * _reciprocal(d), _Q4_0_THRESHOLDS)
-    return _pack_nibbles(codes), _nan_where_not(finite, d)
+    return _pack_nibbles(_zero_codes_where_not(finite, codes, 8)), _nan_where_not(finite, d)
 
 
 def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
@@ -542,7 +559,7 @@ def _q4_1_core(x32: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     vmin = jnp.min(blocks, axis=1, keepdims=True)
     vmax = jnp.max(blocks, axis=1, keepdims=True)
     d = _div_exact(vmax - vmin, 15)
-    codes = _count_thresholds((blocks - vmin) * _reciprocal(d), _Q4_1_THRESHOLDS)
+    codes = _zero_codes_where_not(finite, _count_thresholds((blocks - vmin) * _reciprocal(d), _Q4_1_THRESHOLDS), 0)
     m = jnp.where(finite[:, 0], vmin[:, 0], jnp.float32(jnp.nan)).astype(jnp.float16)
     return _pack_nibbles(codes), _nan_where_not(finite, d), m
 
@@ -580,8 +597,8 @@ def _q8_0_core(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
     blocks, finite = _finite_blocks(x32)
     amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
     d = _div_exact(amax, 127)
-    codes = jnp.clip(_roundf(blocks * _reciprocal(d)), -127, 127).astype(jnp.int8)
-    return codes, _nan_where_not(finite, d)
+    codes = jnp.clip(_roundf(blocks * _reciprocal(d)), -127, 127)
+    return _zero_codes_where_not(finite, codes, 0).astype(jnp.int8), _nan_where_not(finite, d)
 
 
 def quantize_q4(x: jax.Array, block_size: int = 32, *, validate: bool = False) -> Q4_0Tensor:

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: Query rows per block when ``block_q`` is not given (clamped to the sequence length).
-DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_Q = 256
 #: Key/value rows per block when ``block_kv`` is not given (clamped to the sequence length).
 DEFAULT_BLOCK_KV = 512
 
@@ -187,7 +187,7 @@ def _kv_range(st: _Static, i0, num_kv_blocks: int):
     """[lo, hi) of the key/value blocks that some query of the block starting at i0 can see."""
     lo_pos = jnp.int32(0)
     hi_pos = jnp.int32(st.seq_kv)
-    last_q = i0 + st.block_q - 1
+    last_q = jnp.minimum(i0 + st.block_q, st.seq_q) - 1
     if st.causal:
         hi_pos = jnp.minimum(hi_pos, last_q + 1)
     if st.window is not None:
@@ -196,14 +196,14 @@ def _kv_range(st: _Static, i0, num_kv_blocks: int):
         hi_pos = jnp.minimum(hi_pos, last_q + right + 1)
     lo = jnp.clip(lo_pos // st.block_kv, 0, num_kv_blocks)
     hi = jnp.clip((hi_pos + st.block_kv - 1) // st.block_kv, lo, num_kv_blocks)
-    return lo, hi
+    return lo, jnp.where(lo_pos < hi_pos, hi, lo)
 
 
 def _q_range(st: _Static, j0, num_q_blocks: int):
     """[lo, hi) of the query blocks that see some key of the block starting at j0."""
     lo_pos = jnp.int32(0)
     hi_pos = jnp.int32(st.seq_q)
-    last_k = j0 + st.block_kv - 1
+    last_k = jnp.minimum(j0 + st.block_kv, st.seq_kv) - 1
     if st.causal:
         lo_pos = jnp.maximum(lo_pos, j0)
     if st.window is not None:
@@ -212,7 +212,7 @@ def _q_range(st: _Static, j0, num_q_blocks: int):
         hi_pos = jnp.minimum(hi_pos, last_k + left + 1)
     lo = jnp.clip(lo_pos // st.block_q, 0, num_q_blocks)
     hi = jnp.clip((hi_pos + st.block_q - 1) // st.block_q, lo, num_q_blocks)
-    return lo, hi
+    return lo, jnp.where(lo_pos < hi_pos, hi, lo)
 
 
 def _pad_axis(x, axis: int, size: int):
@@ -559,3 +559,268 @@ def dot_product_attention(
         seq_kv=S,
     )
     return _flash(st, q4, k4, v4, bias, mask, qlen, kvlen).reshape(out_shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gleam-style entry points
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class FlashConfig:
+    """How :func:`flash_attention` tiles one call (frozen; every field is static).
+
+    Attributes:
+        block_q: query rows per block (clamped to the sequence length).
+        block_kv: key/value rows per block (clamped to the sequence length).
+        scale: multiplies the logits; ``1 / sqrt(head_dim)`` when None.
+        causal: query ``i`` sees keys ``j <= i`` only.
+    """
+
+    block_q: int = flax.struct.field(pytree_node=False, default=DEFAULT_BLOCK_Q)
+    block_kv: int = flax.struct.field(pytree_node=False, default=DEFAULT_BLOCK_KV)
+    scale: float | None = flax.struct.field(pytree_node=False, default=None)
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+@flax.struct.dataclass
+class FlashResult:
+    """What :func:`flash_attention` returns.
+
+    Attributes:
+        output: the attention output, shape and dtype of ``q``.
+        memory_bytes: temporary bytes of the compiled blockwise attention (XLA's memory analysis).
+        memory_saved_percent: ``100 * (1 - memory_bytes / naive)``, where ``naive`` is the compiled
+            temporary bytes of :func:`naive_attention` on the same shapes.
+    """
+
+    output: jax.Array
+    memory_bytes: int = flax.struct.field(pytree_node=False, default=0)
+    memory_saved_percent: float = flax.struct.field(pytree_node=False, default=0.0)
+
+
+def _check_head_dim(head_dim: Any) -> int:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
+        raise ConfigError(argument="head_dim", expected="a positive int", got=head_dim)
+    return int(head_dim)
+
+
+def default_config(head_dim: int) -> FlashConfig:
+    """The default tiling for heads of size ``head_dim``: not causal, scale ``1 / sqrt(head_dim)``.
+
+    Args:
+        head_dim: the size of one head (H).
+
+    Returns:
+        A :class:`FlashConfig` with :data:`DEFAULT_BLOCK_Q` and :data:`DEFAULT_BLOCK_KV`.
+
+    Raises:
+        ConfigError: ``head_dim`` is not a positive int.
+
+    Example:
+        >>> c = default_config(64)
+        >>> c.scale, c.causal, c.block_q, c.block_kv
+        (0.125, False, 256, 512)
+    """
+    return FlashConfig(scale=1.0 / math.sqrt(_check_head_dim(head_dim)), causal=False)
+
+
+def causal_config(head_dim: int) -> FlashConfig:
+    """Like :func:`default_config`, with the causal mask (query ``i`` sees keys ``j <= i``).
+
+    Args:
+        head_dim: the size of one head (H).
+
+    Returns:
+        A causal :class:`FlashConfig`.
+
+    Raises:
+        ConfigError: ``head_dim`` is not a positive int.
+
+    Example:
+        >>> causal_config(16).causal
+        True
+    """
+    return FlashConfig(scale=1.0 / math.sqrt(_check_head_dim(head_dim)), causal=True)
+
+
+def _to_bthd(x, name: str):
+    """Gleam layouts: (T, H), (B, T, H) or (B, T, N, H) -> (B, T, N, H)."""
+    x = jnp.asarray(x)
+    if x.ndim == 2:
+        return x[None, :, None, :]
+    if x.ndim == 3:
+        return x[:, :, None, :]
+    if x.ndim == 4:
+        return x
+    raise DimensionError(argument=name, expected="(seq, head_dim), (batch, seq, head_dim) or "
+                         "(batch, seq, heads, head_dim)", got=f"shape {x.shape}")
+
+
+def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = False):
+    """The O(n^2) reference: ``softmax(scale * q k^T) v`` with the whole matrix of logits in float32.
+
+    Args:
+        q: ``(seq_q, head_dim)``, ``(batch, seq_q, head_dim)`` or ``(batch, seq_q, heads, head_dim)``.
+        k: keys, same layout as ``q`` (``seq_kv`` rows).
+        v: values, same shape as ``k``.
+        scale: multiplies the logits; ``1 / sqrt(head_dim)`` when None.
+        is_causal: query ``i`` sees keys ``j <= i`` only (top-left aligned).
+
+    Returns:
+        The attention output, shape and dtype of ``q``.
+
+    Raises:
+        DimensionError: a rank other than 2, 3 or 4.
+        ShapeMismatch: shapes that do not fit together.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> out = naive_attention(q, q, jnp.array([[1.0, 2.0], [3.0, 4.0]]), 1.0, is_causal=True)
+        >>> [[round(float(x), 3) for x in row] for row in out]
+        [[1.0, 2.0], [2.462, 3.462]]
+    """
+    q4, k4, v4 = _to_bthd(q, "q"), _to_bthd(k, "k"), _to_bthd(v, "v")
+    if k4.shape != v4.shape or k4.shape[0] != q4.shape[0] or k4.shape[2:] != q4.shape[2:]:
+        raise ShapeMismatch(argument="k", expected=f"batch, heads and head dim of 'q' {q4.shape} "
+                            "and the shape of 'v'", got=f"k {jnp.shape(k)}, v {jnp.shape(v)}")
+    scale = 1.0 / math.sqrt(q4.shape[-1]) if scale is None else scale
+    s = jnp.einsum("btnh,bsnh->bnts", q4.astype(_F32), k4.astype(_F32)) * jnp.float32(scale)
+    if is_causal:
+        T, S = s.shape[2], s.shape[3]
+        s = jnp.where(jnp.tril(jnp.ones((T, S), bool))[None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", p, v4.astype(_F32)).astype(jnp.result_type(q))
+    return out.reshape(jnp.shape(q))
+
+
+def flash_attention(q, k, v, config: FlashConfig | None = None) -> FlashResult:
+    """Blockwise attention with the Gleam signature, and its memory as XLA's compiler measured it.
+
+    Args:
+        q: ``(seq_q, head_dim)``, ``(batch, seq_q, head_dim)`` or ``(batch, seq_q, heads, head_dim)``.
+        k: keys, same layout (``seq_kv`` rows).
+        v: values, same shape as ``k``.
+        config: a :class:`FlashConfig`; :func:`default_config` of the head dim when None.
+
+    Returns:
+        A :class:`FlashResult`: the output (shape and dtype of ``q``), the compiled temporary bytes of
+        the blockwise attention, and the percentage saved against :func:`naive_attention`'s.
+        The memory figures come from compiling on shapes only; they are static, so this works under
+        ``jax.jit`` too.
+
+    Raises:
+        DimensionError, ShapeMismatch, DTypeError, ConfigError: as :func:`dot_product_attention`.
+
+    Example:
+        >>> import jax
+        >>> q = jax.random.normal(jax.random.key(0), (1024, 64))
+        >>> r = flash_attention(q, q, q, causal_config(64))
+        >>> r.output.shape, r.memory_saved_percent > 50
+        ((1024, 64), True)
+    """
+    config = default_config(jnp.shape(q)[-1]) if config is None else config
+    if not isinstance(config, FlashConfig):
+        raise ConfigError(argument="config", expected="a FlashConfig", got=type(config).__name__)
+    q4, k4, v4 = _to_bthd(q, "q"), _to_bthd(k, "k"), _to_bthd(v, "v")
+
+    def blockwise(a, b, c):
+        return dot_product_attention(a, b, c, scale=config.scale, is_causal=config.causal,
+                                     block_q=config.block_q, block_kv=config.block_kv)
+
+    def naive(a, b, c):
+        return naive_attention(a, b, c, config.scale, is_causal=config.causal)
+
+    out = blockwise(q4, k4, v4).reshape(jnp.shape(q))
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q4, k4, v4)]
+    flash_bytes = memory.compiled_memory(blockwise, *shapes).temp_bytes
+    naive_bytes = memory.compiled_memory(naive, *shapes).temp_bytes
+    saved = 100.0 * (1.0 - flash_bytes / naive_bytes) if naive_bytes else 0.0
+    return FlashResult(output=out, memory_bytes=int(flash_bytes), memory_saved_percent=float(saved))
+
+
+# --------------------------------------------------------------------------------------------------
+# Flax NNX adapter
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_fn(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    broadcast_dropout: bool = True,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype=None,
+    precision=None,
+    module=None,
+    promote_dtype=None,
+    is_causal: bool = False,
+):
+    """``flax.nnx.dot_product_attention``'s signature on top of :func:`dot_product_attention`.
+
+    Pass it as ``nnx.MultiHeadAttention(..., attention_fn=attention_fn)``. Inputs are
+    ``[batch..., length, heads, head_dim]`` (any number of batch dims, or none); ``mask`` and ``bias``
+    broadcast to ``[batch..., heads, q_length, kv_length]``. The logits use float32 whatever
+    ``precision`` says.
+
+    Args:
+        query: ``[batch..., q_length, heads, head_dim]``.
+        key: ``[batch..., kv_length, kv_heads, head_dim]``.
+        value: same shape as ``key``.
+        bias: optional additive bias.
+        mask: optional mask (True or nonzero attends).
+        broadcast_dropout: accepted for the signature; dropout is not implemented.
+        dropout_rng: accepted for the signature.
+        dropout_rate: must be 0 unless ``deterministic``.
+        deterministic: True disables dropout.
+        dtype: the dtype of the computation (default: promoted from the inputs).
+        precision: ignored (float32 logits and accumulation).
+        module: must be None (the blockwise kernel never forms the attention weights to sow).
+        promote_dtype: promotes ``(query, key, value)`` to ``dtype``
+            (default: ``flax.nnx.nn.dtypes.promote_dtype``).
+        is_causal: the causal mask.
+
+    Returns:
+        ``[batch..., q_length, heads, head_dim]``.
+
+    Raises:
+        InvalidOp: dropout with ``dropout_rate > 0`` and not ``deterministic``, or ``module`` given
+            (``sow_weights=True``).
+        And what :func:`dot_product_attention` raises.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jax
+        >>> layer = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False,
+        ...                                rngs=nnx.Rngs(0), attention_fn=attention_fn)
+        >>> x = jax.random.normal(jax.random.key(0), (1, 5, 8))
+        >>> layer(x).shape
+        (1, 5, 8)
+    """
+    del broadcast_dropout, dropout_rng, precision
+    if dropout_rate and not deterministic:
+        raise InvalidOp(argument="dropout_rate", expected="0.0 (or deterministic=True)", got=dropout_rate,
+                        hint="blockwise attention has no dropout; set dropout_rate=0 or deterministic=True.")
+    if module is not None:
+        raise InvalidOp(argument="module", expected="None", got="a module (sow_weights=True)",
+                        hint="the blockwise kernel never forms the attention weights; use sow_weights=False.")
+    if promote_dtype is None:
+        from flax.nnx.nn import dtypes as nnx_dtypes
+
+        promote_dtype = nnx_dtypes.promote_dtype
+    query, key, value = promote_dtype((query, key, value), dtype=dtype)
+    shape = query.shape
+    if query.ndim > 4:
+        def flat(x):
+            return None if x is None else jnp.reshape(x, (math.prod(x.shape[:-3]), *x.shape[-3:]))
+
+        query, key, value, bias, mask = flat(query), flat(key), flat(value), flat(bias), flat(mask)
+    if mask is not None:
+        mask = jnp.asarray(mask).astype(jnp.bool_)
+    out = dot_product_attention(query, key, value, bias, mask, is_causal=is_causal)
+    return out.reshape(shape)

@@ -31,9 +31,10 @@ Where this port decides differently, on purpose:
   ``validate=True`` raises
   :class:`~viva_tensor.errors.NonFiniteError` naming the first bad index instead.
 * Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`: there is nothing to scale.
-* The dynamic map is built from its definition with ``linspace`` evaluated point by point in float32
-  (``start + i * step`` from the nearer end, as torch's scalar path does); torch's SIMD path may land
-  a few entries one float32 ulp away, which changes a dequantized absmax by at most ~6e-8 relatively.
+* The dynamic map is rebuilt from its definition in float32, with torch's CPU ``linspace`` (each
+  point ``start + k * step`` from the nearer end, one fused multiply-add). That reproduces all 256
+  values of the table that bitsandbytes users print (e.g. 0.5710937976837158 at index 224); a plain
+  float64 evaluation would differ in the last bit of ~70 entries.
 
 Example:
     >>> import jax.numpy as jnp
@@ -105,7 +106,7 @@ def create_dynamic_map() -> np.ndarray:
 
     For each decade ``i`` in 0..6, ``2**i`` values: the means of adjacent points of ``2**i + 1`` points
     spaced evenly over [0.1, 1], times ``10**(i - 6)``, with both signs; then 0 and 1.0; sorted. All in
-    float32, ``linspace`` evaluated point by point from the nearer end.
+    float32, ``linspace`` evaluated as torch's CPU kernel does (from the nearer end, fused multiply-add).
 
     Returns:
         A sorted float32 NumPy array of 256 values: ``[0] = -0.99296875``, ``[127] = 0``, ``[255] = 1``.
@@ -121,8 +122,12 @@ def create_dynamic_map() -> np.ndarray:
         n = 2**i + 1
         start, end = f32(0.1), f32(1.0)
         step = f32((end - start) / f32(n - 1))
+        # torch's CPU linspace: start + k * step for the first half, end - (n - 1 - k) * step for the
+        # second, each one fused multiply-add (one rounding; the float64 product of two float32s is
+        # exact), as the compiled kernel computes it.
+        s64, e64, d64 = np.float64(start), np.float64(end), np.float64(step)
         points = np.array(
-            [start + step * f32(k) if k < n // 2 else end - step * f32(n - 1 - k) for k in range(n)],
+            [f32(s64 + d64 * k) if k < n // 2 else f32(e64 - d64 * (n - 1 - k)) for k in range(n)],
             dtype=f32,
         )
         means = ((points[:-1] + points[1:]) / f32(2.0)).astype(f32)

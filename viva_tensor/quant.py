@@ -48,7 +48,7 @@ import numpy as np
 
 from viva_tensor import compression, nf4, blackwell  # noqa: F401, I001 - each registers its formats in FORMATS
 from viva_tensor._record import FORMATS, FormatSpec, is_quantized
-from viva_tensor.errors import CheckpointError, DimensionError, FormatError, InvalidOp, ShapeMismatch
+from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
 
 __all__ = [
     "FORMATS",
@@ -201,7 +201,7 @@ def dequantize(q: Any) -> jax.Array:
     Example:
         >>> import jax.numpy as jnp
         >>> from viva_tensor import quant
-        >>> quant.dequantize(quant.quantize(jnp.full((2, 32), 0.5), "q8_0"))[0, :3].tolist()
+        >>> quant.dequantize(quant.quantize(jnp.full((2, 32), 0.5), "q8_0"))[0, :3].round(3).tolist()
         [0.5, 0.5, 0.5]
     """
     return _spec_of(q).dequantize(q)
@@ -277,10 +277,93 @@ def _decode(x: Any, other: Any) -> jax.Array:
     return dequantize(x).astype(_compute_dtype(x, other))
 
 
+# The decoded weight is produced and consumed in chunks of about this many values (2 MiB of float32,
+# an L2 cache), so the matmul reads it from cache instead of a full-size dequantized copy in memory.
+_CHUNK_VALUES = 1 << 19
+# Chunks hold a multiple of this many values, so that every block (16, 32, 64 values; NF4 double
+# quantization's 64 x 256) starts at the same place in a chunk as in the whole tensor.
+_CHUNK_ALIGN = 1 << 16
+
+
+def _chunk_plan(rec: Any) -> tuple[int, list[bool]] | None:
+    """Rows per chunk of a 2-D record, and which leaves are sliced by rows (others are shared)."""
+    if len(rec.shape) != 2 or rec.batch_shape:
+        return None
+    k, n = rec.shape
+    align = _CHUNK_ALIGN
+    for f in dataclasses.fields(rec):
+        v = getattr(rec, f.name)
+        if not f.metadata.get("pytree_node", True) and isinstance(v, int) and not isinstance(v, bool) and v > 1:
+            align = math.lcm(align, v)
+    step = align // math.gcd(align, n)
+    target = max(step, _CHUNK_VALUES // max(n, 1))
+    rows = next((r for r in range(step * -(-target // step), k // 2 + 1, step) if k % r == 0), None)
+    if rows is None:
+        return None
+    try:
+        chunk = _expected_record(_spec_of(rec), dataclasses.replace(rec, shape=(rows, n)))
+    except Exception:  # noqa: BLE001 - no plan: the caller decodes the whole record
+        return None
+    leaves, expected = jax.tree_util.tree_leaves(rec), jax.tree_util.tree_leaves(chunk)
+    if len(leaves) != len(expected):
+        return None
+    sliced, nc = [], k // rows
+    for leaf, e in zip(leaves, expected):
+        if tuple(leaf.shape) == tuple(e.shape):
+            sliced.append(False)
+        elif leaf.ndim >= 1 and leaf.shape[0] == nc * e.shape[0] and tuple(leaf.shape[1:]) == tuple(e.shape[1:]):
+            sliced.append(True)
+        else:
+            return None
+    return rows, sliced
+
+
+def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtype: Any, precision: Any):
+    """``x @ decode(rec)`` over row chunks of ``rec``: decode a chunk, multiply, accumulate in float32."""
+    spec = _spec_of(rec)
+    k, n = rec.shape
+    nc = k // rows
+    leaves, treedef = jax.tree_util.tree_flatten(rec)
+    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced)]
+    xs = jnp.moveaxis(x.reshape(*x.shape[:-1], nc, rows), -2, 0)
+    cdtype = _compute_dtype(rec, x)
+
+    def body(acc, inputs):
+        xc, parts = inputs
+        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced)]
+        chunk = dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
+        w = spec.dequantize(chunk).astype(cdtype)
+        part = jax.lax.dot_general(
+            xc.astype(cdtype), w, (((xc.ndim - 1,), (0,)), ((), ())),
+            precision=precision, preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        return acc + part, None
+
+    acc = jnp.zeros((*x.shape[:-1], n), jnp.float32)
+    acc, _ = jax.lax.scan(body, acc, (xs, stacked))
+    return acc.astype(out_dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("dims", "precision", "preferred_element_type", "out_sharding"))
 def _qdot(lhs, rhs, *, dims, precision, preferred_element_type, out_sharding):
-    # One XLA computation: the decode is fused into the producer of the matmul operand, and the
-    # decoded weight is a temporary of this call only (under an outer jit this inlines).
+    # One XLA computation: the decode runs next to the matmul, and the decoded weight is a temporary
+    # of this call only (under an outer jit this inlines). A large 2-D weight on the right of an
+    # ``x @ w`` contraction is decoded chunk by chunk, each chunk consumed while it is in cache.
+    (lc, rc), (lb, rb) = dims
+    if (
+        is_quantized(rhs)
+        and not is_quantized(lhs)
+        and out_sharding is None
+        and rc == (0,)
+        and lc == (jnp.ndim(lhs) - 1,)
+        and not lb
+        and math.prod(rhs.shape) >= 4 * _CHUNK_VALUES
+    ):
+        plan = _chunk_plan(rhs)
+        if plan is not None:
+            a = jnp.asarray(lhs)
+            out_dtype = preferred_element_type or jnp.result_type(a.dtype, _compute_dtype(rhs, a))
+            return _chunked_dot(a, rhs, *plan, out_dtype=out_dtype, precision=precision)
     a, b = _decode(lhs, rhs), _decode(rhs, lhs)
     return jax.lax.dot_general(
         a, b, dims, precision=precision, preferred_element_type=preferred_element_type, out_sharding=out_sharding
@@ -324,7 +407,7 @@ def dot_general(
         >>> from viva_tensor import quant
         >>> q = quant.quantize(jnp.eye(32), "q8_0")
         >>> x = jnp.arange(64.0).reshape(2, 32)
-        >>> quant.dot_general(x, q, (((1,), (0,)), ((), ())))[:, :3].tolist()
+        >>> quant.dot_general(x, q, (((1,), (0,)), ((), ())))[:, :3].round(1).tolist()
         [[0.0, 1.0, 2.0], [32.0, 33.0, 34.0]]
     """
     if not (is_quantized(lhs) or is_quantized(rhs)):
@@ -411,8 +494,6 @@ def promote_dtype(args: Sequence[Any], /, *, dtype: Any = None, inexact: bool = 
         >>> str(x.dtype), type(q).__name__ == type(quant.quantize(jnp.ones((2, 32)), "q8_0")).__name__, b
         ('float32', True, None)
     """
-    from viva_tensor.errors import DTypeError
-
     if dtype is None:
         dtypes = [_operand_dtype(a) for a in args if a is not None]
         dtype = jnp.result_type(*dtypes) if dtypes else jnp.float32
@@ -530,7 +611,7 @@ def dequantize_tree(tree: Any) -> Any:
         >>> import jax.numpy as jnp
         >>> from viva_tensor import quant
         >>> t = quant.dequantize_tree(quant.quantize_tree({"w": jnp.ones((32, 32))}, "q8_0"))
-        >>> t["w"].shape, float(t["w"][0, 0])
+        >>> t["w"].shape, round(float(t["w"][0, 0]), 3)
         ((32, 32), 1.0)
     """
     return jax.tree_util.tree_map(
@@ -672,14 +753,15 @@ def save(path: str | os.PathLike, tree: Any) -> None:
             scalars and ``None``.
 
     Raises:
-        CheckpointError: a leaf that cannot be saved, or two leaves with the same tensor name.
+        CheckpointError: a leaf that cannot be saved, two leaves with the same tensor name, or a file
+            that cannot be written.
 
     Example:
         >>> import os, tempfile, jax.numpy as jnp
         >>> from viva_tensor import quant
         >>> f = os.path.join(tempfile.mkdtemp(), "w.safetensors")
         >>> quant.save(f, {"w": quant.quantize(jnp.ones((32, 32)), "q8_0"), "b": jnp.zeros(3)})
-        >>> float(quant.dequantize(quant.load(f)["w"])[0, 0])
+        >>> round(float(quant.dequantize(quant.load(f)["w"])[0, 0]), 3)
         1.0
     """
     from safetensors.numpy import save_file
@@ -687,7 +769,10 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     w = _Writer()
     tree_json = _encode_node(tree, "", w)
     meta = {"version": _VERSION, "tree": tree_json, "tensors": w.info}
-    save_file(w.tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    try:
+        save_file(w.tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for I/O failures
+        raise CheckpointError(f"cannot write {os.fspath(path)!r}: {e}") from None
 
 
 def _read_header(path: str) -> dict:
