@@ -474,6 +474,15 @@ def test_by_name_dot_general_qlinear_and_checkpoint(tmp_path):
     chex.assert_trees_all_equal(back["p"], plain)
 
 
+def test_quant_dot_decodes_a_large_awq_record_by_chunks():
+    rng = np.random.default_rng(19)
+    w = jnp.asarray(rng.normal(size=(2048, 1024)) * 0.05, jnp.float32)  # (K, N): 2M values, chunked by rows
+    q = awq.quantize_awq(w, scales=jnp.asarray(rng.uniform(0.5, 2.0, size=1024), jnp.float32))
+    x = jnp.asarray(rng.normal(size=(3, 2048)), jnp.float32)
+    ref = np.asarray(x, np.float64) @ np.asarray(awq.dequantize(q), np.float64)
+    np.testing.assert_allclose(np.asarray(quant.dot(x, q), np.float64), ref, rtol=1e-4, atol=1e-3)
+
+
 def test_capture_linear_inputs_and_quantize_model():
     model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.Linear(32, 8, rngs=nnx.Rngs(1)))
     x = jax.random.normal(jax.random.key(0), (10, 16))
