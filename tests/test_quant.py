@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from viva_tensor import blackwell, compression, memory, nf4, quant
+from viva_tensor import awq, blackwell, compression, memory, nf4, quant
 from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
 
 MODULE_FUNCTIONS = {
@@ -31,6 +31,8 @@ MODULE_FUNCTIONS = {
     "nf4_dq": (nf4.double_quantize, nf4.dequantize),
     "nvfp4": (blackwell.quantize_nvfp4, blackwell.dequantize),
     "mxfp4": (blackwell.quantize_mxfp4, blackwell.dequantize),
+    "int4_group": (awq.quantize_group, awq.dequantize),
+    "awq_int4": (awq.quantize_awq, awq.dequantize),
 }
 NAMES = list(MODULE_FUNCTIONS)
 
@@ -88,7 +90,7 @@ def test_quantize_jit_matches_eager(maybe_jit):
 
 
 def test_unknown_format_lists_the_known_ones():
-    with pytest.raises(FormatError, match=r"argument 'fmt': expected one of 'int8', 'q4_0'.*'mxfp4', got 'fp3'"):
+    with pytest.raises(FormatError, match=r"argument 'fmt': expected one of 'int8', 'q4_0'.*'awq_int4', got 'fp3'"):
         quant.quantize(jnp.ones((2, 32)), "fp3")
     with pytest.raises(FormatError, match="fmt"):
         quant.quantize(jnp.ones((2, 32)), None)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from viva_tensor import compression, nf4, blackwell  # noqa: F401, I001 - each registers its formats in FORMATS
+from viva_tensor import compression, nf4, blackwell, awq  # noqa: F401, I001 - each registers its formats in FORMATS
 from viva_tensor._record import FORMATS, FormatSpec, is_quantized
 from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
 
@@ -72,7 +72,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-_ORDER = ("int8", "q4_0", "q4_1", "q8_0", "nf4", "nf4_dq", "nvfp4", "mxfp4")
+_ORDER = ("int8", "q4_0", "q4_1", "q8_0", "nf4", "nf4_dq", "nvfp4", "mxfp4", "int4_group", "awq_int4")
 
 
 def format_names() -> list[str]:
