@@ -41,7 +41,8 @@ def check(got, want, dtype):
 def test_every_tensor_function_is_exported_at_the_top_level():
     for name in T.__all__:
         assert getattr(vt, name) is getattr(T, name), name
-        assert name in vt.__all__
+        # the Gleam names that shadow builtins are attributes, not star-exported
+        assert (name in vt.__all__) != (name in {"sum", "max", "min", "map", "slice"}), name
     assert vt.tensor is T
 
 

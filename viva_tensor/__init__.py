@@ -10,6 +10,8 @@ Example:
 """
 
 from viva_tensor import axis, errors, memory, tensor
+from viva_tensor import metrics, compression, nf4, blackwell, awq, sparsity, quant
+from viva_tensor import flash_attention, ring_attention, named, sharding, pool, hardware, nn
 from viva_tensor.tensor import (  # noqa: A004 - the Gleam names (sum, max, min, map, slice) on purpose
     zeros,
     ones,
@@ -84,4 +86,13 @@ from viva_tensor.tensor import (  # noqa: A004 - the Gleam names (sum, max, min,
 
 __version__ = "0.1.0"
 
-__all__ = ["axis", "errors", "memory", "tensor", "__version__", *tensor.__all__]
+_MODULES = [
+    "axis", "errors", "tensor", "named", "sharding", "pool",
+    "metrics", "compression", "nf4", "blackwell", "awq", "sparsity", "quant",
+    "flash_attention", "ring_attention", "memory", "hardware", "nn",
+]
+# The Gleam names that shadow Python builtins stay reachable as vt.sum, vt.max ... but are left out of
+# __all__, so that `from viva_tensor import *` never hides the builtins.
+_SHADOWING = {"sum", "max", "min", "map", "slice"}
+
+__all__ = [*_MODULES, "__version__", *(n for n in tensor.__all__ if n not in _SHADOWING)]
