@@ -481,3 +481,14 @@ def test_add_is_commutative_up_to_layout(na, nb):
     ab, ba = named.add(ta, tb), named.add(tb, ta)
     assert set(ab.names) == set(na) | set(nb)
     np.testing.assert_array_equal(np.asarray(named.align_to(ba, ab.names)), np.asarray(ab.data))
+
+
+def test_new_keeps_a_quantized_record_for_sharding():
+    from viva_tensor import quant
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((64, 128)), jnp.float32)
+    q = quant.quantize(w, "q8_0")
+    t = named.new(q, ("input", "output"))
+    assert t.data is q and t.names == ("input", "output") and t.shape == (64, 128)
+    with pytest.raises(AxisMismatch, match="names"):
+        named.new(q, ("input",))

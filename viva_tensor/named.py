@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import axis as _axis
+from viva_tensor._record import is_quantized
 from viva_tensor.errors import (
     AxisError,
     AxisMismatch,
@@ -159,7 +160,8 @@ def new(data: Any, names: Sequence[_axis.AxisName]) -> NamedTensor:
     """Wrap ``data`` with one name per axis.
 
     Args:
-        data: an array (anything ``jnp.asarray`` accepts).
+        data: an array (anything ``jnp.asarray`` accepts), or a quantized record (kept as it is, so that
+            :mod:`viva_tensor.sharding` can shard its codes and scales by these names).
         names: one name per axis: a string, or ``None`` for an anonymous axis. Strings must be unique.
 
     Returns:
@@ -176,7 +178,8 @@ def new(data: Any, names: Sequence[_axis.AxisName]) -> NamedTensor:
         ('batch', 'embed')
     """
     names = _axis.validate_names(names, argument="names")
-    data = jnp.asarray(data)
+    if not is_quantized(data):
+        data = jnp.asarray(data)
     if data.ndim != len(names):
         raise AxisMismatch(argument="names", expected=f"{data.ndim} names for data of shape {data.shape}",
                            got=f"{len(names)} names {names}")
