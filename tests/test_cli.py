@@ -108,6 +108,124 @@ def test_report_on_minilm():
     by = {r["format"]: r for r in rows}
     assert by["q8_0"]["bits_per_value"] == 8.5 and by["nf4"]["bits_per_value"] == 4.5
     assert by["q8_0"]["cosine"] > 0.9999 and by["nf4"]["cosine"] > 0.99
+    assert rows[0]["embedding_note"] is None and by["original"]["embedding_cosine_min"] == 1.0
+    assert by["q8_0"]["embedding_cosine_min"] > 0.999 and by["nf4"]["embedding_cosine_mean"] > 0.96
+    assert by["nf4"]["embedding_cosine_min"] <= by["nf4"]["embedding_cosine_mean"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding fidelity (MiniLM)
+# ----------------------------------------------------------------------------------------------------
+def _minilm_like_folder(tmp_path, tokenizer_text="not a tokenizer"):
+    """A folder that looks like a MiniLM model (bert config.json, tokenizer.json, model.safetensors)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "fake_minilm"
+    folder.mkdir()
+    real = os.path.dirname(report.default_checkpoint())
+    shutil.copy(os.path.join(real, "config.json"), folder / "config.json")
+    (folder / "tokenizer.json").write_text(tokenizer_text)
+    save_file({"w": np.ones((4, 64), np.float32)}, folder / "model.safetensors")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+    return folder
+
+
+def test_minilm_folder(tmp_path, checkpoint):
+    assert report.minilm_folder(report.default_checkpoint()) == __import__("pathlib").Path(
+        report.default_checkpoint()
+    ).parent
+    assert report.minilm_folder(checkpoint[0]) is None  # no config.json / tokenizer.json beside it
+    folder = _minilm_like_folder(tmp_path)
+    assert report.minilm_folder(folder / "model.safetensors") == folder
+    assert report.minilm_folder(folder / "missing.safetensors") is None
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    assert report.minilm_folder(folder / "model.safetensors") is None
+
+
+def test_report_skips_fidelity_with_a_note_when_not_minilm(checkpoint):
+    rows = report.run_report(checkpoint[0], formats=["q8_0"], progress=False)
+    assert "not a MiniLM checkpoint" in rows[0]["embedding_note"]
+    assert all(r["embedding_cosine_mean"] is None and r["embedding_cosine_min"] is None for r in rows)
+    console = Console(width=120, record=True, color_system=None)
+    report.print_report(rows, console=console)
+    text = console.export_text()
+    assert "emb cos" not in text.splitlines()[2] and "skipped (not a MiniLM checkpoint" in text
+
+
+def test_report_skips_fidelity_with_a_note_without_tokenizers(tmp_path, monkeypatch):
+    folder = _minilm_like_folder(tmp_path)
+    monkeypatch.setattr(report, "_tokenizers_installed", lambda: False)
+    rows = report.run_report(folder / "model.safetensors", formats=["int8"], progress=False)
+    assert "needs the 'tokenizers' package" in rows[0]["embedding_note"]
+    assert rows[1]["embedding_cosine_mean"] is None
+
+
+def test_report_skips_fidelity_with_a_note_when_the_model_cannot_load(tmp_path):
+    folder = _minilm_like_folder(tmp_path)  # a bogus tokenizer.json
+    rows = report.run_report(folder / "model.safetensors", formats=["int8"], progress=False)
+    assert rows[1]["format"] == "int8" and rows[1]["bytes"] == 4 * 64 + 4  # the report itself still ran
+    assert rows[0]["embedding_note"].startswith("embedding fidelity: skipped (")
+    assert "tokenizer.json" in rows[0]["embedding_note"] and rows[1]["embedding_cosine_min"] is None
+
+
+def test_print_report_with_fidelity_columns():
+    base = {"tensors": 1, "values": 64, "bytes": 68, "bits_per_value": 8.5, "ratio": 3.76, "sqnr_db": 40.0,
+            "cosine": 0.9999, "seconds": 0.1}  # fmt: skip
+    rows = [
+        {**base, "format": "original", "embedding_cosine_mean": 1.0, "embedding_cosine_min": 1.0, "embedding_note": None},
+        {**base, "format": "q8_0", "embedding_cosine_mean": 0.99987, "embedding_cosine_min": 0.99912},
+        {**base, "format": "nf4", "embedding_cosine_mean": None, "embedding_cosine_min": None},
+    ]
+    console = Console(width=140, record=True, color_system=None)
+    report.print_report(rows, console=console)
+    text = console.export_text()
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[-3:-1]]
+             for line in text.splitlines() if line.count("│") == 9}  # fmt: skip
+    assert "emb cos mean" in text and "emb cos min" in text
+    assert lines == {"original": ["1.00000", "1.00000"], "q8_0": ["0.99987", "0.99912"], "nf4": ["-", "-"]}
+    assert "16 MiniLM sentence embeddings" in text
+
+
+def _reference_embeddings(encoder, sentences, fmt):
+    """Float32 MiniLM whose Linear kernels are dequantize(quantize(W^T))^T, run through the model's own
+    forward with NumPy padding: no QLinear, no quantize_model."""
+    from flax import nnx
+
+    model = nnx.clone(encoder.model)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Linear) and fmt is not None:
+            w = node.kernel.get_value()
+            options = {"axis": 0} if fmt == "int8" else {}  # QLinear's int8: a scale per output row
+            node.kernel.set_value(quant.dequantize(quant.quantize(w.T, fmt, **options)).T)
+    enc = [encoder.tokenizer.encode(s).ids for s in sentences]
+    n = max(map(len, enc))
+    ids = np.array([e + [0] * (n - len(e)) for e in enc], np.int32)
+    mask = np.array([[1] * len(e) + [0] * (n - len(e)) for e in enc], np.int32)
+    return np.asarray(model(ids, mask, np.zeros_like(ids)), np.float64)
+
+
+def test_embedding_fidelity_against_dequantized_kernels():
+    pytest.importorskip("tokenizers")
+    from viva_tensor.models import minilm
+
+    sentences = ["A man is playing a guitar.", "The weather is cold today.", "Quantum computers use qubits."]
+    steps = []
+    got = report.embedding_fidelity(formats=["int8"], sentences=sentences, on_step=steps.append)
+    assert list(got) == ["int8"] and steps == ["float32 embeddings", "int8 embeddings"]
+    encoder = minilm.load()
+    ref, deq = _reference_embeddings(encoder, sentences, None), _reference_embeddings(encoder, sentences, "int8")
+    cos = (ref * deq).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(deq, axis=-1)
+    assert got["int8"]["mean"] == pytest.approx(cos.mean(), abs=2e-5)
+    assert got["int8"]["min"] == pytest.approx(cos.min(), abs=2e-5)
+    assert 0.999 <= got["int8"]["min"] < 1.0  # the issue's INT8 target, and not an identity
+
+
+def test_embedding_fidelity_errors(tmp_path):
+    with pytest.raises(FormatError, match="fp3"):
+        report.embedding_fidelity(formats=["fp3"])
+    with pytest.raises(CheckpointError):
+        report.embedding_fidelity(tmp_path, formats=["int8"])
 
 
 def test_cli_report(checkpoint, capsys):
