@@ -333,3 +333,64 @@ def test_quantize_output_is_a_valid_safetensors_file(checkpoint, tmp_path):
     assert cli.main(["quantize", str(checkpoint[0]), "-f", "q8_0", "-o", str(out), "--no-progress"]) == 0
     raw = load_file(out)  # any safetensors reader opens it
     assert "layer.weight:qs" in raw and raw["layer.bias"].shape == (64,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# viva-tensor bench
+# ----------------------------------------------------------------------------------------------------
+def _table_rows(text, first_cell):
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell} |")]  # fmt: skip
+
+
+def test_cli_bench_attention_tiny(capsys):
+    import jax
+
+    from viva_tensor import memory
+
+    argv = ["bench", "attention", "--lengths", "128", "--heads", "2", "--head-dim", "16", "--dtypes", "float32",
+            "--repeats", "1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    rows = _table_rows(captured.out, "float32")
+    # (causal, not) x (fwd, fwd+bwd), flash and jax.nn side by side
+    assert [(r[1], r[2], r[3]) for r in rows] == [(c, "128", p) for c in ("False", "True") for p in ("fwd", "fwd+bwd")]
+    assert all(r[7].endswith("ms") and r[8].endswith("ms") for r in rows)  # small: every case ran
+    shape = jax.ShapeDtypeStruct((1, 128, 2, 16), jnp.float32)
+    want = memory.compiled_memory(jax.jit(jax.nn.dot_product_attention), shape, shape, shape).temp_bytes
+    assert rows[0][5] == f"{want / 2**20:.1f} MiB"  # jax.nn fwd temp at T=128, not causal
+    assert "T=   128 jax.nn fwd+bwd" in captured.err  # progress lines go to stderr
+
+
+def test_cli_bench_quant_tiny(capsys):
+    argv = ["bench", "quant", "--size", "64", "-f", "int8", "-f", "nvfp4", "--batches", "1,16", "--repeats", "1",
+            "--no-minilm"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "### 64 x 64 float32 Gaussian" in out and "MiniLM" not in out
+    rows = {r[0]: r for line in out.splitlines() if line.startswith("| ")
+            for r in [[c.strip() for c in line.strip("|").split("|")]]}  # fmt: skip
+    # bytes from the formats' definitions: int8 per tensor = 1 byte a value + a float32 scale;
+    # NVFP4 = half a byte a value + an E4M3 byte per 16 + a float32 tensor scale
+    assert rows["int8"][1:3] == [f"{64 * 64 + 4:,}", f"{8 * (64 * 64 + 4) / 4096:.3f}"]
+    assert rows["nvfp4"][1:3] == [f"{2048 + 256 + 4:,}", f"{8 * 2308 / 4096:.3f}"]
+    assert rows["float32"][1] == f"{4 * 4096:,}" and set(rows) >= {"format", "float32", "int8", "nvfp4"}
+    assert "dot B=16 ms (x f32)" in out and "- nvfp4: quantize" in out
+
+
+def test_cli_bench_quick_defaults():
+    args = cli.build_parser().parse_args(["bench", "quant", "--quick"])
+    assert args.quick and args.size is None and args.batches == [1, 16, 256]
+    args = cli.build_parser().parse_args(["bench", "attention", "--quick", "--lengths", "32,64"])
+    assert args.quick and args.lengths == [32, 64]
+
+
+def test_cli_bench_errors(capsys):
+    assert cli.main(["bench", "quant", "--size", "64", "-f", "fp3", "--no-minilm"]) == 1
+    assert "got 'fp3'" in capsys.readouterr().err
+    assert cli.main(["bench", "attention", "--lengths", "64", "--dtypes", "float64"]) == 1
+    assert "expected float32, bfloat16 or float16, got 'float64'" in capsys.readouterr().err
+    for argv in (["bench"], ["bench", "attention", "--lengths", "64,x"], ["bench", "quant", "--batches", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
