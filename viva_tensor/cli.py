@@ -11,7 +11,10 @@
 - ``viva-tensor tour``: a short guided tour of the library.
 
 Errors (a missing file, a file that is not safetensors, an unknown format, an output that exists)
-print one line ``viva-tensor: error: ...`` on stderr and exit with status 1.
+print one line ``viva-tensor: error: ...`` on stderr and exit with status 1; usage errors exit with 2.
+When ``quantize`` meets tensors that the format refuses (e.g. a float64 matrix for ``int8``), it still
+writes the output with those tensors kept as they are, lists each one with the reason on stderr
+(``viva-tensor: warning: kept as is (could not be quantized): NAME: WHY``), and exits with status 3.
 
 Example:
     >>> from viva_tensor import cli
@@ -27,7 +30,10 @@ import os
 import sys
 from typing import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "PARTIAL"]
+
+#: Exit status of ``quantize`` when some tensors could not be quantized (written unquantized, listed).
+PARTIAL = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +152,14 @@ def _quantize(args: argparse.Namespace) -> int:
     table.add_row(str(quantized), str(kept), str(len(failed)), f"{before:,}", f"{after:,}", f"{before / after:.2f}x")
     console.print(table)
     for name, why in failed:
-        console.print(f"kept as is (could not be quantized): {name}: {why}")
+        print(f"viva-tensor: warning: kept as is (could not be quantized): {name}: {why}", file=sys.stderr)
+    if failed:
+        print(
+            f"viva-tensor: warning: {len(failed)} of {len(chosen)} tensors could not be quantized to {spec.name};"
+            f" {args.output!r} holds them unquantized",
+            file=sys.stderr,
+        )
+        return PARTIAL
     return 0
 
 
@@ -197,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``); no sub-command runs ``report``.
 
     Returns:
-        The exit status: 0 on success, 1 on an error (printed on stderr), 2 on a usage error.
+        The exit status: 0 on success, 1 on an error (printed on stderr), 2 on a usage error, 3
+        (:data:`PARTIAL`) when ``quantize`` kept some tensors unquantized (listed on stderr).
 
     Example:
         >>> from viva_tensor import cli
