@@ -167,6 +167,22 @@ def test_e2m1_pair_table_equals_bit_decode_for_every_byte():
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # first value low, -0.0 kept
 
 
+def test_mxfp4_e8m0_decode_for_every_scale_byte():
+    # one block per scale byte, every element code 2 (1.0) but the second, code 7 (6.0): value = scale
+    codes = np.full((256, 16), 0x02 | (0x02 << 4), np.uint8)
+    codes[:, 0] = 0x02 | (0x07 << 4)
+    q = bw.MXFP4Tensor(codes=jnp.asarray(codes), scales=jnp.arange(256, dtype=jnp.uint8)[:, None], shape=(256, 32),
+                       dtype=jnp.float32)  # fmt: skip
+    got = np.asarray(jax.jit(bw.dequantize)(q), np.float64)
+    byte = np.arange(256)
+    scale = np.where(byte == 255, np.nan, 2.0 ** (byte - 127.0))  # E8M0 by definition
+    np.testing.assert_array_equal(got[1:, 0], scale[1:])
+    with np.errstate(over="ignore"):
+        six = (6 * scale[1:]).astype(np.float32)  # 6 * 2**127 overflows float32: inf, as the decode gives
+    np.testing.assert_array_equal(got[1:, 1], six)
+    assert got[0, 0] in (0.0, 2.0**-127)  # 2**-127 is subnormal: XLA on CPU may flush it to zero
+
+
 def test_e4m3_scales_are_real_e4m3_bytes():
     assert E4M3_POS[-1] == 448 and E4M3_POS[1] == 2.0**-9
     # the library's float8_e4m3fn bytes decode (by hand) to the float values jax reports
