@@ -349,9 +349,12 @@ def run_report(
         cosines: dict[str, dict[str, float]] = {}
         if folder is not None:
 
-            def step(description: str) -> None:
+            upcoming = [f"MiniLM {name} embeddings" for name in ["float32"] + [s.name for s in specs]] + ["done"]
+
+            def step(done: str) -> None:  # the bar names the step now running
+                upcoming.pop(0)
                 if bar:
-                    bar.update(task, description=description, advance=1)
+                    bar.update(task, description=upcoming[0], advance=1)
 
             if bar:
                 bar.update(task, description="MiniLM float32 embeddings")
