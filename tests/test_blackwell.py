@@ -146,6 +146,43 @@ def test_e2m1_table_from_bits():
     assert np.signbit(bw.E2M1_VALUES[8])
 
 
+def test_e4m3_lookup_table_equals_bit_decode_for_every_byte():
+    table = bw._E4M3_TABLE
+    assert table.dtype == np.float32 and table.shape == (256,)
+    by_hand = e4m3_decode(np.arange(256)).astype(F32)
+    np.testing.assert_array_equal(table, by_hand)  # NaN == NaN here
+    np.testing.assert_array_equal(np.signbit(table), np.arange(256) >= 128)  # -0.0 for 0x80
+    assert np.isnan(table).sum() == 2 and np.isnan(table[[0x7F, 0xFF]]).all()
+    # and the traced decode gives those bits for every byte
+    scales = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), jnp.float8_e4m3fn)
+    traced = np.asarray(jax.jit(bw._e4m3_to_float32)(scales))
+    np.testing.assert_array_equal(traced.view(np.uint32), by_hand.view(np.uint32))
+
+
+def test_e2m1_pair_table_equals_bit_decode_for_every_byte():
+    codes = jnp.arange(256, dtype=jnp.uint8).reshape(4, 64)
+    got = np.asarray(jax.jit(bw._unpack_e2m1)(codes)).reshape(256, 2)
+    byte = np.arange(256)
+    want = np.stack([e2m1_decode(byte & 0xF), e2m1_decode(byte >> 4)], axis=-1).astype(F32)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # first value low, -0.0 kept
+
+
+def test_mxfp4_e8m0_decode_for_every_scale_byte():
+    # one block per scale byte, every element code 2 (1.0) but the second, code 7 (6.0): value = scale
+    codes = np.full((256, 16), 0x02 | (0x02 << 4), np.uint8)
+    codes[:, 0] = 0x02 | (0x07 << 4)
+    q = bw.MXFP4Tensor(codes=jnp.asarray(codes), scales=jnp.arange(256, dtype=jnp.uint8)[:, None], shape=(256, 32),
+                       dtype=jnp.float32)  # fmt: skip
+    got = np.asarray(jax.jit(bw.dequantize)(q), np.float64)
+    byte = np.arange(256)
+    scale = np.where(byte == 255, np.nan, 2.0 ** (byte - 127.0))  # E8M0 by definition
+    np.testing.assert_array_equal(got[1:, 0], scale[1:])
+    with np.errstate(over="ignore"):
+        six = (6 * scale[1:]).astype(np.float32)  # 6 * 2**127 overflows float32: inf, as the decode gives
+    np.testing.assert_array_equal(got[1:, 1], six)
+    assert got[0, 0] in (0.0, 2.0**-127)  # 2**-127 is subnormal: XLA on CPU may flush it to zero
+
+
 def test_e4m3_scales_are_real_e4m3_bytes():
     assert E4M3_POS[-1] == 448 and E4M3_POS[1] == 2.0**-9
     # the library's float8_e4m3fn bytes decode (by hand) to the float values jax reports

@@ -10,6 +10,7 @@ import os
 import struct
 
 import chex
+import flax
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from viva_tensor import awq, blackwell, compression, memory, nf4, quant
+from viva_tensor import _record, awq, blackwell, compression, memory, nf4, quant
 from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
 
 MODULE_FUNCTIONS = {
@@ -286,6 +287,42 @@ def test_record_index_only_takes_ellipsis():
     assert q[...] is q
     with pytest.raises(InvalidOp, match="cannot be sliced"):
         q[0]
+
+
+def test_every_format_record_is_nnx_data_and_indexes_whole_by_the_mixin():
+    for name in quant.format_names():
+        cls = quant.FORMATS[name].record
+        assert nnx.is_data(quant.quantize(_normal((4, 64)), name))
+        assert "__getitem__" not in vars(cls) and cls.__getitem__ is _record.QuantizedArray.__getitem__
+
+
+def test_register_format_makes_a_new_record_nnx_ready_without_quant():
+    @flax.struct.dataclass
+    class Halves(_record.QuantizedArray):
+        values: jax.Array
+        shape: tuple = flax.struct.field(pytree_node=False)
+        dtype: object = flax.struct.field(pytree_node=False)
+        format = "halves_test"
+
+    assert not nnx.is_data(Halves(values=jnp.ones(2, jnp.float16), shape=(2,), dtype=jnp.float32))
+    _record.register_format(
+        "halves_test", record=Halves, quantize=lambda x: x, dequantize=lambda q: q.values, block_size=1,
+        description="test only",
+    )
+    try:
+        rec = Halves(values=jnp.ones(2, jnp.float16), shape=(2,), dtype=jnp.float32)
+        assert nnx.is_data(rec) and rec[...] is rec and rec[()] is rec
+        with pytest.raises(InvalidOp, match=r"argument 'index'.*cannot be sliced.*got slice"):
+            rec[:1]
+
+        class Holder(nnx.Module):
+            def __init__(self):
+                self.w = rec  # no nnx.data(...) wrapper needed
+
+        _, state = nnx.split(Holder())
+        assert [leaf.dtype for leaf in jax.tree_util.tree_leaves(state)] == [jnp.float16]
+    finally:
+        _record.FORMATS.pop("halves_test")
 
 
 def test_promote_dtype():

@@ -9,7 +9,10 @@ Every ``dequantize`` therefore derives leading batch dims from its leaves (see :
 that a record returned by a vmapped quantize can be dequantized outside the vmap too.
 
 Formats register themselves in :data:`FORMATS` so that :mod:`viva_tensor.quant` can quantize and
-dequantize by name without knowing each module.
+dequantize by name without knowing each module. Registering a format also registers its record class
+with ``flax.nnx.register_data_type`` (as qwix does for its QArray), so that an NNX module can hold a
+record: its arrays are the module's state, not static attributes. ``record[...]`` is the record itself
+(``nnx.Linear`` reads its kernel as ``self.kernel[...]``); any other index raises.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import dataclasses
 import math
 from typing import Any, Callable, ClassVar
 
+import flax.nnx as nnx
 import jax
 import numpy as np
+
+from viva_tensor.errors import InvalidOp
 
 __all__ = ["QuantizedArray", "FormatSpec", "FORMATS", "register_format", "batch_dims", "is_quantized"]
 
@@ -33,6 +39,17 @@ class QuantizedArray:
     """
 
     format: ClassVar[str] = ""
+
+    def __getitem__(self, index: Any) -> Any:
+        """``record[...]`` (or ``record[()]``) is the record itself; a record cannot be sliced."""
+        if index is Ellipsis or (isinstance(index, tuple) and index in ((), (Ellipsis,))):
+            return self
+        raise InvalidOp(
+            argument="index",
+            expected="... (a quantized record cannot be sliced)",
+            got=repr(index),
+            hint="dequantize it first: quant.dequantize(q)[index].",
+        )
 
     @property
     def nbytes(self) -> int:
@@ -113,5 +130,10 @@ def register_format(
     block_size: int,
     description: str,
 ) -> None:
-    """Register a format under ``name`` (called by each format module at import)."""
+    """Register a format under ``name`` (called by each format module at import).
+
+    Also registers ``record`` with ``flax.nnx.register_data_type``, so that NNX modules hold its
+    instances as data (their arrays are state).
+    """
+    nnx.register_data_type(record)
     FORMATS[name] = FormatSpec(name, record, quantize, dequantize, block_size, description)

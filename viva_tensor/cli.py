@@ -5,10 +5,16 @@
   all-MiniLM-L6-v2 weights).
 - ``viva-tensor quantize CHECKPOINT -f FMT -o OUT [--force]``: a safetensors checkpoint in, a quantized
   checkpoint (:func:`viva_tensor.quant.save`) out; tensors that cannot be quantized are listed and kept.
+- ``viva-tensor bench attention|quant [--quick]``: the benchmarks' core (flash attention against
+  ``jax.nn.dot_product_attention``; every format's size, error, throughput and ``quant.dot`` time),
+  printed as markdown tables; sizes can be made tiny with flags. ``benchmarks/*.py`` also write results.
 - ``viva-tensor tour``: a short guided tour of the library.
 
 Errors (a missing file, a file that is not safetensors, an unknown format, an output that exists)
-print one line ``viva-tensor: error: ...`` on stderr and exit with status 1.
+print one line ``viva-tensor: error: ...`` on stderr and exit with status 1; usage errors exit with 2.
+When ``quantize`` meets tensors that the format refuses (e.g. a float64 matrix for ``int8``), it still
+writes the output with those tensors kept as they are, lists each one with the reason on stderr
+(``viva-tensor: warning: kept as is (could not be quantized): NAME: WHY``), and exits with status 3.
 
 Example:
     >>> from viva_tensor import cli
@@ -24,14 +30,18 @@ import os
 import sys
 from typing import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "PARTIAL"]
+
+#: Exit status of ``quantize`` when some tensors could not be quantized (written unquantized, listed).
+PARTIAL = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``viva-tensor`` command.
 
     Returns:
-        An ``argparse.ArgumentParser`` with the sub-commands ``report``, ``quantize`` and ``tour``.
+        An ``argparse.ArgumentParser`` with the sub-commands ``report``, ``quantize``, ``bench`` and
+        ``tour``.
 
     Example:
         >>> from viva_tensor import cli
@@ -42,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="viva-tensor",
         description="Quantization that really packs bits, measured on real weights.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{report,quantize,tour}")
+    sub = parser.add_subparsers(dest="command", metavar="{report,quantize,bench,tour}")
     rep = sub.add_parser("report", help="every format on a checkpoint: bytes, bits/value, ratio, SQNR, cosine")
     rep.add_argument("checkpoint", nargs="?", default=None, help="a safetensors file (default: bundled MiniLM)")
     rep.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
@@ -53,8 +63,39 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write")
     qz.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     qz.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _bench_parser(sub)
     sub.add_parser("tour", help="a short guided tour of the library")
     return parser
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="run a benchmark and print its tables")
+    which = bench.add_subparsers(dest="bench", metavar="{attention,quant}", required=True)
+    att = which.add_parser("attention", help="flash attention vs jax.nn.dot_product_attention: memory and time")
+    att.add_argument("--quick", action="store_true", help="T = 1024 and 2048, float32, 1 repeat")
+    att.add_argument("--lengths", type=_ints, metavar="T,T,...", help="sequence lengths (default 1024..16384)")
+    att.add_argument("--dtypes", default=None, help="comma-separated dtypes (default float32,bfloat16)")
+    att.add_argument("--heads", type=int, default=8)
+    att.add_argument("--head-dim", type=int, default=64)
+    att.add_argument("--repeats", type=int, default=None)
+    att.add_argument("--budget-gib", type=float, default=3.0, help="run a case only if its compiled total fits")
+    qb = which.add_parser("quant", help="every format: size, SQNR, throughput, quant.dot vs float32 matmul")
+    qb.add_argument("--quick", action="store_true", help="a 1024 x 1024 matrix, fewer repeats, no MiniLM")
+    qb.add_argument("--size", type=int, default=None, help="the matrix is SIZE x SIZE (default 4096)")
+    qb.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
+    qb.add_argument("--batches", type=_ints, default=[1, 16, 256], metavar="B,B,...", help="quant.dot batches")
+    qb.add_argument("--repeats", type=int, default=None)
+    qb.add_argument("--no-minilm", action="store_true", help="skip the MiniLM checkpoint report")
 
 
 def _error(message: str) -> int:
@@ -111,7 +152,43 @@ def _quantize(args: argparse.Namespace) -> int:
     table.add_row(str(quantized), str(kept), str(len(failed)), f"{before:,}", f"{after:,}", f"{before / after:.2f}x")
     console.print(table)
     for name, why in failed:
-        console.print(f"kept as is (could not be quantized): {name}: {why}")
+        print(f"viva-tensor: warning: kept as is (could not be quantized): {name}: {why}", file=sys.stderr)
+    if failed:
+        print(
+            f"viva-tensor: warning: {len(failed)} of {len(chosen)} tensors could not be quantized to {spec.name};"
+            f" {args.output!r} holds them unquantized",
+            file=sys.stderr,
+        )
+        return PARTIAL
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "attention":
+        from viva_tensor import _bench_attention as bench
+
+        lengths = args.lengths or ([1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384])
+        dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
+        for dtype in dtypes:
+            if dtype not in ("float32", "bfloat16", "float16"):
+                return _error(f"argument '--dtypes': expected float32, bfloat16 or float16, got {dtype!r}")
+        text, _ = bench.run(
+            lengths, dtypes=dtypes, heads=args.heads, head_dim=args.head_dim,
+            repeats=args.repeats or (1 if args.quick else 3), budget=int(args.budget_gib * bench.GIB), log=_log,
+        )  # fmt: skip
+    else:
+        from viva_tensor import _bench_quant as bench
+
+        size = args.size or (1024 if args.quick else 4096)
+        text, _ = bench.run(
+            args.formats, size=size, batches=args.batches, repeats=args.repeats or (2 if args.quick else 5),
+            min_time=0.05 if args.quick else 0.2, minilm=not (args.no_minilm or args.quick), log=_log,
+        )  # fmt: skip
+    print(text)
     return 0
 
 
@@ -133,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``); no sub-command runs ``report``.
 
     Returns:
-        The exit status: 0 on success, 1 on an error (printed on stderr), 2 on a usage error.
+        The exit status: 0 on success, 1 on an error (printed on stderr), 2 on a usage error, 3
+        (:data:`PARTIAL`) when ``quantize`` kept some tensors unquantized (listed on stderr).
 
     Example:
         >>> from viva_tensor import cli
@@ -143,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from viva_tensor.errors import TensorError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv) or ["report"])
-    commands = {"report": _report, "quantize": _quantize, "tour": _tour, None: _report}
+    commands = {"report": _report, "quantize": _quantize, "bench": _bench, "tour": _tour, None: _report}
     if args.command is None:
         args = build_parser().parse_args(["report"])
     try:

@@ -40,7 +40,6 @@ import os
 import struct
 from typing import Any, Callable, Sequence
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -48,7 +47,7 @@ import numpy as np
 
 from viva_tensor import compression, nf4, blackwell, awq  # noqa: F401, I001 - each registers its formats in FORMATS
 from viva_tensor._record import FORMATS, FormatSpec, is_quantized
-from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
+from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, ShapeMismatch
 
 __all__ = [
     "FORMATS",
@@ -89,40 +88,15 @@ def format_names() -> list[str]:
     return [n for n in _ORDER if n in FORMATS] + [n for n in FORMATS if n not in _ORDER]
 
 
-def _whole(self: Any, index: Any) -> Any:
-    """``record[...]``: the record itself (what ``nnx.Variable[...]`` asks of the value it holds)."""
-    if index is Ellipsis or index == ():
-        return self
-    raise InvalidOp(
-        argument="index",
-        expected="... (a quantized record cannot be sliced)",
-        got=repr(index),
-        hint="dequantize it first: quant.dequantize(q)[index].",
-    )
-
-
-def _nnx_ready(cls: type) -> None:
-    """Let an NNX module hold records of ``cls`` (as qwix does for its QArray)."""
-    nnx.register_data_type(cls)  # a record held by a module is data (its arrays are state), not static
-    if not hasattr(cls, "__getitem__"):  # nnx.Linear reads its kernel as ``self.kernel[...]``
-        cls.__getitem__ = _whole
-
-
 def _spec(fmt: Any) -> FormatSpec:
     if isinstance(fmt, str) and fmt in FORMATS:
-        spec = FORMATS[fmt]
-        _nnx_ready(spec.record)
-        return spec
+        return FORMATS[fmt]
     raise FormatError(
         argument="fmt",
         expected="one of " + ", ".join(repr(n) for n in format_names()),
         got=repr(fmt),
         hint="quant.format_names() lists the registered formats.",
     )
-
-
-for _registered in list(FORMATS.values()):
-    _nnx_ready(_registered.record)
 
 
 def _option_names(spec: FormatSpec) -> tuple[set[str], bool]:

