@@ -20,88 +20,17 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from viva_tensor import flash_attention as fa  # noqa: E402
-from viva_tensor import memory  # noqa: E402
+from viva_tensor import _bench_attention as _core  # noqa: E402 - the core, shared with `viva-tensor bench`
+from viva_tensor._bench_attention import GIB, MIB, measure, table  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-GIB = 2**30
-MIB = 2**20
-
-
-def _impls(causal):
-    return {
-        "flash": lambda q, k, v: fa.dot_product_attention(q, k, v, is_causal=causal),
-        "jax.nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal),
-    }
-
-
-def _fwd_bwd(f):
-    return jax.value_and_grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-
-
-def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
-
-
-def measure(T, dtype, causal, *, heads=8, head_dim=64, repeats=3, budget=3 * GIB, run=True):
-    """Rows for one (T, dtype, causal): per implementation and pass, temp bytes and times."""
-    shape = jax.ShapeDtypeStruct((1, T, heads, head_dim), jnp.dtype(dtype))
-    rows = []
-    args = None
-    for name, f in _impls(causal).items():
-        for mode, g in (("fwd", f), ("fwd+bwd", _fwd_bwd(f))):
-            jitted = jax.jit(g)
-            mem = memory.compiled_memory(jitted, shape, shape, shape)
-            row = dict(impl=name, mode=mode, T=T, dtype=str(jnp.dtype(dtype)), causal=causal, heads=heads,
-                       temp_bytes=mem.temp_bytes, total_bytes=mem.total_bytes, wall_s=None, cpu_s=None)
-            if run and mem.total_bytes <= budget:
-                if args is None:
-                    args = [jax.random.normal(jax.random.key(i), shape.shape, shape.dtype) for i in range(3)]
-                row["wall_s"], row["cpu_s"] = _time(jitted, args, repeats)
-            rows.append(row)
-    return rows
-
-
-def _fmt_bytes(n):
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
-
-
-def _fmt_s(x):
-    return "skipped" if x is None else f"{x * 1e3:.0f} ms"
-
-
-def table(rows):
-    """A markdown table with flash and jax.nn side by side, and their ratios."""
-    out = ["| dtype | causal | T | pass | flash temp | jax.nn temp | mem ratio | flash time | jax.nn time "
-           "| time ratio | flash cpu | jax.nn cpu |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    keyed = {(r["dtype"], r["causal"], r["T"], r["mode"], r["impl"], r["heads"]): r for r in rows}
-    for (dt, causal, T, mode, impl, heads), r in keyed.items():
-        if impl != "flash":
-            continue
-        o = keyed[(dt, causal, T, mode, "jax.nn", heads)]
-        ratio_t = (f"{r['wall_s'] / o['wall_s']:.2f}x" if r["wall_s"] and o["wall_s"] else "-")
-        out.append(
-            f"| {dt} | {causal} | {T}{'' if heads == 8 else f' (N={heads})'} | {mode} | {_fmt_bytes(r['temp_bytes'])} "
-            f"| {_fmt_bytes(o['temp_bytes'])} | 1/{o['temp_bytes'] / max(r['temp_bytes'], 1):.0f} "
-            f"| {_fmt_s(r['wall_s'])} | {_fmt_s(o['wall_s'])} | {ratio_t} | {_fmt_s(r['cpu_s'])} | {_fmt_s(o['cpu_s'])} |")
-    return "\n".join(out)
+_fmt_bytes, _fmt_s = _core._fmt_bytes, _core._fmt_s
 
 
 def plot(rows, path):
