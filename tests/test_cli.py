@@ -66,13 +66,13 @@ def test_run_report_against_a_reference(checkpoint, fmt):
 def test_run_report_every_format_and_print(checkpoint):
     path, _ = checkpoint
     rows = report.run_report(path, progress=False)
-    assert [r["format"] for r in rows] == ["original"] + quant.format_names()
+    assert [r["format"] for r in rows] == ["original"] + report.default_formats()
     bits = {r["format"]: r["bits_per_value"] for r in rows}
     assert bits["q4_0"] == 4.5 and bits["q8_0"] == 8.5 and bits["nvfp4"] > 4.5 - 1e-9
     console = Console(width=120, record=True, color_system=None)
     report.print_report(rows, console=console)
     text = console.export_text()
-    for name in quant.format_names():
+    for name in report.default_formats():
         assert name in text
     assert "SQNR (dB)" in text and "cosine" in text
 

@@ -200,7 +200,7 @@ def embedding_fidelity(
 
     Args:
         folder: a MiniLM model folder (see :func:`minilm_folder`); ``None`` for the bundled one.
-        formats: format names; default: all of :func:`viva_tensor.quant.format_names`.
+        formats: format names; default: :func:`default_formats`.
         sentences: the sentences to embed (one batch).
         on_step: called with a short description after the float32 model and after each format.
 
@@ -222,7 +222,7 @@ def embedding_fidelity(
     from viva_tensor import nn
     from viva_tensor.models import minilm
 
-    formats = list(formats) if formats is not None else quant.format_names()
+    formats = list(formats) if formats is not None else default_formats()
     specs = [quant._spec(f) for f in formats]
     step = on_step or (lambda description: None)
     encoder = minilm.load(folder)
@@ -279,6 +279,21 @@ def _row(fmt: str, values: int, nbytes: int, original: int, sums: np.ndarray, n:
     }
 
 
+def default_formats() -> list[str]:
+    """The formats a report shows by default: every registered one but ``awq_int4``.
+
+    AWQ needs calibration activations; quantized by name without them its scales are 1 and its codes are
+    those of ``int4_group``, which is already in the report. ``benchmarks/awq.py`` measures the real
+    search on MiniLM's activations.
+
+    Example:
+        >>> from viva_tensor import report
+        >>> report.default_formats()[:4], "awq_int4" in report.default_formats()
+        (['int8', 'q4_0', 'q4_1', 'q8_0'], False)
+    """
+    return [name for name in quant.format_names() if name != "awq_int4"]
+
+
 def run_report(
     path: str | os.PathLike | None = None,
     formats: Sequence[str] | None = None,
@@ -318,7 +333,7 @@ def run_report(
         ('original', 1024)
     """
     path = os.fspath(path) if path is not None else default_checkpoint()
-    formats = list(formats) if formats is not None else quant.format_names()
+    formats = list(formats) if formats is not None else default_formats()
     specs = [quant._spec(f) for f in formats]
     tensors = _flat_arrays(quant.load(path))
     selected = {s.name: eligible_tensors(tensors, s.name) for s in specs}
