@@ -350,6 +350,12 @@ def test_quant_format_registration(registered, rng, tmp_path):
     back = quant.load(path)["w"]
     assert type(back) is sparsity.Sparse24Tensor and back.axis == 0
     np.testing.assert_array_equal(np.asarray(sparsity.decompress(back)), np.asarray(sparsity.decompress(plain)))
+    stacked = quant.quantize(w, "sparse24", axis=0, values_format="nf4")  # a record inside a record
+    quant.save(path, {"w": stacked})
+    back = quant.load(path)["w"]
+    assert type(back.values) is type(stacked.values) and back.values_format == "nf4"
+    np.testing.assert_array_equal(np.asarray(sparsity.decompress(back)), np.asarray(sparsity.decompress(stacked)))
+    assert back.nbytes == stacked.nbytes
 
 
 # ------------------------------------------------------------------------------------- properties

@@ -686,7 +686,9 @@ def _encode_node(node: Any, path: str, w: _Writer) -> dict:
         static, children = {}, {}
         for f in dataclasses.fields(cls):
             v = getattr(node, f.name)
-            if f.metadata.get("pytree_node", True):
+            if f.metadata.get("pytree_node", True) and is_quantized(v):  # a record inside a record
+                children[f.name] = _encode_node(v, f"{path}:{f.name}", w)
+            elif f.metadata.get("pytree_node", True):
                 children[f.name] = None if v is None else w.add(f"{path}:{f.name}", v)
             else:
                 static[f.name] = _encode_static(v)
@@ -922,7 +924,11 @@ def _decode_record(body: dict, where: str, arrays: dict, path: str, tensor: Call
     if set(static) != want_static or set(children) != set(fields) - want_static:
         raise CheckpointError(f"{path!r}: the record at '{where}' does not have the fields of {cls.__qualname__}")
     kwargs = {k: _decode_static(v, where) for k, v in static.items()}
-    kwargs.update({k: None if v is None else tensor(v) for k, v in children.items()})
+    for k, v in children.items():
+        if isinstance(v, dict) and set(v) == {"record"} and isinstance(v["record"], dict):
+            kwargs[k] = _decode_record(v["record"], f"{where}:{k}", arrays, path, tensor)
+        else:
+            kwargs[k] = None if v is None else tensor(v)
     try:
         rec = cls(**kwargs)
     except Exception as e:  # noqa: BLE001
