@@ -179,6 +179,26 @@ def test_dot_decodes_large_weights_in_chunks(fmt, small_chunks, dtype):
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
 
 
+FOUR_BIT = ["q4_0", "q4_1", "nf4", "nf4_dq", "nvfp4", "mxfp4", "int4_group", "awq_int4"]
+
+
+@pytest.mark.parametrize("fmt", [f for f in FOUR_BIT if f in NAMES])
+def test_dot_nibble_planes_hold_the_dequantized_values_bit_for_bit(fmt, dtype, maybe_jit):
+    """The chunked dot decodes 4-bit weights as two planes of columns (one per nibble): merged back,
+    they are exactly ``dequantize``, including a non-finite block, a zero block and every code."""
+    w = np.asarray(_normal((64, 256), seed=11)) * 3
+    w[0, :32] = 0.0
+    w[5, 64:70] = [np.inf, -np.inf, np.nan, 1.0, -1.0, 0.5]
+    opts = {"group_size": 64} if fmt == "int4_group" else {}
+    q = quant.quantize(jnp.asarray(w, dtype), fmt, **opts)
+
+    def merged(q):
+        a, b, layout = quant._nibble_planes(q)
+        return quant._merge_planes(a, b, layout).astype(q.dtype)
+
+    assert _bits_equal(maybe_jit(merged)(q), quant.dequantize(q))
+
+
 def test_dot_chunk_plan_refuses_misaligned_weights(small_chunks):
     assert quant._chunk_plan(quant.quantize(_normal((300, 256)), "nf4")) is None  # 300 rows: no 256-row chunk
     assert quant._chunk_plan(quant.quantize(_normal((2, 512, 256)), "q8_0")) is None  # not 2-D

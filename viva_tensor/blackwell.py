@@ -322,19 +322,21 @@ def dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
 
 @jax.jit
 def _dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
+    values = _unpack_e2m1(q.codes)
+    values = values.reshape(*q.scales.shape, q.block_size) * _block_scales(q)[..., None]
+    return _finish(values, q)
+
+
+def _block_scales(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
+    """The float32 factor of each block, shaped like ``q.scales``."""
     if isinstance(q, NVFP4Tensor):
-        values = _unpack_e2m1(q.codes)
-        scale = _e4m3_to_float32(q.scales) * q.tensor_scale.reshape(
+        return _e4m3_to_float32(q.scales) * q.tensor_scale.reshape(
             q.tensor_scale.shape + (1,) * (q.scales.ndim - q.tensor_scale.ndim)
         )
-    else:
-        values = _unpack_e2m1(q.codes)
-        e = q.scales.astype(jnp.int32) - 127
-        half = e // 2  # two normal factors: XLA on CPU flushes the subnormal 2**-127 to zero
-        scale = _pow2(half) * _pow2(e - half)
-        scale = jnp.where(q.scales == 255, jnp.float32(jnp.nan), scale)
-    values = values.reshape(*q.scales.shape, q.block_size) * scale[..., None]
-    return _finish(values, q)
+    e = q.scales.astype(jnp.int32) - 127
+    half = e // 2  # two normal factors: XLA on CPU flushes the subnormal 2**-127 to zero
+    scale = _pow2(half) * _pow2(e - half)
+    return jnp.where(q.scales == 255, jnp.float32(jnp.nan), scale)
 
 
 register_format(

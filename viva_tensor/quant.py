@@ -292,6 +292,104 @@ def _chunk_plan(rec: Any) -> tuple[int, list[bool]] | None:
     return rows, sliced
 
 
+def _materialized(scales: jax.Array) -> jax.Array:
+    """The per-block factors computed once into a buffer: without the barrier XLA fuses their decode
+    (a float16 convert, an FP8 table, a nested dequantization) into every value of the block."""
+    return jax.lax.optimization_barrier(scales)
+
+
+def _lookup16(table: np.ndarray, idx: jax.Array) -> jax.Array:
+    """``table[idx]`` for a 16-entry float32 table and codes 0..15, as a tree of 15 selects.
+
+    XLA:CPU emits a gather from a constant as scalar loads; selects between constants vectorise.
+    A select copies its operand, so the result has the table's exact bits.
+    """
+    level = [jnp.float32(v) for v in np.asarray(table, np.float32)]
+    for bit in (1, 2, 4, 8):
+        on = (idx & bit) != 0
+        level = [jnp.where(on, level[i + 1], level[i]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+def _e2m1(idx: jax.Array) -> jax.Array:
+    """The E2M1 value of codes 0..15 as float32, built from its bits (equal to ``E2M1_VALUES[idx]``)."""
+    i = idx.astype(jnp.uint32)
+    m = i & 7  # exponent (2 bits) and mantissa (1 bit): 0, 0.5, 1, 1.5, 2, 3, 4, 6
+    # m >= 2 is the normal number 2**((m >> 1) - 1) * (1 + (m & 1) / 2), whose float32 bits are
+    # (m + 252) << 22; m == 1 is the subnormal 0.5 (0x3F000000), m == 0 is zero.
+    magnitude = jnp.where(m > 1, (m + 252) << 22, m * jnp.uint32(0x3F000000))
+    return jax.lax.bitcast_convert_type(magnitude | ((i & 8) << 28), jnp.float32)
+
+
+def _nibble_planes(rec: Any) -> tuple[jax.Array, jax.Array, str] | None:
+    """A 2-D 4-bit record decoded as two column planes, one per nibble, or None for other records.
+
+    Returns ``(a, b, layout)``, float32 ``(rows, n / 2)`` each, with the values of ``dequantize``:
+    ``layout == "pairs"``: ``a`` holds the even columns and ``b`` the odd ones; ``"halves"``: ``a``
+    holds columns ``32 j .. 32 j + 15`` and ``b`` columns ``32 j + 16 .. 32 j + 31``. Each plane is an
+    elementwise function of the packed bytes, so XLA decodes it in one vectorised loop: interleaving
+    the two nibbles into the weight's own column order (a concatenate or a stack in the decode) made
+    XLA:CPU's loop several times slower. The matmul then runs on each plane and only its small output
+    is interleaved (:func:`_merge_planes`).
+    """
+    if len(rec.shape) != 2 or rec.batch_shape:
+        return None
+    rows, n = rec.shape
+    f32 = jnp.float32
+    if isinstance(rec, (compression.Q4_0Tensor, compression.Q4_1Tensor)):
+        if n % compression.GGML_BLOCK_SIZE:
+            return None
+        d = _materialized(rec.d.astype(f32))[:, None]
+        lo, hi = (rec.qs & 0x0F).astype(f32), (rec.qs >> 4).astype(f32)
+        if isinstance(rec, compression.Q4_0Tensor):
+            lo, hi = (lo - 8.0) * d, (hi - 8.0) * d
+        else:
+            m = _materialized(rec.m.astype(f32))[:, None]
+            lo, hi = lo * d + m, hi * d + m
+        return lo.reshape(rows, -1), hi.reshape(rows, -1), "halves"
+    if isinstance(rec, (nf4.NF4Tensor, nf4.NF4DQTensor)):
+        if rec.block_size % 2 or n % rec.block_size:
+            return None
+        absmax = nf4._dq_absmax(rec) if isinstance(rec, nf4.NF4DQTensor) else rec.absmax
+        codes = rec.codes.reshape(-1, rec.block_size // 2)
+        scale = _materialized(absmax)[:, None]
+        hi = _lookup16(nf4.NF4_LEVELS, codes >> 4) * scale  # the first value is the high nibble
+        lo = _lookup16(nf4.NF4_LEVELS, codes & 0x0F) * scale
+        return hi.reshape(rows, -1), lo.reshape(rows, -1), "pairs"
+    if isinstance(rec, (blackwell.NVFP4Tensor, blackwell.MXFP4Tensor)):
+        if rec.block_size % 2 or n % rec.block_size:
+            return None
+        codes = rec.codes.reshape(*rec.scales.shape, rec.block_size // 2)
+        scale = _materialized(blackwell._block_scales(rec))[..., None]
+        lo, hi = _e2m1(codes & 0x0F) * scale, _e2m1(codes >> 4) * scale
+        return lo.reshape(rows, -1), hi.reshape(rows, -1), "pairs"
+    if isinstance(rec, (awq.GroupInt4Tensor, awq.AWQTensor)):
+        group = min(rec.group_size, n)
+        if group % 2 or n % group:
+            return None
+        ng = n // group
+        codes = rec.codes.reshape(rows, ng, group // 2)
+        scale = _materialized(rec.scales.astype(f32))[..., None]
+        zero = _materialized(awq._unpack(rec.zeros, ng).astype(f32))[..., None]
+        lo = ((codes & 0x0F).astype(f32) - zero) * scale
+        hi = ((codes >> 4).astype(f32) - zero) * scale
+        lo, hi = lo.reshape(rows, -1), hi.reshape(rows, -1)
+        if isinstance(rec, awq.AWQTensor):
+            s = rec.act_scale.astype(f32)
+            lo, hi = awq._div(lo, s[0::2]), awq._div(hi, s[1::2])
+        return lo, hi, "pairs"
+    return None
+
+
+def _merge_planes(a: jax.Array, b: jax.Array, layout: str) -> jax.Array:
+    """The columns of two planes (:func:`_nibble_planes`) back in the weight's order."""
+    if layout == "pairs":
+        return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], -1)
+    half = compression.GGML_BLOCK_SIZE // 2
+    both = [a.reshape(*a.shape[:-1], -1, half), b.reshape(*b.shape[:-1], -1, half)]
+    return jnp.concatenate(both, axis=-1).reshape(*a.shape[:-1], -1)
+
+
 def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtype: Any, precision: Any):
     """``x @ decode(rec)`` over row chunks of ``rec``: decode a chunk, multiply, accumulate in float32."""
     spec = _spec_of(rec)
@@ -302,16 +400,31 @@ def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtyp
     xs = jnp.moveaxis(x.reshape(*x.shape[:-1], nc, rows), -2, 0)
     cdtype = _compute_dtype(rec, x)
 
-    def body(acc, inputs):
-        xc, parts = inputs
+    def chunk_of(parts):
         chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced)]
-        chunk = dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
-        w = spec.dequantize(chunk).astype(cdtype)
-        part = jax.lax.dot_general(
-            xc.astype(cdtype), w, (((xc.ndim - 1,), (0,)), ((), ())),
+        return dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
+
+    def mul(xc, w):
+        return jax.lax.dot_general(
+            xc.astype(cdtype), w.astype(rec.dtype).astype(cdtype), (((xc.ndim - 1,), (0,)), ((), ())),
             precision=precision, preferred_element_type=jnp.float32,
         )  # fmt: skip
-        return acc + part, None
+
+    def body(acc, inputs):
+        xc, parts = inputs
+        return acc + mul(xc, spec.dequantize(chunk_of(parts))), None
+
+    def planes_body(acc, inputs):
+        xc, parts = inputs
+        a, b, _ = _nibble_planes(chunk_of(parts))
+        return (acc[0] + mul(xc, a), acc[1] + mul(xc, b)), None
+
+    # traced once to read the layout (XLA drops this unused decode of the first chunk)
+    probe = _nibble_planes(chunk_of([leaf[0] if s else None for leaf, s in zip(stacked, sliced)]))
+    if probe is not None:
+        zero = jnp.zeros((*x.shape[:-1], n // 2), jnp.float32)
+        (a, b), _ = jax.lax.scan(planes_body, (zero, zero), (xs, stacked))
+        return _merge_planes(a, b, probe[2]).astype(out_dtype)
 
     acc = jnp.zeros((*x.shape[:-1], n), jnp.float32)
     acc, _ = jax.lax.scan(body, acc, (xs, stacked))
