@@ -98,6 +98,7 @@ import numpy as np
 from flax import nnx, struct
 
 from viva_tensor._record import QuantizedArray, register_format
+from viva_tensor._graph import set_child
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape
 from viva_tensor.errors import NonFiniteError, ShapeMismatch
 
@@ -1031,16 +1032,6 @@ class _Recorder(nnx.Module):
         return self.layer(x)
 
 
-def _set_child(root: nnx.Module, path: tuple, value: Any) -> None:
-    parent = root
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = value
-    else:
-        setattr(parent, path[-1], value)
-
-
 def capture_linear_inputs(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, list[jax.Array]]:
     """Runs ``model(*args, **kwargs)`` once, eagerly, and returns the input of every ``nnx.Linear``.
 
@@ -1072,7 +1063,7 @@ def capture_linear_inputs(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[
     for path, layer in linears:
         name = ".".join(str(p) for p in path)
         captured[name] = []
-        _set_child(copy, path, _Recorder(layer, captured[name].append))
+        set_child(copy, path, _Recorder(layer, captured[name].append))
     copy(*args, **kwargs)
     return captured
 
@@ -1127,7 +1118,7 @@ def quantize_model(
         search = search_scales(w, x, config=config)
         q = quantize_awq(w, x, scales=search.scales, config=config)
         bias = None if layer.bias is None else layer.bias.get_value()
-        _set_child(copy, path, nn.QLinear(q, bias, dtype=layer.dtype))
+        set_child(copy, path, nn.QLinear(q, bias, dtype=layer.dtype))
         alphas[name] = float(search.alpha)
     return copy, alphas
 

@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from viva_tensor import quant
+from viva_tensor._graph import set_child
 from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
 
 __all__ = [
@@ -367,16 +369,6 @@ def _path_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _set_child(root: nnx.Module, path: tuple, value: Any) -> None:
-    parent = root
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = value
-    else:
-        setattr(parent, path[-1], value)
-
-
 def quantize_model(
     model: nnx.Module,
     fmt: str,
@@ -429,7 +421,7 @@ def quantize_model(
         qlayer = QLinear.from_linear(layer, fmt, **options)
         lin_before += int(layer.kernel.get_value().nbytes)
         lin_after += int(qlayer.weight.get_value().nbytes)
-        _set_child(copy, path, qlayer)
+        set_child(copy, path, qlayer)
         done.append(name)
     report = QuantizeReport(
         fmt, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after
