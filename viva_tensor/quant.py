@@ -53,6 +53,7 @@ __all__ = [
     "FORMATS",
     "is_quantized",
     "format_names",
+    "format_spec",
     "quantize",
     "dequantize",
     "dot_general",
@@ -88,7 +89,17 @@ def format_names() -> list[str]:
     return [n for n in _ORDER if n in FORMATS] + [n for n in FORMATS if n not in _ORDER]
 
 
-def _spec(fmt: Any) -> FormatSpec:
+def format_spec(fmt: Any) -> FormatSpec:
+    """The registered :class:`FormatSpec` of a format name (record class, quantize, dequantize, block size).
+
+    Raises:
+        FormatError: ``fmt`` is not a registered format name.
+
+    Example:
+        >>> from viva_tensor import quant
+        >>> quant.format_spec("nf4").block_size
+        64
+    """
     if isinstance(fmt, str) and fmt in FORMATS:
         return FORMATS[fmt]
     raise FormatError(
@@ -97,6 +108,9 @@ def _spec(fmt: Any) -> FormatSpec:
         got=repr(fmt),
         hint="quant.format_names() lists the registered formats.",
     )
+
+
+_spec = format_spec
 
 
 def _option_names(spec: FormatSpec) -> tuple[set[str], bool]:
