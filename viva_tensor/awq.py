@@ -90,15 +90,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from viva_tensor._record import QuantizedArray, register_format
-from viva_tensor._graph import set_child
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape
 from viva_tensor.errors import NonFiniteError, ShapeMismatch
 
@@ -123,8 +122,6 @@ __all__ = [
     "dequantize_awq",
     "awq_matmul",
     "output_mse",
-    "capture_linear_inputs",
-    "quantize_model",
 ]
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -1015,112 +1012,6 @@ def output_mse(w: jax.Array, q: GroupInt4Tensor | AWQTensor, x: jax.Array) -> ja
         raise ShapeMismatch(argument="q", expected=f"a record of shape {tuple(w.shape)}", got=tuple(q.shape))
     x32 = _rows(_features(x, w.shape[1], "x"))
     return _mse(_matmul_t(x32, w.astype(jnp.float32)), _matmul_t(x32, dequantize_awq(q).astype(jnp.float32)))
-
-
-# ----------------------------------------------------------------------------------------- models
-
-
-class _Recorder(nnx.Module):
-    """Calls a linear layer and hands its input to a callback (eager use only)."""
-
-    def __init__(self, layer: nnx.Module, callback: Callable[[jax.Array], None]):
-        self.layer = layer
-        self.callback = callback
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        self.callback(x)
-        return self.layer(x)
-
-
-def capture_linear_inputs(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, list[jax.Array]]:
-    """Runs ``model(*args, **kwargs)`` once, eagerly, and returns the input of every ``nnx.Linear``.
-
-    The model is not changed: a copy has each ``nnx.Linear`` wrapped by a recorder.
-
-    Args:
-        model: an NNX module.
-        *args: its call's positional arguments. **kwargs: its keyword arguments.
-
-    Returns:
-        ``{path: [input of each call]}``, paths dotted (``"layers.0.attention.query"``), in call order.
-
-    Raises:
-        InvalidShape: a model with no ``nnx.Linear``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
-        >>> inputs = capture_linear_inputs(model, jnp.ones((5, 3)))
-        >>> {k: v[0].shape for k, v in inputs.items()}
-        {'layers.0': (5, 3), 'layers.1': (5, 4)}
-    """
-    copy = nnx.clone(model)
-    linears = [(path, node) for path, node in nnx.iter_graph(copy) if isinstance(node, nnx.Linear)]
-    if not linears:
-        raise InvalidShape(argument="model", expected="a model with nnx.Linear layers", got="none")
-    captured: dict[str, list[jax.Array]] = {}
-    for path, layer in linears:
-        name = ".".join(str(p) for p in path)
-        captured[name] = []
-        set_child(copy, path, _Recorder(layer, captured[name].append))
-    copy(*args, **kwargs)
-    return captured
-
-
-def quantize_model(
-    model: nnx.Module,
-    activations: dict[str, jax.Array],
-    *,
-    config: AWQConfig | None = None,
-    where: Callable[[str, nnx.Linear], bool] | None = None,
-) -> tuple[nnx.Module, dict[str, float]]:
-    """A copy of ``model`` whose ``nnx.Linear`` layers are AWQ :class:`viva_tensor.nn.QLinear` layers.
-
-    Each selected layer's scales are searched on its own calibration inputs (``activations[path]``,
-    e.g. from :func:`capture_linear_inputs`, padding removed) and the record keeps them
-    (``act_scale``), so no other layer changes.
-
-    Args:
-        model: an NNX module.
-        activations: ``{path: inputs (..., in)}`` for every selected layer.
-        config: the options.
-        where: ``where(path, layer) -> bool`` selects layers (default: every layer with activations).
-
-    Returns:
-        ``(quantized_model, {path: alpha})``.
-
-    Raises:
-        ConfigError: a selected layer without activations.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> model = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
-        >>> x = jnp.ones((3, 8))
-        >>> qmodel, alphas = quantize_model(model, {"layers.0": x}, config=AWQConfig(group_size=8))
-        >>> type(qmodel.layers[0]).__name__, list(alphas)
-        ('QLinear', ['layers.0'])
-    """
-    from viva_tensor import nn  # imported on use: nn imports quant, which may import this module
-
-    config = _config(config, None)
-    copy = nnx.clone(model)
-    alphas: dict[str, float] = {}
-    for path, layer in [(p, n) for p, n in nnx.iter_graph(copy) if isinstance(n, nnx.Linear)]:
-        name = ".".join(str(p) for p in path)
-        if where is None and name not in activations or where is not None and not where(name, layer):
-            continue
-        if name not in activations:
-            raise ConfigError(argument="activations", expected=f"the inputs of layer {name!r}", got="none")
-        w = jnp.asarray(layer.kernel.get_value()).T
-        x = activations[name]
-        search = search_scales(w, x, config=config)
-        q = quantize_awq(w, x, scales=search.scales, config=config)
-        bias = None if layer.bias is None else layer.bias.get_value()
-        set_child(copy, path, nn.QLinear(q, bias, dtype=layer.dtype))
-        alphas[name] = float(search.alpha)
-    return copy, alphas
 
 
 register_format(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,10 @@ import numpy as np
 from flax import nnx
 
 from viva_tensor import quant
-from viva_tensor._graph import set_child
+from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
+from viva_tensor.nn._awq import awq_weight, calibration_rows, capture_linear_inputs, linears
+from viva_tensor.nn._graph import set_child
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -40,6 +42,7 @@ __all__ = [
     "QLinear",
     "QuantizeReport",
     "quantize_model",
+    "capture_linear_inputs",
     "param_bytes",
 ]
 
@@ -313,6 +316,8 @@ class QuantizeReport:
         bytes_after: the same after (quantized records count their real buffers).
         linear_bytes_before: bytes of the replaced layers' kernels before.
         linear_bytes_after: bytes of their quantized weights.
+        alphas: ``{path: alpha}`` the AWQ scale search picked for each layer (``"awq_int4"`` with
+            ``activations=`` only; empty otherwise).
 
     Example:
         >>> r = QuantizeReport("int8", ("a",), (), 400, 200, 256, 56)
@@ -327,6 +332,7 @@ class QuantizeReport:
     bytes_after: int
     linear_bytes_before: int
     linear_bytes_after: int
+    alphas: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -365,14 +371,27 @@ def param_bytes(model: nnx.Module) -> int:
     return int(sum(np.asarray(leaf).nbytes if not hasattr(leaf, "nbytes") else leaf.nbytes for leaf in leaves))
 
 
-def _path_name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
+def _check_format(fmt: Any, activations: Any) -> None:
+    if fmt not in quant.format_names():
+        raise FormatError(
+            argument="fmt",
+            expected="one of " + ", ".join(repr(n) for n in quant.format_names()),
+            got=repr(fmt),
+        )
+    if activations is not None and fmt != "awq_int4":
+        raise ConfigError(
+            argument="activations",
+            expected="None for format " + repr(fmt),
+            got="calibration inputs",
+            hint="only 'awq_int4' calibrates on activations; leave activations out for the other formats.",
+        )
 
 
 def quantize_model(
     model: nnx.Module,
     fmt: str,
     *,
+    activations: Mapping[str, Any] | None = None,
     where: Callable[[str, nnx.Linear], bool] | None = None,
     **options: Any,
 ) -> tuple[nnx.Module, QuantizeReport]:
@@ -381,49 +400,74 @@ def quantize_model(
     The model passed in is not changed. Embeddings, norms and biases stay as they are. A layer that the
     format refuses raises the format's error (nothing is half done): leave it out with ``where``.
 
+    AWQ: with ``fmt="awq_int4"`` and ``activations`` (the inputs of each layer, e.g. from
+    :func:`capture_linear_inputs`, padding removed), each selected layer's AWQ scales are searched on
+    its own inputs (:func:`viva_tensor.awq.search_scales`) and its record keeps them (``act_scale``), so
+    no other layer changes; ``report.alphas`` holds the alpha picked per layer. Layers with no entry in
+    ``activations`` are kept in float (listed in ``report.skipped``) unless ``where`` selects them, which
+    is an error. Without ``activations``, ``"awq_int4"`` uses unit scales (plain group-int4).
+    Behaviour change: this replaces ``viva_tensor.awq.quantize_model(model, activations, config=...)``,
+    which returned ``(model, alphas)``; call ``nn.quantize_model(model, "awq_int4",
+    activations=activations, config=...)`` and read ``report.alphas``.
+
     Args:
         model: an NNX module.
         fmt: a format name of :func:`viva_tensor.quant.format_names`.
+        activations: ``{path: inputs (..., in) or a list of them}``, for ``"awq_int4"`` only.
         where: ``where(path, layer) -> bool`` picks the layers to quantize (``path`` is dotted, e.g.
-            ``"layers.0.attention.query"``); ``None`` quantizes every ``nnx.Linear``.
-        **options: the format's options (see :meth:`QLinear.from_linear`).
+            ``"layers.0.attention.query"``); ``None`` quantizes every ``nnx.Linear`` (with AWQ: every
+            one that has activations).
+        **options: the format's options (see :meth:`QLinear.from_linear`); for AWQ those of
+            :func:`viva_tensor.awq.quantize_awq` (``config=awq.AWQConfig(...)``, ``group_size``).
 
     Returns:
         ``(quantized_model, report)``, the report a :class:`QuantizeReport`.
 
     Raises:
         FormatError: an unknown format or option.
+        ConfigError: ``activations`` for a format other than ``"awq_int4"``, or a layer selected by
+            ``where`` that has no activations.
         TensorError: whatever the format raises for a kernel it cannot quantize.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 2, rngs=nnx.Rngs(1)))
         >>> qmodel, report = quantize_model(model, "q8_0", where=lambda path, layer: layer.out_features > 2)
         >>> report.quantized, [p for p, _ in report.skipped], type(qmodel.layers[0]).__name__
         (('layers.0',), ['layers.1'], 'QLinear')
+        >>> inputs = capture_linear_inputs(model, jnp.ones((8, 64)))
+        >>> amodel, areport = quantize_model(model, "awq_int4", activations=inputs, group_size=32)
+        >>> areport.quantized, sorted(areport.alphas) == ['layers.0', 'layers.1']
+        (('layers.0', 'layers.1'), True)
     """
-    if fmt not in quant.format_names():
-        raise FormatError(
-            argument="fmt",
-            expected="one of " + ", ".join(repr(n) for n in quant.format_names()),
-            got=repr(fmt),
-        )
+    _check_format(fmt, activations)
     before = param_bytes(model)
     copy = nnx.clone(model)
-    linears = [(path, node) for path, node in nnx.iter_graph(copy) if isinstance(node, nnx.Linear)]
-    done, skipped = [], []
+    done, skipped, alphas = [], [], {}
     lin_before = lin_after = 0
-    for path, layer in linears:
-        name = _path_name(path)
+    for path, layer in linears(copy):
+        name = path_str(path)
         if where is not None and not where(name, layer):
             skipped.append((name, "not selected by where"))
             continue
-        qlayer = QLinear.from_linear(layer, fmt, **options)
+        if activations is None:
+            qlayer = QLinear.from_linear(layer, fmt, **options)
+        elif name not in activations:
+            if where is not None:
+                raise ConfigError(argument="activations", expected=f"the inputs of layer {name!r}", got="none")
+            skipped.append((name, "no activations"))
+            continue
+        else:
+            x = calibration_rows(activations[name], layer.in_features, name)
+            record, alphas[name] = awq_weight(layer, x, **options)
+            bias = None if layer.bias is None else layer.bias.get_value()
+            qlayer = QLinear(record, bias, dtype=layer.dtype)
         lin_before += int(layer.kernel.get_value().nbytes)
         lin_after += int(qlayer.weight.get_value().nbytes)
         set_child(copy, path, qlayer)
         done.append(name)
     report = QuantizeReport(
-        fmt, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after
+        fmt, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after, alphas
     )
     return copy, report
