@@ -15,7 +15,7 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from viva_tensor import awq, nn, quant
+from viva_tensor import awq, flash_attention, nn, quant
 from viva_tensor.errors import ConfigError, DimensionError, FormatError, InvalidShape, ShapeMismatch
 
 FORMATS = quant.format_names()
@@ -64,6 +64,19 @@ def test_exact_attention_matches_jax_nn(rng):
     theirs = jax.nn.dot_product_attention(q, k, v, mask=mask)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     np.testing.assert_allclose(ours[0], jnp.broadcast_to(v[0].mean(axis=0), ours[0].shape), atol=1e-5)
+
+
+def test_exact_attention_is_the_one_reference(rng):
+    """exact_attention delegates to flash_attention.naive_attention: the same bits, with and without bias/mask."""
+    q, k, v = qkv(rng)
+    mask = jnp.asarray(rng.random((2, 1, 5, 7)) > 0.3)
+    bias = jnp.asarray(rng.standard_normal((1, 3, 5, 7)), jnp.float32)
+    for args in ((), (bias,), (bias, mask), (None, mask)):
+        ours = nn.exact_attention(q, k, v, *args, scale=0.7)
+        ref = flash_attention.naive_attention(q, k, v, 0.7, **dict(zip(("bias", "mask"), args)))
+        np.testing.assert_array_equal(ours, ref)
+        theirs = jax.nn.dot_product_attention(q, k, v, *args, scale=0.7)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_exact_attention_scale_and_vmap(rng):
