@@ -120,13 +120,15 @@ class QLinear(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeReport:
-    """What :func:`quantize_model` did.
+    """What :func:`quantize_model` did: which layers it replaced, and the bytes it measured before and after.
+
+    ``print(report)`` gives a one-line summary; the ratios are properties.
 
     Attributes:
         fmt: the format name.
-        quantized: paths of the layers replaced by :class:`QLinear`.
-        skipped: ``(path, reason)`` of the ``nnx.Linear`` layers left in float (selected out by
-            ``where``).
+        quantized: dotted paths of the layers replaced by :class:`QLinear`, in graph order.
+        skipped: ``(path, reason)`` of the ``nnx.Linear`` layers left in float: ``"not selected by
+            where"``, or ``"no activations"`` (AWQ with no calibration inputs for that layer).
         bytes_before: bytes of every parameter of the model before (measured from the buffers).
         bytes_after: the same after (quantized records count their real buffers).
         linear_bytes_before: bytes of the replaced layers' kernels before.
@@ -135,9 +137,13 @@ class QuantizeReport:
             ``activations=`` only; empty otherwise).
 
     Example:
-        >>> r = QuantizeReport("int8", ("a",), (), 400, 200, 256, 56)
+        >>> r = QuantizeReport("int8", ("a",), (("b", "not selected by where"),), 400, 200, 256, 56)
         >>> round(r.ratio, 1), round(r.linear_ratio, 2)
         (2.0, 4.57)
+        >>> print(r)
+        int8: 1 layer quantized, 1 kept in float; kernels 256 -> 56 bytes (4.57x); model 400 -> 200 bytes (2.00x)
+        >>> str(QuantizeReport("awq_int4", ("a", "b"), (), 400, 200, 256, 56, {"a": 0.25, "b": 0.5})).split("; ")[-1]
+        'AWQ alpha 0.25..0.50'
     """
 
     fmt: str
@@ -160,12 +166,16 @@ class QuantizeReport:
         return self.linear_bytes_before / max(1, self.linear_bytes_after)
 
     def __str__(self) -> str:
-        return (
-            f"{self.fmt}: {len(self.quantized)} layers quantized, {len(self.skipped)} kept; "
+        n = len(self.quantized)
+        text = (
+            f"{self.fmt}: {n} layer{'' if n == 1 else 's'} quantized, {len(self.skipped)} kept in float; "
             f"kernels {self.linear_bytes_before:,} -> {self.linear_bytes_after:,} bytes "
             f"({self.linear_ratio:.2f}x); model {self.bytes_before:,} -> {self.bytes_after:,} bytes "
             f"({self.ratio:.2f}x)"
         )
+        if self.alphas:
+            text += f"; AWQ alpha {min(self.alphas.values()):.2f}..{max(self.alphas.values()):.2f}"
+        return text
 
 
 def param_bytes(model: nnx.Module) -> int:
