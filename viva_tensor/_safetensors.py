@@ -351,10 +351,11 @@ def read_header(path: str | os.PathLike, *, verify: bool = True) -> Header:
         if _canonical_digest(unsigned) != digest:
             raise CheckpointError(f"{path!r}: its header or metadata was changed after it was written "
                                   "(the digest over dtypes, shapes, offsets and metadata does not match)")
+    if (TENSORS_KEY in meta) != (digest is not None):
+        raise CheckpointError(f"{path!r}: its metadata has a tensor table or a digest without the other "
+                              "(it was changed after it was written)")
     if TENSORS_KEY in meta:
         infos = _apply_table(path, infos, meta[TENSORS_KEY])
-    elif digest is not None:
-        raise CheckpointError(f"{path!r}: its metadata has a digest but no tensor table")
     user = {k: v for k, v in meta.items() if k not in (TENSORS_KEY, DIGEST_KEY)}
     return Header(path, infos, user, digest, size)
 
