@@ -13,22 +13,19 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import tolerance
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import tolerance
-from viva_tensor import memory
+from viva_tensor import compression, memory
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
 
 KINDS = ("device", "pinned_host", "unpinned_host")
 
 
 def _q4_0():
-    """GGML Q4_0 (quantize, dequantize), from the format registry once compression is merged."""
-    pytest.importorskip("viva_tensor.compression")
-    from viva_tensor._record import FORMATS
-
-    return FORMATS["q4_0"].quantize, FORMATS["q4_0"].dequantize
+    """GGML Q4_0 (quantize, dequantize)."""
+    return compression.quantize_q4_0, compression.dequantize
 
 
 def _bits(a):
