@@ -104,9 +104,9 @@ def test_disk_file_is_read_by_the_safetensors_library(tmp_path, rng):
     b = rng.standard_normal(5).astype(ml_dtypes.bfloat16)
     memory.place({"w": w, "b": jnp.asarray(b)}, "disk", path=tmp_path / "m.safetensors")
     with safetensors.safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
-        np.testing.assert_array_equal(f.get_tensor("['w']"), w)
+        np.testing.assert_array_equal(f.get_tensor("w"), w)
     with safetensors.safe_open(str(tmp_path / "m.safetensors"), framework="flax") as f:
-        np.testing.assert_array_equal(_bits(f.get_tensor("['b']")), _bits(b))
+        np.testing.assert_array_equal(_bits(f.get_tensor("b")), _bits(b))
 
 
 def test_disk_handles_move_to_host_kinds_directly(tmp_path):
@@ -126,7 +126,7 @@ def test_quantized_records_move_whole(tmp_path, rng):
     host = memory.place(tree, "pinned_host")
     assert type(host["q"]) is type(q)
     assert {leaf.sharding.memory_kind for leaf in jax.tree_util.tree_leaves(host["q"])} == {"pinned_host"}
-    assert memory.tier_of(host) == {"['bias']": "pinned_host", "['q']": "pinned_host"}
+    assert memory.tier_of(host) == {"bias": "pinned_host", "q": "pinned_host"}
     handles = memory.place(host, "disk", path=tmp_path / "q.safetensors")
     back = memory.load(handles)
     for got, want in zip(jax.tree_util.tree_leaves(back["q"]), jax.tree_util.tree_leaves(q)):
@@ -141,13 +141,37 @@ def test_tree_nbytes_counts_every_buffer(tmp_path):
     assert memory.tree_nbytes(handles) == 48
 
 
+def test_paths_are_dotted_everywhere(tmp_path):
+    """Tier maps, plans and file tensor names spell paths as viva_tensor._paths.path_str: "layers.0.w"."""
+    quantize, _ = _q4_0()
+    tree = {"layers": [{"w": jnp.ones((4, 32)), "q": quantize(jnp.ones((4, 32)))}], "head": (jnp.ones(2),)}
+    units = ["head.0", "layers.0.q", "layers.0.w"]
+    assert list(memory.tier_of(tree)) == units
+    assert list(memory.plan(tree, memory.KeepOnDevice())) == units
+    assert memory.plan(tree, memory.SmartOffload(10**6, trace=("layers.0.w",)))["layers.0.w"] == "device"
+    handles = memory.place(tree, "disk", path=tmp_path / "t.safetensors")
+    assert handles["layers"][0]["w"].key == "layers.0.w"
+    assert handles["layers"][0]["q"].qs.key == "layers.0.q.qs"
+    safetensors = pytest.importorskip("safetensors")
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), framework="numpy") as f:
+        assert set(f.keys()) == {"head.0", "layers.0.w", "layers.0.q.qs", "layers.0.q.d"}
+
+
+def test_paths_that_spell_the_same_are_refused(tmp_path):
+    clash = {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
+    for call in (memory.tier_of, lambda t: memory.plan(t, memory.KeepOnDevice()),
+                 lambda t: memory.place(t, "disk", path=tmp_path / "c.safetensors")):
+        with pytest.raises(ConfigError, match="argument 'tree': expected leaves with distinct dotted paths.*'a.b'"):
+            call(clash)
+
+
 def test_tier_of_reports_mixed_records():
     quantize, _ = _q4_0()
     q = quantize(jnp.ones((4, 32)))
     leaves, treedef = jax.tree_util.tree_flatten(q)
     split = jax.tree_util.tree_unflatten(treedef, [memory.place(leaves[0], "pinned_host")] + leaves[1:])
     tree = {"q": split, "x": memory.place(jnp.ones(2), "unpinned_host"), "y": np.ones(2)}
-    assert memory.tier_of(tree) == {"['q']": "mixed", "['x']": "unpinned_host", "['y']": "numpy"}
+    assert memory.tier_of(tree) == {"q": "mixed", "x": "unpinned_host", "y": "numpy"}
 
 
 def test_place_errors(tmp_path):
@@ -172,7 +196,7 @@ def test_disk_errors(tmp_path):
     with pytest.raises(CheckpointError, match="expected an existing safetensors file"):
         memory.load(handles["w"].replace(path=str(tmp_path / "missing.safetensors")))
     with pytest.raises(CheckpointError, match="argument 'key'"):
-        memory.load(handles["w"].replace(key="['v']"))
+        memory.load(handles["w"].replace(key="v"))
     with pytest.raises(CheckpointError, match="expected 128 bytes"):
         memory.load(handles["w"].replace(shape=(32,)))
     data = path.read_bytes()
@@ -224,7 +248,7 @@ def test_hierarchy_prefers_memory_stats_then_explicit():
 
 # Units of 400, 800 and 1200 bytes (100, 200 and 300 float32).
 TREE = {"a": jnp.ones(100), "b": jnp.ones(200), "c": jnp.ones(300)}
-A, B, C = "['a']", "['b']", "['c']"
+A, B, C = "a", "b", "c"  # dotted paths (viva_tensor._paths.path_str)
 
 
 def test_keep_on_device_and_thresholds():
@@ -256,7 +280,7 @@ def test_smart_offload_is_least_recently_used():
        host=st.one_of(st.none(), st.integers(0, 300)), seed=st.integers(0, 1000))
 def test_smart_offload_invariants(sizes, budget, host, seed):
     tree = [jax.ShapeDtypeStruct((n,), jnp.float32) for n in sizes]
-    keys = [f"[{i}]" for i in range(len(sizes))]
+    keys = [str(i) for i in range(len(sizes))]
     trace = tuple(np.random.default_rng(seed).choice(keys, size=2 * len(keys)))
     policy = memory.SmartOffload(budget, host_budget=host, path="p", trace=trace)
     where = memory.plan(tree, policy)
@@ -287,9 +311,9 @@ def test_offload_places_quantized_records_whole(tmp_path):
     quantize, _ = _q4_0()
     q = quantize(jnp.ones((16, 64)))  # 32 blocks of 16 bytes of codes + a 2-byte scale: 576 bytes
     tree = {"q": q, "b": jnp.ones(4)}
-    assert memory.plan(tree, memory.OffloadToHost(100)) == {"['b']": "device", "['q']": "pinned_host"}
+    assert memory.plan(tree, memory.OffloadToHost(100)) == {"b": "device", "q": "pinned_host"}
     moved = memory.offload(tree, memory.OffloadToDisk(100, str(tmp_path / "q.safetensors")))
-    assert memory.tier_of(moved) == {"['b']": "pinned_host", "['q']": "disk"}
+    assert memory.tier_of(moved) == {"b": "pinned_host", "q": "disk"}
 
 
 def test_policy_errors():
@@ -300,7 +324,7 @@ def test_policy_errors():
     with pytest.raises(ConfigError, match="argument 'policy': expected KeepOnDevice"):
         memory.plan(TREE, "lru")
     with pytest.raises(ConfigError, match="argument 'trace'"):
-        memory.plan(TREE, memory.SmartOffload(10, trace=("['z']",)))
+        memory.plan(TREE, memory.SmartOffload(10, trace=("z",)))
     with pytest.raises(ConfigError, match="argument 'path'.*larger host_budget"):
         memory.plan(TREE, memory.SmartOffload(10, host_budget=10))
     small = memory.create_memory_hierarchy(device_bytes=1000)
@@ -357,7 +381,7 @@ def test_stream_under_a_quarter_budget(source, dtype, tmp_path):
     activations = 2 * x.nbytes  # a layer's input and output
     assert 0 < stats.peak_live_device_bytes <= budget + activations
     if source != "numpy":  # the caller's copies are left alone
-        assert memory.tier_of(held[0])["['w']"] == ("disk" if source == "disk" else source)
+        assert memory.tier_of(held[0])["w"] == ("disk" if source == "disk" else source)
         np.testing.assert_array_equal(_bits(memory.load(held[0])["w"]), _bits(layers[0]["w"]))
 
 

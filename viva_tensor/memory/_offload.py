@@ -15,7 +15,7 @@ import jax
 
 from viva_tensor.errors import ConfigError
 from viva_tensor.memory._hierarchy import MemoryHierarchy
-from viva_tensor.memory._tiers import _check_bytes, _is_unit, place, tree_nbytes
+from viva_tensor.memory._tiers import _check_bytes, _flatten_units, _is_unit, place, tree_nbytes
 
 __all__ = ["KeepOnDevice", "OffloadToHost", "OffloadToDisk", "SmartOffload", "plan", "offload"]
 
@@ -69,7 +69,7 @@ class SmartOffload:
         device_budget: bytes the device may hold.
         host_budget: bytes host memory may hold (``None``: unlimited).
         path: the file for units that end on disk (needed only if some do).
-        trace: the accesses, as ``jax.tree_util.keystr`` paths of units.
+        trace: the accesses, as dotted paths of units (``"layers.0.w"``, as :func:`plan` names them).
         kind: the host memory kind.
     """
 
@@ -81,8 +81,8 @@ class SmartOffload:
 
 
 def _units_with_sizes(tree: Any) -> list[tuple[str, int]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)[0]
-    return [(jax.tree_util.keystr(kp), tree_nbytes(unit)) for kp, unit in flat]
+    paths, units, _ = _flatten_units(tree, _is_unit)
+    return [(p, tree_nbytes(unit)) for p, unit in zip(paths, units)]
 
 
 def _lru(units: list[tuple[str, int]], policy: SmartOffload) -> dict[str, str]:
@@ -131,18 +131,20 @@ def plan(tree: Any, policy: Any, *, hierarchy: MemoryHierarchy | None = None) ->
         hierarchy: if given, each tier's total is checked against its capacity.
 
     Returns:
-        A dict from each unit's path (``jax.tree_util.keystr``) to its tier, in flattening order.
+        A dict from each unit's dotted path (``"layers.0.w"``, see ``viva_tensor._paths.path_str``) to its
+        tier, in flattening order.
         The same tree and policy always give the same plan.
 
     Raises:
         ConfigError: an unknown policy, a negative threshold or budget, a trace naming no unit, units
-            that must go to disk with no path, or a plan that overflows the hierarchy.
+            that must go to disk with no path, a plan that overflows the hierarchy, or two units whose
+            dotted paths are the same.
 
     Example:
         >>> import jax.numpy as jnp
         >>> tree = {"big": jnp.ones((256, 256)), "small": jnp.ones(8)}
         >>> plan(tree, OffloadToHost(threshold=1024))
-        {"['big']": 'pinned_host', "['small']": 'device'}
+        {'big': 'pinned_host', 'small': 'device'}
     """
     units = _units_with_sizes(tree)
     if isinstance(policy, KeepOnDevice):
@@ -212,9 +214,7 @@ def offload(tree: Any, policy: Any, *, hierarchy: MemoryHierarchy | None = None,
         ('pinned_host', 'device')
     """
     where = plan(tree, policy, hierarchy=hierarchy)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)
-    keys = [jax.tree_util.keystr(kp) for kp, _ in flat]
-    units = [u for _, u in flat]
+    keys, units, treedef = _flatten_units(tree, _is_unit)
     disk_idx = [i for i, k in enumerate(keys) if where[k] == "disk"]
     if disk_idx:
         written = place({keys[i]: units[i] for i in disk_idx}, "disk", path=policy.path)

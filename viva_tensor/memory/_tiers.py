@@ -11,13 +11,14 @@ import json
 import math
 import os
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from viva_tensor._paths import path_str
 from viva_tensor._record import is_quantized
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
 
@@ -46,7 +47,8 @@ class DiskArray:
 
     Attributes:
         path: the absolute path of the file.
-        key: the tensor's name in the file (the leaf's path in the tree, e.g. ``"['w']"``).
+        key: the tensor's name in the file: the leaf's dotted path in the tree (``"layers.0.w"``, see
+            ``viva_tensor._paths.path_str``).
         shape: the array's shape.
         dtype: the array's dtype name (``"bfloat16"``, ``"float4_e2m1fn"`` ...).
     """
@@ -101,6 +103,20 @@ def _check_bytes(name: str, value: Any, *, allow_none: bool = False) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
         raise ConfigError(argument=name, expected="a number of bytes >= 0", got=value)
 
+
+
+def _flatten_units(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[list[str], list[Any], Any]:
+    """The dotted paths (``"layers.0.w"``) and units of a tree, and its treedef; two units may not share a path."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    paths = [path_str(kp) for kp, _ in flat]
+    seen: dict[str, Any] = {}
+    for (kp, _), p in zip(flat, paths):
+        if p in seen:
+            raise ConfigError(argument="tree", expected="leaves with distinct dotted paths",
+                              got=f"{jax.tree_util.keystr(seen[p])} and {jax.tree_util.keystr(kp)} both named {p!r}",
+                              hint="rename a key that contains a dot.")
+        seen[p] = kp
+    return paths, [u for _, u in flat], treedef
 
 
 def _check_tier(tier: Any) -> None:
@@ -161,7 +177,8 @@ def place(tree: Any, tier: str, *, path: str | os.PathLike | None = None,
         The same tree structure, its leaves in ``tier``.
 
     Raises:
-        ConfigError: an unknown tier, a memory kind the device lacks, or ``"disk"`` without a path.
+        ConfigError: an unknown tier, a memory kind the device lacks, ``"disk"`` without a path, or (for
+            the disk tier, whose tensor names are the leaves' dotted paths) two leaves with the same path.
         InvalidOp: a leaf that is not an array, or a call under ``jit``.
         CheckpointError: a disk handle whose file is missing or damaged.
 
@@ -217,17 +234,21 @@ def tier_of(tree: Any) -> dict[str, str]:
         tree: a pytree of arrays, quantized records and :class:`DiskArray` s.
 
     Returns:
-        A dict from each unit's path (``jax.tree_util.keystr``) to its tier, in flattening order.
+        A dict from each unit's dotted path (``"layers.0.w"``) to its tier, in flattening order.
+
+    Raises:
+        ConfigError: two units whose paths spell the same (``{"a.b": x, "a": {"b": y}}``).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> tier_of({"a": jnp.ones(2), "b": place(jnp.ones(2), "pinned_host")})
-        {"['a']": 'device', "['b']": 'pinned_host'}
+        >>> tier_of({"a": jnp.ones(2), "b": [place(jnp.ones(2), "pinned_host")]})
+        {'a': 'device', 'b.0': 'pinned_host'}
     """
     out = {}
-    for kp, unit in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)[0]:
+    paths, units, _ = _flatten_units(tree, _is_unit)
+    for p, unit in zip(paths, units):
         kinds = {_leaf_tier(x) for x in jax.tree_util.tree_leaves(unit, is_leaf=_is_handle)}
-        out[jax.tree_util.keystr(kp)] = kinds.pop() if len(kinds) == 1 else "mixed"
+        out[p] = kinds.pop() if len(kinds) == 1 else "mixed"
     return out
 
 
@@ -242,13 +263,13 @@ def _leaf_tier(x: Any) -> str:
 def _write(tree: Any, path: str) -> Any:
     """Writes the leaves of ``tree`` into one safetensors file, one leaf at a time."""
     path = os.path.abspath(path)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_handle)
-    leaves = [_read(x) if isinstance(x, DiskArray) else x for _, x in flat]  # before overwriting
+    keys, flat, treedef = _flatten_units(tree, _is_handle)
+    leaves = [_read(x) if isinstance(x, DiskArray) else x for x in flat]  # before overwriting
     header, meta, handles, offset = {}, {"format": "viva_tensor.memory"}, [], 0
-    for (kp, _), leaf in zip(flat, leaves):
+    for key, leaf in zip(keys, leaves):
         if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, (jax.Array, np.ndarray)):
             raise InvalidOp(argument="tree", expected="concrete arrays", got=type(leaf).__name__)
-        key, name = jax.tree_util.keystr(kp), np.dtype(leaf.dtype).name
+        name = np.dtype(leaf.dtype).name
         nbytes = _leaf_nbytes(leaf)
         st = _ST_DTYPES.get(name)
         if st is None:
