@@ -4,6 +4,7 @@ References are independent of the code under test: NumPy forward passes in float
 library's own reader, byte counts and LRU plans worked out by hand in the comments.
 """
 
+import json
 import os
 import types
 
@@ -193,19 +194,192 @@ def test_place_errors(tmp_path):
 def test_disk_errors(tmp_path):
     path = tmp_path / "w.safetensors"
     handles = memory.place({"w": jnp.arange(64.0)}, "disk", path=path)
-    with pytest.raises(CheckpointError, match="expected an existing safetensors file"):
+    with pytest.raises(CheckpointError, match="argument 'path': expected an existing file, got .* \\(no such file\\)"):
         memory.load(handles["w"].replace(path=str(tmp_path / "missing.safetensors")))
-    with pytest.raises(CheckpointError, match="argument 'key'"):
+    with pytest.raises(CheckpointError, match="argument 'key': expected a tensor of .*\\['w'\\]\\), got 'v'"):
         memory.load(handles["w"].replace(key="v"))
-    with pytest.raises(CheckpointError, match="expected 128 bytes"):
-        memory.load(handles["w"].replace(shape=(32,)))
     data = path.read_bytes()
     path.write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match="a truncated file"):
+    with pytest.raises(CheckpointError, match="is truncated"):
         memory.load(handles)
     path.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(CheckpointError, match="expected a safetensors file"):
+    with pytest.raises(CheckpointError, match="is not a safetensors file"):
         memory.load(handles)
+
+
+# ------------------------------------------------------------------------------------ disk integrity
+
+
+def _rewrite_header(path, edit):
+    """Rewrites a safetensors file's JSON header with ``edit(header)``, keeping its data bytes."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:])
+
+
+def _two_tensors(tmp_path):
+    path = tmp_path / "t.safetensors"
+    return path, memory.place({"a": jnp.arange(4.0), "b": jnp.arange(4.0) + 10}, "disk", path=path)
+
+
+def test_disk_flipped_byte_is_refused(tmp_path):
+    path, handles = _two_tensors(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte of "b"
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(np.asarray(memory.load(handles["a"])), np.arange(4.0))  # "a" is intact
+    with pytest.raises(CheckpointError, match="the bytes of tensor 'b' do not match their SHA-256"):
+        memory.load(handles)
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ([-8, 8], "data_offsets \\[-8, 8\\], not \\[begin, end\\]"),  # reads the header's bytes as data
+    ([8, 24], "overlaps the tensor before it"),  # "b" overlapping the second half of "a"
+    ([0, 16], "overlaps the tensor before it"),  # "b" read from "a"'s bytes
+    ([16, 30], "needs 16 bytes, its data_offsets span 14"),
+    ([16, 32, 48], "not \\[begin, end\\]"),
+])
+def test_disk_bad_data_offsets_are_refused(tmp_path, offsets, match):
+    path, handles = _two_tensors(tmp_path)
+    _rewrite_header(path, lambda h: h["b"].update(data_offsets=offsets))
+    with pytest.raises(CheckpointError, match=match):
+        memory.load(handles)
+
+
+def test_disk_edited_header_or_metadata_is_refused(tmp_path):
+    path, handles = _two_tensors(tmp_path)
+    _rewrite_header(path, lambda h: h["b"].update(dtype="I32"))  # the same bytes, read as int32
+    with pytest.raises(CheckpointError, match="its header or metadata was changed"):
+        memory.load(handles)
+    path, handles = _two_tensors(tmp_path)
+    _rewrite_header(path, lambda h: h["b"].update(shape=[2, 2]))
+    with pytest.raises(CheckpointError, match="its header or metadata was changed"):
+        memory.load(handles)
+
+
+def test_disk_old_handle_of_a_replaced_file_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    old = memory.place({"w": jnp.arange(4.0)}, "disk", path=path)
+    memory.place({"w": jnp.arange(4, dtype=jnp.int32)}, "disk", path=path)  # another tree, the same file
+    with pytest.raises(CheckpointError, match="argument 'path': .*rewritten since: its 'w' is int32\\[4\\] in the "
+                                              "file, the handle says float32\\[4\\]"):
+        memory.load(old)
+    memory.place({"w": jnp.arange(4.0) + 1}, "disk", path=path)  # the same dtype and shape, other values
+    with pytest.raises(CheckpointError, match="rewritten since: its 'w' is another array"):
+        memory.load(old)
+    same = memory.place({"w": jnp.arange(4.0)}, "disk", path=path)  # the same data again: the old handle holds
+    assert same["w"] == old["w"]
+    np.testing.assert_array_equal(np.asarray(memory.load(old)["w"]), np.arange(4.0))
+
+
+def test_disk_handle_cannot_reinterpret_a_tensor(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    foreign = tmp_path / "foreign.safetensors"
+    safetensors_numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(foreign))
+    hand_made = memory.DiskArray(path=str(foreign), key="w", shape=(4,), dtype="float32")
+    np.testing.assert_array_equal(np.asarray(memory.load(hand_made)), np.arange(4.0))
+    with pytest.raises(CheckpointError, match="argument 'dtype': expected the dtype of tensor 'w' of .*, got "
+                                              "float32\\[4\\] in the file, the handle says int32\\[4\\]"):
+        memory.load(hand_made.replace(dtype="int32"))
+    with pytest.raises(CheckpointError, match="argument 'shape': expected the shape of tensor 'w'"):
+        memory.load(hand_made.replace(shape=(2, 2)))
+    own = memory.place({"w": jnp.arange(4.0)}, "disk", path=tmp_path / "own.safetensors")["w"]
+    for edited, field in ((own.replace(dtype="int32"), "dtype"), (own.replace(dtype="uint8", shape=(16,)), "dtype"),
+                          (own.replace(shape=(2, 2)), "shape")):
+        with pytest.raises(CheckpointError, match=f"argument '{field}'"):
+            memory.load(edited)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("dtype", "__version__", "argument 'dtype': expected a dtype name"),
+    ("dtype", "foo", "argument 'dtype': expected a dtype name"),
+    ("shape", (-1,), "argument 'shape': expected a tuple of non-negative ints"),
+    ("shape", [4], "argument 'shape'"),
+    ("key", None, "argument 'key': expected a str"),
+    ("path", None, "argument 'path': expected a str"),
+    ("sha256", 7, "argument 'sha256'"),
+])
+def test_disk_malformed_handle_fields(tmp_path, field, value, match):
+    h = memory.place({"w": jnp.arange(4.0)}, "disk", path=tmp_path / "w.safetensors")["w"]
+    bad = h.replace(**{field: value})
+    with pytest.raises(CheckpointError, match=match):
+        memory.load(bad)
+    with pytest.raises(CheckpointError, match=match):
+        memory.tree_nbytes(bad)
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"[1, 2]", "its header is not a JSON object"),  # was an AttributeError
+    (b'{"w": {"dtype": "F32", "shape": [4]}}', "needs exactly 'dtype', 'shape' and 'data_offsets'"),  # KeyError
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8, 16]}}', "not \\[begin, end\\]"),  # ValueError
+    (b'{"w": "F32"}', "needs exactly"),
+    (b'{"w": {"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}}', "has dtype 'F99'"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a RecursionError
+    (b'{"a": ' * 100 + b"1" + b"}" * 100, "nested too deeply"),
+    (b"\xff\xfe", "is not valid JSON"),
+])
+def test_disk_malformed_headers_are_checkpoint_errors(tmp_path, header, match):
+    path = tmp_path / "w.safetensors"
+    handle = memory.place({"w": jnp.arange(4.0)}, "disk", path=path)["w"]
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(CheckpointError, match=match):
+        memory.load(handle)
+
+
+def test_disk_os_errors_are_checkpoint_errors(tmp_path):
+    handle = memory.place({"w": jnp.arange(4.0)}, "disk", path=tmp_path / "w.safetensors")["w"]
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match="argument 'path': expected a regular file"):  # was IsADirectoryError
+        memory.load(handle.replace(path=str(tmp_path / "dir")))
+    with pytest.raises(CheckpointError, match="argument 'path': expected a file that can be written"):
+        memory.place({"w": jnp.ones(2)}, "disk", path=tmp_path / "dir")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="argument 'path': expected a file that can be written"):
+        memory.place({"w": jnp.ones(2)}, "disk", path=tmp_path / "file" / "w.safetensors")
+    with pytest.raises(ConfigError, match="argument 'path': expected a file path for the disk tier, got int"):
+        memory.place({"w": jnp.ones(2)}, "disk", path=3)
+
+
+def _denied(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+
+def test_disk_permission_errors_are_checkpoint_errors(tmp_path, monkeypatch):
+    """Root reads and writes anything, so the refusals of the OS are simulated where the file is opened."""
+    from viva_tensor import _safetensors
+
+    handle = memory.place({"w": jnp.arange(4.0)}, "disk", path=tmp_path / "w.safetensors")["w"]
+    with monkeypatch.context() as m:
+        m.setattr(_safetensors, "open", _denied, raising=False)  # shadows the builtin in that module only
+        with pytest.raises(CheckpointError, match="argument 'path': expected a readable file, got .*permission denied"):
+            memory.load(handle)
+        with pytest.raises(CheckpointError, match="argument 'path': expected a file that can be written, got "
+                                                  ".*Permission denied"):
+            memory.place({"w": jnp.ones(2)}, "disk", path=tmp_path / "v.safetensors")
+    real_stat = os.stat
+    with monkeypatch.context() as m:  # a folder without search permission: stat itself is refused
+        m.setattr(os, "stat", lambda p, *a, **k: _denied() if str(p) == handle.path else real_stat(p, *a, **k))
+        with pytest.raises(CheckpointError, match="permission denied"):
+            memory.load(handle)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores file permissions")
+def test_disk_real_permission_errors(tmp_path):
+    handle = memory.place({"w": jnp.arange(4.0)}, "disk", path=tmp_path / "w.safetensors")["w"]
+    os.chmod(handle.path, 0)
+    with pytest.raises(CheckpointError, match="permission denied"):
+        memory.load(handle)
+    os.chmod(handle.path, 0o600)
+    os.chmod(tmp_path, 0o600)  # no search permission: the file is there, it cannot be reached
+    try:
+        with pytest.raises(CheckpointError, match="permission denied"):
+            memory.load(handle)
+    finally:
+        os.chmod(tmp_path, 0o700)
 
 
 # ------------------------------------------------------------------------------------------ hierarchy

@@ -7,17 +7,15 @@ which :func:`load` reads back bit for bit. A quantized record is one unit: it mo
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from typing import Any, Callable
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from viva_tensor import _safetensors
 from viva_tensor._paths import path_str
 from viva_tensor._record import is_quantized
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
@@ -27,15 +25,7 @@ __all__ = ["TIERS", "DiskArray", "place", "load", "tier_of", "tree_nbytes"]
 TIERS: tuple[str, ...] = ("device", "pinned_host", "unpinned_host", "disk")
 """Where data can live, fastest first: JAX's three memory kinds, then a safetensors file."""
 
-# safetensors names of the dtypes whose bytes it stores one element per itemsize; any other dtype
-# (float4_e2m1fn, int4 ...) is stored as its raw bytes ("U8") with its name in the file's metadata.
-_ST_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
-_META_DTYPE = "viva_tensor.dtype."
+_ROOT = "array"  # the file's name for the tensor of a tree that is one array (its dotted path is "")
 
 
 @flax.struct.dataclass
@@ -43,25 +33,49 @@ class DiskArray:
     """A handle to one array stored in a safetensors file: what :func:`place` leaves for the disk tier.
 
     It holds no data (no pytree children): ``jax.tree_util.tree_leaves`` of a tree placed on disk is
-    empty. :func:`load` (or :func:`place` to a memory kind) reads it back, bit for bit.
+    empty. :func:`load` (or :func:`place` to a memory kind) reads it back, bit for bit, through the
+    library's one safetensors reader (``viva_tensor._safetensors``): the file's structure and its digest
+    over header and metadata are checked, the tensor's dtype and shape must be the handle's, and its bytes
+    must match the SHA-256 that the handle remembers (the one written with them). So a flipped byte, an
+    edited header, a file re-placed with another tree since the handle was made, or a handle edited to
+    read the bytes as another dtype or shape, is refused with :class:`~viva_tensor.errors.CheckpointError`.
+
+    A handle may also be made by hand for a file written elsewhere (``sha256=None``): its dtype and
+    shape must then be the file's, and only the structure of the file is checked.
 
     Attributes:
         path: the absolute path of the file.
         key: the tensor's name in the file: the leaf's dotted path in the tree (``"layers.0.w"``, see
-            ``viva_tensor._paths.path_str``).
+            ``viva_tensor._paths.path_str``; ``"array"`` for a tree that is a single array).
         shape: the array's shape.
         dtype: the array's dtype name (``"bfloat16"``, ``"float4_e2m1fn"`` ...).
+        sha256: the SHA-256 (hex) of the tensor's bytes, as written; ``None`` for a hand-made handle.
     """
 
     path: str = flax.struct.field(pytree_node=False)
     key: str = flax.struct.field(pytree_node=False)
     shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
     dtype: str = flax.struct.field(pytree_node=False)
+    sha256: str | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def nbytes(self) -> int:
         """Bytes the array takes once loaded."""
-        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+        _check_handle(self)
+        return math.prod(self.shape) * _safetensors.np_dtype(self.dtype).itemsize
+
+
+def _check_handle(h: DiskArray) -> None:
+    """The fields of a handle have the types they claim (a hand-made or edited one may not)."""
+    for name in ("path", "key"):
+        if not isinstance(getattr(h, name), str):
+            raise CheckpointError(argument=name, expected="a str", got=type(getattr(h, name)).__name__)
+    if not (isinstance(h.shape, tuple)
+            and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in h.shape)):
+        raise CheckpointError(argument="shape", expected="a tuple of non-negative ints", got=repr(h.shape))
+    if h.sha256 is not None and not isinstance(h.sha256, str):
+        raise CheckpointError(argument="sha256", expected="a hex str or None", got=type(h.sha256).__name__)
+    _safetensors.np_dtype(h.dtype)
 
 
 def _is_unit(x: Any) -> bool:
@@ -140,14 +154,14 @@ def _sharding_for(leaf: Any, tier: str, device: jax.Device | None):
     return jax.sharding.SingleDeviceSharding(device, memory_kind=tier)
 
 
-def _to_memory(leaf: Any, tier: str, device: jax.Device | None) -> jax.Array:
+def _to_memory(leaf: Any, tier: str, device: jax.Device | None, cache: dict) -> jax.Array:
     if isinstance(leaf, jax.core.Tracer):
         raise InvalidOp(
             argument="tree", expected="concrete arrays", got="a traced value",
             hint="place moves data at run time: call it outside jit.",
         )
     if isinstance(leaf, DiskArray):
-        leaf = _read(leaf)
+        leaf = _read(leaf, cache)
     if isinstance(leaf, jax.Array):
         same_device = device is None or leaf.devices() == {device}
         if same_device and leaf.sharding.memory_kind == tier:
@@ -180,7 +194,9 @@ def place(tree: Any, tier: str, *, path: str | os.PathLike | None = None,
         ConfigError: an unknown tier, a memory kind the device lacks, ``"disk"`` without a path, or (for
             the disk tier, whose tensor names are the leaves' dotted paths) two leaves with the same path.
         InvalidOp: a leaf that is not an array, or a call under ``jit``.
-        CheckpointError: a disk handle whose file is missing or damaged.
+        CheckpointError: a file that cannot be written; a disk handle whose file is missing, unreadable,
+            damaged or changed since the handle was made, or whose fields do not match its tensor (see
+            :class:`DiskArray`).
 
     Example:
         >>> import jax.numpy as jnp, tempfile, os
@@ -194,10 +210,12 @@ def place(tree: Any, tier: str, *, path: str | os.PathLike | None = None,
     """
     _check_tier(tier)
     if tier == "disk":
-        if path is None:
-            raise ConfigError(argument="path", expected="a file path for the disk tier", got=None)
+        if path is None or not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(argument="path", expected="a file path for the disk tier",
+                              got=None if path is None else type(path).__name__)
         return _write(tree, os.fspath(path))
-    return jax.tree_util.tree_map(lambda x: _to_memory(x, tier, device), tree, is_leaf=_is_handle)
+    cache: dict[str, _safetensors.Header] = {}  # each file's header is read (and checked) once per call
+    return jax.tree_util.tree_map(lambda x: _to_memory(x, tier, device, cache), tree, is_leaf=_is_handle)
 
 
 def load(tree: Any, *, tier: str = "device", device: jax.Device | None = None) -> Any:
@@ -212,7 +230,10 @@ def load(tree: Any, *, tier: str = "device", device: jax.Device | None = None) -
         The tree with arrays in ``tier``, bit-identical to what was written.
 
     Raises:
-        CheckpointError: a missing, truncated or foreign file, or a tensor that is not in it.
+        ConfigError: ``tier="disk"`` (use :func:`place`).
+        CheckpointError: a missing, unreadable, truncated, malformed or tampered file, a tensor that is not
+            in it, bytes that do not match their SHA-256, or a handle that does not match its tensor (a file
+            re-placed with another tree since, an edited dtype or shape).
 
     Example:
         >>> import jax.numpy as jnp, tempfile, os
@@ -261,65 +282,51 @@ def _leaf_tier(x: Any) -> str:
 
 
 def _write(tree: Any, path: str) -> Any:
-    """Writes the leaves of ``tree`` into one safetensors file, one leaf at a time."""
+    """Writes the leaves of ``tree`` into one safetensors file (``_safetensors.write``) and returns handles."""
     path = os.path.abspath(path)
     keys, flat, treedef = _flatten_units(tree, _is_handle)
-    leaves = [_read(x) if isinstance(x, DiskArray) else x for x in flat]  # before overwriting
-    header, meta, handles, offset = {}, {"format": "viva_tensor.memory"}, [], 0
-    for key, leaf in zip(keys, leaves):
+    cache: dict[str, _safetensors.Header] = {}
+    leaves = [_read(x, cache) if isinstance(x, DiskArray) else x for x in flat]  # before overwriting
+    for leaf in leaves:
         if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, (jax.Array, np.ndarray)):
             raise InvalidOp(argument="tree", expected="concrete arrays", got=type(leaf).__name__)
-        name = np.dtype(leaf.dtype).name
-        nbytes = _leaf_nbytes(leaf)
-        st = _ST_DTYPES.get(name)
-        if st is None:
-            st, shape = "U8", [nbytes]
-            meta[_META_DTYPE + key] = name
-        else:
-            shape = list(leaf.shape)
-        header[key] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        handles.append(DiskArray(path=path, key=key, shape=tuple(leaf.shape), dtype=name))
-        offset += nbytes
-    header["__metadata__"] = meta
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for leaf in leaves:
-            f.write(np.ascontiguousarray(np.asarray(leaf)).view(np.uint8).reshape(-1).data)
+    names = [k or _ROOT for k in keys]
+    header = _safetensors.write(path, dict(zip(names, leaves)), metadata={"format": "viva_tensor.memory"})
+    handles = []
+    for name in names:
+        info = header.tensors[name]
+        handles.append(DiskArray(path=header.path, key=name, shape=info.shape, dtype=info.dtype.name,
+                                 sha256=info.sha256))
     return jax.tree_util.tree_unflatten(treedef, handles)
 
 
-def _header(path: str) -> tuple[dict, int]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            (n,) = struct.unpack("<Q", raw)
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(argument="path", expected="an existing safetensors file", got=path) from None
-    except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError):
-        raise CheckpointError(argument="path", expected="a safetensors file", got=path) from None
-    return header, 8 + n
+def _mismatch(handle: DiskArray, info: _safetensors.TensorInfo) -> str:
+    return (f"{info.dtype.name}{list(info.shape)} in the file, the handle says "
+            f"{handle.dtype}{list(handle.shape)}")
 
 
-def _read(handle: DiskArray) -> np.ndarray:
-    """Reads one array from its file, bit for bit."""
-    header, start = _header(handle.path)
-    entry = header.get(handle.key)
-    if entry is None:
-        raise CheckpointError(argument="key", expected=f"a tensor of {handle.path}", got=handle.key)
-    begin, end = entry["data_offsets"]
-    if end - begin != handle.nbytes:
-        raise CheckpointError(argument="key", expected=f"{handle.nbytes} bytes for {handle.key}",
-                              got=f"{end - begin} bytes in the file")
-    if os.path.getsize(handle.path) < start + end:
-        raise CheckpointError(argument="path", expected=f"at least {start + end} bytes",
-                              got=f"{os.path.getsize(handle.path)} (a truncated file)")
-    out = np.empty(handle.nbytes, np.uint8)
-    with open(handle.path, "rb") as f:
-        f.seek(start + begin)
-        f.readinto(out.data)
-    return out.view(np.dtype(handle.dtype)).reshape(handle.shape)
-
+def _read(handle: DiskArray, cache: dict[str, _safetensors.Header] | None = None) -> np.ndarray:
+    """Reads one array from its file, bit for bit, after checking it is the one the handle points to."""
+    _check_handle(handle)
+    cache = {} if cache is None else cache
+    if handle.path not in cache:
+        cache[handle.path] = _safetensors.read_header(handle.path)
+    header = cache[handle.path]
+    info = header.tensors.get(handle.key)
+    if info is None:
+        raise CheckpointError(argument="key", expected=f"a tensor of {handle.path!r} ({sorted(header.tensors)})",
+                              got=repr(handle.key))
+    same = info.dtype == _safetensors.np_dtype(handle.dtype) and info.shape == tuple(int(d) for d in handle.shape)
+    if handle.sha256 is not None and info.sha256 != handle.sha256:
+        raise CheckpointError(
+            argument="path", expected=f"the file the handle of {handle.key!r} was made from "
+                                      f"(that tensor with SHA-256 {handle.sha256[:12]}...)",
+            got=f"{handle.path!r}, rewritten since: its {handle.key!r} is "
+                f"{'another array' if same else _mismatch(handle, info)}"
+                f"{'' if info.sha256 is None else f' (SHA-256 {info.sha256[:12]}...)'}",
+            hint="place the tree on disk again, or keep each tree in its own file.")
+    if not same:
+        field = "dtype" if info.dtype != _safetensors.np_dtype(handle.dtype) else "shape"
+        raise CheckpointError(argument=field, expected=f"the {field} of tensor {handle.key!r} of {handle.path!r}",
+                              got=_mismatch(handle, info), hint="a handle cannot reinterpret a tensor's bytes.")
+    return _safetensors.read_tensor(header, handle.key)
