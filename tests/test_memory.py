@@ -382,6 +382,91 @@ def test_disk_real_permission_errors(tmp_path):
         os.chmod(tmp_path, 0o700)
 
 
+_FUZZ_TREE = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.arange(5, dtype=np.int8),
+              "c": np.linspace(-6, 6, 8).astype(ml_dtypes.float4_e2m1fn)}
+
+
+def _truncate(data, draw):
+    return data[: draw(st.integers(0, len(data) - 1))]
+
+
+def _overwrite(data, draw):
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 8))):
+        out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
+    return bytes(out)
+
+
+def _random_file(data, draw):
+    return draw(st.binary(max_size=256))
+
+
+def _header_length(data, draw):
+    n = draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(0, len(data))))
+    return n.to_bytes(8, "little") + data[8:]
+
+
+def _bad_json(data, draw):
+    n = int.from_bytes(data[:8], "little")
+    blob = draw(st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode),
+                          st.sampled_from([b"{", b"null", b"[]", b'{"a": 1}', b'{"__metadata__": []}', b"{}",
+                                           b'{"a": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}}'])))
+    return len(blob).to_bytes(8, "little") + blob + data[8 + n:]
+
+
+def _bad_entry(data, draw):
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = draw(st.sampled_from(["a", "b", "c"]))
+    field = draw(st.sampled_from(["data_offsets", "shape", "dtype"]))
+    ints = st.integers(-2**63, 2**64)
+    header[name][field] = draw({
+        "data_offsets": st.lists(st.one_of(ints, st.integers(-64, 128)), max_size=3),
+        "shape": st.lists(st.one_of(ints, st.integers(-2, 16)), max_size=3),
+        "dtype": st.sampled_from(["F32", "I8", "U8", "F16", "BF16", "I64", "BOOL", "F8_E4M3", "x", ""]),
+    }[field])
+    blob = json.dumps(header).encode()
+    return len(blob).to_bytes(8, "little") + blob + data[8 + n:]
+
+
+_MUTATIONS = [_truncate, _overwrite, _random_file, _header_length, _bad_json, _bad_entry]
+
+
+@given(mutation=st.sampled_from(_MUTATIONS), draw=st.data())
+def test_fuzz_malformed_disk_files_give_checkpoint_error_or_the_right_array(tmp_path_factory, mutation, draw):
+    """Whatever is done to the file, loading a handle raises CheckpointError or gives the array written."""
+    path = tmp_path_factory.mktemp("fuzz") / "t.safetensors"
+    handles = memory.place(_FUZZ_TREE, "disk", path=path)
+    path.write_bytes(mutation(path.read_bytes(), draw.draw))
+    for key, handle in handles.items():
+        try:
+            got = memory.load(handle)
+        except CheckpointError:
+            continue
+        assert got.dtype == _FUZZ_TREE[key].dtype and got.shape == _FUZZ_TREE[key].shape
+        np.testing.assert_array_equal(_bits(got), _bits(_FUZZ_TREE[key]))
+
+
+@given(field=st.sampled_from(["key", "shape", "dtype", "sha256"]), draw=st.data())
+def test_fuzz_edited_handles_give_checkpoint_error_or_the_right_array(tmp_path_factory, field, draw):
+    path = tmp_path_factory.mktemp("fuzz") / "t.safetensors"
+    handles = memory.place(_FUZZ_TREE, "disk", path=path)
+    value = draw.draw({
+        "key": st.one_of(st.sampled_from(["a", "b", "c", "", "__metadata__"]), st.text(max_size=4)),
+        "shape": st.one_of(st.lists(st.integers(-1, 12), max_size=3).map(tuple), st.none()),
+        "dtype": st.sampled_from(["float32", "int8", "uint8", "float4_e2m1fn", "bfloat16", "int32", "bool",
+                                  "__version__", "float8_e4m3fn", "", "x"]),
+        "sha256": st.one_of(st.none(), st.text(max_size=8), st.sampled_from([h.sha256 for h in handles.values()])),
+    }[field])
+    for key, handle in handles.items():
+        try:
+            got = memory.load(handle.replace(**{field: value}))
+        except CheckpointError:
+            continue
+        assert got.dtype == _FUZZ_TREE[key].dtype and got.shape == _FUZZ_TREE[key].shape
+        np.testing.assert_array_equal(_bits(got), _bits(_FUZZ_TREE[key]))
+
+
 # ------------------------------------------------------------------------------------------ hierarchy
 
 
