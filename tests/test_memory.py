@@ -158,6 +158,14 @@ def test_paths_are_dotted_everywhere(tmp_path):
         assert set(f.keys()) == {"head.0", "layers.0.w", "layers.0.q.qs", "layers.0.q.d"}
 
 
+def test_disk_single_array_and_reserved_names(tmp_path):
+    handle = memory.place(jnp.arange(3.0), "disk", path=tmp_path / "one.safetensors")
+    assert isinstance(handle, memory.DiskArray) and handle.key == "array"
+    np.testing.assert_array_equal(np.asarray(memory.load(handle)), np.arange(3.0))
+    with pytest.raises(ConfigError, match="argument 'tree': expected no leaf whose path is '__metadata__'"):
+        memory.place({"__metadata__": jnp.ones(2)}, "disk", path=tmp_path / "m.safetensors")
+
+
 def test_paths_that_spell_the_same_are_refused(tmp_path):
     clash = {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
     for call in (memory.tier_of, lambda t: memory.plan(t, memory.KeepOnDevice()),

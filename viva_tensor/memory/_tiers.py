@@ -291,6 +291,9 @@ def _write(tree: Any, path: str) -> Any:
         if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, (jax.Array, np.ndarray)):
             raise InvalidOp(argument="tree", expected="concrete arrays", got=type(leaf).__name__)
     names = [k or _ROOT for k in keys]
+    if "__metadata__" in names:
+        raise ConfigError(argument="tree", expected="no leaf whose path is '__metadata__'",
+                          got="one", hint="safetensors reserves that name for the file's metadata.")
     header = _safetensors.write(path, dict(zip(names, leaves)), metadata={"format": "viva_tensor.memory"})
     handles = []
     for name in names:
