@@ -210,7 +210,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Any], *, metadata: Mapp
             for s in stored:
                 f.write(_bytes(s))
     except OSError as e:
-        raise CheckpointError(f"cannot write {path!r}: {e.strerror or e}") from None
+        raise CheckpointError(argument="path", expected="a file that can be written",
+                              got=f"{path!r}: cannot write ({e.strerror or e})") from None
     return read_header(path, verify=False)
 
 
