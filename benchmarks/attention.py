@@ -26,8 +26,8 @@ import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from viva_tensor import _bench_attention as _core  # noqa: E402 - the core, shared with `viva-tensor bench`
-from viva_tensor._bench_attention import GIB, MIB, measure, table  # noqa: E402
+from viva_tensor.cli.bench import attention as _core  # noqa: E402 - the core, shared with `viva-tensor bench`
+from viva_tensor.cli.bench.attention import GIB, MIB, measure, table  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 _fmt_bytes, _fmt_s = _core._fmt_bytes, _core._fmt_s

@@ -3,13 +3,13 @@
 1. A 4096 x 4096 float32 Gaussian matrix: bytes, bits per value, ratio, SQNR, cosine; quantize and
    dequantize throughput (GB/s of float32 input, jitted, warm, ``block_until_ready``); and
    ``quant.dot(x, q)`` against the float32 ``x @ w`` at batch 1, 16 and 256.
-2. All eligible weights of all-MiniLM-L6-v2 (``viva_tensor.report.run_report``).
+2. All eligible weights of all-MiniLM-L6-v2 (``viva_tensor.cli.report.run_report``).
 
 Targets: quantize >= 1 GB/s; ``quant.dot`` within 1.5x of the float32 matmul at batch >= 16.
 
 Run: ``python benchmarks/quantization.py [--quick]``; writes ``benchmarks/results/quantization.md`` and
 ``.json``. Timings are the minimum over repeats (the least disturbed run). The core lives in
-``viva_tensor/_bench_quant.py`` (also run by ``viva-tensor bench quant``).
+``viva_tensor/cli/bench/quant.py`` (also run by ``viva-tensor bench quant``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from viva_tensor import _bench_quant  # noqa: E402
+from viva_tensor.cli.bench import quant as _bench_quant  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

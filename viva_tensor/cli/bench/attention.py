@@ -96,7 +96,8 @@ def table(rows: list[dict], *, default_heads: int = 8) -> str:
         out.append(
             f"| {dt} | {causal} | {T}{n} | {mode} | {_fmt_bytes(r['temp_bytes'])} "
             f"| {_fmt_bytes(o['temp_bytes'])} | 1/{o['temp_bytes'] / max(r['temp_bytes'], 1):.0f} "
-            f"| {_fmt_s(r['wall_s'])} | {_fmt_s(o['wall_s'])} | {ratio_t} | {_fmt_s(r['cpu_s'])} | {_fmt_s(o['cpu_s'])} |"
+            f"| {_fmt_s(r['wall_s'])} | {_fmt_s(o['wall_s'])} | {ratio_t} "
+            f"| {_fmt_s(r['cpu_s'])} | {_fmt_s(o['cpu_s'])} |"
         )
     return "\n".join(out)
 
