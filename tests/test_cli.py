@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from viva_tensor import cli, quant
 from viva_tensor.cli import report, tour
-from viva_tensor.errors import CheckpointError, FormatError
+from viva_tensor.errors import CheckpointError, ConfigError, FormatError
 
 
 @pytest.fixture
@@ -514,3 +515,17 @@ def test_cli_subprocess_bad_numbers_no_traceback():
     )  # fmt: skip
     assert run.returncode == 2 and "argument --heads: expected a positive integer, got '0'" in run.stderr
     assert "Traceback" not in run.stderr and "nan" not in run.stdout
+
+
+def test_bench_attention_core_with_forced_implementations():
+    from viva_tensor.cli.bench import attention
+
+    text, rows = attention.run([64], dtypes=["float32"], causal=[False], heads=2, head_dim=8, repeats=1,
+                               impls=("flash", "xla", "cudnn"))  # fmt: skip
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    assert by["flash", "fwd"]["wall_s"] > 0 and by["xla", "fwd+bwd"]["temp_bytes"] > 0
+    assert "| dtype | causal | T | pass | flash time | xla time | cudnn time |" in text
+    if jax.default_backend() == "cpu":  # cuDNN exists only on a GPU: a note, not a crash
+        assert by["cudnn", "fwd"]["note"] and "failed" in text and "- cudnn: " in text
+    with pytest.raises(ConfigError, match="impls"):
+        attention.measure(64, "float32", False, impls=("flash", "pallas"))

@@ -1,5 +1,4 @@
-"""The quantization benchmark's core (private): shared by ``benchmarks/quantization.py`` and
-``viva-tensor bench quant``.
+"""The quantization benchmark's core: shared by ``benchmarks/quantization.py`` and ``viva-tensor bench quant``.
 
 1. An ``n x n`` float32 Gaussian matrix: bytes, bits per value, ratio, SQNR, cosine; quantize and
    dequantize throughput (GB/s of float32 input, jitted, warm, ``block_until_ready``); and
@@ -7,7 +6,7 @@
 2. All eligible weights of all-MiniLM-L6-v2 (:func:`viva_tensor.cli.report.run_report`).
 
 Targets: quantize >= 1 GB/s; ``quant.dot`` within 1.5x of the float32 matmul at batch >= 16. Timings
-are the minimum over repeats (the least disturbed run).
+are the minimum over the samples of :func:`viva_tensor._benchmarking.time_fn` (the least disturbed run).
 """
 
 from __future__ import annotations
@@ -24,25 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import quant
+from viva_tensor._benchmarking import time_fn
 from viva_tensor.cli import report
 
 __all__ = ["best_time", "quality", "bench_matrix", "matrix_table", "minilm_table", "targets", "run"]
 
 
 def best_time(fn, *args, repeats: int = 5, min_time: float = 0.2) -> float:
-    """Minimum wall time of ``fn(*args)`` (warm, blocking), over ``repeats`` batches."""
-    jax.block_until_ready(fn(*args))  # compile and warm
-    times = []
-    for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
-            jax.block_until_ready(fn(*args))
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time / repeats or n >= 50:
-                break
-        times.append(elapsed / n)
-    return min(times)
+    """The minimum per-call wall time of ``fn(*args)`` (:func:`viva_tensor._benchmarking.time_fn`)."""
+    return time_fn(fn, *args, repeats=repeats, min_time=min_time).min_s
 
 
 def quality(x: jax.Array, y: jax.Array) -> tuple[float, float]:
