@@ -70,7 +70,7 @@ def streaming(depth, width, batch, repeats, workdir):
         for prefetch in (True, False):
             out = {}
 
-            def run():
+            def run(out=out, layers=layers, prefetch=prefetch):
                 out["y"], out["stats"] = memory.stream(f, layers, x, budget_bytes=budget, prefetch=prefetch,
                                                        return_stats=True)
 
@@ -142,7 +142,7 @@ def minilm_streaming(repeats, workdir):
         for label, budget in (("a quarter of the layers", total // 4), ("two layers", 2 * layer_bytes)):
             out = {}
 
-            def run():
+            def run(out=out, held=held, budget=budget):
                 y, out["stats"] = memory.stream(step, held, carry, budget_bytes=budget, return_stats=True)
                 out["y"] = y[0]
 
@@ -207,7 +207,7 @@ def roofline(repeats, quick=False):
         args = [jnp.ones(s, jnp.float32) for s in shapes]
         jitted = jax.jit(fn)
         e = hardware.estimate_performance(jitted, *args, device=spec)
-        best, median = best_of(lambda: jitted(*args).block_until_ready(), repeats)
+        best, median = best_of(lambda jitted=jitted, args=args: jitted(*args), repeats)
         rows.append({"case": name, "GFLOP": e.flops / 1e9, "MB_accessed": e.bytes_accessed / 1e6,
                      "intensity": e.arithmetic_intensity, "bound": e.bound, "estimate_ms": 1e3 * e.seconds,
                      "measured_ms": 1e3 * best, "measured_over_estimate": best / e.seconds})

@@ -92,7 +92,7 @@ def measure(encoder, sentences, base, original, fmt: str) -> dict:
     t_encode = _common.time_fn(minilm.encode, enc, sentences, repeats=1, warmup=0).min_s  # compiled above
     cos = cosine(e, base)
     nn1 = np.mean(neighbours(e, 1)[:, 0] == neighbours(base, 1)[:, 0])
-    top3 = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(neighbours(e, 3), neighbours(base, 3))])
+    top3 = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(neighbours(e, 3), neighbours(base, 3), strict=True)])
     return {
         "format": fmt,
         "kernel_bytes": kbytes,

@@ -123,13 +123,13 @@ def distillation_gradients(encoder, pruned_kernels: dict[str, jax.Array]) -> dic
 
     def loss(kernels):
         values = [kernels.get(p[: -len(".kernel")], v) if p.endswith(".kernel") else v
-                  for p, (_, v) in zip(paths, leaves)]
+                  for p, (_, v) in zip(paths, leaves, strict=True)]
         emb = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))(ids, mask, types)
         return jnp.mean(1.0 - jnp.sum(emb * target, axis=-1))  # both unit norm
 
     def per_sentence(kernels, i):
         values = [kernels.get(p[: -len(".kernel")], v) if p.endswith(".kernel") else v
-                  for p, (_, v) in zip(paths, leaves)]
+                  for p, (_, v) in zip(paths, leaves, strict=True)]
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
         emb = model(ids[i][None], mask[i][None], types[i][None])
         return 1.0 - jnp.sum(emb[0] * target[i])

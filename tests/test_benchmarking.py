@@ -82,3 +82,18 @@ def test_the_benchmarks_result_writer(tmp_path):
     assert env["jax"] == jax.__version__ and env["device_count"] == jax.device_count() and env["date"].endswith("UTC")
     assert common.results_dir(common.parser("d").parse_args(["--quick"])) == common.QUICK_RESULTS
     assert common.results_dir(common.parser("d").parse_args([])) == common.RESULTS
+
+
+def test_every_benchmark_takes_quick_and_ci_runs_it():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    scripts = sorted(p for p in (root / "benchmarks").glob("[a-z]*.py"))
+    assert {p.stem for p in scripts} >= {"attention", "quantization", "memory", "sharding", "awq", "sparsity"}
+    for p in scripts:  # --quick comes from the shared parser, results from the shared writer
+        text = p.read_text()
+        assert "_common.parser(" in text and "_common.write_results(" in text, p.name
+    ci = (root / ".ci" / "run").read_text()
+    assert 'for script in benchmarks/[a-z]*.py' in ci and '"$script" --quick' in ci and "ruff check ." in ci
+    readme = (root / "benchmarks" / "README.md").read_text()
+    assert all(f"`{p.name}" in readme for p in scripts)

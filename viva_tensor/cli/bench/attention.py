@@ -14,7 +14,8 @@ and writes ``benchmarks/results/attention.*`` and the plot.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
