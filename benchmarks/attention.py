@@ -88,8 +88,8 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 5 if args.gpu else 3)
     if args.budget_gib is not None:
         budget = int(args.budget_gib * GIB)
-    elif args.gpu:
-        budget = int(0.8 * (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 70 * GIB))
+    elif args.gpu and jax.default_backend() != "cpu":
+        budget = int(0.8 * (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16 * GIB))
     else:
         budget = 3 * GIB
     print(f"devices: {jax.devices()}", file=sys.stderr, flush=True)

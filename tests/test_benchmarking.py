@@ -97,3 +97,13 @@ def test_every_benchmark_takes_quick_and_ci_runs_it():
     assert 'for script in benchmarks/[a-z]*.py' in ci and '"$script" --quick' in ci and "ruff check ." in ci
     readme = (root / "benchmarks" / "README.md").read_text()
     assert all(f"`{p.name}" in readme for p in scripts)
+
+
+def test_quick_results_never_land_in_the_committed_folder(tmp_path, monkeypatch):
+    common = _common()
+    monkeypatch.setattr(common, "QUICK_RESULTS", tmp_path / "quick")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "full")
+    md, _ = common.write_results("x", "text", {}, quick=True)
+    assert md.parent == tmp_path / "quick" and not (tmp_path / "full").exists()
+    ignored = (common.ROOT / ".gitignore").read_text().splitlines()
+    assert "benchmarks/results/quick/" in ignored
