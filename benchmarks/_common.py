@@ -34,9 +34,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from viva_tensor._benchmarking import Timing, time_fn  # noqa: E402
+from viva_tensor.cli._args import positive_float, positive_int  # noqa: E402 - 0 or -5 is a usage error
 
 __all__ = ["ROOT", "RESULTS", "QUICK_RESULTS", "FIXTURE", "Timing", "time_fn", "parser", "environment",
-           "write_results"]  # fmt: skip
+           "write_results", "positive_int", "positive_float"]  # fmt: skip
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:

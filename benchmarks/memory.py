@@ -230,9 +230,10 @@ def table(rows, columns):
 
 def main(argv=None):
     parser = _common.parser(__doc__)
+    count = _common.positive_int  # 0 or -5: a usage error (exit 2), never the default
     parser.add_argument("--full", action="store_true", help="stream a 2 GiB stack (default: 64 MiB)")
-    parser.add_argument("--stack-mib", type=int, default=None, help="size of the streamed stack (16 layers; 64)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed samples (default 3; 1 with --quick)")
+    parser.add_argument("--stack-mib", type=count, default=None, help="size of the streamed stack (16 layers; 64)")
+    parser.add_argument("--repeats", type=count, default=None, help="timed samples (default 3; 1 with --quick)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     stack_mib = args.stack_mib or (4 if args.quick else 64)

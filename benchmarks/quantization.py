@@ -27,7 +27,8 @@ from viva_tensor.cli.bench import quant as core  # noqa: E402
 
 def main(argv=None) -> int:
     parser = _common.parser(__doc__)
-    parser.add_argument("--size", type=int, default=None, help="the matrix is SIZE x SIZE (default 4096)")
+    count = _common.positive_int  # 0 or -5: a usage error (exit 2), never the default
+    parser.add_argument("--size", type=count, default=None, help="the matrix is SIZE x SIZE (default 4096)")
     parser.add_argument("-f", "--format", action="append", dest="formats")
     parser.add_argument("--no-minilm", action="store_true")
     args = parser.parse_args(argv)

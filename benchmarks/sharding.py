@@ -77,9 +77,10 @@ def measure(T, causal, run, repeats):
 
 def main(argv=None):
     ap = _common.parser(__doc__)
-    ap.add_argument("--lengths", type=int, nargs="*", default=None, help="default 8192 16384 32768 65536")
-    ap.add_argument("--run", type=int, nargs="*", default=None, help="lengths whose wall time is measured (8192)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed samples (default 3; 1 with --quick)")
+    count = _common.positive_int  # 0 or -5: a usage error (exit 2), never the default
+    ap.add_argument("--lengths", type=count, nargs="*", default=None, help="default 8192 16384 32768 65536")
+    ap.add_argument("--run", type=count, nargs="*", default=None, help="lengths whose wall time is measured (8192)")
+    ap.add_argument("--repeats", type=count, default=None, help="timed samples (default 3; 1 with --quick)")
     ap.add_argument("--causal", action="store_true", help="causal attention (default: full)")
     args = ap.parse_args(argv)
     lengths = args.lengths or ([512, 1024] if args.quick else [8192, 16384, 32768, 65536])

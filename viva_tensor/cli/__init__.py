@@ -31,6 +31,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from viva_tensor.cli._args import positive_float, positive_int, positive_ints
+
 __all__ = ["main", "build_parser", "PARTIAL"]
 
 #: Exit status of ``quantize`` when some tensors could not be quantized (written unquantized, listed).
@@ -69,55 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="run a benchmark and print its tables")
     which = bench.add_subparsers(dest="bench", metavar="{attention,quant}", required=True)
     att = which.add_parser("attention", help="flash attention vs jax.nn.dot_product_attention: memory and time")
     att.add_argument("--quick", action="store_true", help="T = 1024 and 2048, float32, 1 repeat")
-    att.add_argument("--lengths", type=_ints, metavar="T,T,...", help="sequence lengths (default 1024..16384)")
+    att.add_argument("--lengths", type=positive_ints, metavar="T,T,...", help="sequence lengths (default 1024..16384)")
     att.add_argument("--dtypes", default=None, help="comma-separated dtypes (default float32,bfloat16)")
-    att.add_argument("--heads", type=_positive_int, default=8, metavar="N", help="attention heads (default 8)")
-    att.add_argument("--head-dim", type=_positive_int, default=64, metavar="H", help="head dimension (default 64)")
-    att.add_argument("--repeats", type=_positive_int, default=None, metavar="R", help="timed runs (default 3)")
-    att.add_argument("--budget-gib", type=_positive_float, default=3.0, metavar="GIB",
+    att.add_argument("--heads", type=positive_int, default=8, metavar="N", help="attention heads (default 8)")
+    att.add_argument("--head-dim", type=positive_int, default=64, metavar="H", help="head dimension (default 64)")
+    att.add_argument("--repeats", type=positive_int, default=None, metavar="R", help="timed runs (default 3)")
+    att.add_argument("--budget-gib", type=positive_float, default=3.0, metavar="GIB",
                      help="run a case only if its compiled total fits (default 3)")  # fmt: skip
     qb = which.add_parser("quant", help="every format: size, SQNR, throughput, quant.dot vs float32 matmul")
     qb.add_argument("--quick", action="store_true", help="a 1024 x 1024 matrix, fewer repeats, no MiniLM")
-    qb.add_argument("--size", type=_positive_int, default=None, metavar="N",
+    qb.add_argument("--size", type=positive_int, default=None, metavar="N",
                     help="the matrix is N x N (default 4096)")  # fmt: skip
     qb.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
-    qb.add_argument("--batches", type=_ints, default=[1, 16, 256], metavar="B,B,...", help="quant.dot batches")
-    qb.add_argument("--repeats", type=_positive_int, default=None, metavar="R", help="timed batches (default 5)")
+    qb.add_argument("--batches", type=positive_ints, default=[1, 16, 256], metavar="B,B,...", help="quant.dot batches")
+    qb.add_argument("--repeats", type=positive_int, default=None, metavar="R", help="timed batches (default 5)")
     qb.add_argument("--no-minilm", action="store_true", help="skip the MiniLM checkpoint report")
 
 
