@@ -36,6 +36,7 @@ def plot(rows, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for impl, color in (("flash", "tab:blue"), ("jax.nn", "tab:red")):
@@ -52,8 +53,12 @@ def plot(rows, path):
                 if timed:
                     axes[1].plot([r["T"] for r in timed], [r["wall_s"] for r in timed], style, marker=marker,
                                  color=color, label=label)
+    lengths = sorted({r["T"] for r in rows if r["dtype"] == "float32" and r["heads"] == 8})
     for ax, title, unit in ((axes[0], "compiled temporary memory", "MiB"), (axes[1], "wall time", "s")):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(lengths))  # one tick per measured T, written out
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
         ax.set_ylabel(unit)
