@@ -1,6 +1,6 @@
 """AWQ against plain group-wise int4 at the same bits, on every Linear layer of all-MiniLM-L6-v2.
 
-Activations are captured from real sentences with :func:`viva_tensor.awq.capture_linear_inputs` (the
+Activations are captured from real sentences with :func:`viva_tensor.nn.capture_linear_inputs` (the
 float32 encoder, padding tokens dropped):
 
 - calibration: the ``CALIBRATION`` sentences and ``LONG_PASSAGES`` below (written for this benchmark,
@@ -140,7 +140,7 @@ def capture(encoder, sentences: list[str], batch: int = 8) -> dict[str, np.ndarr
     for start in range(0, len(order), batch):
         chunk = [sentences[i] for i in order[start : start + batch]]
         ids, mask, types = minilm.tokenize(encoder.tokenizer, chunk, max_length=encoder.max_length)
-        captured = awq.capture_linear_inputs(encoder.model, ids, mask, types)
+        captured = nn.capture_linear_inputs(encoder.model, ids, mask, types)
         keep = mask.astype(bool)
         for path, xs in captured.items():
             out.setdefault(path, []).append(np.asarray(xs[0])[keep])
