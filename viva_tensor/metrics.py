@@ -5,6 +5,8 @@ Every metric compares an ``original`` array with its ``reconstructed`` version (
 float32 scalar ``jax.Array``, so it works under ``jit`` and ``vmap``. Shapes must agree exactly
 (:class:`~viva_tensor.errors.ShapeMismatch` otherwise) and be non-empty
 (:class:`~viva_tensor.errors.InvalidShape`); NaN or inf in the inputs propagate to the result.
+float64 inputs are refused with :class:`~viva_tensor.errors.DTypeError` (convert with ``.astype(jnp.float32)``):
+the metrics are float32, and narrowing silently would hide differences below float32's resolution.
 
 Example:
     >>> import jax.numpy as jnp
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
+from viva_tensor.tensor import _array
 
 __all__ = [
     "QuantMetrics",
@@ -43,10 +46,21 @@ __all__ = [
 ]
 
 
-def _float32(x: Any, argument: str) -> jax.Array:
-    x = jnp.asarray(x)
+def _floating(x: Any, argument: str) -> jax.Array:
+    if isinstance(x, (list, tuple)):
+        try:
+            x = jnp.asarray(x)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise DTypeError(argument=argument, expected="a floating array",
+                             got=f"a {type(x).__name__} ({e})") from None
+    x = _array(x, argument)  # refuses float64 (it would be narrowed silently) and non-arrays
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise DTypeError(argument=argument, expected="a floating array", got=str(x.dtype))
+    return x
+
+
+def _float32(x: Any, argument: str) -> jax.Array:
+    x = _floating(x, argument)
     if x.size == 0:
         raise InvalidShape(argument=argument, expected="a non-empty array", got=tuple(x.shape))
     return x.astype(jnp.float32)
@@ -54,14 +68,14 @@ def _float32(x: Any, argument: str) -> jax.Array:
 
 def _pair(original: Any, reconstructed: Any) -> tuple[jax.Array, jax.Array]:
     a = _float32(original, "original")
-    b = jnp.asarray(reconstructed)
+    b = _floating(reconstructed, "reconstructed")
     if b.shape != a.shape:
         raise ShapeMismatch(
             argument="reconstructed",
             expected=f"shape {tuple(a.shape)} (the shape of 'original')",
             got=tuple(b.shape),
         )
-    return a, _float32(b, "reconstructed")
+    return a, b.astype(jnp.float32)
 
 
 def _abs_error(original: Any, reconstructed: Any) -> jax.Array:
@@ -383,14 +397,14 @@ def compute_saliency(
     w = _float32(weights, "weights")
     score = jnp.abs(w)
     if gradients is not None:
-        g = jnp.asarray(gradients)
+        g = _floating(gradients, "gradients")
         if g.shape != w.shape:
             raise ShapeMismatch(
                 argument="gradients", expected=f"shape {tuple(w.shape)} (the shape of 'weights')", got=tuple(g.shape)
             )
         score = score * jnp.abs(_float32(g, "gradients"))
     if activation_norms is not None:
-        a = jnp.asarray(activation_norms)
+        a = _floating(activation_norms, "activation_norms")
         if w.ndim == 0 or a.shape != (w.shape[-1],):
             raise ShapeMismatch(
                 argument="activation_norms",
