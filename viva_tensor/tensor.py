@@ -343,6 +343,30 @@ def _float_out(dtype) -> np.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.dtype(jnp.float32)
 
 
+def _real_out(dtype) -> np.dtype:
+    """Output dtype of a magnitude (variance, std, norm): real; float32 for integers and complex64."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.dtype(jnp.float32)
+    return _float_out(dtype)
+
+
+def _ordered(x: jax.Array, argument: str, op: str) -> None:
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise DTypeError(argument=argument, expected=f"a real dtype ({op} needs an order; complex numbers have none)",
+                         got=str(x.dtype), hint="compare jnp.abs(t), or t.real.")
+
+
+def _rms_parts(d: jax.Array, reduce: Callable = jnp.mean) -> tuple[jax.Array, jax.Array]:
+    """``(m, r)`` with ``sqrt(reduce(|d|**2)) == m * r``, scaled by ``m = max|d|`` so that neither huge values
+    (``|d|**2`` past float32's range) nor tiny ones (``1e-30 ** 2`` flushed to 0) spoil the result. ``m`` is 1
+    when ``max|d|`` is 0, inf or NaN (the unscaled sum then gives 0, inf or NaN as it should)."""
+    a = jnp.abs(d)
+    m = jnp.max(a, initial=0.0)
+    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+    return safe, jnp.sqrt(reduce(jnp.square(a / safe)))
+
+
 def _nonempty(x: jax.Array, argument: str, op: str) -> None:
     if x.size == 0:
         raise InvalidShape(
@@ -1292,6 +1316,7 @@ def max(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> max(vector([1.0, 5.0, 3.0])).tolist()
@@ -1299,6 +1324,7 @@ def max(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
     """
     t = _array(t, "t")
     _nonempty(t, "t", "max")
+    _ordered(t, "t", "max")
     return jnp.max(t)
 
 
@@ -1313,6 +1339,7 @@ def min(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> min(vector([1.0, 5.0, -3.0])).tolist()
@@ -1320,6 +1347,7 @@ def min(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
     """
     t = _array(t, "t")
     _nonempty(t, "t", "min")
+    _ordered(t, "t", "min")
     return jnp.min(t)
 
 
@@ -1334,6 +1362,7 @@ def argmax(t: jax.Array) -> jax.Array:
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> argmax(vector([1.0, 5.0, 5.0])).tolist()
@@ -1341,6 +1370,7 @@ def argmax(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "argmax")
+    _ordered(t, "t", "argmax")
     return jnp.argmax(jnp.ravel(t)).astype(jnp.int32)
 
 
@@ -1355,6 +1385,7 @@ def argmin(t: jax.Array) -> jax.Array:
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> argmin(vector([4.0, 1.0, 1.0])).tolist()
@@ -1362,6 +1393,7 @@ def argmin(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "argmin")
+    _ordered(t, "t", "argmin")
     return jnp.argmin(jnp.ravel(t)).astype(jnp.int32)
 
 
@@ -1372,7 +1404,8 @@ def variance(t: jax.Array) -> jax.Array:
         t: a non-empty array.
 
     Returns:
-        A 0-d array of ``t``'s dtype (float32 for integer input).
+        A 0-d array of ``t``'s dtype (float32 for integer and complex64 input: ``|x - mean|**2`` is
+        averaged, scaled by its largest term so that it neither overflows nor underflows early).
 
     Raises:
         InvalidShape: when ``t`` is empty.
@@ -1383,9 +1416,9 @@ def variance(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "variance")
-    out = _float_out(t.dtype)
-    x = t.astype(_acc(out))
-    return jnp.mean(jnp.square(x - jnp.mean(x))).astype(out)
+    x = t.astype(_acc(_float_out(t.dtype)))
+    m, r = _rms_parts(x - jnp.mean(x))
+    return jnp.square(m * r).astype(_real_out(t.dtype))
 
 
 def std(t: jax.Array) -> jax.Array:
@@ -1395,7 +1428,8 @@ def std(t: jax.Array) -> jax.Array:
         t: a non-empty array.
 
     Returns:
-        A 0-d array of ``t``'s dtype (float32 for integer input).
+        A 0-d array of ``t``'s dtype (float32 for integer and complex64 input: ``|x - mean|**2`` is
+        averaged, scaled by its largest term so that it neither overflows nor underflows early).
 
     Raises:
         InvalidShape: when ``t`` is empty.
@@ -1406,9 +1440,9 @@ def std(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "std")
-    out = _float_out(t.dtype)
-    x = t.astype(_acc(out))
-    return jnp.sqrt(jnp.mean(jnp.square(x - jnp.mean(x)))).astype(out)
+    x = t.astype(_acc(_float_out(t.dtype)))
+    m, r = _rms_parts(x - jnp.mean(x))
+    return (m * r).astype(_real_out(t.dtype))
 
 
 def sum_axis(t: jax.Array, axis: int, *, keepdims: bool = False) -> jax.Array:
@@ -1963,11 +1997,14 @@ def expand_dims(t: jax.Array, axis: int) -> jax.Array:
 def norm(t: jax.Array) -> jax.Array:
     """The L2 (Frobenius) norm of all elements, computed in float32 for bf16/f16; 0 for empty input.
 
+    The sum of squares is scaled by the largest magnitude, so the norm of ``[2e19, 2e19]`` is finite and that
+    of ``[1e-30, 1e-30]`` is not 0, as in exact arithmetic. Complex input gives ``sqrt(sum |x|**2)``.
+
     Args:
         t: an array.
 
     Returns:
-        A 0-d array of ``t``'s dtype (float32 for integer input).
+        A 0-d array of ``t``'s dtype (float32 for integer and complex64 input).
 
     Raises:
         DTypeError: when ``t`` is not an array.
@@ -1977,9 +2014,8 @@ def norm(t: jax.Array) -> jax.Array:
         5.0
     """
     t = _array(t, "t")
-    out = _float_out(t.dtype)
-    x = t.astype(_acc(out))
-    return jnp.sqrt(jnp.sum(x * x)).astype(out)
+    m, r = _rms_parts(t.astype(_acc(_float_out(t.dtype))), jnp.sum)
+    return (m * r).astype(_real_out(t.dtype))
 
 
 def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
@@ -1990,7 +2026,8 @@ def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
         eps: below or at this norm the input is returned as is (keyword-only; Gleam used 1e-4).
 
     Returns:
-        An array of ``t``'s shape and dtype (float32 for integer input) with norm 1, or ``t``.
+        An array of ``t``'s shape and dtype (float32 for integer input) with norm 1, or ``t``. The norm is
+        computed as :func:`norm` (scaled), so huge and tiny inputs normalize too.
 
     Raises:
         DTypeError: when ``t`` is not an array.
@@ -2002,8 +2039,9 @@ def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
     t = _array(t, "t")
     out = _float_out(t.dtype)
     x = t.astype(_acc(out))
-    n = jnp.sqrt(jnp.sum(x * x))
-    return jnp.where(n > eps, x / jnp.where(n > eps, n, 1.0), x).astype(out)
+    m, r = _rms_parts(x, jnp.sum)
+    big = m * r > eps
+    return jnp.where(big, (x / m) / jnp.where(big, r, 1.0), x).astype(out)
 
 
 def clamp(t: jax.Array, lo: Any, hi: Any) -> jax.Array:

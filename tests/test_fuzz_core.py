@@ -1,0 +1,330 @@
+"""A property-based fuzzer of the core modules: ``tensor``, ``named``, ``axis`` and ``metrics``.
+
+Every public function of those modules is fed random dtypes (bool, int8, uint8, int16, int32, uint32, float16,
+bfloat16, float32, float64, complex64, complex128), shapes (scalars and zero-size ones included) and values
+(NaN, +-inf, +-0, subnormals, 3e38, 1e-30, the integer extremes), as ``jax.Array`` or as NumPy arrays. The
+property is the one of issue 12: **a viva_tensor error, or a result equal to its reference** (NumPy written from
+the definition, in float64, rounded to the documented output dtype; NaN exactly where the reference gives NaN).
+A raw JAX/NumPy/Python error fails the test, and so does a viva_tensor error for an input the function is
+documented to accept. float64 and complex128 inputs must be refused (the library's policy).
+
+Two facts of the platform are part of the reference: XLA:CPU flushes float32 subnormals to zero (so the
+reference flushes them in the inputs too), and results are compared in the output dtype with a tolerance that
+scales with the sum of the magnitudes accumulated (summation order differs from NumPy's).
+
+Each finding is pinned with ``@example``. The examples are bounded (``max_examples``) so that the file runs in
+well under a minute.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import hypothesis.extra.numpy as hnp
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from viva_tensor import errors
+from viva_tensor import tensor as T
+
+# VIVA_FUZZ_EXAMPLES=500 for a longer hunt; the suite's default keeps the file well under a minute
+FUZZ = settings(max_examples=int(os.environ.get("VIVA_FUZZ_EXAMPLES", 25)), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+DTYPES = ("bool", "int8", "uint8", "int16", "int32", "uint32", "float16", "bfloat16", "float32", "float64",
+          "complex64", "complex128")
+WIDE = ("float64", "complex128")  # refused everywhere: JAX (x64 off) would narrow them silently
+F32_TINY = float(np.finfo(np.float32).tiny)
+SPECIAL = (math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-45, 3e38, -3e38, 1e-30, -1e-30, 1.0, -2.5, 0.5, 7.0)
+
+
+def np_dtype(name):
+    return np.dtype(jnp.dtype(name))
+
+
+def is_float(dt):
+    return jnp.issubdtype(dt, jnp.floating)
+
+
+def is_complex(dt):
+    return jnp.issubdtype(dt, jnp.complexfloating)
+
+
+def is_inexact(dt):
+    return jnp.issubdtype(dt, jnp.inexact)
+
+
+# ------------------------------------------------------------------------------------- strategies
+
+
+def _values(draw, dt, n):
+    if dt == np.bool_:
+        return np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), np.bool_)
+    if jnp.issubdtype(dt, jnp.integer):
+        info = np.iinfo(dt)
+        ints = st.one_of(st.sampled_from([info.min, info.max, 0, 1, -1 if info.min < 0 else 2, 100]),
+                         st.integers(int(info.min), int(info.max)))
+        return np.array(draw(st.lists(ints, min_size=n, max_size=n)), np.int64).astype(dt)
+    floats = st.one_of(st.sampled_from(SPECIAL), st.floats(-100, 100, width=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        re = np.array(draw(st.lists(floats, min_size=n, max_size=n)), np.float64)
+        if is_complex(dt):
+            im = np.array(draw(st.lists(floats, min_size=n, max_size=n)), np.float64)
+            return (re + 1j * im).astype(dt)
+        return re.astype(dt)
+
+
+@st.composite
+def arrays(draw, dtypes=DTYPES, shape=None, min_dims=0, max_dims=3, min_side=0):
+    """(x, values): ``x`` is what the function receives (a jax.Array or a NumPy array), ``values`` the exact
+    NumPy values."""
+    dt = np_dtype(draw(st.sampled_from(dtypes)))
+    if shape is None:
+        shape = draw(hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=4))
+    vals = _values(draw, dt, math.prod(shape)).reshape(shape)
+    host = dt in (np.float64, np.complex128) or draw(st.booleans())
+    return (vals if host else jnp.asarray(vals)), vals
+
+
+def wide(v):
+    """Exact values in a wide NumPy type (float64, complex128, int64), float32 subnormals flushed to zero."""
+    dt = v.dtype
+    if is_complex(dt):
+        w = v.astype(np.complex128)
+        out = np.empty(w.shape, np.complex128)
+        out.real, out.imag = _ftz(w.real), _ftz(w.imag)
+        return out
+    if is_float(dt):
+        return _ftz(v.astype(np.float32).astype(np.float64) if dt != np.float64 else v.copy())
+    return v.astype(np.int64)
+
+
+def _ftz(w):
+    w = np.array(w, np.float64)
+    w[np.abs(w) < F32_TINY] = 0.0
+    return w
+
+
+# ------------------------------------------------------------------------------------- output rules
+# Written from the documented rules (tensor's module docstring), not from the implementation.
+
+
+def acc_int(dt):
+    dt = np.dtype(dt)
+    if dt == np.bool_ or (np.issubdtype(dt, np.signedinteger) and dt.itemsize < 4):
+        return np.dtype(np.int32)
+    if np.issubdtype(dt, np.unsignedinteger) and dt.itemsize < 4:
+        return np.dtype(np.uint32)
+    return dt
+
+
+def sum_out(dt):
+    return np.dtype(dt) if is_inexact(dt) else acc_int(dt)
+
+
+def float_out(dt):
+    return np.dtype(dt) if is_inexact(dt) else np.dtype(np.float32)
+
+
+def real_out(dt):
+    """Output of |x|-based statistics (variance, std, norm): real, float32 for integers and complex64."""
+    if is_complex(dt):
+        return np.dtype(np.float32)
+    return float_out(dt)
+
+
+# ------------------------------------------------------------------------------------- the property
+
+
+def call(f, *args, **kwargs):
+    """(result, None) or (None, the viva_tensor error); any other exception fails the test."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return f(*args, **kwargs), None
+    except errors.TensorError as e:
+        return None, e
+    except Exception as e:  # noqa: BLE001 - the point of the fuzzer
+        pytest.fail(f"raw {type(e).__module__}.{type(e).__name__} (not a viva_tensor error): {e}")
+
+
+def _tol(out):
+    if out == np.dtype(jnp.bfloat16):
+        return 1e-2
+    if out == np.float16:
+        return 2e-3
+    return 2e-5
+
+
+def _to_out(want, out):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.asarray(want).astype(out)
+
+
+def assert_same(got, want, out, *, scale=0.0, what=""):
+    """``got`` (an array of dtype ``out``) equals ``want`` (a wide NumPy value) rounded to ``out``.
+
+    ``scale`` is the sum of the magnitudes that were accumulated: the absolute tolerance grows with it.
+    """
+    out = np.dtype(out)
+    got = np.asarray(got)
+    assert got.dtype == out, f"{what}: dtype {got.dtype}, expected {out}"
+    want = np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    if not is_inexact(out):
+        np.testing.assert_array_equal(got, _to_out(want, out), err_msg=what)
+        return
+    if is_complex(out):
+        # complex arithmetic with non-finite parts differs between C99 Annex G (NumPy) and XLA: only the place
+        # of the non-finite results must agree; finite ones are compared part by part
+        w = _to_out(want, out)
+        fin = np.isfinite(got) & np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(w), err_msg=f"{what}: got {got}, want {w}")
+        part = np.float32 if out == np.complex64 else np.float64
+        assert_same(np.where(fin, got.real, 0).astype(part), np.where(fin, want.real, 0), part, scale=scale,
+                    what=what + " (real)")
+        assert_same(np.where(fin, got.imag, 0).astype(part), np.where(fin, want.imag, 0), part, scale=scale,
+                    what=what + " (imag)")
+        return
+    g = got.astype(np.float64)
+    w = _to_out(want, out).astype(np.float64)
+    exact = np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=f"{what}: NaN where the reference has none "
+                                  f"(or the reverse): got {g}, want {w}")
+    rtol = _tol(out)
+    atol = rtol * scale + 2 * F32_TINY + (float(jnp.finfo(out).tiny) if out.itemsize < 4 else 0.0)
+    big = float(jnp.finfo(out).max) * (1 - 4 * rtol)
+    fin = ~np.isnan(g)
+    # a value that rounds to the edge of the range may land on inf on one side: accept that, nothing else
+    edge = fin & (np.isinf(g) != np.isinf(w)) & (np.abs(exact) >= big)
+    ok = fin & ~edge
+    np.testing.assert_array_equal(np.isinf(g[ok]), np.isinf(w[ok]), err_msg=f"{what}: inf mismatch: got {g}, want {w}")
+    both = ok & np.isfinite(g) & np.isfinite(w)
+    bad = np.abs(g[both] - w[both]) > atol + rtol * np.abs(w[both])
+    assert not bad.any(), f"{what}: got {g[both][bad]}, want {w[both][bad]} (atol {atol}, rtol {rtol})"
+    np.testing.assert_array_equal(np.sign(g[ok & np.isinf(g)]), np.sign(w[ok & np.isinf(g)]), err_msg=what)
+
+
+def refuses_wide(vals_list, err):
+    """float64/complex128 input must be a DTypeError; returns True when the case is settled."""
+    if any(v.dtype in (np.float64, np.complex128) for v in vals_list):
+        assert isinstance(err, errors.DTypeError), f"float64 input was not refused: {err!r}"
+        assert ".astype(jnp." in str(err)
+        return True
+    return False
+
+
+def mag(w):
+    """Sum of magnitudes (finite ones), the scale of an accumulation's rounding error."""
+    a = np.abs(np.asarray(w, np.complex128 if np.iscomplexobj(w) else np.float64))
+    return float(np.sum(a[np.isfinite(a)]))
+
+
+def no_overflow(w, limit=1e38):
+    """The case stays in float32's range all along (a float64 reference cannot model float32 overflow)."""
+    a = np.abs(np.asarray(w))
+    a = a[np.isfinite(a)]
+    return float(np.sum(a.astype(np.float64))) < limit if a.size else True
+
+
+# ======================================================================================== tensor
+
+
+def _ordered(dt):
+    return not is_complex(dt)
+
+
+def _abs2(w):
+    return np.abs(w) ** 2
+
+
+def _norm(w):
+    return np.sqrt(np.sum(_abs2(w))) if w.size else np.float64(0.0)
+
+
+# name -> (function, reference(w, dt) -> (want, out dtype, scale), valid(w, dt) -> bool)
+REDUCTIONS = {
+    "sum": (T.sum, lambda w, dt: (w.sum(), sum_out(dt), mag(w)), lambda w, dt: True),
+    "mean": (T.mean, lambda w, dt: (w.mean(), float_out(dt), mag(w) / max(w.size, 1)), lambda w, dt: w.size > 0),
+    "max": (T.max, lambda w, dt: (np.max(w), dt, 0.0), lambda w, dt: w.size > 0 and _ordered(dt)),
+    "min": (T.min, lambda w, dt: (np.min(w), dt, 0.0), lambda w, dt: w.size > 0 and _ordered(dt)),
+    "argmax": (T.argmax, lambda w, dt: (np.argmax(w.ravel()), np.int32, 0.0), lambda w, dt: w.size > 0 and _ordered(dt)),
+    "argmin": (T.argmin, lambda w, dt: (np.argmin(w.ravel()), np.int32, 0.0), lambda w, dt: w.size > 0 and _ordered(dt)),
+    "variance": (T.variance, lambda w, dt: (np.var(w), real_out(dt), 4 * np.mean(_abs2(w))), lambda w, dt: w.size > 0),
+    "std": (T.std, lambda w, dt: (np.std(w), real_out(dt), 4 * np.sqrt(np.mean(_abs2(w)))), lambda w, dt: w.size > 0),
+    "norm": (T.norm, lambda w, dt: (_norm(w), real_out(dt), 2 * _norm(w)), lambda w, dt: True),
+}
+
+
+def _finite_mag(w):
+    a = np.abs(w)
+    return a[np.isfinite(a)]
+
+
+def _pin(values, dtype="float32", host=False):
+    v = np.asarray(values).astype(np_dtype(dtype))
+    return (v if host else jnp.asarray(v)), v
+
+
+@FUZZ
+@given(st.sampled_from(sorted(REDUCTIONS)), arrays())
+# findings: argmax/argmin of complex raised a raw TypeError, max/min ordered complex silently
+@example("argmax", _pin([1 + 2j, 3j], "complex64"))
+@example("max", _pin([1 + 2j, 3j], "complex64"))
+# norm of complex returned sqrt(sum x*x) (complex, wrong); variance/std used (x - mean)**2 likewise
+@example("norm", _pin([3 + 4j], "complex64"))
+@example("variance", _pin([1j, -1j], "complex64"))
+# |x|**2 overflowed or underflowed in float32: std([2e19, -2e19]) was inf, norm([1e-30] * 2) was 0
+@example("std", _pin([2e19, -2e19]))
+@example("norm", _pin([2e19, 2e19]))
+@example("norm", _pin([1e-30, 1e-30]))
+@example("std", _pin([1e-30, -1e-30]))
+# int8 sums wrapped in int8 (issue 12)
+@example("sum", _pin([100, 100], "int8"))
+def test_fuzz_tensor_reductions(name, xv):
+    fn, ref, valid = REDUCTIONS[name]
+    x, v = xv
+    got, err = call(fn, x)
+    if refuses_wide([v], err):
+        return
+    w = wide(v)
+    if name in ("mean", "variance", "std"):
+        assume(no_overflow(w) and no_overflow(_finite_mag(w) ** 2 if name != "mean" else w))
+    if not valid(w, v.dtype):
+        assert err is not None, f"{name} accepted an invalid input"
+        return
+    assert err is None, f"{name} refused a valid input: {err}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = w if name in ("sum", "max", "min", "argmax", "argmin") or is_inexact(v.dtype) else w.astype(np.float64)
+        want, out, scale = ref(exact, v.dtype)
+    if name in ("max", "min") and not is_inexact(v.dtype):
+        want = ref(v, v.dtype)[0]
+    assert_same(got, want, out, scale=scale, what=f"{name}({v.dtype}{v.shape})")
+
+
+@FUZZ
+@given(arrays())
+def test_fuzz_tensor_product(xv):
+    x, v = xv
+    got, err = call(T.product, x)
+    if refuses_wide([v], err):
+        return
+    assert err is None, err
+    w = wide(v)
+    if is_inexact(v.dtype):
+        a = _finite_mag(w)
+        assume(np.prod(np.maximum(a, 1.0)) < 1e37 and (np.prod(np.minimum(a, 1.0)) > 1e-36 or (a == 0).any()))
+        with np.errstate(all="ignore"):
+            want = np.prod(w)
+        assert_same(got, want, sum_out(v.dtype), scale=4 * abs(want) * max(v.size, 1) if np.isfinite(want) else 0,
+                    what=f"product({v.dtype}{v.shape})")
+    else:
+        with np.errstate(all="ignore"):
+            assert_same(got, np.prod(v.astype(np.int64)), sum_out(v.dtype), what=f"product({v.dtype})")
