@@ -351,6 +351,24 @@ def _real_out(dtype) -> np.dtype:
     return _float_out(dtype)
 
 
+def _times(a: Any, b: Any) -> jax.Array:
+    """``a * b`` as NumPy computes it when one side is bool: ``False * nan`` is NaN. (XLA rewrites
+    ``convert(bool) * x`` into a select, which gives 0 there and hides the NaN.)"""
+    a_bool, b_bool = jnp.dtype(jnp.result_type(a)) == jnp.bool_, jnp.dtype(jnp.result_type(b)) == jnp.bool_
+    if a_bool != b_bool:
+        mask, x = (a, b) if a_bool else (b, a)
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.where(mask, x, x * 0)
+    return a * b
+
+
+def _not_bool(x: jax.Array, argument: str, op: str) -> None:
+    if x.dtype == jnp.bool_:
+        raise DTypeError(argument=argument, expected=f"a numeric dtype ({op} of booleans is undefined, as in NumPy)",
+                         got="bool", hint="use ~ or jnp.logical_xor, or convert with .astype(jnp.int32).")
+
+
 def _ordered(x: jax.Array, argument: str, op: str) -> None:
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise DTypeError(argument=argument, expected=f"a real dtype ({op} needs an order; complex numbers have none)",
@@ -1043,6 +1061,7 @@ def sub(a: jax.Array, b: jax.Array) -> jax.Array:
 
     Raises:
         ShapeMismatch: when the shapes differ.
+        DTypeError: when both are bool (NumPy refuses ``bool - bool`` too).
 
     Example:
         >>> sub(vector([1.0, 2.0]), vector([3.0, 4.0])).tolist()
@@ -1050,6 +1069,8 @@ def sub(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     a, b = _array(a, "a"), _array(b, "b")
     _same_shape(a, b, "broadcast_to the shape of 'a' first.")
+    if a.dtype == jnp.bool_ and b.dtype == jnp.bool_:
+        _not_bool(a, "a", "subtraction")
     return a - b
 
 
@@ -1072,7 +1093,7 @@ def mul(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     a, b = _array(a, "a"), _array(b, "b")
     _same_shape(a, b, "use mul_broadcast to broadcast.")
-    return a * b
+    return _times(a, b)
 
 
 def div(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -1149,13 +1170,15 @@ def negate(t: jax.Array) -> jax.Array:
         ``-t``.
 
     Raises:
-        DTypeError: when ``t`` is not an array.
+        DTypeError: when ``t`` is not an array, or is bool (use ``~t``).
 
     Example:
         >>> negate(vector([1.0, -2.0])).tolist()
         [-1.0, 2.0]
     """
-    return -_array(t, "t")
+    t = _array(t, "t")
+    _not_bool(t, "t", "negation")
+    return -t
 
 
 def _numeric_fn(f: Any, argument: str) -> Callable:
@@ -1518,6 +1541,8 @@ def _contract(a: jax.Array, b: jax.Array, dims, precision) -> jax.Array:
     acc = _acc(out)
     if not jnp.issubdtype(out, jnp.inexact):  # integers (and bool) are multiplied and summed in int32/uint32
         a, b = a.astype(acc), b.astype(acc)
+    else:  # one dtype on both sides (a bool operand would otherwise turn False * nan into 0)
+        a, b = a.astype(out), b.astype(out)
     r = lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=acc)
     return r.astype(_sum_out(out))
 
@@ -1654,7 +1679,7 @@ def outer(a: jax.Array, b: jax.Array) -> jax.Array:
     a, b = _array(a, "a"), _array(b, "b")
     _rank(a, 1, "a", "a vector")
     _rank(b, 1, "b", "a vector")
-    return a[:, None] * b[None, :]
+    return _times(a[:, None], b[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2058,15 +2083,21 @@ def clamp(t: jax.Array, lo: Any, hi: Any) -> jax.Array:
     Raises:
         InvalidOp: when Python-number bounds have ``lo > hi``.
         DimensionError: when a bound is not a scalar.
+        DTypeError: for complex ``t`` (it has no order).
 
     Example:
         >>> clamp(vector([-2.0, 0.5, 2.0]), -1.0, 1.0).tolist()
         [-1.0, 0.5, 1.0]
     """
     t = _array(t, "t")
+    _ordered(t, "t", "clamp")
     lo, hi = _scalar(lo, "lo"), _scalar(hi, "hi")
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
         raise InvalidOp(argument="hi", expected=f"a bound >= lo = {lo}", got=hi)
+    if jnp.issubdtype(t.dtype, jnp.integer):  # a Python int beyond the dtype's range does not bind (nor overflow)
+        info = jnp.iinfo(t.dtype)
+        lo, hi = (jnp.asarray(builtins.min(builtins.max(b, int(info.min)), int(info.max)), t.dtype) if _is_int(b)
+                  else b for b in (lo, hi))
     return jnp.minimum(jnp.maximum(t, lo), hi).astype(t.dtype)
 
 
@@ -2199,4 +2230,4 @@ def mul_broadcast(a: jax.Array, b: jax.Array) -> jax.Array:
         [[2.0, 2.0], [3.0, 3.0]]
     """
     a, b = _broadcast_pair(a, b)
-    return a * b
+    return _times(a, b)
