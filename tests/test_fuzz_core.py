@@ -23,6 +23,7 @@ import os
 import warnings
 
 import hypothesis.extra.numpy as hnp
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -523,3 +524,175 @@ def test_fuzz_tensor_contractions(case):
     if kind in ("dot",) and not is_inexact(out):
         want = np.asarray(want)
     assert_same(got, want, out, scale=scale, what=f"{kind}({v.dtype}{v.shape}, {u.dtype}{u.shape})")
+
+
+def _axis_ok(ax, nd):
+    return -nd <= ax < nd
+
+
+def _shape_case(name, v, k):
+    """(call, reference or an error class) for a shape/access function of ``tensor`` on values ``v``.
+
+    ``k`` is a small int (an axis, an index, a count). The reference is NumPy's; ``None`` means "any
+    viva_tensor error" is the documented answer.
+    """
+    nd, sh = v.ndim, v.shape
+    if name in ("shape", "size", "rank"):
+        return (lambda x: getattr(T, name)(x)), {"shape": sh, "size": v.size, "rank": nd}[name]
+    if name == "rows":
+        return T.rows, sh[0] if nd else 0
+    if name == "cols":
+        return T.cols, sh[1] if nd >= 2 else (sh[0] if nd == 1 else 0)
+    if name in ("flatten", "clone", "squeeze"):
+        return getattr(T, name), {"flatten": v.ravel(), "clone": v, "squeeze": np.squeeze(v)}[name]
+    if name == "to_list":
+        return T.to_list, v.ravel()
+    if name == "transpose":
+        return T.transpose, (v.T if nd == 2 else errors.DimensionError)
+    if name == "sum_axis":
+        return (lambda x: T.sum_axis(x, k)), (None if not _axis_ok(k, nd) else ("sum_axis", k))
+    if name == "mean_axis":
+        ok = _axis_ok(k, nd) and sh[k] > 0
+        return (lambda x: T.mean_axis(x, k)), (None if not ok else ("mean_axis", k))
+    if name == "get":
+        return (lambda x: T.get(x, k)), (v.ravel()[k] if -v.size <= k < v.size else errors.DimensionError)
+    if name in ("take_first", "take_last"):
+        if nd == 0:
+            return (lambda x: getattr(T, name)(x, k)), errors.DimensionError
+        if k < 0:
+            return (lambda x: getattr(T, name)(x, k)), errors.InvalidShape
+        n = min(k, sh[0])
+        return (lambda x: getattr(T, name)(x, k)), (v[:n] if name == "take_first" else v[sh[0] - n:])
+    if name == "squeeze_axis":
+        ok = _axis_ok(k, nd) and sh[k] == 1
+        return (lambda x: T.squeeze_axis(x, k)), (np.squeeze(v, k) if ok else None)
+    if name in ("unsqueeze", "expand_dims"):
+        ok = -nd - 1 <= k <= nd
+        return (lambda x: getattr(T, name)(x, k)), (np.expand_dims(v, k) if ok else errors.DimensionError)
+    if name == "reshape":
+        return (lambda x: T.reshape(x, sh[::-1])), v.reshape(sh[::-1])
+    if name == "reshape_infer":
+        return (lambda x: T.reshape(x, (-1,))), v.reshape(-1)
+    if name == "broadcast_to":
+        return (lambda x: T.broadcast_to(x, (2,) + sh)), np.broadcast_to(v, (2,) + sh)
+    if name == "map":
+        return (lambda x: T.map(x, lambda e: e)), v
+    if name == "map_indexed":
+        return (lambda x: T.map_indexed(x, lambda e, i: i)), np.arange(v.size, dtype=np.int32).reshape(sh)
+    if name in ("get2d", "get_row", "get_col", "to_list2d"):
+        if nd != 2:
+            return (lambda x: T.to_list2d(x) if name == "to_list2d" else getattr(T, name)(x, *(
+                (0, 0) if name == "get2d" else (0,)))), errors.DimensionError
+        if name == "to_list2d":
+            return T.to_list2d, v
+        if name == "get2d":
+            ok = -sh[0] <= k < sh[0] and -sh[1] <= k < sh[1]
+            return (lambda x: T.get2d(x, k, k)), (v[k, k] if ok else errors.DimensionError)
+        n = sh[0] if name == "get_row" else sh[1]
+        ok = -n <= k < n
+        return (lambda x: getattr(T, name)(x, k)), ((v[k] if name == "get_row" else v[:, k]) if ok else
+                                                       errors.DimensionError)
+    if name == "slice":
+        return (lambda x: T.slice(x, [0] * nd, list(sh))), v
+    if name == "concat":
+        return (lambda x: T.concat([x, x])), (np.concatenate([v, v]) if nd else errors.DimensionError)
+    if name == "concat_axis":
+        ok = nd > 0 and _axis_ok(k, nd)
+        return (lambda x: T.concat_axis([x, x], k)), (np.concatenate([v, v], k) if ok else None)
+    if name == "stack":
+        ok = -nd - 1 <= k <= nd
+        return (lambda x: T.stack([x, x], k)), (np.stack([v, v], k) if ok else errors.DimensionError)
+    raise AssertionError(name)
+
+
+SHAPE_FUNCTIONS = ("shape", "size", "rank", "rows", "cols", "flatten", "clone", "squeeze", "to_list", "transpose",
+                   "sum_axis", "mean_axis", "get", "take_first", "take_last", "squeeze_axis", "unsqueeze",
+                   "expand_dims", "reshape", "reshape_infer", "broadcast_to", "map", "map_indexed", "get2d",
+                   "get_row", "get_col", "to_list2d", "slice", "concat", "concat_axis", "stack")
+
+
+@FUZZ
+@given(st.sampled_from(SHAPE_FUNCTIONS), arrays(), st.integers(-4, 4))
+def test_fuzz_tensor_shape_and_access(name, xv, k):
+    x, v = xv
+    f, want = _shape_case(name, v, k)
+    got, err = call(f, x)
+    if name not in ("shape", "size", "rank", "rows", "cols") and refuses_wide([v], err):
+        return
+    if want is None or (isinstance(want, type) and issubclass(want, Exception)):
+        assert err is not None, f"{name}({v.dtype}{v.shape}, {k}) accepted an invalid input"
+        if want is not None:
+            assert isinstance(err, want), f"{name}: {err!r}, expected {want.__name__}"
+        return
+    assert err is None, f"{name}({v.dtype}{v.shape}, {k}) refused a valid input: {err}"
+    if isinstance(want, tuple) and want and want[0] in ("sum_axis", "mean_axis"):
+        w = _exact(v)
+        ax = want[1]
+        with np.errstate(all="ignore"):
+            if want[0] == "sum_axis":
+                ref, out = w.sum(axis=ax), sum_out(v.dtype)
+            else:
+                assume(no_overflow(w))
+                ref, out = w.astype(np.float64 if not is_complex(v.dtype) else np.complex128).mean(axis=ax), \
+                    float_out(v.dtype)
+        assert_same(got, ref, out, scale=mag(w), what=f"{name}({v.dtype}{v.shape}, {ax})")
+        return
+    if isinstance(want, (int, tuple)):
+        assert got == want, (name, got, want)
+        return
+    if name in ("to_list", "to_list2d"):
+        assert isinstance(got, list)
+        got = np.asarray(got, dtype=v.dtype if v.size else None).reshape(np.shape(want))
+        np.testing.assert_array_equal(got.astype(np.float64) if v.dtype.kind == "V" else got,
+                                      want.astype(np.float64) if v.dtype.kind == "V" else want)
+        return
+    want = np.asarray(want)
+    assert_same(got, _exact(want) if is_inexact(want.dtype) else want, want.dtype, what=f"{name}({v.dtype}{v.shape})")
+
+
+@FUZZ
+@given(st.sampled_from(["zeros", "ones", "fill", "from_list", "vector", "matrix", "from_list2d"]),
+       st.sampled_from(DTYPES + ("int64", "uint64", "foo", "object", "str")),
+       st.lists(st.integers(-1, 3), max_size=3))
+def test_fuzz_tensor_constructors(name, dtype, shape):
+    shape = tuple(shape)
+    args = {"zeros": (shape,), "ones": (shape,), "fill": (shape, 2.0), "from_list": ([1.0, 2.0],),
+            "vector": ([3.0],), "matrix": (1, 2, [1.0, 2.0]), "from_list2d": ([[1.0], [2.0]],)}[name]
+    got, err = call(getattr(T, name), *args, dtype=dtype)
+    good = dtype in DTYPES and dtype not in WIDE
+    if not good:
+        assert isinstance(err, errors.DTypeError), f"dtype {dtype!r}: {err!r}"
+        return
+    if name in ("zeros", "ones", "fill") and any(d < 0 for d in shape):
+        assert isinstance(err, errors.InvalidShape), err
+        return
+    assert err is None, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = {"zeros": lambda: np.zeros(shape), "ones": lambda: np.ones(shape), "fill": lambda: np.full(shape, 2.0),
+                "from_list": lambda: np.array([1.0, 2.0]), "vector": lambda: np.array([3.0]),
+                "matrix": lambda: np.array([[1.0, 2.0]]), "from_list2d": lambda: np.array([[1.0], [2.0]])}[name]()
+        want = want.astype(np_dtype(dtype))
+    assert_same(got, _exact(want), np_dtype(dtype), what=f"{name}(dtype={dtype})")
+
+
+@FUZZ
+@given(st.sampled_from(["random_uniform", "random_normal", "xavier_init", "he_init"]),
+       st.sampled_from(["key", "legacy", "int", "float_array", "batched"]),
+       st.sampled_from(DTYPES + ("foo",)), st.integers(0, 3))
+def test_fuzz_tensor_random(name, key_kind, dtype, n):
+    key = {"key": jax.random.key(0), "legacy": jax.random.PRNGKey(0), "int": 0, "float_array": jnp.zeros(2),
+           "batched": jax.random.split(jax.random.key(0), 2)}[key_kind]
+    args = (key, (n, 2)) if name.startswith("random") else (key, n, 2)
+    got, err = call(getattr(T, name), *args, dtype=dtype)
+    good_key = key_kind in ("key", "legacy")
+    good_dtype = dtype in DTYPES and is_float(np_dtype(dtype)) and dtype != "float64"
+    if not (good_key and good_dtype) or (not name.startswith("random") and n == 0):
+        assert err is not None and isinstance(err, (errors.DTypeError, errors.InvalidShape)), err
+        return
+    assert err is None, err
+    assert got.dtype == np_dtype(dtype) and got.shape == ((n, 2) if name.startswith("random") else (2, n))
+    g = np.asarray(got.astype(jnp.float32))
+    assert np.isfinite(g).all()
+    if name == "random_uniform":
+        assert ((g >= 0) & (g <= 1)).all()

@@ -225,6 +225,14 @@ def _array(x: Any, argument: str) -> jax.Array:
     )
 
 
+def _shaped(x: Any, argument: str) -> Any:
+    """``x`` itself when it is an array of any dtype (for the functions that only read its shape), else
+    what :func:`_array` makes of it."""
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return x
+    return _array(x, argument)
+
+
 def _dtype(dtype: Any, argument: str = "dtype", *, floating: bool = False) -> np.dtype:
     """``dtype`` as a NumPy dtype that JAX holds as it is, else DTypeError (64-bit types narrow with x64 off)."""
     try:
@@ -235,7 +243,7 @@ def _dtype(dtype: Any, argument: str = "dtype", *, floating: bool = False) -> np
     if out.kind not in "biufcV" or (out.kind == "V" and out.itemsize > 2):
         raise DTypeError(argument=argument, expected="a numeric dtype", got=str(out))
     _no_float64(out, argument)
-    if out.itemsize == 8 and not jax.config.jax_enable_x64:
+    if out.itemsize == 8 and out.kind in "iu" and not jax.config.jax_enable_x64:
         raise DTypeError(argument=argument, expected="a dtype of at most 32 bits (JAX's x64 mode is off)",
                          got=str(out), hint="use int32 or uint32.")
     if floating and not jnp.issubdtype(out, jnp.floating):
@@ -760,7 +768,7 @@ def shape(t: jax.Array) -> Shape:
         >>> shape(zeros((2, 3)))
         (2, 3)
     """
-    return tuple(_array(t, "t").shape)
+    return tuple(int(d) for d in _shaped(t, "t").shape)
 
 
 def size(t: jax.Array) -> int:
@@ -779,7 +787,7 @@ def size(t: jax.Array) -> int:
         >>> size(zeros((2, 3)))
         6
     """
-    return int(_array(t, "t").size)
+    return int(_shaped(t, "t").size)
 
 
 def rank(t: jax.Array) -> int:
@@ -798,7 +806,7 @@ def rank(t: jax.Array) -> int:
         >>> rank(zeros((2, 3)))
         2
     """
-    return _array(t, "t").ndim
+    return int(_shaped(t, "t").ndim)
 
 
 def dim(t: jax.Array, axis: int) -> int:
@@ -818,7 +826,7 @@ def dim(t: jax.Array, axis: int) -> int:
         >>> dim(zeros((2, 3)), 1), dim(zeros((2, 3)), -2)
         (3, 2)
     """
-    t = _array(t, "t")
+    t = _shaped(t, "t")
     return t.shape[_axis(axis, t.ndim)]
 
 
@@ -838,7 +846,7 @@ def rows(t: jax.Array) -> int:
         >>> rows(zeros((2, 3)))
         2
     """
-    t = _array(t, "t")
+    t = _shaped(t, "t")
     return t.shape[0] if t.ndim else 0
 
 
@@ -858,7 +866,7 @@ def cols(t: jax.Array) -> int:
         >>> cols(zeros((2, 3))), cols(zeros(4))
         (3, 4)
     """
-    t = _array(t, "t")
+    t = _shaped(t, "t")
     return t.shape[1] if t.ndim >= 2 else (t.shape[0] if t.ndim == 1 else 0)
 
 
