@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from viva_tensor import errors
+from viva_tensor import axis as A
+from viva_tensor import errors, metrics, named
 from viva_tensor import tensor as T
 
 # VIVA_FUZZ_EXAMPLES=500 for a longer hunt; the suite's default keeps the file well under a minute
@@ -696,3 +697,221 @@ def test_fuzz_tensor_random(name, key_kind, dtype, n):
     assert np.isfinite(g).all()
     if name == "random_uniform":
         assert ((g >= 0) & (g <= 1)).all()
+
+
+def eq(got, want):
+    """Exact equality, NaN equal to NaN (bfloat16 compared through float32)."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype.kind == "V" or want.dtype.kind == "V":
+        got, want = got.astype(np.float32), want.astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+# ======================================================================================== named
+
+POOL = ("a", "b", "c", "d")
+
+
+@st.composite
+def named_arrays(draw, dtypes=DTYPES, min_dims=1):
+    x, v = draw(arrays(dtypes=dtypes, min_dims=min_dims))
+    names = tuple(draw(st.permutations(POOL))[: v.ndim])
+    return x, v, names
+
+
+NAMED_OPS = ("sum_along", "mean_along", "max_along", "softmax_along", "add", "sub", "mul", "div", "add_scalar",
+             "scale", "transpose", "rename_axis", "unsqueeze", "squeeze", "align_to", "describe", "sizes", "take",
+             "dot", "nmap", "map", "to_tensor", "from_tensor")
+
+
+def _softmax(w, ax):
+    with np.errstate(all="ignore"):
+        e = np.exp(w - np.max(w, axis=ax, keepdims=True))
+        return e / np.sum(e, axis=ax, keepdims=True)
+
+
+@FUZZ
+@given(st.sampled_from(NAMED_OPS), named_arrays(), st.integers(0, 3), st.sampled_from(SPECIAL + (2, 0)))
+@example("scale", (jnp.array([1, 2], jnp.int32), np.array([1, 2], np.int32), ("a",)), 0, math.nan)  # raw ValueError
+@example("scale", (jnp.array([1, 2], jnp.int32), np.array([1, 2], np.int32), ("a",)), 0, math.inf)  # OverflowError
+@example("max_along", (jnp.array([1j, 2]), np.array([1j, 2], np.complex64), ("a",)), 0, 0.0)  # ordered complex
+def test_fuzz_named(op, xnv, k, s):
+    x, v, names = xnv
+    got, err = call(named.new, x, names)
+    if refuses_wide([v], err):
+        return
+    assert err is None, err
+    t = got
+    i = k % v.ndim
+    n = names[i]
+    dt = v.dtype
+    w = _exact(v)
+    floating = is_float(dt)
+    if op == "sum_along":
+        got, err = call(named.sum_along, t, n)
+        assert err is None, err
+        assert got.names == names[:i] + names[i + 1:]
+        with np.errstate(all="ignore"):
+            assert_same(got.data, w.sum(axis=i), sum_out(dt), scale=mag(w), what=f"sum_along({dt})")
+    elif op == "mean_along":
+        got, err = call(named.mean_along, t, n)
+        if not floating:
+            assert isinstance(err, errors.DTypeError), err
+            return
+        assert err is None, err
+        assume(no_overflow(w))
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert_same(got.data, w.mean(axis=i), dt, scale=mag(w), what=f"mean_along({dt})")
+    elif op == "max_along":
+        got, err = call(named.max_along, t, n)
+        if is_complex(dt) or v.shape[i] == 0:
+            assert isinstance(err, (errors.DTypeError, errors.InvalidShape)), err
+            return
+        assert err is None, err
+        assert_same(got.data, np.max(w, axis=i) if floating else np.max(v, axis=i), dt, what=f"max_along({dt})")
+    elif op == "softmax_along":
+        got, err = call(named.softmax_along, t, n)
+        if not floating:
+            assert isinstance(err, errors.DTypeError), err
+            return
+        assert err is None, err
+        assert_same(got.data, _softmax(w, i), dt, scale=1.0, what=f"softmax_along({dt})")
+    elif op in ("add", "sub", "mul", "div"):
+        perm = tuple(reversed(range(v.ndim)))
+        other = named.new(jnp.transpose(jnp.asarray(v), perm), tuple(names[p] for p in perm))
+        got, err = call(getattr(named, op), t, other)
+        if op == "sub" and dt == np.bool_:
+            assert isinstance(err, errors.DTypeError), err
+            return
+        assert err is None, err
+        assert got.names == names
+        out = np.dtype(np.float32) if op == "div" and not is_inexact(dt) else dt
+        with np.errstate(all="ignore"):
+            if is_inexact(out):
+                ww = w.astype(np.complex128 if is_complex(out) else np.float64)
+                want = NP_BINARY[op](ww, ww)
+            else:
+                want = NP_BINARY[op](w, w)
+                want = want != 0 if out == np.bool_ else want
+        assert_same(got.data, want, out, what=f"named.{op}({dt})")
+    elif op == "add_scalar":
+        got, err = call(named.add, t, 1.0)
+        assert err is None, err
+    elif op == "scale":
+        got, err = call(named.scale, t, s)
+        fractional = not (isinstance(s, int) or (math.isfinite(s) and float(s).is_integer()))
+        if not is_inexact(dt) and fractional:
+            assert isinstance(err, errors.DTypeError), err
+            return
+        if err is not None:  # an integer factor past the dtype's range, or a bool tensor
+            assert isinstance(err, errors.DTypeError) and not is_inexact(dt), err
+            return
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if is_inexact(dt):
+                sv = np.asarray(s).astype(dt).astype(np.complex128 if is_complex(dt) else np.float64)
+                want = w * sv
+            else:
+                want = w * int(s)
+        assert_same(got.data, want, dt, what=f"named.scale({dt}, {s})")
+    elif op == "transpose":
+        perm = tuple(reversed(range(v.ndim)))
+        got, err = call(named.transpose, t, tuple(names[p] for p in perm))
+        assert err is None, err
+        eq(np.asarray(got.data), np.transpose(v, perm))
+    elif op == "rename_axis":
+        got, err = call(named.rename_axis, t, n, "z")
+        assert err is None and got.names == names[:i] + ("z",) + names[i + 1:], err
+        other = names[(i + 1) % v.ndim]
+        got, err = call(named.rename_axis, t, n, other)
+        assert (err is None) == (other == n), err
+    elif op == "unsqueeze":
+        got, err = call(named.unsqueeze, t, "z", k)
+        assert (err is None) == (k <= v.ndim), err
+        got, err = call(named.unsqueeze, t, n, 0)
+        assert isinstance(err, errors.DuplicateAxis), err
+    elif op == "squeeze":
+        got, err = call(named.squeeze, t, n)
+        assert (err is None) == (v.shape[i] == 1), err
+    elif op == "align_to":
+        got, err = call(named.align_to, t, ("z",) + tuple(reversed(names)))
+        assert err is None, err
+        eq(np.asarray(got), np.transpose(v, tuple(reversed(range(v.ndim))))[None])
+    elif op == "describe":
+        got, err = call(named.describe, t)
+        assert err is None and got.startswith("NamedTensor[") and jnp.dtype(dt).name in got, (got, err)
+    elif op == "sizes":
+        got, err = call(named.sizes, t)
+        assert got == dict(zip(names, v.shape)), got
+        assert named.axis_size(t, n) == v.shape[i] and named.find_axis(t, n) == i and named.has_axis(t, n)
+        assert named.shape(t) == v.shape and named.rank(t) == v.ndim and named.size(t) == v.size
+        assert named.is_named(t) and named.axis_names(t) == names
+        assert isinstance(call(named.find_axis, t, "zz")[1], errors.AxisNotFound)
+    elif op == "take":
+        index = k - 2
+        got, err = call(named.take, t, n, index)
+        ok = -v.shape[i] <= index < v.shape[i]
+        assert (err is None) == ok, err
+        if ok:
+            eq(np.asarray(got.data), np.take(v, index, axis=i))
+        idx = np.array([index, 0])
+        got, err = call(named.take, t, n, idx)
+        ok = ok and v.shape[i] > 0
+        assert (err is None) == ok, err
+        if ok:
+            eq(np.asarray(got.data), np.take(v, idx, axis=i))
+    elif op == "dot":
+        y = named.new(jnp.ones((v.shape[i], 2), jnp.asarray(v).dtype), (n, "z"))
+        got, err = call(named.dot, t, y, over=n)
+        assert err is None, err
+        with np.errstate(all="ignore"):
+            if is_inexact(dt):
+                want = np.moveaxis(w, i, -1) @ np.ones((v.shape[i], 2))
+                assume(no_overflow(np.abs(np.moveaxis(w, i, -1)) @ np.ones((v.shape[i], 2))))
+                scale = mag(w)
+            else:
+                want, scale = np.moveaxis(w, i, -1) @ np.ones((v.shape[i], 2), np.int64), 0.0
+        assert_same(got.data, want, sum_out(dt), scale=scale, what=f"named.dot({dt})")
+    elif op == "nmap":
+        got, err = call(named.nmap, t, lambda a: a[::-1], axes=(n,))
+        assert err is None, err
+        eq(np.asarray(got.data), np.flip(np.moveaxis(v, i, -1), -1))
+    elif op == "map":
+        got, err = call(named.map, t, lambda a: a)
+        assert err is None and got.names == names, err
+        got, err = call(named.map, t, lambda a: "x")
+        assert isinstance(err, errors.TensorError), err
+    elif op == "to_tensor":
+        eq(np.asarray(named.to_tensor(t)), v)
+    elif op == "from_tensor":
+        got, err = call(named.from_tensor, x)
+        assert err is None and got.names == (None,) * v.ndim, err
+
+
+@FUZZ
+@given(st.one_of(st.none(), st.integers(), st.text(max_size=2), st.lists(st.one_of(st.none(), st.integers(0, 2),
+                                                                                     st.sampled_from(POOL + ("",))),
+                                                                           max_size=3)),
+       st.sampled_from(["new", "NamedTensor", "zeros", "validate_names"]))
+def test_fuzz_names(names, how):
+    """Names of any kind: a viva_tensor error unless they are a sequence of unique non-empty strings or None."""
+    good = isinstance(names, list) and all(n is None or (isinstance(n, str) and n) for n in names) and \
+        len([n for n in names if n is not None]) == len({n for n in names if n is not None})
+    nd = len(names) if isinstance(names, list) else 1
+    if how == "new":
+        got, err = call(named.new, jnp.zeros((1,) * nd), names)
+    elif how == "NamedTensor":
+        got, err = call(named.NamedTensor, data=jnp.zeros((1,) * nd), names=names)
+    elif how == "zeros":
+        got, err = call(named.zeros, [(n, 1) for n in names] if isinstance(names, list) else names)
+        good = good or False
+    else:
+        got, err = call(A.validate_names, names)
+        good = good or (isinstance(names, str) and False)
+    if good:
+        assert err is None, err
+        assert named.axis_names(got) == tuple(names) if how != "validate_names" else got == tuple(names)
+    else:
+        assert isinstance(err, errors.AxisError), (names, err)
+        assert "argument '" in str(err)

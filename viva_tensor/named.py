@@ -47,7 +47,7 @@ from viva_tensor.errors import (
     InvalidShape,
     SizeMismatch,
 )
-from viva_tensor.tensor import _acc, _array, _dtype, _fits, _key, _sum_out
+from viva_tensor.tensor import _acc, _array, _dtype, _fits, _key, _sum_out, _times
 
 __all__ = [
     "NamedTensor",
@@ -588,12 +588,16 @@ def max_along(t: NamedTensor, name: str) -> NamedTensor:
     Raises:
         AxisNotFound: when ``name`` is not an axis.
         InvalidShape: when the axis is empty (no maximum).
+        DTypeError: for complex data (no order).
 
     Example:
         >>> max_along(new(jnp.array([[1.0, 5.0], [7.0, 2.0]]), ("a", "b")), "b").data.tolist()
         [5.0, 7.0]
     """
     i, names = _reduce_axis(t, name)
+    if jnp.issubdtype(t.data.dtype, jnp.complexfloating):
+        raise DTypeError(argument="t", expected="a real dtype (max_along needs an order; complex has none)",
+                         got=str(t.data.dtype), hint="take jnp.abs or .real first.")
     if t.data.shape[i] == 0:
         raise InvalidShape(argument="name", expected=f"a non-empty axis {name!r}", got="size 0")
     return NamedTensor(data=jnp.max(t.data, axis=i), names=names)
@@ -685,6 +689,10 @@ def align_to(t: NamedTensor, names: Sequence[_axis.AxisName]) -> jax.Array:
 
 def _binary(a: NamedTensor, b: Any, op: Callable, name: str) -> NamedTensor:
     _check(a, "a")
+    if name == "sub" and a.data.dtype == jnp.bool_ and jnp.result_type(b.data if isinstance(b, NamedTensor) else b) \
+            == jnp.bool_:
+        raise DTypeError(argument="a", expected="a numeric dtype (bool - bool is undefined, as in NumPy)", got="bool",
+                         hint="use jnp.logical_xor, or convert with .astype(jnp.int32).")
     if not isinstance(b, NamedTensor):
         b_arr = jnp.asarray(b)
         if b_arr.ndim != 0:
@@ -731,7 +739,7 @@ def mul(a: NamedTensor, b: Any) -> NamedTensor:
         >>> mul(x, y).data.tolist()
         [[3.0, 4.0, 5.0], [6.0, 8.0, 10.0]]
     """
-    return _binary(a, b, jnp.multiply, "mul")
+    return _binary(a, b, _times, "mul")  # _times: False * nan is NaN, as in NumPy
 
 
 def div(a: NamedTensor, b: Any) -> NamedTensor:
@@ -747,18 +755,40 @@ def div(a: NamedTensor, b: Any) -> NamedTensor:
 def scale(t: NamedTensor, s: float) -> NamedTensor:
     """Multiply every element by the scalar ``s`` (the dtype is kept).
 
+    The factor takes the tensor's dtype first, as a Python number does in NumPy and JAX: ``3e38`` scales
+    a float16 tensor by ``inf``.
+
     Raises:
-        DTypeError: for a fractional factor on an integer tensor (it would be truncated).
+        DTypeError: for a factor that is not a real number; on an integer tensor, for a fractional, NaN or
+            infinite factor (it would be truncated) or one outside the dtype's range; for a bool tensor.
 
     Example:
         >>> scale(ones({"seq": 2}), 3.0).data.tolist()
         [3.0, 3.0]
     """
     _check(t)
-    if not jnp.issubdtype(t.data.dtype, jnp.inexact) and float(s) != int(s):
-        raise DTypeError(argument="s", expected=f"an integer factor for a {t.data.dtype} tensor", got=s,
-                         hint="convert the tensor to a floating dtype first.")
-    return NamedTensor(data=(t.data * jnp.asarray(s, t.data.dtype)).astype(t.data.dtype), names=t.names)
+    dt = jnp.dtype(t.data.dtype)
+    if dt == jnp.bool_:
+        raise DTypeError(argument="t", expected="a numeric tensor (scaling booleans is undefined)", got="bool",
+                         hint="convert it with .astype(jnp.int32) first.")
+    if isinstance(s, (jax.Array, np.ndarray, np.generic)) and np.ndim(s) == 0 and s.dtype.kind in "iuf":
+        if isinstance(s, jax.core.Tracer):
+            if not jnp.issubdtype(dt, jnp.inexact) and not jnp.issubdtype(s.dtype, jnp.integer):
+                raise DTypeError(argument="s", expected=f"an integer factor for a {dt} tensor", got=str(s.dtype))
+            return NamedTensor(data=(t.data * s.astype(dt)).astype(dt), names=t.names)
+        s = s.item()
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise DTypeError(argument="s", expected="a real number", got=repr(s)[:60])
+    if not jnp.issubdtype(dt, jnp.inexact):
+        info = jnp.iinfo(dt)
+        if not (math.isfinite(s) and float(s).is_integer()):
+            raise DTypeError(argument="s", expected=f"an integer factor for a {dt} tensor", got=s,
+                             hint="convert the tensor to a floating dtype first.")
+        if not info.min <= int(s) <= info.max:
+            raise DTypeError(argument="s", expected=f"a factor in [{info.min}, {info.max}] (the range of {dt})",
+                             got=int(s))
+        s = int(s)
+    return NamedTensor(data=(t.data * jnp.asarray(s, dt)).astype(dt), names=t.names)
 
 
 def map(t: NamedTensor, f: Callable[[jax.Array], jax.Array]) -> NamedTensor:  # noqa: A001 - the Gleam name
