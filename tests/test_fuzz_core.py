@@ -915,3 +915,127 @@ def test_fuzz_names(names, how):
     else:
         assert isinstance(err, errors.AxisError), (names, err)
         assert "argument '" in str(err)
+
+
+# ======================================================================================== metrics
+
+
+def _percentile(e, q):
+    """numpy.percentile's linear rule, with equal neighbours giving themselves (so [inf, inf] gives inf, not
+    NumPy's inf - inf = NaN)."""
+    e = np.sort(e.ravel())
+    if np.isnan(e).any():
+        return np.nan
+    pos = q / 100 * (e.size - 1)
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    if e[lo] == e[hi]:
+        return e[lo]
+    return e[lo] + (e[hi] - e[lo]) * (pos - lo)
+
+
+def _metric_refs(a, b):
+    """Every metric of issue 12's list, from its definition in float64 (inputs are float32 values)."""
+    with np.errstate(all="ignore"):
+        e = np.abs(a - b)
+        mse = np.mean(e ** 2)
+        na, nb = np.sqrt(np.sum(a * a)), np.sqrt(np.sum(b * b))
+        if na * nb > 0 or not np.isfinite(na * nb):
+            cos = np.clip(np.sum(a * b) / (na * nb), -1, 1)
+        else:
+            cos = 1.0 if na == 0 and nb == 0 else 0.0
+        sig, noise = np.sum(a * a), np.sum(e ** 2)
+        if np.isnan(sig) or np.isnan(noise):
+            snr = np.nan
+        elif noise == 0:
+            snr = np.inf
+        elif sig == 0:
+            snr = -np.inf
+        else:
+            snr = 10 * np.log10(sig / noise)
+        rmse = np.sqrt(mse)
+        return {"mse": mse, "mae": np.mean(e), "rmse": rmse, "max_error": np.max(e), "cosine_similarity": cos,
+                "snr_db": snr, "p99": _percentile(e, 99.0),
+                "outlier_percentage": 100 * np.mean(e > 3 * rmse) if np.isfinite(rmse) else None}
+
+
+METRICS = ("mse", "mae", "rmse", "max_error", "cosine_similarity", "snr_db")
+FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+@FUZZ
+@given(st.sampled_from(METRICS + ("p99", "outlier_percentage", "compute_all")), arrays(dtypes=FLOATS + ("int8",)),
+       st.booleans())
+@example("rmse", _pin([2e19, -2e19]), True)  # finding: rmse of errors 2e19 was inf (the square overflowed)
+@example("cosine_similarity", _pin([3e38, 3e38]), True)  # finding: NaN (inf / inf) where the cosine is 1
+@example("cosine_similarity", _pin([1e-30, 1e-30]), False)  # finding: squares flushed to 0: 1.0 for a cosine of 0
+@example("snr_db", _pin([1e-30, 2e-30]), False)  # finding: -inf/inf where the SNR is finite
+def test_fuzz_metrics(name, xv, negate):
+    x, v = xv
+    y = (-x if not isinstance(x, np.ndarray) else -v) if negate else x[::-1] if v.ndim else x
+    u = (-v if negate else v[::-1] if v.ndim else v)
+    fn = {"p99": lambda a, b: metrics.error_percentile(a, b, 99.0)}.get(name, getattr(metrics, name, None))
+    got, err = call(fn, x, y)
+    if refuses_wide([v], err):
+        return
+    if not is_float(v.dtype) or v.size == 0:
+        assert isinstance(err, (errors.DTypeError, errors.InvalidShape)), err
+        return
+    assert err is None, err
+    a, b = wide(v), wide(u)
+    refs = _metric_refs(a, b)
+    if name == "compute_all":
+        assert isinstance(got, metrics.QuantMetrics)
+        return
+    want = refs[name]
+    if want is None:
+        return
+    scale = {"mse": 0.0, "snr_db": 1.0, "cosine_similarity": 1.0}.get(name, 0.0)
+    assert_same(got, np.float64(want), np.float32, scale=scale, what=f"{name}({v.dtype}{v.shape}, negate={negate})")
+
+
+@FUZZ
+@given(arrays(dtypes=FLOATS + ("int32",), min_dims=1), st.floats(-10, 110), st.booleans())
+def test_fuzz_saliency(xv, percent, with_grad):
+    x, v = xv
+    got, err = call(metrics.compute_saliency, x, gradients=x if with_grad else None)
+    if refuses_wide([v], err):
+        return
+    if not is_float(v.dtype) or v.size == 0:
+        assert isinstance(err, (errors.DTypeError, errors.InvalidShape)), err
+        return
+    assert err is None, err
+    w = wide(v)
+    with np.errstate(all="ignore"):
+        assert_same(got, np.abs(w) * (np.abs(w) if with_grad else 1.0), np.float32, what="compute_saliency")
+    mask, err = call(metrics.find_salient_weights, got, top_percent=percent)
+    if not 0 <= percent <= 100:
+        assert isinstance(err, errors.ConfigError), err
+        return
+    assert err is None, err
+    assert mask.dtype == np.bool_ and int(mask.sum()) == math.ceil(v.size * percent / 100 - 1e-9)
+
+
+@FUZZ
+@given(st.one_of(st.floats(allow_nan=True), st.integers(-3, 40), st.booleans(), st.text(max_size=1), st.none()))
+def test_fuzz_theoretical_sqnr(bits):
+    got, err = call(metrics.theoretical_sqnr, bits)
+    good = isinstance(bits, (int, float)) and not isinstance(bits, bool) and math.isfinite(bits) and bits > 0
+    if good:
+        assert err is None and got == pytest.approx(6.02 * bits + 1.76)
+    else:
+        assert isinstance(err, errors.ConfigError), err
+
+
+# ======================================================================================== axis
+
+
+@FUZZ
+@given(st.one_of(st.none(), st.text(max_size=3), st.integers(), st.sampled_from(A.SEMANTIC), st.floats()))
+def test_fuzz_axis_names(name):
+    got, err = call(A.validate_name, name)
+    good = name is None or (isinstance(name, str) and name != "")
+    assert (err is None) == good, err
+    if not good:
+        assert isinstance(err, errors.AxisError)
+    assert A.is_anonymous(name) == (name is None)
+    assert A.is_semantic(name) == (name in A.SEMANTIC)

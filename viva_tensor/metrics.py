@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
-from viva_tensor.tensor import _array
+from viva_tensor.tensor import _array, _l2, _rms_parts, _scaled
 
 __all__ = [
     "QuantMetrics",
@@ -145,7 +145,7 @@ def rmse(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
         >>> float(rmse(jnp.array([0.0, 0.0]), jnp.array([3.0, -3.0])))
         3.0
     """
-    return jnp.sqrt(mse(original, reconstructed))
+    return _l2(_abs_error(original, reconstructed))  # scaled: no overflow of err**2 at 2e19
 
 
 def cosine_similarity(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
@@ -170,11 +170,16 @@ def cosine_similarity(original: jax.Array, reconstructed: jax.Array) -> jax.Arra
     """
     a, b = _pair(original, reconstructed)
     a, b = a.reshape(-1), b.reshape(-1)
-    na, nb = jnp.sqrt(jnp.sum(a * a)), jnp.sqrt(jnp.sum(b * b))
-    denom = na * nb
-    cos = jnp.sum(a * b) / jnp.where(denom > 0, denom, jnp.float32(1))
-    both_zero = (na == 0) & (nb == 0)
-    return jnp.where(denom > 0, jnp.clip(cos, -1.0, 1.0), jnp.where(both_zero, 1.0, 0.0)).astype(jnp.float32)
+    # each side scaled by its largest magnitude (the cosine does not change), so that neither 3e38 (squares
+    # overflow) nor 1e-30 (squares flush to 0) spoils it
+    (a, _), (b, _) = _scaled(a), _scaled(b)
+    ra, rb = jnp.sqrt(jnp.sum(a * a)), jnp.sqrt(jnp.sum(b * b))
+    dot = jnp.sum(a * b)
+    denom = ra * rb
+    cos = dot / jnp.where(denom > 0, denom, jnp.float32(1))
+    both_zero = (ra == 0) & (rb == 0)
+    out = jnp.where(denom > 0, jnp.clip(cos, -1.0, 1.0), jnp.where(both_zero, 1.0, 0.0))
+    return jnp.where(jnp.isnan(denom) | jnp.isnan(dot), jnp.nan, out).astype(jnp.float32)
 
 
 def snr_db(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
@@ -201,11 +206,15 @@ def snr_db(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
         inf
     """
     a, b = _pair(original, reconstructed)
-    signal = jnp.sum(a * a)
-    noise = jnp.sum(jnp.square(a - b))
-    ratio = signal / jnp.where(noise > 0, noise, jnp.float32(1))
-    finite = 10.0 * jnp.log10(jnp.where(signal > 0, ratio, jnp.float32(1)))
-    return jnp.where(noise > 0, jnp.where(signal > 0, finite, -jnp.inf), jnp.inf).astype(jnp.float32)
+    # in the log domain, each sum of squares scaled by its largest term: 10 log10(S / N) with
+    # sqrt(S) = ms * rs and sqrt(N) = mn * rn, finite for any finite inputs (1e-30 and 3e38 included)
+    rs, es = _rms_parts(a, jnp.sum)
+    rn, en = _rms_parts(a - b, jnp.sum)
+    one = jnp.float32(1)
+    finite = 20.0 * (jnp.log10(jnp.where(rs > 0, rs, one)) - jnp.log10(jnp.where(rn > 0, rn, one))
+                     + (es - en).astype(jnp.float32) * jnp.float32(math.log10(2.0)))
+    out = jnp.where(rn > 0, jnp.where(rs > 0, finite, -jnp.inf), jnp.inf)
+    return jnp.where(jnp.isnan(rs) | jnp.isnan(rn), jnp.nan, out).astype(jnp.float32)
 
 
 def theoretical_sqnr(bits: float) -> float:
@@ -308,7 +317,7 @@ def outlier_percentage(original: jax.Array, reconstructed: jax.Array, *, thresho
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ConfigError(argument="threshold", expected="a positive number", got=threshold)
     err = _abs_error(original, reconstructed)
-    limit = jnp.float32(threshold) * jnp.sqrt(jnp.mean(jnp.square(err)))
+    limit = jnp.float32(threshold) * _l2(err)
     return (100.0 * jnp.mean((err > limit).astype(jnp.float32))).astype(jnp.float32)
 
 

@@ -383,14 +383,43 @@ def _ordered(x: jax.Array, argument: str, op: str) -> None:
                          got=str(x.dtype), hint="compare jnp.abs(t), or t.real.")
 
 
+def _pow2(k: jax.Array) -> jax.Array:
+    """``2.0 ** k`` exactly, in float32, for integer ``k`` in ``[-126, 127]`` (built from the bits)."""
+    return lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
+
+
+def _scaled(d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(d * 2**-e, e)`` with ``2**e`` the power of two just above ``max|d|`` (``e = 0`` when that is 0, inf or
+    NaN), so that squares of the scaled values neither overflow (3e38) nor flush to zero (1e-30).
+
+    The scaling is by exact powers of two applied in two steps (``2**-127`` alone would be subnormal, and
+    XLA:CPU flushes subnormals), never by a division, which XLA would turn into a rounded reciprocal.
+    """
+    m = jnp.max(jnp.abs(d), initial=0.0).astype(jnp.float32)
+    ok = (m > 0) & jnp.isfinite(m)
+    _, e = jnp.frexp(jnp.where(ok, m, jnp.float32(1)))
+    e = jnp.where(ok, e, 0).astype(jnp.int32)
+    h = e // 2
+    return (d * _pow2(-h).astype(d.real.dtype)) * _pow2(h - e).astype(d.real.dtype), e
+
+
+def _restore(v: jax.Array, e: jax.Array) -> jax.Array:
+    """``v * 2**e`` (the inverse of :func:`_scaled`), in two exact steps."""
+    h = e // 2
+    return (v * _pow2(e - h)) * _pow2(h)
+
+
 def _rms_parts(d: jax.Array, reduce: Callable = jnp.mean) -> tuple[jax.Array, jax.Array]:
-    """``(m, r)`` with ``sqrt(reduce(|d|**2)) == m * r``, scaled by ``m = max|d|`` so that neither huge values
-    (``|d|**2`` past float32's range) nor tiny ones (``1e-30 ** 2`` flushed to 0) spoil the result. ``m`` is 1
-    when ``max|d|`` is 0, inf or NaN (the unscaled sum then gives 0, inf or NaN as it should)."""
-    a = jnp.abs(d)
-    m = jnp.max(a, initial=0.0)
-    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    return safe, jnp.sqrt(reduce(jnp.square(a / safe)))
+    """``(r, e)`` with ``sqrt(reduce(|d|**2)) == r * 2**e``, computed on the scaled values of :func:`_scaled`."""
+    x, e = _scaled(d)
+    a = jnp.abs(x)
+    return jnp.sqrt(reduce(a * a)), e
+
+
+def _l2(d: jax.Array, reduce: Callable = jnp.mean) -> jax.Array:
+    """``sqrt(reduce(|d|**2))`` without overflow or underflow of the squares (see :func:`_scaled`)."""
+    r, e = _rms_parts(d, reduce)
+    return _restore(r, e)
 
 
 def _nonempty(x: jax.Array, argument: str, op: str) -> None:
@@ -1448,8 +1477,7 @@ def variance(t: jax.Array) -> jax.Array:
     t = _array(t, "t")
     _nonempty(t, "t", "variance")
     x = t.astype(_acc(_float_out(t.dtype)))
-    m, r = _rms_parts(x - jnp.mean(x))
-    return jnp.square(m * r).astype(_real_out(t.dtype))
+    return jnp.square(_l2(x - jnp.mean(x))).astype(_real_out(t.dtype))
 
 
 def std(t: jax.Array) -> jax.Array:
@@ -1472,8 +1500,7 @@ def std(t: jax.Array) -> jax.Array:
     t = _array(t, "t")
     _nonempty(t, "t", "std")
     x = t.astype(_acc(_float_out(t.dtype)))
-    m, r = _rms_parts(x - jnp.mean(x))
-    return (m * r).astype(_real_out(t.dtype))
+    return _l2(x - jnp.mean(x)).astype(_real_out(t.dtype))
 
 
 def sum_axis(t: jax.Array, axis: int, *, keepdims: bool = False) -> jax.Array:
@@ -2047,8 +2074,7 @@ def norm(t: jax.Array) -> jax.Array:
         5.0
     """
     t = _array(t, "t")
-    m, r = _rms_parts(t.astype(_acc(_float_out(t.dtype))), jnp.sum)
-    return (m * r).astype(_real_out(t.dtype))
+    return _l2(t.astype(_acc(_float_out(t.dtype))), jnp.sum).astype(_real_out(t.dtype))
 
 
 def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
@@ -2072,9 +2098,11 @@ def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
     t = _array(t, "t")
     out = _float_out(t.dtype)
     x = t.astype(_acc(out))
-    m, r = _rms_parts(x, jnp.sum)
-    big = m * r > eps
-    return jnp.where(big, (x / m) / jnp.where(big, r, 1.0), x).astype(out)
+    xs, e = _scaled(x)
+    a = jnp.abs(xs)
+    r = jnp.sqrt(jnp.sum(a * a))
+    big = _restore(r, e) > eps
+    return jnp.where(big, xs / jnp.where(big, r, 1.0), x).astype(out)
 
 
 def clamp(t: jax.Array, lo: Any, hi: Any) -> jax.Array:
