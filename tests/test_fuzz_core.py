@@ -312,6 +312,9 @@ def test_fuzz_tensor_reductions(name, xv):
     if name in ("max", "min") and not is_inexact(v.dtype):
         want = ref(v, v.dtype)[0]
     assert_same(got, want, out, scale=scale, what=f"{name}({v.dtype}{v.shape})")
+    jitted, err = call(jax.jit(fn), x)  # jit and eager meet the same reference
+    assert err is None, err
+    assert_same(jitted, want, out, scale=scale, what=f"jit {name}({v.dtype}{v.shape})")
 
 
 @FUZZ
@@ -374,9 +377,11 @@ def test_fuzz_tensor_elementwise(name, ab):
         assert isinstance(err, errors.DTypeError), f"bool - bool: {err!r}"  # NumPy refuses it too
         return
     assert err is None, f"{name} refused {v.dtype}, {u.dtype}: {err}"
-    with np.errstate(all="ignore"):
-        if is_inexact(out):
-            want = NP_BINARY[name](_exact(v).astype(np.complex128 if is_complex(out) else np.float64), _exact(u))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if is_inexact(out):  # operands converted to the promoted dtype first, as JAX does
+            cv, cu = (_exact(z.astype(out) if is_inexact(_np_result_type(v.dtype, u.dtype)) else z) for z in (v, u))
+            want = NP_BINARY[name](cv.astype(np.complex128 if is_complex(out) else np.float64), cu)
         else:
             want = NP_BINARY[name](_exact(v), _exact(u))
     assert_same(got, want, out, what=f"{name}({v.dtype}, {u.dtype})")
@@ -397,8 +402,10 @@ def test_fuzz_tensor_broadcasting(name, ab):
     out = _np_result_type(v.dtype, u.dtype)
     assert err is None, err
     op = np.add if name == "add_broadcast" else np.multiply
-    with np.errstate(all="ignore"):
-        want = op(_exact(v), _exact(u))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cv, cu = (_exact(z.astype(out)) if is_inexact(out) else _exact(z) for z in (v, u))
+        want = op(cv, cu)
     assert_same(got, want, out, what=f"{name}({v.dtype}{v.shape}, {u.dtype}{u.shape})")
 
 
@@ -505,7 +512,10 @@ def test_fuzz_tensor_contractions(case):
         return
     assert err is None, err
     promoted = _np_result_type(v.dtype, u.dtype)
-    a, b = _exact(v), _exact(u)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = (_exact(v.astype(promoted)), _exact(u.astype(promoted))) if is_inexact(promoted) else \
+            (_exact(v), _exact(u))
     if kind == "outer":
         out = promoted
         with np.errstate(all="ignore"):
@@ -515,7 +525,11 @@ def test_fuzz_tensor_contractions(case):
         assert_same(got, want, out, what=f"outer({v.dtype}, {u.dtype})")
         return
     out = sum_out(promoted)
-    if is_inexact(out):
+    if is_inexact(out):  # the operands are first converted to the promoted dtype (JAX's promotion: int32 with
+        # float16 is float16, where -2**31 is -inf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a, b = _exact(v.astype(promoted)), _exact(u.astype(promoted))
         assume(no_overflow(np.abs(a) @ np.abs(b)))
         a = a.astype(np.complex128 if is_complex(out) else np.float64)
         b = b.astype(a.dtype)
@@ -969,6 +983,7 @@ FLOATS = ("float16", "bfloat16", "float32", "float64")
 @example("cosine_similarity", _pin([3e38, 3e38]), True)  # finding: NaN (inf / inf) where the cosine is 1
 @example("cosine_similarity", _pin([1e-30, 1e-30]), False)  # finding: squares flushed to 0: 1.0 for a cosine of 0
 @example("snr_db", _pin([1e-30, 2e-30]), False)  # finding: -inf/inf where the SNR is finite
+@example("cosine_similarity", _pin([math.nan, 1.0]), False)  # finding: 0.0 for NaN input
 def test_fuzz_metrics(name, xv, negate):
     x, v = xv
     y = (-x if not isinstance(x, np.ndarray) else -v) if negate else x[::-1] if v.ndim else x
@@ -991,6 +1006,9 @@ def test_fuzz_metrics(name, xv, negate):
         return
     scale = {"mse": 0.0, "snr_db": 1.0, "cosine_similarity": 1.0}.get(name, 0.0)
     assert_same(got, np.float64(want), np.float32, scale=scale, what=f"{name}({v.dtype}{v.shape}, negate={negate})")
+    jitted, err = call(jax.jit(fn), x, y)
+    assert err is None, err
+    assert_same(jitted, np.float64(want), np.float32, scale=scale, what=f"jit {name}({v.dtype}{v.shape})")
 
 
 @FUZZ
