@@ -109,7 +109,8 @@ def wide(v):
 
 def _ftz(w):
     w = np.array(w, np.float64)
-    w[np.abs(w) < F32_TINY] = 0.0
+    tiny = np.abs(w) < F32_TINY
+    w[tiny] = np.copysign(0.0, w[tiny])
     return w
 
 
@@ -284,6 +285,7 @@ def _pin(values, dtype="float32", host=False):
 @example("max", _pin([1 + 2j, 3j], "complex64"))
 # norm of complex returned sqrt(sum x*x) (complex, wrong); variance/std used (x - mean)**2 likewise
 @example("norm", _pin([3 + 4j], "complex64"))
+@example("norm", _pin([complex(math.nan, math.inf)], "complex64"))  # finding: NaN; |nan+infj| is inf
 @example("variance", _pin([1j, -1j], "complex64"))
 # |x|**2 overflowed or underflowed in float32: std([2e19, -2e19]) was inf, norm([1e-30] * 2) was 0
 @example("std", _pin([2e19, -2e19]))
@@ -984,6 +986,7 @@ FLOATS = ("float16", "bfloat16", "float32", "float64")
 @example("cosine_similarity", _pin([1e-30, 1e-30]), False)  # finding: squares flushed to 0: 1.0 for a cosine of 0
 @example("snr_db", _pin([1e-30, 2e-30]), False)  # finding: -inf/inf where the SNR is finite
 @example("cosine_similarity", _pin([math.nan, 1.0]), False)  # finding: 0.0 for NaN input
+@example("p99", _pin([math.inf]), True)  # finding: NaN (jnp.percentile's inf - inf) where the error is inf
 def test_fuzz_metrics(name, xv, negate):
     x, v = xv
     y = (-x if not isinstance(x, np.ndarray) else -v) if negate else x[::-1] if v.ndim else x

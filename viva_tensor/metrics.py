@@ -287,7 +287,15 @@ def error_percentile(original: jax.Array, reconstructed: jax.Array, percentile: 
         2.0
     """
     q = _check_percent(percentile, "percentile")
-    return jnp.percentile(_abs_error(original, reconstructed), q).astype(jnp.float32)
+    err = _abs_error(original, reconstructed).reshape(-1)
+    # numpy.percentile's linear rule, written out: sizes are static, so the two neighbours are known. Equal
+    # neighbours give themselves (jnp.percentile computed inf + (inf - inf) * t = NaN for all-inf errors).
+    pos = q / 100.0 * (err.size - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    srt = jnp.sort(err)
+    a, b = srt[lo], srt[hi]
+    value = jnp.where(a == b, a, a + (b - a) * jnp.float32(pos - lo))
+    return jnp.where(jnp.any(jnp.isnan(err)), jnp.nan, value).astype(jnp.float32)
 
 
 def outlier_percentage(original: jax.Array, reconstructed: jax.Array, *, threshold: float = 3.0) -> jax.Array:

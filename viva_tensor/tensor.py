@@ -383,6 +383,13 @@ def _ordered(x: jax.Array, argument: str, op: str) -> None:
                          got=str(x.dtype), hint="compare jnp.abs(t), or t.real.")
 
 
+def _mag(d: jax.Array) -> jax.Array:
+    """``|d|``; for complex, ``hypot(re, im)`` (C99: ``|nan + inf j|`` is inf, where ``jnp.abs`` gives NaN)."""
+    if jnp.issubdtype(d.dtype, jnp.complexfloating):
+        return jnp.hypot(d.real, d.imag)
+    return jnp.abs(d)
+
+
 def _pow2(k: jax.Array) -> jax.Array:
     """``2.0 ** k`` exactly, in float32, for integer ``k`` in ``[-126, 127]`` (built from the bits)."""
     return lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
@@ -395,12 +402,15 @@ def _scaled(d: jax.Array) -> tuple[jax.Array, jax.Array]:
     The scaling is by exact powers of two applied in two steps (``2**-127`` alone would be subnormal, and
     XLA:CPU flushes subnormals), never by a division, which XLA would turn into a rounded reciprocal.
     """
-    m = jnp.max(jnp.abs(d), initial=0.0).astype(jnp.float32)
+    m = jnp.max(_mag(d), initial=0.0).astype(jnp.float32)
     ok = (m > 0) & jnp.isfinite(m)
     _, e = jnp.frexp(jnp.where(ok, m, jnp.float32(1)))
     e = jnp.where(ok, e, 0).astype(jnp.int32)
     h = e // 2
-    return (d * _pow2(-h).astype(d.real.dtype)) * _pow2(h - e).astype(d.real.dtype), e
+    s1, s2 = _pow2(-h).astype(d.real.dtype), _pow2(h - e).astype(d.real.dtype)
+    if jnp.issubdtype(d.dtype, jnp.complexfloating):  # part by part: (nan+infj) * (1+0j) would be nan+nanj
+        return lax.complex((d.real * s1) * s2, (d.imag * s1) * s2), e
+    return (d * s1) * s2, e
 
 
 def _restore(v: jax.Array, e: jax.Array) -> jax.Array:
@@ -412,7 +422,7 @@ def _restore(v: jax.Array, e: jax.Array) -> jax.Array:
 def _rms_parts(d: jax.Array, reduce: Callable = jnp.mean) -> tuple[jax.Array, jax.Array]:
     """``(r, e)`` with ``sqrt(reduce(|d|**2)) == r * 2**e``, computed on the scaled values of :func:`_scaled`."""
     x, e = _scaled(d)
-    a = jnp.abs(x)
+    a = _mag(x)
     return jnp.sqrt(reduce(a * a)), e
 
 
