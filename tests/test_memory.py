@@ -26,7 +26,7 @@ KINDS = ("device", "pinned_host", "unpinned_host")
 def _q4_0():
     """GGML Q4_0 (quantize, dequantize), from the format registry once compression is merged."""
     pytest.importorskip("viva_tensor.compression")
-    from viva_tensor._record import FORMATS
+    from viva_tensor._formats.registry import FORMATS
 
     return FORMATS["q4_0"].quantize, FORMATS["q4_0"].dequantize
 

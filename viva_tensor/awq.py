@@ -90,17 +90,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
-from viva_tensor._record import QuantizedArray, register_format
+from viva_tensor._formats import packing
+from viva_tensor._formats.checks import float_input, positive_int, validate_finite
+from viva_tensor._formats.record import QuantizedArray, record, static
+from viva_tensor._formats.registry import Planes, register_format
 from viva_tensor._graph import set_child
-from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape
-from viva_tensor.errors import NonFiniteError, ShapeMismatch
+from viva_tensor.errors import ConfigError, DimensionError, FormatError, InvalidShape, ShapeMismatch
 
 __all__ = [
     "AWQConfig",
@@ -127,7 +128,6 @@ __all__ = [
     "quantize_model",
 ]
 
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MAX_CODE = 15  # 4-bit codes 0..15
 _MIN_RANGE = 1e-5  # llm-awq's clamp of (max - min)
 _MIN_SCALE = 1e-4  # llm-awq's clamp of stat ** alpha
@@ -198,7 +198,7 @@ class AWQSearch(NamedTuple):
 # ----------------------------------------------------------------------------------------- records
 
 
-@struct.dataclass
+@record("int4_group", core_ndim=2)
 class GroupInt4Tensor(QuantizedArray):
     """Group-wise asymmetric 4-bit weights ``(out, in)``: packed codes, float16 scales, packed zeros.
 
@@ -212,18 +212,10 @@ class GroupInt4Tensor(QuantizedArray):
     codes: jax.Array
     scales: jax.Array
     zeros: jax.Array
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    group_size: int = struct.field(pytree_node=False, default=128)
-
-    format: ClassVar[str] = "int4_group"
-
-    @staticmethod
-    def _core_ndim(record: Any) -> int:
-        return 2
+    group_size: int = static(default=128)
 
 
-@struct.dataclass
+@record("awq_int4", core_ndim=2)
 class AWQTensor(QuantizedArray):
     """An AWQ-quantized weight: the group-int4 record of ``W * s`` and the scales ``s`` (float16, ``(in,)``).
 
@@ -235,36 +227,18 @@ class AWQTensor(QuantizedArray):
     scales: jax.Array
     zeros: jax.Array
     act_scale: jax.Array
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    group_size: int = struct.field(pytree_node=False, default=128)
-
-    format: ClassVar[str] = "awq_int4"
-
-    @staticmethod
-    def _core_ndim(record: Any) -> int:
-        return 2
+    group_size: int = static(default=128)
 
 
 # ----------------------------------------------------------------------------------------- checks
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(argument=name, expected="a positive integer", got=value)
-    return int(value)
+    return positive_int(name, value)
 
 
 def _as_float(x: Any, name: str) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise DTypeError(
-            argument=name, expected="float32, bfloat16 or float16", got=str(x.dtype),
-            hint="cast with .astype(jnp.float32) first.",
-        )
-    if x.size == 0:
-        raise InvalidShape(argument=name, expected="at least one value", got=f"an empty array of shape {x.shape}")
-    return x
+    return float_input(x, name)
 
 
 def _weight(w: Any, name: str = "w") -> jax.Array:
@@ -297,19 +271,6 @@ def _vector(s: Any, n: int, name: str) -> jax.Array:
     if s.shape != (n,):
         raise ShapeMismatch(argument=name, expected=f"shape ({n},)", got=tuple(s.shape))
     return s
-
-
-def _validate_finite(x: jax.Array, name: str) -> None:
-    if isinstance(x, jax.core.Tracer):
-        raise ConfigError(
-            argument="validate", expected="a concrete array (validate=True cannot look at values under jit/vmap)",
-            got="a traced array", hint="validate outside the transformation.",
-        )
-    a = np.asarray(x, dtype=np.float32)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise NonFiniteError(argument=name, expected="finite values", got=f"{a[index]} at index {index}")
 
 
 def _config(config: AWQConfig | None, group_size: int | None) -> AWQConfig:
@@ -380,16 +341,11 @@ def _fake_quant(w32: jax.Array, group: int, clip: jax.Array | None = None) -> ja
 
 def _pack(codes: jax.Array) -> jax.Array:
     """``(..., n)`` codes 0..15 -> ``(..., ceil(n / 2))`` bytes, the even index in the low nibble."""
-    n = codes.shape[-1]
-    if n % 2:
-        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    return packing.pack_pairs(codes)
 
 
 def _unpack(packed: jax.Array, n: int) -> jax.Array:
-    both = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
-    return both.reshape(*packed.shape[:-1], -1)[..., :n]
+    return packing.unpack_pairs(packed, n)
 
 
 def _stored_scales(s: jax.Array) -> jax.Array:
@@ -788,7 +744,8 @@ def quantize_group(
 
     Raises:
         DimensionError: a scalar ``w``. DTypeError, InvalidShape: non-float or empty ``w``.
-        ConfigError: a ``group_size`` that is not a positive integer; ``validate`` under jit.
+        ConfigError: a ``group_size`` that is not a positive integer.
+        InvalidOp: ``validate`` under jit or vmap.
         ShapeMismatch: a ``clip`` of the wrong shape. NonFiniteError: ``validate`` and a non-finite weight.
 
     Example:
@@ -800,7 +757,7 @@ def quantize_group(
     group = _positive_int("group_size", group_size)
     w, w2 = _rows_of(w)
     if validate:
-        _validate_finite(w, "w")
+        validate_finite(w, "w")
     if clip is not None:
         clip = _check_clip(clip, w2.shape[0], _n_groups(w2.shape[1], group))
     codes, scales, zeros = _encode(w2.astype(jnp.float32), group, clip)
@@ -836,7 +793,8 @@ def quantize_awq(
 
     Raises:
         DimensionError, ShapeMismatch, DTypeError, InvalidShape: bad shapes or dtypes.
-        ConfigError: bad options; ``config.clip`` without ``calibration``; ``validate`` under jit.
+        ConfigError: bad options; ``config.clip`` without ``calibration``.
+        InvalidOp: ``validate`` under jit or vmap.
         NonFiniteError: ``validate`` and a non-finite value.
 
     Example:
@@ -851,9 +809,9 @@ def quantize_awq(
     if calibration is not None:
         x32 = _rows(_features(calibration, w2.shape[1], "calibration"))
     if validate:
-        _validate_finite(w, "w")
+        validate_finite(w, "w")
         if x32 is not None:
-            _validate_finite(x32, "calibration")
+            validate_finite(x32, "calibration")
     w32 = w2.astype(jnp.float32)
     if scales is not None:
         s = _stored_scales(_vector(scales, w2.shape[1], "scales"))
@@ -1123,6 +1081,26 @@ def quantize_model(
     return copy, alphas
 
 
+def _planes(q: GroupInt4Tensor | AWQTensor) -> Planes | None:
+    """The decode planes of a 2-D record (low nibbles = even columns), or None for a partial group."""
+    rows, n = q.shape
+    group = min(q.group_size, n)
+    if group % 2 or n % group:
+        return None
+    f32 = jnp.float32
+    ng = n // group
+    codes = q.codes.reshape(rows, ng, group // 2)
+    scale = packing.materialized(q.scales.astype(f32))[..., None]
+    zero = packing.materialized(_unpack(q.zeros, ng).astype(f32))[..., None]
+    lo = ((codes & 0x0F).astype(f32) - zero) * scale
+    hi = ((codes >> 4).astype(f32) - zero) * scale
+    lo, hi = lo.reshape(rows, -1), hi.reshape(rows, -1)
+    if isinstance(q, AWQTensor):
+        s = q.act_scale.astype(f32)
+        lo, hi = _div(lo, s[0::2]), _div(hi, s[1::2])
+    return Planes(lo, hi, "pairs")
+
+
 register_format(
     "int4_group",
     record=GroupInt4Tensor,
@@ -1130,6 +1108,7 @@ register_format(
     dequantize=dequantize,
     block_size=128,
     description="group-wise asymmetric 4-bit ints with zero points (AWQ's quantizer without scaling), fp16 scales",
+    planes=_planes,
 )
 register_format(
     "awq_int4",
@@ -1138,4 +1117,5 @@ register_format(
     dequantize=dequantize,
     block_size=128,
     description="AWQ: group-int4 of W * s with the searched per-channel scales s (pass calibration=)",
+    planes=_planes,
 )

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor._record import FORMATS
+from viva_tensor._formats.registry import FORMATS
 from viva_tensor.errors import ConfigError, FormatError
 
 __all__ = [

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor._record import is_quantized
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
 
 __all__ = [
