@@ -26,7 +26,6 @@ from viva_tensor.errors import (
     DimensionError,
     DTypeError,
     FormatError,
-    InvalidOp,
     InvalidShape,
     NonFiniteError,
 )
@@ -441,12 +440,6 @@ def test_validate_names_first_bad_index(fmt):
     ALL_QUANTIZE[fmt](jnp.ones((3, 40)), validate=True)  # finite: no error
 
 
-@pytest.mark.parametrize("fmt", list(ALL_QUANTIZE))
-def test_validate_under_jit_is_a_clear_error(fmt):
-    with pytest.raises(InvalidOp, match="argument 'validate': expected concrete input"):
-        jax.jit(lambda v: ALL_QUANTIZE[fmt](v, validate=True))(jnp.ones(40))
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_input_is_refused_but_empty_ggml_bytes_load(fmt):
     # The library's one input check: an empty tensor has nothing to quantize (as NF4, FP4, AWQ).
@@ -508,21 +501,6 @@ def test_quantize_q4_is_q4_0_without_the_gleam_bug(rng):
 # ----------------------------------------------------------------------------------------------------
 # jit, vmap, retracing
 # ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_vmap_record_dequantizes_outside(fmt, rng):
-    xs = jnp.asarray(gaussian(rng, (3, 2, 40)))
-    qb = jax.vmap(QUANTIZE[fmt])(xs)
-    assert qb.shape == (2, 40) and qb.batch_shape == (3,)
-    back = compression.dequantize(qb)
-    assert back.shape == (3, 2, 40)
-    for i in range(3):
-        np.testing.assert_array_equal(np.asarray(back[i]), np.asarray(compression.dequantize(QUANTIZE[fmt](xs[i]))))
-    inside = jax.vmap(lambda v: compression.dequantize(QUANTIZE[fmt](v)))(xs)
-    np.testing.assert_array_equal(np.asarray(inside), np.asarray(back))
-    x64 = jnp.asarray(gaussian(rng, (3, 2, 64)))
-    np.testing.assert_array_equal(compression.to_ggml_bytes(jax.vmap(QUANTIZE[fmt])(x64)), ref_bytes(np.asarray(x64), fmt))
 
 
 @pytest.mark.parametrize("mode", [{}, {"axis": 1}, {"block_size": 16}])

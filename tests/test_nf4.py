@@ -395,15 +395,6 @@ def test_error_paths():
 # ----------------------------------------------------------------------------------------------------
 # Transformations
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("double", [False, True])
-def test_jit_equals_eager_bytes(double, rng):
-    f = nf4.double_quantize if double else nf4.quantize
-    x = jnp.asarray(heavy_tailed(rng, (300, 77)))
-    a, b = f(x), jax.jit(f)(x)
-    chex.assert_trees_all_equal(a, b)
-    np.testing.assert_array_equal(np.asarray(nf4.dequantize(a)), np.asarray(jax.jit(nf4.dequantize)(b)))
-
-
 def test_no_retracing():
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -412,21 +403,6 @@ def test_no_retracing():
 
     for seed in range(3):
         roundtrip(jax.random.normal(jax.random.key(seed), (8, 64)))
-
-
-@pytest.mark.parametrize("double", [False, True])
-def test_vmap_record_dequantizes_outside(double, rng):
-    f = nf4.double_quantize if double else nf4.quantize
-    x = jnp.asarray(rng.normal(size=(3, 5, 70)).astype(F32))
-    q = jax.vmap(f)(x)
-    assert q.shape == (5, 70) and q.batch_shape == (3,)
-    y = nf4.dequantize(q)
-    assert y.shape == (3, 5, 70)
-    for i in range(3):
-        np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(nf4.dequantize(f(x[i]))))
-    inside = jax.vmap(lambda v: nf4.dequantize(f(v)))(x)
-    np.testing.assert_array_equal(np.asarray(inside), np.asarray(y))
-    assert q.bits_per_value == f(x[0]).bits_per_value
 
 
 # ----------------------------------------------------------------------------------------------------
