@@ -448,6 +448,10 @@ def _read_header(path):
 
 
 def _write_with_header(path, header, body):
+    """Rewrite a file with an edited header, as a foreign or older writer would: without the integrity
+    digest and tensor table of viva_tensor._safetensors, so quant.load's own checks are what catch it."""
+    header.get("__metadata__", {}).pop("viva_tensor.digest", None)
+    header.get("__metadata__", {}).pop("viva_tensor.tensors", None)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as fh:
@@ -546,7 +550,19 @@ def test_load_tampered_header_shape(saved):
         quant.load(saved)
     header["b"]["shape"] = [5]
     _write_with_header(saved, header, body)
-    with pytest.raises(CheckpointError, match="cannot read the tensors"):
+    with pytest.raises(CheckpointError, match="'b'"):  # the offsets do not hold 5 float32 values
+        quant.load(saved)
+
+
+def test_load_refuses_an_edited_signed_file(saved):
+    header, body = _read_header(saved)
+    meta = json.loads(header["__metadata__"]["viva_tensor"])
+    meta["version"] = 99
+    header["__metadata__"]["viva_tensor"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    saved.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    with pytest.raises(CheckpointError, match="changed after it was written"):
         quant.load(saved)
 
 
@@ -566,5 +582,6 @@ def test_save_errors(tmp_path):
     with pytest.raises(CheckpointError, match="keys must be str or int"):
         quant.save(tmp_path / "x.safetensors", {(1, 2): jnp.ones(2)})
     assert not os.path.exists(tmp_path / "x.safetensors")
+    (tmp_path / "a_file").write_bytes(b"")
     with pytest.raises(CheckpointError, match="cannot write"):
-        quant.save(tmp_path / "no" / "such" / "dir.safetensors", {"a": jnp.ones(2)})
+        quant.save(tmp_path / "a_file" / "x.safetensors", {"a": jnp.ones(2)})

@@ -1,6 +1,8 @@
 """Checkpoints: :func:`save` and :func:`load` of trees of arrays and quantized records (safetensors).
 
-Never pickle: loading an untrusted file runs no code. The tree, each record's format name, class path
+Files are read and written through the library's one safetensors module (:mod:`viva_tensor._safetensors`:
+header validation, dtype map, a digest over the header and a SHA-256 per tensor). Never pickle: loading an
+untrusted file runs no code. The tree, each record's format name, class path
 and static fields, and a SHA-256 of every tensor live in the header's ``__metadata__``; a truncated,
 foreign or tampered file raises :class:`~viva_tensor.errors.CheckpointError`. Records are rebuilt by
 their FORMAT NAME (the class path is stored for information only), so old files keep loading after a
@@ -13,14 +15,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from viva_tensor import _safetensors
 from viva_tensor._formats.registry import FORMATS, FormatSpec, format_names, format_spec, is_quantized, spec_of
 from viva_tensor.errors import CheckpointError
 from viva_tensor.quant._dot import _expected_record
@@ -29,33 +30,21 @@ __all__ = ["save", "load"]
 
 _META_KEY = "viva_tensor"
 _VERSION = 1
-# dtypes safetensors' numpy API stores and loads natively; others are stored as raw unsigned bits.
-_NATIVE = {
-    "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-    "float16", "float32", "float64", "bfloat16",
-}  # fmt: skip
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def _np_dtype(name: str) -> np.dtype:
-    if name in _NATIVE:
-        return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-    dt = getattr(ml_dtypes, name, None)
-    if dt is None:
-        raise CheckpointError(f"unknown dtype {name!r} in the checkpoint's metadata")
-    return np.dtype(dt)
+    try:
+        return _safetensors.np_dtype(name)
+    except CheckpointError:
+        raise CheckpointError(f"unknown dtype {name!r} in the checkpoint's metadata") from None
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray makes 0-d 1-d)
 
 
-def _to_stored(a: np.ndarray) -> np.ndarray:
-    a = _contiguous(np.asarray(a))
-    if a.dtype.name in _NATIVE:
-        return a
-    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-    return a.view(bits)
+def _raw_bytes(a: np.ndarray) -> bytes:
+    return _contiguous(a).reshape(-1).view(np.uint8).tobytes()
 
 
 def _encode_static(v: Any) -> Any:
@@ -96,14 +85,10 @@ class _Writer:
     def add(self, name: str, x: Any) -> str:
         if name in self.tensors:
             raise CheckpointError(f"two leaves of the tree map to the tensor name {name!r}")
-        a = np.asarray(jax.device_get(x))
-        stored = _to_stored(a)
-        self.tensors[name] = stored
-        self.info[name] = {
-            "dtype": a.dtype.name,
-            "shape": list(a.shape),
-            "sha256": hashlib.sha256(stored.tobytes()).hexdigest(),
-        }
+        a = _contiguous(np.asarray(jax.device_get(x)))
+        self.tensors[name] = a
+        digest = hashlib.sha256(_raw_bytes(a)).hexdigest()
+        self.info[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "sha256": digest}
         return name
 
 
@@ -170,67 +155,10 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         >>> round(float(quant.dequantize(quant.load(f)["w"])[0, 0]), 3)
         1.0
     """
-    from safetensors.numpy import save_file
-
     w = _Writer()
     tree_json = _encode_node(tree, "", w)
     meta = {"version": _VERSION, "tree": tree_json, "tensors": w.info}
-    try:
-        save_file(w.tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for I/O failures
-        raise CheckpointError(f"cannot write {os.fspath(path)!r}: {e}") from None
-
-
-def _read_header(path: str) -> dict:
-    """The JSON header of a safetensors file, checked against the file's size."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no such file: {path!r}")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"not a file: {path!r}")
-    size = os.path.getsize(path)
-    not_st = f"{path!r} is not a safetensors file"
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{not_st}: {size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(
-                f"{not_st} (or it is truncated): its header claims {n} bytes, the file has {size}"
-            )
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{not_st}: its header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{not_st}: its header is not a JSON object")
-    end = 0
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = t.get("data_offsets") if isinstance(t, dict) else None
-        ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-        if not ok or not isinstance(t.get("dtype"), str) or not isinstance(t.get("shape"), list):
-            raise CheckpointError(f"{not_st}: malformed header entry for tensor {name!r}")
-        end = max(end, int(t["data_offsets"][1]))
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path!r} is truncated: its tensors need {8 + n + end} bytes, the file has {size}"
-        )
-    if 8 + n + end < size:
-        raise CheckpointError(f"{path!r} has {size - 8 - n - end} unexpected bytes after its last tensor")
-    return header
-
-
-def _load_tensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, ValueError, TypeError, AttributeError, OSError) as e:
-        raise CheckpointError(f"cannot read the tensors of {path!r}: {e}") from None
+    _safetensors.write(path, w.tensors, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
 
 
 def _check_tensors(path: str, arrays: dict[str, np.ndarray], info: Any, verify: bool) -> dict[str, np.ndarray]:
@@ -247,16 +175,17 @@ def _check_tensors(path: str, arrays: dict[str, np.ndarray], info: Any, verify: 
             raise CheckpointError(f"{path!r}: malformed metadata for tensor {name!r}")
         stored = arrays[name]
         dt = _np_dtype(meta["dtype"])
-        want_stored = dt.name if dt.name in _NATIVE else f"uint{8 * dt.itemsize}"
-        if stored.dtype.name != want_stored or list(stored.shape) != list(meta["shape"]):
+        # Files written before the shared safetensors module stored FP8/FP4 dtypes as raw unsigned bits.
+        raw_bits = stored.dtype == np.dtype(f"uint{8 * dt.itemsize}") and dt.kind not in "biu"
+        if (stored.dtype != dt and not raw_bits) or list(stored.shape) != list(meta["shape"]):
             raise CheckpointError(
                 f"{path!r}: tensor {name!r} is {stored.dtype.name}{list(stored.shape)}, "
                 f"its metadata says {meta['dtype']}{list(meta['shape'])}"
             )
         stored = _contiguous(stored)
-        if verify and hashlib.sha256(stored.tobytes()).hexdigest() != meta["sha256"]:
+        if verify and hashlib.sha256(_raw_bytes(stored)).hexdigest() != meta["sha256"]:
             raise CheckpointError(f"{path!r}: the bytes of tensor {name!r} do not match their SHA-256 (corrupted?)")
-        out[name] = stored if dt.name in _NATIVE else stored.view(dt)
+        out[name] = stored if stored.dtype == dt else stored.view(dt)
     return out
 
 
@@ -383,12 +312,11 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Any:
         [0, 1, 2]
     """
     path = os.fspath(path)
-    header = _read_header(path)
-    metadata = header.get("__metadata__")
-    meta_str = metadata.get(_META_KEY) if isinstance(metadata, dict) else None
-    arrays = _load_tensors(path)
+    header = _safetensors.read_header(path, verify=verify)
+    meta_str = header.metadata.get(_META_KEY)
+    arrays = _safetensors.read_all(header, verify=verify)
     if meta_str is None:
-        return {name: _to_jax(arrays[name]) for name in header if name != "__metadata__"}
+        return {name: _to_jax(a) for name, a in arrays.items()}
     try:
         meta = json.loads(meta_str)
     except (TypeError, json.JSONDecodeError) as e:
