@@ -66,7 +66,7 @@ def assert_same_record(q1, q2, what=""):
     assert type(q1) is type(q2), what
     t1, t2 = jax.tree_util.tree_structure(q1), jax.tree_util.tree_structure(q2)
     assert t1 == t2, f"{what}: {t1} != {t2}"
-    for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(q1), jax.tree_util.tree_leaves(q2))):
+    for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(q1), jax.tree_util.tree_leaves(q2), strict=True)):
         assert_same_bits(a, b, f"{what} leaf {i}")
 
 

@@ -491,22 +491,6 @@ def test_quant_dot_decodes_a_large_awq_record_by_chunks():
     np.testing.assert_allclose(np.asarray(quant.dot(x, q), np.float64), ref, rtol=1e-4, atol=1e-3)
 
 
-def test_capture_linear_inputs_and_quantize_model():
-    model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.Linear(32, 8, rngs=nnx.Rngs(1)))
-    x = jax.random.normal(jax.random.key(0), (10, 16))
-    inputs = awq.capture_linear_inputs(model, x)
-    np.testing.assert_array_equal(inputs["layers.0"][0], x)
-    np.testing.assert_allclose(inputs["layers.1"][0], model.layers[0](x), rtol=1e-6)
-    assert isinstance(model.layers[0], nnx.Linear)  # the model is untouched
-    acts = {k: v[0] for k, v in inputs.items()}
-    qmodel, alphas = awq.quantize_model(model, acts, config=awq.AWQConfig(group_size=16))
-    assert set(alphas) == {"layers.0", "layers.1"}
-    assert all(isinstance(layer, nn.QLinear) for layer in qmodel.layers)
-    np.testing.assert_allclose(qmodel(x), model(x), atol=0.3 * float(jnp.abs(model(x)).max()))
-    with pytest.raises(ConfigError, match="the inputs of layer 'layers.1'"):
-        awq.quantize_model(model, {"layers.0": acts["layers.0"]}, where=lambda p, layer: True)
-
-
 # ------------------------------------------------------------------------------ errors
 
 
@@ -588,7 +572,7 @@ def _inputs(encoder, sentences):
     from viva_tensor.models import minilm
 
     ids, mask, types = minilm.tokenize(encoder.tokenizer, sentences)
-    captured = awq.capture_linear_inputs(encoder.model, ids, mask, types)
+    captured = nn.capture_linear_inputs(encoder.model, ids, mask, types)
     return {k: np.asarray(v[0])[mask.astype(bool)] for k, v in captured.items()}
 
 
@@ -612,7 +596,7 @@ def test_minilm_whole_model_awq_beats_plain(minilm_encoder):
     from viva_tensor.models import minilm
 
     cal = _inputs(minilm_encoder, CALIB)
-    awq_model, _ = awq.quantize_model(minilm_encoder.model, cal)
+    awq_model, _ = nn.quantize_model(minilm_encoder.model, "awq_int4", activations=cal)
     plain_model, _ = nn.quantize_model(minilm_encoder.model, "int4_group")
     base = np.asarray(minilm.encode(minilm_encoder, HOLD))
     cos = {}

@@ -331,7 +331,7 @@ SQNR_FLOOR = {"q4_0": (20.5, 17.0), "q4_1": (21.5, 19.0), "q8_0": (44.5, 40.5)}
 def test_error_bounds_and_sqnr(fmt, rng):
     gauss = gaussian(rng, (512, 256))
     heavy = rng.standard_t(3, (512, 256)).astype(F32)
-    for x, floor in zip((gauss, heavy), SQNR_FLOOR[fmt]):
+    for x, floor in zip((gauss, heavy), SQNR_FLOOR[fmt], strict=True):
         q = jax.jit(QUANTIZE[fmt])(jnp.asarray(x))
         xh = np.asarray(compression.dequantize(q))
         assert _sqnr(x, xh) > floor

@@ -52,7 +52,7 @@ def _bits_equal(a, b):
 def _trees_bit_equal(a, b):
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
-    return ta == tb and all(_bits_equal(x, y) for x, y in zip(la, lb))
+    return ta == tb and all(_bits_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +525,7 @@ def _record_meta(meta):
         (lambda m: _record_meta(m)["static"].update(shape={"tuple": [4, 96]}), "inconsistent: a buffer is uint8"),
         (lambda m: _record_meta(m)["static"].update(shape={"tuple": [-1]}), "inconsistent"),
         (lambda m: _record_meta(m).update(format="fp7"), "format 'fp7', not one of"),
-        (lambda m: _record_meta(m).update(format="q4_0"), "does not have the fields of Q4_0Tensor"),  # keyed on the name
+        (lambda m: _record_meta(m).update(format="q4_0"), "does not have the fields of Q4_0Tensor"),
         (lambda m: _record_meta(m)["static"].pop("dtype"), "does not have the fields"),
         (lambda m: _record_meta(m)["static"].update(dtype={"eval": "os.system"}), "malformed static field"),
         (lambda m: _record_meta(m)["children"].update(qs="b"), "not referenced|inconsistent"),

@@ -64,7 +64,7 @@ def test_todays_quantizers_write_the_bytes_of_the_old_checkpoint(with_sparse24):
         new = quant.quantize(x, fmt, **options)
         assert type(new) is type(old)
         assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(old), name
-        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
+        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old), strict=True):
             _same_bits(a, b)
 
 

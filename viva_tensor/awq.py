@@ -90,18 +90,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
 
 from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_input, positive_int, validate_finite
 from viva_tensor._formats.record import QuantizedArray, record, static
 from viva_tensor._formats.registry import Planes, register_format
-from viva_tensor._graph import set_child
-from viva_tensor.errors import ConfigError, DimensionError, FormatError, InvalidShape, ShapeMismatch
+from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
 
 __all__ = [
     "AWQConfig",
@@ -124,8 +122,6 @@ __all__ = [
     "dequantize_awq",
     "awq_matmul",
     "output_mse",
-    "capture_linear_inputs",
-    "quantize_model",
 ]
 
 _MAX_CODE = 15  # 4-bit codes 0..15
@@ -262,7 +258,8 @@ def _rows_of(w: Any, name: str = "w") -> tuple[jax.Array, jax.Array]:
 def _features(x: Any, n: int, name: str) -> jax.Array:
     x = _as_float(x, name)
     if x.ndim < 1 or x.shape[-1] != n:
-        raise ShapeMismatch(argument=name, expected=f"shape (..., {n}) (in = the weight's input dim)", got=tuple(x.shape))
+        want = f"shape (..., {n}) (in = the weight's input dim)"
+        raise ShapeMismatch(argument=name, expected=want, got=tuple(x.shape))
     return x
 
 
@@ -450,7 +447,8 @@ def collect_activation_stats(x: jax.Array, *, mask: jax.Array | None = None) -> 
         return jnp.mean(a, axis=0)
     mask = jnp.asarray(mask)
     if mask.shape != x.shape[:-1]:
-        raise ShapeMismatch(argument="mask", expected=f"shape {x.shape[:-1]} (x's shape without its last dim)", got=mask.shape)
+        want = f"shape {x.shape[:-1]} (x's shape without its last dim)"
+        raise ShapeMismatch(argument="mask", expected=want, got=mask.shape)
     m = mask.reshape(-1, 1).astype(jnp.float32)
     return jnp.sum(a * m, axis=0) / jnp.maximum(jnp.sum(m), 1.0)
 
@@ -560,7 +558,9 @@ def apply_activation_transform(x: jax.Array, scales: jax.Array) -> jax.Array:
     return _div(x.astype(jnp.float32), s.astype(jnp.float32)).astype(x.dtype)
 
 
-def fold_into_layernorm(scale: jax.Array, bias: jax.Array | None, scales: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def fold_into_layernorm(
+    scale: jax.Array, bias: jax.Array | None, scales: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
     """Folds ``1 / s`` into a norm's affine weight and bias (llm-awq ``scale_ln_fcs``).
 
     Exact only when the norm's output feeds nothing but the layers whose weights are multiplied by
@@ -728,7 +728,8 @@ def quantize_group(
     """Plain group-wise asymmetric 4-bit quantization with zero points (the baseline; format ``"int4_group"``).
 
     Per group of ``group_size`` input channels of each row, with ``lo = min(min, 0)``, ``hi = max(max, 0)``:
-    ``scale = float16(max(hi - lo, 1e-5) / 15)``, ``zero = clip(-round(lo / scale), 0, 15)``, ``code = clip(round(w / scale) + zero, 0, 15)``
+    ``scale = float16(max(hi - lo, 1e-5) / 15)``, ``zero = clip(-round(lo / scale), 0, 15)``,
+    ``code = clip(round(w / scale) + zero, 0, 15)``
     (see the module docstring for the storage and the decisions).
 
     Args:
@@ -973,112 +974,6 @@ def output_mse(w: jax.Array, q: GroupInt4Tensor | AWQTensor, x: jax.Array) -> ja
         raise ShapeMismatch(argument="q", expected=f"a record of shape {tuple(w.shape)}", got=tuple(q.shape))
     x32 = _rows(_features(x, w.shape[1], "x"))
     return _mse(_matmul_t(x32, w.astype(jnp.float32)), _matmul_t(x32, dequantize_awq(q).astype(jnp.float32)))
-
-
-# ----------------------------------------------------------------------------------------- models
-
-
-class _Recorder(nnx.Module):
-    """Calls a linear layer and hands its input to a callback (eager use only)."""
-
-    def __init__(self, layer: nnx.Module, callback: Callable[[jax.Array], None]):
-        self.layer = layer
-        self.callback = callback
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        self.callback(x)
-        return self.layer(x)
-
-
-def capture_linear_inputs(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, list[jax.Array]]:
-    """Runs ``model(*args, **kwargs)`` once, eagerly, and returns the input of every ``nnx.Linear``.
-
-    The model is not changed: a copy has each ``nnx.Linear`` wrapped by a recorder.
-
-    Args:
-        model: an NNX module.
-        *args: its call's positional arguments. **kwargs: its keyword arguments.
-
-    Returns:
-        ``{path: [input of each call]}``, paths dotted (``"layers.0.attention.query"``), in call order.
-
-    Raises:
-        InvalidShape: a model with no ``nnx.Linear``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
-        >>> inputs = capture_linear_inputs(model, jnp.ones((5, 3)))
-        >>> {k: v[0].shape for k, v in inputs.items()}
-        {'layers.0': (5, 3), 'layers.1': (5, 4)}
-    """
-    copy = nnx.clone(model)
-    linears = [(path, node) for path, node in nnx.iter_graph(copy) if isinstance(node, nnx.Linear)]
-    if not linears:
-        raise InvalidShape(argument="model", expected="a model with nnx.Linear layers", got="none")
-    captured: dict[str, list[jax.Array]] = {}
-    for path, layer in linears:
-        name = ".".join(str(p) for p in path)
-        captured[name] = []
-        set_child(copy, path, _Recorder(layer, captured[name].append))
-    copy(*args, **kwargs)
-    return captured
-
-
-def quantize_model(
-    model: nnx.Module,
-    activations: dict[str, jax.Array],
-    *,
-    config: AWQConfig | None = None,
-    where: Callable[[str, nnx.Linear], bool] | None = None,
-) -> tuple[nnx.Module, dict[str, float]]:
-    """A copy of ``model`` whose ``nnx.Linear`` layers are AWQ :class:`viva_tensor.nn.QLinear` layers.
-
-    Each selected layer's scales are searched on its own calibration inputs (``activations[path]``,
-    e.g. from :func:`capture_linear_inputs`, padding removed) and the record keeps them
-    (``act_scale``), so no other layer changes.
-
-    Args:
-        model: an NNX module.
-        activations: ``{path: inputs (..., in)}`` for every selected layer.
-        config: the options.
-        where: ``where(path, layer) -> bool`` selects layers (default: every layer with activations).
-
-    Returns:
-        ``(quantized_model, {path: alpha})``.
-
-    Raises:
-        ConfigError: a selected layer without activations.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> model = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
-        >>> x = jnp.ones((3, 8))
-        >>> qmodel, alphas = quantize_model(model, {"layers.0": x}, config=AWQConfig(group_size=8))
-        >>> type(qmodel.layers[0]).__name__, list(alphas)
-        ('QLinear', ['layers.0'])
-    """
-    from viva_tensor import nn  # imported on use: nn imports quant, which may import this module
-
-    config = _config(config, None)
-    copy = nnx.clone(model)
-    alphas: dict[str, float] = {}
-    for path, layer in [(p, n) for p, n in nnx.iter_graph(copy) if isinstance(n, nnx.Linear)]:
-        name = ".".join(str(p) for p in path)
-        if where is None and name not in activations or where is not None and not where(name, layer):
-            continue
-        if name not in activations:
-            raise ConfigError(argument="activations", expected=f"the inputs of layer {name!r}", got="none")
-        w = jnp.asarray(layer.kernel.get_value()).T
-        x = activations[name]
-        search = search_scales(w, x, config=config)
-        q = quantize_awq(w, x, scales=search.scales, config=config)
-        bias = None if layer.bias is None else layer.bias.get_value()
-        set_child(copy, path, nn.QLinear(q, bias, dtype=layer.dtype))
-        alphas[name] = float(search.alpha)
-    return copy, alphas
 
 
 def _planes(q: GroupInt4Tensor | AWQTensor) -> Planes | None:

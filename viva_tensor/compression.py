@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +124,8 @@ class Int8Tensor(QuantizedArray):
 
     codes: jax.Array
     scales: jax.Array
-    axis: Union[int, None] = static(default=None)
-    block_size: Union[int, None] = static(default=None)
+    axis: int | None = static(default=None)
+    block_size: int | None = static(default=None)
 
 
 @record("q4_0", core_ndim=2)

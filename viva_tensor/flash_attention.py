@@ -659,7 +659,7 @@ def _to_bthd(x, name: str):
                          "(batch, seq, heads, head_dim)", got=f"shape {x.shape}")
 
 
-def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = False):
+def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = False, bias=None, mask=None):
     """The O(n^2) reference: ``softmax(scale * q k^T) v`` with the whole matrix of logits in float32.
 
     Args:
@@ -668,6 +668,9 @@ def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = Fa
         v: values, same shape as ``k``.
         scale: multiplies the logits; ``1 / sqrt(head_dim)`` when None.
         is_causal: query ``i`` sees keys ``j <= i`` only (top-left aligned).
+        bias: optional, broadcastable to the logits ``(batch, heads, seq_q, seq_kv)``, added after the scale.
+        mask: optional boolean, broadcastable to the logits; ``False`` drops a score (set to the lowest
+            float32, so a row that sees no key gets the mean of ``v``, as in ``jax.nn``).
 
     Returns:
         The attention output, shape and dtype of ``q``.
@@ -689,6 +692,10 @@ def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = Fa
                             "and the shape of 'v'", got=f"k {jnp.shape(k)}, v {jnp.shape(v)}")
     scale = 1.0 / math.sqrt(q4.shape[-1]) if scale is None else scale
     s = jnp.einsum("btnh,bsnh->bnts", q4.astype(_F32), k4.astype(_F32)) * jnp.float32(scale)
+    if bias is not None:
+        s = s + jnp.asarray(bias).astype(_F32)
+    if mask is not None:
+        s = jnp.where(jnp.asarray(mask, bool), s, jnp.finfo(_F32).min)
     if is_causal:
         T, S = s.shape[2], s.shape[3]
         s = jnp.where(jnp.tril(jnp.ones((T, S), bool))[None, None], s, -jnp.inf)

@@ -28,7 +28,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import flax.nnx as nnx
 import flax.struct

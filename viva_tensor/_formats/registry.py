@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.nnx as nnx
 import jax

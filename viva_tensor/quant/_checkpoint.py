@@ -15,7 +15,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -200,7 +201,7 @@ def _check_record(path: str, where: str, spec: FormatSpec, rec: Any) -> None:
     if got_t != exp_t:
         raise CheckpointError(f"{bad}: its fields differ from what the format produces")
     batch = None
-    for g, e in zip(got_l, exp_l):
+    for g, e in zip(got_l, exp_l, strict=True):
         nb = g.ndim - len(e.shape)
         if nb < 0 or tuple(g.shape[nb:]) != tuple(e.shape) or np.dtype(g.dtype) != np.dtype(e.dtype):
             raise CheckpointError(f"{bad}: a buffer is {g.dtype}{tuple(g.shape)}, expected {e.dtype}{tuple(e.shape)}")

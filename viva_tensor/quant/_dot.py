@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,7 @@ def _chunk_plan(rec: Any) -> tuple[int, list[bool]] | None:
     if len(leaves) != len(expected):
         return None
     sliced, nc = [], k // rows
-    for leaf, e in zip(leaves, expected):
+    for leaf, e in zip(leaves, expected, strict=True):
         if tuple(leaf.shape) == tuple(e.shape):
             sliced.append(False)
         elif leaf.ndim >= 1 and leaf.shape[0] == nc * e.shape[0] and tuple(leaf.shape[1:]) == tuple(e.shape[1:]):
@@ -153,12 +154,12 @@ def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtyp
     k, n = rec.shape
     nc = k // rows
     leaves, treedef = jax.tree_util.tree_flatten(rec)
-    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced)]
+    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced, strict=True)]
     xs = jnp.moveaxis(x.reshape(*x.shape[:-1], nc, rows), -2, 0)
     cdtype = _compute_dtype(rec, x)
 
     def chunk_of(parts):
-        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced)]
+        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced, strict=True)]
         return dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
 
     def mul(xc, w):
@@ -177,7 +178,7 @@ def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtyp
         return (acc[0] + mul(xc, a), acc[1] + mul(xc, b)), None
 
     # traced once to read the layout (XLA drops this unused decode of the first chunk)
-    probe = _planes(chunk_of([leaf[0] if s else None for leaf, s in zip(stacked, sliced)]))
+    probe = _planes(chunk_of([leaf[0] if s else None for leaf, s in zip(stacked, sliced, strict=True)]))
     if probe is not None:
         zero = jnp.zeros((*x.shape[:-1], n // 2), jnp.float32)
         (a, b), _ = jax.lax.scan(planes_body, (zero, zero), (xs, stacked))

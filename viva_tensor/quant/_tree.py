@@ -7,7 +7,8 @@ Leaf paths are spelled as everywhere in viva_tensor (:func:`viva_tensor._paths.p
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
