@@ -53,7 +53,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     # (importer, imported) arrows other branches remove right now; the lead empties this set after merging.
     # Modules by key without "/__init__" ("memory" is memory.py or memory/__init__.py).
     ("flash_attention", "memory"),  # branch attention: flash_attention imports _xla for compiled_memory
-    ("sparsity", "quant"),  # branch formats: sparsity quantizes by name through the format registry
 }
 
 RANK = {part: i for i, part in enumerate(LAYERS)}

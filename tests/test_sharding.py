@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from viva_tensor import named, sharding
-from viva_tensor._record import QuantizedArray
+from viva_tensor._formats.record import QuantizedArray
 from viva_tensor.errors import ShardingError
 
 AUTO = (AxisType.Auto, AxisType.Auto)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import axis as _axis
-from viva_tensor._record import is_quantized
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import (
     AxisError,
     AxisMismatch,

@@ -30,7 +30,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from viva_tensor import named as _named
-from viva_tensor._record import is_quantized
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import ShardingError
 
 __all__ = [
@@ -293,7 +293,7 @@ def record_specs(record: Any, names: Sequence, rules: Rules, *, mesh: Any = None
 
     Example:
         >>> import flax.struct, jax.numpy as jnp
-        >>> from viva_tensor._record import QuantizedArray
+        >>> from viva_tensor._formats.record import QuantizedArray
         >>> @flax.struct.dataclass
         ... class Q(QuantizedArray):
         ...     codes: jax.Array
