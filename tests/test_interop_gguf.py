@@ -199,3 +199,62 @@ def test_write_rejects_what_gguf_cannot_hold(tmp_path):
         vgguf.write(tmp_path / "x.gguf", {}, arch="demo", metadata={"general.architecture": "x"})
     with pytest.raises(FormatError, match="power of two"):
         vgguf.write(tmp_path / "x.gguf", {}, arch="demo", alignment=48)
+
+
+def _minilm_gguf(tmp_path, quantize: bool):
+    minilm = pytest.importorskip("viva_tensor.models.minilm")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    try:
+        weights = safetensors_numpy.load_file(str(minilm.default_model_dir() / "model.safetensors"))
+    except Exception:  # pragma: no cover - the model package is optional
+        pytest.skip("the MiniLM model package is not installed")
+    tensors = {}
+    for key, value in weights.items():
+        name = vgguf.gguf_bert_name(key)
+        if name is None:
+            continue
+        value = jnp.asarray(value, jnp.float32)
+        if quantize and value.ndim == 2 and name != "token_types.weight":
+            # llama.cpp's Q4_K_M mix on MiniLM: Q4_K where rows allow it, Q5_0 elsewhere, Q8_0 embeddings.
+            if name.endswith("ffn_down.weight"):
+                value = ggml.quantize_q4_k(value)
+            elif "embd" in name:
+                value = compression.quantize_q8_0(value)
+            else:
+                value = ggml.quantize_q5_0(value)
+        tensors[name] = value
+    path = tmp_path / ("q.gguf" if quantize else "f32.gguf")
+    cfg = minilm.load_config()
+    vgguf.write(path, tensors, arch="bert", metadata={"bert.block_count": np.uint32(cfg.num_layers),
+                                                       "bert.embedding_length": np.uint32(cfg.hidden_size),
+                                                       "bert.attention.head_count": np.uint32(cfg.num_heads)})
+    return minilm, path
+
+
+SENTENCES = ["A man is eating food.", "A plane is taking off.", "Two dogs play in the snow."]
+
+
+def test_minilm_from_f32_gguf_equals_the_safetensors_model(tmp_path):
+    minilm, path = _minilm_gguf(tmp_path, quantize=False)
+    ours = np.asarray(minilm.encode(vgguf.load_minilm(path), SENTENCES))
+    ref = np.asarray(minilm.encode(minilm.load(), SENTENCES))
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_minilm_from_quantized_gguf_keeps_the_embeddings(tmp_path):
+    minilm, path = _minilm_gguf(tmp_path, quantize=True)
+    tensors, _ = vgguf.read(path)
+    assert type(tensors["blk.0.ffn_down.weight"]).__name__ == "Q4KTensor"
+    ours = np.asarray(minilm.encode(vgguf.load_minilm(path), SENTENCES))
+    ref = np.asarray(minilm.encode(minilm.load(), SENTENCES))
+    cos = np.sum(ours * ref, -1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.98, cos  # llama.cpp on its own Q4_K_M file: mean 0.990, min 0.974
+
+
+def test_minilm_gguf_missing_tensor(tmp_path):
+    minilm = pytest.importorskip("viva_tensor.models.minilm")
+    path = tmp_path / "bad.gguf"
+    vgguf.write(path, {"blk.0.attn_q.bias": jnp.zeros(384)}, arch="bert")
+    with pytest.raises(CheckpointError, match="BERT tensor"):
+        vgguf.load_minilm(path)
+    assert minilm is not None

@@ -43,7 +43,8 @@ import numpy as np
 from viva_tensor import _record, compression, ggml
 from viva_tensor.errors import CheckpointError, FormatError
 
-__all__ = ["read", "write", "read_metadata", "GGML_TYPES"]
+__all__ = ["read", "write", "read_metadata", "GGML_TYPES", "hf_bert_name", "gguf_bert_name", "to_minilm_params",
+           "load_minilm"]
 
 MAGIC = 0x46554747  # "GGUF" little-endian
 DEFAULT_ALIGNMENT = 32
@@ -423,3 +424,138 @@ def write(path: Any, tensors: dict[str, Any], *, arch: str, metadata: dict[str, 
         f.write(head)
         for blob in blobs:
             f.write(blob)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BERT / MiniLM tensor names
+# ----------------------------------------------------------------------------------------------------
+
+_BERT_TOP = {
+    "token_embd.weight": "embeddings.word_embeddings.weight",
+    "position_embd.weight": "embeddings.position_embeddings.weight",
+    "token_types.weight": "embeddings.token_type_embeddings.weight",
+    "token_embd_norm.weight": "embeddings.LayerNorm.weight",
+    "token_embd_norm.bias": "embeddings.LayerNorm.bias",
+}
+_BERT_LAYER = {
+    "attn_q": "attention.self.query",
+    "attn_k": "attention.self.key",
+    "attn_v": "attention.self.value",
+    "attn_output": "attention.output.dense",
+    "attn_output_norm": "attention.output.LayerNorm",
+    "ffn_up": "intermediate.dense",
+    "ffn_down": "output.dense",
+    "layer_output_norm": "output.LayerNorm",
+}
+
+
+def hf_bert_name(name: str) -> str | None:
+    """The Hugging Face BERT name of a GGUF BERT tensor name (``convert_hf_to_gguf.py``'s map), or None.
+
+    Example:
+        >>> hf_bert_name("blk.3.ffn_down.weight"), hf_bert_name("token_embd.weight")
+        ('encoder.layer.3.output.dense.weight', 'embeddings.word_embeddings.weight')
+    """
+    if name in _BERT_TOP:
+        return _BERT_TOP[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BERT_LAYER:
+        return f"encoder.layer.{parts[1]}.{_BERT_LAYER[parts[2]]}.{parts[3]}"
+    return None
+
+
+def gguf_bert_name(name: str) -> str | None:
+    """The GGUF name of a Hugging Face BERT tensor name (a leading ``bert.`` is dropped), or None.
+
+    Example:
+        >>> gguf_bert_name("bert.encoder.layer.0.attention.self.query.bias")
+        'blk.0.attn_q.bias'
+    """
+    name = name.removeprefix("bert.")
+    for g, h in _BERT_TOP.items():
+        if h == name:
+            return g
+    if name.startswith("encoder.layer."):
+        rest = name.removeprefix("encoder.layer.")
+        index, _, tail = rest.partition(".")
+        module, _, leaf = tail.rpartition(".")
+        for g, h in _BERT_LAYER.items():
+            if h == module and index.isdigit():
+                return f"blk.{index}.{g}.{leaf}"
+    return None
+
+
+def to_minilm_params(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+    """GGUF BERT tensors as a Hugging Face state dict of float32 arrays (records dequantized bit-exactly).
+
+    Args:
+        tensors: the tensors of :func:`read` of a BERT GGUF (``token_embd.weight``, ``blk.N.attn_q.weight`` ...).
+
+    Returns:
+        ``{"embeddings.word_embeddings.weight": ..., "encoder.layer.0.attention.self.query.weight": ...}``;
+        names without a BERT counterpart are left out.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> sorted(to_minilm_params({"blk.0.attn_q.bias": jnp.zeros(4), "other": jnp.zeros(1)}))
+        ['encoder.layer.0.attention.self.query.bias']
+    """
+    out = {}
+    for name, t in tensors.items():
+        hf = hf_bert_name(name)
+        if hf is None:
+            continue
+        if _record.is_quantized(t):
+            t = compression.dequantize(t) if t.format in _COMPRESSION_TYPES else ggml.dequantize(t)
+        out[hf] = np.asarray(jnp.asarray(t, jnp.float32))
+    return out
+
+
+def load_minilm(path: Any, *, model_dir: Any = None, attention: Any = "exact", dtype: Any = None) -> Any:
+    """A MiniLM sentence encoder whose weights come from a BERT GGUF file (F32, F16 or any GGML type here).
+
+    The tokenizer and config come from ``model_dir`` (default: the bundled all-MiniLM-L6-v2); the GGUF's
+    ``bert.*`` sizes must agree with that config.
+
+    Args:
+        path: the GGUF file (e.g. made by llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-quantize``).
+        model_dir: the model folder with ``config.json`` and ``tokenizer.json``.
+        attention, dtype: as :func:`viva_tensor.models.minilm.load`.
+
+    Returns:
+        A :class:`viva_tensor.models.minilm.SentenceEncoder` (float32 parameters, dequantized from the file).
+
+    Raises:
+        CheckpointError: not a GGUF file, a missing BERT tensor, or sizes that disagree with the config.
+
+    Example:
+        >>> encoder = load_minilm("all-minilm-q4_k_m.gguf")      # doctest: +SKIP
+        >>> encoder.encode(["A man is eating food."]).shape       # doctest: +SKIP
+        (1, 384)
+    """
+    import flax.nnx as nnx
+
+    from viva_tensor.models import minilm
+
+    tensors, metadata = read(path)
+    cfg = minilm.load_config(model_dir)
+    for key, want in (("bert.block_count", cfg.num_layers), ("bert.embedding_length", cfg.hidden_size),
+                      ("bert.attention.head_count", cfg.num_heads)):
+        if key in metadata and int(metadata[key]) != want:
+            raise CheckpointError(argument="path", expected=f"{key} = {want} (from config.json)",
+                                  got=f"{int(metadata[key])} in {os.fspath(path)!r}")
+    weights = to_minilm_params(tensors)
+    model = nnx.eval_shape(lambda: minilm.MiniLM(cfg, attention=attention, dtype=dtype, rngs=nnx.Rngs(0)))
+    for key, (variable, transpose) in minilm._weight_map(cfg).items():
+        if key not in weights:
+            raise CheckpointError(argument="path", expected=f"a BERT tensor {gguf_bert_name(key)!r} ({key})",
+                                  got=f"none in {os.fspath(path)!r}")
+        target = variable(model)
+        want = tuple(target.get_value().shape)
+        want = want[::-1] if transpose else want
+        if weights[key].shape != want:
+            raise CheckpointError(argument="path", expected=f"{gguf_bert_name(key)} of shape {want}",
+                                  got=weights[key].shape)
+        target.set_value(jnp.asarray(weights[key].T if transpose else weights[key]))
+    tokenizer = minilm.load_tokenizer(model_dir)
+    return minilm.SentenceEncoder(model, tokenizer, tokenizer.truncation["max_length"])
