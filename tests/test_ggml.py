@@ -181,7 +181,7 @@ def test_vmap_records_dequantize_outside(fmt):
 
 @pytest.mark.parametrize("fmt", K_QUANTS)
 def test_rows_not_multiple_of_256_name_the_fallback(fmt):
-    with pytest.raises(InvalidShape, match="multiple of 256.*falls back"):
+    with pytest.raises(InvalidShape, match=f"multiple of 256.*falls back to {ggml._FALLBACK[fmt]}"):
         QUANTIZE[fmt](jnp.ones((2, 384)))
 
 
@@ -220,3 +220,13 @@ def test_registered_formats_and_sizes():
         assert q.bits_per_value == bits and q.nbytes == ggml.to_ggml_bytes(q).size, fmt
         error = float(jnp.max(jnp.abs(quant.dequantize(q) - x)))
         assert error < {"q2_k": 2.0, "q3_k": 1.0}.get(fmt, 0.5), fmt
+
+
+@pytest.mark.parametrize("fmt", ["q5_0", "q4_k"])
+def test_quant_dot_takes_the_records(fmt):
+    w = jnp.asarray(_rows(256, seed=15).T.copy())  # (256, 4): rows of 4 for q5_0's flat blocks, 256 for the K-quant
+    w = jnp.tile(w, (2, 64)) if fmt == "q4_k" else w
+    q = quant.quantize(w, fmt)
+    x = jnp.asarray(np.random.default_rng(16).standard_normal((3, w.shape[0])).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(quant.dot(x, q)), np.asarray(x @ ggml.dequantize(q)), rtol=1e-5,
+                               atol=1e-5)

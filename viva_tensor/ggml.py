@@ -16,7 +16,8 @@ bytes are identical to ``ggml_quantize_chunk`` (what llama.cpp's quantizer calls
   :func:`quantize_q4_1_imatrix` return :mod:`viva_tensor.compression` records).
 - ``iq4_nl``, ``iq4_xs``: decode only (their quantizers search non-linear grids; files that hold them are read).
 
-K-quant rows must hold a multiple of 256 values: llama.cpp itself falls back to Q5_0/Q8_0 for such tensors.
+K-quant rows must hold a multiple of 256 values: llama.cpp itself falls back (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to
+Q8_0, Q2_K/Q3_K to IQ4_NL) for such tensors; the error names that fallback.
 Exactness under ``jit``: XLA on CPU contracts ``a * b + c`` into one fused multiply-add and turns a division by a
 broadcast or constant divisor into a multiplication by its reciprocal. Here every product that is then added
 goes through :func:`_rounded` (``nextafter(p, p)``, which is ``p`` but cannot be fused) and every division through
@@ -603,17 +604,20 @@ def _validate_finite(x: Any) -> None:
                              "holding them dequantize to NaN.")
 
 
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# llama.cpp's own fallback for tensors whose rows are not whole super-blocks (``llama-quant.cpp``).
+_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+_FALLBACK_HINT = {"iq4_nl": "quantize_q5_0 (IQ4_NL, llama.cpp's choice, is decode-only here)",
+                  "q5_0": "quantize_q5_0", "q5_1": "quantize_q5_1", "q8_0": "compression.quantize_q8_0"}
 
 
 def _check_k_rows(fmt: str, shape: tuple[int, ...], argument: str) -> None:
     if len(shape) == 0 or shape[-1] % QK_K != 0:
+        fallback = _FALLBACK[fmt]
         raise InvalidShape(
             argument=argument,
             expected=f"a last dim (the GGUF row) that is a multiple of 256 for {fmt} (K-quant super-blocks)",
             got=tuple(shape),
-            hint=f"llama.cpp falls back to another type for such tensors (here {_FALLBACK[fmt]}; q5_0 or q8_0 "
-            "in llama-quantize): use quantize_q5_0 or compression.quantize_q8_0.",
+            hint=f"llama.cpp falls back to {fallback} for such tensors: use {_FALLBACK_HINT[fallback]}.",
         )
 
 
@@ -1060,7 +1064,7 @@ _K_DOC = """GGML {upper}: super-blocks of 256 values, {what} ({bits} bits per va
         A :class:`{cls}`.
 
     Raises:
-        InvalidShape: the last dim is not a multiple of 256 (llama.cpp falls back to Q5_0/Q8_0), or a bad
+        InvalidShape: the last dim is not a multiple of 256 (the message names llama.cpp's fallback), or a bad
             ``imatrix`` shape.
         DTypeError: ``x`` or ``imatrix`` is not a float array.
         NonFiniteError, InvalidOp: ``validate=True`` and a non-finite value / a traced array.
