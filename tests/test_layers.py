@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("errors", "axis", "tensor", "_xla", "_paths", "_safetensors",
              "_benchmarking"),  # the one timer: hardware (memory) uses it too, it imports only errors
     "formats": (
-        "_formats/*", "_record", "compression", "nf4", "blackwell", "awq", "sparsity", "metrics", "ggml",
+        "_formats/*", "compression", "nf4", "blackwell", "awq", "sparsity", "metrics", "ggml",
     ),
     "quant": ("quant", "quant/*", "gptq", "_grids"),
     "attention": ("flash_attention", "named", "sharding"),  # attention and named axes
@@ -34,14 +34,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "interop": ("interop/*",),
     "models": ("nn/*", "models/*"),
     "face": (
-        "cli", "cli/*", "report", "tour", "_bench_attention", "_bench_quant", "__main__",
+        "cli/*", "__main__",
         "__init__",  # the package root may import everything
     ),
 }
 
-NNX_HELPERS = {"_record", "_formats/record", "_formats/registry"}
+NNX_HELPERS = {"_formats/record", "_formats/registry"}
 """Files below the models allowed to import ``flax.nnx``: the format toolkit registers records with
-``nnx.register_data_type`` (``_record`` until the toolkit ``_formats`` replaces it)."""
+``nnx.register_data_type``."""
 
 NNX_ADAPTERS: set[str] = {"flash_attention", "sharding"}
 """Files below the models that import ``flax.nnx`` for an adapter, for the lead to decide (move the adapter up to

@@ -281,7 +281,7 @@ def tensor_memory_bytes(shape: tuple[int, ...], fmt: str = "float32", **options:
     Args:
         shape: the tensor's shape.
         fmt: a dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"int8"`` ...) or a registered
-            format (``"nf4"``, ``"q4_0"``, ``"nvfp4"`` ..., see ``viva_tensor._record.FORMATS``). A name
+            format (``"nf4"``, ``"q4_0"``, ``"nvfp4"`` ..., see ``viva_tensor._formats.registry.FORMATS``). A name
             that is both (``"int8"``) means the format: codes plus their scales.
         **options: keyword options for the format's ``quantize`` (``block_size`` ...).
 

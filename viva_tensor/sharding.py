@@ -278,7 +278,7 @@ def record_specs(record: Any, names: Sequence, rules: Rules, *, mesh: Any = None
     lets each device hold exactly the blocks of its part of the tensor (see the module notes).
 
     Args:
-        record: a quantized record (``viva_tensor._record.QuantizedArray``).
+        record: a quantized record (``viva_tensor._formats.record.QuantizedArray``).
         names: one axis name per dim of the encoded tensor.
         rules: ``(axis name, mesh axes)`` pairs.
         mesh: the mesh (default: the one of ``jax.set_mesh``).

@@ -75,7 +75,10 @@ class FormatSpec:
 FORMATS: dict[str, FormatSpec] = {}
 
 # The built-in formats, in the order format_names() lists them (any others follow in registration order).
-_ORDER = ("int8", "q4_0", "q4_1", "q8_0", "nf4", "nf4_dq", "nvfp4", "mxfp4", "int4_group", "awq_int4")
+_ORDER = (
+    "int8", "q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+    "nf4", "nf4_dq", "nvfp4", "mxfp4", "int4_group", "awq_int4",
+)
 
 
 def register_format(

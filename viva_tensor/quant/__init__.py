@@ -30,7 +30,7 @@ Example:
     True
 """
 
-from viva_tensor import awq, blackwell, compression, nf4  # noqa: F401 - each registers its formats in FORMATS
+from viva_tensor import awq, blackwell, compression, ggml, nf4  # noqa: F401 - each registers its formats in FORMATS
 from viva_tensor._formats.registry import (
     FORMATS,
     FormatSpec,
