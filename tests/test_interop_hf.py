@@ -28,7 +28,7 @@ def fixture(name):
 
 def bits(a):
     a = np.asarray(a)
-    return a.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+    return a.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
 # --- bitsandbytes ------------------------------------------------------------------------------
@@ -212,3 +212,89 @@ def test_bfloat16_fixture_dtypes_are_named():
                       .metadata()["torch_dtypes"])
     assert meta["original"] == "bfloat16"
     assert ml_dtypes.bfloat16  # fixtures store bfloat16 as raw uint16 bits
+
+
+# --- compressed-tensors ------------------------------------------------------------------------
+
+CT = ["ct_w4a16_float32", "ct_w4a16_asym_float32", "ct_w4a16_bfloat16", "ct_w4a16_asym_float16"]
+
+
+def ct_fixture(name):
+    """The fixture's fc.* tensors (bfloat16 restored from its raw bits) and a config.json for its scheme."""
+    import safetensors
+
+    from viva_tensor.interop import compressed_tensors as ct
+
+    path = str(DATA / f"{name}.safetensors")
+    meta = safetensors.safe_open(path, "np").metadata()
+    dtypes = json.loads(meta["torch_dtypes"])
+    sd = {k: (v.view(ml_dtypes.bfloat16) if dtypes[k] == "bfloat16" else
+              v.view(ml_dtypes.float8_e4m3fn) if dtypes[k] == "float8_e4m3fn" else v)
+          for k, v in load_file(path).items()}
+    weights = json.loads(meta["weights"])
+    fmt = "nvfp4-pack-quantized" if weights["type"] == "float" else "pack-quantized"
+    config = ct.quantization_config("int4")
+    config["format"] = fmt
+    config["config_groups"]["group_0"].update(format=fmt, weights=weights)
+    return sd, config
+
+
+@pytest.mark.parametrize("name", CT)
+def test_compressed_tensors_int4_decodes_as_compressed_tensors_does(name):
+    from viva_tensor.interop import compressed_tensors as ct
+
+    sd, config = ct_fixture(name)
+    q = ct.read_state_dict({k: v for k, v in sd.items() if k.startswith("fc.")}, config)["fc.weight"]
+    assert isinstance(q, awq.GroupInt4Tensor) and q.shape == (64, 384)
+    assert q.scales.dtype == sd["fc.weight_scale"].dtype  # the file's scales, kept exactly
+    ours = awq.dequantize(q).astype(jnp.float32).astype(sd["reference"].dtype)
+    np.testing.assert_array_equal(bits(ours), bits(sd["reference"]))
+
+
+@pytest.mark.parametrize("name", ["ct_w4a16_asym_float32", "ct_w4a16_asym_float16"])
+def test_compressed_tensors_asym_written_back_byte_identical(name):
+    from viva_tensor.interop import compressed_tensors as ct
+
+    sd, config = ct_fixture(name)
+    theirs = {k: v for k, v in sd.items() if k.startswith("fc.")}
+    ours, _ = ct.write_state_dict(ct.read_state_dict(theirs, config))
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        np.testing.assert_array_equal(bits(ours[k]), bits(theirs[k]), err_msg=k)
+
+
+def test_compressed_tensors_nvfp4_codes_exact_values_within_one_rounding():
+    from viva_tensor import blackwell
+    from viva_tensor.interop import compressed_tensors as ct
+
+    sd, config = ct_fixture("ct_nvfp4a16_float32")
+    theirs = {k: v for k, v in sd.items() if k.startswith("fc.")}
+    q = ct.read_state_dict(theirs, config)["fc.weight"]
+    assert isinstance(q, blackwell.NVFP4Tensor)
+    ours = np.asarray(blackwell.dequantize(q), np.float32)
+    ref = np.asarray(sd["reference"], np.float32)  # compressed-tensors decodes NVFP4 to bfloat16
+    np.testing.assert_array_equal(bits(ours.astype(ml_dtypes.bfloat16)), bits(ref.astype(ml_dtypes.bfloat16)))
+    back, cfg = ct.write_state_dict({"fc.weight": q})
+    assert cfg["format"] == "nvfp4-pack-quantized"
+    np.testing.assert_array_equal(back["fc.weight_packed"], theirs["fc.weight_packed"])
+    np.testing.assert_array_equal(bits(back["fc.weight_scale"]), bits(theirs["fc.weight_scale"]))
+    assert back["fc.weight_global_scale"][0] == pytest.approx(theirs["fc.weight_global_scale"][0], rel=2e-7)
+
+
+def test_compressed_tensors_refusals():
+    from viva_tensor.interop import compressed_tensors as ct
+
+    sd, config = ct_fixture("ct_w4a16_float32")
+    theirs = {k: v for k, v in sd.items() if k.startswith("fc.")}
+    with pytest.raises(CheckpointError, match="compressed-tensors"):
+        ct.read_state_dict(theirs, {"quant_method": "gptq"})
+    odd = json.loads(json.dumps(config))
+    odd["config_groups"]["group_0"]["weights"]["num_bits"] = 3
+    with pytest.raises(CheckpointError, match="4 or 8"):
+        ct.read_state_dict(theirs, odd)
+    other = json.loads(json.dumps(config))
+    other["config_groups"]["group_0"]["targets"] = ["re:decoder.*"]
+    with pytest.raises(CheckpointError, match="targets match"):
+        ct.read_state_dict(theirs, other)
+    with pytest.raises(CheckpointError, match="int4_group or nvfp4"):
+        ct.write_state_dict({"w.weight": nf4.quantize(jnp.ones((8, 64)))})
