@@ -10,8 +10,8 @@ checks:
   refused, not a ``RecursionError``), each entry has a known dtype, a shape of non-negative ints and
   offsets whose length is the shape's bytes, the offsets tile the data section exactly (no negative
   offset, no overlap, no hole, no trailing byte).
-- **Integrity**, for files written here: the metadata records each tensor's logical dtype (FP8/FP4 and
-  other dtypes safetensors does not name are stored as their raw unsigned bits) and SHA-256
+- **Integrity**, for files written here: the metadata records each tensor's logical dtype (FP4, E8M0 and
+  other dtypes safetensors has no code for are stored as their raw unsigned bits) and SHA-256
   (``"viva_tensor.tensors"``), and one SHA-256 over the whole canonical header — dtypes, shapes, offsets
   and all metadata — (``"viva_tensor.digest"``). So any change to the bytes, the header or the metadata is
   refused on read with a :class:`~viva_tensor.errors.CheckpointError` saying what did not match. Files
@@ -62,8 +62,9 @@ _CODES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }  # fmt: skip
-# The dtypes written under their own code; any other dtype is written as its raw unsigned bits.
-_WRITTEN = {dt.name: code for code, dt in _CODES.items() if not code.startswith("F8")}
+# The dtypes written under their own code (FP8 too: torch and the safetensors tools read F8_E4M3/F8_E5M2);
+# any other dtype (FP4, E8M0, int4 ...) is written as its raw unsigned bits.
+_WRITTEN = {dt.name: code for code, dt in _CODES.items()}
 _UINT = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
 
 
@@ -159,7 +160,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Any], *, metadata: Mapp
     """Write named arrays to a safetensors file, with per-tensor SHA-256 and a digest over the header.
 
     Tensors are written in the given order, contiguously. Arrays of a dtype safetensors has no code for
-    (FP8, FP4, int4 ...) are stored as their raw unsigned bits; their logical dtype is in the metadata
+    (FP4, E8M0, int4 ...) are stored as their raw unsigned bits; their logical dtype is in the metadata
     and :func:`read_tensor` gives them back in it.
 
     Args:
@@ -209,7 +210,8 @@ def write(path: str | os.PathLike, tensors: Mapping[str, Any], *, metadata: Mapp
             for s in stored:
                 f.write(_bytes(s))
     except OSError as e:
-        raise CheckpointError(f"cannot write {path!r}: {e.strerror or e}") from None
+        raise CheckpointError(argument="path", expected="a file that can be written",
+                              got=f"{path!r}: cannot write ({e.strerror or e})") from None
     return read_header(path, verify=False)
 
 

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from viva_tensor import _xla
 from viva_tensor._record import FORMATS
 from viva_tensor.errors import ConfigError, FormatError
 
@@ -249,7 +249,7 @@ def local_cpu(*, size: int = 1024, repeats: int = 3) -> DeviceSpec:
         return state[0]
 
     bandwidth = 2 * 4 * n / _best_time(step, repeats)
-    del state
+    state.clear()
     flops = []
     matmul = jax.jit(lambda a, b: a @ b)
     for dtype in ("float32", "bfloat16"):
@@ -267,14 +267,6 @@ def local_cpu(*, size: int = 1024, repeats: int = 3) -> DeviceSpec:
                                "read + written"),
                  ("flops", f"measured: best of {repeats} jitted {size}x{size} matmuls, 2*n^3 FLOPs")),
     )
-
-
-def _load_formats() -> None:
-    for module in ("compression", "nf4", "blackwell"):
-        try:
-            importlib.import_module(f"viva_tensor.{module}")
-        except ImportError:  # a format module not merged yet
-            pass
 
 
 def _is_dtype(fmt: str) -> bool:
@@ -311,8 +303,6 @@ def tensor_memory_bytes(shape: tuple[int, ...], fmt: str = "float32", **options:
         33554432
     """
     shape = tuple(int(d) for d in shape)
-    if fmt not in FORMATS:
-        _load_formats()
     if fmt in FORMATS:
         record = jax.eval_shape(lambda x: FORMATS[fmt].quantize(x, **options),
                                 jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -395,13 +385,6 @@ class PerformanceEstimate:
     bound: str = flax.struct.field(pytree_node=False)
 
 
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
-
-
 def _widest_float(args: Any) -> str:
     names = [jnp.dtype(a.dtype).name for a in jax.tree_util.tree_leaves(args)
              if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)]
@@ -441,8 +424,7 @@ def estimate_performance(f: Callable[..., Any], *args: Any, device: DeviceSpec |
     spec = device_spec(device) if isinstance(device, str) else device
     name = _dtype_name(dtype) if dtype is not None else _widest_float(args)
     peak = peak_flops(spec, name)
-    jitted = f if hasattr(f, "lower") else jax.jit(f)
-    cost = _cost(jitted.lower(*args, **kwargs).compile())
+    cost = _xla.cost(_xla.compile(f, *args, **kwargs))
     flops = float(cost.get("flops", 0.0))
     moved = float(cost.get("bytes accessed", 0.0))
     compute, memory = flops / peak, moved / spec.bandwidth
