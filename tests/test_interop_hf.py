@@ -298,3 +298,52 @@ def test_compressed_tensors_refusals():
         ct.read_state_dict(theirs, other)
     with pytest.raises(CheckpointError, match="int4_group or nvfp4"):
         ct.write_state_dict({"w.weight": nf4.quantize(jnp.ones((8, 64)))})
+
+
+# --- folders: config.json + model.safetensors ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,make", [
+    ("bnb", lambda w: nf4.double_quantize(w)),
+    ("gptq", lambda w: awq.quantize_group(w, group_size=64)),
+    ("awq", lambda w: awq.quantize_group(w, group_size=64)),
+    ("compressed-tensors", lambda w: awq.quantize_group(w, group_size=64)),
+])
+def test_folders_round_trip(tmp_path, kind, make):
+    from viva_tensor.interop import _hf
+
+    w = jax.random.normal(jax.random.key(3), (16, 128))
+    q = make(w)
+    _hf.save(tmp_path / "ckpt", {"enc.fc.weight": q, "enc.fc.bias": np.ones(16, np.float32)}, kind=kind,
+             config={"model_type": "bert"})
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "bert" and "quant_method" in config["quantization_config"]
+    assert __import__("safetensors").safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "np").metadata()[
+        "format"] == "pt"
+    tensors, meta = _hf.load(tmp_path / "ckpt")
+    assert meta["kind"] == kind and set(tensors) == {"enc.fc.weight", "enc.fc.bias"}
+    from viva_tensor import quant
+
+    got = np.asarray(quant.dequantize(tensors["enc.fc.weight"]))  # in the dtype the kind records
+    np.testing.assert_array_equal(got, np.asarray(quant.dequantize(q)).astype(got.dtype))
+
+
+def test_sharded_folder_and_detection(tmp_path):
+    from viva_tensor import _safetensors
+    from viva_tensor.interop import _hf
+
+    sd = gptq_file.write_state_dict({"a.weight": awq.quantize_group(jnp.ones((8, 64)), group_size=32)})
+    first = {k: v for k, v in sd.items() if "qweight" in k}
+    _safetensors.write(tmp_path / "model-00001-of-00002.safetensors", first)
+    _safetensors.write(tmp_path / "model-00002-of-00002.safetensors", {k: v for k, v in sd.items() if k not in first})
+    weight_map = {k: ("model-00001-of-00002.safetensors" if k in first else "model-00002-of-00002.safetensors")
+                  for k in sd}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    tensors, meta = _hf.load(tmp_path)  # no config.json: told apart from AWQ by its g_idx
+    assert meta["kind"] == "gptq" and isinstance(tensors["a.weight"], awq.GroupInt4Tensor)
+    with pytest.raises(CheckpointError, match="quant_method"):
+        _hf.detect(sd, {"quant_method": "exl2"})
+    with pytest.raises(CheckpointError, match="no such file"):
+        _hf.load(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="kind"):
+        _hf.save(tmp_path / "x", {}, kind="onnx")
