@@ -55,14 +55,15 @@ def bitsandbytes(w: torch.Tensor) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    for dq in (False, True):
-        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
-        sd = {"fc.weight": packed}
-        sd.update({f"fc.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
-        ref = F.dequantize_4bit(packed, state)
-        _save(f"bnb_nf4{'_dq' if dq else ''}", {**sd, "original": w, "reference": ref},
-              {"tool": f"bitsandbytes {bnb.__version__}", "call": f"quantize_4bit(blocksize=64, nf4, "
-               f"compress_statistics={dq}); QuantState.as_dict(packed=True); dequantize_4bit"})
+    for kind in ("nf4", "fp4"):
+        for dq in (False, True):
+            packed, state = F.quantize_4bit(w, blocksize=64, quant_type=kind, compress_statistics=dq)
+            sd = {"fc.weight": packed}
+            sd.update({f"fc.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+            ref = F.dequantize_4bit(packed, state)
+            _save(f"bnb_{kind}{'_dq' if dq else ''}", {**sd, "original": w, "reference": ref},
+                  {"tool": f"bitsandbytes {bnb.__version__}", "call": f"quantize_4bit(blocksize=64, {kind}, "
+                   f"compress_statistics={dq}); QuantState.as_dict(packed=True); dequantize_4bit"})
 
 
 def _autoawq():
