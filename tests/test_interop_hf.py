@@ -347,3 +347,35 @@ def test_sharded_folder_and_detection(tmp_path):
         _hf.load(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="kind"):
         _hf.save(tmp_path / "x", {}, kind="onnx")
+
+
+# --- inspect and convert -----------------------------------------------------------------------
+
+
+def test_convert_keeps_what_the_kind_stores_and_requantizes_the_rest(tmp_path):
+    from viva_tensor import quant
+    from viva_tensor.interop import _convert
+
+    sd = fixture("bnb_nf4_dq")
+    tensors = bnb.read_state_dict({k: v for k, v in sd.items() if k.startswith("fc.")})
+    tensors["fc.bias"] = np.zeros(64, np.float32)
+    rows = _convert.inspect(tensors)
+    assert rows[0].format == "nf4_dq" and rows[0].shape == (64, 384) and 4.1 < rows[0].bits_per_value < 4.2
+    same, report = _convert.convert(tensors, "bnb")
+    assert report == {"fc.weight": "kept"} and same["fc.weight"] is tensors["fc.weight"]
+    gptq_ready, report = _convert.convert(tensors, "gptq")
+    assert report == {"fc.weight": "re-quantized nf4_dq -> int4_group"}
+    assert gptq_ready["fc.weight"].format == "int4_group"
+    np.testing.assert_allclose(quant.dequantize(gptq_ready["fc.weight"]), quant.dequantize(tensors["fc.weight"]),
+                               atol=0.05)
+    for kind, (load, save) in _convert.KINDS.items():
+        ready, _ = _convert.convert(tensors, kind)
+        save(str(tmp_path / kind), ready)
+        back, meta = load(str(tmp_path / kind) + ("" if kind != "viva" else ""))
+        assert set(back) == {"fc.weight", "fc.bias"}, kind
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(back["fc.weight"]), np.float32),
+                                      np.asarray(quant.dequantize(ready["fc.weight"]), np.float32))
+    with pytest.raises(CheckpointError, match="stores"):
+        _convert.convert(tensors, "gptq", fmt="nf4")
+    with pytest.raises(CheckpointError, match="'to'"):
+        _convert.convert(tensors, "onnx")

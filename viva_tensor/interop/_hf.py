@@ -96,7 +96,8 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
 
     Returns:
         ``(tensors, metadata)``: tensors keyed by the checkpoint's names, quantized layers as records under
-        ``"<layer>.weight"``; metadata ``{"kind", "config", "quantization_config"}``.
+        ``"<layer>.weight"`` (decoding to ``config.json``'s ``torch_dtype``; GPTQ/AWQ default to float16);
+        metadata ``{"kind", "config", "quantization_config"}``.
 
     Raises:
         CheckpointError: a missing, unreadable or malformed file or folder, a quantization method or scheme
@@ -112,21 +113,23 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
             raw[name] = array
     qconfig = _quant_config(config)
     kind = detect(raw, qconfig or None)
+    dtype = config.get("torch_dtype", config.get("dtype"))
+    dtype = dtype if dtype in ("float32", "float16", "bfloat16") else None
     if kind == "bnb":
         tensors = bnb.read_state_dict(raw)
     elif kind == "gptq":
         fmt = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
-        tensors = gptq_file.read_state_dict(raw, checkpoint_format=fmt)
+        tensors = gptq_file.read_state_dict(raw, checkpoint_format=fmt, dtype=dtype or "float16")
     elif kind == "awq":
         if qconfig.get("version", "gemm") != "gemm":
             raise CheckpointError(argument="quantization_config", expected="AutoAWQ version 'gemm'",
                                   got=repr(qconfig.get("version")))
-        tensors = awq_file.read_state_dict(raw)
+        tensors = awq_file.read_state_dict(raw, dtype=dtype or "float16")
     elif kind == "compressed-tensors":
         if not qconfig:
             raise CheckpointError(argument="config.json", expected="a compressed-tensors quantization_config",
                                   got="none", hint="compressed-tensors layers need their scheme from config.json.")
-        tensors = ct.read_state_dict(raw, qconfig)
+        tensors = ct.read_state_dict(raw, qconfig, dtype=dtype)
     else:
         tensors = raw
     return tensors, {"kind": kind, "config": config, "quantization_config": qconfig}
@@ -161,6 +164,9 @@ def save(path: str | os.PathLike, tensors: Mapping[str, Any], *, kind: str, conf
     folder = pathlib.Path(os.fspath(path))
     _safetensors.write(folder / "model.safetensors", sd, metadata={"format": "pt"})
     full = {**dict(config or {}), "quantization_config": qconfig}
+    dtypes = {str(getattr(v, "dtype", "")) for v in tensors.values() if hasattr(v, "format")}
+    if len(dtypes) == 1:  # the model dtype the records decode to (transformers' torch_dtype)
+        full.setdefault("torch_dtype", dtypes.pop())
     try:
         (folder / "config.json").write_text(json.dumps(full, indent=2) + "\n")
     except OSError as e:
