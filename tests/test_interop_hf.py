@@ -379,3 +379,27 @@ def test_convert_keeps_what_the_kind_stores_and_requantizes_the_rest(tmp_path):
         _convert.convert(tensors, "gptq", fmt="nf4")
     with pytest.raises(CheckpointError, match="'to'"):
         _convert.convert(tensors, "onnx")
+
+
+def test_one_entry_point_for_every_kind(tmp_path):
+    from viva_tensor import interop, quant
+
+    w = jax.random.normal(jax.random.key(4), (16, 256))
+    records = {"bnb": nf4.double_quantize(w), "gptq": awq.quantize_group(w), "awq": awq.quantize_group(w),
+               "compressed-tensors": awq.quantize_group(w), "viva": nf4.quantize(w),
+               "gguf": quant.quantize(w, "q4_k")}
+    for kind, q in records.items():
+        path = tmp_path / (kind + (".gguf" if kind == "gguf" else ".safetensors" if kind == "viva" else ""))
+        interop.save(path, {"fc.weight": q}, kind=kind)
+        assert interop.kind_of(path) == kind
+        tensors, meta = interop.load(path)
+        assert meta["kind"] == kind
+        got = tensors["fc.weight"]
+        assert got.format == q.format, kind
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(got), np.float32),
+                                      np.asarray(quant.dequantize(q).astype(got.dtype), np.float32))
+    with pytest.raises(CheckpointError, match="kind"):
+        interop.save(tmp_path / "x", {}, kind="onnx")
+    (tmp_path / "junk.bin").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError):
+        interop.load(tmp_path / "junk.bin")

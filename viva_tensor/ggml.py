@@ -47,8 +47,8 @@ import numpy as np
 from jax import lax
 
 from viva_tensor import compression
-from viva_tensor._formats import record as _record
-from viva_tensor._formats import registry as _registry
+from viva_tensor._formats.record import QuantizedArray, batch_dims
+from viva_tensor._formats.registry import register_format
 from viva_tensor.errors import DTypeError, FormatError, InvalidOp, InvalidShape, NonFiniteError
 
 __all__ = [
@@ -112,7 +112,7 @@ _GROUP_MAX_EPS = 1e-15
 # ----------------------------------------------------------------------------------------------------
 
 
-class _GGMLRecord(_record.QuantizedArray):
+class _GGMLRecord(QuantizedArray):
     """What the records here share: fields in ggml's block order, one leading row per block."""
 
     @staticmethod
@@ -1108,7 +1108,7 @@ quantize_q6_k = _k_entry("q6_k", "Q6_K", "q6_K", "16 sub-blocks of 16 with int8 
 
 def _restore(values: jax.Array, record: Any) -> jax.Array:
     """Flattened block values (batch dims in front) back to ``batch + shape`` in the original dtype."""
-    batch = _record.batch_dims(record)
+    batch = batch_dims(record)
     flat = values.reshape(*batch, -1)[..., : math.prod(record.shape)]
     return flat.reshape(*batch, *record.shape).astype(record.dtype)
 
@@ -1274,7 +1274,7 @@ def to_ggml_bytes(q: Any) -> np.ndarray:
                           got=type(q).__name__)
     fmt = q.format
     _check_rows(fmt, q.shape, "q.shape")
-    batch = _record.batch_dims(q)
+    batch = batch_dims(q)
     parts = []
     for name, dt, count in _LAYOUT[fmt][1]:
         v = np.asarray(getattr(q, name)).astype(dt)
@@ -1354,5 +1354,5 @@ _QUANTIZE = {"q5_0": quantize_q5_0, "q5_1": quantize_q5_1, "q2_k": quantize_q2_k
              "q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
 
 for _name, _fn in _QUANTIZE.items():
-    _registry.register_format(_name, record=_RECORDS[_name], quantize=_fn, dequantize=_DEQUANTIZE[_RECORDS[_name]],
+    register_format(_name, record=_RECORDS[_name], quantize=_fn, dequantize=_DEQUANTIZE[_RECORDS[_name]],
                             block_size=BLOCK_VALUES[_name], description=_DESCRIPTIONS[_name])

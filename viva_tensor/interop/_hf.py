@@ -22,7 +22,7 @@ from viva_tensor.interop import bnb
 from viva_tensor.interop import compressed_tensors as ct
 from viva_tensor.interop import gptq as gptq_file
 
-__all__ = ["KINDS", "detect", "load", "save"]
+__all__ = ["KINDS", "detect", "kind_of", "load", "save"]
 
 KINDS = ("bnb", "gptq", "awq", "compressed-tensors")
 _METHODS = {"bitsandbytes": "bnb", "gptq": "gptq", "awq": "awq", "compressed-tensors": "compressed-tensors"}
@@ -89,6 +89,13 @@ def detect(tensors: Mapping[str, Any], config: Mapping[str, Any] | None = None) 
     if any(n.endswith(".qweight") for n in names):
         return "gptq" if any(n.endswith(".g_idx") for n in names) else "awq"
     return None
+
+
+def kind_of(path: str | os.PathLike) -> str | None:
+    """The kind of a Hugging Face file or folder from its config and tensor names, reading no tensor."""
+    files, config = _files(pathlib.Path(os.fspath(path)))
+    names = {n: None for f in files for n in _safetensors.read_header(f).tensors}
+    return detect(names, _quant_config(config) or None)
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
