@@ -306,3 +306,22 @@ def test_real_minilm_layer_matches_reference(name, minilm_inputs):
     assert np.all(ties < 0.01), ties
     assert error <= error_ref * 1.001, (error, error_ref)
     assert error < 0.7 * rtn
+
+
+# ------------------------------------------------------------------------------ calibration text
+
+
+def test_calibration_text_is_deterministic_prose_without_evaluation_sentences():
+    import pathlib
+
+    from viva_tensor.models import _calibration
+
+    text = _calibration.calibration_text()
+    assert len(text) > 1000 and len(set(text)) == len(text)
+    assert text == _calibration.calibration_text() and _calibration.calibration_text(5) == text[:5]
+    assert all(s.endswith(".") and ">>>" not in s and 6 <= len(s.split()) <= 40 for s in text)
+    data = np.load(pathlib.Path(__file__).parent / "data" / "minilm_reference.npz")
+    evaluation = {str(s).strip().lower() for s in data["sentences"]}
+    lowered = [s.lower() for s in text]
+    assert not evaluation & set(lowered)
+    assert not any(e in s for e in evaluation if len(e.split()) >= 4 for s in lowered)
