@@ -266,44 +266,46 @@ def _sweep(w32, h, damp, *, fmt, group, options, act_order, static_groups, block
     w = jnp.pad(w32, ((0, 0), (0, width - k)))
     groups_of = jnp.minimum(groups_of, n_groups - 1)
 
-    first = grid.params(w[:, :group], tensor)
-    stored = static if static_groups else jax.tree.map(lambda a: jnp.zeros((n_groups,) + a.shape, a.dtype), first)
+    stored = static
+    if not static_groups:
+        shapes = jax.eval_shape(lambda g: grid.params(g, tensor), w[:, :group])
+        stored = jax.tree.map(lambda a: jnp.zeros((n_groups,) + a.shape, a.dtype), shapes)
+    starts = jnp.arange(n_groups) * group
 
-    def column(i, carry, w, u1, start):
-        w1, err1, codes, stored, current = carry
+    def column(i, carry, u1, start, stored):
+        w1, err1, codes = carry
         j = start + i
-        if static_groups:
-            params = jax.tree.map(lambda a: a[groups_of[j]], stored)
-        else:
-
-            def fresh(stored):
-                p = grid.params(jax.lax.dynamic_slice_in_dim(w, j, group, axis=1), tensor)
-                return jax.tree.map(lambda s, a: s.at[j // group].set(a), stored, p), p
-
-            boundary = (j % group == 0) & (j < k)
-            stored, params = jax.lax.cond(boundary, fresh, lambda s: (s, current), stored)
-            current = params
+        params = jax.tree.map(lambda a: a[groups_of[j]], stored)
         x = w1[:, i]
         code, q = grid.snap(x, params, tensor)
         err = (x - q) / u1[i, i]
         w1 = w1 - err[:, None] * u1[i][None, :]
-        return w1, err1.at[:, i].set(err), codes.at[:, j].set(code), stored, current
+        err1 = jax.lax.dynamic_update_slice_in_dim(err1, err[:, None], i, axis=1)
+        return w1, err1, jax.lax.dynamic_update_slice_in_dim(codes, code[:, None], j, axis=1)
 
     def block_step(b, carry):
-        w, codes, stored, current = carry
+        w, codes, stored = carry
         start = b * block
+        if not static_groups:
+            # The groups that start in this block get their scales from the weight as it is now (the
+            # reference's find_params on W, which this block's own updates have not reached yet).
+            cut = w[:, : n_groups * group].reshape(out, n_groups, group)
+            fresh = jax.vmap(lambda g: grid.params(g, tensor), in_axes=1)(cut)
+            new = (starts >= start) & (starts < start + block)
+            stored = jax.tree.map(
+                lambda s, f: jnp.where(new.reshape((-1,) + (1,) * (s.ndim - 1)), f, s), stored, fresh
+            )
         w1 = jax.lax.dynamic_slice_in_dim(w, start, block, axis=1)
         u1 = jax.lax.dynamic_slice(u, (start, start), (block, block))
-        init = (w1, jnp.zeros_like(w1), codes, stored, current)
-        _, err1, codes, stored, current = jax.lax.fori_loop(
-            0, block, functools.partial(column, w=w, u1=u1, start=start), init
+        _, err1, codes = jax.lax.fori_loop(
+            0, block, functools.partial(column, u1=u1, start=start, stored=stored), (w1, jnp.zeros_like(w1), codes)
         )
         rows = jax.lax.dynamic_slice_in_dim(u, start, block, axis=0)
         w = w - jnp.matmul(err1, rows, precision=_HIGHEST)
-        return w, codes, stored, current
+        return w, codes, stored
 
     codes = jnp.zeros((out, padded), jnp.int32)
-    _, codes, stored, _ = jax.lax.fori_loop(0, padded // block, block_step, (w, codes, stored, first))
+    _, codes, stored = jax.lax.fori_loop(0, padded // block, block_step, (w, codes, stored))
     codes = codes[:, :k]
     if act_order:
         codes = codes[:, jnp.argsort(perm)]
