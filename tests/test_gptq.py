@@ -188,6 +188,23 @@ def test_matches_reference_on_random_layer(options, layer):
     assert error < 0.9 * rtn
 
 
+def test_nf4_matches_reference_with_its_grid(layer):
+    """The reference is generic over the grid: NF4's (nearest level of x / absmax per block of 64)."""
+    w, x = layer
+    h = gptq.hessian(x)
+    q = gptq.quantize(w, h, "nf4")
+    find_params, snap = ref.nf4_grid()
+    codes, values, _ = ref.gptq(
+        np.asarray(w, np.float64), np.asarray(h.matrix, np.float64), find_params=find_params, snap=snap, group_size=64
+    )
+    packed = np.asarray(q.codes)
+    ours = np.stack([packed >> 4, packed & 15], axis=-1).reshape(w.shape).astype(np.int64)  # first value high
+    assert np.mean(ours == codes) > 0.99
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    error = np.linalg.norm(x64 @ w64.T - x64 @ np.asarray(quant.dequantize(q), np.float64).T)
+    assert error <= 1.01 * np.linalg.norm(x64 @ w64.T - x64 @ values.T)
+
+
 # ------------------------------------------------------------------------------ paths and options
 
 
@@ -197,6 +214,17 @@ def test_jit_equals_eager(layer):
     eager = gptq.quantize(w, h, "q4_0")
     jitted = jax.jit(lambda w, m: gptq.quantize(w, m, "q4_0"))(w, h.matrix)
     assert _same_bytes(eager, jitted)
+
+
+def test_vmap_over_a_stack_of_weights(layer):
+    w, x = layer
+    ws = jnp.stack([w[:16], -w[16:32]])
+    h = gptq.hessian(x)
+    stacked = jax.vmap(lambda v: gptq.quantize(v, h, "q4_0"))(ws)
+    assert stacked.batch_shape == (2,) and stacked.shape == (16, 256)
+    for i in range(2):
+        one = gptq.quantize(ws[i], h, "q4_0")
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(stacked)[i]), np.asarray(quant.dequantize(one)))
 
 
 def test_dead_columns_are_zero_and_others_finite(layer):
