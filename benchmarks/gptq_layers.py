@@ -36,6 +36,7 @@ from viva_tensor.models import _calibration, minilm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+FIXTURE = ROOT / "tests" / "data" / "minilm_reference.npz"
 FORMATS = (("int4_group", {"group_size": 128}), ("nf4", {}), ("q4_0", {}))
 
 
@@ -86,9 +87,40 @@ def relative_error(w: jax.Array, q, gram: np.ndarray) -> float:
     return float(np.sqrt(np.sum((d @ gram) * d) / np.sum((w64 @ gram) * w64)))
 
 
+def _with_records(model, records: dict):
+    """A copy of ``model`` with every Linear replaced by ``nn.QLinear`` holding its record."""
+    from flax import nnx
+
+    from viva_tensor import nn
+    from viva_tensor._graph import set_child
+
+    copy = nnx.clone(model)
+    for path, node in [(p, n) for p, n in nnx.iter_graph(copy) if isinstance(n, nnx.Linear)]:
+        bias = None if node.bias is None else node.bias.get_value()
+        set_child(copy, path, nn.QLinear(records[".".join(str(p) for p in path)], bias, dtype=node.dtype))
+    return copy
+
+
+def fidelity(encoder, records: dict) -> tuple[float, float, float]:
+    """Cosine of the sentence embeddings to the original PyTorch model's (the 32 fixture sentences,
+    evaluation only), mean and min, and the share of sentences with the same nearest neighbour."""
+    data = np.load(FIXTURE)
+    ref = data["embeddings"].astype(np.float64)
+    e = np.asarray(minilm.encode(encoder.replace(model=_with_records(encoder.model, records)), list(data["sentences"])))
+    e = e.astype(np.float64)
+    cos = (e * ref).sum(-1) / np.linalg.norm(e, axis=-1) / np.linalg.norm(ref, axis=-1)
+
+    def neighbours(v):
+        sim = v @ v.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(axis=1)
+
+    return float(cos.mean()), float(cos.min()), float(np.mean(neighbours(e) == neighbours(ref)))
+
+
 def run(encoder, hessians, grams):
     weights = _weights(encoder.model)
-    rows, timing = [], {}
+    rows, timing, embeddings = [], {}, {}
     for fmt, options in FORMATS:
         shapes = {}
         for name, w in weights.items():
@@ -102,8 +134,10 @@ def run(encoder, hessians, grams):
             records[name] = jax.block_until_ready(gptq.quantize(w, hessians[name], fmt, **options))
         timing[fmt] = (time.perf_counter() - t0, time.process_time() - c0, compile_s)
         rtn_options = {"group_size": 128} if fmt == "int4_group" else {}
+        rtns = {name: quant.quantize(w, fmt, **rtn_options) for name, w in weights.items()}
+        embeddings[fmt] = {"rtn": fidelity(encoder, rtns), "gptq": fidelity(encoder, records)}
         for name, w in weights.items():
-            rtn = quant.quantize(w, fmt, **rtn_options)
+            rtn = rtns[name]
             rows.append(
                 {
                     "format": fmt,
@@ -113,10 +147,10 @@ def run(encoder, hessians, grams):
                     "gptq": relative_error(w, records[name], grams[name]),
                 }
             )
-    return rows, timing
+    return rows, timing, embeddings
 
 
-def table(rows, timing) -> list[str]:
+def table(rows, timing, embeddings) -> list[str]:
     lines = [
         "| format | layers where GPTQ < RTN | geomean GPTQ / RTN | GPTQ, 36 layers: wall (s) | CPU (s) | compile (s) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -127,6 +161,14 @@ def table(rows, timing) -> list[str]:
         ratio = float(np.exp(np.mean([np.log(r["gptq"] / r["rtn"]) for r in mine])))
         wall, cpu, compile_s = timing[fmt]
         lines.append(f"| {fmt} | {wins} / {len(mine)} | {ratio:.3f} | {wall:.2f} | {cpu:.2f} | {compile_s:.1f} |")
+    lines += ["", "Whole model, all 36 kernels quantized (one-shot, each on the float model's inputs): cosine of "
+              "the sentence embeddings of the 32 evaluation sentences of `tests/data/minilm_reference.npz` to "
+              "the original PyTorch model's, and same nearest neighbour.", "",
+              "| format | method | mean cosine | min cosine | same nearest neighbour |", "|---|---|---:|---:|---:|"]
+    for fmt, _ in FORMATS:
+        for method in ("rtn", "gptq"):
+            mean, low, nn_share = embeddings[fmt][method]
+            lines.append(f"| {fmt} | {method.upper()} | {mean:.4f} | {low:.4f} | {nn_share * 32:.0f}/32 |")
     lines += ["", "| layer | out x in | " + " | ".join(f"{f} RTN | {f} GPTQ" for f, _ in FORMATS) + " |",
               "|---|---|" + "---:|---:|" * len(FORMATS)]  # fmt: skip
     by_layer: dict[str, dict] = {}
@@ -158,8 +200,8 @@ def main() -> None:
     t0 = time.perf_counter()
     hessians, grams, tok_cal, tok_hold = collect(encoder, calibration, holdout)
     collect_s = time.perf_counter() - t0
-    rows, timing = run(encoder, hessians, grams)
-    lines = table(rows, timing)
+    rows, timing, embeddings = run(encoder, hessians, grams)
+    lines = table(rows, timing, embeddings)
     print("\n".join(lines))
     header = [
         "# GPTQ against round to nearest on MiniLM's 36 Linear kernels",
