@@ -1,13 +1,15 @@
 """GPTQ against round to nearest, layer by layer, on all 36 Linear kernels of all-MiniLM-L6-v2.
 
-Text: English sentences from the standard library's docstrings
-(:func:`viva_tensor.models._calibration.calibration_text`), never the evaluation sentences of
-``tests/data``. The first ``--calibration`` sentences are the calibration set, the next ``--holdout``
-sentences the held-out set (disjoint). The float32 encoder runs on both (padding tokens masked out) and
-every Linear layer's inputs are reduced on the fly: the calibration inputs to the GPTQ Hessian
+Calibration text: English from the standard library's docstrings, as passages of ~230 tokens
+(:func:`viva_tensor.models._calibration.calibration_passages`, default) or short sentences
+(``--text sentences``), never the evaluation sentences of ``tests/data``. The first ``--calibration``
+units calibrate, the next ``--holdout`` are held-out text (disjoint). The 32 evaluation sentences of
+``tests/data/minilm_reference.npz`` are a second, out-of-distribution held-out set (used only to
+measure). The float32 encoder runs on all three (padding tokens masked out) and every Linear layer's
+inputs are reduced on the fly: the calibration inputs to the GPTQ Hessian
 (:func:`viva_tensor.gptq.accumulate`), the held-out inputs to their Gram matrix ``G = XᵀX`` (float64), so
-that a layer's held-out output error ``||X Wᵀ - X Qᵀ||`` is ``sqrt(sum((D G) * D))`` with ``D = W - Q``,
-exact over every held-out token without keeping the activations.
+that a layer's output error ``||X Wᵀ - X Qᵀ||`` is ``sqrt(sum((D G) * D))`` with ``D = W - Q``,
+exact over every token without keeping the activations.
 
 Per format (int4 groups of 128, NF4 block 64, Q4_0) and layer: round to nearest (``quant.quantize``) and
 GPTQ (``gptq.quantize``, defaults: damp 0.01, block 128, no act_order), both ordinary records, and the
@@ -15,8 +17,8 @@ relative held-out output error ``||X(W - Q)ᵀ|| / ||X Wᵀ||``. Each layer is q
 inputs (one-shot, not sequential). GPTQ time: all 36 layers of a format, after one warm-up per weight
 shape (compilation is reported apart).
 
-Run: ``python benchmarks/gptq_layers.py`` (full, writes ``benchmarks/results/gptq_layers.md``) or
-``python benchmarks/gptq_layers.py --quick`` (a few sentences, prints the table only).
+Run: ``python benchmarks/gptq_layers.py`` (full, writes ``benchmarks/results/gptq_layers.md``;
+``--text sentences`` writes ``gptq_layers_sentences.md``) or ``--quick`` (a few passages, prints only).
 """
 
 from __future__ import annotations
@@ -65,20 +67,24 @@ def _reduce_inputs(encoder, sentences, batch, on_batch) -> int:
     return tokens
 
 
-def collect(encoder, calibration, holdout, batch=32):
+def collect(encoder, calibration, holdout, evaluation, batch=16):
     hessians: dict[str, gptq.Hessian] = {}
-    grams: dict[str, np.ndarray] = {}
+    grams: dict[str, dict[str, np.ndarray]] = {"holdout": {}, "evaluation": {}}
 
     def add_calibration(name, x, mask):
         hessians[name] = gptq.accumulate(hessians.get(name), x, mask=mask)
 
-    def add_holdout(name, x, mask):
-        rows = np.asarray(x, np.float64)[np.asarray(mask)]
-        grams[name] = grams.get(name, 0.0) + rows.T @ rows
+    def add_gram(which):
+        def add(name, x, mask):
+            rows = np.asarray(x, np.float64)[np.asarray(mask)]
+            grams[which][name] = grams[which].get(name, 0.0) + rows.T @ rows
+
+        return add
 
     n_cal = _reduce_inputs(encoder, calibration, batch, add_calibration)
-    n_hold = _reduce_inputs(encoder, holdout, batch, add_holdout)
-    return hessians, grams, n_cal, n_hold
+    n_hold = _reduce_inputs(encoder, holdout, batch, add_gram("holdout"))
+    n_eval = _reduce_inputs(encoder, evaluation, batch, add_gram("evaluation"))
+    return hessians, grams, (n_cal, n_hold, n_eval)
 
 
 def relative_error(w: jax.Array, q, gram: np.ndarray) -> float:
@@ -138,29 +144,29 @@ def run(encoder, hessians, grams):
         embeddings[fmt] = {"rtn": fidelity(encoder, rtns), "gptq": fidelity(encoder, records)}
         for name, w in weights.items():
             rtn = rtns[name]
-            rows.append(
-                {
-                    "format": fmt,
-                    "layer": name,
-                    "shape": f"{w.shape[0]}x{w.shape[1]}",
-                    "rtn": relative_error(w, rtn, grams[name]),
-                    "gptq": relative_error(w, records[name], grams[name]),
-                }
-            )
+            row = {"format": fmt, "layer": name, "shape": f"{w.shape[0]}x{w.shape[1]}"}
+            for which, suffix in (("holdout", ""), ("evaluation", "_eval")):
+                row["rtn" + suffix] = relative_error(w, rtn, grams[which][name])
+                row["gptq" + suffix] = relative_error(w, records[name], grams[which][name])
+            rows.append(row)
     return rows, timing, embeddings
 
 
 def table(rows, timing, embeddings) -> list[str]:
     lines = [
-        "| format | layers where GPTQ < RTN | geomean GPTQ / RTN | GPTQ, 36 layers: wall (s) | CPU (s) | compile (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| format | GPTQ < RTN, held-out text | geomean GPTQ / RTN | GPTQ < RTN, evaluation sentences | geomean "
+        "GPTQ / RTN | GPTQ, 36 layers: wall (s) | CPU (s) | compile (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fmt, _ in FORMATS:
         mine = [r for r in rows if r["format"] == fmt]
-        wins = sum(r["gptq"] < r["rtn"] for r in mine)
-        ratio = float(np.exp(np.mean([np.log(r["gptq"] / r["rtn"]) for r in mine])))
+        cells = []
+        for suffix in ("", "_eval"):
+            wins = sum(r["gptq" + suffix] < r["rtn" + suffix] for r in mine)
+            ratio = float(np.exp(np.mean([np.log(r["gptq" + suffix] / r["rtn" + suffix]) for r in mine])))
+            cells.append(f"{wins} / {len(mine)} | {ratio:.3f}")
         wall, cpu, compile_s = timing[fmt]
-        lines.append(f"| {fmt} | {wins} / {len(mine)} | {ratio:.3f} | {wall:.2f} | {cpu:.2f} | {compile_s:.1f} |")
+        lines.append(f"| {fmt} | {' | '.join(cells)} | {wall:.2f} | {cpu:.2f} | {compile_s:.1f} |")
     lines += ["", "Whole model, all 36 kernels quantized (one-shot, each on the float model's inputs): cosine of "
               "the sentence embeddings of the 32 evaluation sentences of `tests/data/minilm_reference.npz` to "
               "the original PyTorch model's, and same nearest neighbour.", "",
@@ -169,13 +175,17 @@ def table(rows, timing, embeddings) -> list[str]:
         for method in ("rtn", "gptq"):
             mean, low, nn_share = embeddings[fmt][method]
             lines.append(f"| {fmt} | {method.upper()} | {mean:.4f} | {low:.4f} | {nn_share * 32:.0f}/32 |")
-    lines += ["", "| layer | out x in | " + " | ".join(f"{f} RTN | {f} GPTQ" for f, _ in FORMATS) + " |",
-              "|---|---|" + "---:|---:|" * len(FORMATS)]  # fmt: skip
+    lines += ["", "Per layer: relative output error on the held-out text, RTN and GPTQ; and GPTQ / RTN on the "
+              "evaluation sentences (below 1: GPTQ better).", "",
+              "| layer | out x in | " + " | ".join(f"{f} RTN | {f} GPTQ | {f} eval ratio" for f, _ in FORMATS) + " |",
+              "|---|---|" + "---:|---:|---:|" * len(FORMATS)]  # fmt: skip
     by_layer: dict[str, dict] = {}
     for r in rows:
-        by_layer.setdefault(r["layer"], {"shape": r["shape"]})[r["format"]] = (r["rtn"], r["gptq"])
+        by_layer.setdefault(r["layer"], {"shape": r["shape"]})[r["format"]] = r
     for layer, v in by_layer.items():
-        cells = " | ".join(f"{v[f][0]:.4f} | {v[f][1]:.4f}" for f, _ in FORMATS)
+        cells = " | ".join(
+            f"{v[f]['rtn']:.4f} | {v[f]['gptq']:.4f} | {v[f]['gptq_eval'] / v[f]['rtn_eval']:.3f}" for f, _ in FORMATS
+        )
         lines.append(f"| {layer} | {v['shape']} | {cells} |")
     return lines
 
@@ -189,16 +199,19 @@ def write_markdown(path: pathlib.Path, header: list[str], lines: list[str]) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few sentences; print only")
-    parser.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 512)")
-    parser.add_argument("--holdout", type=int, default=None, help="held-out sentences (default 256)")
+    parser.add_argument("--text", choices=("passages", "sentences"), default="passages", help="calibration units")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration passages (default 128)")
+    parser.add_argument("--holdout", type=int, default=None, help="held-out passages (default 32)")
     args = parser.parse_args()
-    n_cal = args.calibration or (32 if args.quick else 512)
-    n_hold = args.holdout or (16 if args.quick else 256)
-    text = _calibration.calibration_text()
+    scale = 1 if args.text == "passages" else 8  # about 8 sentences a passage
+    n_cal = args.calibration or scale * (16 if args.quick else 128)
+    n_hold = args.holdout or scale * (8 if args.quick else 32)
+    text = _calibration.calibration_passages() if args.text == "passages" else _calibration.calibration_text()
     calibration, holdout = text[:n_cal], text[n_cal : n_cal + n_hold]
+    evaluation = [str(s) for s in np.load(FIXTURE)["sentences"]]
     encoder = minilm.load()
     t0 = time.perf_counter()
-    hessians, grams, tok_cal, tok_hold = collect(encoder, calibration, holdout)
+    hessians, grams, (tok_cal, tok_hold, tok_eval) = collect(encoder, calibration, holdout, evaluation)
     collect_s = time.perf_counter() - t0
     rows, timing, embeddings = run(encoder, hessians, grams)
     lines = table(rows, timing, embeddings)
@@ -206,11 +219,13 @@ def main() -> None:
     header = [
         "# GPTQ against round to nearest on MiniLM's 36 Linear kernels",
         "",
-        f"all-MiniLM-L6-v2. Calibration: the first {len(calibration)} sentences of "
-        f"`viva_tensor.models._calibration.calibration_text()` (standard-library docstrings; {tok_cal} tokens); "
-        f"held-out: the next {len(holdout)} ({tok_hold} tokens); none of them is an evaluation sentence of "
-        "`tests/data`. Inputs of every Linear captured from the float32 encoder (padding masked out). "
-        "Error = relative held-out output error ||X(W - Q)ᵀ|| / ||X Wᵀ|| over every held-out token. "
+        f"all-MiniLM-L6-v2. Calibration: the first {len(calibration)} {args.text} of "
+        f"`viva_tensor.models._calibration.calibration_{'passages' if args.text == 'passages' else 'text'}()` "
+        f"(standard-library docstrings; {tok_cal} tokens); held-out text: the next {len(holdout)} ({tok_hold} "
+        "tokens); none of them is an evaluation sentence of `tests/data`. Evaluation sentences: the 32 of "
+        f"`tests/data/minilm_reference.npz` ({tok_eval} tokens, two long paragraphs; never used to calibrate). "
+        "Inputs of every Linear captured from the float32 encoder (padding masked out). "
+        "Error = relative output error ||X(W - Q)ᵀ|| / ||X Wᵀ|| over every token of the set. "
         "GPTQ: `gptq.quantize(w, h, fmt)` with damp 0.01, block 128, no act_order; RTN: `quant.quantize(w, fmt)`; "
         "int4_group with groups of 128, nf4 block 64, q4_0 blocks of 32. Each layer on the float model's "
         "inputs (one-shot). GPTQ time: the 36 layers after one compile per weight shape (compile apart). "
@@ -221,7 +236,8 @@ def main() -> None:
         "Written by `python benchmarks/gptq_layers.py`.",
     ]
     if not args.quick:
-        write_markdown(RESULTS / "gptq_layers.md", header, lines)
+        suffix = "" if args.text == "passages" else "_sentences"
+        write_markdown(RESULTS / f"gptq_layers{suffix}.md", header, lines)
 
 
 if __name__ == "__main__":

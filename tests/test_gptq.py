@@ -363,3 +363,13 @@ def test_calibration_text_is_deterministic_prose_without_evaluation_sentences():
     lowered = [s.lower() for s in text]
     assert not evaluation & set(lowered)
     assert not any(e in s for e in evaluation if len(e.split()) >= 4 for s in lowered)
+
+
+def test_calibration_passages_join_consecutive_sentences():
+    from viva_tensor.models import _calibration
+
+    passages = _calibration.calibration_passages()
+    assert len(passages) > 100 and passages == _calibration.calibration_passages()
+    assert all(len(p.split()) > 170 for p in passages) and _calibration.calibration_passages(3) == passages[:3]
+    text = _calibration.calibration_text()
+    assert passages[0].startswith(text[0]) and text[1] in passages[0]

@@ -6,6 +6,12 @@ the docstrings of its standard library. They are read from the source files with
 imported or run), in a fixed order of modules, cut into sentences, and filtered to prose (no code, no
 doctest lines, no markup). The text is the same for a given Python version; it never contains the
 evaluation sentences of ``tests/data`` (tested).
+
+Short sentences only reach the first ~60 token positions. A model then meets long inputs at positions
+(and position-embedding directions) that calibration never showed it, and GPTQ, which puts its error
+where the calibration inputs have no variance, can do worse than round to nearest there (measured on
+MiniLM: see ``benchmarks/results/gptq_layers.md``). :func:`calibration_passages` joins consecutive
+sentences into passages of a few hundred tokens, as GPTQ's own calibration uses long text chunks.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import functools
 import importlib.util
 import re
 
-__all__ = ["MODULES", "calibration_text"]
+__all__ = ["MODULES", "calibration_text", "calibration_passages"]
 
 MODULES = (
     "argparse", "asyncio.events", "asyncio.tasks", "bisect", "calendar", "collections", "concurrent.futures._base",
@@ -82,3 +88,31 @@ def calibration_text(n: int | None = None) -> list[str]:
     """
     sentences = _all_sentences()
     return list(sentences if n is None else sentences[:n])
+
+
+def calibration_passages(n: int | None = None, *, words: int = 170) -> list[str]:
+    """Consecutive sentences of :func:`calibration_text` joined into passages of just over ``words`` words.
+
+    Args:
+        n: how many passages (the first ``n``); ``None`` for all.
+        words: a passage ends at the first sentence that takes it past this many words (170 words are
+            about 230 MiniLM tokens, under its 256-token limit).
+
+    Returns:
+        A list of passages, deterministic for a given Python version.
+
+    Example:
+        >>> p = calibration_passages(2)
+        >>> len(p), all(len(s.split()) > 170 for s in p)
+        (2, True)
+    """
+    passages, current, count = [], [], 0
+    for sentence in _all_sentences():
+        current.append(sentence)
+        count += len(sentence.split())
+        if count > words:
+            passages.append(" ".join(current))
+            current, count = [], 0
+            if n is not None and len(passages) == n:
+                break
+    return passages
