@@ -17,11 +17,19 @@ from viva_tensor import quant
 #: The stated worst-case error of each built-in format, as a fraction of the tensor's absmax, for the
 #: contract's Gaussian input (float32). From the definitions: half a code step of the format's grid
 #: (INT8/Q8_0 1/254; Q4_0 1/16; Q4_1 and group-int4 range/30 <= 1/15; NF4 half the widest level gap
-#: 0.139; E2M1 half of the 4..6 gap over a block scale, MXFP4 up to 1/4 with saturation), plus the
-#: rounding of a float16 / FP8 / 8-bit scale.
+#: 0.139; E2M1 half of the 4..6 gap over a block scale, MXFP4 up to 1/4 with saturation; Q5_0 1/32;
+#: Q5_1 and Q5_K range/62; Q6_K 1/64; Q4_K range/30; Q3_K 1/8; Q2_K range/6), plus the rounding of a
+#: float16 / FP8 / 8-bit scale (the K-quants' 4/6/8-bit sub-block scales add the most).
 STATED_ERROR = {
     "int8": 0.0041,
     "q8_0": 0.0045,
+    "q5_0": 0.034,
+    "q5_1": 0.035,
+    "q2_k": 0.34,
+    "q3_k": 0.14,
+    "q4_k": 0.08,
+    "q5_k": 0.04,
+    "q6_k": 0.02,
     "q4_0": 0.066,
     "q4_1": 0.07,
     "nf4": 0.14,
@@ -34,7 +42,7 @@ STATED_ERROR = {
 #: An error for formats registered by others (a test-only format ...): only a sanity bound.
 DEFAULT_ERROR = 1.0
 
-SHAPE = (8, 128)  # whole blocks for every built-in format (16, 32, 64, 128 values along the last axis)
+SHAPE = (8, 256)  # whole blocks for every built-in format (16, 32, 64, 128 values; the K-quants: 256)
 
 
 def sample(dtype=jnp.float32, seed=0, shape=SHAPE):

@@ -11,7 +11,7 @@ checks it):
   reader/writer), ``_benchmarking`` (the one timer);
 - formats: ``compression`` (INT8, GGML Q4_0/Q4_1/Q8_0), ``ggml`` (Q5_0/Q5_1 and the K-quants), ``nf4``,
   ``blackwell`` (NVFP4, MXFP4), ``awq``, ``sparsity``, ``metrics``, on the private toolkit ``_formats``;
-- quant: ``quant`` (by name, the quantized matmul, trees, checkpoints);
+- quant: ``quant`` (by name, the quantized matmul, trees, checkpoints), ``gptq`` (GPTQ into any grid format);
 - attention and named axes: ``flash_attention``, ``named``, ``sharding``; parallel: ``ring_attention``, ``pool``;
 - memory: ``memory`` (tiers, offloading, streaming, rematerialisation), ``hardware``;
 - interop: ``interop`` (GGUF, bitsandbytes, GPTQ, AWQ, compressed-tensors files);
@@ -25,7 +25,7 @@ Example:
 """
 
 from viva_tensor import axis, errors, memory, tensor
-from viva_tensor import metrics, compression, ggml, nf4, blackwell, awq, sparsity, quant
+from viva_tensor import metrics, compression, ggml, nf4, blackwell, awq, sparsity, quant, gptq
 from viva_tensor import flash_attention, ring_attention, named, sharding, pool, hardware, interop, nn
 from viva_tensor.tensor import (  # noqa: A004 - the Gleam names (sum, max, min, map, slice) on purpose
     zeros,
@@ -103,7 +103,7 @@ __version__ = "0.1.0"
 
 _MODULES = [
     "axis", "errors", "tensor", "named", "sharding", "pool",
-    "metrics", "compression", "ggml", "nf4", "blackwell", "awq", "sparsity", "quant",
+    "metrics", "compression", "ggml", "nf4", "blackwell", "awq", "sparsity", "quant", "gptq",
     "flash_attention", "ring_attention", "memory", "hardware", "interop", "nn",
 ]
 # The Gleam names that shadow Python builtins stay reachable as vt.sum, vt.max ... but are left out of
