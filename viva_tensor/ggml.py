@@ -1355,4 +1355,5 @@ _QUANTIZE = {"q5_0": quantize_q5_0, "q5_1": quantize_q5_1, "q2_k": quantize_q2_k
 
 for _name, _fn in _QUANTIZE.items():
     register_format(_name, record=_RECORDS[_name], quantize=_fn, dequantize=_DEQUANTIZE[_RECORDS[_name]],
-                            block_size=BLOCK_VALUES[_name], description=_DESCRIPTIONS[_name])
+                    block_size=BLOCK_VALUES[_name], description=_DESCRIPTIONS[_name],
+                    row_multiple=BLOCK_VALUES[_name] if _name.endswith("_k") else 1)

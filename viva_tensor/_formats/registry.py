@@ -61,6 +61,8 @@ class FormatSpec:
 
     ``planes`` (optional) maps a 2-D record made outside vmap to :class:`Planes`, or to ``None`` when
     that record cannot be decoded by planes (then :mod:`viva_tensor.quant` falls back to dequantize).
+    ``row_multiple``: the last dim a tensor must be a multiple of (the GGML K-quants' super-block of 256;
+    1 for the formats that pad their last block).
     """
 
     name: str
@@ -70,6 +72,7 @@ class FormatSpec:
     block_size: int
     description: str
     planes: Callable[[Any], Planes | None] | None = None
+    row_multiple: int = 1
 
 
 FORMATS: dict[str, FormatSpec] = {}
@@ -90,6 +93,7 @@ def register_format(
     block_size: int,
     description: str,
     planes: Callable[[Any], Planes | None] | None = None,
+    row_multiple: int = 1,
 ) -> None:
     """Register a format under ``name`` (called by each format module at import; idempotent).
 
@@ -97,7 +101,7 @@ def register_format(
     registered with ``flax.nnx.register_data_type`` here, so that NNX modules hold its instances as data.
     """
     nnx.register_data_type(record)
-    FORMATS[name] = FormatSpec(name, record, quantize, dequantize, block_size, description, planes)
+    FORMATS[name] = FormatSpec(name, record, quantize, dequantize, block_size, description, planes, row_multiple)
 
 
 def is_quantized(x: Any) -> bool:

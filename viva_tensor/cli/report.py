@@ -149,7 +149,8 @@ def eligible_tensors(tensors: dict[str, Any], fmt: str) -> dict[str, Any]:
         ['w']
     """
     spec = quant.format_spec(fmt)
-    return {k: v for k, v in tensors.items() if quant.default_where(k, v, block_size=spec.block_size)}
+    return {k: v for k, v in tensors.items()
+            if quant.default_where(k, v, block_size=spec.block_size, row_multiple=spec.row_multiple)}
 
 
 def _tokenizers_installed() -> bool:

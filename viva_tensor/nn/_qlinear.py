@@ -277,6 +277,10 @@ def quantize_model(
         if where is not None and not where(name, layer):
             skipped.append((name, "not selected by where"))
             continue
+        rows = quant.format_spec(fmt).row_multiple
+        if where is None and layer.in_features % rows:
+            skipped.append((name, f"{layer.in_features} inputs: not whole {fmt} rows of {rows}"))
+            continue
         if activations is None:
             qlayer = QLinear.from_linear(layer, fmt, **options)
         elif name not in activations:

@@ -25,16 +25,18 @@ def _block_size(spec: FormatSpec, options: dict[str, Any]) -> int:
     return int(size) if isinstance(size, (int, np.integer)) and size > 0 else 1
 
 
-def default_where(path: str, leaf: Any, *, block_size: int = 1) -> bool:
+def default_where(path: str, leaf: Any, *, block_size: int = 1, row_multiple: int = 1) -> bool:
     """The default leaf selection of :func:`quantize_tree`.
 
     A floating array of rank >= 2 whose last dim holds at least one full block (``block_size``
-    values): weight matrices, not biases, norms or scalars.
+    values) and is a multiple of ``row_multiple``: weight matrices, not biases, norms or scalars (nor, for
+    the GGML K-quants, matrices whose rows are not whole super-blocks of 256).
 
     Args:
         path: the leaf's path (unused by the default; part of the predicate signature).
         leaf: the leaf.
         block_size: the format's block size.
+        row_multiple: what the last dim must be a multiple of (``quant.format_spec(f).row_multiple``).
 
     Returns:
         Whether the leaf is quantized.
@@ -53,6 +55,7 @@ def default_where(path: str, leaf: Any, *, block_size: int = 1) -> bool:
         and jnp.issubdtype(leaf.dtype, jnp.floating)
         and len(leaf.shape) >= 2
         and leaf.shape[-1] >= block_size
+        and leaf.shape[-1] % row_multiple == 0
     )
 
 
@@ -87,7 +90,7 @@ def quantize_tree(
     check_options(spec, options)
     if where is None:
         block = _block_size(spec, options)
-        where = functools.partial(default_where, block_size=block)
+        where = functools.partial(default_where, block_size=block, row_multiple=spec.row_multiple)
 
     def one(path, leaf):
         if is_quantized(leaf) or not where(path_str(path), leaf):
