@@ -283,8 +283,14 @@ def test_only_visible_blocks_are_visited():
     # The loop bounds decide which (query block, key block) pairs are computed: check them against the
     # pairs that hold at least one visible logit, counted in NumPy.
     def visited(st, nq, nkv):
-        fwd = {(i, j) for i in range(nq) for j in range(*(int(x) for x in fa._kv_range(st, jnp.int32(i * st.block_q), nkv)))}
-        bwd = {(i, j) for j in range(nkv) for i in range(*(int(x) for x in fa._q_range(st, jnp.int32(j * st.block_kv), nq)))}
+        def kv(i):
+            return range(*(int(x) for x in fa._kv_range(st, jnp.int32(i * st.block_q), nkv)))
+
+        def q(j):
+            return range(*(int(x) for x in fa._q_range(st, jnp.int32(j * st.block_kv), nq)))
+
+        fwd = {(i, j) for i in range(nq) for j in kv(i)}
+        bwd = {(i, j) for j in range(nkv) for i in q(j)}
         return fwd, bwd
 
     for causal, window, T, S, bq, bkv in [(True, None, 64, 64, 8, 8), (True, (16, 0), 64, 64, 8, 16),
@@ -292,7 +298,8 @@ def test_only_visible_blocks_are_visited():
         st = fa._Static(scale=1.0, causal=causal, window=window, block_q=bq, block_kv=bkv, seq_q=T, seq_kv=S)
         nq, nkv = -(-T // bq), -(-S // bkv)
         vis = _visible(1, 1, T, S, causal=causal, window=window)[0, 0]
-        needed = {(i, j) for i in range(nq) for j in range(nkv) if vis[i * bq:(i + 1) * bq, j * bkv:(j + 1) * bkv].any()}
+        needed = {(i, j) for i in range(nq) for j in range(nkv)
+                  if vis[i * bq:(i + 1) * bq, j * bkv:(j + 1) * bkv].any()}
         fwd, bwd = visited(st, nq, nkv)
         assert fwd == needed and bwd == needed
         if causal:

@@ -40,6 +40,7 @@ __all__ = [
     "named_sharding",
     "record_specs",
     "shard",
+    "place",
     "shard_map",
     "param_specs",
     "shard_params",
@@ -343,6 +344,39 @@ def _place(x: Any, s: P, mesh: Any, mesh_given: bool) -> Any:
             return jax.reshard(x, target)
         return jax.lax.with_sharding_constraint(x, target)
     return jax.device_put(x, NamedSharding(mesh, s))
+
+
+def place(x: Any, spec: P, mesh: Any = None) -> Any:
+    """Put one array on the mesh with a ``PartitionSpec``, inside or outside ``jit``.
+
+    Outside ``jit`` the data is moved (``jax.device_put``; no copy when it already lives there); inside
+    ``jit`` it is a sharding constraint, or a ``jax.reshard`` on a mesh with ``Explicit`` axes. This is what
+    :func:`shard` does for each named tensor, for a plain array and a spec you already have.
+
+    Args:
+        x: an array (or a tracer inside ``jit``).
+        spec: the ``PartitionSpec``, one entry per dimension of ``x`` (fewer entries replicate the rest).
+        mesh: the mesh (default: the one of ``jax.set_mesh``); an ``AbstractMesh`` means the context mesh.
+
+    Returns:
+        ``x`` placed (outside ``jit``) or constrained (inside) to ``NamedSharding(mesh, spec)``.
+
+    Raises:
+        ShardingError: when no mesh is given or set, or ``spec`` is not a ``PartitionSpec``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> place(jnp.zeros((4, 2)), P("data", None), mesh).sharding.spec
+        P('data', None)
+    """
+    if not isinstance(spec, P):
+        raise ShardingError(argument="spec", expected="a jax.sharding.PartitionSpec", got=type(spec).__name__,
+                            hint="P('data', None) shards axis 0 over the mesh axis 'data'.")
+    given = mesh is not None and not isinstance(mesh, jax.sharding.AbstractMesh)
+    tracing = isinstance(x, jax.core.Tracer)
+    m = _current_mesh(mesh if given else None, concrete=not tracing and not given)
+    return _place(x, spec, m, given)
 
 
 def _is_leaf(x: Any) -> bool:
