@@ -172,9 +172,15 @@ def _padded(st: _Static) -> tuple[int, int]:
 
 
 def _logits(q_blk, k_blk, scale):
-    """(B, bq, K, G, H) x (B, bkv, K, H) -> (B, K, G, bq, bkv) float32 logits times ``scale``."""
-    s = jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=_F32)
-    return s * jnp.asarray(scale, _F32)
+    """(B, bq, K, G, H) x (B, bkv, K, H) -> (B, K, G, bq, bkv) float32 logits, ``scale * q k^T``.
+
+    The scale multiplies the float32 query block before the product, not the logits after it: XLA:CPU
+    contracts ``logits * scale - max`` into a fused multiply-add inside one consumer of the logits and not
+    inside another, and at logits of 1e10 the half-ulp difference (512) is enough for ``exp(s - max(s))`` to
+    overflow. With no multiply after the product, every consumer rounds the logits the same way.
+    """
+    q32 = q_blk.astype(_F32) * jnp.asarray(scale, _F32)
+    return jnp.einsum("bqkgh,bskh->bkgqs", q32, k_blk.astype(_F32), preferred_element_type=_F32)
 
 
 def _slice_pair(x, i0, bq, j0, bkv):
@@ -224,19 +230,14 @@ def _block_mask(st: _Static, ops: _Operands, i0, j0, offset):
 
 def _scores(st: _Static, ops: _Operands, q_blk, k_blk, i0, j0, offset=0):
     """Masked float32 logits of one block, ``scale * q k^T + bias`` (jax.nn's value where hidden), and the
-    visibility mask (None: all visible).
-
-    The block is computed once and kept (an optimization barrier): XLA would otherwise recompute it inside
-    each consumer, rounded differently (a fused multiply-add in one, not in the other), and at logits of
-    1e10 one ulp is 1024, enough for ``exp(s - max(s))`` to overflow.
-    """
+    visibility mask (None: all visible). See :func:`_logits` for why the scale comes first."""
     s = _logits(q_blk, k_blk, st.scale)
     if ops.bias is not None:
         s = s + _slice_pair(ops.bias, i0, st.block_q, j0, st.block_kv).astype(_F32)
     visible, hidden = _block_mask(st, ops, i0, j0, offset)
     if visible is not None:
         s = jnp.where(visible, s, hidden)
-    return lax.optimization_barrier(s), visible
+    return s, visible
 
 
 def _kv_range(st: _Static, i0, num_kv_blocks: int, offset=0):
@@ -649,8 +650,8 @@ def dot_product_attention(
     in ``value``, in ``scale``; a NaN that a mask hides does not spread. (One difference: jax.nn's dense
     backward multiplies a hidden NaN in ``query`` or ``key`` by 0 and spreads it into the other side's
     gradient; blocks that the causal mask or the window hide entirely are never computed, so such a NaN
-    stays out.) Each block of logits is computed once, so ``jit`` and eager give the same bits, also for
-    logits of magnitude 1e10 to 3e38.
+    stays out.) ``jit`` and eager give the same result, also for logits of magnitude 1e10 to 3e38: the
+    scale multiplies the query before the product, so no consumer of the logits rounds them differently.
 
     Args:
         query: ``(B, T, N, H)`` or ``(T, N, H)``, float32, bfloat16 or float16.
