@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor import awq, gptq, quant
+from viva_tensor import awq, gptq, nn, quant
 from viva_tensor.models import _calibration, minilm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def _reduce_inputs(encoder, sentences, batch, on_batch) -> int:
         ids, mask, types = minilm.tokenize(
             encoder.tokenizer, sentences[start : start + batch], max_length=encoder.max_length
         )
-        captured = awq.capture_linear_inputs(encoder.model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+        captured = nn.capture_linear_inputs(encoder.model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
         for name, calls in captured.items():
             on_batch(name, calls[0], jnp.asarray(mask, bool))
         tokens += int(mask.sum())
@@ -97,7 +97,6 @@ def _with_records(model, records: dict):
     """A copy of ``model`` with every Linear replaced by ``nn.QLinear`` holding its record."""
     from flax import nnx
 
-    from viva_tensor import nn
     from viva_tensor._graph import set_child
 
     copy = nnx.clone(model)

@@ -40,9 +40,9 @@ def test_jit_and_eager_give_the_same_bytes(fmt, dtype):
 
 @pytest.mark.parametrize("fmt", NAMES)
 def test_vmap_records_decode_inside_and_outside_the_vmap(fmt):
-    xs = jnp.stack([fc.sample(seed=s, shape=(4, 128)) for s in (2, 3)])
+    xs = jnp.stack([fc.sample(seed=s, shape=(4, 256)) for s in (2, 3)])
     qs = jax.vmap(fc.quantize(fmt))(xs)
-    assert qs.batch_shape == (2,) and qs.shape == (4, 128)
+    assert qs.batch_shape == (2,) and qs.shape == (4, 256)
     outside = quant.dequantize(qs)
     inside = jax.vmap(quant.dequantize)(qs)
     fc.assert_same_bits(outside, inside, fmt)

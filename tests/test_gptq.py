@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from viva_tensor import awq, gptq, quant
+from viva_tensor import awq, gptq, nn, quant
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, ShapeMismatch
 
 # Every format with a grid, with the options under which GPTQ is compared with quant.quantize.
@@ -315,7 +315,7 @@ def minilm_inputs():
     sentences = _calibration.calibration_text()[:192]
     ids, mask, types = minilm.tokenize(encoder.tokenizer, sentences, max_length=encoder.max_length)
     names = ("layers.1.attention.query", "layers.2.output")
-    captured = awq.capture_linear_inputs(encoder.model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+    captured = nn.capture_linear_inputs(encoder.model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
     real = np.asarray(mask).reshape(-1).astype(bool)
     layers = {}
     for name in names:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from viva_tensor._formats import packing
 from viva_tensor import awq, blackwell, compression, nf4
 from viva_tensor.errors import ConfigError, FormatError
 
@@ -212,7 +213,7 @@ def _q4_0_snap(x: jax.Array, p: dict, tensor: Any) -> tuple[jax.Array, jax.Array
 def _q4_0_record(codes, p, tensor, shape, dtype, layout):
     finite = _by_row(p["finite"])[:, None]
     d = compression._nan_where_not(finite, _by_row(p["d"])[:, None])
-    return compression.Q4_0Tensor(compression._pack_nibbles(_blocks_of(codes, 32)), d, shape=shape, dtype=dtype)
+    return compression.Q4_0Tensor(packing.pack_halves(_blocks_of(codes, 32)), d, shape=shape, dtype=dtype)
 
 
 def _ggml_resolve(name: str) -> Callable[[Any, dict, tuple], Layout]:
@@ -251,7 +252,7 @@ def _q4_1_record(codes, p, tensor, shape, dtype, layout):
     finite = _by_row(p["finite"])
     d = compression._nan_where_not(finite[:, None], _by_row(p["d"])[:, None])
     m = jnp.where(finite, _by_row(p["min"]), jnp.float32(jnp.nan)).astype(jnp.float16)
-    return compression.Q4_1Tensor(compression._pack_nibbles(_blocks_of(codes, 32)), d, m, shape=shape, dtype=dtype)
+    return compression.Q4_1Tensor(packing.pack_halves(_blocks_of(codes, 32)), d, m, shape=shape, dtype=dtype)
 
 
 register_grid("q4_1", resolve=_ggml_resolve("q4_1"), params=_q4_1_params, snap=_q4_1_snap, record=_q4_1_record)
@@ -386,7 +387,7 @@ def _nf4_snap(x: jax.Array, p: dict, tensor: Any) -> tuple[jax.Array, jax.Array]
 
 
 def _nf4_record(codes, p, tensor, shape, dtype, layout):
-    packed = nf4._pack_high_first(codes.reshape(-1).astype(jnp.uint8))
+    packed = packing.pack_pairs(codes.reshape(-1).astype(jnp.uint8), first="high")
     block = layout.options["block_size"]
     return nf4.NF4Tensor(packed, _by_row(p["absmax"]), shape=shape, dtype=dtype, block_size=block)
 

@@ -47,6 +47,7 @@ import numpy as np
 from jax import lax
 
 from viva_tensor import compression
+from viva_tensor._formats.checks import float_input
 from viva_tensor._formats.record import QuantizedArray, batch_dims
 from viva_tensor._formats.registry import register_format
 from viva_tensor.errors import DTypeError, FormatError, InvalidOp, InvalidShape, NonFiniteError
@@ -583,13 +584,8 @@ def _unpack_5bit_32(qh: jax.Array, qs: jax.Array) -> jax.Array:
 
 
 def _as_float32(x: Any, argument: str = "x") -> tuple[jax.Array, Any]:
-    if not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
-    dtype = jnp.dtype(x.dtype)
-    if dtype not in _FLOAT_DTYPES:
-        raise DTypeError(argument=argument, expected="a float32, bfloat16 or float16 array", got=str(dtype),
-                         hint="cast with x.astype(jnp.float32) first.")
-    return jnp.asarray(x, jnp.float32), dtype
+    x = float_input(x, argument)
+    return x.astype(jnp.float32), jnp.dtype(x.dtype)
 
 
 def _validate_finite(x: Any) -> None:
