@@ -103,7 +103,9 @@ def mse(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
         >>> float(mse(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0])))
         2.0
     """
-    return jnp.square(_l2(_abs_error(original, reconstructed)))  # scaled: the sum of squares cannot overflow early
+    # scaled by a power of two (exact): the sum of squares cannot overflow early, and rounds as the plain one
+    err, e = _scaled(_abs_error(original, reconstructed))
+    return _restore(_restore(jnp.mean(err * err), e), e)
 
 
 def mae(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
