@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
-from viva_tensor.tensor import _array, _l2, _rms_parts, _scaled
+from viva_tensor.tensor import _array, _l2, _restore, _rms_parts, _scaled
 
 __all__ = [
     "QuantMetrics",
@@ -103,7 +103,9 @@ def mse(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
         >>> float(mse(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0])))
         2.0
     """
-    return jnp.mean(jnp.square(_abs_error(original, reconstructed)))
+    # scaled by a power of two (exact): the sum of squares cannot overflow early, and rounds as the plain one
+    err, e = _scaled(_abs_error(original, reconstructed))
+    return _restore(_restore(jnp.mean(err * err), e), e)
 
 
 def mae(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
@@ -124,7 +126,8 @@ def mae(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
         >>> float(mae(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0])))
         1.0
     """
-    return jnp.mean(_abs_error(original, reconstructed))
+    err, e = _scaled(_abs_error(original, reconstructed))  # scaled: the sum cannot overflow early (3e38 + 3e38)
+    return _restore(jnp.mean(err), e)
 
 
 def rmse(original: jax.Array, reconstructed: jax.Array) -> jax.Array:

@@ -1487,7 +1487,9 @@ def variance(t: jax.Array) -> jax.Array:
     t = _array(t, "t")
     _nonempty(t, "t", "variance")
     x = t.astype(_acc(_float_out(t.dtype)))
-    return jnp.square(_l2(x - jnp.mean(x))).astype(_real_out(t.dtype))
+    d, e = _scaled(x - jnp.mean(x))  # a power of two: rounds as the plain mean of squares, without overflow
+    a = _mag(d)
+    return _restore(_restore(jnp.mean(a * a), e), e).astype(_real_out(t.dtype))
 
 
 def std(t: jax.Array) -> jax.Array:
