@@ -529,3 +529,34 @@ def test_bench_attention_core_with_forced_implementations():
         assert by["cudnn", "fwd"]["note"] and "failed" in text and "- cudnn: " in text
     with pytest.raises(ConfigError, match="impls"):
         attention.measure(64, "float32", False, impls=("flash", "pallas"))
+
+
+def test_inspect_and_convert_between_kinds(tmp_path, capsys):
+    import jax
+    import numpy as np
+
+    from viva_tensor import interop, nf4, quant
+
+    w = jax.random.normal(jax.random.key(0), (64, 256))
+    interop.save(tmp_path / "bnb", {"fc.weight": nf4.double_quantize(w), "fc.bias": np.zeros(64, np.float32)},
+                 kind="bnb")
+    assert cli.main(["inspect", str(tmp_path / "bnb")]) == 0
+    out = capsys.readouterr().out
+    assert "fc.weight" in out and "nf4_dq" in out and "64x256" in out and "(bnb)" in out
+    assert cli.main(["convert", str(tmp_path / "bnb"), str(tmp_path / "m.gguf"), "--to", "gguf", "-f", "q4_k",
+                     "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "re-quantized nf4_dq -> q4_k" in captured.err and "bnb -> gguf" in captured.out
+    tensors, meta = interop.load(tmp_path / "m.gguf")
+    assert meta["kind"] == "gguf" and tensors["fc.weight"].format == "q4_k"
+    # a kind that stores the record keeps it bit for bit
+    assert cli.main(["convert", str(tmp_path / "bnb"), str(tmp_path / "v.safetensors"), "--to", "viva",
+                     "--no-progress"]) == 0
+    back = quant.load(tmp_path / "v.safetensors")
+    assert np.array_equal(np.asarray(quant.dequantize(back["fc.weight"])),
+                          np.asarray(quant.dequantize(nf4.double_quantize(w))))
+    assert cli.main(["convert", str(tmp_path / "bnb"), str(tmp_path / "v.safetensors"), "--to", "viva"]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "missing")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "bnb"), str(tmp_path / "g"), "--to", "gptq", "-f", "nf4"]) == 1

@@ -10,6 +10,11 @@
   ``quant.dot`` time), printed as markdown tables; sizes can be made tiny with flags.
   ``benchmarks/*.py`` also write results.
 - ``viva-tensor tour``: a short guided tour of the library (:mod:`viva_tensor.cli.tour`).
+- ``viva-tensor inspect FILE``: what a checkpoint holds (GGUF, bitsandbytes, GPTQ, AWQ, compressed-tensors
+  or viva_tensor; a file or a Hugging Face folder): a table of tensor, format, shape, bits/value, bytes.
+- ``viva-tensor convert IN OUT --to gguf|bnb|gptq|awq|compressed-tensors|viva [-f FMT]``: one kind of
+  checkpoint into another (:func:`viva_tensor.interop.convert`): records the target stores are kept bit for
+  bit, the others re-quantized (listed on stderr); ``-f`` quantizes every weight into ``FMT``.
 
 Errors (a missing or unreadable file, a file that is not safetensors, an unknown format, an output that
 exists or cannot be written) print one line ``viva-tensor: error: ...`` on stderr and exit with status 1;
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="viva-tensor",
         description="Quantization that really packs bits, measured on real weights.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{report,quantize,bench,tour}")
+    sub = parser.add_subparsers(dest="command", metavar="{report,quantize,inspect,convert,bench,tour}")
     rep = sub.add_parser("report", help="every format on a checkpoint: bytes, bits/value, ratio, SQNR, cosine")
     rep.add_argument("checkpoint", nargs="?", default=None, help="a safetensors file (default: bundled MiniLM)")
     rep.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
@@ -66,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write")
     qz.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     qz.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ins = sub.add_parser("inspect", help="what a checkpoint file or folder holds: tensor, format, shape, bits, bytes")
+    ins.add_argument("checkpoint", help="a GGUF or safetensors file, or a Hugging Face checkpoint folder")
+    cv = sub.add_parser("convert", help="one kind of checkpoint into another (GGUF, bnb, GPTQ, AWQ, ...)")
+    cv.add_argument("checkpoint", help="a GGUF or safetensors file, or a Hugging Face checkpoint folder")
+    cv.add_argument("output", help="the file (gguf, viva) or folder (bnb, gptq, awq, compressed-tensors) to write")
+    cv.add_argument("--to", required=True, choices=["gguf", "bnb", "gptq", "awq", "compressed-tensors", "viva"],
+                    help="the kind to write")
+    cv.add_argument("-f", "--format", default=None, metavar="FMT", help="quantize every weight into FMT")
+    cv.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    cv.add_argument("--no-progress", action="store_true", help="no progress bar")
     _bench_parser(sub)
     sub.add_parser("tour", help="a short guided tour of the library")
     return parser
@@ -180,6 +195,60 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from viva_tensor import interop
+
+    tensors, meta = interop.load(args.checkpoint)
+    rows = interop.inspect(tensors)
+    table = Table(title=f"{os.path.basename(os.path.normpath(args.checkpoint))} ({meta.get('kind') or 'safetensors'})")
+    for col, justify in (("tensor", "left"), ("format", "left"), ("shape", "right"), ("bits/value", "right"),
+                         ("bytes", "right")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(r.name, r.format, "x".join(map(str, r.shape)) or "()", f"{r.bits_per_value:.3f}",
+                      f"{r.nbytes:,}")
+    total = sum(r.nbytes for r in rows)
+    table.caption = f"{len(rows)} tensors, {total:,} bytes"
+    Console().print(table)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from viva_tensor import interop
+
+    if args.to in ("gguf", "viva"):
+        problem = _check_output(args.output, args.force)
+    elif os.path.exists(args.output) and not args.force:
+        problem = f"{args.output!r} exists (pass --force to overwrite it)"
+    else:
+        problem = None
+    if problem:
+        return _error(problem)
+    from viva_tensor.cli import report
+
+    with report.progress_bar(not args.no_progress) as bar:
+        task = bar.add_task(f"reading {os.path.basename(os.path.normpath(args.checkpoint))}", total=3) if bar else None
+        tensors, meta = interop.load(args.checkpoint)
+        if bar:
+            bar.update(task, advance=1, description=f"converting to {args.to}")
+        out, changes = interop.convert(tensors, args.to, fmt=args.format)
+        if bar:
+            bar.update(task, advance=1, description=f"writing {os.path.basename(os.path.normpath(args.output))}")
+        interop.save(args.output, out, kind=args.to)
+        if bar:
+            bar.advance(task)
+    for name, what in changes.items():
+        if what != "kept":
+            print(f"viva-tensor: {name}: {what}", file=sys.stderr)
+    kept = sum(1 for w in changes.values() if w == "kept")
+    print(f"{meta.get('kind') or 'safetensors'} -> {args.to}: {len(out)} tensors, {kept} records kept bit for bit, "
+          f"{len(changes) - kept} (re-)quantized")
+    return 0
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -238,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from viva_tensor.errors import TensorError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv) or ["report"])
-    commands = {"report": _report, "quantize": _quantize, "bench": _bench, "tour": _tour}
+    commands = {"report": _report, "quantize": _quantize, "inspect": _inspect, "convert": _convert, "bench": _bench,
+                "tour": _tour}
     if args.command is None:
         args = build_parser().parse_args(["report"])
     try:
