@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor import awq, gptq, nn, quant
+from viva_tensor import gptq, nn, quant
 from viva_tensor.models import _calibration, minilm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

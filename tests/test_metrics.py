@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -108,7 +109,7 @@ def test_compute_all(maybe_jit, rng):
     for name in ("mse", "mae", "rmse", "max_error", "cosine_similarity", "snr_db"):
         assert float(getattr(m, name)) == pytest.approx(PAIRWISE[name](a64, b64), rel=1e-5), name
     assert float(m.p99_error) == pytest.approx(np.percentile(np.abs(a64 - b64), 99), rel=1e-5)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         m.mse = 0.0  # frozen
 
 

@@ -95,7 +95,7 @@ def test_two_processes_match_single_process(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for i, (p, log) in enumerate(zip(procs, logs)):
+    for i, (p, log) in enumerate(zip(procs, logs, strict=False)):
         assert p.returncode == 0, f"worker {i} failed:\n{log[-4000:]}"
     res = np.load(tmp_path / "result.npz")
 

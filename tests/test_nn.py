@@ -73,7 +73,7 @@ def test_exact_attention_is_the_one_reference(rng):
     bias = jnp.asarray(rng.standard_normal((1, 3, 5, 7)), jnp.float32)
     for args in ((), (bias,), (bias, mask), (None, mask)):
         ours = nn.exact_attention(q, k, v, *args, scale=0.7)
-        ref = flash_attention.naive_attention(q, k, v, 0.7, **dict(zip(("bias", "mask"), args)))
+        ref = flash_attention.naive_attention(q, k, v, 0.7, **dict(zip(("bias", "mask"), args, strict=False)))
         np.testing.assert_array_equal(ours, ref)
         theirs = jax.nn.dot_product_attention(q, k, v, *args, scale=0.7)
         np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -26,6 +26,6 @@ def test_readme_example_runs(block):
     # Every `print(...)  # value` comment whose value is a literal must match what was printed.
     expected = [m.group(1).strip() for line in block.splitlines() if line.startswith("print(")
                 for m in [re.search(r"#\s*(.+)$", line)] if m]
-    for want, got in zip(expected, printed):
+    for want, got in zip(expected, printed, strict=False):
         if want.split()[0].replace(".", "").isdigit() or want.startswith("NamedTensor"):
             assert got.startswith(want.split(" (")[0]), (want, got)

@@ -186,5 +186,5 @@ def test_matches_single_device_flash_attention(causal):
     np.testing.assert_allclose(np.asarray(out), np.asarray(one(q, k, v)), rtol=2e-5, atol=2e-5)
     g_ring = jax.grad(lambda *a: jnp.sum(ring(*a) * do), (0, 1, 2))(q, k, v)
     g_one = jax.grad(lambda *a: jnp.sum(one(*a) * do), (0, 1, 2))(q, k, v)
-    for a, b in zip(g_ring, g_one):
+    for a, b in zip(g_ring, g_one, strict=False):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=5e-5, atol=5e-5)

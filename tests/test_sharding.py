@@ -256,7 +256,7 @@ def test_record_specs_follow_the_tensor(mesh):
     assert_sharded(t.data.codes, mesh, P("data", "model"))
     assert_sharded(t.data.scales, mesh, P("data", "model"))
     # each device holds the codes and the scales of the same (2, 32) part of the tensor
-    for cs, ss in zip(t.data.codes.addressable_shards, t.data.scales.addressable_shards):
+    for cs, ss in zip(t.data.codes.addressable_shards, t.data.scales.addressable_shards, strict=False):
         assert cs.device == ss.device
         assert cs.data.shape == (2, 16) and ss.data.shape == (2, 2)
         assert cs.index[0] == ss.index[0]
@@ -381,7 +381,7 @@ def test_spec_invariants(names, rules):
     used = [a for e in s if e is not None for a in ((e,) if isinstance(e, str) else e)]
     assert len(used) == len(set(used))
     taken: set = set()
-    for n, e in zip(names, s):
+    for n, e in zip(names, s, strict=False):
         want = None
         for rn, axes in rules:
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes

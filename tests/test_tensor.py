@@ -375,7 +375,7 @@ def test_concat_of_unequal_first_axes():
 )
 def test_slice(shape, start, lengths, rng, dtype, maybe_jit):
     x, ref = data(rng, shape, dtype)
-    want = ref[tuple(np.s_[s : s + n] for s, n in zip(start, lengths))]
+    want = ref[tuple(np.s_[s : s + n] for s, n in zip(start, lengths, strict=False))]
     check(maybe_jit(lambda t: T.slice(t, start, lengths))(x), want, dtype)
 
 
@@ -644,7 +644,7 @@ def test_concat_then_slice_gives_back_the_parts(lengths, width):
     joined = T.concat(parts)
     assert joined.shape == (sum(lengths), width)
     offset = 0
-    for p, n in zip(parts, lengths):
+    for p, n in zip(parts, lengths, strict=False):
         assert np.array_equal(np.asarray(T.slice(joined, [offset, 0], [n, width])), np.asarray(p))
         offset += n
 

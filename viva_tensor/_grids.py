@@ -28,14 +28,15 @@ and nowhere else in GPTQ: when a format's arithmetic moves, this file is the one
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor._formats import packing
 from viva_tensor import awq, blackwell, compression, nf4
+from viva_tensor._formats import packing
 from viva_tensor.errors import ConfigError, FormatError
 
 __all__ = ["Grid", "Layout", "GRIDS", "register_grid", "grid_of"]

@@ -37,7 +37,8 @@ import math
 import os
 import stat
 import struct
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np

@@ -9,7 +9,8 @@ arrays or ``jax.ShapeDtypeStruct`` s (nothing runs, nothing is allocated) and re
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

@@ -14,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
-
 from viva_tensor.errors import AxisError, DuplicateAxis
 
 __all__ = [
@@ -37,7 +35,7 @@ __all__ = [
     "validate_names",
 ]
 
-AxisName = Optional[str]
+AxisName = str | None
 """An axis name: a string, or ``None`` for an anonymous axis."""
 
 batch = "batch"

@@ -555,7 +555,7 @@ def _check_pair_shape(name: str, x, target: tuple[int, int, int, int]):
     if x.ndim > 4:
         raise DimensionError(argument=name, expected="at most 4 dimensions (B, N, T, S)", got=f"shape {x.shape}")
     x4 = _as_4d(x)
-    if any(d not in (1, t) for d, t in zip(x4.shape, target)):
+    if any(d not in (1, t) for d, t in zip(x4.shape, target, strict=False)):
         raise BroadcastError(
             argument=name,
             expected=f"a shape broadcastable to (B, N, T, S) = {target}, each axis 1 or full",

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import os
 import platform
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -248,7 +249,7 @@ def local_cpu(*, size: int = 1024, repeats: int = 3) -> DeviceSpec:
     matmul = jax.jit(lambda a, b: a @ b)
     for dtype in ("float32", "bfloat16"):
         a = jnp.ones((size, size), dtype)
-        flops.append((dtype, 2 * size**3 / _best_time(lambda: matmul(a, a), repeats)))
+        flops.append((dtype, 2 * size**3 / _best_time(lambda a=a: matmul(a, a), repeats)))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return DeviceSpec(

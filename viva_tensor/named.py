@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import string
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -404,7 +405,7 @@ def sizes(t: NamedTensor) -> dict:
         >>> sizes(zeros({"batch": 2, "seq": 3}))
         {'batch': 2, 'seq': 3}
     """
-    return {n: int(s) for n, s in zip(axis_names(t), t.data.shape) if n is not None}
+    return {n: int(s) for n, s in zip(axis_names(t), t.data.shape, strict=False) if n is not None}
 
 
 def rank(t: NamedTensor) -> int:
@@ -444,7 +445,7 @@ def describe(t: NamedTensor) -> str:
         >>> describe(zeros({"batch": 8, "seq": 128, "embed": 64}))
         'NamedTensor[batch=8, seq=128, embed=64] float32'
     """
-    parts = [f"{'_' if n is None else n}={s}" for n, s in zip(axis_names(t), t.data.shape)]
+    parts = [f"{'_' if n is None else n}={s}" for n, s in zip(axis_names(t), t.data.shape, strict=False)]
     return f"NamedTensor[{', '.join(parts)}] {jnp.dtype(t.data.dtype).name}"
 
 
@@ -639,8 +640,8 @@ def _union(a: NamedTensor, b: NamedTensor) -> tuple[tuple, dict]:
     na, nb = axis_names(a), axis_names(b)
     ka, kb = _split_anon(na, "a"), _split_anon(nb, "b")
     size_of: dict = {}
-    for t, names, arg in ((a, na, "a"), (b, nb, "b")):
-        for n, s in zip(names, t.data.shape):
+    for t, names in ((a, na), (b, nb)):
+        for n, s in zip(names, t.data.shape, strict=False):
             if n is None:
                 continue
             if n in size_of and size_of[n] != s:

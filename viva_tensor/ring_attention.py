@@ -82,7 +82,7 @@ def _merge_chunk(st, ops, stats, offset):
         i0 = i * st.block_q
         blk = tuple(_slice(x, i0, st.block_q, axis=3) for x in stats)
         blk = _fa._block_forward(st, ops, i0, blk, value_prefix=prefix, offset=offset)
-        return tuple(_update(x, b, i0, axis=3) for x, b in zip(stats, blk))
+        return tuple(_update(x, b, i0, axis=3) for x, b in zip(stats, blk, strict=False))
 
     return jax.lax.fori_loop(0, st.seq_q // st.block_q, q_block, stats)
 

@@ -22,7 +22,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -252,10 +253,10 @@ def _leaf_spec(leaf_shape: tuple, shape: tuple, entries: list, msize: Callable, 
         return P()
     shaped = nd in (r, r + 1) and all(leaf_shape[i] in (shape[i], 1) for i in range(r - 1))
     if shaped and nd == r:
-        return P(*[blocked(s, S, e) for s, S, e in zip(leaf_shape, shape, entries)])
+        return P(*[blocked(s, S, e) for s, S, e in zip(leaf_shape, shape, entries, strict=False)])
     if shaped:
         # (..., blocks along the last axis, values or bytes of a block)
-        out = [blocked(s, S, e) for s, S, e in zip(leaf_shape[: r - 1], shape[: r - 1], entries[: r - 1])]
+        out = [blocked(s, S, e) for s, S, e in zip(leaf_shape[: r - 1], shape[: r - 1], entries[: r - 1], strict=False)]
         return P(*out, blocked(leaf_shape[r - 1], shape[r - 1], entries[r - 1]), None)
     if nd in (1, 2) and r >= 1:
         if all(e is None for e in entries):

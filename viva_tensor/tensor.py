@@ -571,7 +571,8 @@ def from_list(data: Sequence[float], *, dtype=jnp.float32) -> jax.Array:
     try:
         arr = np.asarray(data, dtype=np.float64 if jnp.issubdtype(dtype, jnp.floating) else None)
     except (ValueError, TypeError) as e:
-        raise InvalidShape(argument="data", expected="a flat list of numbers", got=f"{type(data).__name__} ({e})")
+        got = f"{type(data).__name__} ({e})"
+        raise InvalidShape(argument="data", expected="a flat list of numbers", got=got) from None
     if arr.ndim != 1:
         raise InvalidShape(
             argument="data", expected="a flat list of numbers", got=f"a nested list of shape {arr.shape}",
@@ -612,7 +613,7 @@ def from_list2d(rows: Sequence[Sequence[float]], *, dtype=jnp.float32) -> jax.Ar
     try:
         arr = np.asarray(rows, dtype=np.float64 if jnp.issubdtype(dtype, jnp.floating) else None)
     except (ValueError, TypeError) as e:
-        raise InvalidShape(argument="rows", expected="rows of numbers", got=f"{repr(rows)[:60]} ({e})")
+        raise InvalidShape(argument="rows", expected="rows of numbers", got=f"{repr(rows)[:60]} ({e})") from None
     if arr.ndim != 2:
         raise InvalidShape(argument="rows", expected="rows of numbers", got=f"a nested list of shape {arr.shape}")
     return jnp.asarray(arr, dtype=dtype)
@@ -1908,15 +1909,16 @@ def slice(t: jax.Array, start: Sequence[Any], lengths: Sequence[int]) -> jax.Arr
         if len(seq) != t.ndim:
             raise DimensionError(argument=name, expected=f"{t.ndim} entries (one per axis of shape {t.shape})",
                                  got=f"{len(seq)} entries")
-    for ax, (s, n, d) in enumerate(zip(start, lengths, t.shape)):
+    for ax, (s, n, d) in enumerate(zip(start, lengths, t.shape, strict=False)):
         if n > d:
             raise DimensionError(argument="lengths", expected=f"at most {d} on axis {ax}", got=n)
         if _is_int(s) and not 0 <= s <= d - n:
             raise DimensionError(argument="start", expected=f"a start in [0, {d - n}] on axis {ax} "
                                  f"(size {d}, length {n})", got=int(s))
     if builtins.all(_is_int(s) for s in start):
-        return lax.slice(t, tuple(int(s) for s in start), tuple(int(s) + n for s, n in zip(start, lengths)))
-    starts = [_index(s, builtins.max(d, 1), "start") if not _is_int(s) else s for s, d in zip(start, t.shape)]
+        ends = tuple(int(s) + n for s, n in zip(start, lengths, strict=True))
+        return lax.slice(t, tuple(int(s) for s in start), ends)
+    starts = [s if _is_int(s) else _index(s, builtins.max(d, 1), "start") for s, d in zip(start, t.shape, strict=True)]
     return lax.dynamic_slice(t, starts, lengths)
 
 
@@ -2172,7 +2174,7 @@ def can_broadcast(a_shape: Sequence[int], b_shape: Sequence[int]) -> bool:
         (True, False)
     """
     a, b = _shape(a_shape, "a_shape"), _shape(b_shape, "b_shape")
-    return builtins.all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
+    return builtins.all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b), strict=False))
 
 
 def broadcast_shape(a_shape: Sequence[int], b_shape: Sequence[int]) -> Shape:
@@ -2199,7 +2201,7 @@ def broadcast_shape(a_shape: Sequence[int], b_shape: Sequence[int]) -> Shape:
                              hint="sizes aligned from the right must be equal or 1.")
     n = builtins.max(len(a), len(b))
     a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
-    return tuple(x if y == 1 else y for x, y in zip(a, b))
+    return tuple(x if y == 1 else y for x, y in zip(a, b, strict=False))
 
 
 def broadcast_to(t: jax.Array, shape: Sequence[int]) -> jax.Array:  # noqa: A002

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from viva_tensor import _safetensors
 from viva_tensor.errors import CheckpointError

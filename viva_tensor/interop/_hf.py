@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from viva_tensor import _safetensors
 from viva_tensor.errors import CheckpointError
@@ -32,7 +33,8 @@ def _read_json(path: pathlib.Path) -> Any:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise CheckpointError(argument="path", expected="a readable JSON file", got=f"{str(path)!r} ({e.strerror})")
+        got = f"{str(path)!r} ({e.strerror})"
+        raise CheckpointError(argument="path", expected="a readable JSON file", got=got) from None
     return _safetensors.loads_json(raw, what=repr(str(path)))
 
 

@@ -82,7 +82,7 @@ class SmartOffload:
 
 def _units_with_sizes(tree: Any) -> list[tuple[str, int]]:
     paths, units, _ = _flatten_units(tree, _is_unit)
-    return [(p, tree_nbytes(unit)) for p, unit in zip(paths, units)]
+    return [(p, tree_nbytes(unit)) for p, unit in zip(paths, units, strict=False)]
 
 
 def _lru(units: list[tuple[str, int]], policy: SmartOffload) -> dict[str, str]:

@@ -7,7 +7,8 @@ checkpointed; :func:`checkpoint_savings` reads what they save from the compiled 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -174,7 +175,7 @@ def checkpoint_plan(layer_fn: Any, layers: Any, x: Any, strategy: Any) -> tuple[
         raise ConfigError(argument="strategy", expected="NoCheckpoint, EveryN, LargeLayersOnly or Adaptive",
                           got=type(strategy).__name__)
     acts, ins, h = [], [], _spec(x)
-    for fn, stack in zip(fns, stacks):
+    for fn, stack in zip(fns, stacks, strict=False):
         one = _one_layer(stack)
         acts.append(layer_activation_bytes(fn, one, h))
         ins.append(tree_nbytes(h))
@@ -184,13 +185,13 @@ def checkpoint_plan(layer_fn: Any, layers: Any, x: Any, strategy: Any) -> tuple[
         return tuple(1 if a > strategy.threshold else 0 for a in acts)
     _check_bytes("budget_bytes", strategy.budget_bytes, allow_none=True)
     best = []
-    for L, a, s in zip(depths, acts, ins):
+    for L, a, s in zip(depths, acts, ins, strict=False):
         estimates = {n: math.ceil(L / n) * s + n * a for n in range(1, L + 1)}
         best.append(min(estimates, key=lambda n: (estimates[n], n)))
     if strategy.budget_bytes is None:
         return tuple(best)
     plan_ = [0] * len(stacks)
-    keep = [L * a for L, a in zip(depths, acts)]
+    keep = [L * a for L, a in zip(depths, acts, strict=False)]
     cost = {i: keep[i] for i in range(len(stacks))}
     for i in sorted(range(len(stacks)), key=lambda i: (-keep[i], i)):
         if sum(cost.values()) <= strategy.budget_bytes:
@@ -223,7 +224,7 @@ def _run_stage(fn: Callable, stacked: Any, x: Any, n: int) -> Any:
     return x
 
 
-def apply_layers(layer_fn: Any, layers: Any, x: Any, *, strategy: Any = NoCheckpoint()) -> Any:
+def apply_layers(layer_fn: Any, layers: Any, x: Any, *, strategy: Any = NoCheckpoint()) -> Any:  # noqa: B008 - frozen
     """Runs ``x`` through a stack of layers (``lax.scan``), checkpointed as a strategy says.
 
     Checkpointed segments are ``jax.checkpoint`` ed bodies of the scan: their activations are
@@ -250,7 +251,7 @@ def apply_layers(layer_fn: Any, layers: Any, x: Any, *, strategy: Any = NoCheckp
         [[6.0, 6.0]]
     """
     fns, stacks = _stages(layer_fn, layers)
-    for fn, stack, n in zip(fns, stacks, checkpoint_plan(layer_fn, layers, x, strategy)):
+    for fn, stack, n in zip(fns, stacks, checkpoint_plan(layer_fn, layers, x, strategy), strict=False):
         x = _run_stage(fn, stack, x, n)
     return x
 

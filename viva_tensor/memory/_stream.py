@@ -7,7 +7,8 @@ the next one prefetched while the current computes.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -52,7 +53,7 @@ def _free(copy: Any, source: Any) -> None:
     """Deletes the device copies that :func:`stream` made (never a caller's own array)."""
     copies = jax.tree_util.tree_leaves(copy)
     sources = jax.tree_util.tree_leaves(source, is_leaf=_is_handle)
-    for c, s in zip(copies, sources):
+    for c, s in zip(copies, sources, strict=False):
         if c is not s:
             c.delete()
 

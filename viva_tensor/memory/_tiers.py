@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import numpy as np
 
 from viva_tensor import _safetensors
-from viva_tensor._paths import path_str
 from viva_tensor._formats.registry import is_quantized
+from viva_tensor._paths import path_str
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
 
 __all__ = ["TIERS", "DiskArray", "place", "load", "tier_of", "tree_nbytes"]
@@ -124,7 +125,7 @@ def _flatten_units(tree: Any, is_leaf: Callable[[Any], bool]) -> tuple[list[str]
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     paths = [path_str(kp) for kp, _ in flat]
     seen: dict[str, Any] = {}
-    for (kp, _), p in zip(flat, paths):
+    for (kp, _), p in zip(flat, paths, strict=False):
         if p in seen:
             raise ConfigError(argument="tree", expected="leaves with distinct dotted paths",
                               got=f"{jax.tree_util.keystr(seen[p])} and {jax.tree_util.keystr(kp)} both named {p!r}",
@@ -267,7 +268,7 @@ def tier_of(tree: Any) -> dict[str, str]:
     """
     out = {}
     paths, units, _ = _flatten_units(tree, _is_unit)
-    for p, unit in zip(paths, units):
+    for p, unit in zip(paths, units, strict=False):
         kinds = {_leaf_tier(x) for x in jax.tree_util.tree_leaves(unit, is_leaf=_is_handle)}
         out[p] = kinds.pop() if len(kinds) == 1 else "mixed"
     return out
@@ -294,7 +295,7 @@ def _write(tree: Any, path: str) -> Any:
     if "__metadata__" in names:
         raise ConfigError(argument="tree", expected="no leaf whose path is '__metadata__'",
                           got="one", hint="safetensors reserves that name for the file's metadata.")
-    header = _safetensors.write(path, dict(zip(names, leaves)), metadata={"format": "viva_tensor.memory"})
+    header = _safetensors.write(path, dict(zip(names, leaves, strict=False)), metadata={"format": "viva_tensor.memory"})
     handles = []
     for name in names:
         info = header.tensors[name]

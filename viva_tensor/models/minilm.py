@@ -23,7 +23,8 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -430,7 +431,7 @@ class SentenceEncoder:
         """Same as :func:`encode` (``encode(self, sentences, batch_size=...)``)."""
         return encode(self, sentences, batch_size=batch_size)
 
-    def replace(self, **changes: Any) -> "SentenceEncoder":
+    def replace(self, **changes: Any) -> SentenceEncoder:
         """A copy with some fields replaced, e.g. ``encoder.replace(model=quantized_model)``."""
         return dataclasses.replace(self, **changes)
 

@@ -8,7 +8,8 @@ with :func:`viva_tensor.flash_attention.naive_attention` (the package's one O(n^
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

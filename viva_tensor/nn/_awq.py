@@ -8,7 +8,8 @@ selected layer. This split follows qwix's ``awq_core`` / ``awq``: the format mod
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

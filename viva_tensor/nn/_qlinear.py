@@ -9,7 +9,8 @@ calibration pass of :mod:`viva_tensor.nn._awq`), with a :class:`QuantizeReport` 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +79,7 @@ class QLinear(nnx.Module):
         self.dtype = dtype
 
     @classmethod
-    def from_linear(cls, linear: nnx.Linear, fmt: str, **options: Any) -> "QLinear":
+    def from_linear(cls, linear: nnx.Linear, fmt: str, **options: Any) -> QLinear:
         """Quantizes an ``nnx.Linear``'s kernel (transposed to ``(out, in)``) in format ``fmt``.
 
         Args:
