@@ -170,24 +170,33 @@ void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
 template <int RN, int NB>
 inline void nk_micro(const float* wbuf, const float* xp, int64_t K, float* y, int64_t N, int64_t b0, int64_t n,
                      int rn) {
-  __m512 acc[RN][NB];
+  // Two accumulators per output (first and second half of each 32-value group), summed as nk_rows sums them:
+  // a row of y does not depend on the batch it came in.
+  __m512 acc[RN][NB][2];
   for (int r = 0; r < RN; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 w[RN];
-    for (int r = 0; r < RN; ++r) w[r] = _mm512_loadu_ps(wbuf + r * K + k);
+    for (int b = 0; b < NB; ++b) acc[r][b][0] = acc[r][b][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512 w0[RN], w1[RN];
+    for (int r = 0; r < RN; ++r) {
+      w0[r] = _mm512_loadu_ps(wbuf + r * K + k);
+      w1[r] = _mm512_loadu_ps(wbuf + r * K + k + 16);
+    }
     for (int b = 0; b < NB; ++b) {
-      __m512 xv = _mm512_loadu_ps(xp + (b0 + b) * K + k);
-      for (int r = 0; r < RN; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xv, acc[r][b]);
+      __m512 x0 = _mm512_loadu_ps(xp + (b0 + b) * K + k), x1 = _mm512_loadu_ps(xp + (b0 + b) * K + k + 16);
+      for (int r = 0; r < RN; ++r) {
+        acc[r][b][0] = _mm512_fmadd_ps(w0[r], x0, acc[r][b][0]);
+        acc[r][b][1] = _mm512_fmadd_ps(w1[r], x1, acc[r][b][1]);
+      }
     }
   }
   for (int r = 0; r < rn; ++r)
-    for (int b = 0; b < NB; ++b) y[(b0 + b) * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+    for (int b = 0; b < NB; ++b)
+      y[(b0 + b) * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][b][0], acc[r][b][1]));
 }
 
 template <int L, bool BS16, bool OFF>
 void nk_panel(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int RN = 2, NB = 6;
+  constexpr int RN = 2, NB = 5;
   const __m512 lut = _mm512_loadu_ps(p.lut);
   std::vector<float> buf(static_cast<size_t>(RN * K) + 16);
   float* wbuf = buf.data();
