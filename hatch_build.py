@@ -32,11 +32,11 @@ class KernelBuildHook(BuildHookInterface):
         root = Path(self.root)
         builder = _load_builder(root)
         verbose = bool(os.environ.get("VIVA_TENSOR_BUILD_VERBOSE"))
-        path = builder.build(root / "viva_tensor" / "_kernels", verbose=verbose)
+        path = builder.build(root / "viva_tensor" / "_kernels" / "lib", verbose=verbose)
         if path is None:
             print("viva_tensor: CPU kernels not built; the pure-JAX path will be used", file=sys.stderr)
             return
         if version != "editable":  # an editable install finds the library in the source tree
-            build_data["force_include"][str(path)] = "viva_tensor/_kernels/" + path.name
+            build_data["force_include"][str(path)] = "viva_tensor/_kernels/lib/" + path.name
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

@@ -47,7 +47,7 @@ __all__ = ["available", "qmatmul", "qmatmul_reference", "decode", "decode_refere
 
 LAYOUTS = {"low_first": 0, "high_first": 1, "ggml": 2, "int8": 3}
 WEIGHT_LAYOUTS = ("nk", "kn")
-_LIB = Path(__file__).resolve().parent / "_vt_kernels.so"
+_LIB = Path(__file__).resolve().parent / "lib" / "libvt_kernels.so"
 _state: dict[str, Any] = {}
 
 

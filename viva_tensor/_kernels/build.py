@@ -1,4 +1,4 @@
-"""Compiles the CPU kernels into ``viva_tensor/_kernels/_vt_kernels.so`` (private).
+"""Compiles the CPU kernels into ``viva_tensor/_kernels/lib/libvt_kernels.so`` (private).
 
 Used by the hatchling build hook (``hatch_build.py``) at ``pip install`` time and by hand during development::
 
@@ -19,7 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "qmatmul.cc"]
-LIBRARY = "_vt_kernels.so"
+# In a folder without __init__.py: pkgutil.walk_packages would take a .so beside the modules for a Python module.
+LIBRARY = "libvt_kernels.so"
+LIB_DIR = HERE / "lib"
 
 # First the native build (AVX-512 where the CPU has it), then a portable one (scalar loops).
 FLAG_SETS = (
@@ -49,7 +51,7 @@ def build(out_dir: str | os.PathLike | None = None, *, native: bool = True, verb
     """Compiles the kernels; returns the library's path, or None when no compiler or no headers are found.
 
     Args:
-        out_dir: where the library goes (default: this package's folder).
+        out_dir: where the library goes (default: ``lib/`` in this package's folder).
         native: try ``-march=native`` first; False builds only the portable library.
         verbose: print the compiler's commands and errors.
     """
@@ -59,7 +61,7 @@ def build(out_dir: str | os.PathLike | None = None, *, native: bool = True, verb
         if verbose:
             print(f"viva_tensor kernels: not built (compiler={cxx}, FFI headers={include})", file=sys.stderr)
         return None
-    out = Path(out_dir or HERE) / LIBRARY
+    out = Path(out_dir or LIB_DIR) / LIBRARY
     for flags in FLAG_SETS if native else FLAG_SETS[1:]:
         with tempfile.TemporaryDirectory() as tmp:
             tmp_out = Path(tmp) / LIBRARY
