@@ -336,3 +336,37 @@ def test_kernel_args_decode_bit_for_bit(name):
     ref = x.astype(np.float64) @ want.astype(np.float64).T
     bound = 8 * want.shape[1] * 2.0**-24 * (np.abs(x) @ np.abs(want).T) + 1e-6
     assert np.all(np.abs(y - ref) <= bound)
+
+
+@pytest.mark.parametrize("weight_layout", ["nk", "kn"])
+@pytest.mark.parametrize("with_off", [False, True])
+def test_large_batch_panels_with_a_remainder(monkeypatch, weight_layout, with_off):
+    needs_kernel()
+    # 37 rows of the stored weight in panels of 10: three panels through the scan and a remainder of 7
+    monkeypatch.setattr(_kernels, "PANEL_BYTES", 10 * 4 * 64)
+    rng = np.random.default_rng(11)
+    rows, packed = (37, 64) if weight_layout == "nk" else (37, 64)
+    n, k = (rows, packed) if weight_layout == "nk" else (packed, rows)
+    codes, lut, scales, offsets, bs = _planes(rng, "low_first", "uint4", 32, with_off, rows, packed)
+    x = rng.normal(size=(_kernels.PANEL_BATCH + 3, k)).astype(np.float32)
+    fn = jax.jit(lambda x, c, s, o: _kernels.qmatmul(x, c, lut, s, o, layout="low_first", block_size=bs,
+                                                     weight_layout=weight_layout))
+    text = fn.lower(x, codes, scales, offsets).as_text()
+    assert "vt_decode" in text and "vt_qmatmul" not in text
+    y = np.asarray(fn(x, codes, scales, offsets))
+    ref, bound = _reference(x, codes, lut, scales, offsets, "low_first", bs, weight_layout)
+    assert y.shape == (x.shape[0], n)
+    assert np.all(np.abs(y - ref) <= bound)
+
+
+def test_large_batch_keeps_only_a_panel_of_the_weight():
+    needs_kernel()
+    n = k = 4096  # compiled only: 64 MiB as float32, one 4 MiB panel at a time
+    codes = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8)
+    scales = jax.ShapeDtypeStruct((n, k // 64), jnp.float32)
+    x = jax.ShapeDtypeStruct((64, k), jnp.float32)
+    lut = jnp.asarray(NF4)
+    fn = jax.jit(lambda x, c, s: _kernels.qmatmul(x, c, lut, s, layout="high_first", block_size=64))
+    mem = fn.lower(x, codes, scales).compile().memory_analysis()
+    assert mem.temp_size_in_bytes <= _kernels.PANEL_BYTES + 2 * 64 * n * 4, mem.temp_size_in_bytes
+    assert mem.temp_size_in_bytes < n * k * 4 / 4  # issue 13: below a quarter of the float32 weight

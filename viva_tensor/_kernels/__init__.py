@@ -11,11 +11,16 @@ Nibble layouts (``layout=``): ``"low_first"`` (pairs, first value in the low nib
 int4_group, AWQ), ``"high_first"`` (pairs, first value in the high nibble: NF4, bitsandbytes), ``"ggml"`` (byte j of
 each 32-value block holds value j low and value j + 16 high: Q4_0, Q4_1) and ``"int8"`` (one signed byte per value).
 
-Paths: on CPU with the compiled library, an XLA custom call (no host round trip, one compile per shape); elsewhere
-(GPU, TPU, no compiler at install time, or ``VIVA_TENSOR_KERNELS=0``) the pure-JAX reference
-:func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's own axes, never a transposed copy).
-The kernel sums in a different order from the reference: results agree to float32 rounding of the sum
-(relative error ~1e-6 * sqrt(K)), not bit for bit. Gradients are not defined (use the pure-JAX path).
+Paths: on CPU with the compiled library, an XLA custom call (no host round trip, one compile per shape). Below
+``PANEL_BATCH`` (32) rows of activations, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once in
+registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
+N split over the threads. From 32 rows on, ``vt_decode`` decodes ``PANEL_BYTES`` (4 MiB) of the weight at a time to
+float32 and XLA's own GEMM contracts each panel (a ``lax.scan``; the only weight-sized temporary is one panel).
+Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
+multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
+own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to
+float32 rounding of the sum, not bit for bit; a row of y does not depend on the other rows of x below
+``PANEL_BATCH``. Gradients are not defined (use the pure-JAX path).
 
 Example:
     >>> import numpy as np, jax.numpy as jnp
@@ -197,10 +202,73 @@ def qmatmul_reference(x, codes, lut, scales, offsets=None, *, layout: str, block
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: From this many activation rows on, the weight is decoded in panels (vt_decode) and each panel goes to XLA's
+#: GEMM; below it the fused kernel decodes each 32-value group once per 4 rows of x, in registers.
+PANEL_BATCH = 32
+#: Bytes of float32 per decoded panel (the only weight-sized temporary: 4 MiB, 1/16 of a 4096 x 4096 float32).
+PANEL_BYTES = 4 << 20
+
+
 def _ffi_qmatmul(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
     call = jax.ffi.ffi_call("vt_qmatmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
     return call(x2, codes, lut, scales, offsets, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
                 kn=np.int64(kn), threads=np.int64(threads()))
+
+
+def _ffi_decode(codes, lut, scales, offsets, *, layout, block_size, packed):
+    call = jax.ffi.ffi_call("vt_decode", jax.ShapeDtypeStruct((codes.shape[0], packed), jnp.float32),
+                            vmap_method="sequential")
+    return call(codes, lut, scales, offsets, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
+                threads=np.int64(threads()))
+
+
+def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+    """Large batches: decode P rows of the stored weight at a time and contract each panel with XLA's dot."""
+    rows = codes.shape[0]
+    packed = n if kn else x2.shape[1]
+    p = int(max(1, min(rows, PANEL_BYTES // (4 * packed))))
+    full = rows // p
+    has_off = offsets.shape[0] != 0
+
+    def panel(c, s, o, xs):
+        w = _ffi_decode(c, lut, s, o, layout=layout, block_size=block_size, packed=packed)
+        dims = (((1,), (0,)) if kn else ((1,), (1,)), ((), ()))
+        return jax.lax.dot_general(xs, w, dims, precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)
+
+    def split(a):
+        return a[: full * p].reshape(full, p, *a.shape[1:]), a[full * p:]
+
+    (c_main, c_rest), (s_main, s_rest) = split(codes), split(scales)
+    o_main, o_rest = split(offsets) if has_off else ((None,), None)
+    empty = jnp.zeros((0,), jnp.float32)
+    if kn:  # panels of K: y accumulates x[:, panel] @ w[panel, :]
+        xs_main = jnp.moveaxis(x2[:, : full * p].reshape(x2.shape[0], full, p), 1, 0)
+
+        def body(y, t):
+            c, s, o, xs = t
+            return y + panel(c, s, o if has_off else empty, xs), None
+
+        y, _ = jax.lax.scan(body, jnp.zeros((x2.shape[0], n), jnp.float32),
+                            (c_main, s_main, o_main if has_off else jnp.zeros((full, 0)), xs_main))
+        if rows % p:
+            y = y + panel(c_rest, s_rest, o_rest if has_off else empty, x2[:, full * p:])
+        return y
+
+    def body(carry, t):  # panels of N: each gives its own columns of y
+        c, s, o = t
+        return carry, panel(c, s, o if has_off else empty, x2)
+
+    _, ys = jax.lax.scan(body, None, (c_main, s_main, o_main if has_off else jnp.zeros((full, 0))))
+    y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], full * p)
+    if rows % p:
+        y = jnp.concatenate([y, panel(c_rest, s_rest, o_rest if has_off else empty, x2)], axis=1)
+    return y
+
+
+def _kernel_call(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+    fn = _panel_stream if x2.shape[0] >= PANEL_BATCH else _ffi_qmatmul
+    return fn(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,7 +277,7 @@ def _batched_kernel(layout: str, block_size: int, kn: int, n: int):
 
     @jax.custom_batching.custom_vmap
     def f(x2, codes, lut, scales, offsets):
-        return _ffi_qmatmul(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
+        return _kernel_call(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
 
     @f.def_vmap
     def rule(axis_size, in_batched, x2, codes, lut, scales, offsets):
@@ -297,6 +365,4 @@ def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int) ->
     if not available() or not _kernel_fits(packed, block_size, layout) or jax.default_backend() != "cpu":
         return decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size)
     off = jnp.zeros((0,), jnp.float32) if offsets is None else jnp.asarray(offsets, jnp.float32)
-    call = jax.ffi.ffi_call("vt_decode", jax.ShapeDtypeStruct((rows, packed), jnp.float32), vmap_method="sequential")
-    return call(codes, lut, scales, off, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
-                threads=np.int64(threads()))
+    return _ffi_decode(codes, lut, scales, off, layout=layout, block_size=block_size, packed=packed)

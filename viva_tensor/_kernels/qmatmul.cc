@@ -10,6 +10,8 @@
 //                1 = pairs, first value in the high nibble (NF4, bitsandbytes);
 //                2 = GGML halves (byte j of a 32-value group holds value j low and value j + 16 high);
 //                3 = int8 codes (one signed byte per value).
+// Batches of 32 rows and more are not computed here: Python decodes the weight in panels with vt_decode and hands
+// each panel to XLA's own GEMM (measured faster than a blocked GEMM of ours on this CPU).
 // Values are decoded 32 at a time (16 bytes of nibbles or 32 int8) into two 16-lane vectors in "decode order";
 // instead of interleaving the decoded lanes we permute x (kn = 0) or y (kn = 1) once per call.
 // Requirements (checked in Python, re-checked here): the packed axis is a multiple of 32, the block is 16 or a
@@ -32,8 +34,6 @@
 namespace ffi = xla::ffi;
 
 namespace {
-
-int64_t kPanelBatch = 8;  // from this batch on, kn = 0 decodes rows once into a buffer
 
 enum Layout : int { kLowFirst = 0, kHighFirst = 1, kHalves = 2, kInt8 = 3 };
 
@@ -162,67 +162,6 @@ void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
       }
     }
     for (int b = 0; b < NB; ++b) y[(b0 + b) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
-  }
-}
-
-// kn = 0, large batch: RN rows decoded once into a float32 buffer (L1), then reused for every batch row; x is
-// walked in chunks of XB rows that stay in L2. Microkernel: RN rows x NB batch rows of accumulators.
-template <int RN, int NB>
-inline void nk_micro(const float* wbuf, const float* xp, int64_t K, float* y, int64_t N, int64_t b0, int64_t n,
-                     int rn) {
-  // Two accumulators per output (first and second half of each 32-value group), summed as nk_rows sums them:
-  // a row of y does not depend on the batch it came in.
-  __m512 acc[RN][NB][2];
-  for (int r = 0; r < RN; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b][0] = acc[r][b][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512 w0[RN], w1[RN];
-    for (int r = 0; r < RN; ++r) {
-      w0[r] = _mm512_loadu_ps(wbuf + r * K + k);
-      w1[r] = _mm512_loadu_ps(wbuf + r * K + k + 16);
-    }
-    for (int b = 0; b < NB; ++b) {
-      __m512 x0 = _mm512_loadu_ps(xp + (b0 + b) * K + k), x1 = _mm512_loadu_ps(xp + (b0 + b) * K + k + 16);
-      for (int r = 0; r < RN; ++r) {
-        acc[r][b][0] = _mm512_fmadd_ps(w0[r], x0, acc[r][b][0]);
-        acc[r][b][1] = _mm512_fmadd_ps(w1[r], x1, acc[r][b][1]);
-      }
-    }
-  }
-  for (int r = 0; r < rn; ++r)
-    for (int b = 0; b < NB; ++b)
-      y[(b0 + b) * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][b][0], acc[r][b][1]));
-}
-
-template <int L, bool BS16, bool OFF>
-void nk_panel(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int RN = 2, NB = 5;
-  const __m512 lut = _mm512_loadu_ps(p.lut);
-  std::vector<float> buf(static_cast<size_t>(RN * K) + 16);
-  float* wbuf = buf.data();
-  const int64_t xb = std::max<int64_t>(NB, ((int64_t(1) << 18) / std::max<int64_t>(K, 1)) / NB * NB);  // ~1 MiB
-  for (int64_t bc = 0; bc < B; bc += xb) {
-    const int64_t be = std::min(B, bc + xb);
-    for (int64_t n = n0; n < n1; n += RN) {
-      const int rn = static_cast<int>(std::min<int64_t>(RN, n1 - n));
-      for (int r = 0; r < RN; ++r) {
-        float* out = wbuf + r * K;
-        if (r >= rn) {
-          std::memset(out, 0, sizeof(float) * K);
-          continue;
-        }
-        for (int64_t g = 0; g < p.ngroups; ++g) {
-          __m512 a, b;
-          decode_group<L, BS16, OFF>(p, lut, n + r, g, a, b);
-          _mm512_storeu_ps(out + g * 32, a);
-          _mm512_storeu_ps(out + g * 32 + 16, b);
-        }
-      }
-      int64_t b = bc;
-      for (; b + NB <= be; b += NB) nk_micro<RN, NB>(wbuf, xp, K, y, N, b, n, rn);
-      for (; b + 2 <= be; b += 2) nk_micro<RN, 2>(wbuf, xp, K, y, N, b, n, rn);
-      for (; b < be; ++b) nk_micro<RN, 1>(wbuf, xp, K, y, N, b, n, rn);
-    }
   }
 }
 
@@ -369,7 +308,6 @@ void parallel_for(int64_t total, int64_t align, int threads, F&& f) {
 // Dispatch on the batch chunk (NB) for one range; the batch is processed in chunks of at most MaxNB rows.
 template <int L, bool BS16, bool OFF>
 void nk_range(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
-  if (B >= kPanelBatch) return nk_panel<L, BS16, OFF>(p, xp, B, K, y, N, n0, n1);
   int64_t b = 0;
   for (; b + 4 <= B; b += 4) nk_rows<L, BS16, OFF, 4>(p, xp, B, K, y, N, b, n0, n1);
   switch (B - b) {
@@ -550,4 +488,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VtDecode, DecodeImpl,
                                   .Attr<int64_t>("threads"));
 
 extern "C" int vt_kernels_simd() { return VT_AVX512 ? 512 : 0; }
-extern "C" void vt_kernels_set_panel_batch(int64_t b) { kPanelBatch = b; }  // for benchmarks
