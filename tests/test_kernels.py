@@ -370,3 +370,17 @@ def test_large_batch_keeps_only_a_panel_of_the_weight():
     mem = fn.lower(x, codes, scales).compile().memory_analysis()
     assert mem.temp_size_in_bytes <= _kernels.PANEL_BYTES + 2 * 64 * n * 4, mem.temp_size_in_bytes
     assert mem.temp_size_in_bytes < n * k * 4 / 4  # issue 13: below a quarter of the float32 weight
+
+
+@pytest.mark.parametrize("weight_layout", ["nk", "kn"])
+def test_a_row_does_not_depend_on_the_batch(weight_layout):
+    needs_kernel()
+    rng = np.random.default_rng(12)
+    rows, packed = (37, 256) if weight_layout == "nk" else (45, 256)
+    k = packed if weight_layout == "nk" else rows
+    codes, lut, scales, offsets, bs = _planes(rng, "high_first", "nf4", 64, False, rows, packed)
+    x = rng.normal(size=(_kernels.PANEL_BATCH - 1, k)).astype(np.float32)
+    full = np.asarray(_call(x, codes, lut, scales, offsets, "high_first", bs, weight_layout))
+    for b in (1, 3, 16):
+        np.testing.assert_array_equal(np.asarray(_call(x[:b], codes, lut, scales, offsets, "high_first", bs,
+                                                       weight_layout)), full[:b])

@@ -123,45 +123,76 @@ inline void decode_group(const Planes& p, __m512 lut, int64_t row, int64_t g, __
 }
 
 // kn = 0, rows [n0, n1): RN rows at a time, NB batch rows at a time, x already permuted to decode order.
+// K is walked in chunks whose NB rows of x stay in L1 (16 KiB); the vector accumulators of a block of rows live in
+// a small buffer between chunks. Every output is summed in the same order whatever B is (two accumulators, one
+// per half of each 32-value group, added at the end).
 template <int L, bool BS16, bool OFF, int NB>
 void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t b0, int64_t n0,
              int64_t n1) {
   const __m512 lut = _mm512_loadu_ps(p.lut);
   constexpr int RN = 2;
-  int64_t n = n0;
-  for (; n + RN <= n1; n += RN) {
-    __m512 acc[RN][NB][2];
-    for (int r = 0; r < RN; ++r)
-      for (int b = 0; b < NB; ++b) acc[r][b][0] = acc[r][b][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.ngroups; ++g) {
-      __m512 w[RN][2];
-      for (int r = 0; r < RN; ++r) decode_group<L, BS16, OFF>(p, lut, n + r, g, w[r][0], w[r][1]);
-      for (int b = 0; b < NB; ++b) {
-        const float* xb = xp + (b0 + b) * K + g * 32;
-        __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
-        for (int r = 0; r < RN; ++r) {
-          acc[r][b][0] = _mm512_fmadd_ps(w[r][0], x0, acc[r][b][0]);
-          acc[r][b][1] = _mm512_fmadd_ps(w[r][1], x1, acc[r][b][1]);
+  constexpr int64_t RB = 128;  // rows per block
+  const int64_t gk = std::max<int64_t>(1, (int64_t(4096) / (32 * NB)));  // groups per chunk: NB x 16 KiB / NB
+  std::vector<__m512> accbuf(static_cast<size_t>(RB * NB * 2));
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += RB) {
+    const int64_t nb1 = std::min(n1, nb0 + RB);
+    for (auto& v : accbuf) v = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < p.ngroups; g0 += gk) {
+      const int64_t g1 = std::min(p.ngroups, g0 + gk);
+      int64_t n = nb0;
+      for (; n + RN <= nb1; n += RN) {
+        __m512 acc[RN][NB][2];
+        __m512* mem = accbuf.data() + (n - nb0) * NB * 2;
+        for (int r = 0; r < RN; ++r)
+          for (int b = 0; b < NB; ++b) {
+            acc[r][b][0] = mem[(r * NB + b) * 2];
+            acc[r][b][1] = mem[(r * NB + b) * 2 + 1];
+          }
+        for (int64_t g = g0; g < g1; ++g) {
+          __m512 w[RN][2];
+          for (int r = 0; r < RN; ++r) decode_group<L, BS16, OFF>(p, lut, n + r, g, w[r][0], w[r][1]);
+          for (int b = 0; b < NB; ++b) {
+            const float* xb = xp + (b0 + b) * K + g * 32;
+            __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+            for (int r = 0; r < RN; ++r) {
+              acc[r][b][0] = _mm512_fmadd_ps(w[r][0], x0, acc[r][b][0]);
+              acc[r][b][1] = _mm512_fmadd_ps(w[r][1], x1, acc[r][b][1]);
+            }
+          }
+        }
+        for (int r = 0; r < RN; ++r)
+          for (int b = 0; b < NB; ++b) {
+            mem[(r * NB + b) * 2] = acc[r][b][0];
+            mem[(r * NB + b) * 2 + 1] = acc[r][b][1];
+          }
+      }
+      for (; n < nb1; ++n) {
+        __m512* mem = accbuf.data() + (n - nb0) * NB * 2;
+        __m512 acc[NB][2];
+        for (int b = 0; b < NB; ++b) {
+          acc[b][0] = mem[b * 2];
+          acc[b][1] = mem[b * 2 + 1];
+        }
+        for (int64_t g = g0; g < g1; ++g) {
+          __m512 w0, w1;
+          decode_group<L, BS16, OFF>(p, lut, n, g, w0, w1);
+          for (int b = 0; b < NB; ++b) {
+            const float* xb = xp + (b0 + b) * K + g * 32;
+            acc[b][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[b][0]);
+            acc[b][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[b][1]);
+          }
+        }
+        for (int b = 0; b < NB; ++b) {
+          mem[b * 2] = acc[b][0];
+          mem[b * 2 + 1] = acc[b][1];
         }
       }
     }
-    for (int r = 0; r < RN; ++r)
-      for (int b = 0; b < NB; ++b)
-        y[(b0 + b) * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][b][0], acc[r][b][1]));
-  }
-  for (; n < n1; ++n) {
-    __m512 acc[NB][2];
-    for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.ngroups; ++g) {
-      __m512 w0, w1;
-      decode_group<L, BS16, OFF>(p, lut, n, g, w0, w1);
+    for (int64_t n = nb0; n < nb1; ++n)  // row n + r of a pair was stored at the same place as a lone row
       for (int b = 0; b < NB; ++b) {
-        const float* xb = xp + (b0 + b) * K + g * 32;
-        acc[b][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[b][0]);
-        acc[b][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[b][1]);
+        const __m512* m = accbuf.data() + (n - nb0) * NB * 2 + b * 2;
+        y[(b0 + b) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(m[0], m[1]));
       }
-    }
-    for (int b = 0; b < NB; ++b) y[(b0 + b) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
   }
 }
 
@@ -318,8 +349,49 @@ void nk_range(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, 
   }
 }
 
+// kn = 1, one row of x: rows of the weight KQ at a time decoded in registers straight into the accumulators (L1).
+template <int L, bool BS16, bool OFF>
+void kn_cols_b1(const Planes& p, const float* x, int64_t K, float* y, int64_t g0, int64_t g1) {
+  constexpr int KQ = 8;
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  int perm[32];
+  for (int i = 0; i < 32; ++i) perm[i] = decode_perm(L, i);
+  std::vector<float> accv(static_cast<size_t>((g1 - g0) * 32), 0.f);
+  float* acc = accv.data();
+  int64_t k = 0;
+  for (; k + KQ <= K; k += KQ) {
+    __m512 xv[KQ];
+    for (int q = 0; q < KQ; ++q) xv[q] = _mm512_set1_ps(x[k + q]);
+    for (int64_t g = g0; g < g1; ++g) {
+      float* a = acc + (g - g0) * 32;
+      __m512 s0 = _mm512_loadu_ps(a), s1 = _mm512_loadu_ps(a + 16);
+      for (int q = 0; q < KQ; ++q) {
+        __m512 w0, w1;
+        decode_group<L, BS16, OFF>(p, lut, k + q, g, w0, w1);
+        s0 = _mm512_fmadd_ps(w0, xv[q], s0);
+        s1 = _mm512_fmadd_ps(w1, xv[q], s1);
+      }
+      _mm512_storeu_ps(a, s0);
+      _mm512_storeu_ps(a + 16, s1);
+    }
+  }
+  for (; k < K; ++k) {
+    __m512 xv = _mm512_set1_ps(x[k]);
+    for (int64_t g = g0; g < g1; ++g) {
+      float* a = acc + (g - g0) * 32;
+      __m512 w0, w1;
+      decode_group<L, BS16, OFF>(p, lut, k, g, w0, w1);
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(w0, xv, _mm512_loadu_ps(a)));
+      _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(w1, xv, _mm512_loadu_ps(a + 16)));
+    }
+  }
+  for (int64_t g = g0; g < g1; ++g)
+    for (int i = 0; i < 32; ++i) y[g * 32 + perm[i]] = acc[(g - g0) * 32 + i];
+}
+
 template <int L, bool BS16, bool OFF>
 void kn_range(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
+  if (B == 1) return kn_cols_b1<L, BS16, OFF>(p, x, K, y, g0, g1);
   kn_cols<L, BS16, OFF>(p, x, B, K, y, N, g0, g1);
 }
 
