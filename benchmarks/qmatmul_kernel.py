@@ -101,6 +101,31 @@ def run(size: int, batches, formats, repeats: int):
     return rows
 
 
+def choose(size: int, batches, repeats: int):
+    """The measurement behind PANEL_BATCH: nf4 (N, K), fused kernel vs decoded panels + XLA's GEMM, per batch."""
+    rng = np.random.default_rng(1)
+    layout, table, block, codes, scales, offsets, nbytes = _planes(rng, "nf4", size, size)
+    w = jnp.asarray(rng.normal(size=(size, size)).astype(np.float32))
+    f32 = jax.jit(lambda x, w: jnp.einsum("bk,nk->bn", x, w))
+    rows, saved = [], _kernels.PANEL_BATCH
+    try:
+        for b in batches:
+            x = jnp.asarray(rng.normal(size=(b, size)).astype(np.float32))
+            row = dict(batch=b, float32=_time(f32, x, w, repeats=repeats))
+            for path, threshold in (("fused", 1 << 30), ("panels", 1)):
+                _kernels.PANEL_BATCH = threshold
+                f = jax.jit(lambda x, c, s: _kernels.qmatmul(x, c, table, s, layout=layout, block_size=block))
+                row[path] = _time(f, x, codes, scales, repeats=repeats)
+            print(f"B={b:4d} float32 {row['float32']:.3f} ms, fused {row['fused']:.3f} ms, "
+                  f"panels {row['panels']:.3f} ms", flush=True)
+            rows.append(row)
+    finally:
+        _kernels.PANEL_BATCH = saved
+    lines = ["| batch | float32 ms | fused kernel ms | decoded panels + XLA GEMM ms |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['float32']:.3f} | {r['fused']:.3f} | {r['panels']:.3f} |" for r in rows]
+    return rows, "\n".join(lines)
+
+
 def _target(row) -> str:
     if row["format"] == "float32":
         return ""
@@ -129,23 +154,27 @@ def main(argv=None) -> int:
     parser.add_argument("-f", "--format", action="append", dest="formats", choices=sorted(FORMATS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="write results even with --quick")
+    parser.add_argument("--choose", action="store_true", help="also time fused vs panels at B=8..256 (nf4, nk)")
     args = parser.parse_args(argv)
     batches = args.batches or ([1, 16] if args.quick else [1, 16, 256])
     repeats = 3 if args.quick else args.repeats
     rows = run(args.size, batches, args.formats or list(FORMATS), repeats)
+    chosen, chosen_text = choose(args.size, [8, 16, 32, 64, 256], repeats) if args.choose else ([], "")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (f"# qmatmul kernel, {args.size}x{args.size}, min of {repeats}\n\n"
             f"kernels available: {_kernels.available()}, threads: {_kernels.threads()}, jax {jax.__version__}, "
             f"{platform.processor() or platform.machine()}, command: `python benchmarks/qmatmul_kernel.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`, {when}, "
             f"load average {os.getloadavg()[0]:.1f}\n\n" + table(rows) + "\n")
+    if chosen:
+        text += f"\nPaths by batch (PANEL_BATCH = {_kernels.PANEL_BATCH}: panels from there on)\n\n{chosen_text}\n"
     print(text)
     if not args.quick or args.write:
         os.makedirs(RESULTS, exist_ok=True)
         with open(os.path.join(RESULTS, "qmatmul_kernel.md"), "w") as fh:
             fh.write(text)
         with open(os.path.join(RESULTS, "qmatmul_kernel.json"), "w") as fh:
-            json.dump({"size": args.size, "repeats": repeats, "rows": rows}, fh, indent=1)
+            json.dump({"size": args.size, "repeats": repeats, "rows": rows, "paths": chosen}, fh, indent=1)
     return 0
 
 
