@@ -384,3 +384,28 @@ def test_a_row_does_not_depend_on_the_batch(weight_layout):
     for b in (1, 3, 16):
         np.testing.assert_array_equal(np.asarray(_call(x[:b], codes, lut, scales, offsets, "high_first", bs,
                                                        weight_layout)), full[:b])
+
+
+@pytest.mark.parametrize("weight_layout", ["nk", "kn"])
+def test_gradients_match_the_reference(weight_layout):
+    rng = np.random.default_rng(13)
+    rows, packed = (40, 64)
+    k = packed if weight_layout == "nk" else rows
+    codes, lut, scales, offsets, bs = _planes(rng, "ggml", "uint4", 32, True, rows, packed)
+    codes, scales, offsets = jnp.asarray(codes), jnp.asarray(scales), jnp.asarray(offsets)
+    x = jnp.asarray(rng.normal(size=(3, k)).astype(np.float32))
+    kw = dict(layout="ggml", block_size=bs, weight_layout=weight_layout)
+
+    n = rows if weight_layout == "nk" else packed
+    cot = jnp.asarray(rng.normal(size=(3, n)).astype(np.float32))
+
+    def loss(fn):  # linear in y: the cotangent does not amplify the forward's rounding differences
+        return lambda x, s, o: jnp.sum(cot * fn(x, codes, jnp.asarray(lut), s, o, **kw))
+
+    got = jax.jit(jax.grad(loss(_kernels.qmatmul), argnums=(0, 1, 2)))(x, scales, offsets)
+    want = jax.grad(loss(_kernels.qmatmul_reference), argnums=(0, 1, 2))(x, scales, offsets)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+    if _kernels.available():
+        text = jax.jit(jax.grad(lambda x: loss(_kernels.qmatmul)(x, scales, offsets))).lower(x).as_text()
+        assert "vt_qmatmul" in text  # the activations' cotangent runs the kernel too

@@ -20,7 +20,8 @@ Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or 
 multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
 own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to
 float32 rounding of the sum, not bit for bit; a row of y does not depend on the other rows of x below
-``PANEL_BATCH``. Gradients are not defined (use the pure-JAX path).
+``PANEL_BATCH``. ``jax.grad`` works: the activations' cotangent runs the kernel on the other contraction of the same
+planes; the scales', offsets' and table's come from the pure-JAX reference.
 
 Example:
     >>> import numpy as np, jax.numpy as jnp
@@ -335,17 +336,50 @@ def qmatmul(x: jax.Array, codes: jax.Array, lut: jax.Array | None, scales: jax.A
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(jnp.float32)
     off = jnp.zeros((0,), jnp.float32) if offsets is None else offsets
+    y = _differentiable(layout, block_size, weight_layout, n, k, offsets is not None)(x2, codes, lut, scales, off)
+    return y.reshape(*lead, n).astype(x.dtype)
+
+
+def _forward(x2, codes, lut, scales, off, *, layout, block_size, weight_layout, n, has_off):
     kern = _batched_kernel(layout, block_size, int(weight_layout == "kn"), n)
 
-    def cpu(x2, codes, lut, scales, off):
-        return kern(x2, codes, lut, scales, off)
-
     def other(x2, codes, lut, scales, off):
-        return qmatmul_reference(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size,
-                                 weight_layout=weight_layout)
+        return qmatmul_reference(x2, codes, lut, scales, off if has_off else None, layout=layout,
+                                 block_size=block_size, weight_layout=weight_layout)
 
-    y = jax.lax.platform_dependent(x2, codes, lut, scales, off, cpu=cpu, default=other)
-    return y.reshape(*lead, n).astype(x.dtype)
+    return jax.lax.platform_dependent(x2, codes, lut, scales, off, cpu=kern, default=other)
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(layout: str, block_size: int, weight_layout: str, n: int, k: int, has_off: bool):
+    """The kernel with a VJP: the activations' cotangent is the kernel on the other contraction of the same planes
+    (``y = x @ w.T`` gives ``x_bar = y_bar @ w``); the planes' float cotangents come from the pure-JAX reference
+    (XLA drops them when nothing uses them); the codes have none."""
+    other_layout = "kn" if weight_layout == "nk" else "nk"
+    fwd_kw = dict(layout=layout, block_size=block_size, weight_layout=weight_layout, n=n, has_off=has_off)
+    bwd_kw = dict(layout=layout, block_size=block_size, weight_layout=other_layout, n=k, has_off=has_off)
+
+    @jax.custom_vjp
+    def f(x2, codes, lut, scales, off):
+        return _forward(x2, codes, lut, scales, off, **fwd_kw)
+
+    def f_fwd(x2, codes, lut, scales, off):
+        return f(x2, codes, lut, scales, off), (x2, codes, lut, scales, off)
+
+    def f_bwd(res, y_bar):
+        x2, codes, lut, scales, off = res
+        x_bar = _forward(y_bar, codes, lut, scales, off, **bwd_kw)
+
+        def ref(lut, scales, off):
+            return qmatmul_reference(x2, codes, lut, scales, off if has_off else None, layout=layout,
+                                     block_size=block_size, weight_layout=weight_layout)
+
+        _, vjp = jax.vjp(ref, lut, scales, off)
+        lut_bar, scales_bar, off_bar = vjp(y_bar)
+        return x_bar, None, lut_bar, scales_bar, off_bar
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
 
 
 def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int) -> jax.Array:
