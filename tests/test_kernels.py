@@ -409,3 +409,17 @@ def test_gradients_match_the_reference(weight_layout):
     if _kernels.available():
         text = jax.jit(jax.grad(lambda x: loss(_kernels.qmatmul)(x, scales, offsets))).lower(x).as_text()
         assert "vt_qmatmul" in text  # the activations' cotangent runs the kernel too
+
+
+@pytest.mark.parametrize("weight_layout", ["nk", "kn"])
+@pytest.mark.parametrize("name", ["nf4", "q4_1", "int8_cols", "awq", "nvfp4"])
+def test_matmul_of_a_record(name, weight_layout):
+    from viva_tensor._kernels.planes import matmul
+
+    record, dequantize = _records()[name]
+    w = np.asarray(dequantize(record), np.float64)  # (24, 256)
+    k = w.shape[1] if weight_layout == "nk" else w.shape[0]
+    x = np.random.default_rng(14).normal(size=(2, k)).astype(np.float32)
+    y = np.asarray(jax.jit(lambda x: matmul(x, record, weight_layout=weight_layout))(x))
+    ref = x @ (w.T if weight_layout == "nk" else w)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

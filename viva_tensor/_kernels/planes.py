@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["kernel_args"]
+__all__ = ["kernel_args", "decoded", "matmul"]
 
 _E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 _UINT4 = np.arange(16, dtype=np.float32)
@@ -187,3 +187,41 @@ def decoded(args: dict) -> jax.Array:
         w = w / jax.lax.optimization_barrier(jnp.broadcast_to(args["x_div"][None, :], w.shape))
     return w
 
+
+
+def matmul(x: jax.Array, record: Any, *, weight_layout: str = "nk") -> jax.Array | None:
+    """``x`` times a 2-D quantized record through the kernel, or None when :func:`kernel_args` cannot take it.
+
+    ``weight_layout="nk"`` contracts the record's last (packed, blocked) axis: ``x @ dequantize(record).T``;
+    ``"kn"`` its first: ``x @ dequantize(record)``. The result is in ``x``'s dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import nf4
+        >>> from viva_tensor._kernels.planes import matmul
+        >>> matmul(jnp.ones((1, 64)), nf4.quantize(jnp.ones((3, 64)))).tolist()
+        [[64.0, 64.0, 64.0]]
+    """
+    args = kernel_args(record)
+    if args is None:
+        return None
+    from viva_tensor import _kernels
+
+    x = jnp.asarray(x)
+    col_mul, col_div = args["x_mul"], args["x_div"]
+    lift = (1,) * (x.ndim - 1) + (-1,)  # (K,) or (N,) against the last axis of x or y
+    col_mul = None if col_mul is None else col_mul.reshape(lift)
+    col_div = None if col_div is None else col_div.reshape(lift)
+    if weight_layout == "nk":  # per-column factors of w scale the contracted axis of x
+        if col_mul is not None:
+            x = (x.astype(jnp.float32) * col_mul).astype(x.dtype)
+        if col_div is not None:
+            x = (x.astype(jnp.float32) / col_div).astype(x.dtype)
+    y = _kernels.qmatmul(x, args["codes"], args["lut"], args["scales"], args["offsets"], layout=args["layout"],
+                         block_size=args["block_size"], weight_layout=weight_layout)
+    if weight_layout == "kn" and (col_mul is not None or col_div is not None):  # they scale the output columns
+        y32 = y.astype(jnp.float32)
+        y32 = y32 * col_mul if col_mul is not None else y32
+        y32 = y32 / col_div if col_div is not None else y32
+        y = y32.astype(y.dtype)
+    return y
