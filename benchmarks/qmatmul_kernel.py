@@ -102,27 +102,30 @@ def run(size: int, batches, formats, repeats: int):
 
 
 def choose(size: int, batches, repeats: int):
-    """The measurement behind PANEL_BATCH: nf4 (N, K), fused kernel vs decoded panels + XLA's GEMM, per batch."""
+    """The measurement behind PANEL_BATCH: nf4, fused kernel vs decoded panels + XLA's GEMM, per batch and layout."""
     rng = np.random.default_rng(1)
     layout, table, block, codes, scales, offsets, nbytes = _planes(rng, "nf4", size, size)
     w = jnp.asarray(rng.normal(size=(size, size)).astype(np.float32))
-    f32 = jax.jit(lambda x, w: jnp.einsum("bk,nk->bn", x, w))
+    f32 = {"nk": jax.jit(lambda x, w: jnp.einsum("bk,nk->bn", x, w)), "kn": jax.jit(lambda x, w: x @ w)}
     rows, saved = [], _kernels.PANEL_BATCH
     try:
         for b in batches:
             x = jnp.asarray(rng.normal(size=(b, size)).astype(np.float32))
-            row = dict(batch=b, float32=_time(f32, x, w, repeats=repeats))
-            for path, threshold in (("fused", 1 << 30), ("panels", 1)):
-                _kernels.PANEL_BATCH = threshold
-                f = jax.jit(lambda x, c, s: _kernels.qmatmul(x, c, table, s, layout=layout, block_size=block))
-                row[path] = _time(f, x, codes, scales, repeats=repeats)
-            print(f"B={b:4d} float32 {row['float32']:.3f} ms, fused {row['fused']:.3f} ms, "
-                  f"panels {row['panels']:.3f} ms", flush=True)
+            row = dict(batch=b, float32=min(_time(f, x, w, repeats=repeats) for f in f32.values()))
+            for lay in ("nk", "kn"):
+                for path, threshold in (("fused", 1 << 30), ("panels", 1)):
+                    _kernels.PANEL_BATCH = threshold
+                    f = jax.jit(lambda x, c, s, lay=lay: _kernels.qmatmul(x, c, table, s, layout=layout,
+                                                                          block_size=block, weight_layout=lay))
+                    row[f"{lay}_{path}"] = _time(f, x, codes, scales, repeats=repeats)
+            print(f"B={b:4d} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "batch"), flush=True)
             rows.append(row)
     finally:
         _kernels.PANEL_BATCH = saved
-    lines = ["| batch | float32 ms | fused kernel ms | decoded panels + XLA GEMM ms |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['batch']} | {r['float32']:.3f} | {r['fused']:.3f} | {r['panels']:.3f} |" for r in rows]
+    lines = ["| batch | best float32 ms | nk fused ms | nk panels ms | kn fused ms | kn panels ms |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['float32']:.3f} | {r['nk_fused']:.3f} | {r['nk_panels']:.3f} | "
+              f"{r['kn_fused']:.3f} | {r['kn_panels']:.3f} |" for r in rows]
     return rows, "\n".join(lines)
 
 
@@ -154,12 +157,12 @@ def main(argv=None) -> int:
     parser.add_argument("-f", "--format", action="append", dest="formats", choices=sorted(FORMATS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="write results even with --quick")
-    parser.add_argument("--choose", action="store_true", help="also time fused vs panels at B=8..256 (nf4, nk)")
+    parser.add_argument("--choose", action="store_true", help="also time fused vs panels at B=1..64 (nf4)")
     args = parser.parse_args(argv)
     batches = args.batches or ([1, 16] if args.quick else [1, 16, 256])
     repeats = 3 if args.quick else args.repeats
     rows = run(args.size, batches, args.formats or list(FORMATS), repeats)
-    chosen, chosen_text = choose(args.size, [8, 16, 32, 64, 256], repeats) if args.choose else ([], "")
+    chosen, chosen_text = choose(args.size, [1, 2, 4, 8, 16, 32, 64], repeats) if args.choose else ([], "")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (f"# qmatmul kernel, {args.size}x{args.size}, min of {repeats}\n\n"
             f"kernels available: {_kernels.available()}, threads: {_kernels.threads()}, jax {jax.__version__}, "

@@ -205,7 +205,7 @@ def qmatmul_reference(x, codes, lut, scales, offsets=None, *, layout: str, block
 
 #: From this many activation rows on, the weight is decoded in panels (vt_decode) and each panel goes to XLA's
 #: GEMM; below it the fused kernel decodes each 32-value group once per 4 rows of x, in registers.
-PANEL_BATCH = 32
+PANEL_BATCH = int(os.environ.get("VIVA_TENSOR_PANEL_BATCH", "32"))
 #: Bytes of float32 per decoded panel (the only weight-sized temporary: 4 MiB, 1/16 of a 4096 x 4096 float32).
 PANEL_BYTES = 4 << 20
 

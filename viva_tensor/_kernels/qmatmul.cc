@@ -199,13 +199,40 @@ void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
 // kn = 1, column groups [g0, g1) of the weight (K, N). Columns in chunks whose B x chunk accumulators stay in L1;
 // rows of the weight KQ at a time: decoded once into a small buffer, then used by every batch row. The accumulators
 // are in decode order; they are written back to y in natural order.
+template <int KQ, int NB>
+inline void kn_accumulate(const float* wbuf, int64_t gc, int64_t ng, const float* x, int64_t K, int64_t k, int kq,
+                          float* acc, int64_t b0) {
+  __m512 xv[NB][KQ];
+  for (int b = 0; b < NB; ++b)
+    for (int q = 0; q < KQ; ++q) xv[b][q] = _mm512_set1_ps(q < kq ? x[(b0 + b) * K + k + q] : 0.f);
+  for (int64_t t = 0; t < ng; ++t) {
+    __m512 s[NB][2];
+    for (int b = 0; b < NB; ++b) {
+      s[b][0] = _mm512_loadu_ps(acc + ((b0 + b) * gc + t) * 32);
+      s[b][1] = _mm512_loadu_ps(acc + ((b0 + b) * gc + t) * 32 + 16);
+    }
+    for (int q = 0; q < KQ; ++q) {
+      __m512 w0 = _mm512_loadu_ps(wbuf + (q * gc + t) * 32), w1 = _mm512_loadu_ps(wbuf + (q * gc + t) * 32 + 16);
+      for (int b = 0; b < NB; ++b) {
+        s[b][0] = _mm512_fmadd_ps(w0, xv[b][q], s[b][0]);
+        s[b][1] = _mm512_fmadd_ps(w1, xv[b][q], s[b][1]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      _mm512_storeu_ps(acc + ((b0 + b) * gc + t) * 32, s[b][0]);
+      _mm512_storeu_ps(acc + ((b0 + b) * gc + t) * 32 + 16, s[b][1]);
+    }
+  }
+}
+
 template <int L, bool BS16, bool OFF>
 void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
-  constexpr int KQ = 4;
+  constexpr int KQ = 8;
   const __m512 lut = _mm512_loadu_ps(p.lut);
   int perm[32];
   for (int i = 0; i < 32; ++i) perm[i] = decode_perm(L, i);
-  const int64_t gc = std::max<int64_t>(1, std::min<int64_t>(g1 - g0, (int64_t(1) << 13) / (32 * std::max<int64_t>(B, 1))));
+  // B x gc x 32 accumulators in 16 KiB, KQ x gc x 32 decoded values beside them
+  const int64_t gc = std::max<int64_t>(1, std::min<int64_t>(g1 - g0, (int64_t(1) << 12) / (32 * std::max<int64_t>(B, 1))));
   std::vector<float> accv(static_cast<size_t>(B * gc * 32));
   std::vector<float> wv(static_cast<size_t>(KQ * gc * 32));
   float* acc = accv.data();
@@ -222,20 +249,9 @@ void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, in
           _mm512_storeu_ps(wbuf + (q * gc + t) * 32, a);
           _mm512_storeu_ps(wbuf + (q * gc + t) * 32 + 16, b);
         }
-      for (int64_t bb = 0; bb < B; ++bb) {
-        __m512 xv[KQ];
-        for (int q = 0; q < KQ; ++q) xv[q] = _mm512_set1_ps(q < kq ? x[bb * K + k + q] : 0.f);
-        float* ab = acc + bb * gc * 32;
-        for (int64_t t = 0; t < ng; ++t) {
-          __m512 s0 = _mm512_loadu_ps(ab + t * 32), s1 = _mm512_loadu_ps(ab + t * 32 + 16);
-          for (int q = 0; q < KQ; ++q) {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(wbuf + (q * gc + t) * 32), xv[q], s0);
-            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(wbuf + (q * gc + t) * 32 + 16), xv[q], s1);
-          }
-          _mm512_storeu_ps(ab + t * 32, s0);
-          _mm512_storeu_ps(ab + t * 32 + 16, s1);
-        }
-      }
+      int64_t bb = 0;
+      for (; bb + 2 <= B; bb += 2) kn_accumulate<KQ, 2>(wbuf, gc, ng, x, K, k, kq, acc, bb);
+      if (bb < B) kn_accumulate<KQ, 1>(wbuf, gc, ng, x, K, k, kq, acc, bb);
     }
     for (int64_t bb = 0; bb < B; ++bb)
       for (int64_t t = 0; t < ng; ++t) {
