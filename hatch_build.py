@@ -38,5 +38,8 @@ class KernelBuildHook(BuildHookInterface):
             return
         if version != "editable":  # an editable install finds the library in the source tree
             build_data["force_include"][str(path)] = "viva_tensor/_kernels/lib/" + path.name
+            sidecar = path.parent / builder.CPU_FILE  # the CPU a native build needs: checked before loading
+            if sidecar.exists():
+                build_data["force_include"][str(sidecar)] = "viva_tensor/_kernels/lib/" + sidecar.name
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

@@ -423,3 +423,22 @@ def test_matmul_of_a_record(name, weight_layout):
     y = np.asarray(jax.jit(lambda x: matmul(x, record, weight_layout=weight_layout))(x))
     ref = x @ (w.T if weight_layout == "nk" else w)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_library_built_for_another_cpu_is_not_loaded(monkeypatch, tmp_path):
+    import shutil
+
+    from viva_tensor._kernels import build
+
+    if not _kernels.library_path().exists():
+        pytest.skip("no library")
+    lib = tmp_path / build.LIBRARY
+    shutil.copy(_kernels.library_path(), lib)
+    flags = build.cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    (tmp_path / build.CPU_FILE).write_text(" ".join(sorted(flags | {"avx1024_imaginary"})))
+    monkeypatch.setattr(_kernels, "_LIB", lib)
+    monkeypatch.setattr(_kernels, "_state", {})
+    assert not _kernels.available()
+    assert "avx1024_imaginary" in _kernels._state["error"]

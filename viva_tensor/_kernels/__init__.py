@@ -73,11 +73,29 @@ def threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _missing_instructions() -> set[str]:
+    """Instruction sets the library was compiled for that this CPU lacks (empty: safe to load)."""
+    from viva_tensor._kernels import build
+
+    sidecar = _LIB.parent / build.CPU_FILE
+    try:
+        wanted = set(sidecar.read_text().split())
+    except OSError:
+        return set()
+    have = build.cpu_flags()
+    return wanted - have if have else set()
+
+
 def _load() -> bool:
     if "ok" in _state:
         return _state["ok"]
     ok = False
     if os.environ.get("VIVA_TENSOR_KERNELS", "1") != "0" and _LIB.exists():
+        missing = _missing_instructions()
+        if missing:
+            _state["error"] = f"built with -march=native for a CPU with {sorted(missing)[:6]}: rebuild it here"
+            _state["ok"] = False
+            return False
         try:
             lib = ctypes.cdll.LoadLibrary(str(_LIB))
             jax.ffi.register_ffi_target("vt_qmatmul", jax.ffi.pycapsule(lib.VtQMatmul), platform="cpu")

@@ -47,6 +47,23 @@ def ffi_include_dir() -> str | None:
         return None
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return {f for f in line.split(":", 1)[1].split() if f.startswith(ISA_PREFIXES)}
+    except OSError:
+        pass
+    return set()
+
+
+ISA_PREFIXES = ("avx", "amx", "fma", "bmi", "f16c", "sse", "ssse", "popcnt", "lzcnt", "movbe", "vaes", "vpclmul",
+                "gfni", "sha", "adx")
+CPU_FILE = LIBRARY + ".cpu"  # beside the library: the flags of the CPU a -march=native build was made for
+
+
 def build(out_dir: str | os.PathLike | None = None, *, native: bool = True, verbose: bool = False) -> Path | None:
     """Compiles the kernels; returns the library's path, or None when no compiler or no headers are found.
 
@@ -73,6 +90,9 @@ def build(out_dir: str | os.PathLike | None = None, *, native: bool = True, verb
             if proc.returncode == 0:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(tmp_out), out)  # one rename: a running process keeps its old mapping
+                # a native build runs only on a CPU with the same instructions (a wheel copied elsewhere)
+                sidecar = out.parent / CPU_FILE
+                sidecar.write_text(" ".join(sorted(cpu_flags())) if "-march=native" in flags else "")
                 return out
             if verbose:
                 print(proc.stderr[-4000:], file=sys.stderr)
