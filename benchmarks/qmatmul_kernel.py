@@ -2,7 +2,8 @@
 
 For a 4096 x 4096 weight, batch 1, 16 and 256, every 4-bit table layout and int8, both weight layouts
 (``nk``: weight (N, K) contracted on K, the checkpoint layout; ``kn``: weight (K, N), ``y = x @ w``): milliseconds
-(minimum over repeats, jitted, warm, ``block_until_ready``), the ratio to the float32 matmul in its best layout at
+(minimum over repeats, jitted, warm, ``block_until_ready``; all functions of one batch take turns, round after
+round, so that a loaded machine slows them alike), the ratio to the float32 matmul in its best layout at
 that batch (``jnp.einsum("bk,nk->bn")`` or ``x @ w``, whichever is faster in this run), and GB/s of the bytes the
 kernel reads for the weight (codes + float32 scales + offsets).
 
@@ -70,34 +71,47 @@ def _planes(rng, name, rows, packed):
     return layout, table, block, codes, scales, offsets, nbytes
 
 
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Minimum time of each function, the functions taking turns round after round (the load hits them alike)."""
+    for f, args in fns.values():
+        f(*args).block_until_ready()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, (f, args) in fns.items():
+            t = time.perf_counter()
+            f(*args).block_until_ready()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return {k: v * 1e3 for k, v in best.items()}
+
+
 def run(size: int, batches, formats, repeats: int):
     rng = np.random.default_rng(0)
     n = k = size
     w = jnp.asarray(rng.normal(size=(n, k)).astype(np.float32))
     f32 = {"nk": jax.jit(lambda x, w: jnp.einsum("bk,nk->bn", x, w)), "kn": jax.jit(lambda x, w: x @ w)}
+    planes = {(name, lay): _planes(rng, name, n if lay == "nk" else k, k if lay == "nk" else n)
+              for name in formats for lay in ("nk", "kn")}
     rows = []
     for b in batches:
         x = jnp.asarray(rng.normal(size=(b, k)).astype(np.float32))
-        base = {lay: _time(f, x, w, repeats=repeats) for lay, f in f32.items()}
-        best = min(base.values())
-        for lay, t in base.items():
-            rows.append(dict(batch=b, format="float32", weight_layout=lay, ms=t, ratio=t / best,
-                             gbps=w.nbytes / t / 1e6, path="xla"))
-        for name in formats:
-            for lay in ("nk", "kn"):
-                layout, table, block, codes, scales, offsets, nbytes = _planes(rng, name, n if lay == "nk" else k,
-                                                                               k if lay == "nk" else n)
+        fns = {("float32", lay): (f, (x, w)) for lay, f in f32.items()}
+        for (name, lay), (layout, table, block, codes, scales, offsets, nbytes) in planes.items():
 
-                def f(x, codes, scales, offsets, layout=layout, table=table, block=block, lay=lay):
-                    return _kernels.qmatmul(x, codes, table, scales, offsets, layout=layout, block_size=block,
-                                            weight_layout=lay)
+            def f(x, codes, scales, offsets, layout=layout, table=table, block=block, lay=lay):
+                return _kernels.qmatmul(x, codes, table, scales, offsets, layout=layout, block_size=block,
+                                        weight_layout=lay)
 
-                t = _time(jax.jit(f), x, codes, scales, offsets, repeats=repeats)
-                rows.append(dict(batch=b, format=name, weight_layout=lay, ms=t, ratio=t / best, gbps=nbytes / t / 1e6,
-                                 path="kernel" if _kernels.available() else "pure-jax"))
-                gbps = nbytes / t / 1e6
-                print(f"B={b:4d} {name:11s} {lay}  {t:8.3f} ms  {t / best:6.3f}x of float32  {gbps:6.1f} GB/s",
-                      flush=True)
+            fns[(name, lay)] = (jax.jit(f), (x, codes, scales, offsets))
+        times = _interleaved(fns, repeats)
+        best = min(times[("float32", lay)] for lay in f32)
+        for (name, lay), t in times.items():
+            nbytes = w.nbytes if name == "float32" else planes[(name, lay)][-1]
+            path = "xla" if name == "float32" else (
+                ("panels+xla" if b >= _kernels.PANEL_BATCH else "kernel") if _kernels.available() else "pure-jax")
+            rows.append(dict(batch=b, format=name, weight_layout=lay, ms=t, ratio=t / best, gbps=nbytes / t / 1e6,
+                             path=path))
+            print(f"B={b:4d} {name:11s} {lay}  {t:8.3f} ms  {t / best:6.3f}x of float32  {nbytes / t / 1e6:6.1f} GB/s",
+                  flush=True)
     return rows
 
 
@@ -111,13 +125,17 @@ def choose(size: int, batches, repeats: int):
     try:
         for b in batches:
             x = jnp.asarray(rng.normal(size=(b, size)).astype(np.float32))
-            row = dict(batch=b, float32=min(_time(f, x, w, repeats=repeats) for f in f32.values()))
+            fns = {f"float32_{lay}": (f, (x, w)) for lay, f in f32.items()}
             for lay in ("nk", "kn"):
                 for path, threshold in (("fused", 1 << 30), ("panels", 1)):
-                    _kernels.PANEL_BATCH = threshold
+                    _kernels.PANEL_BATCH = threshold  # read when traced: each jit below keeps its path
                     f = jax.jit(lambda x, c, s, lay=lay: _kernels.qmatmul(x, c, table, s, layout=layout,
                                                                           block_size=block, weight_layout=lay))
-                    row[f"{lay}_{path}"] = _time(f, x, codes, scales, repeats=repeats)
+                    f(x, codes, scales).block_until_ready()
+                    fns[f"{lay}_{path}"] = (f, (x, codes, scales))
+            times = _interleaved(fns, repeats)
+            row = dict(batch=b, float32=min(times["float32_nk"], times["float32_kn"]),
+                       **{k: v for k, v in times.items() if not k.startswith("float32")})
             print(f"B={b:4d} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "batch"), flush=True)
             rows.append(row)
     finally:
