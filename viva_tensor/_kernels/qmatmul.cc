@@ -261,6 +261,7 @@ void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, in
           _mm512_storeu_ps(wbuf + (q * gc + t) * 32 + 16, b);
         }
       int64_t bb = 0;
+      for (; bb + 4 <= B; bb += 4) kn_accumulate<KQ, 4>(wbuf, gc, ng, x, K, k, kq, acc, bb);
       for (; bb + 2 <= B; bb += 2) kn_accumulate<KQ, 2>(wbuf, gc, ng, x, K, k, kq, acc, bb);
       if (bb < B) kn_accumulate<KQ, 1>(wbuf, gc, ng, x, K, k, kq, acc, bb);
     }
