@@ -15,8 +15,9 @@ Paths: on CPU with the compiled library, an XLA custom call (no host round trip,
 ``PANEL_BATCH`` (32) rows of activations, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once in
 registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
 N split over the threads; for ``(K, N)`` weights, 8 rows of the weight are decoded per pass into accumulators over a
-strip of columns that stays in L1 (used by 4 rows of x at a time). From 32 rows on, ``vt_decode`` decodes ``PANEL_BYTES`` (4 MiB) of the weight at a time to
-float32 and XLA's own GEMM contracts each panel (a ``lax.scan``; the only weight-sized temporary is one panel).
+strip of columns that stays in L1 (used by 4 rows of x at a time). From 32 rows on, ``vt_decode`` decodes
+``PANEL_BYTES`` (4 MiB) of the weight at a time to float32 and XLA's own GEMM contracts each panel (a ``lax.scan``;
+the only weight-sized temporary is one panel).
 Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
 multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
 own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to
