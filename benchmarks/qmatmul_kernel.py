@@ -95,7 +95,7 @@ def run(size: int, batches, formats, repeats: int):
     for b in batches:
         x = jnp.asarray(rng.normal(size=(b, k)).astype(np.float32))
         fns = {("float32", lay): (f, (x, w)) for lay, f in f32.items()}
-        for (name, lay), (layout, table, block, codes, scales, offsets, nbytes) in planes.items():
+        for (name, lay), (layout, table, block, codes, scales, offsets, _nbytes) in planes.items():
 
             def f(x, codes, scales, offsets, layout=layout, table=table, block=block, lay=lay):
                 return _kernels.qmatmul(x, codes, table, scales, offsets, layout=layout, block_size=block,

@@ -3,45 +3,43 @@
 1. A 4096 x 4096 float32 Gaussian matrix: bytes, bits per value, ratio, SQNR, cosine; quantize and
    dequantize throughput (GB/s of float32 input, jitted, warm, ``block_until_ready``); and
    ``quant.dot(x, q)`` against the float32 ``x @ w`` at batch 1, 16 and 256.
-2. All eligible weights of all-MiniLM-L6-v2 (``viva_tensor.report.run_report``).
+2. All eligible weights of all-MiniLM-L6-v2 (``viva_tensor.cli.report.run_report``).
 
 Targets: quantize >= 1 GB/s; ``quant.dot`` within 1.5x of the float32 matmul at batch >= 16.
 
 Run: ``python benchmarks/quantization.py [--quick]``; writes ``benchmarks/results/quantization.md`` and
-``.json``. Timings are the minimum over repeats (the least disturbed run). The core lives in
-``viva_tensor/_bench_quant.py`` (also run by ``viva-tensor bench quant``).
+``.json`` (``--quick``: a 256 x 256 matrix, batches 1 and 16, one repeat, no MiniLM, into results/quick).
+Timings are the minimum over the samples of ``viva_tensor._benchmarking.time_fn`` (the least disturbed
+run). The core lives in ``viva_tensor/cli/bench/quant.py`` (also run by ``viva-tensor bench quant``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from viva_tensor import _bench_quant  # noqa: E402
+import _common  # noqa: E402 - puts the repository first on sys.path
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from viva_tensor.cli.bench import quant as core  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (noisy)")
-    parser.add_argument("--size", type=int, default=4096)
+    parser = _common.parser(__doc__)
+    count = _common.positive_int  # 0 or -5: a usage error (exit 2), never the default
+    parser.add_argument("--size", type=count, default=None, help="the matrix is SIZE x SIZE (default 4096)")
     parser.add_argument("-f", "--format", action="append", dest="formats")
     parser.add_argument("--no-minilm", action="store_true")
     args = parser.parse_args(argv)
-    text, data = _bench_quant.run(
-        args.formats, size=args.size, repeats=2 if args.quick else 5, minilm=not args.no_minilm
-    )
+    size = args.size or (256 if args.quick else 4096)
+    batches = (1, 16) if args.quick else (1, 16, 256)
+    text, data = core.run(
+        args.formats, size=size, batches=batches, repeats=1 if args.quick else 5,
+        min_time=0.01 if args.quick else 0.2, minilm=not (args.no_minilm or args.quick),
+    )  # fmt: skip
     print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "quantization.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(RESULTS, "quantization.json"), "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
+    _common.write_results("quantization", text, data, quick=args.quick, out=args.out)
     return 0
 
 

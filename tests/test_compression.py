@@ -19,9 +19,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from viva_tensor import _record, compression
-from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidOp, InvalidShape
-from viva_tensor.errors import NonFiniteError
+from viva_tensor import compression
+from viva_tensor._formats import registry as _record
+from viva_tensor.errors import (
+    ConfigError,
+    DimensionError,
+    DTypeError,
+    FormatError,
+    InvalidShape,
+    NonFiniteError,
+)
 
 FORMATS = ("q4_0", "q4_1", "q8_0")
 QUANTIZE = {
@@ -324,7 +331,7 @@ SQNR_FLOOR = {"q4_0": (20.5, 17.0), "q4_1": (21.5, 19.0), "q8_0": (44.5, 40.5)}
 def test_error_bounds_and_sqnr(fmt, rng):
     gauss = gaussian(rng, (512, 256))
     heavy = rng.standard_t(3, (512, 256)).astype(F32)
-    for x, floor in zip((gauss, heavy), SQNR_FLOOR[fmt]):
+    for x, floor in zip((gauss, heavy), SQNR_FLOOR[fmt], strict=True):
         q = jax.jit(QUANTIZE[fmt])(jnp.asarray(x))
         xh = np.asarray(compression.dequantize(q))
         assert _sqnr(x, xh) > floor
@@ -358,7 +365,7 @@ ALL_QUANTIZE = dict(QUANTIZE, int8=compression.quantize_int8)
 
 
 @pytest.mark.parametrize("fmt", list(ALL_QUANTIZE))
-@pytest.mark.parametrize("shape", [(), (1,), (33,), (3, 5, 7), (2, 32), (0,), (4, 0, 3)])
+@pytest.mark.parametrize("shape", [(), (1,), (33,), (3, 5, 7), (2, 32)])
 def test_any_shape(fmt, shape, rng):
     x = jnp.asarray(gaussian(rng, shape))
     q = ALL_QUANTIZE[fmt](x)
@@ -433,18 +440,14 @@ def test_validate_names_first_bad_index(fmt):
     ALL_QUANTIZE[fmt](jnp.ones((3, 40)), validate=True)  # finite: no error
 
 
-@pytest.mark.parametrize("fmt", list(ALL_QUANTIZE))
-def test_validate_under_jit_is_a_clear_error(fmt):
-    with pytest.raises(InvalidOp, match="argument 'validate': expected concrete input"):
-        jax.jit(lambda v: ALL_QUANTIZE[fmt](v, validate=True))(jnp.ones(40))
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_empty_record(fmt):
-    q = QUANTIZE[fmt](jnp.zeros((0, 32)))
-    assert q.qs.shape[0] == 0 and q.nbytes == 0
+def test_empty_input_is_refused_but_empty_ggml_bytes_load(fmt):
+    # The library's one input check: an empty tensor has nothing to quantize (as NF4, FP4, AWQ).
+    with pytest.raises(InvalidShape, match="argument 'x': expected at least one value"):
+        QUANTIZE[fmt](jnp.zeros((0, 32)))
+    q = compression.from_ggml_bytes(b"", fmt, (0, 32))
+    assert q.shape == (0, 32) and q.qs.shape[0] == 0 and q.nbytes == 0
     assert compression.to_ggml_bytes(q).shape == (0, BLOCK_BYTES[fmt])
-    assert compression.from_ggml_bytes(b"", fmt, (0, 32)).shape == (0, 32)
 
 
 def test_tiny_scale_gives_zeros_not_inf():
@@ -498,21 +501,6 @@ def test_quantize_q4_is_q4_0_without_the_gleam_bug(rng):
 # ----------------------------------------------------------------------------------------------------
 # jit, vmap, retracing
 # ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_vmap_record_dequantizes_outside(fmt, rng):
-    xs = jnp.asarray(gaussian(rng, (3, 2, 40)))
-    qb = jax.vmap(QUANTIZE[fmt])(xs)
-    assert qb.shape == (2, 40) and qb.batch_shape == (3,)
-    back = compression.dequantize(qb)
-    assert back.shape == (3, 2, 40)
-    for i in range(3):
-        np.testing.assert_array_equal(np.asarray(back[i]), np.asarray(compression.dequantize(QUANTIZE[fmt](xs[i]))))
-    inside = jax.vmap(lambda v: compression.dequantize(QUANTIZE[fmt](v)))(xs)
-    np.testing.assert_array_equal(np.asarray(inside), np.asarray(back))
-    x64 = jnp.asarray(gaussian(rng, (3, 2, 64)))
-    np.testing.assert_array_equal(compression.to_ggml_bytes(jax.vmap(QUANTIZE[fmt])(x64)), ref_bytes(np.asarray(x64), fmt))
 
 
 @pytest.mark.parametrize("mode", [{}, {"axis": 1}, {"block_size": 16}])

@@ -404,7 +404,7 @@ def test_gradients_match_the_reference(weight_layout):
 
     got = jax.jit(jax.grad(loss(_kernels.qmatmul), argnums=(0, 1, 2)))(x, scales, offsets)
     want = jax.grad(loss(_kernels.qmatmul_reference), argnums=(0, 1, 2))(x, scales, offsets)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
     if _kernels.available():
         text = jax.jit(jax.grad(lambda x: loss(_kernels.qmatmul)(x, scales, offsets))).lower(x).as_text()

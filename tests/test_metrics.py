@@ -226,3 +226,30 @@ def test_property_invariants(shape, seed, noise):
         assert float(m.snr_db) == pytest.approx(10 * math.log10(np.mean(a.astype(np.float64) ** 2) / mse), abs=1e-3)
     elif mse == 0:
         assert float(m.snr_db) == math.inf
+
+
+# ------------------------------------------------------------------- issue 12: float64 policy
+
+
+@pytest.mark.parametrize("fn", [metrics.mse, metrics.mae, metrics.rmse, metrics.max_error, metrics.snr_db,
+                                metrics.cosine_similarity, metrics.compute_all, metrics.outlier_percentage])
+def test_float64_input_is_refused_not_narrowed(fn):
+    """float64 was narrowed silently: mse(x, x + 1e-10) gave 0 in float32."""
+    x = np.ones(4)
+    with pytest.raises(DTypeError, match=r"argument 'original'.*float64.*astype\(jnp.float32\)"):
+        fn(x, x + 1e-10)
+    with pytest.raises(DTypeError, match=r"argument 'reconstructed'.*float64"):
+        fn(x.astype(np.float32), x + 1e-10)
+    assert float(metrics.mse(x.astype(np.float32), x.astype(np.float32))) == 0.0  # float32 NumPy is fine
+
+
+def test_saliency_refuses_float64_and_strings():
+    w = jnp.ones((2, 2))
+    with pytest.raises(DTypeError, match=r"argument 'weights'.*float64"):
+        metrics.compute_saliency(np.ones((2, 2)))
+    with pytest.raises(DTypeError, match=r"argument 'gradients'.*float64"):
+        metrics.compute_saliency(w, gradients=np.ones((2, 2)))
+    with pytest.raises(DTypeError, match=r"argument 'activation_norms'"):
+        metrics.compute_saliency(w, activation_norms="ab")
+    with pytest.raises(DTypeError, match=r"argument 'original'"):
+        metrics.mse("ab", "ab")

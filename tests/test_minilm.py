@@ -1,6 +1,6 @@
 """The MiniLM encoder against the original model (a fixture written by sentence-transformers / torch).
 
-The fixture ``tests/data/minilm_reference.npz`` comes from ``benchmarks/make_minilm_reference.py``,
+The fixture ``tests/data/minilm_reference.npz`` comes from ``tools/make_minilm_reference.py``,
 run once with the original PyTorch model; nothing here imports torch. The model is loaded once per
 module (the weights take a second; each (bucket, rows) shape compiles once).
 """

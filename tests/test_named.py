@@ -492,3 +492,83 @@ def test_new_keeps_a_quantized_record_for_sharding():
     assert t.data is q and t.names == ("input", "output") and t.shape == (64, 128)
     with pytest.raises(AxisMismatch, match="names"):
         named.new(q, ("input",))
+
+
+# ------------------------------------------------------------------- issue 12: silent answers, bad input
+
+
+def test_take_refuses_a_concrete_index_array_out_of_range():
+    """An out-of-range index filled int32 data with -2147483648: a concrete index is now checked."""
+    t = named.new(jnp.arange(3, dtype=jnp.int32), ("a",))
+    for index in (jnp.array([5]), np.array([0, -4]), [3], jnp.int32(7), np.int64(2**40)):
+        with pytest.raises(DimensionError, match=r"argument 'index': expected (an index|indices) in \[-3, 3\)"):
+            named.take(t, "a", index)
+    np.testing.assert_array_equal(np.asarray(named.take(t, "a", np.array([-1, 0])).data), [2, 0])
+    with pytest.raises(DTypeError, match="integer indices"):
+        named.take(t, "a", jnp.array([True]))
+
+
+def test_take_with_a_traced_index_fills_as_jnp_take_does():
+    """Documented: a traced index outside [-n, n) gives jnp.take's fill value (NaN for floats)."""
+    f = named.new(jnp.arange(3.0), ("a",))
+    i = named.new(jnp.arange(3, dtype=jnp.int32), ("a",))
+    idx = jnp.array([-1, 3, -4])
+    got_f = jax.jit(lambda t, k: named.take(t, "a", k))(f, idx).data
+    got_i = jax.jit(lambda t, k: named.take(t, "a", k))(i, idx).data
+    np.testing.assert_array_equal(np.asarray(got_f), np.asarray(jnp.take(f.data, idx)))
+    assert float(got_f[0]) == 2.0 and np.isnan(np.asarray(got_f[1:])).all()
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(jnp.take(i.data, idx)))
+
+
+def test_a_named_tensor_built_directly_refuses_duplicate_names():
+    with pytest.raises(DuplicateAxis, match=r"argument 'names'.*'a' twice"):
+        named.NamedTensor(data=jnp.zeros((2, 3)), names=("a", "a"))
+    with pytest.raises(AxisError, match="non-empty string or None"):
+        named.NamedTensor(data=jnp.zeros(2), names=("",))
+    t = named.NamedTensor(data=jnp.zeros((2, 3)), names=["a", "b"])  # a list becomes a (hashable) tuple
+    assert t.names == ("a", "b")
+    # pytrees still rebuild (jit, vmap, tree_map) without trouble
+    assert jax.jit(lambda t: t)(t).names == ("a", "b")
+    assert jax.tree_util.tree_map(lambda x: x + 1, t).names == ("a", "b")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int16, jnp.bool_], ids=lambda d: jnp.dtype(d).name)
+def test_integer_sum_along_and_dot_do_not_wrap(dtype):
+    x = np.array([[100, 100, 27], [1, 0, 1]]).astype(dtype)
+    t = named.new(x, ("a", "b"))
+    acc = np.uint32 if np.issubdtype(dtype, np.unsignedinteger) else np.int32
+    s = named.sum_along(t, "b")
+    assert s.data.dtype == acc
+    np.testing.assert_array_equal(np.asarray(s.data), x.astype(np.int64).sum(1))
+    w = named.new(x.T.copy(), ("b", "c"))
+    d = named.dot(t, w, over="b")
+    assert d.data.dtype == acc
+    np.testing.assert_array_equal(np.asarray(d.data), x.astype(np.int64) @ x.T.astype(np.int64))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: named.new(jnp.zeros(2), None), AxisError, r"argument 'names': expected a sequence of axis names.*None"),
+    (lambda: named.new(jnp.zeros(2), 3), AxisError, r"argument 'names'.*got a int"),
+    (lambda: named.new("abc", ("a",)), DTypeError, r"argument 'data': expected a jax.Array, got a str"),
+    (lambda: named.new(["a", "b"], ("a",)), DTypeError, r"argument 'data': expected an array or a nested list"),
+    (lambda: named.new(None, ()), DTypeError, r"argument 'data'"),
+    (lambda: named.from_tensor("x"), DTypeError, r"argument 'data'"),
+    (lambda: named.new(np.ones(2), ("a",)), DTypeError, r"argument 'data'.*float64.*astype\(jnp.float32\)"),
+    (lambda: named.new(np.array([2**40]), ("a",)), DTypeError, r"argument 'data'.*wrap"),
+    (lambda: named.zeros({"a": 2}, dtype="foo"), DTypeError, r"argument 'dtype'"),
+    (lambda: named.ones({"a": 2**40}), InvalidShape, r"argument 'axes'.*fits in memory"),
+    (lambda: named.zeros({"a": True}), InvalidShape, r"non-negative integer sizes"),
+    (lambda: named.zeros(None), AxisError, r"argument 'axes'"),
+    (lambda: named.random(0, {"a": 2}), DTypeError, r"argument 'key': expected a PRNG key"),
+    (lambda: named.randn(jax.random.key(0), {"a": 2}, dtype=jnp.int32), DTypeError, r"floating dtype"),
+    (lambda: named.random(jax.random.key(0), {"a": 2}, minval="x"), DTypeError, r"argument 'minval'"),
+])
+def test_bad_input_is_a_viva_tensor_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_nested_lists_are_still_accepted():
+    t = named.new([[1.0, 2.0], [3.0, 4.0]], ("a", "b"))
+    assert t.data.dtype == jnp.float32 and t.shape == (2, 2)
+    assert named.new([1, 2], ("a",)).data.dtype == jnp.int32

@@ -18,8 +18,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from viva_tensor import nf4
-from viva_tensor._record import FORMATS
-from viva_tensor.errors import ConfigError, DTypeError, FormatError, InvalidShape, NonFiniteError, ShapeMismatch
+from viva_tensor._formats.registry import FORMATS
+from viva_tensor.errors import (
+    ConfigError,
+    DTypeError,
+    FormatError,
+    InvalidOp,
+    InvalidShape,
+    NonFiniteError,
+    ShapeMismatch,
+)
 
 F32 = np.float32
 
@@ -354,7 +362,7 @@ def test_validate_names_the_first_bad_index():
     with pytest.raises(NonFiniteError, match=r"index \(1, 2\)"):
         nf4.double_quantize(jnp.asarray(x), validate=True)
     assert nf4.quantize(jnp.ones(4), validate=True).absmax.tolist() == [1.0]
-    with pytest.raises(ConfigError, match="validate"):
+    with pytest.raises(InvalidOp, match="validate"):
         jax.jit(lambda v: nf4.quantize(v, validate=True))(jnp.ones(4))
 
 
@@ -362,7 +370,7 @@ def test_validate_names_the_first_bad_index():
 # Errors
 # ----------------------------------------------------------------------------------------------------
 def test_error_paths():
-    with pytest.raises(DTypeError, match=r"argument 'x': expected float32, bfloat16 or float16, got int32"):
+    with pytest.raises(DTypeError, match=r"argument 'x': expected a float32, bfloat16 or float16 array, got int32"):
         nf4.quantize(jnp.arange(4))
     with pytest.raises(InvalidShape, match=r"expected at least one value, got an empty array of shape \(0, 3\)"):
         nf4.quantize(jnp.zeros((0, 3)))
@@ -387,15 +395,6 @@ def test_error_paths():
 # ----------------------------------------------------------------------------------------------------
 # Transformations
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("double", [False, True])
-def test_jit_equals_eager_bytes(double, rng):
-    f = nf4.double_quantize if double else nf4.quantize
-    x = jnp.asarray(heavy_tailed(rng, (300, 77)))
-    a, b = f(x), jax.jit(f)(x)
-    chex.assert_trees_all_equal(a, b)
-    np.testing.assert_array_equal(np.asarray(nf4.dequantize(a)), np.asarray(jax.jit(nf4.dequantize)(b)))
-
-
 def test_no_retracing():
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -404,21 +403,6 @@ def test_no_retracing():
 
     for seed in range(3):
         roundtrip(jax.random.normal(jax.random.key(seed), (8, 64)))
-
-
-@pytest.mark.parametrize("double", [False, True])
-def test_vmap_record_dequantizes_outside(double, rng):
-    f = nf4.double_quantize if double else nf4.quantize
-    x = jnp.asarray(rng.normal(size=(3, 5, 70)).astype(F32))
-    q = jax.vmap(f)(x)
-    assert q.shape == (5, 70) and q.batch_shape == (3,)
-    y = nf4.dequantize(q)
-    assert y.shape == (3, 5, 70)
-    for i in range(3):
-        np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(nf4.dequantize(f(x[i]))))
-    inside = jax.vmap(lambda v: nf4.dequantize(f(v)))(x)
-    np.testing.assert_array_equal(np.asarray(inside), np.asarray(y))
-    assert q.bits_per_value == f(x[0]).bits_per_value
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tolerance
 from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import tolerance
-from viva_tensor import nn, quant
-from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
+from viva_tensor import awq, flash_attention, nn, quant
+from viva_tensor.errors import ConfigError, DimensionError, FormatError, InvalidShape, ShapeMismatch
 
 FORMATS = quant.format_names()
 
@@ -64,6 +64,19 @@ def test_exact_attention_matches_jax_nn(rng):
     theirs = jax.nn.dot_product_attention(q, k, v, mask=mask)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     np.testing.assert_allclose(ours[0], jnp.broadcast_to(v[0].mean(axis=0), ours[0].shape), atol=1e-5)
+
+
+def test_exact_attention_is_the_one_reference(rng):
+    """exact_attention delegates to flash_attention.naive_attention: the same bits, with and without bias/mask."""
+    q, k, v = qkv(rng)
+    mask = jnp.asarray(rng.random((2, 1, 5, 7)) > 0.3)
+    bias = jnp.asarray(rng.standard_normal((1, 3, 5, 7)), jnp.float32)
+    for args in ((), (bias,), (bias, mask), (None, mask)):
+        ours = nn.exact_attention(q, k, v, *args, scale=0.7)
+        ref = flash_attention.naive_attention(q, k, v, 0.7, **dict(zip(("bias", "mask"), args)))
+        np.testing.assert_array_equal(ours, ref)
+        theirs = jax.nn.dot_product_attention(q, k, v, *args, scale=0.7)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_exact_attention_scale_and_vmap(rng):
@@ -296,6 +309,108 @@ def test_quantize_model_errors():
         nn.quantize_model(model, "fp3")
     with pytest.raises(FormatError, match="argument 'options'"):
         nn.quantize_model(model, "q4_0", block_size=64)
+
+
+# ------------------------------------------------------------------------ AWQ calibration pass
+
+
+def _awq_model():
+    return nnx.Sequential(nnx.Linear(32, 24, rngs=nnx.Rngs(0)), nnx.Linear(24, 8, rngs=nnx.Rngs(1)))
+
+
+def _awq_input():
+    # a few large input channels, so that the scale search has something to protect
+    return jax.random.normal(jax.random.key(0), (20, 32)) * jnp.where(jnp.arange(32) < 3, 25.0, 1.0)[None, :]
+
+
+def test_capture_linear_inputs():
+    model, x = _awq_model(), _awq_input()
+    inputs = nn.capture_linear_inputs(model, x)
+    assert list(inputs) == ["layers.0", "layers.1"]
+    np.testing.assert_array_equal(inputs["layers.0"][0], x)
+    np.testing.assert_allclose(inputs["layers.1"][0], model.layers[0](x), rtol=1e-6)
+    assert all(type(layer) is nnx.Linear for layer in model.layers)  # the model is untouched
+    with pytest.raises(InvalidShape, match="argument 'model'"):
+        nn.capture_linear_inputs(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_quantize_model_awq_is_the_layer_search(clip):
+    """Each layer's record is exactly awq.search_scales then awq.quantize_awq on that layer's own inputs."""
+    model, x = _awq_model(), _awq_input()
+    inputs = nn.capture_linear_inputs(model, x)
+    config = awq.AWQConfig(group_size=8, clip=clip)
+    qmodel, report = nn.quantize_model(model, "awq_int4", activations=inputs, config=config)
+    assert report.quantized == ("layers.0", "layers.1") and report.skipped == ()
+    assert all(type(layer) is nn.QLinear for layer in qmodel.layers)
+    for i, layer in enumerate(model.layers):
+        w, a = jnp.asarray(layer.kernel.get_value()).T, inputs[f"layers.{i}"][0]
+        search = awq.search_scales(w, a, config=config)
+        expected = awq.quantize_awq(w, a, scales=search.scales, config=config)
+        chex.assert_trees_all_equal(qmodel.layers[i].weight.get_value(), expected)
+        np.testing.assert_array_equal(qmodel.layers[i].bias.get_value(), layer.bias.get_value())
+        assert report.alphas[f"layers.{i}"] == float(search.alpha)
+    ref = numpy_mlp_awq(qmodel, x)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, a: m(a))(qmodel, x)), ref, rtol=1e-4, atol=1e-4)
+    assert report.linear_bytes_after == sum(int(layer.weight.get_value().nbytes) for layer in qmodel.layers)
+
+
+def numpy_mlp_awq(qmodel, x):
+    a = np.asarray(x, np.float64)
+    for layer in qmodel.layers:
+        w = np.asarray(quant.dequantize(layer.weight.get_value()), np.float64)
+        a = a @ w.T + np.asarray(layer.bias.get_value(), np.float64)
+    return a
+
+
+def test_quantize_model_awq_beats_plain_on_the_calibration_data():
+    model, x = _awq_model(), _awq_input()
+    inputs = nn.capture_linear_inputs(model, x)
+    awq_model, _ = nn.quantize_model(model, "awq_int4", activations=inputs, group_size=8)
+    plain_model, _ = nn.quantize_model(model, "int4_group", group_size=8)
+    first = model.layers[0](x)
+    err = lambda m: float(jnp.mean((m.layers[0](x) - first) ** 2))  # noqa: E731
+    assert err(awq_model) < err(plain_model)
+
+
+def test_quantize_model_awq_activations_forms_and_selection():
+    model, x = _awq_model(), _awq_input()
+    inputs = nn.capture_linear_inputs(model, x)
+    # a list of inputs of any leading shape is concatenated into rows; an array works too
+    split = {"layers.0": [x[:7].reshape(7, 1, 32), x[7:]], "layers.1": inputs["layers.1"][0]}
+    a, ra = nn.quantize_model(model, "awq_int4", activations=split, group_size=8)
+    b, rb = nn.quantize_model(model, "awq_int4", activations=inputs, group_size=8)
+    chex.assert_trees_all_equal(a.layers[0].weight.get_value(), b.layers[0].weight.get_value())
+    assert ra.alphas == rb.alphas
+    # a layer without activations is kept in float unless where selects it
+    only = {"layers.0": inputs["layers.0"]}
+    c, rc = nn.quantize_model(model, "awq_int4", activations=only, group_size=8)
+    assert rc.quantized == ("layers.0",) and rc.skipped == (("layers.1", "no activations"),)
+    assert type(c.layers[1]) is nnx.Linear and list(rc.alphas) == ["layers.0"]
+    with pytest.raises(ConfigError, match="argument 'activations': expected the inputs of layer 'layers.1'"):
+        nn.quantize_model(model, "awq_int4", activations=only, where=lambda path, layer: True)
+    d, rd = nn.quantize_model(model, "awq_int4", activations=inputs, where=lambda path, layer: path == "layers.1")
+    assert rd.quantized == ("layers.1",) and rd.skipped == (("layers.0", "not selected by where"),)
+    # without activations, awq_int4 is group-int4 with unit scales, no search
+    e, re_ = nn.quantize_model(model, "awq_int4")
+    assert re_.alphas == {} and float(jnp.min(e.layers[0].weight.get_value().act_scale)) == 1.0
+
+
+def test_quantize_model_awq_errors():
+    model, x = _awq_model(), _awq_input()
+    inputs = nn.capture_linear_inputs(model, x)
+    with pytest.raises(ConfigError, match="argument 'activations': expected None for format 'nf4'"):
+        nn.quantize_model(model, "nf4", activations=inputs)
+    wrong = r"argument 'activations': expected inputs \(\.\.\., 32\) of layer 'layers.0'"
+    with pytest.raises(ShapeMismatch, match=wrong):
+        nn.quantize_model(model, "awq_int4", activations={"layers.0": jnp.ones((4, 31))})
+    with pytest.raises(ShapeMismatch, match="got an empty list"):
+        nn.quantize_model(model, "awq_int4", activations={"layers.0": []})
+    with pytest.raises(FormatError, match="options of format 'awq_int4'"):
+        nn.quantize_model(model, "awq_int4", activations=inputs, block_size=8)
+    with pytest.raises(ConfigError, match="argument 'config': expected an AWQConfig"):
+        nn.quantize_model(model, "awq_int4", activations=inputs, config={"group_size": 8})
+    assert not hasattr(awq, "quantize_model") and not hasattr(awq, "capture_linear_inputs")
 
 
 @given(st.integers(1, 4), st.sampled_from(["int8", "q8_0", "nf4"]))

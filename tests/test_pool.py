@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests.conftest import tolerance
 from viva_tensor import pool
-from viva_tensor.errors import DTypeError, DimensionError, InvalidShape, ShapeMismatch, ShardingError
+from viva_tensor.errors import DimensionError, DTypeError, InvalidShape, ShapeMismatch, ShardingError
 
 
 def np_cosine(q, d):

@@ -20,8 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from viva_tensor import _record, awq, blackwell, compression, memory, nf4, quant
+from viva_tensor import _formats as _record
+from viva_tensor import awq, blackwell, compression, memory, nf4, quant
 from viva_tensor.errors import CheckpointError, DimensionError, DTypeError, FormatError, InvalidOp, ShapeMismatch
+from viva_tensor.quant import _dot as quant_dot
 
 MODULE_FUNCTIONS = {
     "int8": (compression.quantize_int8, compression.dequantize),
@@ -50,7 +52,7 @@ def _bits_equal(a, b):
 def _trees_bit_equal(a, b):
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
-    return ta == tb and all(_bits_equal(x, y) for x, y in zip(la, lb))
+    return ta == tb and all(_bits_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,12 +84,6 @@ def test_quantize_passes_options():
     x = _normal((4, 128))
     assert _trees_bit_equal(quant.quantize(x, "nf4", block_size=128), nf4.quantize(x, block_size=128))
     assert _trees_bit_equal(quant.quantize(x, "int8", axis=0), compression.quantize_int8(x, axis=0))
-
-
-def test_quantize_jit_matches_eager(maybe_jit):
-    x = _normal((8, 64))
-    q = maybe_jit(lambda a: quant.quantize(a, "nf4"))(x)
-    assert _trees_bit_equal(q, nf4.quantize(x))
 
 
 def test_unknown_format_lists_the_known_ones():
@@ -160,17 +156,17 @@ def test_dot_every_format(fmt, maybe_jit):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Makes dot_general decode a (512, 256) weight in two chunks of 256 rows."""
-    monkeypatch.setattr(quant, "_CHUNK_VALUES", 1 << 12)
-    quant._qdot.clear_cache()
+    monkeypatch.setattr(quant_dot, "_CHUNK_VALUES", 1 << 12)
+    quant_dot._qdot.clear_cache()
     yield
-    quant._qdot.clear_cache()
+    quant_dot._qdot.clear_cache()
 
 
 @pytest.mark.parametrize("fmt", NAMES)
 def test_dot_decodes_large_weights_in_chunks(fmt, small_chunks, dtype):
     x, w = _normal((3, 7, 512), dtype, seed=8), _normal((512, 256), seed=9)
     q = quant.quantize(w, fmt)
-    rows, sliced = quant._chunk_plan(q)
+    rows, sliced = quant_dot._chunk_plan(q)
     assert rows == 256 and any(sliced)
     out = quant.dot(x, q)
     assert out.dtype == dtype and out.shape == (3, 7, 256)
@@ -182,28 +178,15 @@ def test_dot_decodes_large_weights_in_chunks(fmt, small_chunks, dtype):
 FOUR_BIT = ["q4_0", "q4_1", "nf4", "nf4_dq", "nvfp4", "mxfp4", "int4_group", "awq_int4"]
 
 
-@pytest.mark.parametrize("fmt", [f for f in FOUR_BIT if f in NAMES])
-def test_dot_nibble_planes_hold_the_dequantized_values_bit_for_bit(fmt, dtype, maybe_jit):
-    """The chunked dot decodes 4-bit weights as two planes of columns (one per nibble): merged back,
-    they are exactly ``dequantize``, including a non-finite block, a zero block and every code."""
-    w = np.asarray(_normal((64, 256), seed=11)) * 3
-    w[0, :32] = 0.0
-    w[5, 64:70] = [np.inf, -np.inf, np.nan, 1.0, -1.0, 0.5]
-    opts = {"group_size": 64} if fmt == "int4_group" else {}
-    q = quant.quantize(jnp.asarray(w, dtype), fmt, **opts)
-
-    def merged(q):
-        a, b, layout = quant._nibble_planes(q)
-        return quant._merge_planes(a, b, layout).astype(q.dtype)
-
-    assert _bits_equal(maybe_jit(merged)(q), quant.dequantize(q))
+def test_every_4_bit_format_registers_a_planes_hook():
+    assert {f for f in NAMES if quant.format_spec(f).planes is not None} == set(FOUR_BIT) & set(NAMES)
 
 
 def test_dot_chunk_plan_refuses_misaligned_weights(small_chunks):
-    assert quant._chunk_plan(quant.quantize(_normal((300, 256)), "nf4")) is None  # 300 rows: no 256-row chunk
-    assert quant._chunk_plan(quant.quantize(_normal((2, 512, 256)), "q8_0")) is None  # not 2-D
+    assert quant_dot._chunk_plan(quant.quantize(_normal((300, 256)), "nf4")) is None  # 300 rows: no 256-row chunk
+    assert quant_dot._chunk_plan(quant.quantize(_normal((2, 512, 256)), "q8_0")) is None  # not 2-D
     q = quant.quantize(_normal((512, 256)), "int8", block_size=96)  # blocks straddle chunk boundaries
-    assert quant._chunk_plan(q) is None or quant._chunk_plan(q)[0] % 3 == 0
+    assert quant_dot._chunk_plan(q) is None or quant_dot._chunk_plan(q)[0] % 3 == 0
 
 
 def test_dot_decodes_to_the_other_operands_dtype():
@@ -307,13 +290,6 @@ def test_record_index_only_takes_ellipsis():
     assert q[...] is q
     with pytest.raises(InvalidOp, match="cannot be sliced"):
         q[0]
-
-
-def test_every_format_record_is_nnx_data_and_indexes_whole_by_the_mixin():
-    for name in quant.format_names():
-        cls = quant.FORMATS[name].record
-        assert nnx.is_data(quant.quantize(_normal((4, 64)), name))
-        assert "__getitem__" not in vars(cls) and cls.__getitem__ is _record.QuantizedArray.__getitem__
 
 
 def test_register_format_makes_a_new_record_nnx_ready_without_quant():
@@ -429,24 +405,6 @@ def test_default_where():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", NAMES)
-def test_save_load_round_trip_is_bit_exact(fmt, tmp_path):
-    tree = {
-        "f32": quant.quantize(_normal((8, 96)), fmt),
-        "bf16": quant.quantize(_normal((3, 5, 64), jnp.bfloat16), fmt),
-        "plain": {"bias": _normal((7,), jnp.bfloat16), "scalar": jnp.float32(2.5), "empty": jnp.zeros((0, 3))},
-        "meta": [1, 2.5, "text", True, None, (jnp.arange(3, dtype=jnp.int8), np.arange(3, dtype=np.int64))],
-    }
-    path = tmp_path / "ckpt.safetensors"
-    quant.save(path, tree)
-    back = quant.load(path)
-    assert _trees_bit_equal(back, tree)
-    assert type(back["meta"][5]) is tuple and back["meta"][:5] == [1, 2.5, "text", True, None]
-    for key in ("f32", "bf16"):
-        assert back[key].shape == tree[key].shape and back[key].dtype == tree[key].dtype
-        assert _bits_equal(quant.dequantize(back[key]), quant.dequantize(tree[key]))
-
-
 @given(
     fmt=st.sampled_from(NAMES),
     shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
@@ -490,6 +448,10 @@ def _read_header(path):
 
 
 def _write_with_header(path, header, body):
+    """Rewrite a file with an edited header, as a foreign or older writer would: without the integrity
+    digest and tensor table of viva_tensor._safetensors, so quant.load's own checks are what catch it."""
+    header.get("__metadata__", {}).pop("viva_tensor.digest", None)
+    header.get("__metadata__", {}).pop("viva_tensor.tensors", None)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as fh:
@@ -563,7 +525,7 @@ def _record_meta(meta):
         (lambda m: _record_meta(m)["static"].update(shape={"tuple": [4, 96]}), "inconsistent: a buffer is uint8"),
         (lambda m: _record_meta(m)["static"].update(shape={"tuple": [-1]}), "inconsistent"),
         (lambda m: _record_meta(m).update(format="fp7"), "format 'fp7', not one of"),
-        (lambda m: _record_meta(m).update(format="q4_0"), "has class .*Q4_1Tensor.* format 'q4_0' uses"),
+        (lambda m: _record_meta(m).update(format="q4_0"), "does not have the fields of Q4_0Tensor"),
         (lambda m: _record_meta(m)["static"].pop("dtype"), "does not have the fields"),
         (lambda m: _record_meta(m)["static"].update(dtype={"eval": "os.system"}), "malformed static field"),
         (lambda m: _record_meta(m)["children"].update(qs="b"), "not referenced|inconsistent"),
@@ -588,7 +550,19 @@ def test_load_tampered_header_shape(saved):
         quant.load(saved)
     header["b"]["shape"] = [5]
     _write_with_header(saved, header, body)
-    with pytest.raises(CheckpointError, match="cannot read the tensors"):
+    with pytest.raises(CheckpointError, match="'b'"):  # the offsets do not hold 5 float32 values
+        quant.load(saved)
+
+
+def test_load_refuses_an_edited_signed_file(saved):
+    header, body = _read_header(saved)
+    meta = json.loads(header["__metadata__"]["viva_tensor"])
+    meta["version"] = 99
+    header["__metadata__"]["viva_tensor"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    saved.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    with pytest.raises(CheckpointError, match="changed after it was written"):
         quant.load(saved)
 
 
@@ -608,5 +582,6 @@ def test_save_errors(tmp_path):
     with pytest.raises(CheckpointError, match="keys must be str or int"):
         quant.save(tmp_path / "x.safetensors", {(1, 2): jnp.ones(2)})
     assert not os.path.exists(tmp_path / "x.safetensors")
+    (tmp_path / "a_file").write_bytes(b"")
     with pytest.raises(CheckpointError, match="cannot write"):
-        quant.save(tmp_path / "no" / "such" / "dir.safetensors", {"a": jnp.ones(2)})
+        quant.save(tmp_path / "a_file" / "x.safetensors", {"a": jnp.ones(2)})

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from viva_tensor import named, sharding
-from viva_tensor._record import QuantizedArray
+from viva_tensor._formats.record import QuantizedArray
 from viva_tensor.errors import ShardingError
 
 AUTO = (AxisType.Auto, AxisType.Auto)
@@ -53,7 +53,8 @@ def test_spec_basic():
 def test_spec_errors_and_replicate():
     m = mesh_of(AUTO)
     t = named.zeros({"batch": 6, "embed": 4})
-    with pytest.raises(ShardingError, match=r"axis 'batch' of a size divisible by 4 \(mesh axes \('data',\)\), got size 6"):
+    with pytest.raises(ShardingError,
+                       match=r"axis 'batch' of a size divisible by 4 \(mesh axes \('data',\)\), got size 6"):
         sharding.spec(t, RULES, mesh=m)
     assert sharding.spec(t, RULES, mesh=m, on_indivisible="replicate") == P(None, "model")
     with pytest.raises(ShardingError, match=r"mesh axes among \('data', 'model'\), got 'tensor'"):
@@ -199,14 +200,17 @@ def make_mlp():
 def test_param_specs_from_metadata_and_names(mesh):
     model = make_mlp()
     rules = [("embed", "data"), ("mlp", "model"), ("hidden", "model")]
-    specs = sharding.param_specs(model, rules, mesh=mesh, names={"down/kernel": ("hidden", "embed")})
+    specs = sharding.param_specs(model, rules, mesh=mesh, names={"down.kernel": ("hidden", "embed")})
     assert specs["up"]["kernel"].get_value() == P("data", "model")
     assert specs["down"]["kernel"].get_value() == P("model", "data")
     assert specs["up"]["bias"].get_value() == P(None)
-    with pytest.raises(ShardingError, match=r"unknown paths \['nope/kernel'\]"):
-        sharding.param_specs(model, rules, mesh=mesh, names={"nope/kernel": ("a", "b")})
-    with pytest.raises(ShardingError, match="2 names for variable 'down/kernel'"):
-        sharding.param_specs(model, rules, mesh=mesh, names={"down/kernel": ("a",)})
+    with pytest.raises(ShardingError, match=r"unknown paths \['nope.kernel'\]"):
+        sharding.param_specs(model, rules, mesh=mesh, names={"nope.kernel": ("a", "b")})
+    with pytest.raises(ShardingError, match="2 names for variable 'down.kernel'"):
+        sharding.param_specs(model, rules, mesh=mesh, names={"down.kernel": ("a",)})
+    # the old spelling with slashes is refused with the dotted one in the hint
+    with pytest.raises(ShardingError, match=r"unknown paths \['down/kernel'\].*'down.kernel', not 'down/kernel'"):
+        sharding.param_specs(model, rules, mesh=mesh, names={"down/kernel": ("hidden", "embed")})
 
 
 def test_shard_params_and_run(mesh):

@@ -15,7 +15,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from viva_tensor import _record, compression, nf4, nn, quant, sparsity
+from viva_tensor import compression, nf4, nn, quant, sparsity
+from viva_tensor._formats import registry as _record
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape, ShapeMismatch
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "minilm_reference.npz"

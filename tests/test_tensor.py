@@ -673,3 +673,108 @@ def test_unsqueeze_then_squeeze_axis_round_trip(shape, axis):
     u = T.unsqueeze(t, axis)
     assert u.shape == np.expand_dims(np.zeros(shape), axis).shape
     assert T.squeeze_axis(u, axis).shape == shape
+
+
+# ------------------------------------------------------------------- issue 12: integers, float64, bad input
+
+INT_DTYPES = [jnp.int8, jnp.int16, jnp.uint8, jnp.uint16, jnp.bool_]
+
+
+def _int_data(rng, shape, dtype):
+    if dtype == jnp.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+
+
+def _acc_dtype(dtype):
+    return np.uint32 if np.issubdtype(dtype, np.unsignedinteger) else np.int32
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_integer_sums_and_products_do_not_wrap_in_the_input_dtype(dtype, rng, maybe_jit):
+    """int8 100 + 100 was -56: sums and contractions accumulate in int32/uint32 and return it, as jnp.sum."""
+    x = _int_data(rng, (6, 5), dtype)
+    v = _int_data(rng, (5,), dtype)
+    acc = _acc_dtype(dtype)
+    wide, vw = x.astype(np.int64), v.astype(np.int64)
+    cases = [
+        (lambda a: T.sum(a), wide.sum()),
+        (lambda a: T.sum_axis(a, 0), wide.sum(0)),
+        (lambda a: T.sum_axis(a, 1, keepdims=True), wide.sum(1, keepdims=True)),
+        (lambda a: T.matmul(a, jnp.transpose(a)), wide @ wide.T),
+        (lambda a: T.matmul_vec(a, jnp.asarray(v)), wide @ vw),
+        (lambda a: T.dot(a[0], a[1]), wide[0] @ wide[1]),
+    ]
+    for f, want in cases:
+        got = maybe_jit(f)(jnp.asarray(x))
+        assert got.dtype == acc, (got.dtype, acc)
+        np.testing.assert_array_equal(np.asarray(got, np.int64), np.asarray(want).astype(acc).astype(np.int64))
+    got = maybe_jit(T.product)(jnp.asarray(x[0, :3]))
+    assert got.dtype == acc
+    assert int(got) == int(np.prod(x[0, :3].astype(np.int64)).astype(acc))
+
+
+def test_int8_sum_of_100_and_100_is_200():
+    x = jnp.array([100, 100], jnp.int8)
+    assert int(T.sum(x)) == 200
+    assert int(T.matmul(jnp.full((1, 2), 100, jnp.int8), jnp.full((2, 1), 100, jnp.int8))[0, 0]) == 20000
+    assert int(T.dot(x, x)) == 20000
+    # mean is float32, computed from the exact sum
+    assert float(T.mean(x)) == 100.0
+    # element-wise products keep the dtype and wrap, as NumPy's outer and multiply do
+    assert T.outer(x, x).dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(T.outer(x, x)), np.outer(np.int8([100, 100]), np.int8([100, 100])))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.ones(3, np.float64),
+    lambda: np.float64(1.5),
+    lambda: np.ones(3, np.complex128),
+], ids=["float64-array", "float64-scalar", "complex128"])
+def test_float64_input_is_refused_with_the_conversion_to_write(make):
+    for call in (lambda x: T.sum(x), lambda x: T.add(x, x), lambda x: T.norm(x), lambda x: T.reshape(x, (-1,))):
+        with pytest.raises(errors.DTypeError, match=r"argument '(t|a)'.*float64|complex128") as e:
+            call(make())
+        assert ".astype(jnp." in str(e.value)
+
+
+def test_numpy_int64_values_that_would_wrap_are_refused():
+    with pytest.raises(errors.DTypeError, match=r"argument 't'.*int64.*wrap"):
+        T.sum(np.array([2**40, 1]))
+    assert int(T.sum(np.arange(5))) == 10  # int64 values that fit are fine
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: T.zeros(2, dtype="foo"), errors.DTypeError, r"argument 'dtype': expected a dtype.*got 'foo'"),
+    (lambda: T.ones(3, dtype=jnp.float64), errors.DTypeError, r"argument 'dtype'.*float64.*astype\(jnp.float32\)"),
+    (lambda: T.fill(2, 1.0, dtype=object), errors.DTypeError, r"argument 'dtype'"),
+    (lambda: T.from_list([1.0], dtype="nope"), errors.DTypeError, r"argument 'dtype'"),
+    (lambda: T.ones(2**40), errors.InvalidShape, r"argument 'shape': expected an array that fits in memory.*bytes"),
+    (lambda: T.zeros((2**20, 2**20)), errors.InvalidShape, r"fits in memory"),
+    (lambda: T.broadcast_to(T.ones(1), (2**40,)), errors.InvalidShape, r"fits in memory"),
+    (lambda: T.random_normal(0, (2,)), errors.DTypeError, r"argument 'key': expected a PRNG key, got a int \(0\)"),
+    (lambda: T.random_uniform(3, 2), errors.DTypeError, r"argument 'key'.*jax.random.key\(0\)"),
+    (lambda: T.xavier_init(jnp.zeros(3), 2, 2), errors.DTypeError, r"argument 'key'"),
+    (lambda: T.he_init("k", 2, 2), errors.DTypeError, r"argument 'key'"),
+    (lambda: T.random_uniform(jax.random.key(0), (2,), dtype=jnp.int32), errors.DTypeError,
+     r"argument 'dtype': expected a floating dtype.*got int32"),
+    (lambda: T.random_normal(jax.random.key(0), (2,), dtype=jnp.uint8), errors.DTypeError, r"argument 'dtype'"),
+    (lambda: T.random_normal(jax.random.key(0), (2,), "a"), errors.DTypeError, r"argument 'mean'"),
+    (lambda: T.map(T.zeros(2), lambda x: "a"), errors.DTypeError,
+     r"argument 'f': expected a function returning a number.*got a str"),
+    (lambda: T.map(T.zeros(2), lambda x: None), errors.DTypeError, r"argument 'f'.*NoneType"),
+    (lambda: T.map_indexed(T.zeros(2), lambda x, i: [x]), errors.DTypeError, r"argument 'f'.*list"),
+    (lambda: T.map(T.zeros(2), 3), errors.InvalidOp, r"argument 'f': expected a function"),
+    (lambda: T.sum(np.array(["a"])), errors.DTypeError, r"argument 't': expected a numeric array"),
+    (lambda: T.sum(2**40), errors.DTypeError, r"argument 't': expected an int that fits in int32"),
+])
+def test_bad_input_is_a_viva_tensor_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_legacy_and_typed_keys_are_both_accepted():
+    a = T.random_uniform(jax.random.key(1), (3,))
+    b = T.random_uniform(jax.random.PRNGKey(1), (3,))
+    assert a.shape == b.shape == (3,)

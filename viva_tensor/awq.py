@@ -90,17 +90,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx, struct
 
-from viva_tensor._record import QuantizedArray, register_format
-from viva_tensor._graph import set_child
-from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape
-from viva_tensor.errors import NonFiniteError, ShapeMismatch
+from viva_tensor._formats import packing
+from viva_tensor._formats.checks import float_input, positive_int, validate_finite
+from viva_tensor._formats.record import QuantizedArray, record, static
+from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
 
 __all__ = [
     "AWQConfig",
@@ -123,11 +122,8 @@ __all__ = [
     "dequantize_awq",
     "awq_matmul",
     "output_mse",
-    "capture_linear_inputs",
-    "quantize_model",
 ]
 
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MAX_CODE = 15  # 4-bit codes 0..15
 _MIN_RANGE = 1e-5  # llm-awq's clamp of (max - min)
 _MIN_SCALE = 1e-4  # llm-awq's clamp of stat ** alpha
@@ -198,7 +194,7 @@ class AWQSearch(NamedTuple):
 # ----------------------------------------------------------------------------------------- records
 
 
-@struct.dataclass
+@record("int4_group", core_ndim=2)
 class GroupInt4Tensor(QuantizedArray):
     """Group-wise asymmetric 4-bit weights ``(out, in)``: packed codes, float16 scales, packed zeros.
 
@@ -212,18 +208,10 @@ class GroupInt4Tensor(QuantizedArray):
     codes: jax.Array
     scales: jax.Array
     zeros: jax.Array
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    group_size: int = struct.field(pytree_node=False, default=128)
-
-    format: ClassVar[str] = "int4_group"
-
-    @staticmethod
-    def _core_ndim(record: Any) -> int:
-        return 2
+    group_size: int = static(default=128)
 
 
-@struct.dataclass
+@record("awq_int4", core_ndim=2)
 class AWQTensor(QuantizedArray):
     """An AWQ-quantized weight: the group-int4 record of ``W * s`` and the scales ``s`` (float16, ``(in,)``).
 
@@ -235,36 +223,18 @@ class AWQTensor(QuantizedArray):
     scales: jax.Array
     zeros: jax.Array
     act_scale: jax.Array
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    group_size: int = struct.field(pytree_node=False, default=128)
-
-    format: ClassVar[str] = "awq_int4"
-
-    @staticmethod
-    def _core_ndim(record: Any) -> int:
-        return 2
+    group_size: int = static(default=128)
 
 
 # ----------------------------------------------------------------------------------------- checks
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(argument=name, expected="a positive integer", got=value)
-    return int(value)
+    return positive_int(name, value)
 
 
 def _as_float(x: Any, name: str) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise DTypeError(
-            argument=name, expected="float32, bfloat16 or float16", got=str(x.dtype),
-            hint="cast with .astype(jnp.float32) first.",
-        )
-    if x.size == 0:
-        raise InvalidShape(argument=name, expected="at least one value", got=f"an empty array of shape {x.shape}")
-    return x
+    return float_input(x, name)
 
 
 def _weight(w: Any, name: str = "w") -> jax.Array:
@@ -288,7 +258,8 @@ def _rows_of(w: Any, name: str = "w") -> tuple[jax.Array, jax.Array]:
 def _features(x: Any, n: int, name: str) -> jax.Array:
     x = _as_float(x, name)
     if x.ndim < 1 or x.shape[-1] != n:
-        raise ShapeMismatch(argument=name, expected=f"shape (..., {n}) (in = the weight's input dim)", got=tuple(x.shape))
+        want = f"shape (..., {n}) (in = the weight's input dim)"
+        raise ShapeMismatch(argument=name, expected=want, got=tuple(x.shape))
     return x
 
 
@@ -297,19 +268,6 @@ def _vector(s: Any, n: int, name: str) -> jax.Array:
     if s.shape != (n,):
         raise ShapeMismatch(argument=name, expected=f"shape ({n},)", got=tuple(s.shape))
     return s
-
-
-def _validate_finite(x: jax.Array, name: str) -> None:
-    if isinstance(x, jax.core.Tracer):
-        raise ConfigError(
-            argument="validate", expected="a concrete array (validate=True cannot look at values under jit/vmap)",
-            got="a traced array", hint="validate outside the transformation.",
-        )
-    a = np.asarray(x, dtype=np.float32)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise NonFiniteError(argument=name, expected="finite values", got=f"{a[index]} at index {index}")
 
 
 def _config(config: AWQConfig | None, group_size: int | None) -> AWQConfig:
@@ -380,16 +338,11 @@ def _fake_quant(w32: jax.Array, group: int, clip: jax.Array | None = None) -> ja
 
 def _pack(codes: jax.Array) -> jax.Array:
     """``(..., n)`` codes 0..15 -> ``(..., ceil(n / 2))`` bytes, the even index in the low nibble."""
-    n = codes.shape[-1]
-    if n % 2:
-        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    return packing.pack_pairs(codes)
 
 
 def _unpack(packed: jax.Array, n: int) -> jax.Array:
-    both = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
-    return both.reshape(*packed.shape[:-1], -1)[..., :n]
+    return packing.unpack_pairs(packed, n)
 
 
 def _stored_scales(s: jax.Array) -> jax.Array:
@@ -494,7 +447,8 @@ def collect_activation_stats(x: jax.Array, *, mask: jax.Array | None = None) -> 
         return jnp.mean(a, axis=0)
     mask = jnp.asarray(mask)
     if mask.shape != x.shape[:-1]:
-        raise ShapeMismatch(argument="mask", expected=f"shape {x.shape[:-1]} (x's shape without its last dim)", got=mask.shape)
+        want = f"shape {x.shape[:-1]} (x's shape without its last dim)"
+        raise ShapeMismatch(argument="mask", expected=want, got=mask.shape)
     m = mask.reshape(-1, 1).astype(jnp.float32)
     return jnp.sum(a * m, axis=0) / jnp.maximum(jnp.sum(m), 1.0)
 
@@ -604,7 +558,9 @@ def apply_activation_transform(x: jax.Array, scales: jax.Array) -> jax.Array:
     return _div(x.astype(jnp.float32), s.astype(jnp.float32)).astype(x.dtype)
 
 
-def fold_into_layernorm(scale: jax.Array, bias: jax.Array | None, scales: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def fold_into_layernorm(
+    scale: jax.Array, bias: jax.Array | None, scales: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
     """Folds ``1 / s`` into a norm's affine weight and bias (llm-awq ``scale_ln_fcs``).
 
     Exact only when the norm's output feeds nothing but the layers whose weights are multiplied by
@@ -772,7 +728,8 @@ def quantize_group(
     """Plain group-wise asymmetric 4-bit quantization with zero points (the baseline; format ``"int4_group"``).
 
     Per group of ``group_size`` input channels of each row, with ``lo = min(min, 0)``, ``hi = max(max, 0)``:
-    ``scale = float16(max(hi - lo, 1e-5) / 15)``, ``zero = clip(-round(lo / scale), 0, 15)``, ``code = clip(round(w / scale) + zero, 0, 15)``
+    ``scale = float16(max(hi - lo, 1e-5) / 15)``, ``zero = clip(-round(lo / scale), 0, 15)``,
+    ``code = clip(round(w / scale) + zero, 0, 15)``
     (see the module docstring for the storage and the decisions).
 
     Args:
@@ -788,7 +745,8 @@ def quantize_group(
 
     Raises:
         DimensionError: a scalar ``w``. DTypeError, InvalidShape: non-float or empty ``w``.
-        ConfigError: a ``group_size`` that is not a positive integer; ``validate`` under jit.
+        ConfigError: a ``group_size`` that is not a positive integer.
+        InvalidOp: ``validate`` under jit or vmap.
         ShapeMismatch: a ``clip`` of the wrong shape. NonFiniteError: ``validate`` and a non-finite weight.
 
     Example:
@@ -800,7 +758,7 @@ def quantize_group(
     group = _positive_int("group_size", group_size)
     w, w2 = _rows_of(w)
     if validate:
-        _validate_finite(w, "w")
+        validate_finite(w, "w")
     if clip is not None:
         clip = _check_clip(clip, w2.shape[0], _n_groups(w2.shape[1], group))
     codes, scales, zeros = _encode(w2.astype(jnp.float32), group, clip)
@@ -836,7 +794,8 @@ def quantize_awq(
 
     Raises:
         DimensionError, ShapeMismatch, DTypeError, InvalidShape: bad shapes or dtypes.
-        ConfigError: bad options; ``config.clip`` without ``calibration``; ``validate`` under jit.
+        ConfigError: bad options; ``config.clip`` without ``calibration``.
+        InvalidOp: ``validate`` under jit or vmap.
         NonFiniteError: ``validate`` and a non-finite value.
 
     Example:
@@ -851,9 +810,9 @@ def quantize_awq(
     if calibration is not None:
         x32 = _rows(_features(calibration, w2.shape[1], "calibration"))
     if validate:
-        _validate_finite(w, "w")
+        validate_finite(w, "w")
         if x32 is not None:
-            _validate_finite(x32, "calibration")
+            validate_finite(x32, "calibration")
     w32 = w2.astype(jnp.float32)
     if scales is not None:
         s = _stored_scales(_vector(scales, w2.shape[1], "scales"))
@@ -1017,110 +976,24 @@ def output_mse(w: jax.Array, q: GroupInt4Tensor | AWQTensor, x: jax.Array) -> ja
     return _mse(_matmul_t(x32, w.astype(jnp.float32)), _matmul_t(x32, dequantize_awq(q).astype(jnp.float32)))
 
 
-# ----------------------------------------------------------------------------------------- models
-
-
-class _Recorder(nnx.Module):
-    """Calls a linear layer and hands its input to a callback (eager use only)."""
-
-    def __init__(self, layer: nnx.Module, callback: Callable[[jax.Array], None]):
-        self.layer = layer
-        self.callback = callback
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        self.callback(x)
-        return self.layer(x)
-
-
-def capture_linear_inputs(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, list[jax.Array]]:
-    """Runs ``model(*args, **kwargs)`` once, eagerly, and returns the input of every ``nnx.Linear``.
-
-    The model is not changed: a copy has each ``nnx.Linear`` wrapped by a recorder.
-
-    Args:
-        model: an NNX module.
-        *args: its call's positional arguments. **kwargs: its keyword arguments.
-
-    Returns:
-        ``{path: [input of each call]}``, paths dotted (``"layers.0.attention.query"``), in call order.
-
-    Raises:
-        InvalidShape: a model with no ``nnx.Linear``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
-        >>> inputs = capture_linear_inputs(model, jnp.ones((5, 3)))
-        >>> {k: v[0].shape for k, v in inputs.items()}
-        {'layers.0': (5, 3), 'layers.1': (5, 4)}
-    """
-    copy = nnx.clone(model)
-    linears = [(path, node) for path, node in nnx.iter_graph(copy) if isinstance(node, nnx.Linear)]
-    if not linears:
-        raise InvalidShape(argument="model", expected="a model with nnx.Linear layers", got="none")
-    captured: dict[str, list[jax.Array]] = {}
-    for path, layer in linears:
-        name = ".".join(str(p) for p in path)
-        captured[name] = []
-        set_child(copy, path, _Recorder(layer, captured[name].append))
-    copy(*args, **kwargs)
-    return captured
-
-
-def quantize_model(
-    model: nnx.Module,
-    activations: dict[str, jax.Array],
-    *,
-    config: AWQConfig | None = None,
-    where: Callable[[str, nnx.Linear], bool] | None = None,
-) -> tuple[nnx.Module, dict[str, float]]:
-    """A copy of ``model`` whose ``nnx.Linear`` layers are AWQ :class:`viva_tensor.nn.QLinear` layers.
-
-    Each selected layer's scales are searched on its own calibration inputs (``activations[path]``,
-    e.g. from :func:`capture_linear_inputs`, padding removed) and the record keeps them
-    (``act_scale``), so no other layer changes.
-
-    Args:
-        model: an NNX module.
-        activations: ``{path: inputs (..., in)}`` for every selected layer.
-        config: the options.
-        where: ``where(path, layer) -> bool`` selects layers (default: every layer with activations).
-
-    Returns:
-        ``(quantized_model, {path: alpha})``.
-
-    Raises:
-        ConfigError: a selected layer without activations.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> model = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
-        >>> x = jnp.ones((3, 8))
-        >>> qmodel, alphas = quantize_model(model, {"layers.0": x}, config=AWQConfig(group_size=8))
-        >>> type(qmodel.layers[0]).__name__, list(alphas)
-        ('QLinear', ['layers.0'])
-    """
-    from viva_tensor import nn  # imported on use: nn imports quant, which may import this module
-
-    config = _config(config, None)
-    copy = nnx.clone(model)
-    alphas: dict[str, float] = {}
-    for path, layer in [(p, n) for p, n in nnx.iter_graph(copy) if isinstance(n, nnx.Linear)]:
-        name = ".".join(str(p) for p in path)
-        if where is None and name not in activations or where is not None and not where(name, layer):
-            continue
-        if name not in activations:
-            raise ConfigError(argument="activations", expected=f"the inputs of layer {name!r}", got="none")
-        w = jnp.asarray(layer.kernel.get_value()).T
-        x = activations[name]
-        search = search_scales(w, x, config=config)
-        q = quantize_awq(w, x, scales=search.scales, config=config)
-        bias = None if layer.bias is None else layer.bias.get_value()
-        set_child(copy, path, nn.QLinear(q, bias, dtype=layer.dtype))
-        alphas[name] = float(search.alpha)
-    return copy, alphas
+def _planes(q: GroupInt4Tensor | AWQTensor) -> Planes | None:
+    """The decode planes of a 2-D record (low nibbles = even columns), or None for a partial group."""
+    rows, n = q.shape
+    group = min(q.group_size, n)
+    if group % 2 or n % group:
+        return None
+    f32 = jnp.float32
+    ng = n // group
+    codes = q.codes.reshape(rows, ng, group // 2)
+    scale = packing.materialized(q.scales.astype(f32))[..., None]
+    zero = packing.materialized(_unpack(q.zeros, ng).astype(f32))[..., None]
+    lo = ((codes & 0x0F).astype(f32) - zero) * scale
+    hi = ((codes >> 4).astype(f32) - zero) * scale
+    lo, hi = lo.reshape(rows, -1), hi.reshape(rows, -1)
+    if isinstance(q, AWQTensor):
+        s = q.act_scale.astype(f32)
+        lo, hi = _div(lo, s[0::2]), _div(hi, s[1::2])
+    return Planes(lo, hi, "pairs")
 
 
 register_format(
@@ -1130,6 +1003,7 @@ register_format(
     dequantize=dequantize,
     block_size=128,
     description="group-wise asymmetric 4-bit ints with zero points (AWQ's quantizer without scaling), fp16 scales",
+    planes=_planes,
 )
 register_format(
     "awq_int4",
@@ -1138,4 +1012,5 @@ register_format(
     dequantize=dequantize,
     block_size=128,
     description="AWQ: group-int4 of W * s with the searched per-channel scales s (pass calibration=)",
+    planes=_planes,
 )

@@ -96,15 +96,21 @@ def validate_names(names, *, argument: str = "names") -> tuple[AxisName, ...]:
     Anonymous axes (``None``) may repeat; named ones may not.
 
     Raises:
-        AxisError: for a name that is not a string or ``None``.
+        AxisError: for ``names`` that is not a sequence (``None``, a string, an int ...), or a name that
+            is not a string or ``None``.
         DuplicateAxis: for a string given twice.
 
     Example:
         >>> validate_names(["batch", None, None, "embed"])
         ('batch', None, None, 'embed')
     """
-    if isinstance(names, str):
+    if isinstance(names, (str, bytes)):
         raise AxisError(argument=argument, expected="a sequence of axis names", got=f"the string {names!r}")
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise AxisError(argument=argument, expected="a sequence of axis names (one per axis)",
+                        got=f"a {type(names).__name__} ({repr(names)[:40]})") from None
     out = tuple(validate_name(n, argument=argument) for n in names)
     seen = set()
     for n in out:

@@ -51,12 +51,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
-from flax import struct
 
-from viva_tensor._record import QuantizedArray, register_format
-from viva_tensor.errors import ConfigError, DTypeError, FormatError, InvalidShape, NonFiniteError
+from viva_tensor._formats import packing
+from viva_tensor._formats.checks import float_input, validate_finite
+from viva_tensor._formats.packing import E2M1_VALUES
+from viva_tensor._formats.record import QuantizedArray, record, static
+from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor.errors import FormatError
 
 __all__ = [
     "E2M1_VALUES",
@@ -69,71 +70,33 @@ __all__ = [
     "dequantize",
 ]
 
-#: Values of the 16 E2M1 codes (bit 3 sign, bits 2-1 exponent with bias 1, bit 0 mantissa).
-E2M1_VALUES = np.array(
-    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32
-)
 NVFP4_BLOCK = 16
 MXFP4_BLOCK = 32
 _E2M1_MAX = 6.0
 _E4M3_MAX = 448.0
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# Decoding tables, indexed by a byte. Converting float8/float4 to float32 with ``astype`` inside the
-# fused per-value decode runs a slow software conversion for every value on CPU (NVFP4's quant.dot was
-# ~20x a float32 matmul); one gather per byte is ~10x cheaper and gives the same bits.
-#: The float32 value of each E4M3 (``float8_e4m3fn``) byte: 0x7F and 0xFF are NaN, 0x80 is -0.0.
-_E4M3_TABLE = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-#: The two E2M1 values of each packed code byte, (low nibble, high nibble): first value low.
-_E2M1_PAIRS = np.stack([E2M1_VALUES[np.arange(256) & 0xF], E2M1_VALUES[np.arange(256) >> 4]], axis=-1)
 
 
 def _core_ndim(record: Any) -> int:
     return max(1, len(record.shape))
 
 
-@struct.dataclass
+@record("nvfp4", core_ndim=_core_ndim)
 class NVFP4Tensor(QuantizedArray):
     """NVFP4: E2M1 codes, an E4M3 scale per 16 values of the last axis, a float32 tensor scale."""
 
     codes: jax.Array  # uint8 (*lead, padded_last / 2), first value in the low nibble
     scales: jax.Array  # float8_e4m3fn (*lead, blocks)
     tensor_scale: jax.Array  # float32 ()
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    block_size: int = struct.field(pytree_node=False, default=NVFP4_BLOCK)
-
-    format = "nvfp4"
-    _core_ndim = staticmethod(_core_ndim)
+    block_size: int = static(default=NVFP4_BLOCK)
 
 
-@struct.dataclass
+@record("mxfp4", core_ndim=_core_ndim)
 class MXFP4Tensor(QuantizedArray):
     """OCP MXFP4: E2M1 codes and an E8M0 scale byte (biased exponent) per 32 values of the last axis."""
 
     codes: jax.Array  # uint8 (*lead, padded_last / 2), first value in the low nibble
     scales: jax.Array  # uint8 (*lead, blocks): E8M0, 2**(byte - 127), 0xFF = NaN
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    block_size: int = struct.field(pytree_node=False, default=MXFP4_BLOCK)
-
-    format = "mxfp4"
-    _core_ndim = staticmethod(_core_ndim)
-
-
-def _check(x: Any) -> jax.Array:
-    """Checks that ``x`` is a non-empty float array."""
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise DTypeError(
-            argument="x", expected="float32, bfloat16 or float16", got=str(x.dtype),
-            hint="cast with x.astype(jnp.float32) first.",
-        )
-    if x.size == 0:
-        raise InvalidShape(
-            argument="x", expected="at least one value", got=f"an empty array of shape {tuple(x.shape)}",
-            hint="an empty tensor has nothing to quantize; skip it.",
-        )
-    return x
+    block_size: int = static(default=MXFP4_BLOCK)
 
 
 def _blocked(x: jax.Array, block: int) -> jax.Array:
@@ -143,24 +106,6 @@ def _blocked(x: jax.Array, block: int) -> jax.Array:
     nb = -(-last // block)
     v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, nb * block - last)])
     return v.reshape(*v.shape[:-1], nb, block)
-
-
-def _validate_finite(x: jax.Array) -> None:
-    if isinstance(x, jax.core.Tracer):
-        raise ConfigError(
-            argument="validate",
-            expected="a concrete array (validate=True cannot look at values under jit/vmap)",
-            got="a traced array",
-            hint="validate outside the transformation, or use jax.experimental.checkify.",
-        )
-    values = np.asarray(x, dtype=np.float32)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise NonFiniteError(
-            argument="x", expected="finite values", got=f"{float(values[index])} at index {index}",
-            hint="a non-finite value only spoils its own block; pass validate=False to keep it.",
-        )
 
 
 def _pack_e2m1(scaled: jax.Array) -> jax.Array:
@@ -181,12 +126,12 @@ def _block_ok(blocks: jax.Array) -> jax.Array:
 
 def _unpack_e2m1(codes: jax.Array) -> jax.Array:
     """Packed uint8 codes (..., n) -> float32 values (..., 2n): one table gather per byte."""
-    return jnp.asarray(_E2M1_PAIRS)[codes].reshape(*codes.shape[:-1], -1)
+    return jnp.asarray(packing.E2M1_PAIRS)[codes].reshape(*codes.shape[:-1], -1)
 
 
 def _e4m3_to_float32(scales: jax.Array) -> jax.Array:
     """float8_e4m3fn scales as float32 through a 256-entry table (bit-identical to ``astype``)."""
-    return jnp.asarray(_E4M3_TABLE)[jax.lax.bitcast_convert_type(scales, jnp.uint8)]
+    return jnp.asarray(packing.E4M3_TABLE)[jax.lax.bitcast_convert_type(scales, jnp.uint8)]
 
 
 def quantize_nvfp4(x: Any, *, validate: bool = False) -> NVFP4Tensor:
@@ -201,9 +146,9 @@ def quantize_nvfp4(x: Any, *, validate: bool = False) -> NVFP4Tensor:
         (float8_e4m3fn per block) and ``tensor_scale`` (float32).
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
         InvalidShape: ``x`` is empty.
-        ConfigError: ``validate=True`` under jit or vmap.
+        InvalidOp: ``validate=True`` under jit or vmap.
         NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
 
     Example:
@@ -214,9 +159,9 @@ def quantize_nvfp4(x: Any, *, validate: bool = False) -> NVFP4Tensor:
         >>> [round(v, 2) for v in dequantize(q)[1, :4].tolist()]
         [15.5, 15.5, 15.5, 20.67]
     """
-    x = _check(x)
+    x = float_input(x)
     if validate:
-        _validate_finite(x)
+        validate_finite(x)
     codes, scales, tensor_scale = _nvfp4_core(x)
     return NVFP4Tensor(codes=codes, scales=scales, tensor_scale=tensor_scale, shape=tuple(x.shape), dtype=x.dtype)
 
@@ -255,9 +200,9 @@ def quantize_mxfp4(x: Any, *, validate: bool = False) -> MXFP4Tensor:
         (uint8 E8M0 bytes: the scale is ``2**(byte - 127)``, 0xFF is NaN).
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
         InvalidShape: ``x`` is empty.
-        ConfigError: ``validate=True`` under jit or vmap.
+        InvalidOp: ``validate=True`` under jit or vmap.
         NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
 
     Example:
@@ -266,9 +211,9 @@ def quantize_mxfp4(x: Any, *, validate: bool = False) -> MXFP4Tensor:
         >>> q.scales.tolist(), dequantize(q).tolist()
         ([127], [0.0, 6.0, -2.0])
     """
-    x = _check(x)
+    x = float_input(x)
     if validate:
-        _validate_finite(x)
+        validate_finite(x)
     codes, scales = _mxfp4_core(x)
     return MXFP4Tensor(codes=codes, scales=scales, shape=tuple(x.shape), dtype=x.dtype)
 
@@ -339,6 +284,17 @@ def _block_scales(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
     return jnp.where(q.scales == 255, jnp.float32(jnp.nan), scale)
 
 
+def _planes(q: NVFP4Tensor | MXFP4Tensor) -> Planes | None:
+    """The decode planes of a 2-D record (low nibbles = even columns), or None for a partial last block."""
+    rows, n = q.shape
+    if q.block_size % 2 or n % q.block_size:
+        return None
+    codes = q.codes.reshape(*q.scales.shape, q.block_size // 2)
+    scale = packing.materialized(_block_scales(q))[..., None]
+    lo, hi = packing.e2m1(codes & 0x0F) * scale, packing.e2m1(codes >> 4) * scale
+    return Planes(lo.reshape(rows, -1), hi.reshape(rows, -1), "pairs")
+
+
 register_format(
     "nvfp4",
     record=NVFP4Tensor,
@@ -346,6 +302,7 @@ register_format(
     dequantize=dequantize,
     block_size=NVFP4_BLOCK,
     description="NVIDIA NVFP4: E2M1, an E4M3 scale per 16 values of the last axis, a float32 tensor scale",
+    planes=_planes,
 )
 register_format(
     "mxfp4",
@@ -354,4 +311,5 @@ register_format(
     dequantize=dequantize,
     block_size=MXFP4_BLOCK,
     description="OCP MX FP4: E2M1 with an E8M0 power-of-two scale per 32 values of the last axis",
+    planes=_planes,
 )

@@ -43,10 +43,10 @@ Conventions shared by every format here:
 - Divisions by 15 and 127 are correctly rounded as in C (XLA would otherwise multiply by a rounded
   reciprocal, one ulp off for most scales). float16 scales overflow above 65504: GGML formats need
   ``|x|`` below ~5.2e5 (Q4_0), ~9.8e5 (Q4_1 range) or ~8.3e6 (Q8_0), as in GGML.
-- Empty arrays give empty records (zero blocks) that dequantize to the empty array.
+- Empty arrays raise :class:`~viva_tensor.errors.InvalidShape` (the one input check of every format).
 - Signed zeros: a Q4_1 ``min`` or a zero scale may differ from GGML's in the sign of a zero only.
 - Records made under ``vmap`` carry batch dims in front of their leaves and can be dequantized outside
-  the vmap (:func:`viva_tensor._record.batch_dims`).
+  the vmap (:func:`viva_tensor._formats.record.batch_dims`).
 
 Example:
     >>> import jax.numpy as jnp
@@ -65,16 +65,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor import _record
-from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidOp, InvalidShape
-from viva_tensor.errors import NonFiniteError
+from viva_tensor._formats import packing
+from viva_tensor._formats.checks import float_dtype, float_input, positive_int, validate_finite
+from viva_tensor._formats.record import QuantizedArray, batch_dims, record, static
+from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape
 
 __all__ = [
     "Int8Tensor",
@@ -99,16 +100,17 @@ GGML_BLOCK_SIZE = 32
 GGML_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 """Bytes per block in a GGUF file: fp16 ``d`` (+ fp16 ``m`` for Q4_1) then the codes."""
 
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Records
 # ----------------------------------------------------------------------------------------------------
 
 
-@flax.struct.dataclass
-class Int8Tensor(_record.QuantizedArray):
+def _int8_core_ndim(record: Any) -> int:
+    return 2 if record.block_size is not None else len(record.shape)
+
+
+@record("int8", core_ndim=_int8_core_ndim)
+class Int8Tensor(QuantizedArray):
     """INT8 absmax codes and their float32 scales.
 
     Attributes:
@@ -122,68 +124,39 @@ class Int8Tensor(_record.QuantizedArray):
 
     codes: jax.Array
     scales: jax.Array
-    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
-    dtype: Any = flax.struct.field(pytree_node=False)
-    axis: Union[int, None] = flax.struct.field(pytree_node=False, default=None)
-    block_size: Union[int, None] = flax.struct.field(pytree_node=False, default=None)
-
-    format: ClassVar[str] = "int8"
-
-    @staticmethod
-    def _core_ndim(record) -> int:
-        return 2 if record.block_size is not None else len(record.shape)
+    axis: int | None = static(default=None)
+    block_size: int | None = static(default=None)
 
 
-@flax.struct.dataclass
-class Q4_0Tensor(_record.QuantizedArray):
+@record("q4_0", core_ndim=2)
+class Q4_0Tensor(QuantizedArray):
     """GGML Q4_0 blocks: ``qs`` uint8 ``(n_blocks, 16)`` packed codes, ``d`` float16 ``(n_blocks,)``."""
 
     qs: jax.Array
     d: jax.Array
-    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
-    dtype: Any = flax.struct.field(pytree_node=False)
 
-    format: ClassVar[str] = "q4_0"
     block_size: ClassVar[int] = GGML_BLOCK_SIZE
 
-    @staticmethod
-    def _core_ndim(record) -> int:
-        return 2
 
-
-@flax.struct.dataclass
-class Q4_1Tensor(_record.QuantizedArray):
+@record("q4_1", core_ndim=2)
+class Q4_1Tensor(QuantizedArray):
     """GGML Q4_1 blocks: ``qs`` uint8 ``(n_blocks, 16)``, ``d`` and ``m`` float16 ``(n_blocks,)``."""
 
     qs: jax.Array
     d: jax.Array
     m: jax.Array
-    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
-    dtype: Any = flax.struct.field(pytree_node=False)
 
-    format: ClassVar[str] = "q4_1"
     block_size: ClassVar[int] = GGML_BLOCK_SIZE
 
-    @staticmethod
-    def _core_ndim(record) -> int:
-        return 2
 
-
-@flax.struct.dataclass
-class Q8_0Tensor(_record.QuantizedArray):
+@record("q8_0", core_ndim=2)
+class Q8_0Tensor(QuantizedArray):
     """GGML Q8_0 blocks: ``qs`` int8 ``(n_blocks, 32)`` codes, ``d`` float16 ``(n_blocks,)``."""
 
     qs: jax.Array
     d: jax.Array
-    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
-    dtype: Any = flax.struct.field(pytree_node=False)
 
-    format: ClassVar[str] = "q8_0"
     block_size: ClassVar[int] = GGML_BLOCK_SIZE
-
-    @staticmethod
-    def _core_ndim(record) -> int:
-        return 2
 
 
 _GGML_RECORDS = {"q4_0": Q4_0Tensor, "q4_1": Q4_1Tensor, "q8_0": Q8_0Tensor}
@@ -290,40 +263,9 @@ def _reciprocal(d: jax.Array) -> jax.Array:
 
 
 def _as_float32(x: Any, argument: str = "x") -> tuple[jax.Array, Any]:
-    """Checks the dtype and returns ``(x as float32, original dtype)``."""
-    if not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
-    dtype = jnp.dtype(x.dtype)
-    if dtype not in _FLOAT_DTYPES:
-        raise DTypeError(
-            argument=argument,
-            expected="a float32, bfloat16 or float16 array",
-            got=str(dtype),
-            hint="cast with x.astype(jnp.float32) first.",
-        )
-    return jnp.asarray(x, jnp.float32), dtype
-
-
-def _validate_finite(x: Any, argument: str = "x") -> None:
-    """Raises NonFiniteError naming the first non-finite index of concrete ``x``."""
-    if isinstance(x, jax.core.Tracer):
-        raise InvalidOp(
-            argument="validate",
-            expected="concrete input values (validate=True checks them eagerly)",
-            got="a traced array (inside jit, vmap or grad)",
-            hint="call with validate=True outside jit/vmap, or check the values before tracing.",
-        )
-    values = np.asarray(jnp.asarray(x).astype(jnp.float32))
-    bad = np.argwhere(~np.isfinite(values))
-    if bad.size:
-        index = tuple(int(i) for i in bad[0])
-        raise NonFiniteError(
-            argument=argument,
-            expected="finite values",
-            got=f"{values[index]} at index {index}",
-            hint="replace NaN/inf (jnp.nan_to_num) or leave validate=False: only the blocks holding "
-            "them dequantize to NaN.",
-        )
+    """Checks ``x`` (a non-empty float array) and returns ``(x as float32, original dtype)``."""
+    x = float_input(x, argument)
+    return x.astype(jnp.float32), jnp.dtype(x.dtype)
 
 
 def _blocks(x32: jax.Array, block_size: int) -> jax.Array:
@@ -384,11 +326,12 @@ def quantize_int8(
         An :class:`Int8Tensor`; ``dequantize`` gives back ``x.shape`` and ``x.dtype``.
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
+        InvalidShape: ``x`` is empty.
         ConfigError: ``block_size`` is not a positive int, or both ``axis`` and ``block_size`` given.
         DimensionError: ``axis`` is out of range.
         NonFiniteError: ``validate=True`` and ``x`` holds NaN or inf.
-        InvalidOp: ``validate=True`` on a traced array.
+        InvalidOp: ``validate=True`` on a traced array (under jit or vmap).
 
     Example:
         >>> import jax.numpy as jnp
@@ -406,10 +349,10 @@ def quantize_int8(
             got=axis,
             hint="choose per channel (axis) or per block (block_size), not both.",
         )
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ConfigError(argument="block_size", expected="a positive int", got=block_size)
+    if block_size is not None:
+        block_size = positive_int("block_size", block_size)
     if validate:
-        _validate_finite(x)
+        validate_finite(x)
     shape = tuple(x32.shape)
     if block_size is not None:
         codes, scales = _int8_core(x32, None, block_size)
@@ -440,21 +383,10 @@ def _dequantize_int8(q: Int8Tensor) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _pack_nibbles(codes: jax.Array) -> jax.Array:
-    """``(..., 32)`` codes 0..15 to ``(..., 16)`` bytes: value j low nibble, value j + 16 high nibble."""
-    codes = codes.astype(jnp.uint8)
-    return codes[..., :16] | (codes[..., 16:] << 4)
-
-
-def _unpack_nibbles(qs: jax.Array) -> jax.Array:
-    """``(..., 16)`` bytes to ``(..., 32)`` codes (inverse of :func:`_pack_nibbles`)."""
-    return jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
 def _ggml_prepare(x: jax.Array, validate: bool) -> tuple[jax.Array, Any, tuple[int, ...]]:
     x32, dtype = _as_float32(x)
     if validate:
-        _validate_finite(x)
+        validate_finite(x)
     return x32, dtype, tuple(x32.shape)
 
 
@@ -491,9 +423,10 @@ def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
         A :class:`Q4_0Tensor`.
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
+        InvalidShape: ``x`` is empty.
         NonFiniteError: ``validate=True`` and ``x`` holds NaN or inf.
-        InvalidOp: ``validate=True`` on a traced array.
+        InvalidOp: ``validate=True`` on a traced array (under jit or vmap).
 
     Example:
         >>> import jax.numpy as jnp
@@ -519,7 +452,7 @@ def _q4_0_core(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
     vmax = jnp.where(amax > 0, jnp.where(first_pos <= first_neg, amax, -amax), jnp.float32(0))
     d = vmax / jnp.float32(-8)  # exact: a power of two
     codes = _count_thresholds(blocks * _reciprocal(d), _Q4_0_THRESHOLDS)
-    return _pack_nibbles(_zero_codes_where_not(finite, codes, 8)), _nan_where_not(finite, d)
+    return packing.pack_halves(_zero_codes_where_not(finite, codes, 8)), _nan_where_not(finite, d)
 
 
 def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
@@ -537,9 +470,10 @@ def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
         A :class:`Q4_1Tensor`.
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
+        InvalidShape: ``x`` is empty.
         NonFiniteError: ``validate=True`` and ``x`` holds NaN or inf.
-        InvalidOp: ``validate=True`` on a traced array.
+        InvalidOp: ``validate=True`` on a traced array (under jit or vmap).
 
     Example:
         >>> import jax.numpy as jnp
@@ -561,7 +495,7 @@ def _q4_1_core(x32: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     d = _div_exact(vmax - vmin, 15)
     codes = _zero_codes_where_not(finite, _count_thresholds((blocks - vmin) * _reciprocal(d), _Q4_1_THRESHOLDS), 0)
     m = jnp.where(finite[:, 0], vmin[:, 0], jnp.float32(jnp.nan)).astype(jnp.float16)
-    return _pack_nibbles(codes), _nan_where_not(finite, d), m
+    return packing.pack_halves(codes), _nan_where_not(finite, d), m
 
 
 def quantize_q8_0(x: jax.Array, *, validate: bool = False) -> Q8_0Tensor:
@@ -578,9 +512,10 @@ def quantize_q8_0(x: jax.Array, *, validate: bool = False) -> Q8_0Tensor:
         A :class:`Q8_0Tensor`.
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
+        InvalidShape: ``x`` is empty.
         NonFiniteError: ``validate=True`` and ``x`` holds NaN or inf.
-        InvalidOp: ``validate=True`` on a traced array.
+        InvalidOp: ``validate=True`` on a traced array (under jit or vmap).
 
     Example:
         >>> import jax.numpy as jnp
@@ -640,13 +575,13 @@ def quantize_q4(x: jax.Array, block_size: int = 32, *, validate: bool = False) -
 
 @jax.jit
 def _dequantize_q4_0(q: Q4_0Tensor) -> jax.Array:
-    codes = _unpack_nibbles(q.qs).astype(jnp.float32) - 8.0
+    codes = packing.unpack_halves(q.qs).astype(jnp.float32) - 8.0
     return _restore(codes * q.d.astype(jnp.float32)[..., None], q, 2)
 
 
 @jax.jit
 def _dequantize_q4_1(q: Q4_1Tensor) -> jax.Array:
-    codes = _unpack_nibbles(q.qs).astype(jnp.float32)
+    codes = packing.unpack_halves(q.qs).astype(jnp.float32)
     # code * d is exact in float32 (4 bits times an 11-bit float16), so an FMA cannot change the sum.
     values = codes * q.d.astype(jnp.float32)[..., None] + q.m.astype(jnp.float32)[..., None]
     return _restore(values, q, 2)
@@ -741,7 +676,7 @@ def to_ggml_bytes(q: Q4_0Tensor | Q4_1Tensor | Q8_0Tensor) -> np.ndarray:
     if type(q) not in _GGML_RECORDS.values():
         raise FormatError(argument="q", expected="a Q4_0Tensor, Q4_1Tensor or Q8_0Tensor", got=type(q).__name__)
     _check_row_shape(q.shape, "q.shape")
-    batch = _record.batch_dims(q)
+    batch = batch_dims(q)
     n_blocks = q.qs.shape[-2]
     parts = [np.asarray(q.d).astype("<f2").reshape(*batch, n_blocks, 1).view(np.uint8)]
     if isinstance(q, Q4_1Tensor):
@@ -779,8 +714,7 @@ def from_ggml_bytes(data: Any, fmt: str, shape: tuple[int, ...], *, dtype: Any =
     fmt = _check_ggml_format(fmt)
     shape = tuple(int(s) for s in shape)
     _check_row_shape(shape, "shape")
-    if jnp.dtype(dtype) not in _FLOAT_DTYPES:
-        raise DTypeError(argument="dtype", expected="float32, bfloat16 or float16", got=str(dtype))
+    float_dtype(dtype)
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = np.frombuffer(bytes(data), np.uint8)
     else:
@@ -809,11 +743,27 @@ def from_ggml_bytes(data: Any, fmt: str, shape: tuple[int, ...], *, dtype: Any =
     return Q8_0Tensor(qs, d, shape=shape, dtype=dtype)
 
 
+def _ggml_planes(q: Q4_0Tensor | Q4_1Tensor) -> Planes | None:
+    """The decode planes of a 2-D Q4_0 / Q4_1 record (the two 16-value halves of each block)."""
+    rows, n = q.shape
+    if n % GGML_BLOCK_SIZE:
+        return None
+    f32 = jnp.float32
+    d = packing.materialized(q.d.astype(f32))[:, None]
+    lo, hi = (q.qs & 0x0F).astype(f32), (q.qs >> 4).astype(f32)
+    if isinstance(q, Q4_0Tensor):
+        lo, hi = (lo - 8.0) * d, (hi - 8.0) * d
+    else:
+        m = packing.materialized(q.m.astype(f32))[:, None]
+        lo, hi = lo * d + m, hi * d + m
+    return Planes(lo.reshape(rows, -1), hi.reshape(rows, -1), "halves")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------------
 
-_record.register_format(
+register_format(
     "int8",
     record=Int8Tensor,
     quantize=quantize_int8,
@@ -822,23 +772,25 @@ _record.register_format(
     description="absmax INT8, float32 scale per tensor (default), per channel (axis=) or per block "
     "(block_size=)",
 )
-_record.register_format(
+register_format(
     "q4_0",
     record=Q4_0Tensor,
     quantize=quantize_q4_0,
     dequantize=_dequantize_q4_0,
     block_size=GGML_BLOCK_SIZE,
     description="GGML Q4_0: 32 values, fp16 scale, 4-bit codes around 8 (4.5 bits per value)",
+    planes=_ggml_planes,
 )
-_record.register_format(
+register_format(
     "q4_1",
     record=Q4_1Tensor,
     quantize=quantize_q4_1,
     dequantize=_dequantize_q4_1,
     block_size=GGML_BLOCK_SIZE,
     description="GGML Q4_1: 32 values, fp16 scale and min, 4-bit codes (5 bits per value)",
+    planes=_ggml_planes,
 )
-_record.register_format(
+register_format(
     "q8_0",
     record=Q8_0Tensor,
     quantize=quantize_q8_0,

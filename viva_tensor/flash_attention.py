@@ -5,9 +5,10 @@
 causal masks aligned top-left, sliding windows, per-example lengths), but never builds the ``T x S``
 matrix of logits. The forward pass walks over blocks of queries; for each it scans the blocks of
 keys and values that the causal mask and the window leave visible, keeping a running maximum, a running
-sum and a rescaled accumulator in float32 (the online softmax). Only the output and the logsumexp of
+sum and a rescaled accumulator in float32 (the online softmax). Only the output and the softmax max and sum of
 each row are kept for the backward pass, a :func:`jax.custom_vjp` in the FlashAttention-2 way
-(arXiv:2307.08691): the probabilities are recomputed block by block from the logsumexp, and
+(arXiv:2307.08691): the probabilities are recomputed block by block from them (not from the logsumexp:
+at logits of 1e10 ``max + log(sum)`` rounds to ``max``), and
 ``D = rowsum(dO * O)`` replaces the softmax Jacobian.
 
 The Gleam-style entry points (:class:`FlashConfig`, :func:`default_config`, :func:`causal_config`,
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from viva_tensor import memory
+from viva_tensor import _xla
 from viva_tensor.errors import (
     BroadcastError,
     ConfigError,
@@ -130,11 +131,56 @@ def _check_window(window: Any, seq_q: int, seq_kv: int) -> tuple[int, int] | Non
 # Blocks: logits, masks, visible ranges
 # --------------------------------------------------------------------------------------------------
 
+#: What jax.nn puts in place of a hidden logit: -0.7 * the float32 maximum. It is finite, so a row that sees no
+#: key averages V over all keys (as jax.nn does), and a hidden NaN or inf logit never reaches the softmax.
+_HIDDEN = float(np.asarray(-0.7 * np.finfo(np.float32).max, np.float32))
+
+
+class _Operands(NamedTuple):
+    """What the block kernels read, padded to whole blocks (shape letters as in dot_product_attention).
+
+    ``q``: (B, Tp, K, G, H); ``k``, ``v``: (B, Sp, K, H); ``bias``, ``mask``: None or 5-D
+    (B|1, K|1, G|1, Tp|1, Sp|1); ``qlen``, ``kvlen``: None or int32 (B,).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    bias: Any = None
+    mask: Any = None
+    qlen: Any = None
+    kvlen: Any = None
+
+
+class _Saved(NamedTuple):
+    """What the backward kernel reads besides the operands, per (padded) query row.
+
+    ``do``: dO (B, Tp, K, G, H) in the inputs' dtype, 0 on rows past ``query_seq_lengths``; ``m``, ``rl``: the
+    row maximum and ``1 / sum`` of the forward softmax (B, K, G, Tp) float32; ``delta``: rowsum(dO * O)
+    (B, K, G, Tp); ``dv_hidden``: :func:`_hidden_dv_prefix` of the rows.
+    """
+
+    do: jax.Array
+    m: jax.Array
+    rl: jax.Array
+    delta: jax.Array
+    dv_hidden: jax.Array
+
+
+def _padded(st: _Static) -> tuple[int, int]:
+    return _round_up(st.seq_q, st.block_q), _round_up(st.seq_kv, st.block_kv)
+
 
 def _logits(q_blk, k_blk, scale):
-    """(B, bq, K, G, H) x (B, bkv, K, H) -> (B, K, G, bq, bkv) float32 logits times ``scale``."""
-    s = jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=_F32)
-    return s * jnp.asarray(scale, _F32)
+    """(B, bq, K, G, H) x (B, bkv, K, H) -> (B, K, G, bq, bkv) float32 logits, ``scale * q k^T``.
+
+    The scale multiplies the float32 query block before the product, not the logits after it: XLA:CPU
+    contracts ``logits * scale - max`` into a fused multiply-add inside one consumer of the logits and not
+    inside another, and at logits of 1e10 the half-ulp difference (512) is enough for ``exp(s - max(s))`` to
+    overflow. With no multiply after the product, every consumer rounds the logits the same way.
+    """
+    q32 = q_blk.astype(_F32) * jnp.asarray(scale, _F32)
+    return jnp.einsum("bqkgh,bskh->bkgqs", q32, k_blk.astype(_F32), preferred_element_type=_F32)
 
 
 def _slice_pair(x, i0, bq, j0, bkv):
@@ -146,70 +192,81 @@ def _slice_pair(x, i0, bq, j0, bkv):
     return x
 
 
-def _block_mask(st: _Static, i0, j0, mask, qlen, kvlen, padded_q: bool, padded_kv: bool):
-    """Which logits of the block at (i0, j0) are visible: a 5-D bool array, or None for all."""
+def _block_mask(st: _Static, ops: _Operands, i0, j0, offset):
+    """Which logits of the block at (i0, j0) are visible: a 5-D bool array, or None for all.
+
+    ``offset`` is the global position of query row 0 minus that of key 0 (0 in one call; ring attention
+    passes the distance between the devices' chunks): the causal mask and the window compare
+    ``kpos <= qpos + offset``.
+    """
     bq, bkv = st.block_q, st.block_kv
+    Tp, Sp = _padded(st)
     parts = []
     qpos = i0 + lax.broadcasted_iota(jnp.int32, (1, 1, 1, bq, 1), 3)
     kpos = j0 + lax.broadcasted_iota(jnp.int32, (1, 1, 1, 1, bkv), 4)
+    qrel = qpos + offset
     if st.causal:
-        parts.append(kpos <= qpos)
+        parts.append(kpos <= qrel)
     if st.window is not None:
         left, right = st.window
-        parts.append((kpos >= qpos - left) & (kpos <= qpos + right))
-    if padded_kv:
+        parts.append((kpos >= qrel - left) & (kpos <= qrel + right))
+    if Sp != st.seq_kv:
         parts.append(kpos < st.seq_kv)
-    if padded_q:
+    if Tp != st.seq_q:
         parts.append(qpos < st.seq_q)
-    if kvlen is not None:
-        parts.append(kpos < kvlen[:, None, None, None, None])
-    if qlen is not None:
-        parts.append(qpos < qlen[:, None, None, None, None])
-    if mask is not None:
-        parts.append(_slice_pair(mask, i0, bq, j0, bkv))
+    if ops.kvlen is not None:
+        parts.append(kpos < ops.kvlen[:, None, None, None, None])
+    if ops.qlen is not None:
+        parts.append(qpos < ops.qlen[:, None, None, None, None])
+    if ops.mask is not None:
+        parts.append(_slice_pair(ops.mask, i0, bq, j0, bkv))
     if not parts:
-        return None
-    return functools.reduce(jnp.logical_and, parts)
+        return None, None
+    hidden = _HIDDEN
+    if Sp != st.seq_kv:  # padding keys are not keys at all: -inf, so they weigh nothing even in a hidden row
+        hidden = jnp.where(kpos < st.seq_kv, _HIDDEN, -jnp.inf)
+    return functools.reduce(jnp.logical_and, parts), hidden
 
 
-def _scores(st: _Static, q_blk, k_blk, i0, j0, bias, mask, qlen, kvlen, padded_q, padded_kv):
-    """Masked float32 logits of one block: scale * q k^T + bias, -inf where not visible."""
+def _scores(st: _Static, ops: _Operands, q_blk, k_blk, i0, j0, offset=0):
+    """Masked float32 logits of one block, ``scale * q k^T + bias`` (jax.nn's value where hidden), and the
+    visibility mask (None: all visible). See :func:`_logits` for why the scale comes first."""
     s = _logits(q_blk, k_blk, st.scale)
-    if bias is not None:
-        s = s + _slice_pair(bias, i0, st.block_q, j0, st.block_kv).astype(_F32)
-    visible = _block_mask(st, i0, j0, mask, qlen, kvlen, padded_q, padded_kv)
+    if ops.bias is not None:
+        s = s + _slice_pair(ops.bias, i0, st.block_q, j0, st.block_kv).astype(_F32)
+    visible, hidden = _block_mask(st, ops, i0, j0, offset)
     if visible is not None:
-        s = jnp.where(visible, s, -jnp.inf)
-    return s
+        s = jnp.where(visible, s, hidden)
+    return s, visible
 
 
-def _kv_range(st: _Static, i0, num_kv_blocks: int):
+def _kv_range(st: _Static, i0, num_kv_blocks: int, offset=0):
     """[lo, hi) of the key/value blocks that some query of the block starting at i0 can see."""
     lo_pos = jnp.int32(0)
     hi_pos = jnp.int32(st.seq_kv)
     last_q = jnp.minimum(i0 + st.block_q, st.seq_q) - 1
     if st.causal:
-        hi_pos = jnp.minimum(hi_pos, last_q + 1)
+        hi_pos = jnp.minimum(hi_pos, last_q + offset + 1)
     if st.window is not None:
         left, right = st.window
-        lo_pos = jnp.maximum(lo_pos, i0 - left)
-        hi_pos = jnp.minimum(hi_pos, last_q + right + 1)
+        lo_pos = jnp.maximum(lo_pos, i0 + offset - left)
+        hi_pos = jnp.minimum(hi_pos, last_q + offset + right + 1)
     lo = jnp.clip(lo_pos // st.block_kv, 0, num_kv_blocks)
     hi = jnp.clip((hi_pos + st.block_kv - 1) // st.block_kv, lo, num_kv_blocks)
     return lo, jnp.where(lo_pos < hi_pos, hi, lo)
 
 
-def _q_range(st: _Static, j0, num_q_blocks: int):
+def _q_range(st: _Static, j0, num_q_blocks: int, offset=0):
     """[lo, hi) of the query blocks that see some key of the block starting at j0."""
     lo_pos = jnp.int32(0)
     hi_pos = jnp.int32(st.seq_q)
     last_k = jnp.minimum(j0 + st.block_kv, st.seq_kv) - 1
     if st.causal:
-        lo_pos = jnp.maximum(lo_pos, j0)
+        lo_pos = jnp.maximum(lo_pos, j0 - offset)
     if st.window is not None:
         left, right = st.window
-        lo_pos = jnp.maximum(lo_pos, j0 - right)
-        hi_pos = jnp.minimum(hi_pos, last_k + left + 1)
+        lo_pos = jnp.maximum(lo_pos, j0 - offset - right)
+        hi_pos = jnp.minimum(hi_pos, last_k - offset + left + 1)
     lo = jnp.clip(lo_pos // st.block_q, 0, num_q_blocks)
     hi = jnp.clip((hi_pos + st.block_q - 1) // st.block_q, lo, num_q_blocks)
     return lo, jnp.where(lo_pos < hi_pos, hi, lo)
@@ -233,63 +290,94 @@ def _grouped(x, heads_kv: int):
     return x.reshape(b, heads_kv, n // heads_kv, t, s)
 
 
+def _operands(st: _Static, q, k, v, bias=None, mask=None, qlen=None, kvlen=None) -> _Operands:
+    """4-D validated inputs -> the padded, grouped :class:`_Operands` of the kernels."""
+    B, _, N, H = q.shape
+    K = k.shape[2]
+    Tp, Sp = _padded(st)
+    return _Operands(
+        q=_pad_axis(q, 1, Tp).reshape(B, Tp, K, N // K, H),
+        k=_pad_axis(k, 1, Sp),
+        v=_pad_axis(v, 1, Sp),
+        bias=_pad_axis(_pad_axis(_grouped(bias, K), 3, Tp), 4, Sp),
+        mask=_pad_axis(_pad_axis(_grouped(mask, K), 3, Tp), 4, Sp),
+        qlen=qlen,
+        kvlen=kvlen,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
-# Forward and backward kernels (inputs already 4-D and validated)
+# The FlashAttention-2 block kernels (shared with ring_attention)
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward(st: _Static, q, k, v, bias, mask, qlen, kvlen):
-    """Output (B, T, N, H) in q.dtype and the float32 logsumexp (B, K, G, Tp) (+inf: empty row)."""
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
+def _empty_stats(batch: int, heads_kv: int, groups: int, rows: int, head_dim: int):
+    """Running (max, sum, accumulator) of ``rows`` query rows before any key: (-inf, 0, 0), float32."""
+    shape = (batch, heads_kv, groups, rows)
+    return jnp.full(shape, -jnp.inf, _F32), jnp.zeros(shape, _F32), jnp.zeros((*shape, head_dim), _F32)
+
+
+def _value_prefix(st: _Static, v):
+    """Sums of V over the first 0, 1, .., nkv key blocks: (B, nkv + 1, K, H) float32 (padding keys are 0)."""
+    B, Sp, K, H = v.shape
+    sums = v.reshape(B, Sp // st.block_kv, st.block_kv, K, H).astype(_F32).sum(axis=2)
+    return jnp.concatenate([jnp.zeros((B, 1, K, H), _F32), jnp.cumsum(sums, axis=1)], axis=1)
+
+
+def _merge_hidden(m, den, acc, count, value_sum):
+    """Merge ``count`` keys whose logit is the hidden value into the running stats (their V sums to
+    ``value_sum``, (B, K, H)). Exact where jax.nn's softmax gives them weight (a row that sees nothing);
+    otherwise their weight is 0 but a NaN or inf in their V still reaches the output, as in jax.nn."""
+    some = count > 0
+    m_new = jnp.where(some, jnp.maximum(m, _HIDDEN), m)
+    alpha = jnp.where(some, jnp.exp(m - m_new), 1.0)
+    w = jnp.where(some, jnp.exp(_HIDDEN - m_new), 0.0)
+    den = alpha * den + w * count.astype(_F32)
+    acc = alpha[..., None] * acc + w[..., None] * value_sum[:, :, None, None, :]
+    return m_new, den, acc
+
+
+def _block_forward(st: _Static, ops: _Operands, i0, stats, *, value_prefix, offset=0):
+    """The online softmax of the query block at row ``i0`` over the keys of ``ops``: merges every visible
+    key block into ``stats`` = (max, sum, accumulator) of shapes (B, K, G, bq), (B, K, G, bq), (B, K, G, bq, H)
+    float32 and returns them. Blocks that the causal mask or the window hide entirely are not computed: their
+    keys are merged in closed form (:func:`_merge_hidden`). ``value_prefix`` is :func:`_value_prefix` of
+    ``ops.v``; ``offset`` as in :func:`_block_mask`. The output of the rows is ``acc / sum``."""
     bq, bkv = st.block_q, st.block_kv
-    Tp, Sp = _round_up(T, bq), _round_up(S, bkv)
-    nq, nkv = Tp // bq, Sp // bkv
-    padded_q, padded_kv = Tp != T, Sp != S
-    qg = _pad_axis(q, 1, Tp).reshape(B, Tp, K, G, H)
-    k, v = _pad_axis(k, 1, Sp), _pad_axis(v, 1, Sp)
-    bias = _pad_axis(_pad_axis(_grouped(bias, K), 3, Tp), 4, Sp)
-    mask = _pad_axis(_pad_axis(_grouped(mask, K), 3, Tp), 4, Sp)
+    nkv = ops.k.shape[1] // bkv
+    q_blk = lax.dynamic_slice_in_dim(ops.q, i0, bq, axis=1)
 
-    def q_block(i, carry):
-        out, lse = carry
-        i0 = i * bq
-        q_blk = lax.dynamic_slice_in_dim(qg, i0, bq, axis=1)
+    def kv_block(j, c):
+        m, den, acc = c
+        j0 = j * bkv
+        k_blk = lax.dynamic_slice_in_dim(ops.k, j0, bkv, axis=1)
+        v_blk = lax.dynamic_slice_in_dim(ops.v, j0, bkv, axis=1)
+        s, _ = _scores(st, ops, q_blk, k_blk, i0, j0, offset)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # only padding so far: no NaN
+        p = jnp.exp(s - shift[..., None])
+        alpha = jnp.exp(m - shift)
+        den = alpha * den + p.sum(axis=-1)
+        pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(ops.v.dtype), v_blk, preferred_element_type=_F32)
+        return m_new, den, alpha[..., None] * acc + pv
 
-        def kv_block(j, c):
-            m, l, acc = c
-            j0 = j * bkv
-            k_blk = lax.dynamic_slice_in_dim(k, j0, bkv, axis=1)
-            v_blk = lax.dynamic_slice_in_dim(v, j0, bkv, axis=1)
-            s = _scores(st, q_blk, k_blk, i0, j0, bias, mask, qlen, kvlen, padded_q, padded_kv)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all hidden so far: no NaN
-            p = jnp.exp(s - shift[..., None])
-            alpha = jnp.exp(m - shift)
-            l = alpha * l + p.sum(axis=-1)
-            pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_blk, preferred_element_type=_F32)
-            return m_new, l, alpha[..., None] * acc + pv
+    lo, hi = _kv_range(st, i0, nkv, offset)
+    m, den, acc = lax.fori_loop(lo, hi, kv_block, stats)
+    count = jnp.minimum(lo * bkv, st.seq_kv) + jnp.maximum(st.seq_kv - hi * bkv, 0)  # real keys skipped
+    skipped = value_prefix[:, lo] + value_prefix[:, nkv] - value_prefix[:, hi]
+    return _merge_hidden(m, den, acc, count, skipped)
 
-        init = (
-            jnp.full((B, K, G, bq), -jnp.inf, _F32),
-            jnp.zeros((B, K, G, bq), _F32),
-            jnp.zeros((B, K, G, bq, H), _F32),
-        )
-        lo, hi = _kv_range(st, i0, nkv)
-        m, l, acc = lax.fori_loop(lo, hi, kv_block, init)
-        seen = l > 0
-        o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-        o = o.transpose(0, 3, 1, 2, 4).reshape(B, bq, N, H).astype(q.dtype)
-        row_lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-        out = lax.dynamic_update_slice_in_dim(out, o, i0, axis=1)
-        lse = lax.dynamic_update_slice_in_dim(lse, row_lse, i0, axis=3)
-        return out, lse
 
-    out0 = jnp.zeros((B, Tp, N, H), q.dtype)
-    lse0 = jnp.zeros((B, K, G, Tp), _F32)
-    out, lse = lax.fori_loop(0, nq, q_block, (out0, lse0))
-    return out[:, :T] if padded_q else out, lse
+def _hidden_dv_prefix(st: _Static, m, rl, do):
+    """Sums over the first 0, 1, .., nq query blocks of ``p_hidden * dO`` (G summed): (B, nq + 1, K, H) float32,
+    where ``p_hidden = exp(hidden - m) / sum`` is the weight of a hidden key in a row (0 unless the row
+    sees nothing). What a key block adds to dV from the query blocks that skip it."""
+    B, K, G, Tp = m.shape
+    nq = Tp // st.block_q
+    w = (jnp.exp(_HIDDEN - m) * rl).transpose(0, 3, 1, 2).reshape(B, nq, st.block_q, K, G, 1)
+    dog = do.reshape(B, nq, st.block_q, K, G, do.shape[-1])
+    sums = (dog.astype(_F32) * w).sum(axis=(2, 4))  # a fused multiply-reduce: no transposed copy of dO
+    return jnp.concatenate([jnp.zeros((B, 1, K, do.shape[-1]), _F32), jnp.cumsum(sums, axis=1)], axis=1)
 
 
 def _reduce_to(x, shape):
@@ -298,59 +386,115 @@ def _reduce_to(x, shape):
     return x.sum(axis=axes, keepdims=True) if axes else x
 
 
-def _backward(st: _Static, q, k, v, bias, mask, qlen, kvlen, out, lse, dout):
-    """Gradients for q, k, v and bias (FlashAttention-2: recompute P block by block from lse)."""
+def _block_backward(st: _Static, ops: _Operands, saved: _Saved, j0, carry, *, offset=0):
+    """The FlashAttention-2 backward of the key block at row ``j0``: walks the query blocks that see it,
+    recomputes their probabilities from the saved row max and sum, and adds to ``carry`` =
+    (dQ (B, Tp, K, G, H), dK_j (B, bkv, K, H), dV_j (B, bkv, K, H), dbias or None), all float32."""
+    bq, bkv = st.block_q, st.block_kv
+    nq = ops.q.shape[1] // bq
+    k_blk = lax.dynamic_slice_in_dim(ops.k, j0, bkv, axis=1)
+    v_blk = lax.dynamic_slice_in_dim(ops.v, j0, bkv, axis=1)
+    scale = jnp.asarray(st.scale, _F32)
+    dtype = ops.q.dtype
+
+    def q_block(i, c):
+        dq, dk_j, dv_j, dbias = c
+        i0 = i * bq
+        q_blk = lax.dynamic_slice_in_dim(ops.q, i0, bq, axis=1)
+        do_blk = lax.dynamic_slice_in_dim(saved.do, i0, bq, axis=1)
+        m_blk, rl_blk, d_blk = (lax.dynamic_slice_in_dim(x, i0, bq, axis=3) for x in saved[1:4])
+        s, visible = _scores(st, ops, q_blk, k_blk, i0, j0, offset)
+        # p <= 1 by construction; the clamp keeps a one-ulp difference from the forward's rounding finite
+        p = jnp.exp(jnp.minimum(s - m_blk[..., None], 0.0)) * rl_blk[..., None]
+        dv_j = dv_j + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(dtype), do_blk, preferred_element_type=_F32)
+        dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=_F32)
+        ds = p * (dp - d_blk[..., None])
+        if visible is not None:
+            ds = jnp.where(visible, ds, 0.0)  # a hidden logit is a constant: no gradient (as in jax.nn)
+        ds_in = ds.astype(dtype)
+        dq_blk = jnp.einsum("bkgqs,bskh->bqkgh", ds_in, k_blk, preferred_element_type=_F32) * scale
+        dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, i0, bq, axis=1) + dq_blk, i0, axis=1)
+        dk_j = dk_j + jnp.einsum("bkgqs,bqkgh->bskh", ds_in, q_blk, preferred_element_type=_F32) * scale
+        if dbias is not None:
+            part = _reduce_to(ds, dbias.shape)
+            at = (0, 0, 0, i0 if dbias.shape[3] > 1 else 0, j0 if dbias.shape[4] > 1 else 0)
+            dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, at, part.shape) + part, at)
+        return dq, dk_j, dv_j, dbias
+
+    lo, hi = _q_range(st, j0, nq, offset)
+    dq, dk_j, dv_j, dbias = lax.fori_loop(lo, hi, q_block, carry)
+    prefix = saved.dv_hidden
+    skipped = prefix[:, lo] + prefix[:, nq] - prefix[:, hi]  # rows of the skipped query blocks
+    return dq, dk_j, dv_j + skipped[:, None], dbias
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward and backward of one call (inputs already 4-D and validated)
+# --------------------------------------------------------------------------------------------------
+
+
+def _row_mask(qlen, i0, rows: int):
+    """(B, rows, 1, 1) float32: 1 for query rows below ``query_seq_lengths``, else 0."""
+    pos = i0 + lax.broadcasted_iota(jnp.int32, (1, rows, 1, 1), 1)
+    return (pos < qlen[:, None, None, None]).astype(_F32)
+
+
+def _forward(st: _Static, q, k, v, bias, mask, qlen, kvlen):
+    """Output (B, T, N, H) in q.dtype and the float32 row max and sum (B, K, G, Tp) of the softmax."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    bq = st.block_q
+    Tp, _ = _padded(st)
+    ops = _operands(st, q, k, v, bias, mask, qlen, kvlen)
+    prefix = _value_prefix(st, ops.v)
+
+    def q_block(i, carry):
+        out, m_all, l_all = carry
+        i0 = i * bq
+        m, den, acc = _block_forward(st, ops, i0, _empty_stats(B, K, G, bq, H), value_prefix=prefix)
+        o = (acc / den[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, bq, N, H)
+        if qlen is not None:
+            o = o * _row_mask(qlen, i0, bq)  # a multiply, as jax.nn: a NaN there stays NaN
+        out = lax.dynamic_update_slice_in_dim(out, o.astype(q.dtype), i0, axis=1)
+        m_all = lax.dynamic_update_slice_in_dim(m_all, m, i0, axis=3)
+        l_all = lax.dynamic_update_slice_in_dim(l_all, den, i0, axis=3)
+        return out, m_all, l_all
+
+    init = (jnp.zeros((B, Tp, N, H), q.dtype), jnp.zeros((B, K, G, Tp), _F32), jnp.ones((B, K, G, Tp), _F32))
+    out, m, den = lax.fori_loop(0, Tp // bq, q_block, init)
+    return (out[:, :T] if Tp != T else out), (m, den)
+
+
+def _saved(st: _Static, out, stats, dout, qlen, heads_kv: int) -> _Saved:
+    """The :class:`_Saved` rows of a backward pass from the forward's output and (max, sum)."""
+    B, T, N, H = out.shape
+    Tp, _ = _padded(st)
+    if qlen is not None:
+        dout = (dout.astype(_F32) * _row_mask(qlen, 0, T)).astype(out.dtype)  # rows that jax.nn multiplies by 0
+    m, den = stats
+    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)  # D = rowsum(dO * O), (B, T, N)
+    delta = _pad_axis(delta.reshape(B, T, heads_kv, N // heads_kv).transpose(0, 2, 3, 1), 3, Tp)
+    do = _pad_axis(dout, 1, Tp).reshape(B, Tp, heads_kv, N // heads_kv, H)
+    rl = 1.0 / den
+    return _Saved(do=do, m=m, rl=rl, delta=delta, dv_hidden=_hidden_dv_prefix(st, m, rl, do))
+
+
+def _backward(st: _Static, q, k, v, bias, mask, qlen, kvlen, out, stats, dout):
+    """Gradients for q, k, v and bias (FlashAttention-2: recompute P block by block from the row stats)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
-    bq, bkv = st.block_q, st.block_kv
-    Tp, Sp = _round_up(T, bq), _round_up(S, bkv)
-    nq, nkv = Tp // bq, Sp // bkv
-    padded_q, padded_kv = Tp != T, Sp != S
-    dout = dout.astype(q.dtype)
-    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)  # (B, T, N)
-    delta = _pad_axis(delta.reshape(B, T, K, G).transpose(0, 2, 3, 1), 3, Tp)
-    qg = _pad_axis(q, 1, Tp).reshape(B, Tp, K, G, H)
-    dog = _pad_axis(dout, 1, Tp).reshape(B, Tp, K, G, H)
-    kp, vp = _pad_axis(k, 1, Sp), _pad_axis(v, 1, Sp)
-    bias_shape = None if bias is None else bias.shape
-    bias5 = _pad_axis(_pad_axis(_grouped(bias, K), 3, Tp), 4, Sp)
-    mask5 = _pad_axis(_pad_axis(_grouped(mask, K), 3, Tp), 4, Sp)
-    scale = jnp.asarray(st.scale, _F32)
+    bkv = st.block_kv
+    Tp, Sp = _padded(st)
+    ops = _operands(st, q, k, v, bias, mask, qlen, kvlen)
+    saved = _saved(st, out, stats, dout.astype(q.dtype), qlen, K)
 
     def kv_block(j, carry):
         dq, dk, dv, dbias = carry
         j0 = j * bkv
-        k_blk = lax.dynamic_slice_in_dim(kp, j0, bkv, axis=1)
-        v_blk = lax.dynamic_slice_in_dim(vp, j0, bkv, axis=1)
-
-        def q_block(i, c):
-            dq, dk_j, dv_j, dbias = c
-            i0 = i * bq
-            q_blk = lax.dynamic_slice_in_dim(qg, i0, bq, axis=1)
-            do_blk = lax.dynamic_slice_in_dim(dog, i0, bq, axis=1)
-            lse_blk = lax.dynamic_slice_in_dim(lse, i0, bq, axis=3)
-            d_blk = lax.dynamic_slice_in_dim(delta, i0, bq, axis=3)
-            s = _scores(st, q_blk, k_blk, i0, j0, bias5, mask5, qlen, kvlen, padded_q, padded_kv)
-            p = jnp.exp(s - lse_blk[..., None])  # hidden: exp(-inf) = 0; empty row: lse = +inf
-            dv_j = dv_j + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(q.dtype), do_blk, preferred_element_type=_F32)
-            dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=_F32)
-            ds = p * (dp - d_blk[..., None])
-            ds_in = ds.astype(q.dtype)
-            dq_blk = jnp.einsum("bkgqs,bskh->bqkgh", ds_in, k_blk, preferred_element_type=_F32) * scale
-            dq = lax.dynamic_update_slice_in_dim(
-                dq, lax.dynamic_slice_in_dim(dq, i0, bq, axis=1) + dq_blk, i0, axis=1
-            )
-            dk_j = dk_j + jnp.einsum("bkgqs,bqkgh->bskh", ds_in, q_blk, preferred_element_type=_F32) * scale
-            if dbias is not None:
-                part = _reduce_to(ds, dbias.shape)
-                at = (0, 0, 0, i0 if dbias.shape[3] > 1 else 0, j0 if dbias.shape[4] > 1 else 0)
-                dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, at, part.shape) + part, at)
-            return dq, dk_j, dv_j, dbias
-
-        lo, hi = _q_range(st, j0, nq)
         zeros = jnp.zeros((B, bkv, K, H), _F32)
-        dq, dk_j, dv_j, dbias = lax.fori_loop(lo, hi, q_block, (dq, zeros, zeros, dbias))
+        dq, dk_j, dv_j, dbias = _block_backward(st, ops, saved, j0, (dq, zeros, zeros, dbias))
         dk = lax.dynamic_update_slice_in_dim(dk, dk_j.astype(k.dtype), j0, axis=1)
         dv = lax.dynamic_update_slice_in_dim(dv, dv_j.astype(v.dtype), j0, axis=1)
         return dq, dk, dv, dbias
@@ -359,13 +503,13 @@ def _backward(st: _Static, q, k, v, bias, mask, qlen, kvlen, out, lse, dout):
         jnp.zeros((B, Tp, K, G, H), _F32),
         jnp.zeros((B, Sp, K, H), k.dtype),
         jnp.zeros((B, Sp, K, H), v.dtype),
-        None if bias5 is None else jnp.zeros(bias5.shape, _F32),
+        None if ops.bias is None else jnp.zeros(ops.bias.shape, _F32),
     )
-    dq, dk, dv, dbias = lax.fori_loop(0, nkv, kv_block, init)
+    dq, dk, dv, dbias = lax.fori_loop(0, Sp // bkv, kv_block, init)
     dq = dq.reshape(B, Tp, N, H)[:, :T].astype(q.dtype)
     dk, dv = dk[:, :S], dv[:, :S]
     if dbias is not None:
-        dbias = dbias[:, :, :, : bias_shape[2], : bias_shape[3]].reshape(bias_shape).astype(bias.dtype)
+        dbias = dbias[:, :, :, : bias.shape[2], : bias.shape[3]].reshape(bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias
 
 
@@ -375,13 +519,13 @@ def _flash(st, q, k, v, bias, mask, qlen, kvlen):
 
 
 def _flash_fwd(st, q, k, v, bias, mask, qlen, kvlen):
-    out, lse = _forward(st, q, k, v, bias, mask, qlen, kvlen)
-    return out, (q, k, v, bias, mask, qlen, kvlen, out, lse)
+    out, stats = _forward(st, q, k, v, bias, mask, qlen, kvlen)
+    return out, (q, k, v, bias, mask, qlen, kvlen, out, stats)
 
 
 def _flash_bwd(st, res, dout):
-    q, k, v, bias, mask, qlen, kvlen, out, lse = res
-    dq, dk, dv, dbias = _backward(st, q, k, v, bias, mask, qlen, kvlen, out, lse, dout)
+    q, k, v, bias, mask, qlen, kvlen, out, stats = res
+    dq, dk, dv, dbias = _backward(st, q, k, v, bias, mask, qlen, kvlen, out, stats, dout)
     return dq, dk, dv, dbias, None, None, None
 
 
@@ -423,12 +567,56 @@ def _check_pair_shape(name: str, x, target: tuple[int, int, int, int]):
 def _check_lengths(name: str, x, batch: int):
     if x is None:
         return None
-    x = jnp.asarray(x)
+    if not isinstance(x, jax.Array):  # NumPy or Python ints: check the values before JAX narrows them to int32
+        x = np.asarray(x)
+        if x.dtype.kind in "iu" and x.size and (x.min() < 0 or x.max() > np.iinfo(np.int32).max):
+            bad = x.max() if x.max() > np.iinfo(np.int32).max else x.min()
+            raise ConfigError(argument=name, expected="lengths in 0 .. 2**31 - 1 (int32)", got=int(bad),
+                              hint="a length never exceeds the sequence; JAX would wrap this value silently.")
+    x = _as_array(name, x)
     if x.shape != (batch,):
         raise ShapeMismatch(argument=name, expected=f"shape ({batch},) (one length per example)", got=x.shape)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise DTypeError(argument=name, expected="an integer array", got=str(x.dtype))
     return x.astype(jnp.int32)
+
+
+_NAN = float("nan")  # one NaN object: a static scale of NaN then compares equal to itself (one compilation)
+
+
+def _check_scale(scale: Any, head_dim: int) -> float:
+    """The logits' scale as a Python float: ``1 / sqrt(head_dim)`` for None; refuses a traced value (private).
+
+    The scale is a static part of the compiled kernels. A traced scale (one computed inside ``jit`` or
+    differentiated) is refused with a hint: multiply the query by it and pass ``scale=1.0``.
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, jax.core.Tracer):
+        raise ConfigError(argument="scale", expected="a concrete number (a static part of the compiled kernel)",
+                          got=f"a traced value {scale.aval}",
+                          hint="multiply the query instead: dot_product_attention(query * s, key, value, scale=1.0).")
+    ok = isinstance(scale, (int, float, np.integer, np.floating, np.ndarray, jax.Array)) and not isinstance(scale, bool)
+    if ok and isinstance(scale, (np.ndarray, jax.Array)):
+        ok = scale.ndim == 0 and (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer))
+    if not ok:
+        raise ConfigError(argument="scale", expected="a real number or None", got=repr(scale))
+    value = float(scale)
+    return _NAN if math.isnan(value) else value
+
+
+def _as_array(name: str, x: Any):
+    """An array argument as a jax.Array, refusing float64 (JAX would narrow it to float32 silently) and
+    what is not an array at all, with the argument's name (private, shared with ring_attention)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not isinstance(x, jax.core.Tracer) and np.dtype(dtype) == np.float64:
+        raise DTypeError(argument=name, expected="float32, bfloat16 or float16", got="float64",
+                         hint=f"cast it first: {name}.astype(jnp.float32); float64 is never narrowed silently.")
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DTypeError(argument=name, expected="an array (jax.Array, NumPy array or nested lists of numbers)",
+                         got=f"{type(x).__name__} ({e})") from None
 
 
 def dot_product_attention(
@@ -453,11 +641,17 @@ def dot_product_attention(
     heads, K key/value heads, H head dim). Logits, softmax statistics and the accumulator are float32
     whatever the input dtype; the output has the input dtype. Blocks that the causal mask or the window
     hide entirely are not computed. Differentiable (FlashAttention-2 backward: only the output and the
-    row logsumexp are kept) for ``query``, ``key``, ``value`` and ``bias``.
+    row max and sum are kept) for ``query``, ``key``, ``value`` and ``bias``.
 
-    Unlike jax.nn, a query row that sees no key at all (a fully masked row, a window or lengths that
-    leave it nothing) returns 0 with zero, finite gradients; jax.nn returns the mean of ``value`` over
-    all keys there. Rows past ``query_seq_lengths`` are 0 in both.
+    Hidden logits take jax.nn's value (``-0.7 * float32 max``), so the results are jax.nn's also at the edges:
+    a query row that sees no key at all (a fully masked row, a window or lengths that leave it nothing) returns
+    the mean of ``value`` over all keys (its gradient goes to ``value`` only); rows past ``query_seq_lengths``
+    are 0. NaN in gives NaN out where jax.nn gives NaN, forward and backward: a NaN or inf in a visible logit,
+    in ``value``, in ``scale``; a NaN that a mask hides does not spread. (One difference: jax.nn's dense
+    backward multiplies a hidden NaN in ``query`` or ``key`` by 0 and spreads it into the other side's
+    gradient; blocks that the causal mask or the window hide entirely are never computed, so such a NaN
+    stays out.) ``jit`` and eager give the same result, also for logits of magnitude 1e10 to 3e38: the
+    scale multiplies the query before the product, so no consumer of the logits rounds them differently.
 
     Args:
         query: ``(B, T, N, H)`` or ``(T, N, H)``, float32, bfloat16 or float16.
@@ -468,7 +662,8 @@ def dot_product_attention(
             for 3-D inputs), each axis 1 or full, as in jax.nn; any float dtype. Its gradient has
             its own shape.
         mask: optional boolean mask, same shapes as ``bias``; True means "attend".
-        scale: multiplies the logits; ``1 / sqrt(H)`` when None.
+        scale: multiplies the logits; ``1 / sqrt(H)`` when None. A concrete number (Python, NumPy or a
+            concrete 0-d array): it is compiled into the kernel.
         is_causal: query ``i`` sees keys ``j <= i`` (aligned top-left when T != S, as in jax.nn).
         query_seq_lengths: optional int ``(B,)``: rows at or past the length are 0.
         key_value_seq_lengths: optional int ``(B,)``: keys at or past the length are hidden.
@@ -484,10 +679,12 @@ def dot_product_attention(
     Raises:
         DimensionError: a rank other than 3 or 4, ranks that differ, a mask or bias of rank > 4.
         ShapeMismatch: batch, head dim or key/value shapes that disagree, heads that do not divide,
-            lengths of the wrong shape.
-        DTypeError: a non-float or mixed dtype, a non-boolean mask, non-integer lengths.
+            empty sequences, heads or head dims, lengths of the wrong shape.
+        DTypeError: a non-float or mixed dtype, float64 (never narrowed silently: cast to float32), a
+            non-boolean mask, non-integer lengths, an argument that is not an array.
         BroadcastError: a mask or bias that does not broadcast to ``(B, N, T, S)``.
-        ConfigError: a bad window or block size.
+        ConfigError: a bad window or block size; a scale that is not a number, or is traced (the scale is
+            static: multiply ``query`` by a traced scale instead); lengths outside int32.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -498,7 +695,7 @@ def dot_product_attention(
         >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
         ((2, 50, 4, 8), True)
     """
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    query, key, value = _as_array("query", query), _as_array("key", key), _as_array("value", value)
     for name, x in (("query", query), ("key", key), ("value", value)):
         _check_rank(name, x, (3, 4))
         if jnp.dtype(x.dtype) not in _FLOATS:
@@ -526,7 +723,12 @@ def dot_product_attention(
     if k4.shape[0] != B:
         raise ShapeMismatch(argument="key", expected=f"batch {B} (the batch of 'query')", got=f"shape {key.shape}")
     if Hk != H:
-        raise ShapeMismatch(argument="key", expected=f"head dim {H} (the head dim of 'query')", got=f"shape {key.shape}")
+        raise ShapeMismatch(argument="key", expected=f"head dim {H} (the head dim of 'query')",
+                            got=f"shape {key.shape}")
+    if T == 0 or S == 0 or H == 0 or N == 0 or K == 0:
+        raise ShapeMismatch(argument="query" if T == 0 or H == 0 or N == 0 else "key",
+                            expected="non-empty sequences, heads and head dims",
+                            got=f"shapes {query.shape} and {key.shape}")
     if N % K != 0:
         raise ShapeMismatch(
             argument="key",
@@ -534,25 +736,22 @@ def dot_product_attention(
             got=f"{K} heads (shape {key.shape})",
             hint="grouped-query attention needs N % K == 0.",
         )
-    if T == 0 or S == 0 or H == 0:
-        raise ShapeMismatch(argument="query" if T == 0 or H == 0 else "key", expected="non-empty sequences and heads",
-                            got=f"shapes {query.shape} and {key.shape}")
     target = (B, N, T, S)
     if mask is not None:
-        mask = jnp.asarray(mask)
+        mask = _as_array("mask", mask)
         if mask.dtype != jnp.bool_:
             raise DTypeError(argument="mask", expected="a boolean array", got=str(mask.dtype),
                              hint="pass an additive mask as 'bias'.")
         mask = _check_pair_shape("mask", mask, target)
     if bias is not None:
-        bias = jnp.asarray(bias)
+        bias = _as_array("bias", bias)
         if not jnp.issubdtype(bias.dtype, jnp.floating):
             bias = bias.astype(_F32)
         bias = _check_pair_shape("bias", bias, target)
     qlen = _check_lengths("query_seq_lengths", query_seq_lengths, B)
     kvlen = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, B)
     st = _Static(
-        scale=float(1.0 / math.sqrt(H) if scale is None else scale),
+        scale=_check_scale(scale, H),
         causal=bool(is_causal),
         window=_check_window(local_window_size, T, S),
         block_q=_check_block("block_q", block_q, T, DEFAULT_BLOCK_Q),
@@ -659,7 +858,7 @@ def _to_bthd(x, name: str):
                          "(batch, seq, heads, head_dim)", got=f"shape {x.shape}")
 
 
-def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = False):
+def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = False, bias=None, mask=None):
     """The O(n^2) reference: ``softmax(scale * q k^T) v`` with the whole matrix of logits in float32.
 
     Args:
@@ -668,6 +867,9 @@ def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = Fa
         v: values, same shape as ``k``.
         scale: multiplies the logits; ``1 / sqrt(head_dim)`` when None.
         is_causal: query ``i`` sees keys ``j <= i`` only (top-left aligned).
+        bias: optional, broadcastable to the logits ``(batch, heads, seq_q, seq_kv)``, added after the scale.
+        mask: optional boolean, broadcastable to the logits; ``False`` drops a score (set to the lowest
+            float32, so a row that sees no key gets the mean of ``v``, as in ``jax.nn``).
 
     Returns:
         The attention output, shape and dtype of ``q``.
@@ -689,6 +891,10 @@ def naive_attention(q, k, v, scale: float | None = None, *, is_causal: bool = Fa
                             "and the shape of 'v'", got=f"k {jnp.shape(k)}, v {jnp.shape(v)}")
     scale = 1.0 / math.sqrt(q4.shape[-1]) if scale is None else scale
     s = jnp.einsum("btnh,bsnh->bnts", q4.astype(_F32), k4.astype(_F32)) * jnp.float32(scale)
+    if bias is not None:
+        s = s + jnp.asarray(bias).astype(_F32)
+    if mask is not None:
+        s = jnp.where(jnp.asarray(mask, bool), s, jnp.finfo(_F32).min)
     if is_causal:
         T, S = s.shape[2], s.shape[3]
         s = jnp.where(jnp.tril(jnp.ones((T, S), bool))[None, None], s, -jnp.inf)
@@ -736,8 +942,8 @@ def flash_attention(q, k, v, config: FlashConfig | None = None) -> FlashResult:
 
     out = blockwise(q4, k4, v4).reshape(jnp.shape(q))
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q4, k4, v4)]
-    flash_bytes = memory.compiled_memory(blockwise, *shapes).temp_bytes
-    naive_bytes = memory.compiled_memory(naive, *shapes).temp_bytes
+    flash_bytes = _xla.compiled_memory(blockwise, *shapes).temp_bytes
+    naive_bytes = _xla.compiled_memory(naive, *shapes).temp_bytes
     saved = 100.0 * (1.0 - flash_bytes / naive_bytes) if naive_bytes else 0.0
     return FlashResult(output=out, memory_bytes=int(flash_bytes), memory_saved_percent=float(saved))
 

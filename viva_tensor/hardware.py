@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import time
 from typing import Any, Callable
 
 import flax.struct
@@ -30,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import _xla
-from viva_tensor._record import FORMATS
+from viva_tensor._benchmarking import time_fn
+from viva_tensor._formats.registry import FORMATS
 from viva_tensor.errors import ConfigError, FormatError
 
 __all__ = [
@@ -199,13 +199,7 @@ def device_spec(device: str | jax.Device | None = None) -> DeviceSpec:
 
 
 def _best_time(f: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(f())
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f())
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return time_fn(f, repeats=repeats).min_s
 
 
 def _cpu_name() -> str:
@@ -287,7 +281,7 @@ def tensor_memory_bytes(shape: tuple[int, ...], fmt: str = "float32", **options:
     Args:
         shape: the tensor's shape.
         fmt: a dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"int8"`` ...) or a registered
-            format (``"nf4"``, ``"q4_0"``, ``"nvfp4"`` ..., see ``viva_tensor._record.FORMATS``). A name
+            format (``"nf4"``, ``"q4_0"``, ``"nvfp4"`` ..., see ``viva_tensor._formats.registry.FORMATS``). A name
             that is both (``"int8"``) means the format: codes plus their scales.
         **options: keyword options for the format's ``quantize`` (``block_size`` ...).
 

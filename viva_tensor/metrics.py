@@ -5,6 +5,8 @@ Every metric compares an ``original`` array with its ``reconstructed`` version (
 float32 scalar ``jax.Array``, so it works under ``jit`` and ``vmap``. Shapes must agree exactly
 (:class:`~viva_tensor.errors.ShapeMismatch` otherwise) and be non-empty
 (:class:`~viva_tensor.errors.InvalidShape`); NaN or inf in the inputs propagate to the result.
+float64 inputs are refused with :class:`~viva_tensor.errors.DTypeError` (convert with ``.astype(jnp.float32)``):
+the metrics are float32, and narrowing silently would hide differences below float32's resolution.
 
 Example:
     >>> import jax.numpy as jnp
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
+from viva_tensor.tensor import _array, _l2, _rms_parts, _scaled
 
 __all__ = [
     "QuantMetrics",
@@ -43,10 +46,21 @@ __all__ = [
 ]
 
 
-def _float32(x: Any, argument: str) -> jax.Array:
-    x = jnp.asarray(x)
+def _floating(x: Any, argument: str) -> jax.Array:
+    if isinstance(x, (list, tuple)):
+        try:
+            x = jnp.asarray(x)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise DTypeError(argument=argument, expected="a floating array",
+                             got=f"a {type(x).__name__} ({e})") from None
+    x = _array(x, argument)  # refuses float64 (it would be narrowed silently) and non-arrays
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise DTypeError(argument=argument, expected="a floating array", got=str(x.dtype))
+    return x
+
+
+def _float32(x: Any, argument: str) -> jax.Array:
+    x = _floating(x, argument)
     if x.size == 0:
         raise InvalidShape(argument=argument, expected="a non-empty array", got=tuple(x.shape))
     return x.astype(jnp.float32)
@@ -54,14 +68,14 @@ def _float32(x: Any, argument: str) -> jax.Array:
 
 def _pair(original: Any, reconstructed: Any) -> tuple[jax.Array, jax.Array]:
     a = _float32(original, "original")
-    b = jnp.asarray(reconstructed)
+    b = _floating(reconstructed, "reconstructed")
     if b.shape != a.shape:
         raise ShapeMismatch(
             argument="reconstructed",
             expected=f"shape {tuple(a.shape)} (the shape of 'original')",
             got=tuple(b.shape),
         )
-    return a, _float32(b, "reconstructed")
+    return a, b.astype(jnp.float32)
 
 
 def _abs_error(original: Any, reconstructed: Any) -> jax.Array:
@@ -131,7 +145,7 @@ def rmse(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
         >>> float(rmse(jnp.array([0.0, 0.0]), jnp.array([3.0, -3.0])))
         3.0
     """
-    return jnp.sqrt(mse(original, reconstructed))
+    return _l2(_abs_error(original, reconstructed))  # scaled: no overflow of err**2 at 2e19
 
 
 def cosine_similarity(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
@@ -156,11 +170,16 @@ def cosine_similarity(original: jax.Array, reconstructed: jax.Array) -> jax.Arra
     """
     a, b = _pair(original, reconstructed)
     a, b = a.reshape(-1), b.reshape(-1)
-    na, nb = jnp.sqrt(jnp.sum(a * a)), jnp.sqrt(jnp.sum(b * b))
-    denom = na * nb
-    cos = jnp.sum(a * b) / jnp.where(denom > 0, denom, jnp.float32(1))
-    both_zero = (na == 0) & (nb == 0)
-    return jnp.where(denom > 0, jnp.clip(cos, -1.0, 1.0), jnp.where(both_zero, 1.0, 0.0)).astype(jnp.float32)
+    # each side scaled by its largest magnitude (the cosine does not change), so that neither 3e38 (squares
+    # overflow) nor 1e-30 (squares flush to 0) spoils it
+    (a, _), (b, _) = _scaled(a), _scaled(b)
+    ra, rb = jnp.sqrt(jnp.sum(a * a)), jnp.sqrt(jnp.sum(b * b))
+    dot = jnp.sum(a * b)
+    denom = ra * rb
+    cos = dot / jnp.where(denom > 0, denom, jnp.float32(1))
+    both_zero = (ra == 0) & (rb == 0)
+    out = jnp.where(denom > 0, jnp.clip(cos, -1.0, 1.0), jnp.where(both_zero, 1.0, 0.0))
+    return jnp.where(jnp.isnan(denom) | jnp.isnan(dot), jnp.nan, out).astype(jnp.float32)
 
 
 def snr_db(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
@@ -187,11 +206,15 @@ def snr_db(original: jax.Array, reconstructed: jax.Array) -> jax.Array:
         inf
     """
     a, b = _pair(original, reconstructed)
-    signal = jnp.sum(a * a)
-    noise = jnp.sum(jnp.square(a - b))
-    ratio = signal / jnp.where(noise > 0, noise, jnp.float32(1))
-    finite = 10.0 * jnp.log10(jnp.where(signal > 0, ratio, jnp.float32(1)))
-    return jnp.where(noise > 0, jnp.where(signal > 0, finite, -jnp.inf), jnp.inf).astype(jnp.float32)
+    # in the log domain, each sum of squares scaled by its largest term: 10 log10(S / N) with
+    # sqrt(S) = ms * rs and sqrt(N) = mn * rn, finite for any finite inputs (1e-30 and 3e38 included)
+    rs, es = _rms_parts(a, jnp.sum)
+    rn, en = _rms_parts(a - b, jnp.sum)
+    one = jnp.float32(1)
+    finite = 20.0 * (jnp.log10(jnp.where(rs > 0, rs, one)) - jnp.log10(jnp.where(rn > 0, rn, one))
+                     + (es - en).astype(jnp.float32) * jnp.float32(math.log10(2.0)))
+    out = jnp.where(rn > 0, jnp.where(rs > 0, finite, -jnp.inf), jnp.inf)
+    return jnp.where(jnp.isnan(rs) | jnp.isnan(rn), jnp.nan, out).astype(jnp.float32)
 
 
 def theoretical_sqnr(bits: float) -> float:
@@ -264,7 +287,15 @@ def error_percentile(original: jax.Array, reconstructed: jax.Array, percentile: 
         2.0
     """
     q = _check_percent(percentile, "percentile")
-    return jnp.percentile(_abs_error(original, reconstructed), q).astype(jnp.float32)
+    err = _abs_error(original, reconstructed).reshape(-1)
+    # numpy.percentile's linear rule, written out: sizes are static, so the two neighbours are known. Equal
+    # neighbours give themselves (jnp.percentile computed inf + (inf - inf) * t = NaN for all-inf errors).
+    pos = q / 100.0 * (err.size - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    srt = jnp.sort(err)
+    a, b = srt[lo], srt[hi]
+    value = jnp.where(a == b, a, a + (b - a) * jnp.float32(pos - lo))
+    return jnp.where(jnp.any(jnp.isnan(err)), jnp.nan, value).astype(jnp.float32)
 
 
 def outlier_percentage(original: jax.Array, reconstructed: jax.Array, *, threshold: float = 3.0) -> jax.Array:
@@ -294,7 +325,7 @@ def outlier_percentage(original: jax.Array, reconstructed: jax.Array, *, thresho
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ConfigError(argument="threshold", expected="a positive number", got=threshold)
     err = _abs_error(original, reconstructed)
-    limit = jnp.float32(threshold) * jnp.sqrt(jnp.mean(jnp.square(err)))
+    limit = jnp.float32(threshold) * _l2(err)
     return (100.0 * jnp.mean((err > limit).astype(jnp.float32))).astype(jnp.float32)
 
 
@@ -383,14 +414,14 @@ def compute_saliency(
     w = _float32(weights, "weights")
     score = jnp.abs(w)
     if gradients is not None:
-        g = jnp.asarray(gradients)
+        g = _floating(gradients, "gradients")
         if g.shape != w.shape:
             raise ShapeMismatch(
                 argument="gradients", expected=f"shape {tuple(w.shape)} (the shape of 'weights')", got=tuple(g.shape)
             )
         score = score * jnp.abs(_float32(g, "gradients"))
     if activation_norms is not None:
-        a = jnp.asarray(activation_norms)
+        a = _floating(activation_norms, "activation_norms")
         if w.ndim == 0 or a.shape != (w.shape[-1],):
             raise ShapeMismatch(
                 argument="activation_norms",

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import axis as _axis
-from viva_tensor._record import is_quantized
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import (
     AxisError,
     AxisMismatch,
@@ -47,6 +47,7 @@ from viva_tensor.errors import (
     InvalidShape,
     SizeMismatch,
 )
+from viva_tensor.tensor import _acc, _array, _dtype, _fits, _key, _sum_out, _times
 
 __all__ = [
     "NamedTensor",
@@ -103,6 +104,12 @@ class NamedTensor:
     data: Any
     names: tuple = flax.struct.field(pytree_node=False)
 
+    def __post_init__(self):
+        # names are static: checking them costs nothing per step, and a duplicate would make every lookup
+        # by name find the first axis silently. The data is not checked here (it may be a tracer, or a
+        # placeholder while JAX rebuilds the pytree).
+        object.__setattr__(self, "names", _axis.validate_names(self.names, argument="names"))
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The data's shape."""
@@ -156,6 +163,21 @@ def _check(t: Any, argument: str = "t") -> NamedTensor:
     return t
 
 
+def _data(data: Any, argument: str) -> jax.Array:
+    """``data`` as a jax.Array: arrays and numbers as :mod:`viva_tensor.tensor` takes them, nested lists of
+    numbers as ``jnp.asarray`` reads them; anything else (a str, None ...) is a DTypeError."""
+    if isinstance(data, (list, tuple)):
+        try:
+            kind = np.asarray(data).dtype.kind
+            if kind not in "biufc":
+                raise TypeError(f"elements of dtype kind {kind!r}")
+            return jnp.asarray(data)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise DTypeError(argument=argument, expected="an array or a nested list of numbers",
+                             got=f"a {type(data).__name__} ({e})") from None
+    return _array(data, argument)
+
+
 def new(data: Any, names: Sequence[_axis.AxisName]) -> NamedTensor:
     """Wrap ``data`` with one name per axis.
 
@@ -170,7 +192,9 @@ def new(data: Any, names: Sequence[_axis.AxisName]) -> NamedTensor:
     Raises:
         AxisMismatch: when the number of names is not the rank of ``data``.
         DuplicateAxis: when a name appears twice.
-        AxisError: when a name is not a non-empty string or ``None``.
+        AxisError: when ``names`` is not a sequence, or a name is not a non-empty string or ``None``.
+        DTypeError: when ``data`` is not numeric (a str ...), or is float64 (refused library-wide: convert
+            it with ``.astype(jnp.float32)``; with JAX's x64 mode off it would be narrowed silently).
 
     Example:
         >>> t = new(jnp.zeros((2, 3)), ["batch", "embed"])
@@ -179,7 +203,7 @@ def new(data: Any, names: Sequence[_axis.AxisName]) -> NamedTensor:
     """
     names = _axis.validate_names(names, argument="names")
     if not is_quantized(data):
-        data = jnp.asarray(data)
+        data = _data(data, "data")
     if data.ndim != len(names):
         raise AxisMismatch(argument="names", expected=f"{data.ndim} names for data of shape {data.shape}",
                            got=f"{len(names)} names {names}")
@@ -193,22 +217,37 @@ def from_tensor(data: Any) -> NamedTensor:
         >>> from_tensor(jnp.zeros((2, 3))).names
         (None, None)
     """
-    data = jnp.asarray(data)
+    data = _data(data, "data")
     return NamedTensor(data=data, names=(None,) * data.ndim)
 
 
 def _axes_spec(axes: Any) -> tuple[tuple, tuple[int, ...]]:
-    items = list(axes.items()) if isinstance(axes, Mapping) else list(axes)
+    if isinstance(axes, Mapping):
+        items = list(axes.items())
+    elif isinstance(axes, (list, tuple)):
+        items = list(axes)
+    else:
+        raise AxisError(argument="axes", expected="(name, size) pairs or a {name: size} mapping",
+                        got=f"a {type(axes).__name__}")
     names, dims = [], []
     for item in items:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise AxisError(argument="axes", expected="(name, size) pairs or a {name: size} mapping", got=repr(item))
         n, s = item
-        if not isinstance(s, (int, np.integer)) or s < 0:
+        if not isinstance(s, (int, np.integer)) or isinstance(s, (bool, np.bool_)) or s < 0:
             raise InvalidShape(argument="axes", expected="non-negative integer sizes", got=f"{n!r}={s!r}")
         names.append(n)
         dims.append(int(s))
     return _axis.validate_names(names, argument="axes"), tuple(dims)
+
+
+def _bound(x: Any, argument: str) -> Any:
+    """A Python number or a 0-d numeric array (a distribution parameter), else DTypeError."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return x
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0 and x.dtype.kind in "iuf":
+        return x
+    raise DTypeError(argument=argument, expected="a real number", got=repr(x)[:60])
 
 
 def zeros(axes: Any, *, dtype: Any = jnp.float32) -> NamedTensor:
@@ -222,15 +261,17 @@ def zeros(axes: Any, *, dtype: Any = jnp.float32) -> NamedTensor:
         A :class:`NamedTensor` of zeros.
 
     Raises:
-        InvalidShape: for a negative or non-integer size.
+        InvalidShape: for a negative or non-integer size, or an array too large to fit in memory.
         DuplicateAxis: for a name given twice.
+        DTypeError: for a dtype that is not numeric, or 64-bit.
 
     Example:
         >>> describe(zeros({"batch": 2, "seq": 4}))
         'NamedTensor[batch=2, seq=4] float32'
     """
     names, dims = _axes_spec(axes)
-    return NamedTensor(data=jnp.zeros(dims, dtype), names=names)
+    dtype = _dtype(dtype)
+    return NamedTensor(data=jnp.zeros(_fits(dims, dtype, "axes"), dtype), names=names)
 
 
 def ones(axes: Any, *, dtype: Any = jnp.float32) -> NamedTensor:
@@ -241,7 +282,8 @@ def ones(axes: Any, *, dtype: Any = jnp.float32) -> NamedTensor:
         [1.0, 1.0]
     """
     names, dims = _axes_spec(axes)
-    return NamedTensor(data=jnp.ones(dims, dtype), names=names)
+    dtype = _dtype(dtype)
+    return NamedTensor(data=jnp.ones(_fits(dims, dtype, "axes"), dtype), names=names)
 
 
 def random(key: jax.Array, axes: Any, *, dtype: Any = jnp.float32, minval: float = 0.0,
@@ -258,25 +300,38 @@ def random(key: jax.Array, axes: Any, *, dtype: Any = jnp.float32, minval: float
     Returns:
         A :class:`NamedTensor`.
 
+    Raises:
+        DTypeError: when ``key`` is not a PRNG key (an int seed is not one), ``dtype`` is not floating, or a
+            bound is not a number.
+        InvalidShape, DuplicateAxis: as :func:`zeros`.
+
     Example:
         >>> t = random(jax.random.key(0), {"seq": 3})
         >>> bool(((t.data >= 0) & (t.data < 1)).all())
         True
     """
     names, dims = _axes_spec(axes)
-    return NamedTensor(data=jax.random.uniform(key, dims, dtype, minval, maxval), names=names)
+    dtype = _dtype(dtype, floating=True)
+    lo, hi = _bound(minval, "minval"), _bound(maxval, "maxval")
+    x = jax.random.uniform(_key(key), _fits(dims, dtype, "axes"), dtype, lo, hi)
+    return NamedTensor(data=x, names=names)
 
 
 def randn(key: jax.Array, axes: Any, *, dtype: Any = jnp.float32, mean: float = 0.0,
           std: float = 1.0) -> NamedTensor:
     """Normal random values ``mean + std * N(0, 1)`` with the given named axes.
 
+    Raises:
+        DTypeError, InvalidShape, DuplicateAxis: as :func:`random`.
+
     Example:
         >>> randn(jax.random.key(0), {"batch": 2, "embed": 3}).shape
         (2, 3)
     """
     names, dims = _axes_spec(axes)
-    x = jax.random.normal(key, dims, jnp.float32) * std + mean
+    dtype = _dtype(dtype, floating=True)
+    mean, std = _bound(mean, "mean"), _bound(std, "std")
+    x = jax.random.normal(_key(key), _fits(dims, jnp.float32, "axes"), jnp.float32) * std + mean
     return NamedTensor(data=x.astype(dtype), names=names)
 
 
@@ -494,6 +549,9 @@ def _float_check(t: NamedTensor, op: str) -> None:
 def sum_along(t: NamedTensor, name: str) -> NamedTensor:
     """Sum over axis ``name`` (accumulated in float32 for floating inputs, returned in the input dtype).
 
+    Integers accumulate as ``jnp.sum`` does and are returned so: bool, int8 and int16 in int32, uint8 and
+    uint16 in uint32 (int8 ``100 + 100`` is 200, not -56).
+
     Raises:
         AxisNotFound: when ``name`` is not an axis.
 
@@ -503,8 +561,8 @@ def sum_along(t: NamedTensor, name: str) -> NamedTensor:
     """
     i, names = _reduce_axis(t, name)
     x = t.data
-    acc = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else None
-    return NamedTensor(data=jnp.sum(x, axis=i, dtype=acc).astype(x.dtype), names=names)
+    acc = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else _acc(x.dtype)
+    return NamedTensor(data=jnp.sum(x, axis=i, dtype=acc).astype(_sum_out(x.dtype)), names=names)
 
 
 def mean_along(t: NamedTensor, name: str) -> NamedTensor:
@@ -530,12 +588,16 @@ def max_along(t: NamedTensor, name: str) -> NamedTensor:
     Raises:
         AxisNotFound: when ``name`` is not an axis.
         InvalidShape: when the axis is empty (no maximum).
+        DTypeError: for complex data (no order).
 
     Example:
         >>> max_along(new(jnp.array([[1.0, 5.0], [7.0, 2.0]]), ("a", "b")), "b").data.tolist()
         [5.0, 7.0]
     """
     i, names = _reduce_axis(t, name)
+    if jnp.issubdtype(t.data.dtype, jnp.complexfloating):
+        raise DTypeError(argument="t", expected="a real dtype (max_along needs an order; complex has none)",
+                         got=str(t.data.dtype), hint="take jnp.abs or .real first.")
     if t.data.shape[i] == 0:
         raise InvalidShape(argument="name", expected=f"a non-empty axis {name!r}", got="size 0")
     return NamedTensor(data=jnp.max(t.data, axis=i), names=names)
@@ -627,6 +689,10 @@ def align_to(t: NamedTensor, names: Sequence[_axis.AxisName]) -> jax.Array:
 
 def _binary(a: NamedTensor, b: Any, op: Callable, name: str) -> NamedTensor:
     _check(a, "a")
+    if name == "sub" and a.data.dtype == jnp.bool_ and jnp.result_type(b.data if isinstance(b, NamedTensor) else b) \
+            == jnp.bool_:
+        raise DTypeError(argument="a", expected="a numeric dtype (bool - bool is undefined, as in NumPy)", got="bool",
+                         hint="use jnp.logical_xor, or convert with .astype(jnp.int32).")
     if not isinstance(b, NamedTensor):
         b_arr = jnp.asarray(b)
         if b_arr.ndim != 0:
@@ -673,7 +739,7 @@ def mul(a: NamedTensor, b: Any) -> NamedTensor:
         >>> mul(x, y).data.tolist()
         [[3.0, 4.0, 5.0], [6.0, 8.0, 10.0]]
     """
-    return _binary(a, b, jnp.multiply, "mul")
+    return _binary(a, b, _times, "mul")  # _times: False * nan is NaN, as in NumPy
 
 
 def div(a: NamedTensor, b: Any) -> NamedTensor:
@@ -689,18 +755,40 @@ def div(a: NamedTensor, b: Any) -> NamedTensor:
 def scale(t: NamedTensor, s: float) -> NamedTensor:
     """Multiply every element by the scalar ``s`` (the dtype is kept).
 
+    The factor takes the tensor's dtype first, as a Python number does in NumPy and JAX: ``3e38`` scales
+    a float16 tensor by ``inf``.
+
     Raises:
-        DTypeError: for a fractional factor on an integer tensor (it would be truncated).
+        DTypeError: for a factor that is not a real number; on an integer tensor, for a fractional, NaN or
+            infinite factor (it would be truncated) or one outside the dtype's range; for a bool tensor.
 
     Example:
         >>> scale(ones({"seq": 2}), 3.0).data.tolist()
         [3.0, 3.0]
     """
     _check(t)
-    if not jnp.issubdtype(t.data.dtype, jnp.inexact) and float(s) != int(s):
-        raise DTypeError(argument="s", expected=f"an integer factor for a {t.data.dtype} tensor", got=s,
-                         hint="convert the tensor to a floating dtype first.")
-    return NamedTensor(data=(t.data * jnp.asarray(s, t.data.dtype)).astype(t.data.dtype), names=t.names)
+    dt = jnp.dtype(t.data.dtype)
+    if dt == jnp.bool_:
+        raise DTypeError(argument="t", expected="a numeric tensor (scaling booleans is undefined)", got="bool",
+                         hint="convert it with .astype(jnp.int32) first.")
+    if isinstance(s, (jax.Array, np.ndarray, np.generic)) and np.ndim(s) == 0 and s.dtype.kind in "iuf":
+        if isinstance(s, jax.core.Tracer):
+            if not jnp.issubdtype(dt, jnp.inexact) and not jnp.issubdtype(s.dtype, jnp.integer):
+                raise DTypeError(argument="s", expected=f"an integer factor for a {dt} tensor", got=str(s.dtype))
+            return NamedTensor(data=(t.data * s.astype(dt)).astype(dt), names=t.names)
+        s = s.item()
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise DTypeError(argument="s", expected="a real number", got=repr(s)[:60])
+    if not jnp.issubdtype(dt, jnp.inexact):
+        info = jnp.iinfo(dt)
+        if not (math.isfinite(s) and float(s).is_integer()):
+            raise DTypeError(argument="s", expected=f"an integer factor for a {dt} tensor", got=s,
+                             hint="convert the tensor to a floating dtype first.")
+        if not info.min <= int(s) <= info.max:
+            raise DTypeError(argument="s", expected=f"a factor in [{info.min}, {info.max}] (the range of {dt})",
+                             got=int(s))
+        s = int(s)
+    return NamedTensor(data=(t.data * jnp.asarray(s, dt)).astype(dt), names=t.names)
 
 
 def map(t: NamedTensor, f: Callable[[jax.Array], jax.Array]) -> NamedTensor:  # noqa: A001 - the Gleam name
@@ -728,8 +816,9 @@ def _letters(names: Sequence[str]) -> dict:
 def dot(a: NamedTensor, b: NamedTensor, *, over: str | Sequence[str]) -> NamedTensor:
     """Contract ``a`` and ``b`` over the axis (or axes) ``over``; other shared names are batch axes.
 
-    The result has ``a``'s remaining names, then ``b``'s names that ``a`` lacks. Products are
-    accumulated in float32 and returned in the inputs' dtype.
+    The result has ``a``'s remaining names, then ``b``'s names that ``a`` lacks. Floating products are
+    accumulated in float32 and returned in the inputs' dtype; integers and bool are multiplied and summed
+    in int32 (uint32 for unsigned) and returned in it, as :func:`viva_tensor.tensor.dot`.
 
     Raises:
         AxisNotFound: when an axis of ``over`` is missing from ``a`` or ``b``.
@@ -759,19 +848,30 @@ def dot(a: NamedTensor, b: NamedTensor, *, over: str | Sequence[str]) -> NamedTe
     letters = _letters(tuple(dict.fromkeys(na + nb)))
     spec = "".join(letters[n] for n in na) + "," + "".join(letters[n] for n in nb) + "->" + "".join(
         letters[n] for n in out)
-    y = jnp.einsum(spec, a.data, b.data, preferred_element_type=jnp.float32)
-    return NamedTensor(data=y.astype(a.data.dtype), names=out)
+    x, w = a.data, b.data
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        acc = jnp.complex64 if jnp.issubdtype(x.dtype, jnp.complexfloating) else jnp.float32
+        y = jnp.einsum(spec, x, w, preferred_element_type=acc).astype(x.dtype)
+    else:
+        acc = _acc(x.dtype)
+        y = jnp.einsum(spec, x.astype(acc), w.astype(acc), preferred_element_type=acc)
+    return NamedTensor(data=y, names=out)
 
 
 def take(t: NamedTensor, name: str, index: Any) -> NamedTensor:
     """Select along axis ``name``: an integer removes the axis, a 1-D index array keeps it (new size).
 
-    Integer indices follow ``jnp.take``'s default out-of-range handling under ``jit`` (no check on
-    traced values); a static integer is checked at trace time.
+    Negative indices count from the end, as in NumPy. A concrete index (a Python int, a NumPy array, a
+    ``jax.Array`` outside ``jit``) is checked: one outside ``[-n, n)`` raises. A traced index cannot be
+    checked and follows ``jnp.take``'s default (``mode="fill"``): an index outside ``[-n, n)`` gives the
+    fill value, NaN for floating data (so the mistake shows), and for other dtypes the value JAX uses:
+    the minimum of a signed integer dtype, the maximum of an unsigned one, ``True`` for bool. Clip the
+    index first (``jnp.clip(i, 0, n - 1)``) if clamping is what you want.
 
     Raises:
         AxisNotFound: when ``name`` is not an axis.
-        DimensionError: for a static integer out of range, or an index array that is not 0-D or 1-D.
+        DimensionError: for a concrete index out of range, or an index array that is not 0-D or 1-D.
+        DTypeError: for an index that is not an integer (or integer array).
 
     Example:
         >>> t = new(jnp.arange(6.0).reshape(2, 3), ("batch", "seq"))
@@ -783,18 +883,28 @@ def take(t: NamedTensor, name: str, index: Any) -> NamedTensor:
     i = find_axis(t, name)
     n = t.data.shape[i]
     names = axis_names(t)
-    if isinstance(index, (int, np.integer)):
+    if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
         if not -n <= index < n:
-            raise DimensionError(argument="index", expected=f"an index in [{-n}, {n}) for axis {name!r}", got=int(index))
+            raise DimensionError(argument="index", expected=f"an index in [{-n}, {n}) for axis {name!r}",
+                                 got=int(index))
         return NamedTensor(data=jnp.take(t.data, int(index), axis=i), names=names[:i] + names[i + 1 :])
-    idx = jnp.asarray(index)
-    if not jnp.issubdtype(idx.dtype, jnp.integer):
-        raise DTypeError(argument="index", expected="integer indices", got=str(idx.dtype))
-    if idx.ndim == 0:
-        return NamedTensor(data=jnp.take(t.data, idx, axis=i), names=names[:i] + names[i + 1 :])
-    if idx.ndim != 1:
-        raise DimensionError(argument="index", expected="an integer or a 1-D index array", got=f"shape {idx.shape}")
-    return NamedTensor(data=jnp.take(t.data, idx, axis=i), names=names)
+    if isinstance(index, (list, tuple)):
+        index = np.asarray(index)
+    if not isinstance(index, (jax.Array, np.ndarray, np.generic)):
+        raise DTypeError(argument="index", expected="an int or an integer index array", got=type(index).__name__)
+    if not jnp.issubdtype(index.dtype, jnp.integer) or index.dtype == jnp.bool_:
+        raise DTypeError(argument="index", expected="integer indices", got=str(index.dtype))
+    if index.ndim > 1:
+        raise DimensionError(argument="index", expected="an integer or a 1-D index array", got=f"shape {index.shape}")
+    if not isinstance(index, jax.core.Tracer) and index.size:
+        lo, hi = int(np.min(index)), int(np.max(index))
+        if lo < -n or hi >= n:
+            raise DimensionError(argument="index", expected=f"indices in [{-n}, {n}) for axis {name!r}",
+                                 got=f"indices in [{lo}, {hi}]",
+                                 hint="a traced index is not checked: it gives NaN (floats) out of range.")
+    idx = jnp.asarray(index) if not isinstance(index, jax.Array) else index
+    kept = names if idx.ndim == 1 else names[:i] + names[i + 1 :]
+    return NamedTensor(data=jnp.take(t.data, idx, axis=i), names=kept)
 
 
 def nmap(t: NamedTensor, f: Callable[[jax.Array], jax.Array], *, axes: Sequence[str],

@@ -56,10 +56,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from viva_tensor._record import QuantizedArray, register_format
-from viva_tensor.errors import ConfigError, DTypeError, FormatError, InvalidShape, NonFiniteError
+from viva_tensor._formats import packing
+from viva_tensor._formats.checks import float_input, positive_int, validate_finite
+from viva_tensor._formats.record import QuantizedArray, record, static
+from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor.errors import ConfigError, FormatError
 
 __all__ = [
     "NF4_LEVELS",
@@ -97,8 +99,6 @@ _NF4_THRESHOLDS = np.array(
     ],
     dtype=np.float32,
 )  # fmt: skip
-
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def create_dynamic_map() -> np.ndarray:
@@ -167,24 +167,16 @@ def default_config() -> NF4Config:
     return NF4Config()
 
 
-@struct.dataclass
+@record("nf4", core_ndim=1)
 class NF4Tensor(QuantizedArray):
     """NF4 codes (two per byte, first value high) and one float32 absmax per block of the flat tensor."""
 
     codes: jax.Array  # uint8 (..., ceil(n / 2))
     absmax: jax.Array  # float32 (..., ceil(n / block_size))
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    block_size: int = struct.field(pytree_node=False, default=64)
-
-    format = "nf4"
-
-    @staticmethod
-    def _core_ndim(record: Any) -> int:
-        return 1
+    block_size: int = static(default=64)
 
 
-@struct.dataclass
+@record("nf4_dq", core_ndim=1)
 class NF4DQTensor(QuantizedArray):
     """NF4 with double quantization: absmax stored as dynamic-map codes, nested absmax and an offset."""
 
@@ -192,16 +184,8 @@ class NF4DQTensor(QuantizedArray):
     absmax_codes: jax.Array  # uint8 (..., ceil(n / block_size))
     nested_absmax: jax.Array  # float32 (..., ceil(n_blocks / nested_block_size))
     offset: jax.Array  # float32 (...,)
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False)
-    block_size: int = struct.field(pytree_node=False, default=64)
-    nested_block_size: int = struct.field(pytree_node=False, default=256)
-
-    format = "nf4_dq"
-
-    @staticmethod
-    def _core_ndim(record: Any) -> int:
-        return 1
+    block_size: int = static(default=64)
+    nested_block_size: int = static(default=256)
 
 
 class NF4Stats(NamedTuple):
@@ -216,52 +200,7 @@ class NF4Stats(NamedTuple):
 
 
 def _check_block(name: str, value: Any, *, even: bool) -> int:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
-    if ok and even:
-        ok = value % 2 == 0
-    if not ok:
-        want = "a positive even integer" if even else "a positive integer"
-        raise ConfigError(argument=name, expected=want, got=value, hint="bitsandbytes uses 64 (and 256 nested).")
-    return int(value)
-
-
-def _as_float(x: Any, name: str = "x") -> jax.Array:
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise DTypeError(
-            argument=name,
-            expected="float32, bfloat16 or float16",
-            got=str(x.dtype),
-            hint="cast with x.astype(jnp.float32) first.",
-        )
-    if x.size == 0:
-        raise InvalidShape(
-            argument=name,
-            expected="at least one value",
-            got=f"an empty array of shape {tuple(x.shape)}",
-            hint="an empty tensor has nothing to quantize; skip it.",
-        )
-    return x
-
-
-def _validate_finite(x: jax.Array, name: str = "x") -> None:
-    if isinstance(x, jax.core.Tracer):
-        raise ConfigError(
-            argument="validate",
-            expected="a concrete array (validate=True cannot look at values under jit/vmap)",
-            got="a traced array",
-            hint="validate outside the transformation, or use jax.experimental.checkify.",
-        )
-    bad = ~np.isfinite(np.asarray(x, dtype=np.float32))
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        value = float(np.asarray(x, dtype=np.float32)[index])
-        raise NonFiniteError(
-            argument=name,
-            expected="finite values",
-            got=f"{value} at index {index}",
-            hint="a non-finite value only spoils its own block; pass validate=False to keep it.",
-        )
+    return positive_int(name, value, even=even, hint="bitsandbytes uses 64 (and 256 nested).")
 
 
 def _safe_reciprocal(a: jax.Array) -> jax.Array:
@@ -281,17 +220,6 @@ def _nf4_codes(scaled: jax.Array) -> jax.Array:
     return jnp.sum(scaled[..., None] > t, axis=-1, dtype=jnp.uint8)
 
 
-def _pack_high_first(codes: jax.Array) -> jax.Array:
-    n = codes.shape[0]
-    codes = jnp.pad(codes, (0, n % 2), constant_values=7).reshape(-1, 2)
-    return (codes[:, 0] << 4) | codes[:, 1]
-
-
-def _unpack_high_first(packed: jax.Array, n: int) -> jax.Array:
-    both = jnp.stack([packed >> 4, packed & 0xF], axis=-1)
-    return both.reshape(*packed.shape[:-1], -1)[..., :n]
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def _nf4_core(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     flat = x.reshape(-1).astype(jnp.float32)
@@ -301,7 +229,7 @@ def _nf4_core(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     # XLA's max reduction on CPU may skip a NaN (like fmaxf): make a NaN block's absmax NaN explicitly.
     absmax = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
     scaled = (blocks * _safe_reciprocal(absmax)[:, None]).reshape(-1)[:n]
-    return _pack_high_first(_nf4_codes(scaled)), absmax
+    return packing.pack_pairs(_nf4_codes(scaled), first="high", pad=7), absmax
 
 
 def quantize(
@@ -326,9 +254,10 @@ def quantize(
         nibble; ``absmax``: float32 per block), or an :class:`NF4DQTensor` when the config asks.
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
         InvalidShape: ``x`` is empty.
-        ConfigError: a block size that is not a positive even integer; ``validate=True`` under jit.
+        ConfigError: a block size that is not a positive even integer.
+        InvalidOp: ``validate=True`` under jit or vmap.
         NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
 
     Example:
@@ -349,9 +278,9 @@ def quantize(
             return double_quantize(x, block_size=config.block_size, validate=validate)
         block_size = config.block_size
     block = _check_block("block_size", block_size, even=True)
-    x = _as_float(x)
+    x = float_input(x)
     if validate:
-        _validate_finite(x)
+        validate_finite(x)
     codes, absmax = _nf4_core(x, block)
     return NF4Tensor(codes=codes, absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, block_size=block)
 
@@ -403,9 +332,10 @@ def double_quantize(
         ``offset`` (float32).
 
     Raises:
-        DTypeError: ``x`` is not float32, bfloat16 or float16.
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
         InvalidShape: ``x`` is empty.
-        ConfigError: a block size out of range; ``validate=True`` under jit.
+        ConfigError: a block size out of range.
+        InvalidOp: ``validate=True`` under jit or vmap.
         NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
 
     Example:
@@ -416,9 +346,9 @@ def double_quantize(
     """
     block = _check_block("block_size", block_size, even=True)
     nested = _check_block("nested_block_size", nested_block_size, even=False)
-    x = _as_float(x)
+    x = float_input(x)
     if validate:
-        _validate_finite(x)
+        validate_finite(x)
     codes, absmax = _nf4_core(x, block)
     absmax_codes, nested_absmax, offset = _double_core(absmax, nested)
     return NF4DQTensor(
@@ -499,10 +429,23 @@ def _dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
     batch = q.codes.shape[:-1]
     n = math.prod(q.shape)
     nb = absmax.shape[-1]
-    levels = jnp.asarray(NF4_LEVELS)[_unpack_high_first(q.codes, n)]
+    levels = jnp.asarray(NF4_LEVELS)[packing.unpack_pairs(q.codes, n, first="high")]
     levels = jnp.pad(levels, [(0, 0)] * len(batch) + [(0, nb * q.block_size - n)])
     values = levels.reshape(*batch, nb, q.block_size) * absmax[..., None]
     return values.reshape(*batch, -1)[..., :n].reshape(*batch, *q.shape).astype(q.dtype)
+
+
+def _planes(q: NF4Tensor | NF4DQTensor) -> Planes | None:
+    """The decode planes of a 2-D record (high nibbles = even columns), or None when blocks straddle rows."""
+    rows, n = q.shape
+    if q.block_size % 2 or n % q.block_size:
+        return None
+    absmax = _dq_absmax(q) if isinstance(q, NF4DQTensor) else q.absmax
+    codes = q.codes.reshape(-1, q.block_size // 2)
+    scale = packing.materialized(absmax)[:, None]
+    hi = packing.lookup16(NF4_LEVELS, codes >> 4) * scale  # the first value is the high nibble
+    lo = packing.lookup16(NF4_LEVELS, codes & 0x0F) * scale
+    return Planes(hi.reshape(rows, -1), lo.reshape(rows, -1), "pairs")
 
 
 def compute_stats(original: Any, q: NF4Tensor | NF4DQTensor) -> NF4Stats:
@@ -551,6 +494,7 @@ register_format(
     dequantize=dequantize,
     block_size=64,
     description="NormalFloat4 (QLoRA, bitsandbytes layout): 16 levels, float32 absmax per 64 values",
+    planes=_planes,
 )
 register_format(
     "nf4_dq",
@@ -559,4 +503,5 @@ register_format(
     dequantize=dequantize,
     block_size=64,
     description="NF4 with double quantization: absmax as 8-bit dynamic-map codes per 256 blocks",
+    planes=_planes,
 )

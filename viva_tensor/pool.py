@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from viva_tensor.errors import DTypeError, DimensionError, InvalidShape, ShapeMismatch, ShardingError
-from viva_tensor.sharding import _place
+from viva_tensor.errors import DimensionError, DTypeError, InvalidShape, ShapeMismatch, ShardingError
+from viva_tensor.sharding import place
 
 __all__ = ["stack", "parallel_map", "parallel_sum", "cosine_similarity", "similarity_search", "top_k_similar"]
 
@@ -283,7 +283,7 @@ def top_k_similar(query: jax.Array, documents: jax.Array, k: int, *, mesh: Any =
         return top, ci[pos]
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(name, None)), out_specs=(P(), P()), check_vma=False)
-    d = _place(d, P(name, None), mesh, True)  # no move when the documents already live there
-    q = _place(q, P(), mesh, True)
+    d = place(d, P(name, None), mesh)  # no move when the documents already live there
+    q = place(q, P(), mesh)
     s, i = jax.jit(f)(q, d)
     return s.astype(documents.dtype), i

@@ -11,6 +11,11 @@ With ``is_causal=True`` a device skips the key/value blocks that come entirely a
 (FlashAttention-2 backward, from the output and the row logsumexp): the key/value blocks travel the
 ring again, with their dK/dV accumulators, and arrive back at their owner after a full turn.
 
+The block math is flash attention's own (``flash_attention._block_forward`` and ``_block_backward``, one
+implementation of the FlashAttention-2 online softmax in the package); this module only moves the chunks
+around the ring and tells the kernels how far apart the chunks are. So ring attention means exactly what
+:func:`viva_tensor.flash_attention.dot_product_attention` means, NaN and huge logits included.
+
 Layout ``(B, T, N, H)`` as :func:`jax.nn.dot_product_attention` (``N`` query heads, ``K`` key/value
 heads with ``N % K == 0``). Logits, statistics and accumulators are float32; outputs and gradients have
 the inputs' dtype.
@@ -27,20 +32,22 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from viva_tensor.sharding import _place
+from viva_tensor import flash_attention as _fa
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, ShapeMismatch, ShardingError
+from viva_tensor.sharding import place
 
 __all__ = ["ring_attention", "ring_attention_local"]
 
 _F32 = jnp.float32
-_NEG = -jnp.inf
+_slice = jax.lax.dynamic_slice_in_dim
+_update = jax.lax.dynamic_update_slice_in_dim
 
 
 def _auto_block(n: int, target: int) -> int:
@@ -51,216 +58,121 @@ def _auto_block(n: int, target: int) -> int:
     return 1
 
 
-def _idx(x, i, axis):
-    return jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False)
-
-
-def _put(x, val, i, axis):
-    return jax.lax.dynamic_update_index_in_dim(x, val, i, axis)
-
-
-# Layouts inside a device (batch-like dims first, so every block product is a plain batched matmul):
-# queries, outputs, dQ: (B, K, G, nq, bq, H); row statistics: (B, K, G, nq, bq);
-# keys, values, dK, dV (these travel the ring): (B, K, nk, bk, H). Sub-block i is index i of axis 3
-# (queries) or axis 2 (keys).
-_QA, _KA = 3, 2
-
-
-def _to_q(x, bq, K):  # (B, T, N, H) -> (B, K, G, nq, bq, H)
-    B, T, N, H = x.shape
-    return jnp.transpose(x.reshape(B, T // bq, bq, K, N // K, H), (0, 3, 4, 1, 2, 5))
-
-
-def _from_q(x):  # inverse of _to_q
-    B, K, G, nq, bq, H = x.shape
-    return jnp.transpose(x, (0, 3, 4, 1, 2, 5)).reshape(B, nq * bq, K * G, H)
-
-
-def _to_kv(x, bk):  # (B, S, K, H) -> (B, K, nk, bk, H)
-    B, S, K, H = x.shape
-    return jnp.transpose(x.reshape(B, S // bk, bk, K, H), (0, 3, 1, 2, 4))
-
-
-def _from_kv(x):
-    B, K, nk, bk, H = x.shape
-    return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(B, nk * bk, K, H)
-
-
-def _logits(qb, kb, scale, qpos0, kpos0, causal):
-    """Scores ``(B, K, G, bq, bk)`` of a query sub-block ``(B,K,G,bq,H)`` against keys ``(B,K,bk,H)``."""
-    s = jnp.einsum("bkgqh,bkth->bkgqt", qb, kb, preferred_element_type=_F32) * scale
-    if causal:
-        qpos = qpos0 + jnp.arange(qb.shape[-2])
-        kpos = kpos0 + jnp.arange(kb.shape[-2])
-        visible = (kpos[None, :] <= qpos[:, None])[None, None, None]
-        s = jnp.where(visible, s, _NEG)
-    return s
-
-
-def _hidden(causal, qpos0, bq, kpos0):
-    """Whether the causal mask hides a whole (query sub-block, key sub-block) pair."""
-    return jnp.logical_and(causal, kpos0 > qpos0 + bq - 1)
-
-
-def _fwd_chunk(st, q5, k4, v4, o, m, l, qoff, koff):
-    """Merge one key/value chunk into the running (o, m, l); loops update the carries in place."""
-    scale, causal, bq, bk = st
-    nq, nk = q5.shape[_QA], k4.shape[_KA]
-
-    def q_body(i, carry):
-        o, m, l = carry
-        qb = _idx(q5, i, _QA)
-
-        def kv_body(j, c):
-            def compute(c):
-                ob, mb, lb = c
-                s = _logits(qb, _idx(k4, j, _KA), scale, qoff + i * bq, koff + j * bk, causal)
-                m_new = jnp.maximum(mb, s.max(-1))
-                m_safe = jnp.where(m_new == _NEG, 0.0, m_new)
-                p = jnp.exp(s - m_safe[..., None])
-                corr = jnp.exp(mb - m_safe)
-                lb = lb * corr + p.sum(-1)
-                ob = ob * corr[..., None] + jnp.einsum("bkgqt,bkth->bkgqh", p, _idx(v4, j, _KA).astype(_F32),
-                                                       preferred_element_type=_F32)
-                return ob, m_new, lb
-
-            return jax.lax.cond(_hidden(causal, qoff + i * bq, bq, koff + j * bk), lambda c: c, compute, c)
-
-        ob, mb, lb = jax.lax.fori_loop(0, nk, kv_body, (_idx(o, i, _QA), _idx(m, i, _QA), _idx(l, i, _QA)))
-        return _put(o, ob, i, _QA), _put(m, mb, i, _QA), _put(l, lb, i, _QA)
-
-    return jax.lax.fori_loop(0, nq, q_body, (o, m, l))
-
-
-def _bwd_chunk(st, q5, do5, lse5, dd5, dq, k4, v4, dk, dv, qoff, koff):
-    """Add one key/value chunk's gradient terms to dQ (all queries) and to the chunk's dK, dV."""
-    scale, causal, bq, bk = st
-    nq, nk = q5.shape[_QA], k4.shape[_KA]
-
-    def kv_body(j, carry):
-        dq, dk, dv = carry
-        kb, vb = _idx(k4, j, _KA), _idx(v4, j, _KA)
-        kb32, vb32 = kb.astype(_F32), vb.astype(_F32)
-
-        def q_body(i, c):
-            def compute(c):
-                dq, dkb, dvb = c
-                qb = _idx(q5, i, _QA)
-                s = _logits(qb, kb, scale, qoff + i * bq, koff + j * bk, causal)
-                p = jnp.exp(s - _idx(lse5, i, _QA)[..., None])
-                do32 = _idx(do5, i, _QA).astype(_F32)
-                dvb = dvb + jnp.einsum("bkgqt,bkgqh->bkth", p, do32, preferred_element_type=_F32)
-                dp = jnp.einsum("bkgqh,bkth->bkgqt", do32, vb32, preferred_element_type=_F32)
-                dsc = p * (dp - _idx(dd5, i, _QA)[..., None])
-                dqb = _idx(dq, i, _QA) + jnp.einsum("bkgqt,bkth->bkgqh", dsc, kb32,
-                                                    preferred_element_type=_F32) * scale
-                dkb = dkb + jnp.einsum("bkgqt,bkgqh->bkth", dsc, qb.astype(_F32), preferred_element_type=_F32) * scale
-                return _put(dq, dqb, i, _QA), dkb, dvb
-
-            return jax.lax.cond(_hidden(causal, qoff + i * bq, bq, koff + j * bk), lambda c: c, compute, c)
-
-        dq, dkb, dvb = jax.lax.fori_loop(0, nq, q_body, (dq, _idx(dk, j, _KA), _idx(dv, j, _KA)))
-        return dq, _put(dk, dkb, j, _KA), _put(dv, dvb, j, _KA)
-
-    return jax.lax.fori_loop(0, nk, kv_body, (dq, dk, dv))
-
-
 def _ring_perm(n):
     return [(j, (j + 1) % n) for j in range(n)]
 
 
-def _forward(q, k, v, axis_name, causal, scale, bq, bk):
+def _varying_zeros(shape, like):
+    """float32 zeros that vary along the mesh axes like ``like`` (a loop carry inside shard_map must)."""
+    return jnp.zeros(shape, _F32) + 0.0 * like.reshape(-1)[0].astype(_F32)
+
+
+# The block math is flash attention's (flash_attention._block_forward / _block_backward): this module only
+# moves the key/value chunks around the ring and tells the kernels how far apart the chunks are (offset =
+# global position of this device's query 0 minus that of the chunk's key 0), which is what lets the causal
+# mask skip whole chunks and sub-blocks. Layouts are the kernels': queries (B, T, K, G, H), row statistics
+# (B, K, G, T), keys and values (B, T, K, H).
+
+
+def _merge_chunk(st, ops, stats, offset):
+    """Merge one key/value chunk (``ops.k``, ``ops.v``) into the running (max, sum, acc) of every query row."""
+    prefix = _fa._value_prefix(st, ops.v)
+
+    def q_block(i, stats):
+        i0 = i * st.block_q
+        blk = tuple(_slice(x, i0, st.block_q, axis=3) for x in stats)
+        blk = _fa._block_forward(st, ops, i0, blk, value_prefix=prefix, offset=offset)
+        return tuple(_update(x, b, i0, axis=3) for x, b in zip(stats, blk))
+
+    return jax.lax.fori_loop(0, st.seq_q // st.block_q, q_block, stats)
+
+
+def _forward(q, k, v, axis_name, st):
+    B, T, N, H = q.shape
     K = k.shape[2]
-    T = q.shape[1]
+    G = N // K
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
-    st = (scale, causal, bq, bk)
-    q5 = _to_q(q, bq, K)
-    zero = 0.0 * q5[..., 0].astype(_F32)  # zeros that vary along the mesh axis like q
-    o = jnp.zeros(q5.shape, _F32) + zero[..., None]
-    m = jnp.full(zero.shape, _NEG, _F32) + zero
-    l = zero
+    ops = _fa._operands(st, q, k, v)  # the blocks divide T: no padding
+    shape = (B, K, G, T)
+    stats = (_varying_zeros(shape, q) - jnp.inf, _varying_zeros(shape, q), _varying_zeros((*shape, H), q))
     perm = _ring_perm(n)
 
-    def merge(s, o, m, l, k4, v4):
-        src = (idx - s) % n
-
-        def compute(c):
-            return _fwd_chunk(st, q5, k4, v4, *c, idx * T, src * T)
-
-        return compute((o, m, l))  # hidden sub-blocks (all of them when src > idx) are skipped inside
-
     def step(s, carry):
-        o, m, l, k4, v4 = carry
-        o, m, l = merge(s, o, m, l, k4, v4)
-        k4, v4 = jax.lax.ppermute((k4, v4), axis_name, perm)
-        return o, m, l, k4, v4
+        stats, k, v = carry[:3], carry[3], carry[4]
+        src = (idx - s) % n  # the device whose chunk is here at step s
+        stats = _merge_chunk(st, ops._replace(k=k, v=v), stats, (idx - src) * T)
+        k, v = jax.lax.ppermute((k, v), axis_name, perm)
+        return (*stats, k, v)
 
     # n - 1 hops: the last chunk is merged where it arrives
-    o, m, l, k4, v4 = jax.lax.fori_loop(0, n - 1, step, (o, m, l, _to_kv(k, bk), _to_kv(v, bk)))
-    o, m, l = merge(n - 1, o, m, l, k4, v4)
-    l_safe = jnp.where(l == 0, 1.0, l)
-    out = _from_q(o / l_safe[..., None]).astype(q.dtype)
-    lse = jnp.where(l == 0, _NEG, m + jnp.log(l_safe))
-    return out, lse
+    m, den, acc, k_last, v_last = jax.lax.fori_loop(0, n - 1, step, (*stats, ops.k, ops.v))
+    src = (idx - (n - 1)) % n
+    m, den, acc = _merge_chunk(st, ops._replace(k=k_last, v=v_last), (m, den, acc), (idx - src) * T)
+    out = (acc / den[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+    return out, (m, den)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _ring(q, k, v, axis_name, causal, scale, bq, bk):
-    return _forward(q, k, v, axis_name, causal, scale, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ring(q, k, v, axis_name, st):
+    return _forward(q, k, v, axis_name, st)[0]
 
 
-def _ring_fwd(q, k, v, axis_name, causal, scale, bq, bk):
-    out, lse = _forward(q, k, v, axis_name, causal, scale, bq, bk)
-    return out, (q, k, v, out, lse)
+def _ring_fwd(q, k, v, axis_name, st):
+    out, stats = _forward(q, k, v, axis_name, st)
+    return out, (q, k, v, out, stats)
 
 
-def _ring_bwd(axis_name, causal, scale, bq, bk, res, dout):
-    q, k, v, out, lse = res
+def _backward_chunk(st, ops, saved, grads, offset):
+    """Add one chunk's terms to dQ (all local queries) and to the chunk's dK, dV (which travel with it)."""
+
+    def kv_block(j, grads):
+        dq, dk, dv = grads
+        j0 = j * st.block_kv
+        carry = (dq, _slice(dk, j0, st.block_kv, axis=1), _slice(dv, j0, st.block_kv, axis=1), None)
+        dq, dk_j, dv_j, _ = _fa._block_backward(st, ops, saved, j0, carry, offset=offset)
+        return dq, _update(dk, dk_j, j0, axis=1), _update(dv, dv_j, j0, axis=1)
+
+    return jax.lax.fori_loop(0, st.seq_kv // st.block_kv, kv_block, grads)
+
+
+def _ring_bwd(axis_name, st, res, dout):
+    q, k, v, out, stats = res
+    B, T, N, H = q.shape
     K = k.shape[2]
-    T = q.shape[1]
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
-    st = (scale, causal, bq, bk)
-    q5 = _to_q(q, bq, K)
-    do5 = _to_q(dout, bq, K)
-    dd5 = jnp.sum(do5.astype(_F32) * _to_q(out, bq, K).astype(_F32), axis=-1)  # D = rowsum(dO * O)
-    lse5 = jnp.where(lse == _NEG, 0.0, lse)
-    dq = jnp.zeros(q5.shape, _F32) + 0.0 * q5.astype(_F32)
-    k4, v4 = _to_kv(k, bk), _to_kv(v, bk)
-    dk = jnp.zeros(k4.shape, _F32) + 0.0 * k4.astype(_F32)
-    dv = jnp.zeros(v4.shape, _F32) + 0.0 * v4.astype(_F32)
+    ops = _fa._operands(st, q, k, v)
+    saved = _fa._saved(st, out, stats, dout.astype(q.dtype), None, K)
+    dq = _varying_zeros(ops.q.shape, q)
+    dk, dv = _varying_zeros(k.shape, k), _varying_zeros(v.shape, v)
     perm = _ring_perm(n)
 
-    def add(s, dq, k4, v4, dk, dv):
-        src = (idx - s) % n
-
-        def compute(c):
-            return _bwd_chunk(st, q5, do5, lse5, dd5, c[0], k4, v4, c[1], c[2], idx * T, src * T)
-
-        return compute((dq, dk, dv))  # hidden sub-blocks (all of them when src > idx) are skipped inside
-
     def step(s, carry):
-        dq, k4, v4, dk, dv = carry
-        dq, dk, dv = add(s, dq, k4, v4, dk, dv)
+        dq, k, v, dk, dv = carry
+        src = (idx - s) % n
+        dq, dk, dv = _backward_chunk(st, ops._replace(k=k, v=v), saved, (dq, dk, dv), (idx - src) * T)
         # the chunk and its gradient accumulators move on together
-        k4, v4, dk, dv = jax.lax.ppermute((k4, v4, dk, dv), axis_name, perm)
-        return dq, k4, v4, dk, dv
+        k, v, dk, dv = jax.lax.ppermute((k, v, dk, dv), axis_name, perm)
+        return dq, k, v, dk, dv
 
-    dq, k4, v4, dk, dv = jax.lax.fori_loop(0, n - 1, step, (dq, k4, v4, dk, dv))
-    dq, dk, dv = add(n - 1, dq, k4, v4, dk, dv)
+    dq, k, v, dk, dv = jax.lax.fori_loop(0, n - 1, step, (dq, ops.k, ops.v, dk, dv))
+    src = (idx - (n - 1)) % n
+    dq, dk, dv = _backward_chunk(st, ops._replace(k=k, v=v), saved, (dq, dk, dv), (idx - src) * T)
     dk, dv = jax.lax.ppermute((dk, dv), axis_name, perm)  # the n-th hop brings dK, dV home
-    return _from_q(dq).astype(q.dtype), _from_kv(dk).astype(k.dtype), _from_kv(dv).astype(v.dtype)
+    return dq.reshape(B, T, N, H).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _check(query, key, value):
+    """The three inputs as jax arrays, checked (float64 and non-arrays refused as in flash attention)."""
+    query, key, value = (_fa._as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if jnp.ndim(x) != 4:
-            raise DimensionError(argument=name, expected="rank 4 (B, T, N, H)", got=f"shape {jnp.shape(x)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
+        if x.ndim != 4:
+            raise DimensionError(argument=name, expected="rank 4 (B, T, N, H)", got=f"shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
             raise DTypeError(argument=name, expected="float32, bfloat16 or float16", got=str(x.dtype))
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise DTypeError(argument="key", expected=f"dtype {query.dtype} (the query's) for key and value",
@@ -271,8 +183,19 @@ def _check(query, key, value):
     if key.shape[0] != B or key.shape[1] != T or key.shape[3] != H:
         raise ShapeMismatch(argument="key", expected=f"shape ({B}, {T}, K, {H}) (self-attention: the query's length)",
                             got=key.shape, hint="ring attention needs keys as long as the queries.")
+    if 0 in query.shape or 0 in key.shape:
+        raise ShapeMismatch(argument="query" if 0 in query.shape else "key",
+                            expected="a non-empty sequence, heads and head dim",
+                            got=f"shape {query.shape}, key {key.shape}")
     if N % key.shape[2]:
         raise ShapeMismatch(argument="key", expected=f"a number of heads dividing {N}", got=key.shape[2])
+    return query, key, value
+
+
+def _check_block(name: str, b: Any) -> int:
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+        raise ConfigError(argument=name, expected="a positive integer", got=repr(b))
+    return int(b)
 
 
 def ring_attention_local(query, key, value, *, axis_name: str, is_causal: bool = False, scale: float | None = None,
@@ -296,8 +219,10 @@ def ring_attention_local(query, key, value, *, axis_name: str, is_causal: bool =
         This device's block of the output, ``(B, T_local, N, H)`` in the query's dtype.
 
     Raises:
-        DimensionError, DTypeError, ShapeMismatch: for inputs of the wrong rank, dtype or shape.
-        ConfigError: for block sizes below 1.
+        DimensionError, DTypeError, ShapeMismatch: for inputs of the wrong rank, dtype (float64 included:
+            cast to float32) or shape, or empty ones.
+        ConfigError: for block sizes that are not positive integers, a scale that is not a concrete number.
+        ShardingError: when called outside a ``shard_map`` that binds ``axis_name``.
 
     Example:
         >>> mesh = jax.make_mesh((1,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -306,14 +231,18 @@ def ring_attention_local(query, key, value, *, axis_name: str, is_causal: bool =
         >>> float(f(jnp.ones((1, 4, 1, 2)))[0, 3, 0, 0])
         1.0
     """
-    _check(query, key, value)
-    for name, b in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(b, int) or b < 1:
-            raise ConfigError(argument=name, expected="a positive integer", got=repr(b))
+    query, key, value = _check(query, key, value)
+    block_q, block_kv = _check_block("block_q", block_q), _check_block("block_kv", block_kv)
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError:
+        hint = "use ring_attention(q, k, v, mesh=..., axis=...), or call this inside shard_map."
+        raise ShardingError(argument="axis_name", expected="a mesh axis bound by an enclosing jax.shard_map",
+                            got=repr(axis_name), hint=hint) from None
     T, H = query.shape[1], query.shape[3]
-    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
-    return _ring(query, key, value, axis_name, bool(is_causal), scale, _auto_block(T, block_q),
-                 _auto_block(T, block_kv))
+    st = _fa._Static(scale=_fa._check_scale(scale, H), causal=bool(is_causal), window=None,
+                     block_q=_auto_block(T, block_q), block_kv=_auto_block(T, block_kv), seq_q=T, seq_kv=T)
+    return _ring(query, key, value, axis_name, st)
 
 
 def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal: bool = False,
@@ -338,7 +267,9 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
         ``(B, T, N, H)`` in the query's dtype, sharded along ``T``.
 
     Raises:
-        DimensionError, DTypeError, ShapeMismatch: for inputs of the wrong rank, dtype or shape.
+        DimensionError, DTypeError, ShapeMismatch: for inputs of the wrong rank, dtype (float64 included:
+            cast to float32) or shape, or empty ones.
+        ConfigError: for block sizes that are not positive integers, a scale that is not a concrete number.
         ShardingError: for an axis the mesh lacks, or a length the axis does not divide.
 
     Example:
@@ -349,7 +280,9 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
         >>> bool(jnp.allclose(got, ref, atol=1e-5))
         True
     """
-    _check(query, key, value)
+    query, key, value = _check(query, key, value)
+    block_q, block_kv = _check_block("block_q", block_q), _check_block("block_kv", block_kv)
+    _fa._check_scale(scale, query.shape[3])
     if mesh is None:
         mesh = jax.sharding.get_mesh()
         if mesh.empty:
@@ -367,5 +300,4 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
     f = functools.partial(ring_attention_local, axis_name=axis, is_causal=is_causal, scale=scale,
                           block_q=block_q, block_kv=block_kv)
     sm = jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
-    concrete = not isinstance(mesh, jax.sharding.AbstractMesh)
-    return jax.jit(sm)(*(_place(x, spec, mesh, concrete) for x in (query, key, value)))
+    return jax.jit(sm)(*(place(x, spec, mesh) for x in (query, key, value)))

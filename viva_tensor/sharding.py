@@ -30,7 +30,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from viva_tensor import named as _named
-from viva_tensor._record import is_quantized
+from viva_tensor._formats.registry import is_quantized
+from viva_tensor._paths import path_str
 from viva_tensor.errors import ShardingError
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "named_sharding",
     "record_specs",
     "shard",
+    "place",
     "shard_map",
     "param_specs",
     "shard_params",
@@ -278,7 +280,7 @@ def record_specs(record: Any, names: Sequence, rules: Rules, *, mesh: Any = None
     lets each device hold exactly the blocks of its part of the tensor (see the module notes).
 
     Args:
-        record: a quantized record (``viva_tensor._record.QuantizedArray``).
+        record: a quantized record (``viva_tensor._formats.record.QuantizedArray``).
         names: one axis name per dim of the encoded tensor.
         rules: ``(axis name, mesh axes)`` pairs.
         mesh: the mesh (default: the one of ``jax.set_mesh``).
@@ -293,7 +295,7 @@ def record_specs(record: Any, names: Sequence, rules: Rules, *, mesh: Any = None
 
     Example:
         >>> import flax.struct, jax.numpy as jnp
-        >>> from viva_tensor._record import QuantizedArray
+        >>> from viva_tensor._formats.record import QuantizedArray
         >>> @flax.struct.dataclass
         ... class Q(QuantizedArray):
         ...     codes: jax.Array
@@ -345,6 +347,39 @@ def _place(x: Any, s: P, mesh: Any, mesh_given: bool) -> Any:
     return jax.device_put(x, NamedSharding(mesh, s))
 
 
+def place(x: Any, spec: P, mesh: Any = None) -> Any:
+    """Put one array on the mesh with a ``PartitionSpec``, inside or outside ``jit``.
+
+    Outside ``jit`` the data is moved (``jax.device_put``; no copy when it already lives there); inside
+    ``jit`` it is a sharding constraint, or a ``jax.reshard`` on a mesh with ``Explicit`` axes. This is what
+    :func:`shard` does for each named tensor, for a plain array and a spec you already have.
+
+    Args:
+        x: an array (or a tracer inside ``jit``).
+        spec: the ``PartitionSpec``, one entry per dimension of ``x`` (fewer entries replicate the rest).
+        mesh: the mesh (default: the one of ``jax.set_mesh``); an ``AbstractMesh`` means the context mesh.
+
+    Returns:
+        ``x`` placed (outside ``jit``) or constrained (inside) to ``NamedSharding(mesh, spec)``.
+
+    Raises:
+        ShardingError: when no mesh is given or set, or ``spec`` is not a ``PartitionSpec``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> place(jnp.zeros((4, 2)), P("data", None), mesh).sharding.spec
+        P('data', None)
+    """
+    if not isinstance(spec, P):
+        raise ShardingError(argument="spec", expected="a jax.sharding.PartitionSpec", got=type(spec).__name__,
+                            hint="P('data', None) shards axis 0 over the mesh axis 'data'.")
+    given = mesh is not None and not isinstance(mesh, jax.sharding.AbstractMesh)
+    tracing = isinstance(x, jax.core.Tracer)
+    m = _current_mesh(mesh if given else None, concrete=not tracing and not given)
+    return _place(x, spec, m, given)
+
+
 def _is_leaf(x: Any) -> bool:
     return isinstance(x, _named.NamedTensor) or is_quantized(x)
 
@@ -354,8 +389,9 @@ def shard(tree: Any, rules: Rules, mesh: Any = None, *, on_indivisible: str = "e
 
     Outside ``jit`` the data is moved (``jax.device_put``); inside ``jit`` it is a sharding constraint,
     or a ``jax.reshard`` on a mesh with ``Explicit`` axes (JAX then wants the mesh context,
-    ``jax.set_mesh``, unless the inputs of the ``jit`` already live on the mesh). A NamedTensor whose ``data`` is a quantized
-    record has its buffers placed by :func:`record_specs`. Other leaves are returned unchanged.
+    ``jax.set_mesh``, unless the inputs of the ``jit`` already live on the mesh). A NamedTensor whose
+    ``data`` is a quantized record has its buffers placed by :func:`record_specs`. Other leaves are returned
+    unchanged.
 
     Args:
         tree: any pytree.
@@ -403,7 +439,8 @@ def shard_map(f: Callable, *, rules: Rules, mesh: Any = None, out_names: Any, ch
     The returned function takes the same arguments as ``f``; each NamedTensor argument is sharded by
     the rules (other arguments are replicated) and ``f`` sees its local block, names unchanged.
     ``out_names`` gives the names of ``f``'s outputs: a tuple of names for one output, or a pytree
-    (tuple, dict ..., the structure of the outputs) of such tuples; an output that is a NamedTensor keeps the names ``f`` gave it.
+    (tuple, dict ..., the structure of the outputs) of such tuples; an output that is a NamedTensor keeps the
+    names ``f`` gave it.
 
     Args:
         f: a function of NamedTensors (and other pytrees) returning NamedTensors or arrays.
@@ -444,19 +481,17 @@ def shard_map(f: Callable, *, rules: Rules, mesh: Any = None, out_names: Any, ch
 # --------------------------------------------------------------------------------- NNX models
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def param_specs(model: Any, rules: Rules, *, mesh: Any = None, names: Mapping[str, Sequence] | None = None,
                 on_indivisible: str = "error") -> Any:
     """``PartitionSpec`` s for every variable of a Flax NNX model (or an ``nnx.State``), by the rules.
 
-    A variable's axis names are ``names[path]`` when given (``path`` joins the keys with ``/``, e.g.
-    ``"layers/0/kernel"``), else the logical names it was created with
+    A variable's axis names are ``names[path]`` when given, else the logical names it was created with
     (``nnx.with_partitioning(init, ("embed", "mlp"))``, metadata ``out_sharding``); a variable with
     neither is replicated. A variable whose value is a NamedTensor uses its names, and one holding a
-    quantized record gets :func:`record_specs`.
+    quantized record gets :func:`record_specs`. ``path`` is the library's one spelling of a tree path
+    (``viva_tensor._paths.path_str``): the keys joined by dots, list indices as numbers, e.g.
+    ``"layers.0.kernel"``; the keys of ``names`` are matched exactly (they are not patterns). Until this
+    release paths were joined with ``/`` (``"layers/0/kernel"``): such a key is refused with a hint.
 
     Args:
         model: an ``nnx.Module`` or an ``nnx.State``.
@@ -488,7 +523,7 @@ def param_specs(model: Any, rules: Rules, *, mesh: Any = None, names: Mapping[st
     seen = set()
 
     def one(path, var):
-        p = _path_str(path)
+        p = path_str(path)
         value = var.get_value() if isinstance(var, nnx.Variable) else var
         logical = names.get(p)
         if logical is not None:
@@ -520,9 +555,18 @@ def param_specs(model: Any, rules: Rules, *, mesh: Any = None, names: Mapping[st
     out = nnx.map_state(one, state) if hasattr(nnx, "map_state") else _map_state(one, state)
     missing = set(names) - seen
     if missing:
+        slashed = [m for m in missing if "/" in m and m.replace("/", ".") in seen | _paths_of(state)]
+        hint = (f"paths are dotted now: {slashed[0].replace('/', '.')!r}, not {slashed[0]!r}." if slashed
+                else "paths join the keys with dots, e.g. 'layers.0.kernel'.")
         raise ShardingError(argument="names", expected="paths of the model's variables",
-                            got=f"unknown paths {sorted(missing)}")
+                            got=f"unknown paths {sorted(missing)}", hint=hint)
     return out
+
+
+def _paths_of(state) -> set:
+    from flax import nnx
+
+    return {path_str(path) for path, _ in nnx.to_flat_state(state)}
 
 
 def _map_state(f, state):
@@ -555,7 +599,8 @@ def shard_params(model: Any, rules: Rules, *, mesh: Any = None, names: Mapping[s
     Example:
         >>> from flax import nnx
         >>> lin = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
-        >>> lin = shard_params(lin, [("out", "data")], names={"kernel": ("in", "out")}, mesh=jax.make_mesh((1,), ("data",)))
+        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> lin = shard_params(lin, [("out", "data")], names={"kernel": ("in", "out")}, mesh=mesh)
         >>> lin.kernel.get_value().sharding.spec
         P(None, 'data')
     """

@@ -43,13 +43,15 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from viva_tensor import _record, quant
+from viva_tensor._formats import packing, registry
+from viva_tensor._formats.checks import float_input
+from viva_tensor._formats.record import QuantizedArray, record, static
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape, ShapeMismatch
 
 __all__ = [
@@ -65,14 +67,17 @@ __all__ = [
     "register_formats",
 ]
 
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _METHODS = ("magnitude", "gradient")
 _VALUE_DEFAULTS: dict[str, Any] = {"int8": lambda ndim: {"axis": 0} if ndim >= 2 else {}}
 """Options of :func:`quantize_values` when none are given: INT8 gets one scale per output row."""
 
 
-@flax.struct.dataclass
-class Sparse24Tensor(_record.QuantizedArray):
+def _core_ndim(record: Any) -> int:
+    return len(record.shape)  # positions, the first leaf: other + (packed groups,)
+
+
+@record("sparse24", core_ndim=_core_ndim)
+class Sparse24Tensor(QuantizedArray):
     """2:4 sparse weights: packed 2-bit ``positions`` and the kept ``values`` (an array or a record).
 
     Attributes:
@@ -87,23 +92,13 @@ class Sparse24Tensor(_record.QuantizedArray):
 
     positions: jax.Array
     values: Any
-    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
-    dtype: Any = flax.struct.field(pytree_node=False)
-    axis: int = flax.struct.field(pytree_node=False, default=0)
-    values_format: str | None = flax.struct.field(pytree_node=False, default=None)
-
-    format: ClassVar[str] = "sparse24"
-
-    @staticmethod
-    def _core_ndim(record) -> int:
-        return len(record.shape)  # positions, the first leaf: other + (packed groups,)
+    axis: int = static(default=0)
+    values_format: str | None = static(default=None)
 
 
 def _check_weights(w: Any, argument: str = "w") -> jax.Array:
-    w = jnp.asarray(w)
-    if jnp.dtype(w.dtype) not in _FLOAT_DTYPES:
-        raise DTypeError(argument=argument, expected="a float32, bfloat16 or float16 array", got=str(w.dtype))
-    if w.ndim == 0 or w.size == 0:
+    w = float_input(w, argument)
+    if w.ndim == 0:
         raise InvalidShape(
             argument=argument, expected="a non-empty array of rank >= 1 (groups of 4 along the input axis)",
             got=tuple(w.shape),
@@ -136,10 +131,7 @@ def _select(w: jax.Array, score: jax.Array, axis: int) -> tuple[jax.Array, jax.A
     idx = jnp.sort(idx, axis=-1)
     values = jnp.take_along_axis(wg, idx, axis=-1)
     nibbles = (idx[..., 0] | (idx[..., 1] << 2)).astype(jnp.uint8)
-    if nibbles.shape[-1] % 2:
-        nibbles = jnp.pad(nibbles, [(0, 0)] * (nibbles.ndim - 1) + [(0, 1)])
-    pairs = nibbles.reshape(*nibbles.shape[:-1], nibbles.shape[-1] // 2, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4), values.reshape(*values.shape[:-2], -1)
+    return packing.pack_pairs(nibbles), values.reshape(*values.shape[:-2], -1)
 
 
 def _record_of(w: jax.Array, score: jax.Array, axis: Any) -> Sparse24Tensor:
@@ -246,7 +238,7 @@ def quantize_values(s: Sparse24Tensor, fmt: str, **options: Any) -> Sparse24Tens
     if fmt == Sparse24Tensor.format:
         raise FormatError(argument="fmt", expected="a format for the kept values, not 'sparse24'", got=repr(fmt))
     defaults = _VALUE_DEFAULTS.get(fmt, lambda ndim: {})(len(s.shape))
-    values = quant.quantize(s.values, fmt, **{**defaults, **options})
+    values = registry.quantize(s.values, fmt, **{**defaults, **options})
     return s.replace(values=values, values_format=fmt)
 
 
@@ -305,10 +297,10 @@ def compress(
 
 def _kept(s: Sparse24Tensor) -> jax.Array:
     """The kept values ``batch + other + (2 * groups,)`` in the original dtype (dequantized if stacked)."""
-    if not _record.is_quantized(s.values):
+    if not registry.is_quantized(s.values):
         return s.values
     want = s.positions.shape[: s.positions.ndim - 1]
-    kept = quant.dequantize(s.values)
+    kept = registry.dequantize(s.values)
     if tuple(kept.shape[:-1]) != tuple(want):
         raise ShapeMismatch(
             argument="s", expected=f"kept values for the positions {tuple(want)}", got=tuple(kept.shape),
@@ -323,7 +315,7 @@ def _dense_moved(s: Sparse24Tensor) -> jax.Array:
     lead = kept.shape[:-1]
     groups = kept.shape[-1] // 2
     values = kept.reshape(*lead, groups, 2)
-    nibbles = jnp.stack([s.positions & 0x0F, s.positions >> 4], axis=-1).reshape(*lead, -1)[..., :groups]
+    nibbles = packing.unpack_pairs(s.positions, groups)
     idx = jnp.stack([nibbles & 3, (nibbles >> 2) & 3], axis=-1).astype(jnp.int32)
     slot = jax.lax.broadcasted_iota(jnp.int32, (*lead, groups, 4), len(lead) + 1)
     zero = jnp.zeros((), values.dtype)
@@ -496,14 +488,14 @@ def register_formats() -> None:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from viva_tensor import _record, quant
+        >>> from viva_tensor import quant
         >>> register_formats()
         >>> q = quant.quantize(jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "sparse24", axis=0)
         >>> quant.dot(jnp.ones((1, 4)), q).tolist()
         [[-1.0]]
-        >>> del _record.FORMATS["sparse24"]  # leave the registry as it was
+        >>> del quant.FORMATS["sparse24"]  # leave the registry as it was
     """
-    _record.register_format(
+    registry.register_format(
         Sparse24Tensor.format,
         record=Sparse24Tensor,
         quantize=compress,

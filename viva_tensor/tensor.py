@@ -14,8 +14,16 @@ Conventions and decisions:
   (``shape``, ``size``, ``rank``, ``dim``, ``rows``, ``cols``) return Python ints; ``to_list`` and
   ``to_list2d`` return Python lists (they need concrete values: not under ``jit``).
 * Dtypes: bfloat16 and float16 are accumulated in float32 (sums, means, variances, norms, matmuls) and the
-  result is cast back to the input dtype. Integer inputs keep NumPy's rules, except that ``mean``,
-  ``variance``, ``std``, ``norm`` and ``normalize`` return float32. Nothing becomes float64.
+  result is cast back to the input dtype. Integer and bool inputs of ``sum``, ``product``, ``sum_axis``,
+  ``dot``, ``matmul_vec`` and ``matmul`` accumulate as ``jnp.sum`` does and return that type: int32 for
+  bool, int8 and int16, uint32 for uint8 and uint16 (``sum`` of int8 ``[100, 100]`` is 200, not -56; an
+  int32 result wraps past 2**31 as in JAX). Element-wise operations (``add``, ``mul``, ``outer`` ...) keep
+  the dtype and wrap as NumPy's do. ``mean``, ``variance``, ``std``, ``norm`` and ``normalize`` of integers
+  return float32.
+* float64 is not computed in: a float64 (or complex128) input is refused with
+  :class:`~viva_tensor.errors.DTypeError` and the hint ``.astype(jnp.float32)``, since with JAX's x64 mode
+  off ``jnp.asarray`` would narrow it silently; so is a NumPy int64 array whose values do not fit in 32 bits
+  (they would wrap), and a 64-bit ``dtype=`` for a constructor. Nothing becomes float64.
 * Empty arrays: ``sum`` gives 0, ``product`` 1, ``norm`` 0 and ``normalize`` returns its (empty) input;
   ``mean``, ``variance``, ``std``, ``max``, ``min``, ``argmax``, ``argmin`` (and ``mean_axis`` over an empty
   axis) raise :class:`~viva_tensor.errors.InvalidShape` (Gleam returned 0.0, a silent wrong answer).
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -150,18 +159,136 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _array(x: Any, argument: str) -> jax.Array:
-    """``x`` as a jax.Array (tracers, NumPy arrays and Python numbers accepted), else DTypeError."""
-    if isinstance(x, jax.Array):
-        return x
-    if isinstance(x, (np.ndarray, np.generic, int, float)) and not isinstance(x, bool):
+# float64 and complex128 are not computed in: with JAX's x64 mode off (the default) ``jnp.asarray`` would
+# narrow them to 32 bits silently, so they are refused with the conversion to write (the library's policy).
+_NARROWED = {np.dtype(np.float64): "jnp.float32", np.dtype(np.complex128): "jnp.complex64"}
+_INT32_RANGE = {np.dtype(np.int64): (-(2**31), 2**31 - 1), np.dtype(np.uint64): (0, 2**32 - 1)}
+
+
+def _no_float64(dtype: Any, argument: str) -> None:
+    """DTypeError for float64/complex128 (the library computes in 32 bits at most), with the fix."""
+    dtype = np.dtype(dtype)
+    if dtype in _NARROWED:
+        raise DTypeError(
+            argument=argument,
+            expected="float32, bfloat16, float16 or another dtype of at most 32 bits (float64 is not computed in)",
+            got=str(dtype),
+            hint=f"convert it first with .astype({_NARROWED[dtype]}).",
+        )
+
+
+def _numpy_input(x: Any, argument: str) -> jax.Array:
+    """A NumPy array or scalar as a jax.Array, refusing what ``jnp.asarray`` would change silently."""
+    try:
+        dtype = jnp.dtype(x.dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "biufcV" or (dtype.kind == "V" and dtype.itemsize > 2):
+        raise DTypeError(argument=argument, expected="a numeric array", got=f"a NumPy array of dtype {x.dtype}")
+    _no_float64(dtype, argument)
+    if dtype in _INT32_RANGE and not jax.config.jax_enable_x64 and np.size(x):
+        lo, hi = _INT32_RANGE[dtype]
+        if np.min(x) < lo or np.max(x) > hi:
+            raise DTypeError(
+                argument=argument,
+                expected=f"{dtype} values in [{lo}, {hi}] (they become 32-bit integers)",
+                got=f"values in [{np.min(x)}, {np.max(x)}]",
+                hint="JAX's x64 mode is off: 64-bit integers would wrap silently.",
+            )
+    try:
         return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise DTypeError(argument=argument, expected="a numeric array", got=f"dtype {x.dtype} ({e})") from None
+
+
+def _array(x: Any, argument: str) -> jax.Array:
+    """``x`` as a jax.Array (tracers, NumPy arrays and Python numbers accepted), else DTypeError.
+
+    float64/complex128 input is refused (see :func:`_no_float64`), and so are 64-bit NumPy integers that do
+    not fit in 32 bits, which ``jnp.asarray`` would wrap.
+    """
+    if isinstance(x, jax.Array):
+        _no_float64(x.dtype, argument)
+        return x
+    if isinstance(x, (np.ndarray, np.generic)):
+        return _numpy_input(x, argument)
+    if isinstance(x, (int, float, complex)) and not isinstance(x, bool):
+        try:
+            return jnp.asarray(x)
+        except OverflowError:
+            raise DTypeError(argument=argument, expected="an int that fits in int32", got=x) from None
     raise DTypeError(
         argument=argument,
         expected="a jax.Array",
         got=f"a {type(x).__name__}",
         hint="build one with from_list, from_list2d, matrix or jnp.asarray.",
     )
+
+
+def _shaped(x: Any, argument: str) -> Any:
+    """``x`` itself when it is an array of any dtype (for the functions that only read its shape), else
+    what :func:`_array` makes of it."""
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return x
+    return _array(x, argument)
+
+
+def _dtype(dtype: Any, argument: str = "dtype", *, floating: bool = False) -> np.dtype:
+    """``dtype`` as a NumPy dtype that JAX holds as it is, else DTypeError (64-bit types narrow with x64 off)."""
+    try:
+        out = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        raise DTypeError(argument=argument, expected="a dtype (jnp.float32, 'bfloat16', ...)",
+                         got=repr(dtype)) from None
+    if out.kind not in "biufcV" or (out.kind == "V" and out.itemsize > 2):
+        raise DTypeError(argument=argument, expected="a numeric dtype", got=str(out))
+    _no_float64(out, argument)
+    if out.itemsize == 8 and out.kind in "iu" and not jax.config.jax_enable_x64:
+        raise DTypeError(argument=argument, expected="a dtype of at most 32 bits (JAX's x64 mode is off)",
+                         got=str(out), hint="use int32 or uint32.")
+    if floating and not jnp.issubdtype(out, jnp.floating):
+        raise DTypeError(argument=argument, expected="a floating dtype (float32, bfloat16, float16)", got=str(out))
+    return out
+
+
+def _memory_limit() -> int:
+    """Bytes one array may take: the default device's memory limit, else the host's physical memory."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - some backends do not report memory
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
+def _fits(shape: Shape, dtype: Any, argument: str = "shape") -> Shape:
+    """``shape`` if an array of it in ``dtype`` fits in memory, else InvalidShape (not an out-of-memory crash)."""
+    nbytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+    limit = _memory_limit()
+    if nbytes > limit:
+        raise InvalidShape(
+            argument=argument,
+            expected=f"an array that fits in memory (at most {limit:,} bytes on {jax.devices()[0].platform})",
+            got=f"shape {shape} of {jnp.dtype(dtype).name}, {nbytes:,} bytes",
+        )
+    return shape
+
+
+def _key(key: Any, argument: str = "key") -> jax.Array:
+    """A PRNG key (``jax.random.key(0)`` or a legacy ``PRNGKey(0)``), else DTypeError."""
+    if isinstance(key, jax.Array):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0:
+            return key
+        if key.dtype == jnp.uint32 and key.shape == (2,):
+            return key
+        got = f"an array of dtype {key.dtype} and shape {key.shape}"
+    else:
+        got = f"a {type(key).__name__} ({key!r})" if isinstance(key, (int, float)) else f"a {type(key).__name__}"
+    raise DTypeError(argument=argument, expected="a PRNG key", got=got, hint="make one with jax.random.key(0).")
 
 
 def _shape(shape: Any, argument: str = "shape") -> Shape:
@@ -197,17 +324,112 @@ def _rank(x: jax.Array, want: int, argument: str, what: str) -> None:
 
 
 def _acc(dtype) -> np.dtype:
-    """The accumulation dtype: float32 for narrow floats, the dtype itself otherwise."""
+    """The accumulation dtype: float32 for narrow floats, int32/uint32 for bool and narrow ints, else itself.
+
+    Integers follow ``jnp.sum``: int8/int16/bool accumulate in int32 and uint8/uint16 in uint32, so that
+    ``sum([100, 100])`` of int8 is 200, not -56.
+    """
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
         return jnp.dtype(jnp.float32)
+    if dtype == jnp.bool_ or (jnp.issubdtype(dtype, jnp.signedinteger) and dtype.itemsize < 4):
+        return jnp.dtype(jnp.int32)
+    if jnp.issubdtype(dtype, jnp.unsignedinteger) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.uint32)
     return dtype
+
+
+def _sum_out(dtype) -> np.dtype:
+    """Output dtype of a sum, product or contraction: the input dtype if inexact, else the accumulator."""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.issubdtype(dtype, jnp.inexact) else _acc(dtype)
 
 
 def _float_out(dtype) -> np.dtype:
     """Output dtype of a floating reduction: the input dtype if floating, float32 otherwise."""
     dtype = jnp.dtype(dtype)
     return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.dtype(jnp.float32)
+
+
+def _real_out(dtype) -> np.dtype:
+    """Output dtype of a magnitude (variance, std, norm): real; float32 for integers and complex64."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.dtype(jnp.float32)
+    return _float_out(dtype)
+
+
+def _times(a: Any, b: Any) -> jax.Array:
+    """``a * b`` as NumPy computes it when one side is bool: ``False * nan`` is NaN. (XLA rewrites
+    ``convert(bool) * x`` into a select, which gives 0 there and hides the NaN.)"""
+    a_bool, b_bool = jnp.dtype(jnp.result_type(a)) == jnp.bool_, jnp.dtype(jnp.result_type(b)) == jnp.bool_
+    if a_bool != b_bool:
+        mask, x = (a, b) if a_bool else (b, a)
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.where(mask, x, x * 0)
+    return a * b
+
+
+def _not_bool(x: jax.Array, argument: str, op: str) -> None:
+    if x.dtype == jnp.bool_:
+        raise DTypeError(argument=argument, expected=f"a numeric dtype ({op} of booleans is undefined, as in NumPy)",
+                         got="bool", hint="use ~ or jnp.logical_xor, or convert with .astype(jnp.int32).")
+
+
+def _ordered(x: jax.Array, argument: str, op: str) -> None:
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise DTypeError(argument=argument, expected=f"a real dtype ({op} needs an order; complex numbers have none)",
+                         got=str(x.dtype), hint="compare jnp.abs(t), or t.real.")
+
+
+def _mag(d: jax.Array) -> jax.Array:
+    """``|d|``; for complex, ``hypot(re, im)`` (C99: ``|nan + inf j|`` is inf, where ``jnp.abs`` gives NaN)."""
+    if jnp.issubdtype(d.dtype, jnp.complexfloating):
+        return jnp.hypot(d.real, d.imag)
+    return jnp.abs(d)
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+    """``2.0 ** k`` exactly, in float32, for integer ``k`` in ``[-126, 127]`` (built from the bits)."""
+    return lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
+
+
+def _scaled(d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(d * 2**-e, e)`` with ``2**e`` the power of two just above ``max|d|`` (``e = 0`` when that is 0, inf or
+    NaN), so that squares of the scaled values neither overflow (3e38) nor flush to zero (1e-30).
+
+    The scaling is by exact powers of two applied in two steps (``2**-127`` alone would be subnormal, and
+    XLA:CPU flushes subnormals), never by a division, which XLA would turn into a rounded reciprocal.
+    """
+    m = jnp.max(_mag(d), initial=0.0).astype(jnp.float32)
+    ok = (m > 0) & jnp.isfinite(m)
+    _, e = jnp.frexp(jnp.where(ok, m, jnp.float32(1)))
+    e = jnp.where(ok, e, 0).astype(jnp.int32)
+    h = e // 2
+    s1, s2 = _pow2(-h).astype(d.real.dtype), _pow2(h - e).astype(d.real.dtype)
+    if jnp.issubdtype(d.dtype, jnp.complexfloating):  # part by part: (nan+infj) * (1+0j) would be nan+nanj
+        return lax.complex((d.real * s1) * s2, (d.imag * s1) * s2), e
+    return (d * s1) * s2, e
+
+
+def _restore(v: jax.Array, e: jax.Array) -> jax.Array:
+    """``v * 2**e`` (the inverse of :func:`_scaled`), in two exact steps."""
+    h = e // 2
+    return (v * _pow2(e - h)) * _pow2(h)
+
+
+def _rms_parts(d: jax.Array, reduce: Callable = jnp.mean) -> tuple[jax.Array, jax.Array]:
+    """``(r, e)`` with ``sqrt(reduce(|d|**2)) == r * 2**e``, computed on the scaled values of :func:`_scaled`."""
+    x, e = _scaled(d)
+    a = _mag(x)
+    return jnp.sqrt(reduce(a * a)), e
+
+
+def _l2(d: jax.Array, reduce: Callable = jnp.mean) -> jax.Array:
+    """``sqrt(reduce(|d|**2))`` without overflow or underflow of the squares (see :func:`_scaled`)."""
+    r, e = _rms_parts(d, reduce)
+    return _restore(r, e)
 
 
 def _nonempty(x: jax.Array, argument: str, op: str) -> None:
@@ -269,13 +491,16 @@ def zeros(shape: Sequence[int] | int, *, dtype=jnp.float32) -> jax.Array:
         A ``jax.Array`` of ``shape`` filled with 0.
 
     Raises:
-        InvalidShape: for a negative size or a shape that is not a sequence of ints.
+        InvalidShape: for a negative size, a shape that is not a sequence of ints, or an array that would
+            not fit in memory (more bytes than the device or host has).
+        DTypeError: when ``dtype`` is not a numeric dtype of at most 32 bits.
 
     Example:
         >>> zeros((2, 2)).tolist()
         [[0.0, 0.0], [0.0, 0.0]]
     """
-    return jnp.zeros(_shape(shape), dtype=dtype)
+    dtype = _dtype(dtype)
+    return jnp.zeros(_fits(_shape(shape), dtype), dtype=dtype)
 
 
 def ones(shape: Sequence[int] | int, *, dtype=jnp.float32) -> jax.Array:
@@ -289,13 +514,16 @@ def ones(shape: Sequence[int] | int, *, dtype=jnp.float32) -> jax.Array:
         A ``jax.Array`` of ``shape`` filled with 1.
 
     Raises:
-        InvalidShape: for a negative size or a shape that is not a sequence of ints.
+        InvalidShape: for a negative size, a shape that is not a sequence of ints, or an array that would
+            not fit in memory (more bytes than the device or host has).
+        DTypeError: when ``dtype`` is not a numeric dtype of at most 32 bits.
 
     Example:
         >>> ones(3).tolist()
         [1.0, 1.0, 1.0]
     """
-    return jnp.ones(_shape(shape), dtype=dtype)
+    dtype = _dtype(dtype)
+    return jnp.ones(_fits(_shape(shape), dtype), dtype=dtype)
 
 
 def fill(shape: Sequence[int] | int, value: Any, *, dtype=jnp.float32) -> jax.Array:
@@ -310,14 +538,16 @@ def fill(shape: Sequence[int] | int, value: Any, *, dtype=jnp.float32) -> jax.Ar
         A ``jax.Array`` of ``shape`` filled with ``value``.
 
     Raises:
-        InvalidShape: for a bad shape.
+        InvalidShape: for a bad shape, or one too large to fit in memory.
+        DTypeError: when ``dtype`` is not a numeric dtype of at most 32 bits.
         DimensionError: when ``value`` is not a scalar.
 
     Example:
         >>> fill((2,), 0.5).tolist()
         [0.5, 0.5]
     """
-    return jnp.full(_shape(shape), _scalar(value, "value"), dtype=dtype)
+    dtype = _dtype(dtype)
+    return jnp.full(_fits(_shape(shape), dtype), _scalar(value, "value"), dtype=dtype)
 
 
 def from_list(data: Sequence[float], *, dtype=jnp.float32) -> jax.Array:
@@ -337,6 +567,7 @@ def from_list(data: Sequence[float], *, dtype=jnp.float32) -> jax.Array:
         >>> from_list([1.0, 2.0]).shape
         (2,)
     """
+    dtype = _dtype(dtype)
     try:
         arr = np.asarray(data, dtype=np.float64 if jnp.issubdtype(dtype, jnp.floating) else None)
     except (ValueError, TypeError) as e:
@@ -368,6 +599,7 @@ def from_list2d(rows: Sequence[Sequence[float]], *, dtype=jnp.float32) -> jax.Ar
         >>> from_list2d([[1.0, 2.0], [3.0, 4.0]]).shape
         (2, 2)
     """
+    dtype = _dtype(dtype)
     if isinstance(rows, (list, tuple)) and len(rows) == 0:
         return jnp.zeros((0, 0), dtype=dtype)
     if not isinstance(rows, (list, tuple, np.ndarray)):
@@ -447,14 +679,17 @@ def random_uniform(key: jax.Array, shape: Sequence[int] | int, *, dtype=jnp.floa
         A ``jax.Array`` of ``shape``.
 
     Raises:
-        InvalidShape: for a bad shape.
+        InvalidShape: for a bad shape, or one too large to fit in memory.
+        DTypeError: when ``key`` is not a PRNG key (an int seed is not one: use ``jax.random.key(0)``)
+            or ``dtype`` is not a floating dtype.
 
     Example:
         >>> x = random_uniform(jax.random.key(0), (1000,))
         >>> bool((x >= 0).all() & (x < 1).all())
         True
     """
-    return jax.random.uniform(key, _shape(shape), dtype=dtype)
+    dtype = _dtype(dtype, floating=True)
+    return jax.random.uniform(_key(key), _fits(_shape(shape), dtype), dtype=dtype)
 
 
 def random_normal(
@@ -473,14 +708,18 @@ def random_normal(
         A ``jax.Array`` of ``shape``: ``mean + std * N(0, 1)``.
 
     Raises:
-        InvalidShape: for a bad shape.
+        InvalidShape: for a bad shape, or one too large to fit in memory.
+        DTypeError: when ``key`` is not a PRNG key (an int seed is not one: use ``jax.random.key(0)``)
+            or ``dtype`` is not a floating dtype.
 
     Example:
         >>> x = random_normal(jax.random.key(0), (10000,), 5.0, 2.0)
         >>> round(float(x.mean())), round(float(x.std()))
         (5, 2)
     """
-    z = jax.random.normal(key, _shape(shape), dtype=jnp.float32)
+    dtype = _dtype(dtype, floating=True)
+    mean, std = _scalar(mean, "mean"), _scalar(std, "std")
+    z = jax.random.normal(_key(key), _fits(_shape(shape), jnp.float32), dtype=jnp.float32)
     return (mean + std * z).astype(dtype)
 
 
@@ -507,15 +746,17 @@ def xavier_init(key: jax.Array, fan_in: int, fan_out: int, *, dtype=jnp.float32)
 
     Raises:
         InvalidShape: when a fan is not a positive int.
+        DTypeError: when ``key`` is not a PRNG key or ``dtype`` not a floating dtype.
 
     Example:
         >>> w = xavier_init(jax.random.key(0), 4, 2)
         >>> w.shape, bool(abs(w).max() <= 1.0)
         ((2, 4), True)
     """
-    shp = _fans(fan_in, fan_out)
+    dtype = _dtype(dtype, floating=True)
+    shp = _fits(_fans(fan_in, fan_out), jnp.float32, "fan_in, fan_out")
     limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return jax.random.uniform(key, shp, jnp.float32, -limit, limit).astype(dtype)
+    return jax.random.uniform(_key(key), shp, jnp.float32, -limit, limit).astype(dtype)
 
 
 def he_init(key: jax.Array, fan_in: int, fan_out: int, *, dtype=jnp.float32) -> jax.Array:
@@ -534,13 +775,15 @@ def he_init(key: jax.Array, fan_in: int, fan_out: int, *, dtype=jnp.float32) -> 
 
     Raises:
         InvalidShape: when a fan is not a positive int.
+        DTypeError: when ``key`` is not a PRNG key or ``dtype`` not a floating dtype.
 
     Example:
         >>> he_init(jax.random.key(0), 3, 5).shape
         (5, 3)
     """
-    shp = _fans(fan_in, fan_out)
-    return (math.sqrt(2.0 / fan_in) * jax.random.normal(key, shp, jnp.float32)).astype(dtype)
+    dtype = _dtype(dtype, floating=True)
+    shp = _fits(_fans(fan_in, fan_out), jnp.float32, "fan_in, fan_out")
+    return (math.sqrt(2.0 / fan_in) * jax.random.normal(_key(key), shp, jnp.float32)).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,7 +807,7 @@ def shape(t: jax.Array) -> Shape:
         >>> shape(zeros((2, 3)))
         (2, 3)
     """
-    return tuple(_array(t, "t").shape)
+    return tuple(int(d) for d in _shaped(t, "t").shape)
 
 
 def size(t: jax.Array) -> int:
@@ -583,7 +826,7 @@ def size(t: jax.Array) -> int:
         >>> size(zeros((2, 3)))
         6
     """
-    return int(_array(t, "t").size)
+    return int(_shaped(t, "t").size)
 
 
 def rank(t: jax.Array) -> int:
@@ -602,7 +845,7 @@ def rank(t: jax.Array) -> int:
         >>> rank(zeros((2, 3)))
         2
     """
-    return _array(t, "t").ndim
+    return int(_shaped(t, "t").ndim)
 
 
 def dim(t: jax.Array, axis: int) -> int:
@@ -622,7 +865,7 @@ def dim(t: jax.Array, axis: int) -> int:
         >>> dim(zeros((2, 3)), 1), dim(zeros((2, 3)), -2)
         (3, 2)
     """
-    t = _array(t, "t")
+    t = _shaped(t, "t")
     return t.shape[_axis(axis, t.ndim)]
 
 
@@ -642,7 +885,7 @@ def rows(t: jax.Array) -> int:
         >>> rows(zeros((2, 3)))
         2
     """
-    t = _array(t, "t")
+    t = _shaped(t, "t")
     return t.shape[0] if t.ndim else 0
 
 
@@ -662,7 +905,7 @@ def cols(t: jax.Array) -> int:
         >>> cols(zeros((2, 3))), cols(zeros(4))
         (3, 4)
     """
-    t = _array(t, "t")
+    t = _shaped(t, "t")
     return t.shape[1] if t.ndim >= 2 else (t.shape[0] if t.ndim == 1 else 0)
 
 
@@ -865,6 +1108,7 @@ def sub(a: jax.Array, b: jax.Array) -> jax.Array:
 
     Raises:
         ShapeMismatch: when the shapes differ.
+        DTypeError: when both are bool (NumPy refuses ``bool - bool`` too).
 
     Example:
         >>> sub(vector([1.0, 2.0]), vector([3.0, 4.0])).tolist()
@@ -872,6 +1116,8 @@ def sub(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     a, b = _array(a, "a"), _array(b, "b")
     _same_shape(a, b, "broadcast_to the shape of 'a' first.")
+    if a.dtype == jnp.bool_ and b.dtype == jnp.bool_:
+        _not_bool(a, "a", "subtraction")
     return a - b
 
 
@@ -894,7 +1140,7 @@ def mul(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     a, b = _array(a, "a"), _array(b, "b")
     _same_shape(a, b, "use mul_broadcast to broadcast.")
-    return a * b
+    return _times(a, b)
 
 
 def div(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -971,13 +1217,30 @@ def negate(t: jax.Array) -> jax.Array:
         ``-t``.
 
     Raises:
-        DTypeError: when ``t`` is not an array.
+        DTypeError: when ``t`` is not an array, or is bool (use ``~t``).
 
     Example:
         >>> negate(vector([1.0, -2.0])).tolist()
         [-1.0, 2.0]
     """
-    return -_array(t, "t")
+    t = _array(t, "t")
+    _not_bool(t, "t", "negation")
+    return -t
+
+
+def _numeric_fn(f: Any, argument: str) -> Callable:
+    """``f`` wrapped so that a non-numeric result (a str, None, a list ...) raises DTypeError when traced."""
+    if not callable(f):
+        raise InvalidOp(argument=argument, expected="a function", got=f"a {type(f).__name__}")
+
+    def checked(*args):
+        y = f(*args)
+        if isinstance(y, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+            return y
+        raise DTypeError(argument=argument, expected="a function returning a number (a 0-d array)",
+                         got=f"a {type(y).__name__} ({repr(y)[:40]})")
+
+    return checked
 
 
 def _check_elementwise(out: Any, n: int, argument: str) -> jax.Array:
@@ -1005,13 +1268,15 @@ def map(t: jax.Array, f: Callable[[jax.Array], Any]) -> jax.Array:  # noqa: A001
 
     Raises:
         ShapeMismatch: when ``f`` does not return a scalar.
+        DTypeError: when ``f`` returns something that is not a number (a str, None ...).
+        InvalidOp: when ``f`` is not callable.
 
     Example:
         >>> map(vector([1.0, 2.0, 3.0]), lambda x: x * x).tolist()
         [1.0, 4.0, 9.0]
     """
     t = _array(t, "t")
-    out = jax.vmap(f)(jnp.ravel(t))
+    out = jax.vmap(_numeric_fn(f, "f"))(jnp.ravel(t))
     return _check_elementwise(out, t.size, "f").reshape(t.shape)
 
 
@@ -1029,13 +1294,15 @@ def map_indexed(t: jax.Array, f: Callable[[jax.Array, jax.Array], Any]) -> jax.A
 
     Raises:
         ShapeMismatch: when ``f`` does not return a scalar.
+        DTypeError: when ``f`` returns something that is not a number (a str, None ...).
+        InvalidOp: when ``f`` is not callable.
 
     Example:
         >>> map_indexed(vector([10.0, 20.0, 30.0]), lambda x, i: x + i).tolist()
         [10.0, 21.0, 32.0]
     """
     t = _array(t, "t")
-    out = jax.vmap(f)(jnp.ravel(t), jnp.arange(t.size, dtype=jnp.int32))
+    out = jax.vmap(_numeric_fn(f, "f"))(jnp.ravel(t), jnp.arange(t.size, dtype=jnp.int32))
     return _check_elementwise(out, t.size, "f").reshape(t.shape)
 
 
@@ -1047,11 +1314,13 @@ def map_indexed(t: jax.Array, f: Callable[[jax.Array, jax.Array], Any]) -> jax.A
 def sum(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
     """The sum of all elements (0 for an empty array), accumulated in float32 for bf16/f16.
 
+    Integers accumulate as ``jnp.sum`` does: bool, int8 and int16 in int32, uint8 and uint16 in uint32.
+
     Args:
         t: an array.
 
     Returns:
-        A 0-d array of ``t``'s dtype.
+        A 0-d array of ``t``'s dtype (int32 or uint32 for narrower integers and bool).
 
     Raises:
         DTypeError: when ``t`` is not an array.
@@ -1061,7 +1330,7 @@ def sum(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
         10.0
     """
     t = _array(t, "t")
-    return jnp.sum(t, dtype=_acc(t.dtype)).astype(t.dtype)
+    return jnp.sum(t, dtype=_acc(t.dtype)).astype(_sum_out(t.dtype))
 
 
 def product(t: jax.Array) -> jax.Array:
@@ -1071,7 +1340,7 @@ def product(t: jax.Array) -> jax.Array:
         t: an array.
 
     Returns:
-        A 0-d array of ``t``'s dtype.
+        A 0-d array of ``t``'s dtype (int32 or uint32 for narrower integers and bool, as ``jnp.prod``).
 
     Raises:
         DTypeError: when ``t`` is not an array.
@@ -1081,7 +1350,7 @@ def product(t: jax.Array) -> jax.Array:
         24.0
     """
     t = _array(t, "t")
-    return jnp.prod(t, dtype=_acc(t.dtype)).astype(t.dtype)
+    return jnp.prod(t, dtype=_acc(t.dtype)).astype(_sum_out(t.dtype))
 
 
 def mean(t: jax.Array) -> jax.Array:
@@ -1117,6 +1386,7 @@ def max(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> max(vector([1.0, 5.0, 3.0])).tolist()
@@ -1124,6 +1394,7 @@ def max(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
     """
     t = _array(t, "t")
     _nonempty(t, "t", "max")
+    _ordered(t, "t", "max")
     return jnp.max(t)
 
 
@@ -1138,6 +1409,7 @@ def min(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> min(vector([1.0, 5.0, -3.0])).tolist()
@@ -1145,6 +1417,7 @@ def min(t: jax.Array) -> jax.Array:  # noqa: A001 - the Gleam name
     """
     t = _array(t, "t")
     _nonempty(t, "t", "min")
+    _ordered(t, "t", "min")
     return jnp.min(t)
 
 
@@ -1159,6 +1432,7 @@ def argmax(t: jax.Array) -> jax.Array:
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> argmax(vector([1.0, 5.0, 5.0])).tolist()
@@ -1166,6 +1440,7 @@ def argmax(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "argmax")
+    _ordered(t, "t", "argmax")
     return jnp.argmax(jnp.ravel(t)).astype(jnp.int32)
 
 
@@ -1180,6 +1455,7 @@ def argmin(t: jax.Array) -> jax.Array:
 
     Raises:
         InvalidShape: when ``t`` is empty.
+        DTypeError: for complex input (it has no order).
 
     Example:
         >>> argmin(vector([4.0, 1.0, 1.0])).tolist()
@@ -1187,6 +1463,7 @@ def argmin(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "argmin")
+    _ordered(t, "t", "argmin")
     return jnp.argmin(jnp.ravel(t)).astype(jnp.int32)
 
 
@@ -1197,7 +1474,8 @@ def variance(t: jax.Array) -> jax.Array:
         t: a non-empty array.
 
     Returns:
-        A 0-d array of ``t``'s dtype (float32 for integer input).
+        A 0-d array of ``t``'s dtype (float32 for integer and complex64 input: ``|x - mean|**2`` is
+        averaged, scaled by its largest term so that it neither overflows nor underflows early).
 
     Raises:
         InvalidShape: when ``t`` is empty.
@@ -1208,9 +1486,8 @@ def variance(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "variance")
-    out = _float_out(t.dtype)
-    x = t.astype(_acc(out))
-    return jnp.mean(jnp.square(x - jnp.mean(x))).astype(out)
+    x = t.astype(_acc(_float_out(t.dtype)))
+    return jnp.square(_l2(x - jnp.mean(x))).astype(_real_out(t.dtype))
 
 
 def std(t: jax.Array) -> jax.Array:
@@ -1220,7 +1497,8 @@ def std(t: jax.Array) -> jax.Array:
         t: a non-empty array.
 
     Returns:
-        A 0-d array of ``t``'s dtype (float32 for integer input).
+        A 0-d array of ``t``'s dtype (float32 for integer and complex64 input: ``|x - mean|**2`` is
+        averaged, scaled by its largest term so that it neither overflows nor underflows early).
 
     Raises:
         InvalidShape: when ``t`` is empty.
@@ -1231,9 +1509,8 @@ def std(t: jax.Array) -> jax.Array:
     """
     t = _array(t, "t")
     _nonempty(t, "t", "std")
-    out = _float_out(t.dtype)
-    x = t.astype(_acc(out))
-    return jnp.sqrt(jnp.mean(jnp.square(x - jnp.mean(x)))).astype(out)
+    x = t.astype(_acc(_float_out(t.dtype)))
+    return _l2(x - jnp.mean(x)).astype(_real_out(t.dtype))
 
 
 def sum_axis(t: jax.Array, axis: int, *, keepdims: bool = False) -> jax.Array:
@@ -1247,7 +1524,8 @@ def sum_axis(t: jax.Array, axis: int, *, keepdims: bool = False) -> jax.Array:
         keepdims: keep the reduced axis with size 1 (keyword-only).
 
     Returns:
-        An array of ``t``'s dtype, accumulated in float32 for bf16/f16.
+        An array of ``t``'s dtype, accumulated in float32 for bf16/f16 (int32 or uint32 for narrower
+        integers and bool, as :func:`sum`).
 
     Raises:
         DimensionError: when ``axis`` is out of range (a 0-d array has no axis).
@@ -1258,7 +1536,7 @@ def sum_axis(t: jax.Array, axis: int, *, keepdims: bool = False) -> jax.Array:
     """
     t = _array(t, "t")
     ax = _axis(axis, t.ndim)
-    return jnp.sum(t, axis=ax, dtype=_acc(t.dtype), keepdims=keepdims).astype(t.dtype)
+    return jnp.sum(t, axis=ax, dtype=_acc(t.dtype), keepdims=keepdims).astype(_sum_out(t.dtype))
 
 
 def mean_axis(t: jax.Array, axis: int, *, keepdims: bool = False) -> jax.Array:
@@ -1306,8 +1584,12 @@ def _inner(a: jax.Array, b: jax.Array, ka: int, kb: int, what: str) -> None:
 def _contract(a: jax.Array, b: jax.Array, dims, precision) -> jax.Array:
     out = jnp.result_type(a.dtype, b.dtype)
     acc = _acc(out)
+    if not jnp.issubdtype(out, jnp.inexact):  # integers (and bool) are multiplied and summed in int32/uint32
+        a, b = a.astype(acc), b.astype(acc)
+    else:  # one dtype on both sides (a bool operand would otherwise turn False * nan into 0)
+        a, b = a.astype(out), b.astype(out)
     r = lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=acc)
-    return r.astype(out)
+    return r.astype(_sum_out(out))
 
 
 def dot(a: jax.Array, b: jax.Array, *, precision=None) -> jax.Array:
@@ -1321,7 +1603,8 @@ def dot(a: jax.Array, b: jax.Array, *, precision=None) -> jax.Array:
             for full float32.
 
     Returns:
-        A 0-d array.
+        A 0-d array of the operands' promoted dtype; integers and bool are multiplied and summed in int32
+        (uint32 for unsigned) and returned so: ``dot`` of int8 ``[100, 100]`` with itself is 20000.
 
     Raises:
         DimensionError: when ``a`` or ``b`` is not a vector.
@@ -1349,7 +1632,7 @@ def matmul_vec(m: jax.Array, v: jax.Array, *, precision=None) -> jax.Array:
             for full float32.
 
     Returns:
-        A vector of length ``r``, accumulated in float32 for bf16/f16.
+        A vector of length ``r``, accumulated in float32 for bf16/f16 (integers: int32/uint32, as :func:`dot`).
 
     Raises:
         DimensionError: when ``m`` is not a matrix or ``v`` not a vector.
@@ -1381,7 +1664,8 @@ def matmul(a: jax.Array, b: jax.Array, *, precision=None) -> jax.Array:
             for full float32.
 
     Returns:
-        A matrix of shape ``(m, n)``.
+        A matrix of shape ``(m, n)`` of the operands' promoted dtype; integers and bool are accumulated and
+        returned in int32 (uint32 for unsigned), as :func:`dot`.
 
     Raises:
         DimensionError: when ``a`` or ``b`` is not rank 2.
@@ -1427,7 +1711,8 @@ def outer(a: jax.Array, b: jax.Array) -> jax.Array:
         b: a vector.
 
     Returns:
-        The matrix ``a[i] * b[j]``.
+        The matrix ``a[i] * b[j]``, element-wise products in the promoted dtype as :func:`mul` and
+        ``numpy.outer`` (integers wrap on overflow; nothing is accumulated).
 
     Raises:
         DimensionError: when ``a`` or ``b`` is not a vector.
@@ -1439,7 +1724,7 @@ def outer(a: jax.Array, b: jax.Array) -> jax.Array:
     a, b = _array(a, "a"), _array(b, "b")
     _rank(a, 1, "a", "a vector")
     _rank(b, 1, "b", "a vector")
-    return a[:, None] * b[None, :]
+    return _times(a[:, None], b[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1782,11 +2067,14 @@ def expand_dims(t: jax.Array, axis: int) -> jax.Array:
 def norm(t: jax.Array) -> jax.Array:
     """The L2 (Frobenius) norm of all elements, computed in float32 for bf16/f16; 0 for empty input.
 
+    The sum of squares is scaled by the largest magnitude, so the norm of ``[2e19, 2e19]`` is finite and that
+    of ``[1e-30, 1e-30]`` is not 0, as in exact arithmetic. Complex input gives ``sqrt(sum |x|**2)``.
+
     Args:
         t: an array.
 
     Returns:
-        A 0-d array of ``t``'s dtype (float32 for integer input).
+        A 0-d array of ``t``'s dtype (float32 for integer and complex64 input).
 
     Raises:
         DTypeError: when ``t`` is not an array.
@@ -1796,9 +2084,7 @@ def norm(t: jax.Array) -> jax.Array:
         5.0
     """
     t = _array(t, "t")
-    out = _float_out(t.dtype)
-    x = t.astype(_acc(out))
-    return jnp.sqrt(jnp.sum(x * x)).astype(out)
+    return _l2(t.astype(_acc(_float_out(t.dtype))), jnp.sum).astype(_real_out(t.dtype))
 
 
 def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
@@ -1809,7 +2095,8 @@ def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
         eps: below or at this norm the input is returned as is (keyword-only; Gleam used 1e-4).
 
     Returns:
-        An array of ``t``'s shape and dtype (float32 for integer input) with norm 1, or ``t``.
+        An array of ``t``'s shape and dtype (float32 for integer input) with norm 1, or ``t``. The norm is
+        computed as :func:`norm` (scaled), so huge and tiny inputs normalize too.
 
     Raises:
         DTypeError: when ``t`` is not an array.
@@ -1821,8 +2108,11 @@ def normalize(t: jax.Array, *, eps: float = 1e-4) -> jax.Array:
     t = _array(t, "t")
     out = _float_out(t.dtype)
     x = t.astype(_acc(out))
-    n = jnp.sqrt(jnp.sum(x * x))
-    return jnp.where(n > eps, x / jnp.where(n > eps, n, 1.0), x).astype(out)
+    xs, e = _scaled(x)
+    a = jnp.abs(xs)
+    r = jnp.sqrt(jnp.sum(a * a))
+    big = _restore(r, e) > eps
+    return jnp.where(big, xs / jnp.where(big, r, 1.0), x).astype(out)
 
 
 def clamp(t: jax.Array, lo: Any, hi: Any) -> jax.Array:
@@ -1839,15 +2129,21 @@ def clamp(t: jax.Array, lo: Any, hi: Any) -> jax.Array:
     Raises:
         InvalidOp: when Python-number bounds have ``lo > hi``.
         DimensionError: when a bound is not a scalar.
+        DTypeError: for complex ``t`` (it has no order).
 
     Example:
         >>> clamp(vector([-2.0, 0.5, 2.0]), -1.0, 1.0).tolist()
         [-1.0, 0.5, 1.0]
     """
     t = _array(t, "t")
+    _ordered(t, "t", "clamp")
     lo, hi = _scalar(lo, "lo"), _scalar(hi, "hi")
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
         raise InvalidOp(argument="hi", expected=f"a bound >= lo = {lo}", got=hi)
+    if jnp.issubdtype(t.dtype, jnp.integer):  # a Python int beyond the dtype's range does not bind (nor overflow)
+        info = jnp.iinfo(t.dtype)
+        lo, hi = (jnp.asarray(builtins.min(builtins.max(b, int(info.min)), int(info.max)), t.dtype) if _is_int(b)
+                  else b for b in (lo, hi))
     return jnp.minimum(jnp.maximum(t, lo), hi).astype(t.dtype)
 
 
@@ -1929,7 +2225,7 @@ def broadcast_to(t: jax.Array, shape: Sequence[int]) -> jax.Array:  # noqa: A002
     if not can_broadcast(t.shape, target) or broadcast_shape(t.shape, target) != target:
         raise BroadcastError(argument="shape", expected=f"a shape that {t.shape} broadcasts to", got=target,
                              hint="sizes aligned from the right must be equal, or 1 in 't'.")
-    return jnp.broadcast_to(t, target)
+    return jnp.broadcast_to(t, _fits(target, t.dtype))
 
 
 def _broadcast_pair(a: Any, b: Any) -> tuple[jax.Array, jax.Array]:
@@ -1980,4 +2276,4 @@ def mul_broadcast(a: jax.Array, b: jax.Array) -> jax.Array:
         [[2.0, 2.0], [3.0, 3.0]]
     """
     a, b = _broadcast_pair(a, b)
-    return a * b
+    return _times(a, b)

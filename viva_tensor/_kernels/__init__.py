@@ -292,7 +292,7 @@ def _kernel_call(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
     return fn(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched_kernel(layout: str, block_size: int, kn: int, n: int):
     """The custom call as a function with a vmap rule: a batch of activations folds into the rows of x."""
 
@@ -309,7 +309,7 @@ def _batched_kernel(layout: str, block_size: int, kn: int, n: int):
             v, b, k = x2.shape
             return f(x2.reshape(v * b, k), codes, lut, scales, offsets).reshape(v, b, n), True
         args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                for a, batched in zip((x2, codes, lut, scales, offsets), in_batched)]
+                for a, batched in zip((x2, codes, lut, scales, offsets), in_batched, strict=True)]
         return jax.lax.map(lambda t: f(*t), tuple(args)), True
 
     return f
@@ -370,7 +370,7 @@ def _forward(x2, codes, lut, scales, off, *, layout, block_size, weight_layout, 
     return jax.lax.platform_dependent(x2, codes, lut, scales, off, cpu=kern, default=other)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _differentiable(layout: str, block_size: int, weight_layout: str, n: int, k: int, has_off: bool):
     """The kernel with a VJP: the activations' cotangent is the kernel on the other contraction of the same planes
     (``y = x @ w.T`` gives ``x_bar = y_bar @ w``); the planes' float cotangents come from the pure-JAX reference

@@ -9,7 +9,7 @@ budget, layer by layer, prefetching the next one; the rematerialisation strategi
 ``jax.checkpoint`` over a stack of layers, and :func:`checkpoint_savings` reads what they save from
 the compiler.
 
-A quantized record (any :class:`viva_tensor._record.QuantizedArray`) is one unit: the policies place
+A quantized record (any :class:`viva_tensor._formats.record.QuantizedArray`) is one unit: the policies place
 it whole, with all its buffers.
 
 One file per concept: ``_tiers`` (memory kinds and the disk tier), ``_hierarchy`` (the machine's

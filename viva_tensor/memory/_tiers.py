@@ -17,7 +17,7 @@ import numpy as np
 
 from viva_tensor import _safetensors
 from viva_tensor._paths import path_str
-from viva_tensor._record import is_quantized
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
 
 __all__ = ["TIERS", "DiskArray", "place", "load", "tier_of", "tree_nbytes"]

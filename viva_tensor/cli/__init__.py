@@ -5,13 +5,15 @@
   all-MiniLM-L6-v2 weights).
 - ``viva-tensor quantize CHECKPOINT -f FMT -o OUT [--force]``: a safetensors checkpoint in, a quantized
   checkpoint (:func:`viva_tensor.quant.save`) out; tensors that cannot be quantized are listed and kept.
-- ``viva-tensor bench attention|quant [--quick]``: the benchmarks' core (flash attention against
-  ``jax.nn.dot_product_attention``; every format's size, error, throughput and ``quant.dot`` time),
-  printed as markdown tables; sizes can be made tiny with flags. ``benchmarks/*.py`` also write results.
-- ``viva-tensor tour``: a short guided tour of the library.
+- ``viva-tensor bench attention|quant [--quick]``: the benchmarks' core (:mod:`viva_tensor.cli.bench`:
+  flash attention against ``jax.nn.dot_product_attention``; every format's size, error, throughput and
+  ``quant.dot`` time), printed as markdown tables; sizes can be made tiny with flags.
+  ``benchmarks/*.py`` also write results.
+- ``viva-tensor tour``: a short guided tour of the library (:mod:`viva_tensor.cli.tour`).
 
-Errors (a missing file, a file that is not safetensors, an unknown format, an output that exists)
-print one line ``viva-tensor: error: ...`` on stderr and exit with status 1; usage errors exit with 2.
+Errors (a missing or unreadable file, a file that is not safetensors, an unknown format, an output that
+exists or cannot be written) print one line ``viva-tensor: error: ...`` on stderr and exit with status 1;
+usage errors (a missing argument; a size, count or length that is not a positive integer) exit with 2.
 When ``quantize`` meets tensors that the format refuses (e.g. a float64 matrix for ``int8``), it still
 writes the output with those tensors kept as they are, lists each one with the reason on stderr
 (``viva-tensor: warning: kept as is (could not be quantized): NAME: WHY``), and exits with status 3.
@@ -25,10 +27,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+
+from viva_tensor.cli._args import positive_float, positive_int, positive_ints
 
 __all__ = ["main", "build_parser", "PARTIAL"]
 
@@ -68,33 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="run a benchmark and print its tables")
     which = bench.add_subparsers(dest="bench", metavar="{attention,quant}", required=True)
     att = which.add_parser("attention", help="flash attention vs jax.nn.dot_product_attention: memory and time")
     att.add_argument("--quick", action="store_true", help="T = 1024 and 2048, float32, 1 repeat")
-    att.add_argument("--lengths", type=_ints, metavar="T,T,...", help="sequence lengths (default 1024..16384)")
+    att.add_argument("--lengths", type=positive_ints, metavar="T,T,...", help="sequence lengths (default 1024..16384)")
     att.add_argument("--dtypes", default=None, help="comma-separated dtypes (default float32,bfloat16)")
-    att.add_argument("--heads", type=int, default=8)
-    att.add_argument("--head-dim", type=int, default=64)
-    att.add_argument("--repeats", type=int, default=None)
-    att.add_argument("--budget-gib", type=float, default=3.0, help="run a case only if its compiled total fits")
+    att.add_argument("--heads", type=positive_int, default=8, metavar="N", help="attention heads (default 8)")
+    att.add_argument("--head-dim", type=positive_int, default=64, metavar="H", help="head dimension (default 64)")
+    att.add_argument("--repeats", type=positive_int, default=None, metavar="R", help="timed runs (default 3)")
+    att.add_argument("--budget-gib", type=positive_float, default=3.0, metavar="GIB",
+                     help="run a case only if its compiled total fits (default 3)")  # fmt: skip
     qb = which.add_parser("quant", help="every format: size, SQNR, throughput, quant.dot vs float32 matmul")
     qb.add_argument("--quick", action="store_true", help="a 1024 x 1024 matrix, fewer repeats, no MiniLM")
-    qb.add_argument("--size", type=int, default=None, help="the matrix is SIZE x SIZE (default 4096)")
+    qb.add_argument("--size", type=positive_int, default=None, metavar="N",
+                    help="the matrix is N x N (default 4096)")  # fmt: skip
     qb.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
-    qb.add_argument("--batches", type=_ints, default=[1, 16, 256], metavar="B,B,...", help="quant.dot batches")
-    qb.add_argument("--repeats", type=int, default=None)
+    qb.add_argument("--batches", type=positive_ints, default=[1, 16, 256], metavar="B,B,...", help="quant.dot batches")
+    qb.add_argument("--repeats", type=positive_int, default=None, metavar="R", help="timed batches (default 5)")
     qb.add_argument("--no-minilm", action="store_true", help="skip the MiniLM checkpoint report")
 
 
@@ -103,8 +98,28 @@ def _error(message: str) -> int:
     return 1
 
 
+def _os_error(e: OSError) -> str:
+    """One line for a file the command could not read or write: ``'PATH': Permission denied``."""
+    why = e.strerror or str(e) or type(e).__name__
+    return f"{e.filename!r}: {why}" if e.filename is not None else why
+
+
+def _check_output(path: str, force: bool) -> str | None:
+    """Why ``path`` cannot be written (before any work is done), or ``None``."""
+    if os.path.isdir(path):
+        return f"{path!r} is a directory"
+    if os.path.exists(path) and not force:
+        return f"{path!r} exists (pass --force to overwrite it)"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{path!r}: the folder {folder!r} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{path!r}: Permission denied"
+    return None
+
+
 def _report(args: argparse.Namespace) -> int:
-    from viva_tensor import report
+    from viva_tensor.cli import report
 
     rows = report.run_report(args.checkpoint, args.formats, progress=not args.no_progress)
     path = args.checkpoint or report.default_checkpoint()
@@ -117,18 +132,20 @@ def _quantize(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from viva_tensor import quant, report
+    from viva_tensor import quant
+    from viva_tensor.cli import report
     from viva_tensor.errors import TensorError
 
-    spec = quant._spec(args.format)
-    if os.path.exists(args.output) and not args.force:
-        return _error(f"{args.output!r} exists (pass --force to overwrite it)")
+    spec = quant.format_spec(args.format)
+    problem = _check_output(args.output, args.force)
+    if problem:
+        return _error(problem)
     tree = quant.load(args.checkpoint)
     if not isinstance(tree, dict):
         return _error(f"{args.checkpoint!r} does not hold a flat dict of tensors")
     out, failed, kept = {}, [], 0
-    chosen = report.eligible_tensors(report._flat_arrays(tree), spec.name)
-    with report._progress(not args.no_progress) as bar:
+    chosen = report.eligible_tensors(report.flat_tensors(tree), spec.name)
+    with report.progress_bar(not args.no_progress) as bar:
         task = bar.add_task(f"quantizing to {spec.name}", total=len(tree)) if bar else None
         for name, x in tree.items():
             if name in chosen:
@@ -169,23 +186,25 @@ def _log(message: str) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.bench == "attention":
-        from viva_tensor import _bench_attention as bench
+        from viva_tensor.cli.bench import attention as bench
 
         lengths = args.lengths or ([1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384])
         dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
         for dtype in dtypes:
             if dtype not in ("float32", "bfloat16", "float16"):
                 return _error(f"argument '--dtypes': expected float32, bfloat16 or float16, got {dtype!r}")
+        repeats = args.repeats if args.repeats is not None else 1 if args.quick else 3
         text, _ = bench.run(
-            lengths, dtypes=dtypes, heads=args.heads, head_dim=args.head_dim,
-            repeats=args.repeats or (1 if args.quick else 3), budget=int(args.budget_gib * bench.GIB), log=_log,
+            lengths, dtypes=dtypes, heads=args.heads, head_dim=args.head_dim, repeats=repeats,
+            budget=int(args.budget_gib * bench.GIB), log=_log,
         )  # fmt: skip
     else:
-        from viva_tensor import _bench_quant as bench
+        from viva_tensor.cli.bench import quant as bench
 
-        size = args.size or (1024 if args.quick else 4096)
+        size = args.size if args.size is not None else 1024 if args.quick else 4096
+        repeats = args.repeats if args.repeats is not None else 2 if args.quick else 5
         text, _ = bench.run(
-            args.formats, size=size, batches=args.batches, repeats=args.repeats or (2 if args.quick else 5),
+            args.formats, size=size, batches=args.batches, repeats=repeats,
             min_time=0.05 if args.quick else 0.2, minilm=not (args.no_minilm or args.quick), log=_log,
         )  # fmt: skip
     print(text)
@@ -193,14 +212,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _tour(args: argparse.Namespace) -> int:
-    try:
-        tour = importlib.import_module("viva_tensor.tour")
-    except ModuleNotFoundError as e:
-        if e.name != "viva_tensor.tour":
-            raise
-        return _error("the tour is not available in this version (no viva_tensor.tour module)")
-    result = tour.main()
-    return result if isinstance(result, int) else 0
+    from viva_tensor.cli import tour
+
+    tour.main()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,8 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``); no sub-command runs ``report``.
 
     Returns:
-        The exit status: 0 on success, 1 on an error (printed on stderr), 2 on a usage error, 3
-        (:data:`PARTIAL`) when ``quantize`` kept some tensors unquantized (listed on stderr).
+        The exit status: 0 on success, 1 on an error (one line on stderr: a bad checkpoint, a file that
+        cannot be read or written, an unknown format), 2 on a usage error (argparse: a missing or
+        non-positive option), 3 (:data:`PARTIAL`) when ``quantize`` kept some tensors unquantized (listed
+        on stderr).
 
     Example:
         >>> from viva_tensor import cli
@@ -221,12 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from viva_tensor.errors import TensorError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv) or ["report"])
-    commands = {"report": _report, "quantize": _quantize, "bench": _bench, "tour": _tour, None: _report}
+    commands = {"report": _report, "quantize": _quantize, "bench": _bench, "tour": _tour}
     if args.command is None:
         args = build_parser().parse_args(["report"])
     try:
         return commands[args.command](args)
     except TensorError as e:
         return _error(str(e))
+    except OSError as e:  # a file that cannot be read or written: one line, no traceback
+        return _error(_os_error(e))
     except KeyboardInterrupt:
         return _error("interrupted")

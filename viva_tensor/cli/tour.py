@@ -1,7 +1,7 @@
-"""A short tour of viva_tensor: a few jitted operations and one caught error (``python -m viva_tensor``).
+"""A short tour of viva_tensor: a few jitted operations and one caught error.
 
-Run it with ``python -m viva_tensor`` (or ``python -m viva_tensor.tour``); the example in :func:`main`
-shows its output.
+Run it with ``viva-tensor tour`` (or ``python -m viva_tensor tour``; without a sub-command the command
+runs the report); the example in :func:`main` shows its output.
 """
 
 from __future__ import annotations

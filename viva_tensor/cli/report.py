@@ -18,7 +18,7 @@ package, or for another checkpoint, those columns are skipped with a note.
 Example:
     >>> import os, tempfile, numpy as np
     >>> from safetensors.numpy import save_file
-    >>> from viva_tensor import report
+    >>> from viva_tensor.cli import report
     >>> f = os.path.join(tempfile.mkdtemp(), "m.safetensors")
     >>> save_file({"w": np.linspace(-1, 1, 64 * 64, dtype=np.float32).reshape(64, 64)}, f)
     >>> rows = report.run_report(f, formats=["q8_0"], progress=False)
@@ -34,23 +34,28 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import quant
+from viva_tensor._paths import leaves_with_paths
 from viva_tensor.errors import CheckpointError, TensorError
 
 __all__ = [
     "FIDELITY_SENTENCES",
     "default_checkpoint",
+    "default_formats",
+    "flat_tensors",
     "eligible_tensors",
     "minilm_folder",
     "embedding_fidelity",
     "run_report",
     "print_report",
+    "progress_bar",
 ]
 
 #: The sentences whose embeddings :func:`embedding_fidelity` compares: short, varied topics, one batch.
@@ -89,7 +94,7 @@ def default_checkpoint() -> str:
         CheckpointError: the package is not installed or holds no ``model.safetensors``.
 
     Example:
-        >>> from viva_tensor import report
+        >>> from viva_tensor.cli import report
         >>> report.default_checkpoint().endswith("model.safetensors")
         True
     """
@@ -106,9 +111,25 @@ def default_checkpoint() -> str:
     raise CheckpointError(f"no model.safetensors inside {list(spec.submodule_search_locations)}")
 
 
-def _flat_arrays(tree: Any) -> dict[str, jax.Array]:
-    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=quant.is_quantized)
-    return {quant._path_str(p): x for p, x in leaves if not quant.is_quantized(x) and hasattr(x, "dtype")}
+def flat_tensors(tree: Any) -> dict[str, jax.Array]:
+    """The plain (not quantized) arrays of a tree, by dotted path (``"layers.0.kernel"``).
+
+    Args:
+        tree: a pytree, e.g. what :func:`viva_tensor.quant.load` returns.
+
+    Returns:
+        ``{path: array}`` in flattening order; quantized records and non-array leaves are left out.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import quant
+        >>> from viva_tensor.cli import report
+        >>> tree = {"layers": [{"kernel": jnp.ones((2, 64))}], "q": quant.quantize(jnp.ones((2, 64)), "q8_0")}
+        >>> list(report.flat_tensors(tree))
+        ['layers.0.kernel']
+    """
+    leaves = leaves_with_paths(tree, is_leaf=quant.is_quantized)
+    return {p: x for p, x in leaves if not quant.is_quantized(x) and hasattr(x, "dtype")}
 
 
 def eligible_tensors(tensors: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -123,12 +144,13 @@ def eligible_tensors(tensors: dict[str, Any], fmt: str) -> dict[str, Any]:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from viva_tensor import report
+        >>> from viva_tensor.cli import report
         >>> list(report.eligible_tensors({"w": jnp.ones((8, 64)), "b": jnp.ones(64)}, "nf4"))
         ['w']
     """
-    spec = quant._spec(fmt)
-    return {k: v for k, v in tensors.items() if quant.default_where(k, v, block_size=spec.block_size)}
+    spec = quant.format_spec(fmt)
+    return {k: v for k, v in tensors.items()
+            if quant.default_where(k, v, block_size=spec.block_size, row_multiple=spec.row_multiple)}
 
 
 def _tokenizers_installed() -> bool:
@@ -150,7 +172,7 @@ def minilm_folder(path: str | os.PathLike) -> pathlib.Path | None:
 
     Example:
         >>> import tempfile
-        >>> from viva_tensor import report
+        >>> from viva_tensor.cli import report
         >>> report.minilm_folder(tempfile.mkdtemp() + "/model.safetensors") is None
         True
         >>> report.minilm_folder(report.default_checkpoint()).name
@@ -214,7 +236,7 @@ def embedding_fidelity(
         FormatError: an unknown format.
 
     Example:
-        >>> from viva_tensor import report
+        >>> from viva_tensor.cli import report
         >>> r = report.embedding_fidelity(formats=["q8_0"], sentences=["Hello.", "Good morning!"])  # doctest: +SKIP
         >>> r["q8_0"]["min"] > 0.999                                                               # doctest: +SKIP
         True
@@ -223,7 +245,7 @@ def embedding_fidelity(
     from viva_tensor.models import minilm
 
     formats = list(formats) if formats is not None else default_formats()
-    specs = [quant._spec(f) for f in formats]
+    specs = [quant.format_spec(f) for f in formats]
     step = on_step or (lambda description: None)
     encoder = minilm.load(folder)
     ids, mask, types = _one_batch(encoder.tokenizer, sentences)
@@ -242,7 +264,8 @@ def _fidelity_blocker(path: str) -> tuple[pathlib.Path | None, str | None]:
     """(MiniLM folder, None) when the embedding fidelity can be measured, else (None, the reason)."""
     folder = minilm_folder(path)
     if folder is None:
-        return None, "embedding fidelity: skipped (not a MiniLM checkpoint: no config.json and tokenizer.json beside it)"
+        why = "not a MiniLM checkpoint: no config.json and tokenizer.json beside it"
+        return None, f"embedding fidelity: skipped ({why})"
     if not _tokenizers_installed():
         return None, "embedding fidelity: skipped (needs the 'tokenizers' package: pip install 'viva_tensor[examples]')"
     return folder, None
@@ -287,7 +310,7 @@ def default_formats() -> list[str]:
     search on MiniLM's activations.
 
     Example:
-        >>> from viva_tensor import report
+        >>> from viva_tensor.cli import report
         >>> report.default_formats()[:4], "awq_int4" in report.default_formats()
         (['int8', 'q4_0', 'q4_1', 'q8_0'], False)
     """
@@ -326,7 +349,7 @@ def run_report(
     Example:
         >>> import os, tempfile, numpy as np
         >>> from safetensors.numpy import save_file
-        >>> from viva_tensor import report
+        >>> from viva_tensor.cli import report
         >>> f = os.path.join(tempfile.mkdtemp(), "m.safetensors")
         >>> save_file({"w": np.ones((4, 64), np.float32)}, f)
         >>> [(r["format"], r["bytes"]) for r in report.run_report(f, formats=["int8"], progress=False)][0]
@@ -334,8 +357,8 @@ def run_report(
     """
     path = os.fspath(path) if path is not None else default_checkpoint()
     formats = list(formats) if formats is not None else default_formats()
-    specs = [quant._spec(f) for f in formats]
-    tensors = _flat_arrays(quant.load(path))
+    specs = [quant.format_spec(f) for f in formats]
+    tensors = flat_tensors(quant.load(path))
     selected = {s.name: eligible_tensors(tensors, s.name) for s in specs}
     union = {k: v for sel in selected.values() for k, v in sel.items()}
     if not union:
@@ -345,7 +368,7 @@ def run_report(
     rows = [_row("original", values, original, original, np.array([1.0, 0.0, 1.0, 1.0]), len(union), 0.0)]
     folder, note = _fidelity_blocker(path) if fidelity else (None, None)
     total = sum(len(sel) for sel in selected.values()) + (1 + len(specs) if folder is not None else 0)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("quantizing", total=total) if bar else None
         for spec in specs:
             start, nbytes, orig, count, sums = time.perf_counter(), 0, 0, 0, np.zeros(4)
@@ -393,7 +416,15 @@ class _NoBar:
         return False
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool) -> Any:
+    """A transient rich progress bar on stderr (a context manager), or one that gives ``None`` when disabled.
+
+    Example:
+        >>> from viva_tensor.cli import report
+        >>> with report.progress_bar(False) as bar:
+        ...     bar is None
+        True
+    """
     if not enabled:
         return _NoBar()
     from rich.console import Console
@@ -428,7 +459,7 @@ def print_report(rows: list[dict], *, title: str | None = None, console: Any = N
     Example:
         >>> import io
         >>> from rich.console import Console
-        >>> from viva_tensor import report
+        >>> from viva_tensor.cli import report
         >>> row = {"format": "q8_0", "tensors": 1, "values": 64, "bytes": 68, "bits_per_value": 8.5,
         ...        "ratio": 3.76, "sqnr_db": 40.0, "cosine": 0.9999, "seconds": 0.1}
         >>> console = Console(file=io.StringIO(), width=100)

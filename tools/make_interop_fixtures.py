@@ -1,0 +1,150 @@
+"""Make the interop fixtures under tests/data/interop/ with the other tools' own code (run once, by hand).
+
+The tests compare viva_tensor's readers and writers with files that bitsandbytes, AutoAWQ and
+compressed-tensors wrote themselves. Those oracles need torch, which the library and its test suite never
+import, so this script runs in a separate environment and its output is committed:
+
+    python3 -m venv /tmp/oracle && . /tmp/oracle/bin/activate
+    pip install torch==2.13.0 bitsandbytes==0.50.2 compressed-tensors==0.20.1 safetensors numpy
+    pip install --no-deps autoawq==0.2.9
+    python tools/make_interop_fixtures.py --model PATH/TO/all-MiniLM-L6-v2/model.safetensors
+
+Each fixture holds the first 64 rows of one real MiniLM layer (``encoder.layer.0.attention.self.query.weight``,
+64 outputs x 384 inputs) as the
+tool quantizes it, the float weight it started from (``original``) and the tool's own dequantization of its
+file (``reference``), so the tests need nothing but NumPy and safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import types
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+LAYER = "encoder.layer.0.attention.self.query.weight"
+ROWS = 64
+OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "interop"
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)  # stored as raw bits, named in the metadata
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
+
+
+def _save(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+    save_file({k: _np(v) for k, v in tensors.items()}, str(OUT / f"{name}.safetensors"),
+              metadata={**meta, "layer": LAYER, "rows": str(ROWS), "torch_dtypes": json.dumps(dtypes)})
+    print(f"{name}: {', '.join(f'{k} {dtypes[k]}{list(v.shape)}' for k, v in tensors.items())}")
+
+
+def bitsandbytes(w: torch.Tensor) -> None:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    for kind in ("nf4", "fp4"):
+        for dq in (False, True):
+            packed, state = F.quantize_4bit(w, blocksize=64, quant_type=kind, compress_statistics=dq)
+            sd = {"fc.weight": packed}
+            sd.update({f"fc.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+            ref = F.dequantize_4bit(packed, state)
+            _save(f"bnb_{kind}{'_dq' if dq else ''}", {**sd, "original": w, "reference": ref},
+                  {"tool": f"bitsandbytes {bnb.__version__}", "call": f"quantize_4bit(blocksize=64, {kind}, "
+                   f"compress_statistics={dq}); QuantState.as_dict(packed=True); dequantize_4bit"})
+
+
+def _autoawq():
+    """AutoAWQ's packing code without its package __init__ (which needs datasets and triton)."""
+    import site
+
+    root = next(pathlib.Path(p) / "awq" for p in site.getsitepackages() if (pathlib.Path(p) / "awq").is_dir())
+    for name in ("awq", "awq.modules", "awq.modules.linear", "awq.utils"):
+        mod = types.ModuleType(name)
+        mod.__path__ = [str(root / pathlib.Path(*name.split(".")[1:]))]
+        sys.modules[name] = mod
+    utils = types.ModuleType("awq.utils.utils")  # only get_best_device is used; the real one imports accelerate
+    utils.get_best_device = lambda: "cpu"
+    sys.modules["awq.utils.utils"] = utils
+    spec = importlib.util.spec_from_file_location("awq.modules.linear.gemm", root / "modules/linear/gemm.py")
+    gemm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gemm)
+    from awq.utils.packing_utils import dequantize_gemm
+
+    return gemm.WQLinear_GEMM, dequantize_gemm
+
+
+def autoawq(w: torch.Tensor) -> None:
+    wq_linear, dequantize_gemm = _autoawq()
+    group = 128
+    out, k = w.shape
+    g = w.reshape(out, k // group, group)
+    hi, lo = g.amax(dim=-1), g.amin(dim=-1)  # AutoAWQ's pseudo_quantize_tensor (zero point, 4 bits)
+    scales = ((hi - lo).clamp(min=1e-5) / 15).to(torch.float16).float()
+    zeros = torch.clamp(-torch.round(lo / scales), 0, 15)
+    linear = torch.nn.Linear(k, out, bias=False)
+    linear.weight.data = w.clone()
+    layer = wq_linear.from_linear(linear, 4, group, scales=scales.t().contiguous(), zeros=zeros.t().contiguous())
+    ref = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, 4, group)  # (in, out) float16
+    _save("awq_gemm", {"fc.qweight": layer.qweight, "fc.qzeros": layer.qzeros, "fc.scales": layer.scales,
+                       "original": w, "reference": ref},
+          {"tool": "autoawq 0.2.9 WQLinear_GEMM.from_linear + packing_utils.dequantize_gemm", "group_size": "128"})
+
+
+def compressed_tensors(w: torch.Tensor) -> None:
+    import compressed_tensors as ct
+    from compressed_tensors.compressors import NVFP4PackedCompressor, PackedQuantizationCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    for preset, dtype in (("W4A16", torch.float32), ("W4A16_ASYM", torch.float32), ("W4A16", torch.bfloat16),
+                          ("W4A16_ASYM", torch.float16), ("NVFP4A16", torch.float32)):
+        scheme = preset_name_to_scheme(preset, ["Linear"])
+        args = scheme.weights
+        x = w.to(dtype)
+        group = args.group_size
+        g = x.reshape(x.shape[0], -1, group)
+        mins, maxs = g.amin(dim=-1), g.amax(dim=-1)
+        sd = {"weight": x}
+        if preset.startswith("NVFP4"):
+            gparam = generate_gparam(x.amin(), x.amax())
+            scale, zp = calculate_qparams(mins, maxs, args, global_scale=gparam)
+            sd.update(weight_scale=scale, weight_global_scale=gparam.reshape(1))
+            compressor = NVFP4PackedCompressor
+        else:
+            scale, zp = calculate_qparams(mins, maxs, args)
+            sd.update(weight_scale=scale, weight_zero_point=zp)
+            compressor = PackedQuantizationCompressor
+        packed = compressor.compress(dict(sd), scheme)
+        ref = compressor.decompress(dict(packed), scheme)["weight"]
+        name = f"ct_{preset.lower()}_{str(dtype).removeprefix('torch.')}"
+        tensors = {f"fc.{k}": v for k, v in packed.items()}
+        _save(name, {**tensors, "original": x, "reference": ref},
+              {"tool": f"compressed-tensors {ct.__version__}", "preset": preset,
+               "weights": json.dumps(args.model_dump(mode="json"))})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="all-MiniLM-L6-v2's model.safetensors")
+    w = load_file(p.parse_args().model)[LAYER][:ROWS].float().contiguous()
+    torch.manual_seed(0)
+    bitsandbytes(w)
+    autoawq(w)
+    compressed_tensors(w)
+
+
+if __name__ == "__main__":
+    main()

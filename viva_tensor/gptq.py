@@ -1,0 +1,400 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear layer's weight column by column with error feedback.
+
+Round to nearest quantizes every weight on its own. GPTQ quantizes the input columns of a weight
+``W (out, in)`` one after another and, after each, spreads the column's rounding error over the columns
+not yet quantized, weighted by the inverse Hessian of the layer's squared output error,
+``H = 2 X Xᵀ / n`` (``X`` the layer's inputs). The steps are those of the reference implementation
+(IST-DASLab ``gptq.py``, ``GPTQ.fasterquant``; AutoGPTQ is the same):
+
+1. :func:`hessian` / :func:`accumulate`: ``H`` as a running mean over calibration batches (``H *= n / (n +
+   m); n += m; H += (2 / n) XᵀX``), where ``m`` counts a batch's samples as the reference does: the
+   leading dims of ``x (..., tokens, in)``; a 2-D ``x`` is one sample. A uniform scale of ``H`` does not
+   change the result (the damping is relative).
+2. Dead columns (``H[i, i] == 0``: an input that is always zero): ``H[i, i] = 1`` and ``W[:, i] = 0``.
+3. ``static_groups=True``: every group's scales from the weight before the sweep (llm-compressor's
+   practice); otherwise a group's scales are computed when the sweep reaches its first column, from the
+   weight as updated so far. As in the reference, that is the state at the start of the current block
+   of ``block_size`` columns (a group that starts inside a block does not see that block's own updates).
+4. ``act_order=True``: columns in order of decreasing ``H[i, i]``, undone at the end. The records store
+   one scale per group of consecutive columns (no ``g_idx``), so with more than one group per row
+   ``act_order`` needs ``static_groups=True`` (the reference's ``actorder + static_groups``, llm-compressor's
+   ``actorder="weight"``).
+5. Damping ``H += damp * mean(diag H) * I``; ``U`` = the upper Cholesky factor of ``H⁻¹``.
+6. For each block of ``block_size`` columns, for each column ``i``: snap ``w = W[:, i]`` onto the
+   format's grid (``q``), ``err = (w - q) / U[i, i]``, ``W[:, i:] -= err ⊗ U[i, i:]`` inside the block;
+   after the block, the lazy batch update ``W[:, end:] -= Err @ U[block, end:]``.
+
+The result is an ordinary record of the format (the class that ``quant.quantize(w, fmt)`` returns),
+so ``quant.dequantize``, ``quant.dot_general``, ``quant.save`` / ``load`` and ``nn.QLinear`` take it
+unchanged. Every format whose values sit on a per-block grid works: ``int4_group``, ``q4_0``, ``q4_1``,
+``q8_0``, ``int8``, ``nf4``, ``nf4_dq``, ``nvfp4``, ``mxfp4``. Each format's scales, snapping and
+record come from its entry in :mod:`viva_tensor._grids`, written with the format's own arithmetic: with
+an identity Hessian (no error feedback) the record is bit-identical to ``quant.quantize(w, fmt)``.
+``nf4_dq`` chooses codes with the exact absmax and double-quantizes the absmax at the end (the error
+feedback does not see that second rounding); NVFP4's tensor scale and a per-tensor INT8 scale come from
+the whole weight before the sweep.
+
+The sweep is one jitted program (``lax.fori_loop`` over blocks and over the columns of a block); an
+``in`` that is not a multiple of ``block_size`` is padded inside with independent zero columns. A
+Hessian that is not positive definite even after damping gives NaN (the reference raises; GPTQModel
+raises the damping, llm-compressor falls back to round to nearest): raise ``damp``.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from viva_tensor import gptq, quant
+    >>> kw, kx, kc = jax.random.split(jax.random.key(0), 3)
+    >>> w = jax.random.normal(kw, (64, 256))
+    >>> x = jax.random.normal(kx, (2048, 256)) @ (jnp.eye(256) + jax.random.normal(kc, (256, 256)) / 8)
+    >>> q = gptq.quantize(w, gptq.hessian(x), "int4_group", group_size=128)
+    >>> rtn = quant.quantize(w, "int4_group")
+    >>> error = lambda r: float(jnp.linalg.norm(x @ w.T - x @ quant.dequantize(r).T))
+    >>> type(q).__name__, q.nbytes == rtn.nbytes, error(q) < 0.8 * error(rtn)
+    ('GroupInt4Tensor', True, True)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from viva_tensor import _grids
+from viva_tensor.errors import ConfigError, DimensionError, DTypeError, InvalidShape, ShapeMismatch
+
+__all__ = ["Hessian", "hessian", "accumulate", "quantize", "formats"]
+
+_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Hessian(NamedTuple):
+    """The running GPTQ Hessian of a layer: ``matrix = 2 XᵀX / count`` over the inputs seen so far.
+
+    Attributes:
+        matrix: float32 ``(in, in)``.
+        count: float32 ``()``: calibration samples accumulated (see :func:`accumulate`).
+    """
+
+    matrix: jax.Array
+    count: jax.Array
+
+
+def formats() -> list[str]:
+    """The format names GPTQ can produce (those with a registered grid).
+
+    Returns:
+        The names, sorted.
+
+    Example:
+        >>> formats()
+        ['int4_group', 'int8', 'mxfp4', 'nf4', 'nf4_dq', 'nvfp4', 'q4_0', 'q4_1', 'q8_0']
+    """
+    return sorted(_grids.GRIDS)
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _float_array(x: Any, name: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise DTypeError(
+            argument=name, expected="float32, bfloat16 or float16", got=str(x.dtype),
+            hint="cast with .astype(jnp.float32) first.",
+        )
+    if x.size == 0:
+        raise InvalidShape(argument=name, expected="at least one value", got=f"an empty array of shape {x.shape}")
+    return x
+
+
+def _inputs(x: Any, name: str = "x") -> jax.Array:
+    x = _float_array(x, name)
+    if x.ndim < 2:
+        raise DimensionError(
+            argument=name, expected="inputs (..., tokens, in) of rank >= 2", got=tuple(x.shape),
+            hint="a single token is x[None, :].",
+        )
+    return x
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(argument=name, expected="a positive integer", got=value)
+    return int(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(argument=name, expected="True or False", got=value)
+    return bool(value)
+
+
+def _hessian_matrix(h: Any, k: int) -> jax.Array:
+    matrix = h.matrix if isinstance(h, Hessian) else h
+    matrix = _float_array(matrix, "h")
+    if matrix.shape != (k, k):
+        raise ShapeMismatch(
+            argument="h", expected=f"shape ({k}, {k}) (in x in, in = the weight's input dim)", got=tuple(matrix.shape),
+            hint="build it from the layer's inputs with gptq.hessian(x); w is (out, in).",
+        )
+    return matrix.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------- Hessian
+
+
+@jax.jit
+def _accumulate(matrix: jax.Array, count: jax.Array, x: jax.Array, samples: jax.Array) -> Hessian:
+    total = count + samples
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    update = jax.lax.dot_general(x, x, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+    return Hessian(matrix * (count / total) + update * (jnp.float32(2) / total), total)
+
+
+def accumulate(h: Hessian | None, x: jax.Array, *, mask: jax.Array | None = None) -> Hessian:
+    """Adds a calibration batch to a running Hessian: ``H *= n / (n + m); n += m; H += (2 / n) XᵀX``.
+
+    ``m`` counts the batch's samples as the reference's ``add_batch``: the product of the dims before
+    ``tokens`` (``x`` of shape ``(batch, tokens, in)`` adds ``batch``; a 2-D ``x`` is one sample). The
+    rows of every sample are summed, so the result is ``2 / n`` times the sum of ``x xᵀ`` over all tokens.
+
+    Args:
+        h: the Hessian so far, or ``None`` to start.
+        x: the layer's inputs ``(..., tokens, in)``, float32, bfloat16 or float16.
+        mask: optional ``(..., tokens)`` booleans: tokens to leave out (padding), zero where False.
+
+    Returns:
+        A :class:`Hessian`.
+
+    Raises:
+        DTypeError, InvalidShape, DimensionError: ``x`` not a float array of rank >= 2 (or empty).
+        ShapeMismatch: ``x``'s last dim differs from ``h``'s, or ``mask`` is not ``x.shape[:-1]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> h = accumulate(None, jnp.ones((2, 3, 4)))            # 2 samples of 3 tokens
+        >>> h = accumulate(h, 2 * jnp.ones((1, 3, 4)))           # 1 more sample
+        >>> float(h.count), h.matrix[0, 0].tolist()               # 2 * (6 * 1 + 3 * 4) / 3
+        (3.0, 12.0)
+    """
+    x = _inputs(x)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != x.shape[:-1]:
+            raise ShapeMismatch(argument="mask", expected=f"shape {tuple(x.shape[:-1])} (x without in)", got=mask.shape)
+        x = jnp.where(mask[..., None].astype(bool), x, jnp.zeros((), x.dtype))
+    k = x.shape[-1]
+    if h is None:
+        h = Hessian(jnp.zeros((k, k), jnp.float32), jnp.zeros((), jnp.float32))
+    elif not isinstance(h, Hessian):
+        raise ConfigError(argument="h", expected="a gptq.Hessian or None", got=type(h).__name__)
+    elif h.matrix.shape != (k, k):
+        size = h.matrix.shape[0]
+        raise ShapeMismatch(argument="x", expected=f"inputs (..., {size}) (the Hessian's size)", got=x.shape)
+    samples = jnp.float32(math.prod(x.shape[:-2]))
+    return _accumulate(h.matrix, h.count, x, samples)
+
+
+def hessian(x: jax.Array, *, mask: jax.Array | None = None) -> Hessian:
+    """The GPTQ Hessian ``2 XᵀX / n`` of a layer's inputs (:func:`accumulate` from nothing).
+
+    Args:
+        x: the layer's inputs ``(..., tokens, in)``.
+        mask: optional ``(..., tokens)`` booleans: tokens to leave out.
+
+    Returns:
+        A :class:`Hessian` (``matrix (in, in)`` float32, ``count``).
+
+    Raises:
+        DTypeError, InvalidShape, DimensionError, ShapeMismatch: as :func:`accumulate`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> h = hessian(jnp.array([[1.0, 0.0], [1.0, 2.0]]))     # one sample of two tokens
+        >>> h.matrix.tolist(), float(h.count)
+        ([[4.0, 4.0], [4.0, 8.0]], 1.0)
+    """
+    return accumulate(None, x, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------- the sweep
+
+
+def _upper_inverse_factor(h: jax.Array) -> jax.Array:
+    """``U`` upper triangular with ``Uᵀ U = H⁻¹`` (torch: ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``)."""
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    lower = jnp.linalg.cholesky(h)
+    inverse = jax.scipy.linalg.cho_solve((lower, True), eye)
+    return jnp.linalg.cholesky((inverse + inverse.T) / 2).T
+
+
+def _embed(u: jax.Array, size: int) -> jax.Array:
+    """``u`` in the top-left of a ``size x size`` identity: padding columns are independent of the others."""
+    k = u.shape[0]
+    return jnp.eye(size, dtype=u.dtype).at[:k, :k].set(u)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("fmt", "group", "options", "act_order", "static_groups", "block", "shape", "dtype")
+)
+def _sweep(w32, h, damp, *, fmt, group, options, act_order, static_groups, block, shape, dtype):
+    grid = _grids.GRIDS[fmt]
+    layout = _grids.Layout(group, dict(options))
+    out, k = w32.shape
+    dead = jnp.diagonal(h) == 0
+    h = h + jnp.diag(dead.astype(h.dtype))
+    w32 = jnp.where(dead[None, :], jnp.float32(0), w32)
+    tensor = grid.tensor(w32, layout)
+    n_groups = -(-k // group)
+    padded = -(-k // block) * block
+    width = max(padded, n_groups * group)
+    groups_of = jnp.arange(padded) // group
+    static = None
+    if static_groups:
+        cut = jnp.pad(w32, ((0, 0), (0, n_groups * group - k))).reshape(out, n_groups, group)
+        static = jax.vmap(lambda g: grid.params(g, tensor), in_axes=1)(cut)
+    if act_order:
+        perm = jnp.argsort(-jnp.diagonal(h), stable=True)
+        w32, h = w32[:, perm], h[perm][:, perm]
+        groups_of = jnp.concatenate([perm, jnp.arange(k, padded)]) // group
+    h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(k, dtype=h.dtype)
+    u = _embed(_upper_inverse_factor(h), width)
+    w = jnp.pad(w32, ((0, 0), (0, width - k)))
+    groups_of = jnp.minimum(groups_of, n_groups - 1)
+
+    stored = static
+    if not static_groups:
+        shapes = jax.eval_shape(lambda g: grid.params(g, tensor), w[:, :group])
+        stored = jax.tree.map(lambda a: jnp.zeros((n_groups,) + a.shape, a.dtype), shapes)
+    starts = jnp.arange(n_groups) * group
+
+    def column(i, carry, u1, start, stored):
+        w1, err1, codes = carry
+        j = start + i
+        params = jax.tree.map(lambda a: a[groups_of[j]], stored)
+        x = w1[:, i]
+        code, q = grid.snap(x, params, tensor)
+        err = (x - q) / u1[i, i]
+        w1 = w1 - err[:, None] * u1[i][None, :]
+        err1 = jax.lax.dynamic_update_slice_in_dim(err1, err[:, None], i, axis=1)
+        return w1, err1, jax.lax.dynamic_update_slice_in_dim(codes, code[:, None], j, axis=1)
+
+    def block_step(b, carry):
+        w, codes, stored = carry
+        start = b * block
+        if not static_groups:
+            # The groups that start in this block get their scales from the weight as it is now (the
+            # reference's find_params on W, which this block's own updates have not reached yet).
+            cut = w[:, : n_groups * group].reshape(out, n_groups, group)
+            fresh = jax.vmap(lambda g: grid.params(g, tensor), in_axes=1)(cut)
+            new = (starts >= start) & (starts < start + block)
+            stored = jax.tree.map(
+                lambda s, f: jnp.where(new.reshape((-1,) + (1,) * (s.ndim - 1)), f, s), stored, fresh
+            )
+        w1 = jax.lax.dynamic_slice_in_dim(w, start, block, axis=1)
+        u1 = jax.lax.dynamic_slice(u, (start, start), (block, block))
+        _, err1, codes = jax.lax.fori_loop(
+            0, block, functools.partial(column, u1=u1, start=start, stored=stored), (w1, jnp.zeros_like(w1), codes)
+        )
+        rows = jax.lax.dynamic_slice_in_dim(u, start, block, axis=0)
+        w = w - jnp.matmul(err1, rows, precision=_HIGHEST)
+        return w, codes, stored
+
+    codes = jnp.zeros((out, padded), jnp.int32)
+    _, codes, stored = jax.lax.fori_loop(0, padded // block, block_step, (w, codes, stored))
+    codes = codes[:, :k]
+    if act_order:
+        codes = codes[:, jnp.argsort(perm)]
+    return grid.record(codes, stored, tensor, shape, dtype, layout)
+
+
+def quantize(
+    w: jax.Array,
+    h: Hessian | jax.Array,
+    fmt: str,
+    *,
+    group_size: int | None = None,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    static_groups: bool = False,
+    **format_options: Any,
+) -> Any:
+    """GPTQ-quantizes a weight ``(out, in)`` into an ordinary record of format ``fmt``.
+
+    Args:
+        w: the weight, ``(out, in)`` (PyTorch's layout; ``nnx.Linear``'s kernel is ``w.T``), float32,
+            bfloat16 or float16.
+        h: the layer's :class:`Hessian` (:func:`hessian`), or its ``(in, in)`` matrix.
+        fmt: a format with a grid (:func:`formats`): ``"int4_group"``, ``"q4_0"``, ``"q4_1"``,
+            ``"q8_0"``, ``"int8"``, ``"nf4"``, ``"nf4_dq"``, ``"nvfp4"``, ``"mxfp4"``.
+        group_size: input columns per scale: ``int4_group``'s ``group_size`` (default 128), the block of
+            ``nf4``/``nf4_dq``/``int8`` (``block_size``; for int8 default one scale per tensor); the
+            fixed-block formats take only ``None`` or their block (32, or 16 for NVFP4). Formats whose
+            blocks run over the flattened weight (GGML, NF4, INT8 blocks) need a block dividing ``in``.
+        act_order: quantize columns in order of decreasing ``H[i, i]`` (needs ``static_groups=True``
+            when a row has more than one group).
+        damp: relative damping, ``H += damp * mean(diag H) * I``.
+        block_size: columns per lazy batch update.
+        static_groups: every group's scales from the weight before the sweep.
+        **format_options: the format's own options (``axis=0`` for a per-row INT8 scale,
+            ``nested_block_size`` for ``nf4_dq`` ...).
+
+    Returns:
+        The format's record (the class ``quant.quantize(w, fmt)`` returns), shape ``(out, in)``, dtype
+        ``w.dtype``.
+
+    Raises:
+        FormatError: ``fmt`` has no grid, or an option the format does not take.
+        DTypeError, InvalidShape, DimensionError: ``w`` not a non-empty 2-D float array.
+        ShapeMismatch: ``h`` not ``(in, in)``.
+        ConfigError: a ``group_size`` the format cannot use, a non-positive ``block_size``, a negative or
+            non-finite ``damp``, ``act_order`` with several groups per row but dynamic groups.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jax.random.normal(jax.random.key(1), (8, 64))
+        >>> q = quantize(w, jnp.eye(64), "q4_0")                    # identity H: no error feedback
+        >>> from viva_tensor import quant
+        >>> bool(jnp.all(q.qs == quant.quantize(w, "q4_0").qs))
+        True
+    """
+    grid = _grids.grid_of(fmt)
+    w = _float_array(w, "w")
+    if w.ndim != 2:
+        raise DimensionError(
+            argument="w", expected="a 2-D weight (out, in)", got=tuple(w.shape),
+            hint="nnx.Linear's kernel is (in, out): pass kernel.T.",
+        )
+    out, k = w.shape
+    matrix = _hessian_matrix(h, k)
+    layout = grid.resolve(group_size, dict(format_options), (out, k))
+    block = _positive_int("block_size", block_size)
+    act_order, static_groups = _flag("act_order", act_order), _flag("static_groups", static_groups)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating)) or not 0 <= damp < math.inf:
+        raise ConfigError(argument="damp", expected="a finite float >= 0 (0.01 in the reference)", got=damp)
+    if act_order and not static_groups and layout.group < k:
+        raise ConfigError(
+            argument="act_order",
+            expected=f"static_groups=True with act_order when a row has several groups ({-(-k // layout.group)})",
+            got=act_order,
+            hint="the records store one scale per group of consecutive columns (no g_idx).",
+        )
+    record = _sweep(
+        w.astype(jnp.float32),
+        matrix,
+        jnp.float32(damp),
+        fmt=grid.name,
+        group=layout.group,
+        options=tuple(sorted(layout.options.items())),
+        act_order=act_order,
+        static_groups=static_groups,
+        block=block,
+        shape=(out, k),
+        dtype=w.dtype,
+    )
+    return record if grid.finish is None else grid.finish(record, layout)

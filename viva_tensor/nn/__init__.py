@@ -1,0 +1,39 @@
+"""Flax NNX modules built on viva_tensor: attention that can be flash attention, quantized linear layers.
+
+* :func:`exact_attention` is plain softmax attention (float32 statistics) with the signature and the
+  mask semantics of ``jax.nn.dot_product_attention``; :func:`attention_function` turns a name
+  (``"exact"``, ``"xla"``, ``"flash"``) or a callable into such a function, and :class:`SelfAttention`
+  is a multi-head self-attention module that uses it (``nn/_attention.py``).
+* :class:`QLinear` holds a quantized record (any format of :mod:`viva_tensor.quant`) as its kernel and
+  computes with :func:`viva_tensor.quant.dot_general`; :func:`quantize_model` returns a copy of a model
+  whose ``nnx.Linear`` layers are replaced by :class:`QLinear` ones, with the bytes before and after
+  (``nn/_qlinear.py``). It is the one ``quantize_model`` of the package: every format of
+  :func:`viva_tensor.quant.format_names`, and AWQ's calibration pass with
+  ``quantize_model(model, "awq_int4", activations=capture_linear_inputs(model, x))`` (``nn/_awq.py``).
+
+Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from viva_tensor import nn
+    >>> att = nn.SelfAttention(8, num_heads=2, rngs=nnx.Rngs(0))
+    >>> att(jnp.ones((1, 3, 8))).shape
+    (1, 3, 8)
+"""
+
+from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
+from viva_tensor.nn._awq import capture_linear_inputs
+from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "exact_attention",
+    "attention_function",
+    "SelfAttention",
+    "QLinear",
+    "QuantizeReport",
+    "quantize_model",
+    "capture_linear_inputs",
+    "param_bytes",
+]

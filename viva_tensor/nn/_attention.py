@@ -1,0 +1,172 @@
+"""Attention for NNX models: the exact O(n^2) reference, a name -> implementation table, self-attention.
+
+:func:`exact_attention` has ``jax.nn.dot_product_attention``'s signature and mask semantics and computes
+with :func:`viva_tensor.flash_attention.naive_attention` (the package's one O(n^2) reference);
+:func:`attention_function` maps ``"exact"``, ``"xla"``, ``"flash"`` (or a callable) to a function, and
+:class:`SelfAttention` is a multi-head self-attention module that uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from viva_tensor import flash_attention
+from viva_tensor.errors import ConfigError, DimensionError, ShapeMismatch
+
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "exact_attention", "attention_function", "SelfAttention"]
+
+ATTENTION_IMPLEMENTATIONS = ("exact", "xla", "flash")
+"""Names accepted by :func:`attention_function`."""
+
+
+def exact_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention computed exactly, in float32, with ``jax.nn.dot_product_attention``'s layout.
+
+    ``softmax(q k^T * scale + bias, masked) v`` for each batch entry and head, computed by
+    :func:`viva_tensor.flash_attention.naive_attention` (the package's one O(n^2) reference; this
+    function adds ``jax.nn``'s argument order and its 4-D checks). Masked-out scores are set to the
+    lowest float32, so a query row that sees no key gets the mean of the values (as in
+    ``jax.nn.dot_product_attention``). Scores, softmax and the weighted sum are float32; the result
+    has the query's dtype.
+
+    Args:
+        query: ``(B, T, N, H)``.
+        key: ``(B, S, N, H)``.
+        value: ``(B, S, N, H)``.
+        bias: optional, broadcastable to ``(B, N, T, S)``, added to the scaled scores.
+        mask: optional boolean, broadcastable to ``(B, N, T, S)``; ``True`` keeps a score.
+        scale: the score scale; default ``1 / sqrt(H)``.
+
+    Returns:
+        ``(B, T, N, H)`` in the query's dtype.
+
+    Raises:
+        DimensionError: an input that is not 4-D.
+        ShapeMismatch: key, value and query that do not agree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = k = v = jnp.arange(8.0).reshape(1, 2, 1, 4)
+        >>> mask = jnp.array([True, False]).reshape(1, 1, 1, 2)
+        >>> exact_attention(q, k, v, mask=mask)[0, :, 0].tolist()
+        [[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]]
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise DimensionError(argument=name, expected="a 4-D array (B, T, N, H)", got=x.shape)
+    if key.shape != value.shape:
+        raise ShapeMismatch(argument="value", expected=f"the shape of 'key' {key.shape}", got=value.shape)
+    if (query.shape[0], query.shape[2], query.shape[3]) != (key.shape[0], key.shape[2], key.shape[3]):
+        raise ShapeMismatch(
+            argument="key",
+            expected=f"batch, heads and head dim of 'query' {query.shape}",
+            got=key.shape,
+            hint="grouped-query attention is offered by the 'xla' and 'flash' implementations.",
+        )
+    return flash_attention.naive_attention(query, key, value, scale, bias=bias, mask=mask)
+
+
+def attention_function(attention: str | Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """The attention function for a name, or the callable itself.
+
+    Args:
+        attention: ``"exact"`` (:func:`exact_attention`), ``"xla"`` (``jax.nn.dot_product_attention``),
+            ``"flash"`` (``viva_tensor.flash_attention.dot_product_attention``, blockwise, O(T) memory),
+            or any callable with ``jax.nn.dot_product_attention``'s signature.
+
+    Returns:
+        A function ``f(query, key, value, bias=None, mask=None, *, scale=None)``.
+
+    Raises:
+        ConfigError: an unknown name.
+
+    Example:
+        >>> attention_function("exact") is exact_attention
+        True
+    """
+    if callable(attention):
+        return attention
+    table = {
+        "exact": exact_attention,
+        "xla": jax.nn.dot_product_attention,
+        "flash": flash_attention.dot_product_attention,
+    }
+    if attention not in table:
+        raise ConfigError(
+            argument="attention",
+            expected=f"one of {ATTENTION_IMPLEMENTATIONS} or a callable",
+            got=attention,
+        )
+    return table[attention]
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention: query/key/value projections, attention, output projection.
+
+    The projections are ``nnx.Linear`` layers named ``query``, ``key``, ``value`` and ``out`` (so
+    :func:`quantize_model` can swap them). The attention implementation is a static attribute: a name
+    of :data:`ATTENTION_IMPLEMENTATIONS` or a callable with ``jax.nn.dot_product_attention``'s signature.
+
+    Args:
+        features: model width (input and output).
+        num_heads: heads; must divide ``features``.
+        attention: the attention implementation (see :func:`attention_function`).
+        dtype: computation dtype of the projections (parameters stay ``param_dtype``).
+        param_dtype: parameter dtype.
+        rngs: ``nnx.Rngs`` for the initial weights.
+
+    Raises:
+        ConfigError: ``num_heads`` that does not divide ``features``, an unknown attention name.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> att = SelfAttention(8, num_heads=2, attention="xla", rngs=nnx.Rngs(0))
+        >>> att(jnp.ones((2, 5, 8)), mask=jnp.ones((2, 5), bool)).shape
+        (2, 5, 8)
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        num_heads: int,
+        attention: str | Callable[..., jax.Array] = "exact",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_heads <= 0 or features % num_heads:
+            raise ConfigError(argument="num_heads", expected=f"a positive divisor of {features}", got=num_heads)
+        attention_function(attention)  # validates the name now, not at the first call
+        self.features = features
+        self.num_heads = num_heads
+        self.attention = attention
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = nnx.Linear(features, features, **kw)
+        self.key = nnx.Linear(features, features, **kw)
+        self.value = nnx.Linear(features, features, **kw)
+        self.out = nnx.Linear(features, features, **kw)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Attends ``x`` (``(B, T, features)``) to itself; ``mask`` (``(B, T)`` bool) marks real tokens."""
+        b, t, _ = x.shape
+        heads = (b, t, self.num_heads, self.features // self.num_heads)
+        q = self.query(x).reshape(heads)
+        k = self.key(x).reshape(heads)
+        v = self.value(x).reshape(heads)
+        key_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
+        out = attention_function(self.attention)(q, k, v, mask=key_mask)
+        return self.out(out.reshape(b, t, self.features))
