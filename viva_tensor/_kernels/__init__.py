@@ -1,0 +1,422 @@
+"""Compiled CPU kernels for quantized matmuls, registered with XLA through ``jax.ffi`` (private).
+
+One generic kernel covers every format: a weight value is ``lut[code] * scale[block]`` (+ ``offset[block]``) for
+4-bit codes with a 16-entry float32 table (NF4 levels, E2M1 values, signed or unsigned int4), or
+``code * scale[block]`` (+ offset) for int8 codes, with a float32 scale per block of the packed axis (a block as
+long as the axis is a scale per row). :func:`qmatmul` computes ``y = x @ w.T`` for a weight stored ``(N, K)``
+(``weight_layout="nk"``, the checkpoint layout, packed and blocked along K) or ``y = x @ w`` for a weight stored
+``(K, N)`` (``"kn"``, packed and blocked along N), without ever materialising the float32 weight.
+
+Nibble layouts (``layout=``): ``"low_first"`` (pairs, first value in the low nibble: E2M1 / NVFP4 / MXFP4,
+int4_group, AWQ), ``"high_first"`` (pairs, first value in the high nibble: NF4, bitsandbytes), ``"ggml"`` (byte j of
+each 32-value block holds value j low and value j + 16 high: Q4_0, Q4_1) and ``"int8"`` (one signed byte per value).
+
+Paths: on CPU with the compiled library, an XLA custom call (no host round trip, one compile per shape). Below
+``PANEL_BATCH`` (32) rows of activations, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once in
+registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
+N split over the threads; for ``(K, N)`` weights, 8 rows of the weight are decoded per pass into accumulators over a
+strip of columns that stays in L1 (used by 4 rows of x at a time). From 32 rows on, ``vt_decode`` decodes
+``PANEL_BYTES`` (4 MiB) of the weight at a time to float32 and XLA's own GEMM contracts each panel (a ``lax.scan``;
+the only weight-sized temporary is one panel).
+Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
+multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
+own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to
+float32 rounding of the sum, not bit for bit; a row of y does not depend on the other rows of x below
+``PANEL_BATCH``. ``jax.grad`` works: the activations' cotangent runs the kernel on the other contraction of the same
+planes; the scales', offsets' and table's come from the pure-JAX reference.
+
+Example:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from viva_tensor import _kernels
+    >>> lut = jnp.arange(16, dtype=jnp.float32) - 8          # signed int4, like q4_0
+    >>> codes = jnp.full((2, 16), 0x9A, jnp.uint8)             # (N=2, K=32) as low-first pairs: 10, 9, 10, 9 ...
+    >>> scales = jnp.ones((2, 1), jnp.float32)                 # one block of 32 per row
+    >>> y = _kernels.qmatmul(jnp.ones((1, 32)), codes, lut, scales, layout="low_first", block_size=32)
+    >>> y.tolist()                                              # 16 * (2 + 1)
+    [[48.0, 48.0]]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
+
+__all__ = ["available", "qmatmul", "qmatmul_reference", "decode", "decode_reference", "LAYOUTS", "WEIGHT_LAYOUTS",
+           "library_path", "threads"]
+
+LAYOUTS = {"low_first": 0, "high_first": 1, "ggml": 2, "int8": 3}
+WEIGHT_LAYOUTS = ("nk", "kn")
+_LIB = Path(__file__).resolve().parent / "lib" / "libvt_kernels.so"
+_state: dict[str, Any] = {}
+
+
+def library_path() -> Path:
+    """Where the compiled library lives (it may be missing)."""
+    return _LIB
+
+
+def threads() -> int:
+    """Threads the kernel splits N over: ``VIVA_TENSOR_KERNEL_THREADS``, else the CPUs this process may use."""
+    env = os.environ.get("VIVA_TENSOR_KERNEL_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _missing_instructions() -> set[str]:
+    """Instruction sets the library was compiled for that this CPU lacks (empty: safe to load)."""
+    from viva_tensor._kernels import build
+
+    sidecar = _LIB.parent / build.CPU_FILE
+    try:
+        wanted = set(sidecar.read_text().split())
+    except OSError:
+        return set()
+    have = build.cpu_flags()
+    return wanted - have if have else set()
+
+
+def _load() -> bool:
+    if "ok" in _state:
+        return _state["ok"]
+    ok = False
+    if os.environ.get("VIVA_TENSOR_KERNELS", "1") != "0" and _LIB.exists():
+        missing = _missing_instructions()
+        if missing:
+            _state["error"] = f"built with -march=native for a CPU with {sorted(missing)[:6]}: rebuild it here"
+            _state["ok"] = False
+            return False
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(_LIB))
+            jax.ffi.register_ffi_target("vt_qmatmul", jax.ffi.pycapsule(lib.VtQMatmul), platform="cpu")
+            jax.ffi.register_ffi_target("vt_decode", jax.ffi.pycapsule(lib.VtDecode), platform="cpu")
+            _state["simd"] = int(lib.vt_kernels_simd())
+            ok = True
+        except Exception as e:  # noqa: BLE001  (a stale or foreign library: fall back to pure JAX)
+            _state["error"] = repr(e)
+    _state["ok"] = ok
+    return ok
+
+
+def available() -> bool:
+    """True when the compiled CPU kernels are loaded (False: every call takes the pure-JAX path).
+
+    ``VIVA_TENSOR_KERNELS=0`` in the environment (read once, at the first call) forces False.
+
+    Example:
+        >>> from viva_tensor import _kernels
+        >>> isinstance(_kernels.available(), bool)
+        True
+    """
+    return _load()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout):
+    if layout not in LAYOUTS:
+        raise ConfigError(argument="layout", expected=f"one of {sorted(LAYOUTS)}", got=layout)
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ConfigError(argument="weight_layout", expected="'nk' (weight (N, K)) or 'kn' (weight (K, N))",
+                          got=weight_layout)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise DTypeError(argument="x", expected="a floating dtype (float32, bfloat16, float16)", got=str(x.dtype))
+    if x.ndim < 1:
+        raise InvalidShape(argument="x", expected="at least one axis (..., K)", got=x.shape)
+    want_code = jnp.int8 if layout == "int8" else jnp.uint8
+    if codes.dtype != want_code or codes.ndim != 2:
+        raise DTypeError(argument="codes", expected=f"a 2-D {jnp.dtype(want_code).name} array",
+                         got=f"{codes.dtype}{codes.shape}")
+    if lut.shape != (16,) and layout != "int8":
+        raise InvalidShape(argument="lut", expected="shape (16,)", got=lut.shape)
+    rows, per_row = codes.shape
+    packed = per_row if layout == "int8" else 2 * per_row
+    if not isinstance(block_size, int) or block_size <= 0 or packed % block_size:
+        raise ConfigError(argument="block_size", expected=f"a positive int dividing the packed axis {packed}",
+                          got=block_size)
+    if scales.shape != (rows, packed // block_size):
+        raise ShapeMismatch(argument="scales", expected=(rows, packed // block_size), got=scales.shape,
+                            hint="one float32 scale per block of the packed axis")
+    if offsets is not None and offsets.shape != scales.shape:
+        raise ShapeMismatch(argument="offsets", expected=scales.shape, got=offsets.shape)
+    k = rows if weight_layout == "kn" else packed
+    n = packed if weight_layout == "kn" else rows
+    if x.shape[-1] != k:
+        raise ShapeMismatch(argument="x", expected=f"(..., {k}) (the weight's contracted axis)", got=x.shape)
+    return n, k, packed
+
+
+def _kernel_fits(packed: int, block_size: int, layout: str) -> bool:
+    """The compiled kernel's own limits; anything else takes the pure-JAX path."""
+    return packed % 32 == 0 and (block_size % 32 == 0 or (block_size == 16 and layout != "ggml"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure-JAX reference (the path on GPU/TPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decode_reference(codes, lut, scales, offsets=None, *, layout: str, block_size: int) -> jax.Array:
+    """Decodes the planes to float32 ``(rows, packed)`` in natural order, in pure JAX.
+
+    ``lut[code] * scale`` (+ ``offset``), per block of the packed axis. The kernel adds the offset with an FMA; for
+    the formats' planes the product is exact (Q4_1, int4_group), so both give the same bits.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import _kernels
+        >>> w = _kernels.decode_reference(jnp.array([[0x21] * 16], jnp.uint8), jnp.arange(16.0),
+        ...                               jnp.ones((1, 1)), layout="high_first", block_size=32)
+        >>> w[0, :4].tolist()
+        [2.0, 1.0, 2.0, 1.0]
+    """
+    rows = codes.shape[0]
+    if layout == "int8":
+        values = codes.astype(jnp.float32)
+    else:
+        lo, hi = (codes & 0x0F).astype(jnp.int32), (codes >> 4).astype(jnp.int32)
+        if layout == "low_first":
+            idx = jnp.stack([lo, hi], axis=-1).reshape(rows, -1)
+        elif layout == "high_first":
+            idx = jnp.stack([hi, lo], axis=-1).reshape(rows, -1)
+        else:  # ggml halves, per 32-value block
+            g = codes.reshape(rows, -1, 16)
+            idx = jnp.concatenate([g & 0x0F, g >> 4], axis=-1).reshape(rows, -1).astype(jnp.int32)
+        values = jnp.asarray(lut, jnp.float32)[idx]
+    packed = values.shape[1]
+    v = values.reshape(rows, packed // block_size, block_size)
+    s = scales.astype(jnp.float32)[..., None]
+    out = v * s
+    if offsets is not None:  # XLA:CPU fuses this into an FMA under jit, as the kernel computes it
+        out = out + offsets.astype(jnp.float32)[..., None]
+    return out.reshape(rows, packed)
+
+
+def qmatmul_reference(x, codes, lut, scales, offsets=None, *, layout: str, block_size: int,
+                      weight_layout: str = "nk") -> jax.Array:
+    """Pure-JAX :func:`qmatmul`: decode to float32, then a dot on the weight's own axes (no transposed copy)."""
+    w = decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size)
+    xf = x.astype(jnp.float32)
+    contract = 1 if weight_layout == "nk" else 0
+    y = jax.lax.dot_general(xf, w, (((xf.ndim - 1,), (contract,)), ((), ())),
+                            precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernel path
+# ----------------------------------------------------------------------------------------------------------------
+
+
+#: From this many activation rows on, the weight is decoded in panels (vt_decode) and each panel goes to XLA's
+#: GEMM; below it the fused kernel decodes each 32-value group once per 4 rows of x, in registers.
+PANEL_BATCH = int(os.environ.get("VIVA_TENSOR_PANEL_BATCH", "32"))
+#: Bytes of float32 per decoded panel (the only weight-sized temporary: 4 MiB, 1/16 of a 4096 x 4096 float32).
+PANEL_BYTES = 4 << 20
+
+
+def _ffi_qmatmul(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+    call = jax.ffi.ffi_call("vt_qmatmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
+    return call(x2, codes, lut, scales, offsets, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
+                kn=np.int64(kn), threads=np.int64(threads()))
+
+
+def _ffi_decode(codes, lut, scales, offsets, *, layout, block_size, packed):
+    call = jax.ffi.ffi_call("vt_decode", jax.ShapeDtypeStruct((codes.shape[0], packed), jnp.float32),
+                            vmap_method="sequential")
+    return call(codes, lut, scales, offsets, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
+                threads=np.int64(threads()))
+
+
+def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+    """Large batches: decode P rows of the stored weight at a time and contract each panel with XLA's dot."""
+    rows = codes.shape[0]
+    packed = n if kn else x2.shape[1]
+    p = int(max(1, min(rows, PANEL_BYTES // (4 * packed))))
+    full = rows // p
+    has_off = offsets.shape[0] != 0
+
+    def panel(c, s, o, xs):
+        w = _ffi_decode(c, lut, s, o, layout=layout, block_size=block_size, packed=packed)
+        dims = (((1,), (0,)) if kn else ((1,), (1,)), ((), ()))
+        return jax.lax.dot_general(xs, w, dims, precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)
+
+    def split(a):
+        return a[: full * p].reshape(full, p, *a.shape[1:]), a[full * p:]
+
+    (c_main, c_rest), (s_main, s_rest) = split(codes), split(scales)
+    o_main, o_rest = split(offsets) if has_off else ((None,), None)
+    empty = jnp.zeros((0,), jnp.float32)
+    if kn:  # panels of K: y accumulates x[:, panel] @ w[panel, :]
+        xs_main = jnp.moveaxis(x2[:, : full * p].reshape(x2.shape[0], full, p), 1, 0)
+
+        def body(y, t):
+            c, s, o, xs = t
+            return y + panel(c, s, o if has_off else empty, xs), None
+
+        y, _ = jax.lax.scan(body, jnp.zeros((x2.shape[0], n), jnp.float32),
+                            (c_main, s_main, o_main if has_off else jnp.zeros((full, 0)), xs_main))
+        if rows % p:
+            y = y + panel(c_rest, s_rest, o_rest if has_off else empty, x2[:, full * p:])
+        return y
+
+    def body(carry, t):  # panels of N: each gives its own columns of y
+        c, s, o = t
+        return carry, panel(c, s, o if has_off else empty, x2)
+
+    _, ys = jax.lax.scan(body, None, (c_main, s_main, o_main if has_off else jnp.zeros((full, 0))))
+    y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], full * p)
+    if rows % p:
+        y = jnp.concatenate([y, panel(c_rest, s_rest, o_rest if has_off else empty, x2)], axis=1)
+    return y
+
+
+def _kernel_call(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+    fn = _panel_stream if x2.shape[0] >= PANEL_BATCH else _ffi_qmatmul
+    return fn(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
+
+
+@functools.cache
+def _batched_kernel(layout: str, block_size: int, kn: int, n: int):
+    """The custom call as a function with a vmap rule: a batch of activations folds into the rows of x."""
+
+    @jax.custom_batching.custom_vmap
+    def f(x2, codes, lut, scales, offsets):
+        return _kernel_call(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, x2, codes, lut, scales, offsets):
+        xb, *wb = in_batched
+        if not any(wb):
+            if not xb:
+                return f(x2, codes, lut, scales, offsets), False
+            v, b, k = x2.shape
+            return f(x2.reshape(v * b, k), codes, lut, scales, offsets).reshape(v, b, n), True
+        args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                for a, batched in zip((x2, codes, lut, scales, offsets), in_batched, strict=True)]
+        return jax.lax.map(lambda t: f(*t), tuple(args)), True
+
+    return f
+
+
+def qmatmul(x: jax.Array, codes: jax.Array, lut: jax.Array | None, scales: jax.Array,
+            offsets: jax.Array | None = None, *, layout: str, block_size: int,
+            weight_layout: str = "nk") -> jax.Array:
+    """Matmul of activations by a quantized weight, decoded inside the kernel (never a float32 weight in memory).
+
+    Args:
+        x: activations ``(..., K)``, float32, bfloat16 or float16 (summed in float32).
+        codes: the packed weight: ``uint8 (rows, packed / 2)`` for the 4-bit layouts, ``int8 (rows, packed)`` for
+            ``"int8"``; ``rows, packed`` are ``N, K`` for ``weight_layout="nk"`` and ``K, N`` for ``"kn"``.
+        lut: float32 ``(16,)``: the value of each 4-bit code (ignored for ``"int8"``; pass None).
+        scales: float32 ``(rows, packed / block_size)``.
+        offsets: optional float32 like ``scales``, added after the scale (Q4_1's min, int4_group's -zero*scale).
+        layout: ``"low_first"``, ``"high_first"``, ``"ggml"`` or ``"int8"`` (see the module docstring).
+        block_size: values per scale along the packed axis (``packed`` for one scale per row).
+        weight_layout: ``"nk"``: ``y[..., n] = sum_k x[..., k] w[n, k]``; ``"kn"``: ``sum_k x[..., k] w[k, n]``.
+
+    Returns:
+        ``(..., N)`` in ``x``'s dtype.
+
+    Raises:
+        ConfigError, DTypeError, ShapeMismatch, InvalidShape: a bad argument, named.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import _kernels
+        >>> codes = jnp.ones((3, 64), jnp.int8)                      # int8 weight (N=3, K=64), scale per row
+        >>> y = _kernels.qmatmul(jnp.ones((64,)), codes, None, jnp.full((3, 1), 0.5), layout="int8", block_size=64)
+        >>> y.tolist()
+        [32.0, 32.0, 32.0]
+    """
+    x = jnp.asarray(x)
+    lut = jnp.zeros((16,), jnp.float32) if lut is None else jnp.asarray(lut, jnp.float32)
+    n, k, packed = _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout)
+    scales = jnp.asarray(scales, jnp.float32)
+    offsets = None if offsets is None else jnp.asarray(offsets, jnp.float32)
+    if not available() or not _kernel_fits(packed, block_size, layout):
+        return qmatmul_reference(x, codes, lut, scales, offsets, layout=layout, block_size=block_size,
+                                 weight_layout=weight_layout)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).astype(jnp.float32)
+    off = jnp.zeros((0,), jnp.float32) if offsets is None else offsets
+    y = _differentiable(layout, block_size, weight_layout, n, k, offsets is not None)(x2, codes, lut, scales, off)
+    return y.reshape(*lead, n).astype(x.dtype)
+
+
+def _forward(x2, codes, lut, scales, off, *, layout, block_size, weight_layout, n, has_off):
+    kern = _batched_kernel(layout, block_size, int(weight_layout == "kn"), n)
+
+    def other(x2, codes, lut, scales, off):
+        return qmatmul_reference(x2, codes, lut, scales, off if has_off else None, layout=layout,
+                                 block_size=block_size, weight_layout=weight_layout)
+
+    return jax.lax.platform_dependent(x2, codes, lut, scales, off, cpu=kern, default=other)
+
+
+@functools.cache
+def _differentiable(layout: str, block_size: int, weight_layout: str, n: int, k: int, has_off: bool):
+    """The kernel with a VJP: the activations' cotangent is the kernel on the other contraction of the same planes
+    (``y = x @ w.T`` gives ``x_bar = y_bar @ w``); the planes' float cotangents come from the pure-JAX reference
+    (XLA drops them when nothing uses them); the codes have none."""
+    other_layout = "kn" if weight_layout == "nk" else "nk"
+    fwd_kw = dict(layout=layout, block_size=block_size, weight_layout=weight_layout, n=n, has_off=has_off)
+    bwd_kw = dict(layout=layout, block_size=block_size, weight_layout=other_layout, n=k, has_off=has_off)
+
+    @jax.custom_vjp
+    def f(x2, codes, lut, scales, off):
+        return _forward(x2, codes, lut, scales, off, **fwd_kw)
+
+    def f_fwd(x2, codes, lut, scales, off):
+        return f(x2, codes, lut, scales, off), (x2, codes, lut, scales, off)
+
+    def f_bwd(res, y_bar):
+        x2, codes, lut, scales, off = res
+        x_bar = _forward(y_bar, codes, lut, scales, off, **bwd_kw)
+
+        def ref(lut, scales, off):
+            return qmatmul_reference(x2, codes, lut, scales, off if has_off else None, layout=layout,
+                                     block_size=block_size, weight_layout=weight_layout)
+
+        _, vjp = jax.vjp(ref, lut, scales, off)
+        lut_bar, scales_bar, off_bar = vjp(y_bar)
+        return x_bar, None, lut_bar, scales_bar, off_bar
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int) -> jax.Array:
+    """Decodes the planes to a float32 ``(rows, packed)`` array with the kernel (pure JAX where unavailable).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import _kernels
+        >>> _kernels.decode(jnp.full((1, 32), -3, jnp.int8), None, jnp.full((1, 1), 2.0),
+        ...                 layout="int8", block_size=32)[0, :3].tolist()
+        [-6.0, -6.0, -6.0]
+    """
+    lut = jnp.zeros((16,), jnp.float32) if lut is None else jnp.asarray(lut, jnp.float32)
+    rows, per_row = codes.shape
+    packed = per_row if layout == "int8" else 2 * per_row
+    scales = jnp.asarray(scales, jnp.float32)
+    if not available() or not _kernel_fits(packed, block_size, layout) or jax.default_backend() != "cpu":
+        return decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size)
+    off = jnp.zeros((0,), jnp.float32) if offsets is None else jnp.asarray(offsets, jnp.float32)
+    return _ffi_decode(codes, lut, scales, off, layout=layout, block_size=block_size, packed=packed)

@@ -1,0 +1,590 @@
+// viva_tensor CPU kernels, registered with XLA through the FFI API (jax.ffi).
+//
+// vt_qmatmul:  y[b, n] = sum_k x[b, k] * w[n, k]   (kn = 0: weight stored (N, K), packed and blocked along K)
+//              y[b, n] = sum_k x[b, k] * w[k, n]   (kn = 1: weight stored (K, N), packed and blocked along N)
+// vt_decode:   w[r, c] for a weight stored (R, C), packed and blocked along C (natural order, float32).
+//
+// A weight value is   lut[code] * scale[row, c / block] (+ offset[row, c / block])   for 4-bit codes, or
+//                     code * scale[row, c / block] (+ offset)                        for int8 codes.
+// 4-bit layouts: 0 = pairs, first value in the low nibble (E2M1 / blackwell, awq, int4_group);
+//                1 = pairs, first value in the high nibble (NF4, bitsandbytes);
+//                2 = GGML halves (byte j of a 32-value group holds value j low and value j + 16 high);
+//                3 = int8 codes (one signed byte per value).
+// Batches of 32 rows and more are not computed here: Python decodes the weight in panels with vt_decode and hands
+// each panel to XLA's own GEMM (measured faster than a blocked GEMM of ours on this CPU).
+// Values are decoded 32 at a time (16 bytes of nibbles or 32 int8) into two 16-lane vectors in "decode order";
+// instead of interleaving the decoded lanes we permute x (kn = 0) or y (kn = 1) once per call.
+// Requirements (checked in Python, re-checked here): the packed axis is a multiple of 32, the block is 16 or a
+// multiple of 32 dividing the packed axis.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VT_AVX512 1
+#else
+#define VT_AVX512 0
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Layout : int { kLowFirst = 0, kHighFirst = 1, kHalves = 2, kInt8 = 3 };
+
+// Original index (0..31) within a 32-value group of the value at decode position i.
+inline int decode_perm(int layout, int i) {
+  switch (layout) {
+    case kLowFirst: return i < 16 ? 2 * i : 2 * (i - 16) + 1;
+    case kHighFirst: return i < 16 ? 2 * i + 1 : 2 * (i - 16);
+    default: return i;
+  }
+}
+
+struct Planes {
+  const uint8_t* codes;   // rows of packed values
+  const float* lut;       // 16 floats (4-bit layouts)
+  const float* scales;    // rows of blocks
+  const float* offsets;   // rows of blocks, or nullptr
+  int64_t row_bytes;      // bytes of codes per row
+  int64_t nblk;           // blocks per row
+  int64_t ngroups;        // 32-value groups per row
+  int layout;
+  int block;
+  std::vector<int32_t> gblk;  // block index of each group (block >= 32); 2 * g for block 16
+};
+
+// Scalar decode of one group into decode order (also the reference for the vector path).
+inline void decode_group_scalar(const Planes& p, int64_t row, int64_t g, float* out) {
+  const uint8_t* c = p.codes + row * p.row_bytes + g * (p.layout == kInt8 ? 32 : 16);
+  const float* s = p.scales + row * p.nblk;
+  const float* o = p.offsets ? p.offsets + row * p.nblk : nullptr;
+  for (int i = 0; i < 32; ++i) {
+    float v;
+    if (p.layout == kInt8) {
+      v = static_cast<float>(static_cast<int8_t>(c[i]));
+    } else {
+      int byte = c[i & 15];
+      v = p.lut[i < 16 ? (byte & 15) : (byte >> 4)];
+    }
+    int orig = decode_perm(p.layout, i);
+    int64_t blk = p.block == 16 ? 2 * g + orig / 16 : p.gblk[g];
+    out[i] = o ? __builtin_fmaf(v, s[blk], o[blk]) : v * s[blk];
+  }
+}
+
+#if VT_AVX512
+template <int L, bool BS16, bool OFF>
+inline void decode_group(const Planes& p, __m512 lut, int64_t row, int64_t g, __m512& wa, __m512& wb) {
+  const uint8_t* c = p.codes + row * p.row_bytes + g * (L == kInt8 ? 32 : 16);
+  if (L != kInt8 && !BS16) {
+    // one scale for the 32 values: scale the 16-entry table instead of the 32 values (the same products)
+    const int64_t blk = p.gblk[g];
+    const __m512 sv = _mm512_set1_ps(p.scales[row * p.nblk + blk]);
+    const __m512 t = OFF ? _mm512_fmadd_ps(lut, sv, _mm512_set1_ps(p.offsets[row * p.nblk + blk]))
+                         : _mm512_mul_ps(lut, sv);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    wa = _mm512_permutexvar_ps(v, t);
+    wb = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
+    return;
+  }
+  __m512 a, b;
+  if (L == kInt8) {
+    a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+    b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+  } else {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    a = _mm512_permutexvar_ps(v, lut);  // vpermps reads the low 4 bits of each index: no mask needed
+    b = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+  }
+  const float* s = p.scales + row * p.nblk;
+  __m512 sa, sb, oa = _mm512_setzero_ps(), ob = _mm512_setzero_ps();
+  if (!BS16) {
+    int64_t blk = p.gblk[g];
+    sa = sb = _mm512_set1_ps(s[blk]);
+    if (OFF) oa = ob = _mm512_set1_ps(p.offsets[row * p.nblk + blk]);
+  } else if (L == kLowFirst || L == kHighFirst) {
+    // lanes 0..7 of both vectors hold values of block 2g, lanes 8..15 of block 2g + 1
+    sa = sb = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[2 * g]), _mm512_set1_ps(s[2 * g + 1]));
+    if (OFF) {
+      const float* o = p.offsets + row * p.nblk;
+      oa = ob = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(o[2 * g]), _mm512_set1_ps(o[2 * g + 1]));
+    }
+  } else {
+    sa = _mm512_set1_ps(s[2 * g]);
+    sb = _mm512_set1_ps(s[2 * g + 1]);
+    if (OFF) {
+      const float* o = p.offsets + row * p.nblk;
+      oa = _mm512_set1_ps(o[2 * g]);
+      ob = _mm512_set1_ps(o[2 * g + 1]);
+    }
+  }
+  if (OFF) {
+    wa = _mm512_fmadd_ps(a, sa, oa);
+    wb = _mm512_fmadd_ps(b, sb, ob);
+  } else {
+    wa = _mm512_mul_ps(a, sa);
+    wb = _mm512_mul_ps(b, sb);
+  }
+}
+
+// kn = 0, rows [n0, n1): RN rows at a time, NB batch rows at a time, x already permuted to decode order.
+// K is walked in chunks whose NB rows of x stay in L1 (16 KiB); the vector accumulators of a block of rows live in
+// a small buffer between chunks. Every output is summed in the same order whatever B is (two accumulators, one
+// per half of each 32-value group, added at the end).
+template <int L, bool BS16, bool OFF, int NB>
+void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t b0, int64_t n0,
+             int64_t n1) {
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  constexpr int RN = 2;
+  constexpr int64_t RB = 128;  // rows per block
+  const int64_t gk = std::max<int64_t>(1, (int64_t(4096) / (32 * NB)));  // groups per chunk: NB x 16 KiB / NB
+  std::vector<__m512> accbuf(static_cast<size_t>(RB * NB * 2));
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += RB) {
+    const int64_t nb1 = std::min(n1, nb0 + RB);
+    for (auto& v : accbuf) v = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < p.ngroups; g0 += gk) {
+      const int64_t g1 = std::min(p.ngroups, g0 + gk);
+      int64_t n = nb0;
+      for (; n + RN <= nb1; n += RN) {
+        __m512 acc[RN][NB][2];
+        __m512* mem = accbuf.data() + (n - nb0) * NB * 2;
+        for (int r = 0; r < RN; ++r)
+          for (int b = 0; b < NB; ++b) {
+            acc[r][b][0] = mem[(r * NB + b) * 2];
+            acc[r][b][1] = mem[(r * NB + b) * 2 + 1];
+          }
+        for (int64_t g = g0; g < g1; ++g) {
+          __m512 w[RN][2];
+          for (int r = 0; r < RN; ++r) decode_group<L, BS16, OFF>(p, lut, n + r, g, w[r][0], w[r][1]);
+          for (int b = 0; b < NB; ++b) {
+            const float* xb = xp + (b0 + b) * K + g * 32;
+            __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+            for (int r = 0; r < RN; ++r) {
+              acc[r][b][0] = _mm512_fmadd_ps(w[r][0], x0, acc[r][b][0]);
+              acc[r][b][1] = _mm512_fmadd_ps(w[r][1], x1, acc[r][b][1]);
+            }
+          }
+        }
+        for (int r = 0; r < RN; ++r)
+          for (int b = 0; b < NB; ++b) {
+            mem[(r * NB + b) * 2] = acc[r][b][0];
+            mem[(r * NB + b) * 2 + 1] = acc[r][b][1];
+          }
+      }
+      for (; n < nb1; ++n) {
+        __m512* mem = accbuf.data() + (n - nb0) * NB * 2;
+        __m512 acc[NB][2];
+        for (int b = 0; b < NB; ++b) {
+          acc[b][0] = mem[b * 2];
+          acc[b][1] = mem[b * 2 + 1];
+        }
+        for (int64_t g = g0; g < g1; ++g) {
+          __m512 w0, w1;
+          decode_group<L, BS16, OFF>(p, lut, n, g, w0, w1);
+          for (int b = 0; b < NB; ++b) {
+            const float* xb = xp + (b0 + b) * K + g * 32;
+            acc[b][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[b][0]);
+            acc[b][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[b][1]);
+          }
+        }
+        for (int b = 0; b < NB; ++b) {
+          mem[b * 2] = acc[b][0];
+          mem[b * 2 + 1] = acc[b][1];
+        }
+      }
+    }
+    for (int64_t n = nb0; n < nb1; ++n)  // row n + r of a pair was stored at the same place as a lone row
+      for (int b = 0; b < NB; ++b) {
+        const __m512* m = accbuf.data() + (n - nb0) * NB * 2 + b * 2;
+        y[(b0 + b) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(m[0], m[1]));
+      }
+  }
+}
+
+// kn = 1, column groups [g0, g1) of the weight (K, N). Columns in chunks whose B x chunk accumulators stay in L1;
+// rows of the weight KQ at a time: decoded once into a small buffer, then used by every batch row. The accumulators
+// are in decode order; they are written back to y in natural order.
+template <int KQ, int NB>
+inline void kn_accumulate(const float* wbuf, int64_t gc, int64_t ng, const float* x, int64_t K, int64_t k, int kq,
+                          float* acc, int64_t b0) {
+  __m512 xv[NB][KQ];
+  for (int b = 0; b < NB; ++b)
+    for (int q = 0; q < KQ; ++q) xv[b][q] = _mm512_set1_ps(q < kq ? x[(b0 + b) * K + k + q] : 0.f);
+  for (int64_t t = 0; t < ng; ++t) {
+    __m512 s[NB][2];
+    for (int b = 0; b < NB; ++b) {
+      s[b][0] = _mm512_loadu_ps(acc + ((b0 + b) * gc + t) * 32);
+      s[b][1] = _mm512_loadu_ps(acc + ((b0 + b) * gc + t) * 32 + 16);
+    }
+    for (int q = 0; q < KQ; ++q) {
+      __m512 w0 = _mm512_loadu_ps(wbuf + (q * gc + t) * 32), w1 = _mm512_loadu_ps(wbuf + (q * gc + t) * 32 + 16);
+      for (int b = 0; b < NB; ++b) {
+        s[b][0] = _mm512_fmadd_ps(w0, xv[b][q], s[b][0]);
+        s[b][1] = _mm512_fmadd_ps(w1, xv[b][q], s[b][1]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      _mm512_storeu_ps(acc + ((b0 + b) * gc + t) * 32, s[b][0]);
+      _mm512_storeu_ps(acc + ((b0 + b) * gc + t) * 32 + 16, s[b][1]);
+    }
+  }
+}
+
+template <int L, bool BS16, bool OFF>
+void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
+  constexpr int KQ = 8;
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  int perm[32];
+  for (int i = 0; i < 32; ++i) perm[i] = decode_perm(L, i);
+  // B x gc x 32 accumulators in 16 KiB, KQ x gc x 32 decoded values beside them
+  const int64_t gc = std::max<int64_t>(1, std::min<int64_t>(g1 - g0, (int64_t(1) << 12) / (32 * std::max<int64_t>(B, 1))));
+  std::vector<float> accv(static_cast<size_t>(B * gc * 32));
+  std::vector<float> wv(static_cast<size_t>(KQ * gc * 32));
+  float* acc = accv.data();
+  float* wbuf = wv.data();
+  for (int64_t c0 = g0; c0 < g1; c0 += gc) {
+    const int64_t ng = std::min(gc, g1 - c0);
+    std::fill(accv.begin(), accv.end(), 0.f);
+    for (int64_t k = 0; k < K; k += KQ) {
+      const int kq = static_cast<int>(std::min<int64_t>(KQ, K - k));
+      for (int q = 0; q < KQ; ++q)
+        for (int64_t t = 0; t < ng; ++t) {
+          __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+          if (q < kq) decode_group<L, BS16, OFF>(p, lut, k + q, c0 + t, a, b);
+          _mm512_storeu_ps(wbuf + (q * gc + t) * 32, a);
+          _mm512_storeu_ps(wbuf + (q * gc + t) * 32 + 16, b);
+        }
+      int64_t bb = 0;
+      for (; bb + 4 <= B; bb += 4) kn_accumulate<KQ, 4>(wbuf, gc, ng, x, K, k, kq, acc, bb);
+      for (; bb + 2 <= B; bb += 2) kn_accumulate<KQ, 2>(wbuf, gc, ng, x, K, k, kq, acc, bb);
+      if (bb < B) kn_accumulate<KQ, 1>(wbuf, gc, ng, x, K, k, kq, acc, bb);
+    }
+    for (int64_t bb = 0; bb < B; ++bb)
+      for (int64_t t = 0; t < ng; ++t) {
+        const float* src = acc + (bb * gc + t) * 32;
+        float* yb = y + bb * N + (c0 + t) * 32;
+        for (int i = 0; i < 32; ++i) yb[perm[i]] = src[i];
+      }
+  }
+}
+
+template <int L, bool BS16, bool OFF>
+void decode_rows(const Planes& p, float* w, int64_t C, int64_t r0, int64_t r1) {
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  // decode order -> natural order inside a group of 32: two-source permutes
+  alignas(64) int32_t ia[16], ib[16];
+  int inv[32];
+  for (int i = 0; i < 32; ++i) inv[decode_perm(L, i)] = i;
+  for (int j = 0; j < 16; ++j) { ia[j] = inv[j]; ib[j] = inv[j + 16]; }
+  const __m512i pa = _mm512_load_si512(ia), pb = _mm512_load_si512(ib);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < p.ngroups; ++g) {
+      __m512 a, b;
+      decode_group<L, BS16, OFF>(p, lut, r, g, a, b);
+      float* out = w + r * C + g * 32;
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(a, pa, b));
+      _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a, pb, b));
+    }
+}
+#endif  // VT_AVX512
+
+// Portable fallbacks (no AVX-512): decode a group to decode order, then plain loops.
+void nk_rows_scalar(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0,
+                    int64_t n1) {
+  float w[32];
+  std::vector<float> acc(B);
+  for (int64_t n = n0; n < n1; ++n) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < p.ngroups; ++g) {
+      decode_group_scalar(p, n, g, w);
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = xp + b * K + g * 32;
+        float s = 0.f;
+        for (int i = 0; i < 32; ++i) s += w[i] * xb[i];
+        acc[b] += s;
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) y[b * N + n] = acc[b];
+  }
+}
+
+void kn_cols_scalar(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0,
+                    int64_t g1) {
+  float w[32];
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = g0 * 32; c < g1 * 32; ++c) y[b * N + c] = 0.f;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t g = g0; g < g1; ++g) {
+      decode_group_scalar(p, k, g, w);
+      for (int64_t b = 0; b < B; ++b) {
+        float xv = x[b * K + k];
+        float* yb = y + b * N + g * 32;
+        for (int i = 0; i < 32; ++i) yb[decode_perm(p.layout, i)] += w[i] * xv;
+      }
+    }
+}
+
+void decode_rows_scalar(const Planes& p, float* w, int64_t C, int64_t r0, int64_t r1) {
+  float tmp[32];
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < p.ngroups; ++g) {
+      decode_group_scalar(p, r, g, tmp);
+      for (int i = 0; i < 32; ++i) w[r * C + g * 32 + decode_perm(p.layout, i)] = tmp[i];
+    }
+}
+
+template <typename F>
+void parallel_for(int64_t total, int64_t align, int threads, F&& f) {
+  // Splits [0, total) into `threads` contiguous ranges, each a multiple of `align` except the last.
+  int64_t units = (total + align - 1) / align;
+  int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, units)));
+  if (t == 1) {
+    f(0, total);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(t - 1);
+  int64_t start = 0;
+  for (int i = 0; i < t; ++i) {
+    int64_t end = std::min(total, ((units * (i + 1)) / t) * align);
+    if (i == t - 1) {
+      f(start, end);
+    } else {
+      pool.emplace_back([&f, start, end] { f(start, end); });
+    }
+    start = end;
+  }
+  for (auto& th : pool) th.join();
+}
+
+#if VT_AVX512
+// Dispatch on the batch chunk (NB) for one range; the batch is processed in chunks of at most MaxNB rows.
+template <int L, bool BS16, bool OFF>
+void nk_range(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) nk_rows<L, BS16, OFF, 4>(p, xp, B, K, y, N, b, n0, n1);
+  switch (B - b) {
+    case 3: nk_rows<L, BS16, OFF, 3>(p, xp, B, K, y, N, b, n0, n1); break;
+    case 2: nk_rows<L, BS16, OFF, 2>(p, xp, B, K, y, N, b, n0, n1); break;
+    case 1: nk_rows<L, BS16, OFF, 1>(p, xp, B, K, y, N, b, n0, n1); break;
+    default: break;
+  }
+}
+
+// kn = 1, one row of x: rows of the weight KQ at a time decoded in registers straight into the accumulators (L1).
+template <int L, bool BS16, bool OFF>
+void kn_cols_b1(const Planes& p, const float* x, int64_t K, float* y, int64_t g0, int64_t g1) {
+  constexpr int KQ = 8;
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  int perm[32];
+  for (int i = 0; i < 32; ++i) perm[i] = decode_perm(L, i);
+  std::vector<float> accv(static_cast<size_t>((g1 - g0) * 32), 0.f);
+  float* acc = accv.data();
+  int64_t k = 0;
+  for (; k + KQ <= K; k += KQ) {
+    __m512 xv[KQ];
+    for (int q = 0; q < KQ; ++q) xv[q] = _mm512_set1_ps(x[k + q]);
+    for (int64_t g = g0; g < g1; ++g) {
+      float* a = acc + (g - g0) * 32;
+      __m512 s0 = _mm512_loadu_ps(a), s1 = _mm512_loadu_ps(a + 16);
+      for (int q = 0; q < KQ; ++q) {
+        __m512 w0, w1;
+        decode_group<L, BS16, OFF>(p, lut, k + q, g, w0, w1);
+        s0 = _mm512_fmadd_ps(w0, xv[q], s0);
+        s1 = _mm512_fmadd_ps(w1, xv[q], s1);
+      }
+      _mm512_storeu_ps(a, s0);
+      _mm512_storeu_ps(a + 16, s1);
+    }
+  }
+  for (; k < K; ++k) {
+    __m512 xv = _mm512_set1_ps(x[k]);
+    for (int64_t g = g0; g < g1; ++g) {
+      float* a = acc + (g - g0) * 32;
+      __m512 w0, w1;
+      decode_group<L, BS16, OFF>(p, lut, k, g, w0, w1);
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(w0, xv, _mm512_loadu_ps(a)));
+      _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(w1, xv, _mm512_loadu_ps(a + 16)));
+    }
+  }
+  for (int64_t g = g0; g < g1; ++g)
+    for (int i = 0; i < 32; ++i) y[g * 32 + perm[i]] = acc[(g - g0) * 32 + i];
+}
+
+template <int L, bool BS16, bool OFF>
+void kn_range(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
+  if (B == 1) return kn_cols_b1<L, BS16, OFF>(p, x, K, y, g0, g1);
+  kn_cols<L, BS16, OFF>(p, x, B, K, y, N, g0, g1);
+}
+
+template <template <int, bool, bool> class Fn, typename... A>
+void dispatch(const Planes& p, A&&... args) {
+  bool bs16 = p.block == 16, off = p.offsets != nullptr;
+#define VT_CASE(L)                                                     \
+  if (p.layout == L) {                                                 \
+    if (bs16 && off) return Fn<L, true, true>::run(p, args...);        \
+    if (bs16) return Fn<L, true, false>::run(p, args...);              \
+    if (off) return Fn<L, false, true>::run(p, args...);               \
+    return Fn<L, false, false>::run(p, args...);                       \
+  }
+  VT_CASE(kLowFirst) VT_CASE(kHighFirst) VT_CASE(kHalves) VT_CASE(kInt8)
+#undef VT_CASE
+}
+
+template <int L, bool BS16, bool OFF>
+struct NK {
+  static void run(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0,
+                  int64_t n1) {
+    nk_range<L, BS16, OFF>(p, xp, B, K, y, N, n0, n1);
+  }
+};
+template <int L, bool BS16, bool OFF>
+struct KN {
+  static void run(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0,
+                  int64_t g1) {
+    kn_range<L, BS16, OFF>(p, x, B, K, y, N, g0, g1);
+  }
+};
+template <int L, bool BS16, bool OFF>
+struct DEC {
+  static void run(const Planes& p, float* w, int64_t C, int64_t r0, int64_t r1) {
+    decode_rows<L, BS16, OFF>(p, w, C, r0, r1);
+  }
+};
+#endif
+
+ffi::Error check_planes(int layout, int64_t block, int64_t packed, int64_t rows, int64_t code_bytes,
+                        int64_t scale_elems, int64_t offset_elems) {
+  if (layout < 0 || layout > 3) return ffi::Error::InvalidArgument("vt kernel: layout must be 0..3");
+  if (packed % 32 != 0) return ffi::Error::InvalidArgument("vt kernel: the packed axis must be a multiple of 32");
+  if (!(block == 16 || (block > 0 && block % 32 == 0)) || packed % block != 0)
+    return ffi::Error::InvalidArgument("vt kernel: block must be 16 or a multiple of 32 dividing the packed axis");
+  if (layout == kHalves && block == 16) return ffi::Error::InvalidArgument("vt kernel: GGML halves need block >= 32");
+  int64_t per_row = layout == kInt8 ? packed : packed / 2;
+  if (code_bytes != rows * per_row) return ffi::Error::InvalidArgument("vt kernel: codes have the wrong size");
+  if (scale_elems != rows * (packed / block)) return ffi::Error::InvalidArgument("vt kernel: scales have the wrong size");
+  if (offset_elems != 0 && offset_elems != scale_elems)
+    return ffi::Error::InvalidArgument("vt kernel: offsets must be empty or shaped like scales");
+  return ffi::Error::Success();
+}
+
+Planes make_planes(const void* codes, const float* lut, const float* scales, const float* offsets, bool has_offsets,
+                   int layout, int block, int64_t packed) {
+  Planes p;
+  p.codes = static_cast<const uint8_t*>(codes);
+  p.lut = lut;
+  p.scales = scales;
+  p.offsets = has_offsets ? offsets : nullptr;
+  p.layout = layout;
+  p.block = block;
+  p.row_bytes = layout == kInt8 ? packed : packed / 2;
+  p.nblk = packed / block;
+  p.ngroups = packed / 32;
+  p.gblk.resize(p.ngroups);
+  for (int64_t g = 0; g < p.ngroups; ++g) p.gblk[g] = block == 16 ? 2 * g : static_cast<int32_t>(g * 32 / block);
+  return p;
+}
+
+ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut,
+                       ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t layout, int64_t block, int64_t kn, int64_t threads) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
+    return ffi::Error::InvalidArgument("vt_qmatmul: x must be (B, K) and y (B, N)");
+  if (lut.element_count() != 16) return ffi::Error::InvalidArgument("vt_qmatmul: lut must hold 16 floats");
+  const int64_t B = xd[0], K = xd[1], N = yd[1];
+  const int64_t packed = kn ? N : K, rows = kn ? K : N;
+  ffi::Error err = check_planes(static_cast<int>(layout), block, packed, rows, codes.size_bytes(),
+                                scales.element_count(), offsets.element_count());
+  if (err.failure()) return err;
+  Planes p = make_planes(codes.untyped_data(), lut.typed_data(), scales.typed_data(), offsets.typed_data(),
+                         offsets.element_count() != 0, static_cast<int>(layout), static_cast<int>(block), packed);
+  const float* xv = x.typed_data();
+  float* yv = y->typed_data();
+  int nt = static_cast<int>(std::max<int64_t>(1, threads));
+  if (B == 0 || N == 0) return ffi::Error::Success();
+  if (!kn) {
+    // x to decode order, once per call
+    std::vector<float> xp(static_cast<size_t>(B * K));
+    int perm[32];
+    for (int i = 0; i < 32; ++i) perm[i] = decode_perm(p.layout, i);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < K / 32; ++g)
+        for (int i = 0; i < 32; ++i) xp[b * K + g * 32 + i] = xv[b * K + g * 32 + perm[i]];
+    const float* xpp = xp.data();
+    parallel_for(N, 2, nt, [&](int64_t n0, int64_t n1) {
+#if VT_AVX512
+      dispatch<NK>(p, xpp, B, K, yv, N, n0, n1);
+#else
+      nk_rows_scalar(p, xpp, B, K, yv, N, n0, n1);
+#endif
+    });
+  } else {
+    parallel_for(N / 32, 4, nt, [&](int64_t g0, int64_t g1) {
+#if VT_AVX512
+      dispatch<KN>(p, xv, B, K, yv, N, g0, g1);
+#else
+      kn_cols_scalar(p, xv, B, K, yv, N, g0, g1);
+#endif
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::F32> scales,
+                      ffi::Buffer<ffi::F32> offsets, ffi::ResultBuffer<ffi::F32> w, int64_t layout, int64_t block,
+                      int64_t threads) {
+  auto wd = w->dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("vt_decode: w must be (R, C)");
+  if (lut.element_count() != 16) return ffi::Error::InvalidArgument("vt_decode: lut must hold 16 floats");
+  const int64_t R = wd[0], C = wd[1];
+  ffi::Error err = check_planes(static_cast<int>(layout), block, C, R, codes.size_bytes(), scales.element_count(),
+                                offsets.element_count());
+  if (err.failure()) return err;
+  Planes p = make_planes(codes.untyped_data(), lut.typed_data(), scales.typed_data(), offsets.typed_data(),
+                         offsets.element_count() != 0, static_cast<int>(layout), static_cast<int>(block), C);
+  float* wv = w->typed_data();
+  parallel_for(R, 1, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t r0, int64_t r1) {
+#if VT_AVX512
+    dispatch<DEC>(p, wv, C, r0, r1);
+#else
+    decode_rows_scalar(p, wv, C, r0, r1);
+#endif
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmul, QMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (B, K)
+                                  .Arg<ffi::AnyBuffer>()         // codes (uint8 or int8)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lut (16,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales (rows, blocks)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offsets (rows, blocks) or (0,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y (B, N)
+                                  .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("kn")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VtDecode, DecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // codes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lut
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offsets or (0,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // w (R, C)
+                                  .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("threads"));
+
+extern "C" int vt_kernels_simd() { return VT_AVX512 ? 512 : 0; }
