@@ -23,21 +23,23 @@ Run: ``python benchmarks/gptq_layers.py`` (full, writes ``benchmarks/results/gpt
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import platform
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from viva_tensor import gptq, nn, quant
-from viva_tensor.models import _calibration, minilm
+import _common  # noqa: E402 - puts the repository first on sys.path
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from viva_tensor import gptq, nn, quant  # noqa: E402
+from viva_tensor.models import _calibration, minilm  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 FIXTURE = ROOT / "tests" / "data" / "minilm_reference.npz"
 FORMATS = (("int4_group", {"group_size": 128}), ("nf4", {}), ("q4_0", {}))
 
@@ -97,7 +99,7 @@ def _with_records(model, records: dict):
     """A copy of ``model`` with every Linear replaced by ``nn.QLinear`` holding its record."""
     from flax import nnx
 
-    from viva_tensor._graph import set_child
+    from viva_tensor.nn._graph import set_child
 
     copy = nnx.clone(model)
     for path, node in [(p, n) for p, n in nnx.iter_graph(copy) if isinstance(n, nnx.Linear)]:
@@ -189,15 +191,8 @@ def table(rows, timing, embeddings) -> list[str]:
     return lines
 
 
-def write_markdown(path: pathlib.Path, header: list[str], lines: list[str]) -> None:
-    """The one place results are written (to be replaced by the shared result writer)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(header + [""] + lines) + "\n")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few sentences; print only")
+    parser = _common.parser(__doc__)
     parser.add_argument("--text", choices=("passages", "sentences"), default="passages", help="calibration units")
     parser.add_argument("--calibration", type=int, default=None, help="calibration passages (default 128)")
     parser.add_argument("--holdout", type=int, default=None, help="held-out passages (default 32)")
@@ -234,9 +229,9 @@ def main() -> None:
         "process's user + system time). "
         "Written by `python benchmarks/gptq_layers.py`.",
     ]
-    if not args.quick:
-        suffix = "" if args.text == "passages" else "_sentences"
-        write_markdown(RESULTS / f"gptq_layers{suffix}.md", header, lines)
+    suffix = "" if args.text == "passages" else "_sentences"
+    _common.write_results(f"gptq_layers{suffix}", "\n".join(header + [""] + lines), {"rows": rows, "timing": timing},
+                          out=_common.results_dir(args))
 
 
 if __name__ == "__main__":

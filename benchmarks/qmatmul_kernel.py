@@ -16,22 +16,20 @@ Run: ``python benchmarks/qmatmul_kernel.py [--quick] [--size 4096] [--batch 1 --
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402 - puts the repository first on sys.path
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from viva_tensor import _kernels  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 NF4 = np.linspace(-1, 1, 16).astype(np.float32)  # speed does not depend on the table's values
 # name: (layout, table, block (0 = one per row), offsets)
@@ -168,34 +166,26 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repeats, batch 1 and 16 (noisy)")
+    parser = _common.parser(__doc__)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--batch", type=int, action="append", dest="batches")
     parser.add_argument("-f", "--format", action="append", dest="formats", choices=sorted(FORMATS))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--write", action="store_true", help="write results even with --quick")
     parser.add_argument("--choose", action="store_true", help="also time fused vs panels at B=1..64 (nf4)")
     args = parser.parse_args(argv)
     batches = args.batches or ([1, 16] if args.quick else [1, 16, 256])
     repeats = 3 if args.quick else args.repeats
     rows = run(args.size, batches, args.formats or list(FORMATS), repeats)
     chosen, chosen_text = choose(args.size, [1, 2, 4, 8, 16, 32, 64], repeats) if args.choose else ([], "")
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (f"# qmatmul kernel, {args.size}x{args.size}, min of {repeats}\n\n"
-            f"kernels available: {_kernels.available()}, threads: {_kernels.threads()}, jax {jax.__version__}, "
-            f"{platform.processor() or platform.machine()}, command: `python benchmarks/qmatmul_kernel.py "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}`, {when}, "
-            f"load average {os.getloadavg()[0]:.1f}\n\n" + table(rows) + "\n")
+            f"kernels available: {_kernels.available()}, threads: {_kernels.threads()}, "
+            f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}\n\n"
+            + table(rows) + "\n")
     if chosen:
         text += f"\nPaths by batch (PANEL_BATCH = {_kernels.PANEL_BATCH}: panels from there on)\n\n{chosen_text}\n"
     print(text)
-    if not args.quick or args.write:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "qmatmul_kernel.md"), "w") as fh:
-            fh.write(text)
-        with open(os.path.join(RESULTS, "qmatmul_kernel.json"), "w") as fh:
-            json.dump({"size": args.size, "repeats": repeats, "rows": rows, "paths": chosen}, fh, indent=1)
+    _common.write_results("qmatmul_kernel", text, {"size": args.size, "repeats": repeats, "rows": rows,
+                                                   "paths": chosen}, out=_common.results_dir(args))
     return 0
 
 

@@ -89,7 +89,7 @@ def test_tensor_memory_bytes_allocates_nothing():
 
 def test_tensor_memory_bytes_errors():
     with pytest.raises(FormatError, match="argument 'fmt': expected a dtype or one of"):
-        hardware.tensor_memory_bytes((4,), "q3_k")
+        hardware.tensor_memory_bytes((4,), "q9_k")
     with pytest.raises(FormatError, match="argument 'options'"):
         hardware.tensor_memory_bytes((4,), "float32", block_size=32)
 

@@ -43,8 +43,17 @@ MEAN_COSINE_FLOOR = {
     "mxfp4": 0.94,
     "int4_group": 0.94,  # measured 0.945 (group 128)
     "awq_int4": 0.94,  # by name without calibration activations: s = 1, the same codes as int4_group
+    "q5_0": 0.985,  # measured 0.993 (viva-tensor report, 16 sentences)
+    "q5_1": 0.985,  # measured 0.994
+    # the K-quants hold only the 6 kernels with 1536 inputs (rows of 256); the other 30 stay float32
+    "q2_k": 0.9,  # measured 0.934
+    "q3_k": 0.97,  # measured 0.985
+    "q4_k": 0.99,  # measured 0.996
+    "q5_k": 0.995,  # measured 0.999
+    "q6_k": 0.998,  # measured 0.9998
 }
-TOP1_FLOOR = {"int8": 0.95, "q8_0": 0.95}  # others: 0.8
+TOP1_FLOOR = {"int8": 0.95, "q8_0": 0.95, "q2_k": 0.7}  # others: 0.8 (q2_k, 2.6 bits: measured 0.733)
+MIN_COSINE_FLOOR = {"q2_k": 0.75}  # 2.6 bits per value: measured min 0.773 on these sentences; others: 0.8
 
 
 @pytest.fixture(scope="module")
@@ -295,11 +304,12 @@ def quantized_embeddings(encoder, reference):
 )
 def test_quantized_encoder_fidelity(fmt, quantized_embeddings, embeddings):
     e, report = quantized_embeddings(fmt)
-    assert len(report.quantized) == 36 and report.skipped == ()
+    whole_rows = quant.format_spec(fmt).row_multiple == 1  # else only the 6 kernels with 1536 inputs
+    assert (len(report.quantized), len(report.skipped)) == ((36, 0) if whole_rows else (6, 30))
     assert report.linear_bytes_after < report.linear_bytes_before
     cos = cosine(e, embeddings[FIDELITY_IDX])
     assert cos.mean() >= MEAN_COSINE_FLOOR[fmt], (fmt, cos.mean(), cos.min())
-    assert cos.min() >= 0.8, (fmt, cos.min())
+    assert cos.min() >= MIN_COSINE_FLOOR.get(fmt, 0.8), (fmt, cos.min())
     agree = np.mean(nearest_neighbours(e) == nearest_neighbours(embeddings[FIDELITY_IDX]))
     assert agree >= TOP1_FLOOR.get(fmt, 0.8), (fmt, agree)
 

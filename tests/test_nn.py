@@ -147,11 +147,12 @@ def test_self_attention_errors():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_qlinear_is_dequantize_then_matmul(fmt, rng, dtype, maybe_jit):
-    w = jnp.asarray(rng.standard_normal((64, 96)) * 0.1, jnp.float32)  # (out, in)
+    k = 256 if quant.format_spec(fmt).row_multiple > 1 else 96  # the K-quants need whole rows of 256
+    w = jnp.asarray(rng.standard_normal((64, k)) * 0.1, jnp.float32)  # (out, in)
     b = jnp.asarray(rng.standard_normal(64), jnp.float32)
     record = quant.quantize(w, fmt)
     layer = nn.QLinear(record, b)
-    x = jnp.asarray(rng.standard_normal((3, 5, 96)), dtype)
+    x = jnp.asarray(rng.standard_normal((3, 5, k)), dtype)
     out = maybe_jit(lambda x: layer(x))(x)
     assert out.shape == (3, 5, 64) and out.dtype == dtype
     wd = np.asarray(quant.dequantize(record), np.float64)
@@ -260,7 +261,7 @@ def numpy_mlp(model, x):
     return lin(model.down, a)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if quant.format_spec(f).row_multiple == 1])
 def test_quantize_model_is_dequantize_then_matmul(fmt, rng):
     model = MLP(nnx.Rngs(0))
     qmodel, report = nn.quantize_model(model, fmt)
@@ -425,3 +426,11 @@ def test_qlinear_property_matches_dequantized(rows, fmt):
 
 def test_param_bytes():
     assert nn.param_bytes(nnx.Linear(4, 2, rngs=nnx.Rngs(0))) == 4 * (4 * 2 + 2)
+
+
+def test_quantize_model_skips_layers_a_k_quant_cannot_hold():
+    model = MLP(nnx.Rngs(0))  # every layer has 64 inputs: not a whole K-quant row of 256
+    qmodel, report = nn.quantize_model(model, "q4_k")
+    assert report.quantized == () and len(report.skipped) == 4
+    assert all("not whole q4_k rows of 256" in why for _, why in report.skipped)
+    assert all(type(layer) is nnx.Linear for layer in (qmodel.up, qmodel.down, *qmodel.blocks))
