@@ -51,8 +51,8 @@ def _source(name):
 def test_an_old_checkpoint_loads_and_decodes_bit_for_bit(with_sparse24):
     tree = quant.load(FIXTURE)
     # every format the fixture's commit had (the GGML Q5/K-quant formats came later: tests/test_ggml.py)
-    assert set(tree["records"]) == set(quant.format_names()) - {"q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"} \
-        | set(_EXTRA)
+    later = {"q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
+    assert set(tree["records"]) == set(quant.format_names()) - later | set(_EXTRA)
     _same_bits(tree["plain"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert tree["nested"] == [None, {"n": 3}]
     for name, rec in tree["records"].items():
