@@ -171,7 +171,9 @@ def _nvfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     blocks = _blocked(x, NVFP4_BLOCK)
     ok = _block_ok(blocks)
     block_amax = jnp.where(ok, jnp.max(jnp.abs(blocks), axis=-1), 0)
-    tensor_scale = jnp.max(block_amax) / jnp.float32(6.0 * 448.0)
+    # An exact division: XLA on CPU would multiply by a rounded reciprocal of the constant under jit (one
+    # ulp off for most amax, e.g. 72.97671); the barrier hides the constant from that rewrite.
+    tensor_scale = jnp.max(block_amax) / jax.lax.optimization_barrier(jnp.float32(6.0 * 448.0))
     six_g = jnp.float32(6.0) * tensor_scale
     s = jnp.where(six_g > 0, block_amax / jnp.where(six_g > 0, six_g, 1), 0)
     s = jnp.minimum(jnp.where(s == 0, jnp.float32(1), s), jnp.float32(_E4M3_MAX))
