@@ -30,6 +30,10 @@ Where this port decides differently, on purpose:
   ``nested_block_size`` NF4 blocks dequantize to NaN and all other nested blocks are exact as usual.
   ``validate=True`` raises
   :class:`~viva_tensor.errors.NonFiniteError` naming the first bad index instead.
+* Huge values (absmax above 2**120, up to float32's max): the block is scaled by 2**-64 before the
+  reciprocal, whose float32 value would otherwise be subnormal and flushed to 0 by XLA on CPU (every value
+  would decode to 0). With double quantization the mean of the absmax values is computed in a scaled form
+  when their plain sum overflows, so tensors near 3e38 stay finite. Ordinary blocks keep bitsandbytes' bytes.
 * Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`: there is nothing to scale.
 * The dynamic map is rebuilt from its definition in float32, with torch's CPU ``linspace`` (each
   point ``start + k * step`` from the nearer end, one fused multiply-add). That reproduces all 256
@@ -208,6 +212,18 @@ def _safe_reciprocal(a: jax.Array) -> jax.Array:
     return jnp.where(a == 0, jnp.float32(0), jnp.float32(1) / jnp.where(a == 0, jnp.float32(1), a))
 
 
+def _scaled(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
+    """``blocks * (1 / absmax)`` per row, with huge absmax scaled down first (exact powers of two).
+
+    Above ~2**126 the float32 reciprocal of the absmax is subnormal and XLA on CPU flushes it to 0 (every
+    value would get the level 0); bitsandbytes keeps it. Such blocks are multiplied by 2**-64 first, which
+    changes no code of ordinary blocks (their factor is exactly 1).
+    """
+    huge = absmax > jnp.float32(2.0**120)
+    down = jnp.where(huge, jnp.float32(2.0**-64), jnp.float32(1))
+    return (blocks * down[:, None]) * _safe_reciprocal(absmax * down)[:, None]
+
+
 def _blocks(flat: jax.Array, block: int) -> jax.Array:
     n = flat.shape[0]
     nb = -(-n // block)
@@ -228,7 +244,7 @@ def _nf4_core(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     # XLA's max reduction on CPU may skip a NaN (like fmaxf): make a NaN block's absmax NaN explicitly.
     absmax = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
-    scaled = (blocks * _safe_reciprocal(absmax)[:, None]).reshape(-1)[:n]
+    scaled = _scaled(blocks, absmax).reshape(-1)[:n]
     return packing.pack_pairs(_nf4_codes(scaled), first="high", pad=7), absmax
 
 
@@ -367,13 +383,18 @@ def double_quantize(
 def _double_core(absmax: jax.Array, nested: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     finite = jnp.isfinite(absmax)
     count = jnp.sum(finite).astype(jnp.float32)
-    offset = jnp.sum(jnp.where(finite, absmax, 0)) / jnp.maximum(count, 1)
+    kept = jnp.where(finite, absmax, 0)
+    offset = jnp.sum(kept) / jnp.maximum(count, 1)
+    # The sum of huge finite absmax values can overflow (two blocks at 3e38): then take the mean of the
+    # values scaled by 2**-64 (exact) and scale it back; ordinary tensors keep the plain mean's bits.
+    small = jnp.sum(kept * jnp.float32(2.0**-64)) / jnp.maximum(count, 1) * jnp.float32(2.0**64)
+    offset = jnp.where(jnp.isfinite(offset), offset, small)
     centered = absmax - offset
     nb = absmax.shape[0]
     clean = jnp.where(finite, centered, 0)
     groups = _blocks(clean, nested)
     nested_absmax = jnp.max(jnp.abs(groups), axis=1)
-    scaled = (groups * _safe_reciprocal(nested_absmax)[:, None]).reshape(-1)[:nb]
+    scaled = _scaled(groups, nested_absmax).reshape(-1)[:nb]
     absmax_codes = _dynamic_codes(scaled)
     # An 8-bit code cannot hold NaN: a non-finite absmax makes its nested block's absmax NaN, so
     # those blocks dequantize to NaN instead of to a finite, wrong value.
