@@ -98,7 +98,7 @@ import jax.numpy as jnp
 from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_input, positive_int, validate_finite
 from viva_tensor._formats.record import QuantizedArray, record, static
-from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor._formats.registry import Planes, check_record, register_format
 from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
 
 __all__ = [
@@ -901,6 +901,7 @@ def dequantize_awq(q: GroupInt4Tensor | AWQTensor, *, include_scales: bool = Tru
         [1.07, 1.07, 1.07, 1.0]
     """
     _check_record(q)
+    check_record(q)
     w = _grid_weight(q)
     if include_scales and isinstance(q, AWQTensor):
         s = q.act_scale.astype(jnp.float32)

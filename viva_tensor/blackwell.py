@@ -56,7 +56,7 @@ from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_input, validate_finite
 from viva_tensor._formats.packing import E2M1_VALUES
 from viva_tensor._formats.record import QuantizedArray, record, static
-from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor._formats.registry import Planes, check_record, register_format
 from viva_tensor.errors import FormatError
 
 __all__ = [
@@ -264,6 +264,7 @@ def dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
             argument="q", expected="an NVFP4Tensor or MXFP4Tensor", got=type(q).__name__,
             hint="use viva_tensor.quant.dequantize for any format.",
         )
+    check_record(q)
     return _dequantize(q)
 
 

@@ -74,7 +74,7 @@ import numpy as np
 from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_dtype, float_input, positive_int, validate_finite
 from viva_tensor._formats.record import QuantizedArray, batch_dims, record, static
-from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor._formats.registry import Planes, check_record, register_format
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape
 
 __all__ = [
@@ -627,6 +627,7 @@ def dequantize(q: Int8Tensor | Q4_0Tensor | Q4_1Tensor | Q8_0Tensor) -> jax.Arra
             got=type(q).__name__,
             hint="viva_tensor.quant.dequantize handles every registered format.",
         )
+    check_record(q)
     return fn(q)
 
 

@@ -64,7 +64,7 @@ import numpy as np
 from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_input, positive_int, validate_finite
 from viva_tensor._formats.record import QuantizedArray, record, static
-from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor._formats.registry import Planes, check_record, register_format
 from viva_tensor.errors import ConfigError, FormatError
 
 __all__ = [
@@ -441,6 +441,7 @@ def dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
             argument="q", expected="an NF4Tensor or NF4DQTensor", got=type(q).__name__,
             hint="use viva_tensor.quant.dequantize for any format.",
         )
+    check_record(q)
     return _dequantize(q)
 
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from viva_tensor import _safetensors
 from viva_tensor._formats.registry import FORMATS, FormatSpec, format_names, format_spec, is_quantized, spec_of
+from viva_tensor._formats.registry import expected_record as _expected_record
 from viva_tensor.errors import CheckpointError
-from viva_tensor.quant._dot import _expected_record
 
 __all__ = ["save", "load"]
 
