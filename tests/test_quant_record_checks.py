@@ -1,4 +1,4 @@
-"""Records whose static fields were edited (dataclasses.replace) are refused where they are decoded (issue 12, item 8)."""
+"""Records whose static fields were edited (dataclasses.replace) are refused where decoded (issue 12, item 8)."""
 
 import dataclasses
 import importlib
@@ -6,8 +6,8 @@ import importlib
 import jax
 import jax.numpy as jnp
 import pytest
-
 from format_contract import SHAPE, sample
+
 from viva_tensor import quant
 from viva_tensor._formats.registry import expected_record
 from viva_tensor.errors import FormatError
