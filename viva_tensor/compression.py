@@ -268,6 +268,10 @@ def _as_float32(x: Any, argument: str = "x") -> tuple[jax.Array, Any]:
     return x.astype(jnp.float32), jnp.dtype(x.dtype)
 
 
+#: int8's block_size is clamped to max(tensor size, _MAX_PAD): at most this many padded values per record.
+_MAX_PAD = 4096
+
+
 def _blocks(x32: jax.Array, block_size: int) -> jax.Array:
     """The flattened tensor, zero-padded to whole blocks: shape ``(n_blocks, block_size)``."""
     flat = x32.reshape(-1)
@@ -319,7 +323,8 @@ def quantize_int8(
         x: a float32, bfloat16 or float16 array of any shape.
         axis: the channel axis: one scale per index along ``axis`` (absmax over the other axes).
         block_size: one scale per ``block_size`` consecutive values of the flattened tensor (the last
-            block zero-padded inside). At most one of ``axis`` and ``block_size``.
+            block zero-padded inside). At most one of ``axis`` and ``block_size``. A block larger than both
+            the tensor and 4096 values is clamped to ``max(size, 4096)`` (one block, bounded padding).
         validate: check eagerly that every value is finite (needs concrete input: not under jit).
 
     Returns:
@@ -350,7 +355,10 @@ def quantize_int8(
             hint="choose per channel (axis) or per block (block_size), not both.",
         )
     if block_size is not None:
-        block_size = positive_int("block_size", block_size)
+        # A block larger than both the tensor and _MAX_PAD values is clamped to max(size, _MAX_PAD): one block of
+        # the whole tensor, as before, but block_size=2**30 on 1,024 values no longer stores 1 GiB of padding.
+        # Blocks up to _MAX_PAD (and up to the tensor's size) keep their bytes.
+        block_size = min(positive_int("block_size", block_size), max(_MAX_PAD, math.prod(x32.shape)))
     if validate:
         validate_finite(x)
     shape = tuple(x32.shape)
