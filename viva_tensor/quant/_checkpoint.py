@@ -86,6 +86,12 @@ class _Writer:
     def add(self, name: str, x: Any) -> str:
         if name in self.tensors:
             raise CheckpointError(f"two leaves of the tree map to the tensor name {name!r}")
+        if isinstance(x, jax.core.Tracer):
+            raise CheckpointError(
+                argument="tree", expected="concrete arrays (quant.save writes a file: call it outside jit)",
+                got=f"a traced array at '{name}' (inside jit, vmap or grad)",
+                hint="return the tree from the jitted function and save it outside.",
+            )
         a = _contiguous(np.asarray(jax.device_get(x)))
         self.tensors[name] = a
         digest = hashlib.sha256(_raw_bytes(a)).hexdigest()

@@ -57,6 +57,15 @@ def _check_dims(lshape: tuple, rshape: tuple, dims: tuple) -> None:
                     expected=f"{name} dims in [0, {len(shape)}) for {name} shape {shape}",
                     got=d,
                 )
+    for name, shape, ds in (("lhs", lshape, lc + lb), ("rhs", rshape, rc + rb)):
+        canon = [d % len(shape) for d in ds]
+        if len(set(canon)) != len(canon):
+            raise DimensionError(
+                argument="dimension_numbers",
+                expected=f"distinct {name} contracting and batch dims",
+                got=f"{name} dims {tuple(ds)} (contracting {lc if name == 'lhs' else rc}, "
+                f"batch {lb if name == 'lhs' else rb})",
+            )
     for kind, ls, rs in (("contracting", lc, rc), ("batch", lb, rb)):
         if len(ls) != len(rs):
             raise ShapeMismatch(
