@@ -496,3 +496,22 @@ def test_huge_values_keep_their_codes(scale, double, jit):
     ref = np.asarray(nf4.dequantize(nf4.quantize(jnp.asarray(base))), np.float64) * scale
     assert np.all(np.isfinite(y))
     np.testing.assert_allclose(y, ref, rtol=0.02, atol=0.02 * scale)
+
+
+def test_double_quant_validate_flags_an_outlier():
+    # One outlier (1e6) makes the 8-bit absmax codes too coarse: small blocks decode far off (as bitsandbytes).
+    x = jax.random.normal(jax.random.key(0), (256, 256)).reshape(-1)
+    nf4.double_quantize(x, validate=True)  # ordinary: within the tolerance
+    y = x.at[5].set(1e6)
+    got = np.asarray(nf4.dequantize(nf4.double_quantize(y)))
+    assert np.abs(got[64:] - np.asarray(y)[64:]).max() > 1.0  # the silent loss (validate=False)
+    with pytest.raises(NonFiniteError, match="double-quantized absmax") as e:
+        nf4.double_quantize(y, validate=True)
+    assert e.value.argument == "x" and "block" in e.value.got
+
+
+def test_double_quant_validate_passes_zero_blocks_and_the_contract_sample():
+    from format_contract import sample
+
+    nf4.double_quantize(sample(), validate=True)
+    nf4.double_quantize(jnp.zeros(256), validate=True)

@@ -65,7 +65,7 @@ from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_input, positive_int, validate_finite
 from viva_tensor._formats.record import QuantizedArray, record, static
 from viva_tensor._formats.registry import Planes, check_record, register_format
-from viva_tensor.errors import ConfigError, FormatError
+from viva_tensor.errors import ConfigError, FormatError, NonFiniteError
 
 __all__ = [
     "NF4_LEVELS",
@@ -80,6 +80,7 @@ __all__ = [
     "dequantize",
     "compute_stats",
     "create_dynamic_map",
+    "DQ_ABSMAX_TOLERANCE",
 ]
 
 #: The 16 NF4 levels, the float32 table of ``bitsandbytes.functional.get_4bit_type("nf4")``.
@@ -341,7 +342,12 @@ def double_quantize(
         x: A float32, bfloat16 or float16 array of any non-empty shape.
         block_size: Values per NF4 block (a positive even integer).
         nested_block_size: absmax values per nested block (a positive integer; bitsandbytes uses 256).
-        validate: Check (eagerly) that every value is finite.
+        validate: Check (eagerly) that every value is finite, and that every block's decoded absmax is within
+            :data:`DQ_ABSMAX_TOLERANCE` (10%) of its true absmax. Double quantization stores the absmax
+            values minus their mean as 8-bit codes scaled by the largest deviation in each nested block: one
+            outlier (1e6 among values of ~4) makes that scale so coarse that the small blocks' absmax decode
+            far off (values of ~3.9 come back as ~925; bitsandbytes does the same). Without ``validate``
+            this passes silently.
 
     Returns:
         An :class:`NF4DQTensor` with ``codes``, ``absmax_codes`` (uint8), ``nested_absmax`` and
@@ -352,7 +358,8 @@ def double_quantize(
         InvalidShape: ``x`` is empty.
         ConfigError: a block size out of range.
         InvalidOp: ``validate=True`` under jit or vmap.
-        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
+        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity, or a block's absmax does not
+            survive double quantization (see ``validate``).
 
     Example:
         >>> import jax
@@ -367,7 +374,7 @@ def double_quantize(
         validate_finite(x)
     codes, absmax = _nf4_core(x, block)
     absmax_codes, nested_absmax, offset = _double_core(absmax, nested)
-    return NF4DQTensor(
+    q = NF4DQTensor(
         codes=codes,
         absmax_codes=absmax_codes,
         nested_absmax=nested_absmax,
@@ -377,6 +384,30 @@ def double_quantize(
         block_size=block,
         nested_block_size=nested,
     )
+    if validate:
+        _validate_double(absmax, _dq_absmax(q), block)
+    return q
+
+
+#: ``validate=True`` of :func:`double_quantize` refuses a block whose decoded absmax is off by more than this
+#: fraction of its true absmax (ordinary tensors: well under 2%).
+DQ_ABSMAX_TOLERANCE = 0.1
+
+
+def _validate_double(absmax: jax.Array, decoded: jax.Array, block: int) -> None:
+    true, got = np.asarray(absmax, np.float64), np.asarray(decoded, np.float64)
+    with np.errstate(all="ignore"):
+        off = np.abs(got - true) > DQ_ABSMAX_TOLERANCE * true
+    bad = np.argwhere((true > 0) & off)
+    if bad.size:
+        b = int(bad[0][0])
+        raise NonFiniteError(
+            argument="x",
+            expected=f"every block's double-quantized absmax within {DQ_ABSMAX_TOLERANCE:.0%} of its true absmax",
+            got=f"block {b} (values {b * block}..{(b + 1) * block - 1}): absmax {true[b]:.4g} decoded as {got[b]:.4g}",
+            hint="an outlier far above the other blocks' absmax makes the 8-bit absmax codes too coarse for "
+            "the small blocks (bitsandbytes does the same); use nf4 (float32 absmax), or clip the outlier.",
+        )
 
 
 @functools.partial(jax.jit, static_argnums=1)
