@@ -428,3 +428,14 @@ def test_compiled_memory_is_small(f):
     m = compiled_memory(f, x)
     assert m.temp_bytes <= 0.6 * 2**20  # well under the 4 MiB input
     assert 0 <= m.output_bytes - f(jnp.ones((1024, 1024))).nbytes <= 64  # plus the tuple's pointers
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nvfp4_tensor_scale_is_an_exact_division(jit):
+    # 72.97671 * (1 / 2688) rounds one ulp away from 72.97671 / 2688 (XLA:CPU's rewrite under jit).
+    amax = np.float32(72.97671)
+    assert amax * (np.float32(1) / np.float32(2688)) != amax / np.float32(2688)
+    x = jnp.zeros(16, jnp.float32).at[3].set(amax)
+    f = jax.jit(bw.quantize_nvfp4) if jit else bw.quantize_nvfp4
+    got = np.float32(f(x).tensor_scale)
+    assert got.view(np.uint32) == (amax / np.float32(2688)).view(np.uint32)

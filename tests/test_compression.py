@@ -632,3 +632,15 @@ def test_property_int8(shape, seed, mode):
     assert back.shape == shape
     amax = np.abs(x).max()
     assert np.abs(back - x).max() <= amax / 254 * (1 + 1e-5) + 1e-12
+
+
+@pytest.mark.parametrize("block", [2**13, 2**26, 2**30, 2**40])
+def test_int8_block_larger_than_the_tensor_is_clamped(block):
+    # block_size=2**26 on 4 KiB of input built a 64 MiB record (padding), 2**40 ran out of memory.
+    x = jax.random.normal(jax.random.key(0), (16, 64))
+    q = compression.quantize_int8(x, block_size=block)
+    assert q.block_size == 4096 and q.nbytes <= 4096 + 8  # clamped to max(size, 4096)
+    whole = compression.quantize_int8(x)  # one scale for the whole tensor: the same codes
+    np.testing.assert_array_equal(np.asarray(q.codes).reshape(-1)[:1024], np.asarray(whole.codes).reshape(-1))
+    np.testing.assert_array_equal(np.asarray(compression.dequantize(q)), np.asarray(compression.dequantize(whole)))
+    assert jax.jit(lambda a: compression.quantize_int8(a, block_size=block))(x).codes.shape == q.codes.shape

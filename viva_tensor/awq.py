@@ -96,9 +96,9 @@ import jax
 import jax.numpy as jnp
 
 from viva_tensor._formats import packing
-from viva_tensor._formats.checks import float_input, positive_int, validate_finite
+from viva_tensor._formats.checks import float_input, positive_int, validate_finite, validate_scale_range
 from viva_tensor._formats.record import QuantizedArray, record, static
-from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor._formats.registry import Planes, check_record, register_format
 from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
 
 __all__ = [
@@ -739,6 +739,11 @@ def quantize_group(
         clip: optional float ``(out, n_groups)``: clamp each group to ``[-clip, clip]`` first
             (from :func:`search_clip`).
         validate: check (eagerly) that every weight is finite.
+            Also checks every block's float16 scale.
+            Usable range: a block range (max - min) of 0 or in [0.000916, 9.83e+05] (float16's normal
+            range times 15); below it the scale is subnormal and the block loses precision (all
+            zeros below ~8.9e-07), above it the scale overflows. ``validate=True`` raises
+            NonFiniteError naming the first such block; otherwise they pass silently (as in GGML).
 
     Returns:
         A :class:`GroupInt4Tensor`.
@@ -758,7 +763,7 @@ def quantize_group(
     group = _positive_int("group_size", group_size)
     w, w2 = _rows_of(w)
     if validate:
-        validate_finite(w, "w")
+        validate_scale_range(w, block=group, levels=15, fmt="int4_group", asymmetric=True, flat=False, name="w")
     if clip is not None:
         clip = _check_clip(clip, w2.shape[0], _n_groups(w2.shape[1], group))
     codes, scales, zeros = _encode(w2.astype(jnp.float32), group, clip)
@@ -788,6 +793,11 @@ def quantize_awq(
         config: an :class:`AWQConfig` (default :func:`default_config`).
         group_size: shortcut for ``AWQConfig(group_size=...)`` (must agree with ``config`` if both).
         validate: check (eagerly) that the weight and the calibration inputs are finite.
+            Also checks every block's float16 scale.
+            Usable range: a block range (max - min) of 0 or in [0.000916, 9.83e+05] (float16's normal
+            range times 15); below it the scale is subnormal and the block loses precision (all
+            zeros below ~8.9e-07), above it the scale overflows. ``validate=True`` raises
+            NonFiniteError naming the first such block; otherwise they pass silently (as in GGML).
 
     Returns:
         An :class:`AWQTensor`.
@@ -810,7 +820,9 @@ def quantize_awq(
     if calibration is not None:
         x32 = _rows(_features(calibration, w2.shape[1], "calibration"))
     if validate:
-        validate_finite(w, "w")
+        # The range of w (before the activation scales, which move it by their factor): a first check.
+        validate_scale_range(w, block=config.group_size, levels=15, fmt="awq_int4", asymmetric=True, flat=False,
+                             name="w")
         if x32 is not None:
             validate_finite(x32, "calibration")
     w32 = w2.astype(jnp.float32)
@@ -901,6 +913,7 @@ def dequantize_awq(q: GroupInt4Tensor | AWQTensor, *, include_scales: bool = Tru
         [1.07, 1.07, 1.07, 1.0]
     """
     _check_record(q)
+    check_record(q)
     w = _grid_weight(q)
     if include_scales and isinstance(q, AWQTensor):
         s = q.act_scale.astype(jnp.float32)

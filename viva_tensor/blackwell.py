@@ -56,7 +56,7 @@ from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_input, validate_finite
 from viva_tensor._formats.packing import E2M1_VALUES
 from viva_tensor._formats.record import QuantizedArray, record, static
-from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor._formats.registry import Planes, check_record, register_format
 from viva_tensor.errors import FormatError
 
 __all__ = [
@@ -171,7 +171,9 @@ def _nvfp4_core(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     blocks = _blocked(x, NVFP4_BLOCK)
     ok = _block_ok(blocks)
     block_amax = jnp.where(ok, jnp.max(jnp.abs(blocks), axis=-1), 0)
-    tensor_scale = jnp.max(block_amax) / jnp.float32(6.0 * 448.0)
+    # An exact division: XLA on CPU would multiply by a rounded reciprocal of the constant under jit (one
+    # ulp off for most amax, e.g. 72.97671); the barrier hides the constant from that rewrite.
+    tensor_scale = jnp.max(block_amax) / jax.lax.optimization_barrier(jnp.float32(6.0 * 448.0))
     six_g = jnp.float32(6.0) * tensor_scale
     s = jnp.where(six_g > 0, block_amax / jnp.where(six_g > 0, six_g, 1), 0)
     s = jnp.minimum(jnp.where(s == 0, jnp.float32(1), s), jnp.float32(_E4M3_MAX))
@@ -262,6 +264,7 @@ def dequantize(q: NVFP4Tensor | MXFP4Tensor) -> jax.Array:
             argument="q", expected="an NVFP4Tensor or MXFP4Tensor", got=type(q).__name__,
             hint="use viva_tensor.quant.dequantize for any format.",
         )
+    check_record(q)
     return _dequantize(q)
 
 

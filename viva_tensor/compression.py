@@ -72,9 +72,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor._formats import packing
-from viva_tensor._formats.checks import float_dtype, float_input, positive_int, validate_finite
+from viva_tensor._formats.checks import float_dtype, float_input, positive_int, validate_finite, validate_scale_range
 from viva_tensor._formats.record import QuantizedArray, batch_dims, record, static
-from viva_tensor._formats.registry import Planes, register_format
+from viva_tensor._formats.registry import Planes, check_record, register_format
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape
 
 __all__ = [
@@ -268,6 +268,10 @@ def _as_float32(x: Any, argument: str = "x") -> tuple[jax.Array, Any]:
     return x.astype(jnp.float32), jnp.dtype(x.dtype)
 
 
+#: int8's block_size is clamped to max(tensor size, _MAX_PAD): at most this many padded values per record.
+_MAX_PAD = 4096
+
+
 def _blocks(x32: jax.Array, block_size: int) -> jax.Array:
     """The flattened tensor, zero-padded to whole blocks: shape ``(n_blocks, block_size)``."""
     flat = x32.reshape(-1)
@@ -319,7 +323,8 @@ def quantize_int8(
         x: a float32, bfloat16 or float16 array of any shape.
         axis: the channel axis: one scale per index along ``axis`` (absmax over the other axes).
         block_size: one scale per ``block_size`` consecutive values of the flattened tensor (the last
-            block zero-padded inside). At most one of ``axis`` and ``block_size``.
+            block zero-padded inside). At most one of ``axis`` and ``block_size``. A block larger than both
+            the tensor and 4096 values is clamped to ``max(size, 4096)`` (one block, bounded padding).
         validate: check eagerly that every value is finite (needs concrete input: not under jit).
 
     Returns:
@@ -350,7 +355,10 @@ def quantize_int8(
             hint="choose per channel (axis) or per block (block_size), not both.",
         )
     if block_size is not None:
-        block_size = positive_int("block_size", block_size)
+        # A block larger than both the tensor and _MAX_PAD values is clamped to max(size, _MAX_PAD): one block of
+        # the whole tensor, as before, but block_size=2**30 on 1,024 values no longer stores 1 GiB of padding.
+        # Blocks up to _MAX_PAD (and up to the tensor's size) keep their bytes.
+        block_size = min(positive_int("block_size", block_size), max(_MAX_PAD, math.prod(x32.shape)))
     if validate:
         validate_finite(x)
     shape = tuple(x32.shape)
@@ -383,10 +391,15 @@ def _dequantize_int8(q: Int8Tensor) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _ggml_prepare(x: jax.Array, validate: bool) -> tuple[jax.Array, Any, tuple[int, ...]]:
+#: The divisor of each GGML format's float16 scale (``validate=True`` checks that the scale is a normal float16).
+_LEVELS = {"q4_0": (8, False), "q4_1": (15, True), "q8_0": (127, False)}
+
+
+def _ggml_prepare(x: jax.Array, validate: bool, fmt: str) -> tuple[jax.Array, Any, tuple[int, ...]]:
     x32, dtype = _as_float32(x)
     if validate:
-        validate_finite(x)
+        levels, asymmetric = _LEVELS[fmt]
+        validate_scale_range(x, block=GGML_BLOCK_SIZE, levels=levels, fmt=fmt, asymmetric=asymmetric)
     return x32, dtype, tuple(x32.shape)
 
 
@@ -418,6 +431,11 @@ def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
     Args:
         x: a float32, bfloat16 or float16 array of any shape (blocks over the flattened tensor).
         validate: check eagerly that every value is finite (needs concrete input: not under jit).
+            Also checks every block's float16 scale.
+            Usable range: a block absmax of 0 or in [0.000488, 5.24e+05] (float16's normal
+            range times 8); below it the scale is subnormal and the block loses precision (all
+            zeros below ~4.8e-07), above it the scale overflows. ``validate=True`` raises
+            NonFiniteError naming the first such block; otherwise they pass silently (as in GGML).
 
     Returns:
         A :class:`Q4_0Tensor`.
@@ -436,7 +454,7 @@ def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
         >>> dequantize(q).tolist()
         [-1.0, 0.5, 0.25, 0.0]
     """
-    x32, dtype, shape = _ggml_prepare(x, validate)
+    x32, dtype, shape = _ggml_prepare(x, validate, "q4_0")
     return Q4_0Tensor(*_q4_0_core(x32), shape=shape, dtype=dtype)
 
 
@@ -465,6 +483,11 @@ def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
     Args:
         x: a float32, bfloat16 or float16 array of any shape (blocks over the flattened tensor).
         validate: check eagerly that every value is finite (needs concrete input: not under jit).
+            Also checks every block's float16 scale.
+            Usable range: a block range (max - min) of 0 or in [0.000916, 9.83e+05] (float16's normal
+            range times 15); below it the scale is subnormal and the block loses precision (all
+            zeros below ~8.9e-07), above it the scale overflows. ``validate=True`` raises
+            NonFiniteError naming the first such block; otherwise they pass silently (as in GGML).
 
     Returns:
         A :class:`Q4_1Tensor`.
@@ -483,7 +506,7 @@ def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
         >>> dequantize(q)[:3].tolist()
         [0.0, 0.0, 2.06640625]
     """
-    x32, dtype, shape = _ggml_prepare(x, validate)
+    x32, dtype, shape = _ggml_prepare(x, validate, "q4_1")
     return Q4_1Tensor(*_q4_1_core(x32), shape=shape, dtype=dtype)
 
 
@@ -507,6 +530,11 @@ def quantize_q8_0(x: jax.Array, *, validate: bool = False) -> Q8_0Tensor:
     Args:
         x: a float32, bfloat16 or float16 array of any shape (blocks over the flattened tensor).
         validate: check eagerly that every value is finite (needs concrete input: not under jit).
+            Also checks every block's float16 scale.
+            Usable range: a block absmax of 0 or in [0.00775, 8.32e+06] (float16's normal
+            range times 127); below it the scale is subnormal and the block loses precision (all
+            zeros below ~7.6e-06), above it the scale overflows. ``validate=True`` raises
+            NonFiniteError naming the first such block; otherwise they pass silently (as in GGML).
 
     Returns:
         A :class:`Q8_0Tensor`.
@@ -523,7 +551,7 @@ def quantize_q8_0(x: jax.Array, *, validate: bool = False) -> Q8_0Tensor:
         >>> q.qs[0, :4].tolist(), q.d.dtype.name
         ([127, -64, 32, 0], 'float16')
     """
-    x32, dtype, shape = _ggml_prepare(x, validate)
+    x32, dtype, shape = _ggml_prepare(x, validate, "q8_0")
     return Q8_0Tensor(*_q8_0_core(x32), shape=shape, dtype=dtype)
 
 
@@ -627,6 +655,7 @@ def dequantize(q: Int8Tensor | Q4_0Tensor | Q4_1Tensor | Q8_0Tensor) -> jax.Arra
             got=type(q).__name__,
             hint="viva_tensor.quant.dequantize handles every registered format.",
         )
+    check_record(q)
     return fn(q)
 
 

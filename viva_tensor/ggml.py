@@ -47,9 +47,9 @@ import numpy as np
 from jax import lax
 
 from viva_tensor import compression
-from viva_tensor._formats.checks import float_input
+from viva_tensor._formats.checks import float_input, validate_scale_range
 from viva_tensor._formats.record import QuantizedArray, batch_dims
-from viva_tensor._formats.registry import register_format
+from viva_tensor._formats.registry import check_record, register_format
 from viva_tensor.errors import DTypeError, FormatError, InvalidOp, InvalidShape, NonFiniteError
 
 __all__ = [
@@ -671,6 +671,11 @@ def quantize_q5_0(x: jax.Array, *, imatrix: jax.Array | None = None, validate: b
             last dim, which must be a multiple of 32).
         imatrix: optional importance of each input column, shape ``(x.shape[-1],)``.
         validate: check eagerly that every value is finite.
+            Also checks every block's float16 scale.
+            Usable range: a block absmax of 0 or in [0.000977, 1.05e+06] (float16's normal
+            range times 16); below it the scale is subnormal and the block loses precision (all
+            zeros below ~9.5e-07), above it the scale overflows. ``validate=True`` raises
+            NonFiniteError naming the first such block; otherwise they pass silently (as in GGML).
 
     Returns:
         A :class:`Q5_0Tensor`.
@@ -687,6 +692,8 @@ def quantize_q5_0(x: jax.Array, *, imatrix: jax.Array | None = None, validate: b
         ([0.0625], [-1.0, 0.5, 0.25, 0.0])
     """
     x32, dtype, shape = _prepare(x, validate, None)
+    if validate:
+        validate_scale_range(x, block=32, levels=16, fmt="q5_0", asymmetric=False)
     if imatrix is not None:
         rows = _rows32(x32, shape, "q5_0")
         d, codes = _q5_0_impl(rows, _check_imatrix(imatrix, shape[-1], shape))
@@ -742,6 +749,11 @@ def quantize_q5_1(x: jax.Array, *, imatrix: jax.Array | None = None, validate: b
         x: a float32, bfloat16 or float16 array (as :func:`quantize_q5_0`).
         imatrix: optional importance of each input column, shape ``(x.shape[-1],)``.
         validate: check eagerly that every value is finite.
+            Also checks every block's float16 scale.
+            Usable range: a block range (max - min) of 0 or in [0.00189, 2.03e+06] (float16's normal
+            range times 31); below it the scale is subnormal and the block loses precision (all
+            zeros below ~1.8e-06), above it the scale overflows. ``validate=True`` raises
+            NonFiniteError naming the first such block; otherwise they pass silently (as in GGML).
 
     Returns:
         A :class:`Q5_1Tensor`.
@@ -756,6 +768,8 @@ def quantize_q5_1(x: jax.Array, *, imatrix: jax.Array | None = None, validate: b
         ([1.0], [0.0], [0.0, 1.0, 2.0])
     """
     x32, dtype, shape = _prepare(x, validate, None)
+    if validate:
+        validate_scale_range(x, block=32, levels=31, fmt="q5_1", asymmetric=True)
     if imatrix is not None:
         d, m, codes = _q5_1_impl(_rows32(x32, shape, "q5_1"), _check_imatrix(imatrix, shape[-1], shape))
     else:
@@ -1231,6 +1245,7 @@ def dequantize(q: Any) -> jax.Array:
     if fn is None:
         raise FormatError(argument="q", expected=f"a record of viva_tensor.ggml ({', '.join(_RECORDS)})",
                           got=type(q).__name__, hint="viva_tensor.quant.dequantize handles every registered format.")
+    check_record(q)
     return fn(q)
 
 

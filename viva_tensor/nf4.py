@@ -30,6 +30,10 @@ Where this port decides differently, on purpose:
   ``nested_block_size`` NF4 blocks dequantize to NaN and all other nested blocks are exact as usual.
   ``validate=True`` raises
   :class:`~viva_tensor.errors.NonFiniteError` naming the first bad index instead.
+* Huge values (absmax above 2**120, up to float32's max): the block is scaled by 2**-64 before the
+  reciprocal, whose float32 value would otherwise be subnormal and flushed to 0 by XLA on CPU (every value
+  would decode to 0). With double quantization the mean of the absmax values is computed in a scaled form
+  when their plain sum overflows, so tensors near 3e38 stay finite. Ordinary blocks keep bitsandbytes' bytes.
 * Empty arrays raise :class:`~viva_tensor.errors.InvalidShape`: there is nothing to scale.
 * The dynamic map is rebuilt from its definition in float32, with torch's CPU ``linspace`` (each
   point ``start + k * step`` from the nearer end, one fused multiply-add). That reproduces all 256
@@ -60,8 +64,8 @@ import numpy as np
 from viva_tensor._formats import packing
 from viva_tensor._formats.checks import float_input, positive_int, validate_finite
 from viva_tensor._formats.record import QuantizedArray, record, static
-from viva_tensor._formats.registry import Planes, register_format
-from viva_tensor.errors import ConfigError, FormatError
+from viva_tensor._formats.registry import Planes, check_record, register_format
+from viva_tensor.errors import ConfigError, FormatError, NonFiniteError
 
 __all__ = [
     "NF4_LEVELS",
@@ -76,6 +80,7 @@ __all__ = [
     "dequantize",
     "compute_stats",
     "create_dynamic_map",
+    "DQ_ABSMAX_TOLERANCE",
 ]
 
 #: The 16 NF4 levels, the float32 table of ``bitsandbytes.functional.get_4bit_type("nf4")``.
@@ -208,6 +213,18 @@ def _safe_reciprocal(a: jax.Array) -> jax.Array:
     return jnp.where(a == 0, jnp.float32(0), jnp.float32(1) / jnp.where(a == 0, jnp.float32(1), a))
 
 
+def _scaled(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
+    """``blocks * (1 / absmax)`` per row, with huge absmax scaled down first (exact powers of two).
+
+    Above ~2**126 the float32 reciprocal of the absmax is subnormal and XLA on CPU flushes it to 0 (every
+    value would get the level 0); bitsandbytes keeps it. Such blocks are multiplied by 2**-64 first, which
+    changes no code of ordinary blocks (their factor is exactly 1).
+    """
+    huge = absmax > jnp.float32(2.0**120)
+    down = jnp.where(huge, jnp.float32(2.0**-64), jnp.float32(1))
+    return (blocks * down[:, None]) * _safe_reciprocal(absmax * down)[:, None]
+
+
 def _blocks(flat: jax.Array, block: int) -> jax.Array:
     n = flat.shape[0]
     nb = -(-n // block)
@@ -228,7 +245,7 @@ def _nf4_core(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     # XLA's max reduction on CPU may skip a NaN (like fmaxf): make a NaN block's absmax NaN explicitly.
     absmax = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
-    scaled = (blocks * _safe_reciprocal(absmax)[:, None]).reshape(-1)[:n]
+    scaled = _scaled(blocks, absmax).reshape(-1)[:n]
     return packing.pack_pairs(_nf4_codes(scaled), first="high", pad=7), absmax
 
 
@@ -325,7 +342,12 @@ def double_quantize(
         x: A float32, bfloat16 or float16 array of any non-empty shape.
         block_size: Values per NF4 block (a positive even integer).
         nested_block_size: absmax values per nested block (a positive integer; bitsandbytes uses 256).
-        validate: Check (eagerly) that every value is finite.
+        validate: Check (eagerly) that every value is finite, and that every block's decoded absmax is within
+            :data:`DQ_ABSMAX_TOLERANCE` (10%) of its true absmax. Double quantization stores the absmax
+            values minus their mean as 8-bit codes scaled by the largest deviation in each nested block: one
+            outlier (1e6 among values of ~4) makes that scale so coarse that the small blocks' absmax decode
+            far off (values of ~3.9 come back as ~925; bitsandbytes does the same). Without ``validate``
+            this passes silently.
 
     Returns:
         An :class:`NF4DQTensor` with ``codes``, ``absmax_codes`` (uint8), ``nested_absmax`` and
@@ -336,7 +358,8 @@ def double_quantize(
         InvalidShape: ``x`` is empty.
         ConfigError: a block size out of range.
         InvalidOp: ``validate=True`` under jit or vmap.
-        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
+        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity, or a block's absmax does not
+            survive double quantization (see ``validate``).
 
     Example:
         >>> import jax
@@ -351,7 +374,7 @@ def double_quantize(
         validate_finite(x)
     codes, absmax = _nf4_core(x, block)
     absmax_codes, nested_absmax, offset = _double_core(absmax, nested)
-    return NF4DQTensor(
+    q = NF4DQTensor(
         codes=codes,
         absmax_codes=absmax_codes,
         nested_absmax=nested_absmax,
@@ -361,19 +384,48 @@ def double_quantize(
         block_size=block,
         nested_block_size=nested,
     )
+    if validate:
+        _validate_double(absmax, _dq_absmax(q), block)
+    return q
+
+
+#: ``validate=True`` of :func:`double_quantize` refuses a block whose decoded absmax is off by more than this
+#: fraction of its true absmax (ordinary tensors: well under 2%).
+DQ_ABSMAX_TOLERANCE = 0.1
+
+
+def _validate_double(absmax: jax.Array, decoded: jax.Array, block: int) -> None:
+    true, got = np.asarray(absmax, np.float64), np.asarray(decoded, np.float64)
+    with np.errstate(all="ignore"):
+        off = np.abs(got - true) > DQ_ABSMAX_TOLERANCE * true
+    bad = np.argwhere((true > 0) & off)
+    if bad.size:
+        b = int(bad[0][0])
+        raise NonFiniteError(
+            argument="x",
+            expected=f"every block's double-quantized absmax within {DQ_ABSMAX_TOLERANCE:.0%} of its true absmax",
+            got=f"block {b} (values {b * block}..{(b + 1) * block - 1}): absmax {true[b]:.4g} decoded as {got[b]:.4g}",
+            hint="an outlier far above the other blocks' absmax makes the 8-bit absmax codes too coarse for "
+            "the small blocks (bitsandbytes does the same); use nf4 (float32 absmax), or clip the outlier.",
+        )
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _double_core(absmax: jax.Array, nested: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     finite = jnp.isfinite(absmax)
     count = jnp.sum(finite).astype(jnp.float32)
-    offset = jnp.sum(jnp.where(finite, absmax, 0)) / jnp.maximum(count, 1)
+    kept = jnp.where(finite, absmax, 0)
+    offset = jnp.sum(kept) / jnp.maximum(count, 1)
+    # The sum of huge finite absmax values can overflow (two blocks at 3e38): then take the mean of the
+    # values scaled by 2**-64 (exact) and scale it back; ordinary tensors keep the plain mean's bits.
+    small = jnp.sum(kept * jnp.float32(2.0**-64)) / jnp.maximum(count, 1) * jnp.float32(2.0**64)
+    offset = jnp.where(jnp.isfinite(offset), offset, small)
     centered = absmax - offset
     nb = absmax.shape[0]
     clean = jnp.where(finite, centered, 0)
     groups = _blocks(clean, nested)
     nested_absmax = jnp.max(jnp.abs(groups), axis=1)
-    scaled = (groups * _safe_reciprocal(nested_absmax)[:, None]).reshape(-1)[:nb]
+    scaled = _scaled(groups, nested_absmax).reshape(-1)[:nb]
     absmax_codes = _dynamic_codes(scaled)
     # An 8-bit code cannot hold NaN: a non-finite absmax makes its nested block's absmax NaN, so
     # those blocks dequantize to NaN instead of to a finite, wrong value.
@@ -420,6 +472,7 @@ def dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
             argument="q", expected="an NF4Tensor or NF4DQTensor", got=type(q).__name__,
             hint="use viva_tensor.quant.dequantize for any format.",
         )
+    check_record(q)
     return _dequantize(q)
 
 

@@ -30,7 +30,12 @@ import numpy as np
 
 from viva_tensor.errors import ConfigError, DTypeError, InvalidOp, InvalidShape, NonFiniteError
 
-__all__ = ["FLOAT_DTYPES", "float_input", "float_dtype", "validate_finite", "positive_int"]
+__all__ = ["FLOAT_DTYPES", "float_input", "float_dtype", "validate_finite", "validate_scale_range", "positive_int",
+           "FLOAT16_SCALE_RANGE"]
+
+#: The float16 normal range a stored float16 block scale must fall in: below it the scale is subnormal (precision
+#: lost, 0 below ~6e-8), above it infinite.
+FLOAT16_SCALE_RANGE = (2.0**-14, 65504.0)
 
 #: The dtypes every quantize accepts.
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -104,6 +109,46 @@ def validate_finite(x: Any, name: str = "x") -> None:
             got=f"{float(values[index])} at index {index}",
             hint="replace NaN/inf (jnp.nan_to_num), or leave validate=False: only the blocks holding "
             "them dequantize to NaN.",
+        )
+
+
+def validate_scale_range(
+    x: Any, *, block: int, levels: float, fmt: str, asymmetric: bool = False, flat: bool = True, name: str = "x"
+) -> None:
+    """The ``validate=True`` check of a format with a float16 block scale: every block's scale must be normal.
+
+    The scale of a block is ``absmax / levels`` (``(max - min) / levels`` when ``asymmetric``); it must lie in
+    :data:`FLOAT16_SCALE_RANGE`, i.e. the block's absmax (range) in ``[2**-14 * levels, 65504 * levels]``. An
+    all-zero block (exact) and a non-finite one (see :func:`validate_finite`) are not checked here. Blocks are
+    ``block`` consecutive values of the flattened tensor (``flat``) or of each row along the last axis.
+
+    Raises:
+        InvalidOp: ``x`` is traced.
+        NonFiniteError: a block whose float16 scale would be subnormal (most of its precision lost, zeros below
+            ~6e-8 * levels) or overflow; the message names the first such block and the usable range.
+    """
+    validate_finite(x, name)
+    values = np.asarray(jnp.asarray(x).astype(jnp.float32))
+    rows = values.reshape(1, -1) if flat or values.ndim == 0 else values.reshape(-1, values.shape[-1])
+    pad = -rows.shape[1] % block
+    rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=np.nan)
+    blocks = rows.reshape(rows.shape[0], -1, block)
+    with np.errstate(all="ignore"):
+        stat = np.nanmax(blocks, -1) - np.nanmin(blocks, -1) if asymmetric else np.nanmax(np.abs(blocks), -1)
+    stat = stat.astype(np.float64)
+    lo, hi = FLOAT16_SCALE_RANGE[0] * levels, FLOAT16_SCALE_RANGE[1] * levels
+    bad = np.argwhere((stat != 0) & ((stat < lo) | (stat > hi)))
+    if bad.size:
+        r, b = (int(i) for i in bad[0])
+        where = f"block {b}" if flat else f"block {b} of row {r}"
+        what = "range (max - min)" if asymmetric else "absmax"
+        raise NonFiniteError(
+            argument=name,
+            expected=f"every {fmt} block's {what} 0 or within [{lo:.3g}, {hi:.3g}] (its float16 scale "
+            f"{what} / {levels:g} in float16's normal range)",
+            got=f"{what} {stat[r, b]:.3g} in {where} (of {block} values)",
+            hint="rescale the tensor into the usable range, or use a format with a float32 scale (int8, nf4); "
+            "with validate=False such blocks lose precision (or overflow) silently.",
         )
 
 

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -39,6 +40,8 @@ __all__ = [
     "option_names",
     "quantize",
     "dequantize",
+    "expected_record",
+    "check_record",
 ]
 
 
@@ -187,6 +190,86 @@ def check_options(spec: FormatSpec, options: dict[str, Any]) -> None:
         )
 
 
+def expected_record(spec: FormatSpec, rec: Any) -> Any:
+    """The record that quantizing a tensor of ``rec``'s shape and dtype would give (shapes only, ``eval_shape``)."""
+    names, _ = option_names(spec)
+    statics = {
+        f.name: getattr(rec, f.name)
+        for f in dataclasses.fields(type(rec))
+        if not f.metadata.get("pytree_node", True) and f.name in names
+    }
+    x = jax.ShapeDtypeStruct(tuple(rec.shape), rec.dtype)
+    return jax.eval_shape(lambda a: spec.quantize(a, **statics), x)
+
+
+def _static_key(rec: Any) -> tuple:
+    return tuple((f.name, getattr(rec, f.name)) for f in dataclasses.fields(type(rec))
+                 if not f.metadata.get("pytree_node", True))
+
+
+@functools.lru_cache(maxsize=512)
+def _expected_leaves(spec: FormatSpec, cls: type, key: tuple) -> tuple[Any, tuple | str]:
+    """(treedef, ((shape, dtype) ...)) of the record a quantize of these static fields gives, or an error text."""
+    rec = object.__new__(cls)
+    for name, value in key:
+        object.__setattr__(rec, name, value)
+    try:
+        expected = expected_record(spec, rec)
+    except Exception as e:  # noqa: BLE001 - any failure means the static fields are not valid for the format
+        return None, f"static fields the format refuses ({type(e).__name__}: {e})"
+    leaves, tree = jax.tree_util.tree_flatten(expected)
+    return tree, tuple((tuple(e.shape), jax.numpy.dtype(e.dtype)) for e in leaves)
+
+
+def check_record(rec: Any, argument: str = "q") -> FormatSpec:
+    """Raises :class:`FormatError` unless ``rec``'s buffers are what its format's quantize makes for its static fields.
+
+    A record edited with ``dataclasses.replace`` (another ``shape``, a ``dtype`` of int32, another block size)
+    would otherwise decode to a wrong tensor silently. Static shapes only: runs at trace time, under ``jit`` and
+    ``vmap`` too (leading batch dims of the buffers are allowed, the same for every buffer).
+
+    Returns:
+        The record's :class:`FormatSpec`.
+
+    Example:
+        >>> import dataclasses, jax.numpy as jnp
+        >>> q = quantize(jnp.ones((2, 32)), "q8_0")
+        >>> check_record(q).name
+        'q8_0'
+        >>> try:
+        ...     check_record(dataclasses.replace(q, shape=(1, 32)))
+        ... except FormatError as e:
+        ...     print(e.argument)
+        q
+    """
+    spec = spec_of(rec, argument)
+    try:
+        key = _static_key(rec)
+        hash(key)
+    except TypeError:
+        return spec  # unhashable static fields (not made by a quantize): nothing to compare with
+    tree, want = _expected_leaves(spec, type(rec), key)
+    what = f"a {spec.name} record whose buffers match its static fields (shape {tuple(rec.shape)}, dtype {rec.dtype})"
+    hint = "do not edit a record's static fields (dataclasses.replace); quantize the tensor again."
+    if tree is None:
+        raise FormatError(argument=argument, expected=what, got=want, hint=hint)
+    leaves, got_tree = jax.tree_util.tree_flatten(rec)
+    if got_tree != tree:
+        raise FormatError(argument=argument, expected=what, got=f"the fields {got_tree}", hint=hint)
+    batch = None
+    for i, (leaf, (shape, dtype)) in enumerate(zip(leaves, want, strict=True)):
+        nb = leaf.ndim - len(shape)
+        lead = tuple(leaf.shape[:nb]) if nb >= 0 else None
+        if lead is None or tuple(leaf.shape[nb:]) != shape or jax.numpy.dtype(leaf.dtype) != dtype or (
+            batch is not None and lead != batch
+        ):
+            got = f"buffer {i} of {jax.numpy.dtype(leaf.dtype).name}{tuple(leaf.shape)}"
+            exp = f"{what}: buffer {i} of {dtype.name}{shape}" + (f" after batch dims {batch}" if batch else "")
+            raise FormatError(argument=argument, expected=exp, got=got, hint=hint)
+        batch = lead
+    return spec
+
+
 def quantize(x: jax.Array, fmt: str, **options: Any) -> Any:
     """Quantize ``x`` in the format named ``fmt``.
 
@@ -234,4 +317,4 @@ def dequantize(q: Any) -> jax.Array:
         >>> quant.dequantize(quant.quantize(jnp.full((2, 32), 0.5), "q8_0"))[0, :3].round(3).tolist()
         [0.5, 0.5, 0.5]
     """
-    return spec_of(q).dequantize(q)
+    return check_record(q).dequantize(q)

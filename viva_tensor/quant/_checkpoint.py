@@ -24,8 +24,8 @@ import numpy as np
 
 from viva_tensor import _safetensors
 from viva_tensor._formats.registry import FORMATS, FormatSpec, format_names, format_spec, is_quantized, spec_of
+from viva_tensor._formats.registry import expected_record as _expected_record
 from viva_tensor.errors import CheckpointError
-from viva_tensor.quant._dot import _expected_record
 
 __all__ = ["save", "load"]
 
@@ -86,6 +86,12 @@ class _Writer:
     def add(self, name: str, x: Any) -> str:
         if name in self.tensors:
             raise CheckpointError(f"two leaves of the tree map to the tensor name {name!r}")
+        if isinstance(x, jax.core.Tracer):
+            raise CheckpointError(
+                argument="tree", expected="concrete arrays (quant.save writes a file: call it outside jit)",
+                got=f"a traced array at '{name}' (inside jit, vmap or grad)",
+                hint="return the tree from the jitted function and save it outside.",
+            )
         a = _contiguous(np.asarray(jax.device_get(x)))
         self.tensors[name] = a
         digest = hashlib.sha256(_raw_bytes(a)).hexdigest()

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor._formats import packing
-from viva_tensor._formats.registry import FormatSpec, Planes, dequantize, is_quantized, option_names, spec_of
+from viva_tensor._formats.registry import Planes, check_record, dequantize, is_quantized, spec_of
+from viva_tensor._formats.registry import expected_record as _expected_record
 from viva_tensor.errors import DimensionError, DTypeError, FormatError, ShapeMismatch
 
 __all__ = ["dot_general", "dot", "promote_dtype"]
@@ -56,6 +57,15 @@ def _check_dims(lshape: tuple, rshape: tuple, dims: tuple) -> None:
                     expected=f"{name} dims in [0, {len(shape)}) for {name} shape {shape}",
                     got=d,
                 )
+    for name, shape, ds in (("lhs", lshape, lc + lb), ("rhs", rshape, rc + rb)):
+        canon = [d % len(shape) for d in ds]
+        if len(set(canon)) != len(canon):
+            raise DimensionError(
+                argument="dimension_numbers",
+                expected=f"distinct {name} contracting and batch dims",
+                got=f"{name} dims {tuple(ds)} (contracting {lc if name == 'lhs' else rc}, "
+                f"batch {lb if name == 'lhs' else rb})",
+            )
     for kind, ls, rs in (("contracting", lc, rc), ("batch", lb, rb)):
         if len(ls) != len(rs):
             raise ShapeMismatch(
@@ -264,11 +274,11 @@ def dot_general(
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
         )
-    dims = _canonical_dims(dimension_numbers)
-    _check_dims(_logical_shape(lhs), _logical_shape(rhs), dims)
     for name, x in (("lhs", lhs), ("rhs", rhs)):
         if is_quantized(x):
-            spec_of(x, name)
+            check_record(x, name)
+    dims = _canonical_dims(dimension_numbers)
+    _check_dims(_logical_shape(lhs), _logical_shape(rhs), dims)
     if preferred_element_type is not None:
         preferred_element_type = np.dtype(preferred_element_type)
     if isinstance(precision, list):
@@ -347,15 +357,3 @@ def promote_dtype(args: Sequence[Any], /, *, dtype: Any = None, inexact: bool = 
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         raise DTypeError(argument="dtype", expected="a floating dtype", got=str(np.dtype(dtype)))
     return tuple(a if a is None or is_quantized(a) else jnp.asarray(a, dtype) for a in args)
-
-
-def _expected_record(spec: FormatSpec, rec: Any) -> Any:
-    """The record that quantizing a tensor of ``rec``'s shape and dtype would give (shapes only)."""
-    names, _ = option_names(spec)
-    statics = {
-        f.name: getattr(rec, f.name)
-        for f in dataclasses.fields(type(rec))
-        if not f.metadata.get("pytree_node", True) and f.name in names
-    }
-    x = jax.ShapeDtypeStruct(tuple(rec.shape), rec.dtype)
-    return jax.eval_shape(lambda a: spec.quantize(a, **statics), x)
