@@ -17,7 +17,7 @@ FORMATS = quant.format_names()
 
 def _module_dequantize(q):
     spec = quant.format_spec(q.format)
-    return getattr(importlib.import_module(spec.quantize.__module__), "dequantize")
+    return importlib.import_module(spec.quantize.__module__).dequantize
 
 
 def _edits(q):
