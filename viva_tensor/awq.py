@@ -90,7 +90,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,7 +200,8 @@ class GroupInt4Tensor(QuantizedArray):
 
     Attributes:
         codes: uint8 ``(out, ceil(in / 2))``; column ``2j`` in the low nibble of byte ``j``.
-        scales: float16 ``(out, n_groups)``.
+        scales: float16 ``(out, n_groups)`` when quantized here; a record read from a compressed-tensors
+            file keeps that file's float32 or bfloat16 scales exactly (decoding is in float32 either way).
         zeros: uint8 ``(out, ceil(n_groups / 2))``; zero points 0..15 packed like the codes.
         shape: ``(out, in)`` (static). dtype: the original dtype (static). group_size: static.
     """
@@ -209,6 +210,9 @@ class GroupInt4Tensor(QuantizedArray):
     scales: jax.Array
     zeros: jax.Array
     group_size: int = static(default=128)
+
+    # The record checks (registry.check_record) accept scales of any float dtype, for the reason above.
+    float_buffers_any_float_dtype: ClassVar[bool] = True
 
 
 @record("awq_int4", core_ndim=2)
