@@ -35,6 +35,7 @@ from flax import nnx  # noqa: E402
 
 from viva_tensor import awq, nn  # noqa: E402
 from viva_tensor.models import minilm  # noqa: E402
+from viva_tensor.nn._graph import set_child  # noqa: E402
 
 FIXTURE = _common.FIXTURE
 
@@ -151,23 +152,12 @@ def linears(model) -> list[tuple[tuple, str, nnx.Linear]]:
     return [(p, ".".join(map(str, p)), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear)]
 
 
-def _set_child(root, path: tuple, value) -> None:
-    """Replace the submodule at ``path`` (as ``nnx.iter_graph`` gives it) with ``value``."""
-    parent = root
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = value
-    else:
-        setattr(parent, path[-1], value)
-
-
 def replaced(model, records: dict[str, object]):
     """A copy of ``model`` whose Linear layers are :class:`viva_tensor.nn.QLinear` holding ``records``."""
     copy = nnx.clone(model)
     for path, name, layer in linears(copy):
         bias = None if layer.bias is None else layer.bias.get_value()
-        _set_child(copy, path, nn.QLinear(records[name], bias))
+        set_child(copy, path, nn.QLinear(records[name], bias))
     return copy
 
 
