@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from viva_tensor._benchmarking import Timing, time_fn  # noqa: E402
 from viva_tensor.cli._args import positive_float, positive_int  # noqa: E402 - 0 or -5 is a usage error
+from viva_tensor.hardware import _cpu_name  # noqa: E402 - the CPU's name, as hardware reads it
 
 __all__ = ["ROOT", "RESULTS", "QUICK_RESULTS", "FIXTURE", "Timing", "time_fn", "parser", "environment",
            "write_results", "positive_int", "positive_float"]  # fmt: skip
@@ -46,17 +47,6 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, a few seconds (CI); results go to results/quick")
     p.add_argument("--out", type=pathlib.Path, default=None, help="results folder (default: benchmarks/results)")
     return p
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict[str, Any]:
@@ -72,7 +62,7 @@ def environment() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": f"{len(devices)} x {devices[0].device_kind}",
         "device_count": len(devices),
-        "cpu": _cpu(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
     }
 

@@ -63,18 +63,6 @@ def _mx_scales(byte: jax.Array) -> jax.Array:
     return jnp.where(b == 255, jnp.float32(jnp.nan), scale)
 
 
-def _dq_absmax(q: Any) -> jax.Array:
-    from viva_tensor.nf4 import DYNAMIC_MAP
-
-    nb = q.absmax_codes.shape[-1]
-    nested = jnp.repeat(q.nested_absmax, q.nested_block_size, axis=-1)[..., :nb]
-    product = jnp.asarray(DYNAMIC_MAP)[q.absmax_codes] * nested
-    # two roundings (product, then sum): a data-dependent select on the bits keeps XLA from fusing an FMA
-    bits = jax.lax.bitcast_convert_type(product, jnp.int32)
-    bits = jnp.where(jnp.isnan(product), jnp.int32(0x7FC00000), bits)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32) + q.offset[..., None]
-
-
 def _unpack_low_first(packed: jax.Array, n: int) -> jax.Array:
     return jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)[..., :n]
 
@@ -105,7 +93,7 @@ def kernel_args(record: Any) -> dict | None:
         if rp is None or record.codes.ndim != 1:
             return None
         rows, packed = rp
-        absmax = _dq_absmax(record) if isinstance(record, nf4.NF4DQTensor) else _f32(record.absmax)
+        absmax = nf4._dq_absmax(record) if isinstance(record, nf4.NF4DQTensor) else _f32(record.absmax)
         return out | dict(codes=record.codes.reshape(rows, packed // 2), lut=jnp.asarray(nf4.NF4_LEVELS),
                           scales=absmax.reshape(rows, packed // record.block_size), layout="high_first",
                           block_size=record.block_size)
