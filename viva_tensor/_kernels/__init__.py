@@ -51,7 +51,7 @@ import numpy as np
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
 
 __all__ = ["available", "qmatmul", "qmatmul_reference", "decode", "decode_reference", "LAYOUTS", "WEIGHT_LAYOUTS",
-           "library_path", "threads"]
+           "library_path", "threads", "quantize_rows", "qmatmul_int8", "qmatmul_int8_reference"]
 
 LAYOUTS = {"low_first": 0, "high_first": 1, "ggml": 2, "int8": 3}
 WEIGHT_LAYOUTS = ("nk", "kn")
@@ -102,6 +102,8 @@ def _load() -> bool:
             lib = ctypes.cdll.LoadLibrary(str(_LIB))
             jax.ffi.register_ffi_target("vt_qmatmul", jax.ffi.pycapsule(lib.VtQMatmul), platform="cpu")
             jax.ffi.register_ffi_target("vt_decode", jax.ffi.pycapsule(lib.VtDecode), platform="cpu")
+            jax.ffi.register_ffi_target("vt_qmatmul_i8", jax.ffi.pycapsule(lib.VtQMatmulI8), platform="cpu")
+            _state["vnni"] = bool(lib.vt_kernels_vnni())
             _state["simd"] = int(lib.vt_kernels_simd())
             ok = True
         except Exception as e:  # noqa: BLE001  (a stale or foreign library: fall back to pure JAX)
@@ -226,7 +228,8 @@ def qmatmul_reference(x, codes, lut, scales, offsets=None, *, layout: str, block
 #: From this many activation rows on, the weight is decoded in panels (vt_decode) and each panel goes to XLA's
 #: GEMM; below it the fused kernel decodes each 32-value group once per 4 rows of x, in registers.
 PANEL_BATCH = int(os.environ.get("VIVA_TENSOR_PANEL_BATCH", "32"))
-#: Bytes of float32 per decoded panel (the only weight-sized temporary: 4 MiB, 1/16 of a 4096 x 4096 float32).
+#: Bytes of float32 per decoded panel at most (the only weight-sized temporary: 4 MiB, 1/16 of a 4096 x 4096
+#: float32; a smaller weight takes panels of 1/8 of its float32 bytes).
 PANEL_BYTES = 4 << 20
 
 
@@ -247,7 +250,8 @@ def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n)
     """Large batches: decode P rows of the stored weight at a time and contract each panel with XLA's dot."""
     rows = codes.shape[0]
     packed = n if kn else x2.shape[1]
-    p = int(max(1, min(rows, PANEL_BYTES // (4 * packed))))
+    budget = min(PANEL_BYTES, max(4 * packed, rows * packed // 2))  # and at most 1/8 of the float32 weight
+    p = int(max(1, min(rows, budget // (4 * packed))))
     full = rows // p
     has_off = offsets.shape[0] != 0
 
@@ -420,3 +424,114 @@ def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int) ->
         return decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size)
     off = jnp.zeros((0,), jnp.float32) if offsets is None else jnp.asarray(offsets, jnp.float32)
     return _ffi_decode(codes, lut, scales, off, layout=layout, block_size=block_size, packed=packed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# W8A8: int8 activations (a scale per row) times an int8 weight (N, K) with a scale per block of K
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a / b`` correctly rounded (XLA:CPU turns a division by a broadcast or a constant into a rounded reciprocal)."""
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-row (per-token) absmax int8: ``x ~ codes * scale``, the scale over the last axis.
+
+    ``scale = max|x| / 127`` (float32, correctly rounded; 1 for an all-zero row), ``codes = round(x / scale)``
+    (half to even) in ``[-127, 127]``. A row holding NaN or an infinity gets codes 0: the caller poisons its output.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import _kernels
+        >>> q, s = _kernels.quantize_rows(jnp.array([[1.0, -2.0, 0.5]]))
+        >>> q.tolist(), s.tolist()
+        ([[64, -127, 32]], [[0.015748031437397003]])
+    """
+    xf = jnp.asarray(x).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    finite = jnp.isfinite(amax) & (amax > 0)
+    scale = jnp.where(finite, _exact_div(amax, jnp.float32(127.0)), jnp.float32(1.0))
+    codes = jnp.clip(jnp.round(_exact_div(xf, scale)), -127, 127)
+    codes = jnp.where(jnp.isfinite(codes), codes, jnp.float32(0.0)).astype(jnp.int8)
+    return codes, scale
+
+
+def qmatmul_int8_reference(xq: jax.Array, xs: jax.Array, codes: jax.Array, scales: jax.Array, *,
+                           block_size: int) -> jax.Array:
+    """Pure-JAX :func:`qmatmul_int8`: int8 x int8 -> int32 dots per block of K, then the float32 scales.
+
+    The int32 partial sums are ``(blocks, B, rows)``; the weight is taken in chunks of rows that keep them near 4 MiB.
+    """
+    b, k = xq.shape
+    n = codes.shape[0]
+    nb = k // block_size
+    xb = xq.reshape(b, nb, block_size)
+
+    def part(c, s):  # c (rows, K) int8, s (rows, nb)
+        isum = jax.lax.dot_general(xb, c.reshape(-1, nb, block_size), (((2,), (2,)), ((1,), (1,))),
+                                   preferred_element_type=jnp.int32)  # (nb, B, rows)
+        return jnp.einsum("jbr,rj->br", isum.astype(jnp.float32), s, precision=jax.lax.Precision.HIGHEST)
+
+    rows = max(1, (1 << 20) // max(1, nb * b))
+    rows = next((r for r in range(min(rows, n), 0, -1) if n % r == 0), n)
+    if rows >= n:
+        y = part(codes, scales)
+    else:
+        ys = jax.lax.map(lambda t: part(*t), (codes.reshape(n // rows, rows, k), scales.reshape(n // rows, rows, nb)))
+        y = jnp.moveaxis(ys, 0, 1).reshape(b, n)
+    return y * xs.reshape(b, 1)
+
+
+def qmatmul_int8(xq: jax.Array, xs: jax.Array, codes: jax.Array, scales: jax.Array, *, block_size: int) -> jax.Array:
+    """W8A8 matmul: ``y[b, n] = xs[b] * sum_blk scales[n, blk] * sum_{k in blk} xq[b, k] codes[n, k]``, int32 sums.
+
+    On CPU with the library, ``vt_qmatmul_i8`` (AVX-512 VNNI ``vpdpbusd`` where the CPU has it, scalar int32 loops
+    otherwise); elsewhere :func:`qmatmul_int8_reference`. No gradient (the activations are rounded).
+
+    Args:
+        xq: int8 activations ``(B, K)`` (from :func:`quantize_rows`).
+        xs: float32 ``(B, 1)`` or ``(B,)``: their per-row scales.
+        codes: int8 weight ``(N, K)``.
+        scales: float32 ``(N, K / block_size)``.
+        block_size: a multiple of 32 dividing K (K itself for one scale per row).
+
+    Returns:
+        float32 ``(B, N)``.
+
+    Raises:
+        DTypeError, ShapeMismatch, ConfigError: a bad argument, named.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import _kernels
+        >>> y = _kernels.qmatmul_int8(jnp.ones((1, 64), jnp.int8), jnp.full((1,), 0.5), jnp.full((3, 64), 2, jnp.int8),
+        ...                           jnp.ones((3, 1)), block_size=64)
+        >>> y.tolist()
+        [[64.0, 64.0, 64.0]]
+    """
+    for name, a in (("xq", xq), ("codes", codes)):
+        if a.dtype != jnp.int8 or a.ndim != 2:
+            raise DTypeError(argument=name, expected="a 2-D int8 array", got=f"{a.dtype}{a.shape}")
+    b, k = xq.shape
+    n = codes.shape[0]
+    if codes.shape[1] != k:
+        raise ShapeMismatch(argument="codes", expected=f"({n}, {k}) (K of xq)", got=codes.shape)
+    if not isinstance(block_size, int) or block_size <= 0 or block_size % 32 or k % block_size:
+        raise ConfigError(argument="block_size", expected=f"a multiple of 32 dividing K={k}", got=block_size)
+    if scales.shape != (n, k // block_size):
+        raise ShapeMismatch(argument="scales", expected=(n, k // block_size), got=scales.shape)
+    xs = jnp.asarray(xs, jnp.float32).reshape(b)
+    scales = jnp.asarray(scales, jnp.float32)
+    if not available():
+        return qmatmul_int8_reference(xq, xs, codes, scales, block_size=block_size)
+
+    def kern(xq, xs, codes, scales):
+        call = jax.ffi.ffi_call("vt_qmatmul_i8", jax.ShapeDtypeStruct((b, n), jnp.float32), vmap_method="sequential")
+        return call(xq, xs, codes, scales, block=np.int64(block_size), threads=np.int64(threads()))
+
+    def other(xq, xs, codes, scales):
+        return qmatmul_int8_reference(xq, xs, codes, scales, block_size=block_size)
+
+    return jax.lax.platform_dependent(xq, xs, codes, scales, cpu=kern, default=other)

@@ -3,6 +3,9 @@
 // vt_qmatmul:  y[b, n] = sum_k x[b, k] * w[n, k]   (kn = 0: weight stored (N, K), packed and blocked along K)
 //              y[b, n] = sum_k x[b, k] * w[k, n]   (kn = 1: weight stored (K, N), packed and blocked along N)
 // vt_decode:   w[r, c] for a weight stored (R, C), packed and blocked along C (natural order, float32).
+// vt_qmatmul_i8: y[b, n] = xs[b] * sum_blk s[n, blk] * sum_{k in blk} xq[b, k] * w[n, k]   (W8A8: int8 activations
+//              per row with a float32 scale, int8 weight (N, K) with a float32 scale per block of K; int32 sums,
+//              VNNI vpdpbusd where the CPU has it: (xq + 128) * w, minus 128 * w, per 4 bytes).
 //
 // A weight value is   lut[code] * scale[row, c / block] (+ offset[row, c / block])   for 4-bit codes, or
 //                     code * scale[row, c / block] (+ offset)                        for int8 codes.
@@ -561,6 +564,100 @@ ffi::Error DecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// W8A8: int8 activations times an int8 weight (N, K), int32 sums per block of K (a multiple of 32).
+// ---------------------------------------------------------------------------------------------------------------
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VT_VNNI 1
+// RB rows of x at a time share each 64-byte load of a weight row and its correction 128 * sum(w).
+template <int RB>
+inline void i8_row_block(const uint8_t* xu, const int8_t* wr, const float* sr, int64_t K, int block, float* acc_out) {
+  const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const bool full = K - k >= 64;
+    const __mmask64 m = full ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull);
+    const __m512i wv = _mm512_maskz_loadu_epi8(m, wr + k);
+    const __m512i corr = _mm512_dpbusd_epi32(zero, k128, wv);
+    const float s0 = sr[k / block], s1 = full ? sr[(k + 32) / block] : 0.f;
+    const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+    for (int r = 0; r < RB; ++r) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(m, xu + r * K + k);
+      const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xv, wv), corr);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) acc_out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#else
+#define VT_VNNI 0
+#endif
+
+void i8_rows(const uint8_t* xu, const int8_t* xq, const float* xs, const int8_t* w, const float* s, int64_t B,
+             int64_t K, int64_t N, int block, float* y, int64_t n0, int64_t n1) {
+  const int64_t nblk = K / block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    const float* sr = s + n * nblk;
+#if VT_VNNI
+    int64_t b = 0;
+    float out[4];
+    for (; b + 4 <= B; b += 4) {
+      i8_row_block<4>(xu + b * K, wr, sr, K, block, out);
+      for (int r = 0; r < 4; ++r) y[(b + r) * N + n] = out[r] * xs[b + r];
+    }
+    for (; b < B; ++b) {
+      i8_row_block<1>(xu + b * K, wr, sr, K, block, out);
+      y[b * N + n] = out[0] * xs[b];
+    }
+    (void)xq;
+#else
+    (void)xu;
+    for (int64_t b = 0; b < B; ++b) {
+      const int8_t* xr = xq + b * K;
+      float acc = 0.f;
+      for (int64_t j = 0; j < nblk; ++j) {
+        int32_t isum = 0;
+        for (int64_t k = j * block; k < (j + 1) * block; ++k) isum += int32_t(xr[k]) * int32_t(wr[k]);
+        acc += static_cast<float>(isum) * sr[j];
+      }
+      y[b * N + n] = acc * xs[b];
+    }
+#endif
+  }
+}
+
+ffi::Error QMatmulI8Impl(ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs, ffi::AnyBuffer codes,
+                         ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y, int64_t block, int64_t threads) {
+  auto yd = y->dimensions();
+  if (yd.size() != 2) return ffi::Error::InvalidArgument("vt_qmatmul_i8: y must be (B, N)");
+  const int64_t B = yd[0], N = yd[1];
+  if (B == 0 || N == 0) return ffi::Error::Success();
+  if (xs.element_count() != B) return ffi::Error::InvalidArgument("vt_qmatmul_i8: xs must hold B floats");
+  const int64_t K = static_cast<int64_t>(xq.size_bytes()) / B;
+  if (K * B != static_cast<int64_t>(xq.size_bytes()) || K % 32 != 0 || block <= 0 || block % 32 != 0 ||
+      K % block != 0)
+    return ffi::Error::InvalidArgument("vt_qmatmul_i8: K must be a multiple of 32 and of the block (a multiple of 32)");
+  if (static_cast<int64_t>(codes.size_bytes()) != N * K)
+    return ffi::Error::InvalidArgument("vt_qmatmul_i8: codes must be (N, K) int8");
+  if (scales.element_count() != N * (K / block))
+    return ffi::Error::InvalidArgument("vt_qmatmul_i8: scales must be (N, K / block)");
+  const int8_t* xqv = static_cast<const int8_t*>(xq.untyped_data());
+  std::vector<uint8_t> xu(static_cast<size_t>(B * K));
+  for (int64_t i = 0; i < B * K; ++i) xu[i] = static_cast<uint8_t>(xqv[i]) ^ 0x80;  // xq + 128
+  const uint8_t* xup = xu.data();
+  const int8_t* wv = static_cast<const int8_t*>(codes.untyped_data());
+  const float* sv = scales.typed_data();
+  const float* xsv = xs.typed_data();
+  float* yv = y->typed_data();
+  parallel_for(N, 1, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
+    i8_rows(xup, xqv, xsv, wv, sv, B, K, N, static_cast<int>(block), yv, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmul, QMatmulImpl,
@@ -587,4 +684,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VtDecode, DecodeImpl,
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmulI8, QMatmulI8Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // xq (B, K) int8
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs (B,)
+                                  .Arg<ffi::AnyBuffer>()         // codes (N, K) int8
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales (N, K / block)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y (B, N)
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("threads"));
+
 extern "C" int vt_kernels_simd() { return VT_AVX512 ? 512 : 0; }
+extern "C" int vt_kernels_vnni() { return VT_VNNI; }

@@ -43,11 +43,15 @@ class QLinear(nnx.Module):
             :func:`viva_tensor.quant.quantize`).
         bias: optional ``(out_features,)`` array.
         dtype: computation dtype (``None``: that of ``x``).
+        activation_quant: ``None`` (weight-only) or ``"int8"``: dynamic-range W8A8, the activations quantized per
+            token at run time and summed in int32 against an int8 / q8_0 weight (see
+            :func:`viva_tensor.quant.dot_general`).
 
     Raises:
         DimensionError: a weight that is not a 2-D record, or a bias that is not 1-D.
         ShapeMismatch: a bias whose length is not ``out_features``.
         FormatError: a weight that is not a quantized record.
+        ConfigError: an ``activation_quant`` other than None and ``"int8"``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -56,9 +60,13 @@ class QLinear(nnx.Module):
         >>> layer = QLinear(quant.quantize(w, "q8_0"), jnp.ones(32))
         >>> [round(v, 2) for v in layer(jnp.arange(32.0)[None])[0, :3].tolist()]
         [1.0, 2.0, 3.0]
+        >>> w8a8 = QLinear(quant.quantize(w, "q8_0"), jnp.ones(32), activation_quant="int8")
+        >>> [round(v, 2) for v in w8a8(jnp.arange(32.0)[None])[0, :3].tolist()]
+        [1.0, 1.98, 2.95]
     """
 
-    def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None):
+    def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None,
+                 activation_quant: str | None = None):
         if not quant.is_quantized(weight):
             raise FormatError(
                 argument="weight",
@@ -75,8 +83,11 @@ class QLinear(nnx.Module):
                 raise ShapeMismatch(argument="bias", expected=f"shape ({weight.shape[0]},)", got=bias.shape)
         self.weight = nnx.Param(weight)
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+        if activation_quant not in (None, "int8"):
+            raise ConfigError(argument="activation_quant", expected="None or 'int8'", got=activation_quant)
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
+        self.activation_quant = activation_quant
 
     @classmethod
     def from_linear(cls, linear: nnx.Linear, fmt: str, **options: Any) -> QLinear:
@@ -112,7 +123,8 @@ class QLinear(nnx.Module):
         dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
         x = x.astype(dtype)
         dims = (((x.ndim - 1,), (1,)), ((), ()))
-        y = quant.dot_general(x, self.weight.get_value(), dims, preferred_element_type=jnp.float32)
+        y = quant.dot_general(x, self.weight.get_value(), dims, preferred_element_type=jnp.float32,
+                              activation_quant=getattr(self, "activation_quant", None))
         if self.bias is not None:
             bias = self.bias.get_value().astype(jnp.float32)
             y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))

@@ -1,9 +1,29 @@
 """The quantized matmul: :func:`dot_general`, :func:`dot`, :func:`promote_dtype` (see :mod:`viva_tensor.quant`).
 
-A record is decoded inside the same XLA computation as the matmul. A large 2-D weight on the right of an
-``x @ w`` contraction is decoded in row chunks, each consumed while it is in cache; a 4-bit format that
-registers a ``planes`` hook is decoded as two nibble planes (no interleave in the decode loop), others
-through their ``dequantize``. Nothing here names a format: it asks the format's :class:`FormatSpec`.
+A record is decoded inside the same XLA computation as the matmul; nothing here names a format: it asks the
+format's :class:`FormatSpec` and :func:`viva_tensor._kernels.planes.kernel_args`.
+
+Paths. A floating array times a 2-D record on one axis each, no batch dims (any dimension numbers of that kind:
+the record on either side, contracting its blocked last axis, "nk", ``x @ w.T`` as checkpoints store ``(out, in)``,
+or its first axis, "kn", ``x @ w``; the array's other axes fold into the batch B; a record on the left is computed
+as the transposed product and only the *output* is transposed):
+
+======================================  ==========================================================================
+where                                   path
+======================================  ==========================================================================
+CPU, kernel library loaded, B < 32      ``vt_qmatmul``: the fused AVX-512 kernel decodes each 32-value group in
+                                        registers (every format of ``planes.kernel_args``, both layouts)
+CPU, kernel library loaded, B >= 32     ``vt_decode`` panels of at most 4 MiB (1/8 of a smaller weight) of float32,
+                                        each contracted by XLA's own GEMM (``_kernels.PANEL_BATCH``)
+GPU / TPU / no library / no planes      pure JAX: a weight of >= 2 Mi values is decoded in row chunks of ~2 MiB of
+                                        float32 inside a ``lax.scan`` (for "kn" each chunk adds to y; for "nk"
+                                        each chunk gives its columns of y); a smaller one is decoded whole
+anything else (batch dims, two records) pure JAX: dequantize, then ``lax.dot_general``
+======================================  ==========================================================================
+
+No path materialises a transposed or dense float32 copy of a large weight (the tests assert it on the compiled
+program). The kernel decodes in float32 and sums in float32 (in another order than XLA: results agree within
+float32 summation rounding, not bit for bit); the pure-JAX path decodes to the activations' dtype, as before.
 """
 
 from __future__ import annotations
@@ -18,10 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from viva_tensor import _kernels
 from viva_tensor._formats import packing
 from viva_tensor._formats.registry import Planes, check_record, dequantize, is_quantized, spec_of
 from viva_tensor._formats.registry import expected_record as _expected_record
-from viva_tensor.errors import DimensionError, DTypeError, FormatError, ShapeMismatch
+from viva_tensor._kernels import planes
+from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, ShapeMismatch
 
 __all__ = ["dot_general", "dot", "promote_dtype"]
 
@@ -199,26 +221,137 @@ def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtyp
     return acc.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "precision", "preferred_element_type", "out_sharding"))
-def _qdot(lhs, rhs, *, dims, precision, preferred_element_type, out_sharding):
-    # One XLA computation: the decode runs next to the matmul, and the decoded weight is a temporary
-    # of this call only (under an outer jit this inlines). A large 2-D weight on the right of an
-    # ``x @ w`` contraction is decoded chunk by chunk, each chunk consumed while it is in cache.
+def _chunked_dot_nk(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtype: Any, precision: Any):
+    """``x @ decode(rec).T`` over row chunks of ``rec`` (the output's columns): decode a chunk, contract its last
+    axis (never a transposed or whole dense weight), write its columns."""
+    spec = spec_of(rec)
+    n, k = rec.shape
+    nc = n // rows
+    leaves, treedef = jax.tree_util.tree_flatten(rec)
+    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced, strict=True)]
+    cdtype = _compute_dtype(rec, x)
+    xc = x.astype(cdtype)
+
+    def body(carry, parts):
+        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced, strict=True)]
+        chunk = dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, k))
+        w = spec.dequantize(chunk).astype(rec.dtype).astype(cdtype)
+        y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32)
+        return carry, y.astype(out_dtype)
+
+    _, ys = jax.lax.scan(body, None, stacked)  # (nc, ..., rows)
+    return jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], n)
+
+
+def _matmul_form(lhs: Any, rhs: Any, dims: tuple) -> tuple | None:
+    """``(x, record, weight_layout, record_on_lhs)`` when the product is a floating array times a 2-D record, one
+    contracted axis each and no batch dims; ``x`` has its contracted axis moved last. Else None."""
     (lc, rc), (lb, rb) = dims
-    if (
-        is_quantized(rhs)
-        and not is_quantized(lhs)
-        and out_sharding is None
-        and rc == (0,)
-        and lc == (jnp.ndim(lhs) - 1,)
-        and not lb
-        and math.prod(rhs.shape) >= 4 * _CHUNK_VALUES
-    ):
-        plan = _chunk_plan(rhs)
-        if plan is not None:
-            a = jnp.asarray(lhs)
-            out_dtype = preferred_element_type or jnp.result_type(a.dtype, _compute_dtype(rhs, a))
-            return _chunked_dot(a, rhs, *plan, out_dtype=out_dtype, precision=precision)
+    if lb or rb or is_quantized(lhs) == is_quantized(rhs) or len(lc) != 1:
+        return None
+    on_lhs = is_quantized(lhs)
+    rec, x, rcon, xcon = (lhs, rhs, lc, rc) if on_lhs else (rhs, lhs, rc, lc)
+    if len(rec.shape) != 2 or rec.batch_shape:
+        return None
+    x = jnp.asarray(x)
+    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return None
+    x = jnp.moveaxis(x, xcon[0] % x.ndim, -1)
+    return x, rec, "nk" if rcon[0] % 2 == 1 else "kn", on_lhs
+
+
+def _kernel_enabled() -> bool:
+    """The compiled CPU kernel applies: it is loaded and the computation is for the CPU."""
+    return jax.default_backend() == "cpu" and _kernels.available()
+
+
+def _fast_matmul(x: jax.Array, rec: Any, layout: str, out_dtype: Any, precision: Any) -> jax.Array | None:
+    """``x`` times a 2-D record on one axis without a dense or transposed weight: the compiled kernel, else the
+    pure-JAX chunked decode for a large weight; None when neither applies (the caller decodes the whole record)."""
+    if _kernel_enabled():
+        y = planes.matmul(x.astype(jnp.float32), rec, weight_layout=layout)
+        if y is not None:
+            return y.astype(out_dtype)
+    if math.prod(rec.shape) < 4 * _CHUNK_VALUES:
+        return None
+    plan = _chunk_plan(rec)
+    if plan is None:
+        return None
+    if layout == "kn":
+        return _chunked_dot(x, rec, *plan, out_dtype=out_dtype, precision=precision)
+    return _chunked_dot_nk(x, rec, *plan, out_dtype=out_dtype, precision=precision)
+
+
+ACTIVATION_QUANT = (None, "int8")
+
+
+def _poison(x2: jax.Array) -> jax.Array:
+    """0 per row of ``x2``, NaN where the row holds a NaN or an infinity (rounded activations would hide it)."""
+    return jnp.sum(x2 * jnp.float32(0.0), axis=-1, keepdims=True)
+
+
+def _w8a8(x: jax.Array, rec: Any, layout: str, out_dtype: Any, precision: Any) -> jax.Array:
+    """``activation_quant="int8"``: activations in int8 per row (per token), then int32 sums against an int8 weight
+    contracted on its blocked axis (kernel ``vt_qmatmul_i8`` on CPU, an int8 ``lax.dot_general`` elsewhere); any
+    other weight takes the same rounded activations through the weight-only path."""
+    args = planes.kernel_args(rec)
+    xf = x.astype(jnp.float32)
+    lead, k = xf.shape[:-1], xf.shape[-1]
+    if (args is not None and args["layout"] == "int8" and layout == "nk" and args["block_size"] % 32 == 0
+            and args["x_div"] is None):
+        if args["x_mul"] is not None:  # a scale per input column multiplies the activations
+            xf = xf * args["x_mul"].reshape((1,) * len(lead) + (k,))
+        x2 = xf.reshape(-1, k)
+        xq, xs = _kernels.quantize_rows(x2)
+        fn = _kernels.qmatmul_int8 if _kernel_enabled() else _kernels.qmatmul_int8_reference
+        y = fn(xq, xs, args["codes"], args["scales"], block_size=args["block_size"]) + _poison(x2)
+        return y.reshape(*lead, -1).astype(out_dtype)
+    x2 = xf.reshape(-1, k)
+    xq, xs = _kernels.quantize_rows(x2)
+    xd = (xq.astype(jnp.float32) * xs + _poison(x2)).reshape(xf.shape)
+    y = _fast_matmul(xd, rec, layout, out_dtype, precision)
+    if y is None:
+        w = _decode(rec, xd)
+        y = jax.lax.dot_general(xd, w, (((xd.ndim - 1,), (1 if layout == "nk" else 0,)), ((), ())),
+                                precision=precision, preferred_element_type=jnp.float32).astype(out_dtype)
+    return y
+
+
+def _round_activations(x: Any, contracting: tuple) -> Any:
+    """The generic path's ``activation_quant="int8"``: a plain floating operand rounded per vector along its
+    contracted axes (the rest of the product is the weight-only one)."""
+    if is_quantized(x) or not jnp.issubdtype(jnp.result_type(x), jnp.floating) or not contracting:
+        return x
+    a = jnp.asarray(x)
+    con = [d % a.ndim for d in contracting]
+    free = [d for d in range(a.ndim) if d not in con]
+    moved = jnp.transpose(a, free + con)
+    x2 = moved.reshape(-1, math.prod(moved.shape[len(free):])).astype(jnp.float32)
+    xq, xs = _kernels.quantize_rows(x2)
+    xd = (xq.astype(jnp.float32) * xs + _poison(x2)).reshape(moved.shape)
+    return jnp.transpose(xd, np.argsort(free + con)).astype(a.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "precision", "preferred_element_type", "out_sharding",
+                                             "activation_quant"))
+def _qdot(lhs, rhs, *, dims, precision, preferred_element_type, out_sharding, activation_quant=None):
+    # One XLA computation: the decode runs next to the matmul, and the decoded weight is a temporary
+    # of this call only (under an outer jit this inlines). A 2-D record times an array on one axis each (either
+    # side, either axis of the record) goes to _fast_matmul: the compiled kernel on CPU, else a chunked decode.
+    form = _matmul_form(lhs, rhs, dims) if out_sharding is None else None
+    if form is not None:
+        x, rec, layout, on_lhs = form
+        out_dtype = preferred_element_type or jnp.result_type(x.dtype, _compute_dtype(rec, x))
+        if activation_quant == "int8":
+            y = _w8a8(x, rec, layout, out_dtype, precision)
+        else:
+            y = _fast_matmul(x, rec, layout, out_dtype, precision)
+        if y is not None:
+            return jnp.moveaxis(y, -1, 0) if on_lhs else y
+    if activation_quant == "int8":
+        (lc, rc), _ = dims
+        lhs, rhs = _round_activations(lhs, lc), _round_activations(rhs, rc)
     a, b = _decode(lhs, rhs), _decode(rhs, lhs)
     return jax.lax.dot_general(
         a, b, dims, precision=precision, preferred_element_type=preferred_element_type, out_sharding=out_sharding
@@ -232,6 +365,8 @@ def dot_general(
     precision: Any = None,
     preferred_element_type: Any = None,
     out_sharding: Any = None,
+    *,
+    activation_quant: str | None = None,
 ) -> jax.Array:
     """``jax.lax.dot_general`` where either operand may be a quantized record.
 
@@ -248,6 +383,14 @@ def dot_general(
         precision: as in ``jax.lax.dot_general``.
         preferred_element_type: as in ``jax.lax.dot_general``.
         out_sharding: as in ``jax.lax.dot_general``.
+        activation_quant: ``None`` (weight-only quantization) or ``"int8"``: dynamic-range W8A8. The plain
+            operand is quantized at run time per token (per vector along its contracted axis: absmax int8, a
+            float32 scale each, :func:`viva_tensor._kernels.quantize_rows`). Against an int8 weight (``int8``
+            with a scale per row, block or tensor, or per input column; ``q8_0``) contracted on its blocked
+            axis the products are summed in int32 per block (AVX-512 VNNI on CPU), then scaled; any other
+            weight or contraction takes the same rounded activations through the weight-only path. It changes
+            the numerics (``benchmarks/quantization.py`` reports the error next to weight-only's) and has no
+            gradient.
 
     Returns:
         The product, of the dtype ``jax.lax.dot_general`` gives for the decoded operands.
@@ -256,6 +399,7 @@ def dot_general(
         DimensionError: a dimension number out of range.
         ShapeMismatch: contracting or batch sizes that differ.
         FormatError: malformed ``dimension_numbers`` or a record of an unregistered format.
+        ConfigError: an ``activation_quant`` other than None and ``"int8"``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -264,7 +408,12 @@ def dot_general(
         >>> x = jnp.arange(64.0).reshape(2, 32)
         >>> quant.dot_general(x, q, (((1,), (0,)), ((), ())))[:, :3].round(1).tolist()
         [[0.0, 1.0, 2.0], [32.0, 33.0, 34.0]]
+        >>> w8a8 = quant.dot_general(x, q, (((1,), (1,)), ((), ())), activation_quant="int8")  # x @ w.T, int8 x
+        >>> w8a8[1, :3].tolist()  # 32 is 65 steps of 63 / 127; q8_0 stores 1 as 127 * fp16(1 / 127)
+        [32.24212646484375, 33.23419189453125, 34.22625732421875]
     """
+    if activation_quant not in ACTIVATION_QUANT:
+        raise ConfigError(argument="activation_quant", expected="None or 'int8'", got=activation_quant)
     if not (is_quantized(lhs) or is_quantized(rhs)):
         return jax.lax.dot_general(
             lhs,
@@ -290,10 +439,12 @@ def dot_general(
         precision=precision,
         preferred_element_type=preferred_element_type,
         out_sharding=out_sharding,
+        activation_quant=activation_quant,
     )
 
 
-def dot(x: jax.Array, w: Any, *, precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+def dot(x: jax.Array, w: Any, *, precision: Any = None, preferred_element_type: Any = None,
+        activation_quant: str | None = None) -> jax.Array:
     """``x @ w`` for a (possibly quantized) weight ``w`` of shape ``(K, ...)``.
 
     Contracts the last dim of ``x`` with the first dim of ``w`` (``jnp.tensordot(x, w, 1)``).
@@ -303,6 +454,7 @@ def dot(x: jax.Array, w: Any, *, precision: Any = None, preferred_element_type: 
         w: an array or a quantized record of logical shape ``(K, N, ...)``.
         precision: as in ``jax.lax.dot_general``.
         preferred_element_type: as in ``jax.lax.dot_general``.
+        activation_quant: ``None`` or ``"int8"`` (dynamic per-token W8A8, see :func:`dot_general`).
 
     Returns:
         An array of shape ``x.shape[:-1] + w.shape[1:]``.
@@ -321,7 +473,8 @@ def dot(x: jax.Array, w: Any, *, precision: Any = None, preferred_element_type: 
     if not xs or not ws:
         raise DimensionError(argument="x" if not xs else "w", expected="rank >= 1", got="rank 0")
     dims = (((len(xs) - 1,), (0,)), ((), ()))
-    return dot_general(x, w, dims, precision=precision, preferred_element_type=preferred_element_type)
+    return dot_general(x, w, dims, precision=precision, preferred_element_type=preferred_element_type,
+                       activation_quant=activation_quant)
 
 
 def promote_dtype(args: Sequence[Any], /, *, dtype: Any = None, inexact: bool = True) -> tuple:
