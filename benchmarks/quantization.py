@@ -10,7 +10,9 @@ Columns: ms (the minimum over rounds: in each round every function of a batch ru
 ``viva_tensor._benchmarking.time_fn`` sample each, so that a loaded machine slows them alike), the ratio to the
 best float32 time, GB/s of the record's bytes, % of the byte limit (the record's bytes streamed at the float32
 matmul's own GB/s at that batch: 100% is a matmul bound by its weight's bytes and as efficient as float32's),
-the path ``quant.dot_general`` takes (``kernel``: the fused ``vt_qmatmul``; ``panels+xla``: ``vt_decode`` panels
+the minimum process CPU ms (all threads: on a loaded machine the wall time counts the others' work, the CPU time
+less so) and its ratio to the best float32 CPU time, the path ``quant.dot_general`` takes (``kernel``: the fused
+``vt_qmatmul``; ``panels+xla``: ``vt_decode`` panels
 into XLA's GEMM; ``w8a8-vnni``: ``vt_qmatmul_i8``; ``pure-jax``), the target, and the output's relative error
 ``||y - x w|| / ||x w||`` against the float32 product (weight-only, and W8A8 in the W8A8 rows).
 
@@ -61,15 +63,17 @@ def _path(record, layout: str, batch: int, w8a8: bool) -> str:
     return "panels+xla" if batch >= _kernels.PANEL_BATCH else "kernel"
 
 
-def _interleaved(fns: dict, rounds: int) -> dict:
-    """Minimum ms of each function over ``rounds`` rounds; in a round each runs once (one time_fn sample)."""
+def _interleaved(fns: dict, rounds: int) -> tuple[dict, dict]:
+    """Minimum wall and process-CPU ms of each function over ``rounds`` rounds; in a round each runs once (one
+    time_fn sample)."""
     for f, args in fns.values():
         jax.block_until_ready(f(*args))  # compile and warm up, all before the first round
-    best = {k: float("inf") for k in fns}
+    wall, cpu = {k: float("inf") for k in fns}, {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, (f, args) in fns.items():
-            best[k] = min(best[k], _common.time_fn(f, *args, repeats=1, warmup=0).min_s * 1e3)
-    return best
+            t = _common.time_fn(f, *args, repeats=1, warmup=0)
+            wall[k], cpu[k] = min(wall[k], t.min_s * 1e3), min(cpu[k], t.cpu_s * 1e3)
+    return wall, cpu
 
 
 def _rel_err(y, exact) -> float:
@@ -101,9 +105,10 @@ def run(size: int, batches, formats, rounds: int):
                     aq = "int8" if w8a8 else None
                     f = jax.jit(lambda x, q, dims=dims, aq=aq: quant.dot_general(x, q, dims, activation_quant=aq))
                     fns[(name, lay, w8a8)] = (f, (x, q))
-        times = _interleaved(fns, rounds)
+        times, cpus = _interleaved(fns, rounds)
         peer = {lay: times[(k, lay, False)] for (k, lay, _) in fns if k in ("float32", "bfloat16")}
         best = min(peer.values())
+        best_cpu = min(cpus[(k, lay, False)] for (k, lay, _) in fns if k in ("float32", "bfloat16"))
         peer_gbps = w.nbytes / best / 1e6
         exact = {"nk": np.asarray(x, np.float64) @ np.asarray(w, np.float64).T,
                  "kn": np.asarray(x, np.float64) @ np.asarray(w, np.float64)}
@@ -116,6 +121,7 @@ def run(size: int, batches, formats, rounds: int):
             ratio = t / best
             rows.append(dict(
                 layout=lay, batch=b, format=name + (" W8A8" if w8a8 else ""), ms=t, ratio=ratio,
+                cpu_ms=cpus[(name, lay, w8a8)], cpu_ratio=cpus[(name, lay, w8a8)] / best_cpu,
                 gbps=nbytes / t / 1e6, limit_pct=100 * (nbytes / peer_gbps / 1e6) / t,
                 path="xla" if is_peer else _path(records[name], lay, b, w8a8), rel_err=err,
                 target=None if tgt is None else ("ok" if ratio <= tgt else "MISS") + f" (<= {tgt:.3g})",
@@ -127,12 +133,13 @@ def run(size: int, batches, formats, rounds: int):
 
 def table(rows) -> str:
     lines = ["| layout | batch | format | path | ms | ratio to best float32 | GB/s of weight bytes | % of byte limit "
-             "| rel. error vs float32 product | target |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+             "| CPU ms | CPU ratio | rel. error vs float32 product | target |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     order = sorted(rows, key=lambda r: (r["layout"], r["batch"]))
     for r in order:
         lines.append(f"| {r['layout']} | {r['batch']} | {r['format']} | {r['path']} | {r['ms']:.3f} | "
-                     f"{r['ratio']:.3f} | {r['gbps']:.1f} | {r['limit_pct']:.0f} | {r['rel_err']:.2e} | "
+                     f"{r['ratio']:.3f} | {r['gbps']:.1f} | {r['limit_pct']:.0f} | {r['cpu_ms']:.3f} | "
+                     f"{r['cpu_ratio']:.3f} | {r['rel_err']:.2e} | "
                      f"{r['target'] or ''} |")
     return "\n".join(lines)
 

@@ -18,6 +18,9 @@ N split over the threads; for ``(K, N)`` weights, 8 rows of the weight are decod
 strip of columns that stays in L1 (used by 4 rows of x at a time). From 32 rows on, ``vt_decode`` decodes
 ``PANEL_BYTES`` (4 MiB) of the weight at a time to float32 and XLA's own GEMM contracts each panel (a ``lax.scan``;
 the only weight-sized temporary is one panel).
+W8A8 (``quant.dot_general(..., activation_quant="int8")``): :func:`quantize_rows` rounds the activations per row to
+int8 and :func:`qmatmul_int8` (``vt_qmatmul_i8``) sums ``(x + 128) * w - 128 * w`` in int32 with AVX-512 VNNI
+``vpdpbusd``, 64 bytes at a time (a scale per 32-value block of the weight), 4 rows of x per weight load.
 Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
 multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
 own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to

@@ -15,6 +15,9 @@ CPU, kernel library loaded, B < 32      ``vt_qmatmul``: the fused AVX-512 kernel
                                         registers (every format of ``planes.kernel_args``, both layouts)
 CPU, kernel library loaded, B >= 32     ``vt_decode`` panels of at most 4 MiB (1/8 of a smaller weight) of float32,
                                         each contracted by XLA's own GEMM (``_kernels.PANEL_BATCH``)
+``activation_quant="int8"``            int8 / q8_0 weight contracted on its blocked axis: ``vt_qmatmul_i8`` (VNNI
+                                        int32 sums; pure JAX: an int8 ``lax.dot_general`` per block); any other: the
+                                        rounded activations through the rows above
 GPU / TPU / no library / no planes      pure JAX: a weight of >= 2 Mi values is decoded in row chunks of ~2 MiB of
                                         float32 inside a ``lax.scan`` (for "kn" each chunk adds to y; for "nk"
                                         each chunk gives its columns of y); a smaller one is decoded whole
