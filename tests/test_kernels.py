@@ -442,3 +442,28 @@ def test_a_library_built_for_another_cpu_is_not_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(_kernels, "_state", {})
     assert not _kernels.available()
     assert "avx1024_imaginary" in _kernels._state["error"]
+
+
+@pytest.mark.parametrize("k, block", [(96, 32), (256, 64), (160, 160)])
+@pytest.mark.parametrize("b, n", [(1, 37), (5, 8), (9, 45)])
+def test_int8_activation_kernel_matches_numpy(k, block, b, n):
+    # W8A8: y = xs * sum_blk s * sum(xq * w) with int32 sums; K not a multiple of 64 and N, B off the 4 x 4 tiles
+    rng = np.random.default_rng(14)
+    xq = rng.integers(-127, 128, (b, k)).astype(np.int8)
+    xq[0, :5] = -127  # extremes: (x + 128) in the unsigned operand reaches 1 and 255
+    xq[-1, -5:] = 127
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    xs = rng.uniform(0.5, 2.0, b).astype(np.float32)
+    s = rng.uniform(0.01, 0.02, (n, k // block)).astype(np.float32)
+    isum = (xq.astype(np.int64).reshape(b, 1, -1, block) * w.astype(np.int64).reshape(1, n, -1, block)).sum(-1)
+    ref = xs.astype(np.float64)[:, None] * (isum * s.astype(np.float64)[None]).sum(-1)
+    # the kernel's lanes hold partial sums of 4 products: its float32 rounding is relative to sum |x| |w| s
+    absum = (np.abs(xq.astype(np.int64)).reshape(b, 1, -1, block) * np.abs(w.astype(np.int64)).reshape(1, n, -1, block))
+    mag = xs.astype(np.float64)[:, None] * (absum.sum(-1) * s.astype(np.float64)[None]).sum(-1)
+    bound = (k // 32 + 8) * 2.0**-23 * mag + 1e-30  # float32 sums over 64-byte steps, 16 lanes, the scales
+    for fn in (_kernels.qmatmul_int8, _kernels.qmatmul_int8_reference):
+        y = np.asarray(jax.jit(lambda *a, fn=fn: fn(*a, block_size=block))(xq, xs, w, s))
+        assert y.shape == (b, n) and np.all(np.abs(y - ref) <= bound), fn.__name__
+    if _kernels.available():
+        text = jax.jit(lambda *a: _kernels.qmatmul_int8(*a, block_size=block)).lower(xq, xs, w, s).as_text()
+        assert "vt_qmatmul_i8" in text

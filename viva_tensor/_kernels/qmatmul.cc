@@ -569,27 +569,62 @@ ffi::Error DecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut, ffi::Buff
 // ---------------------------------------------------------------------------------------------------------------
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define VT_VNNI 1
-// RB rows of x at a time share each 64-byte load of a weight row and its correction 128 * sum(w).
-template <int RB>
-inline void i8_row_block(const uint8_t* xu, const int8_t* wr, const float* sr, int64_t K, int block, float* acc_out) {
+// Per 64-byte step c of a weight row (two 32-value groups): -128 * sum(w) per 4-byte lane (the start of the int32
+// sum, so that vpdpbusd on x + 128 leaves sum(x * w)) and the two groups' scales (lanes 0..7, 8..15).
+inline void i8_prepare(const int8_t* wr, const float* sr, int64_t K, int block, __m512i* negcorr, __m512* sv) {
   const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i zero = _mm512_setzero_si512();
-  __m512 acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 64) {
+  for (int64_t k = 0, c = 0; k < K; k += 64, ++c) {
     const bool full = K - k >= 64;
     const __mmask64 m = full ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull);
     const __m512i wv = _mm512_maskz_loadu_epi8(m, wr + k);
-    const __m512i corr = _mm512_dpbusd_epi32(zero, k128, wv);
+    negcorr[c] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), k128, wv));
     const float s0 = sr[k / block], s1 = full ? sr[(k + 32) / block] : 0.f;
-    const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
-    for (int r = 0; r < RB; ++r) {
+    sv[c] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+  }
+}
+
+// NT weight rows times BT rows of x: every x load serves NT rows, every weight load BT rows (16 accumulators at
+// 4 x 4). Per lane: acc += scale * int32(sum over 4 bytes), steps in order: the same sums whatever the tiling.
+template <int NT, int BT>
+inline void i8_tile(const uint8_t* xu, const int8_t* w, int64_t K, const __m512i* negcorr, const __m512* sv,
+                    int64_t nch, float* out /* [BT][NT] */) {
+  __m512 acc[NT][BT];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < BT; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t k = c * 64;
+    const __mmask64 m = K - k >= 64 ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull);
+    __m512i wv[NT];
+    for (int t = 0; t < NT; ++t) wv[t] = _mm512_maskz_loadu_epi8(m, w + t * K + k);
+    for (int r = 0; r < BT; ++r) {
       const __m512i xv = _mm512_maskz_loadu_epi8(m, xu + r * K + k);
-      const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xv, wv), corr);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[r]);
+      for (int t = 0; t < NT; ++t) {
+        const __m512i d = _mm512_dpbusd_epi32(negcorr[t * nch + c], xv, wv[t]);
+        acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv[t * nch + c], acc[t][r]);
+      }
     }
   }
-  for (int r = 0; r < RB; ++r) acc_out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < BT; ++r)
+    for (int t = 0; t < NT; ++t) out[r * NT + t] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+template <int NT>
+inline void i8_rows_tile(const uint8_t* xu, const float* xs, const int8_t* w, const float* s, int64_t B, int64_t K,
+                         int64_t N, int block, float* y, int64_t n, std::vector<__m512i>& negcorr,
+                         std::vector<__m512>& sv) {
+  const int64_t nch = (K + 63) / 64, nblk = K / block;
+  for (int t = 0; t < NT; ++t) i8_prepare(w + (n + t) * K, s + (n + t) * nblk, K, block, &negcorr[t * nch], &sv[t * nch]);
+  float out[4 * NT];
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) {
+    i8_tile<NT, 4>(xu + b * K, w + n * K, K, negcorr.data(), sv.data(), nch, out);
+    for (int r = 0; r < 4; ++r)
+      for (int t = 0; t < NT; ++t) y[(b + r) * N + n + t] = out[r * NT + t] * xs[b + r];
+  }
+  for (; b < B; ++b) {
+    i8_tile<NT, 1>(xu + b * K, w + n * K, K, negcorr.data(), sv.data(), nch, out);
+    for (int t = 0; t < NT; ++t) y[b * N + n + t] = out[t] * xs[b];
+  }
 }
 #else
 #define VT_VNNI 0
@@ -598,23 +633,20 @@ inline void i8_row_block(const uint8_t* xu, const int8_t* wr, const float* sr, i
 void i8_rows(const uint8_t* xu, const int8_t* xq, const float* xs, const int8_t* w, const float* s, int64_t B,
              int64_t K, int64_t N, int block, float* y, int64_t n0, int64_t n1) {
   const int64_t nblk = K / block;
+#if VT_VNNI
+  (void)xq;
+  (void)nblk;
+  const int64_t nch = (K + 63) / 64;
+  std::vector<__m512i> negcorr(static_cast<size_t>(4 * nch));
+  std::vector<__m512> sv(static_cast<size_t>(4 * nch));
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) i8_rows_tile<4>(xu, xs, w, s, B, K, N, block, y, n, negcorr, sv);
+  for (; n < n1; ++n) i8_rows_tile<1>(xu, xs, w, s, B, K, N, block, y, n, negcorr, sv);
+#else
+  (void)xu;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wr = w + n * K;
     const float* sr = s + n * nblk;
-#if VT_VNNI
-    int64_t b = 0;
-    float out[4];
-    for (; b + 4 <= B; b += 4) {
-      i8_row_block<4>(xu + b * K, wr, sr, K, block, out);
-      for (int r = 0; r < 4; ++r) y[(b + r) * N + n] = out[r] * xs[b + r];
-    }
-    for (; b < B; ++b) {
-      i8_row_block<1>(xu + b * K, wr, sr, K, block, out);
-      y[b * N + n] = out[0] * xs[b];
-    }
-    (void)xq;
-#else
-    (void)xu;
     for (int64_t b = 0; b < B; ++b) {
       const int8_t* xr = xq + b * K;
       float acc = 0.f;
@@ -625,8 +657,8 @@ void i8_rows(const uint8_t* xu, const int8_t* xq, const float* xs, const int8_t*
       }
       y[b * N + n] = acc * xs[b];
     }
-#endif
   }
+#endif
 }
 
 ffi::Error QMatmulI8Impl(ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs, ffi::AnyBuffer codes,
@@ -652,7 +684,7 @@ ffi::Error QMatmulI8Impl(ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs, ffi::AnyBu
   const float* sv = scales.typed_data();
   const float* xsv = xs.typed_data();
   float* yv = y->typed_data();
-  parallel_for(N, 1, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
+  parallel_for(N, 4, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
     i8_rows(xup, xqv, xsv, wv, sv, B, K, N, static_cast<int>(block), yv, n0, n1);
   });
   return ffi::Error::Success();
