@@ -14,13 +14,14 @@ each 32-value block holds value j low and value j + 16 high: Q4_0, Q4_1) and ``"
 Paths: on CPU with the compiled library, an XLA custom call (no host round trip, one compile per shape). Below
 ``PANEL_BATCH`` (32) rows of activations, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once in
 registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
-N split over the threads; for ``(K, N)`` weights, 8 rows of the weight are decoded per pass into accumulators over a
-strip of columns that stays in L1 (used by 4 rows of x at a time). From 32 rows on, ``vt_decode`` decodes
-``PANEL_BYTES`` (4 MiB) of the weight at a time to float32 and XLA's own GEMM contracts each panel (a ``lax.scan``;
-the only weight-sized temporary is one panel).
+N split over the threads (from 5 rows of x on, ``(N, K)`` weights are decoded once per call into 16 KiB blocks that
+every row of x then reads from L1: the same sums, bit for bit); for ``(K, N)`` weights, 8 rows of the weight are
+decoded per pass into accumulators over a strip of columns that stays in L1 (used by 4 rows of x at a time). From
+32 rows on, ``vt_decode`` decodes ``PANEL_BYTES`` (4 MiB; 1/8 of a smaller weight) of the weight at a time to float32
+and XLA's own GEMM contracts each panel (a ``lax.scan``; the only weight-sized temporary is one panel).
 W8A8 (``quant.dot_general(..., activation_quant="int8")``): :func:`quantize_rows` rounds the activations per row to
 int8 and :func:`qmatmul_int8` (``vt_qmatmul_i8``) sums ``(x + 128) * w - 128 * w`` in int32 with AVX-512 VNNI
-``vpdpbusd``, 64 bytes at a time (a scale per 32-value block of the weight), 4 rows of x per weight load.
+``vpdpbusd``, 64 bytes at a time (a scale per 32-value block of the weight), tiles of 4 weight rows x 4 rows of x.
 Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
 multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
 own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to

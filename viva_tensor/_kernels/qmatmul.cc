@@ -367,9 +367,99 @@ void parallel_for(int64_t total, int64_t align, int threads, F&& f) {
 }
 
 #if VT_AVX512
+// kn = 0 for B > 4: NB rows of x against rows r0..r1 of a decoded block (wbuf: RB rows x GK groups, two vectors
+// each), accumulators of (row, batch row) in accbuf. The same FMAs per output, in the same order, as nk_rows.
+constexpr int64_t kWideRB = 16;  // weight rows per decoded block
+constexpr int64_t kWideGK = 8;   // groups per decoded block: 16 x 8 x 128 B = 16 KiB
+template <int NB>
+inline void nk_wide_accumulate(const __m512* wbuf, int64_t rows, int64_t ng, const float* xp, int64_t K,
+                               int64_t g0, int64_t b0, __m512* accbuf, int64_t B) {
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    __m512 acc[2][NB][2];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < NB; ++j) {
+        acc[i][j][0] = accbuf[((r + i) * B + b0 + j) * 2];
+        acc[i][j][1] = accbuf[((r + i) * B + b0 + j) * 2 + 1];
+      }
+    for (int64_t t = 0; t < ng; ++t) {
+      const __m512* w0 = wbuf + (r * kWideGK + t) * 2;
+      const __m512* w1 = wbuf + ((r + 1) * kWideGK + t) * 2;
+      for (int j = 0; j < NB; ++j) {
+        const float* xb = xp + (b0 + j) * K + (g0 + t) * 32;
+        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        acc[0][j][0] = _mm512_fmadd_ps(w0[0], x0, acc[0][j][0]);
+        acc[0][j][1] = _mm512_fmadd_ps(w0[1], x1, acc[0][j][1]);
+        acc[1][j][0] = _mm512_fmadd_ps(w1[0], x0, acc[1][j][0]);
+        acc[1][j][1] = _mm512_fmadd_ps(w1[1], x1, acc[1][j][1]);
+      }
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < NB; ++j) {
+        accbuf[((r + i) * B + b0 + j) * 2] = acc[i][j][0];
+        accbuf[((r + i) * B + b0 + j) * 2 + 1] = acc[i][j][1];
+      }
+  }
+  for (; r < rows; ++r) {
+    __m512 acc[NB][2];
+    for (int j = 0; j < NB; ++j) {
+      acc[j][0] = accbuf[(r * B + b0 + j) * 2];
+      acc[j][1] = accbuf[(r * B + b0 + j) * 2 + 1];
+    }
+    for (int64_t t = 0; t < ng; ++t) {
+      const __m512* w0 = wbuf + (r * kWideGK + t) * 2;
+      for (int j = 0; j < NB; ++j) {
+        const float* xb = xp + (b0 + j) * K + (g0 + t) * 32;
+        acc[j][0] = _mm512_fmadd_ps(w0[0], _mm512_loadu_ps(xb), acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(w0[1], _mm512_loadu_ps(xb + 16), acc[j][1]);
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      accbuf[(r * B + b0 + j) * 2] = acc[j][0];
+      accbuf[(r * B + b0 + j) * 2 + 1] = acc[j][1];
+    }
+  }
+}
+
+// kn = 0, B > 4: each 32-value group is decoded once per call (into a 16 KiB block that stays in L1) and used by
+// every row of x, instead of once per 4 rows of x.
+template <int L, bool BS16, bool OFF>
+void nk_rows_wide(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0,
+                  int64_t n1) {
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  std::vector<__m512> accbuf(static_cast<size_t>(kWideRB * B * 2));
+  std::vector<__m512> wbuf(static_cast<size_t>(kWideRB * kWideGK * 2));
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += kWideRB) {
+    const int64_t rows = std::min(n1, nb0 + kWideRB) - nb0;
+    for (auto& v : accbuf) v = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < p.ngroups; g0 += kWideGK) {
+      const int64_t ng = std::min(p.ngroups, g0 + kWideGK) - g0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t t = 0; t < ng; ++t) {
+          __m512* w = wbuf.data() + (r * kWideGK + t) * 2;
+          decode_group<L, BS16, OFF>(p, lut, nb0 + r, g0 + t, w[0], w[1]);
+        }
+      int64_t b = 0;
+      for (; b + 4 <= B; b += 4) nk_wide_accumulate<4>(wbuf.data(), rows, ng, xp, K, g0, b, accbuf.data(), B);
+      switch (B - b) {
+        case 3: nk_wide_accumulate<3>(wbuf.data(), rows, ng, xp, K, g0, b, accbuf.data(), B); break;
+        case 2: nk_wide_accumulate<2>(wbuf.data(), rows, ng, xp, K, g0, b, accbuf.data(), B); break;
+        case 1: nk_wide_accumulate<1>(wbuf.data(), rows, ng, xp, K, g0, b, accbuf.data(), B); break;
+        default: break;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < B; ++b) {
+        const __m512* m = accbuf.data() + (r * B + b) * 2;
+        y[b * N + nb0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(m[0], m[1]));
+      }
+  }
+}
+
 // Dispatch on the batch chunk (NB) for one range; the batch is processed in chunks of at most MaxNB rows.
 template <int L, bool BS16, bool OFF>
 void nk_range(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
+  if (B > 4) return nk_rows_wide<L, BS16, OFF>(p, xp, B, K, y, N, n0, n1);
   int64_t b = 0;
   for (; b + 4 <= B; b += 4) nk_rows<L, BS16, OFF, 4>(p, xp, B, K, y, N, b, n0, n1);
   switch (B - b) {
