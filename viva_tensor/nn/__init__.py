@@ -10,6 +10,10 @@
   (``nn/_qlinear.py``). It is the one ``quantize_model`` of the package: every format of
   :func:`viva_tensor.quant.format_names`, and AWQ's calibration pass with
   ``quantize_model(model, "awq_int4", activations=capture_linear_inputs(model, x))`` (``nn/_awq.py``).
+* :class:`FakeQuantLinear` is an ``nnx.Linear`` whose kernel is fake-quantized on every call (quantization-aware
+  training with a straight-through gradient); :func:`fake_quantize_model` swaps a model's ``nnx.Linear`` layers
+  for them and :func:`freeze_fake_quant` turns the trained ones into :class:`QLinear` with the same bits
+  (``nn/_qat.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -24,6 +28,7 @@ Example:
 
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
+from viva_tensor.nn._qat import FakeQuantLinear, fake_quantize_model, freeze_fake_quant
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
 
 __all__ = [
@@ -36,4 +41,7 @@ __all__ = [
     "quantize_model",
     "capture_linear_inputs",
     "param_bytes",
+    "FakeQuantLinear",
+    "fake_quantize_model",
+    "freeze_fake_quant",
 ]
