@@ -10,6 +10,8 @@
   (``nn/_qlinear.py``). It is the one ``quantize_model`` of the package: every format of
   :func:`viva_tensor.quant.format_names`, and AWQ's calibration pass with
   ``quantize_model(model, "awq_int4", activations=capture_linear_inputs(model, x))`` (``nn/_awq.py``).
+* :class:`QEmbed` holds an embedding table as a quantized record whose lookup decodes only the gathered
+  rows (:func:`gather_rows`), with the tied projection ``attend`` (``nn/_qlayers.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -24,6 +26,7 @@ Example:
 
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
+from viva_tensor.nn._qlayers import QEmbed, gather_rows
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
 
 __all__ = [
@@ -36,4 +39,6 @@ __all__ = [
     "quantize_model",
     "capture_linear_inputs",
     "param_bytes",
+    "QEmbed",
+    "gather_rows",
 ]
