@@ -152,3 +152,173 @@ def test_a_model_holding_a_qembed_round_trips_through_nnx_and_save(tmp_path):
     assert quant.is_quantized(nnx.state(back, nnx.Param)["embed"]["table"].get_value())
     # a jitted call on the split state
     assert _same(jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(state, ids), want)
+
+
+# ---------------------------------------------------------------------- QLinearGeneral, QEinsum, QConv
+
+
+def _close(got, want, dtype):
+    tol = 2e-2 if jnp.dtype(dtype) == jnp.bfloat16 else 2e-5
+    scale = float(np.abs(np.asarray(want, np.float32)).max()) or 1.0
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol * scale)
+
+
+def _random_bias(layer):
+    if layer.bias is not None:
+        layer.bias.set_value(_normal(layer.bias.get_value().shape, seed=3))
+    return layer
+
+
+LINEAR_GENERAL = [
+    (dict(in_features=(4, 16), out_features=(2, 8), axis=(-2, -1)), (3, 4, 16)),
+    (dict(in_features=(4, 16), out_features=(8,), axis=(1, -1)), (3, 4, 5, 16)),  # contracted axes not adjacent
+    (dict(in_features=(4, 16), out_features=(8,), axis=(2, 1)), (3, 4, 16)),  # axes sorted, as Flax does
+    (dict(in_features=32, out_features=(2, 16), axis=-1, batch_axis={0: 3}), (3, 5, 32)),
+    (dict(in_features=(32,), out_features=(16,), axis=(1,), batch_axis={0: 3}, use_bias=False), (3, 32, 5)),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "shape"), LINEAR_GENERAL, ids=[str(i) for i in range(len(LINEAR_GENERAL))])
+def test_qlinear_general_is_the_float_layer_on_the_dequantized_kernel(kwargs, shape, dtype, maybe_jit):
+    layer = _random_bias(nnx.LinearGeneral(rngs=nnx.Rngs(0), dtype=dtype, **kwargs))
+    q = nn.QLinearGeneral.from_linear_general(layer, "q4_0")
+    assert q.kernel.get_value().shape[-1] == np.prod(q.in_features)  # blocks run along the contraction
+    # the decoded kernel is the float kernel in its own layout (q8_0: within a q8_0 step)
+    q8 = nn.QLinearGeneral.from_linear_general(layer, "q8_0")
+    np.testing.assert_allclose(q8.float_kernel(), layer.kernel.get_value(), atol=2e-3)
+    layer.kernel.set_value(q.float_kernel())
+    x = _normal(shape, dtype, seed=1)
+    got = maybe_jit(lambda m, a: m(a))(q, x)
+    want = layer(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    _close(got, want, dtype)
+
+
+def test_qlinear_general_under_vmap():
+    layer = nnx.LinearGeneral((4, 16), 8, axis=(-2, -1), rngs=nnx.Rngs(0))
+    q = nn.QLinearGeneral.from_linear_general(layer, "nf4")
+    x = _normal((5, 2, 4, 16))
+    _close(jax.vmap(q)(x), q(x), jnp.float32)
+
+
+EINSUMS = [
+    ("btd,dnh->btnh", (64, 2, 16), (2, 16), (2, 3, 64)),
+    ("bnth,nhd->btd", (2, 16, 32), (32,), (2, 2, 3, 16)),  # two contracted letters
+    ("...d,df->...f", (64, 8), None, (4, 5, 64)),
+    ("bnd,ndf->bnf", (3, 32, 8), (3, 8), (2, 3, 32)),  # a batch letter
+    ("td,hdk->hkt", (4, 32, 6), None, (5, 32)),  # output in another order
+]
+
+
+@pytest.mark.parametrize(("eq", "kshape", "bshape", "xshape"), EINSUMS, ids=[e[0] for e in EINSUMS])
+def test_qeinsum_is_the_float_layer_on_the_dequantized_kernel(eq, kshape, bshape, xshape, dtype, maybe_jit):
+    layer = _random_bias(nnx.Einsum(eq, kshape, bshape, rngs=nnx.Rngs(0), dtype=dtype))
+    q = nn.QEinsum.from_einsum(layer, "q8_0")
+    np.testing.assert_allclose(q.float_kernel(), layer.kernel.get_value(), atol=2e-3)
+    q = nn.QEinsum.from_einsum(layer, "nf4")
+    layer.kernel.set_value(q.float_kernel())
+    x = _normal(xshape, dtype, seed=1)
+    got = maybe_jit(lambda m, a: m(a))(q, x)
+    want = layer(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    _close(got, want, dtype)
+
+
+def test_qeinsum_refuses_equations_it_cannot_compute_as_one_product():
+    for eq, kshape in (("bd,df", (8, 4)), ("bd,dd->b", (8, 8)), ("bd,dk->b", (8, 4)), ("bd,...k->bk", (8, 4))):
+        layer = nnx.Einsum("bd,dk->bk", kshape, rngs=nnx.Rngs(0))
+        layer.einsum_str = eq
+        with pytest.raises(TensorError, match="einsum_str"):
+            nn.QEinsum.from_einsum(layer, "q8_0")
+
+
+CONVS = [
+    ((8, 16, (3, 3)), {}, (2, 6, 6, 8)),
+    ((8, 16, (3,)), dict(padding="CAUSAL", kernel_dilation=2), (2, 9, 8)),
+    ((8, 16, (3, 3)), dict(padding="CIRCULAR", strides=2), (7, 7, 8)),  # no batch dim
+    ((8, 16, (2, 3)), dict(padding=((1, 0), (2, 1)), feature_group_count=2, input_dilation=(1, 2)), (2, 3, 5, 5, 8)),
+    ((4, 8, (3, 3, 3)), dict(padding="VALID", use_bias=False), (1, 5, 5, 5, 4)),
+    ((8, 16, (3, 3)), dict(padding="REFLECT"), (2, 6, 6, 8)),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "xshape"), CONVS, ids=[str(i) for i in range(len(CONVS))])
+def test_qconv_is_the_float_layer_on_the_dequantized_kernel(args, kwargs, xshape, dtype, maybe_jit):
+    layer = _random_bias(nnx.Conv(*args, rngs=nnx.Rngs(0), dtype=dtype, **kwargs))
+    q = nn.QConv.from_conv(layer, "q8_0")
+    np.testing.assert_allclose(q.float_kernel(), layer.kernel.get_value(), atol=3e-3)
+    q = nn.QConv.from_conv(layer, "q4_0")
+    layer.kernel.set_value(q.float_kernel())
+    x = _normal(xshape, dtype, seed=1)
+    got = maybe_jit(lambda m, a: m(a))(q, x)
+    want = layer(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    _close(got, want, dtype)
+
+
+def test_qconv_applies_the_mask_and_works_under_vmap():
+    mask = jnp.zeros((3, 3, 8, 16), jnp.float32).at[1, 1].set(1.0)
+    layer = nnx.Conv(8, 16, (3, 3), mask=mask, rngs=nnx.Rngs(0))
+    q = nn.QConv.from_conv(layer, "q8_0")
+    assert float(jnp.abs(q.float_kernel() * (1.0 - mask)).max()) == 0.0
+    x = _normal((3, 2, 5, 5, 8))
+    _close(jax.vmap(q)(x), q(x), jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------- dispatch table
+
+
+def test_quantize_layer_covers_every_parameterised_layer():
+    layers = {
+        "QLinear": nnx.Linear(64, 8, rngs=nnx.Rngs(0)),
+        "QEmbed": nnx.Embed(10, 64, rngs=nnx.Rngs(0)),
+        "QLinearGeneral": nnx.LinearGeneral((2, 32), 8, axis=(-2, -1), rngs=nnx.Rngs(0)),
+        "QEinsum": nnx.Einsum("bd,dk->bk", (64, 8), rngs=nnx.Rngs(0)),
+        "QConv": nnx.Conv(8, 8, (2, 2), rngs=nnx.Rngs(0)),
+    }
+    for name, layer in layers.items():
+        assert nn.quantizable(layer)
+        q = nn.quantize_layer(layer, "q4_0")
+        assert type(q).__name__ == name
+        assert nn.param_bytes(q) < nn.param_bytes(layer)
+    for layer in (nnx.LayerNorm(8, rngs=nnx.Rngs(0)), nnx.ConvTranspose(4, 4, (2,), rngs=nnx.Rngs(0)), jnp.ones(3)):
+        assert not nn.quantizable(layer)
+        with pytest.raises(TensorError, match="layer"):
+            nn.quantize_layer(layer, "q4_0")
+
+
+def test_quantize_layer_raises_the_formats_own_errors():
+    with pytest.raises(TensorError, match="256"):
+        nn.quantize_layer(nnx.Linear(384, 64, rngs=nnx.Rngs(0)), "q4_k")  # K-quants need rows of 256
+    with pytest.raises(TensorError, match="256"):
+        nn.quantize_layer(nnx.Embed(8, 384, rngs=nnx.Rngs(0)), "q4_k")
+    with pytest.raises(FormatError, match="fmt"):
+        nn.quantize_layer(nnx.Conv(4, 4, (2,), rngs=nnx.Rngs(0)), "no_such_format")
+    assert type(nn.quantize_layer(nnx.Linear(512, 64, rngs=nnx.Rngs(0)), "q4_k")).__name__ == "QLinear"
+
+
+def test_the_table_quantizes_a_model_tree():
+    """What quantize_model will do with the table: every quantizable layer of a small model, then the bytes."""
+    from viva_tensor.nn._graph import set_child
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.embed = nnx.Embed(100, 64, rngs=nnx.Rngs(0))
+            self.conv = nnx.Conv(64, 64, (3,), rngs=nnx.Rngs(1))
+            self.mix = nnx.Einsum("btd,dk->btk", (64, 64), rngs=nnx.Rngs(2))
+            self.norm = nnx.LayerNorm(64, rngs=nnx.Rngs(3))
+            self.out = nnx.Linear(64, 64, rngs=nnx.Rngs(4))
+
+        def __call__(self, ids):
+            return self.out(self.norm(self.mix(self.conv(self.embed(ids)))))
+
+    model = Tiny()
+    ids = jnp.array([[1, 5, 99, 0]], jnp.int32)
+    found = [(path, layer) for path, layer in nnx.iter_graph(model) if path and nn.quantizable(layer)]
+    assert [p for p, _ in found] == [("conv",), ("embed",), ("mix",), ("out",)]
+    qmodel = nnx.clone(model)
+    for path, layer in found:
+        set_child(qmodel, path, nn.quantize_layer(layer, "q8_0"))
+    assert nn.param_bytes(qmodel) < 0.4 * nn.param_bytes(model)
+    got, want = jax.jit(lambda m, i: m(i))(qmodel, ids), model(ids)
+    np.testing.assert_allclose(got, want, atol=5e-2)  # q8_0 through four layers and a norm

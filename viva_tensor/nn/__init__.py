@@ -11,7 +11,9 @@
   :func:`viva_tensor.quant.format_names`, and AWQ's calibration pass with
   ``quantize_model(model, "awq_int4", activations=capture_linear_inputs(model, x))`` (``nn/_awq.py``).
 * :class:`QEmbed` holds an embedding table as a quantized record whose lookup decodes only the gathered
-  rows (:func:`gather_rows`), with the tied projection ``attend`` (``nn/_qlayers.py``).
+  rows (:func:`gather_rows`), with the tied projection ``attend``; :class:`QLinearGeneral`, :class:`QEinsum`
+  and :class:`QConv` replace ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv``; :func:`quantizable` and
+  :func:`quantize_layer` map each float layer to its quantized one (``nn/_qlayers.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -26,7 +28,15 @@ Example:
 
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
-from viva_tensor.nn._qlayers import QEmbed, gather_rows
+from viva_tensor.nn._qlayers import (
+    QConv,
+    QEinsum,
+    QEmbed,
+    QLinearGeneral,
+    gather_rows,
+    quantizable,
+    quantize_layer,
+)
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
 
 __all__ = [
@@ -40,5 +50,10 @@ __all__ = [
     "capture_linear_inputs",
     "param_bytes",
     "QEmbed",
+    "QLinearGeneral",
+    "QEinsum",
+    "QConv",
     "gather_rows",
+    "quantizable",
+    "quantize_layer",
 ]
