@@ -145,7 +145,6 @@ def test_a_model_holding_a_qembed_round_trips_through_nnx_and_save(tmp_path):
     path = os.path.join(tmp_path, "m.safetensors")
     quant.save(path, nnx.to_pure_dict(state))
     loaded = quant.load(path)
-    back = nnx.merge(graphdef, state)
     nnx.replace_by_pure_dict(state, loaded)
     back = nnx.merge(graphdef, state)
     assert _same(back(ids), want)
@@ -323,7 +322,7 @@ def test_quantize_layer_raises_the_formats_own_errors():
     assert type(nn.quantize_layer(nnx.Linear(512, 64, rngs=nnx.Rngs(0)), "q4_k")).__name__ == "QLinear"
 
 
-def test_the_table_quantizes_a_model_tree():
+def test_the_table_quantizes_a_model_tree(tmp_path):
     """What quantize_model will do with the table: every quantizable layer of a small model, then the bytes."""
     from viva_tensor.nn._graph import set_child
 
@@ -348,6 +347,12 @@ def test_the_table_quantizes_a_model_tree():
     assert nn.param_bytes(qmodel) < 0.4 * nn.param_bytes(model)
     got, want = jax.jit(lambda m, i: m(i))(qmodel, ids), model(ids)
     np.testing.assert_allclose(got, want, atol=5e-2)  # q8_0 through four layers and a norm
+    # every quantized layer's record survives nnx.split and quant.save / quant.load bit for bit
+    graphdef, state = nnx.split(qmodel)
+    path = os.path.join(tmp_path, "tiny.safetensors")
+    quant.save(path, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, quant.load(path))
+    assert _same(jax.jit(lambda m, i: m(i))(nnx.merge(graphdef, state), ids), got)
 
 
 def test_minilm_with_every_linear_and_embedding_in_nf4_is_over_6x_smaller():
