@@ -376,3 +376,26 @@ def test_minilm_with_every_linear_and_embedding_in_nf4_is_over_6x_smaller():
     mask, types = jnp.ones_like(ids), jnp.zeros_like(ids)
     got, want = qmodel(ids, mask, types), model(ids, mask, types)
     assert float(jnp.sum(got * want)) > 0.8  # unit sentence embeddings still close (cosine)
+
+
+def test_the_layers_name_the_bad_argument():
+    record = quant.quantize(jnp.ones((8, 64)), "q8_0")
+    with pytest.raises(FormatError, match="kernel"):
+        nn.QLinearGeneral(jnp.ones((8, 64)), in_features=(64,), out_features=(8,))
+    with pytest.raises(DimensionError, match="kernel"):
+        nn.QLinearGeneral(record, in_features=(32,), out_features=(8,))
+    with pytest.raises(ShapeMismatch, match="bias"):
+        nn.QLinearGeneral(record, jnp.ones(7), in_features=(64,), out_features=(8,))
+    with pytest.raises(ShapeMismatch, match="inputs"):
+        nn.QLinearGeneral(record, in_features=(64,), out_features=(8,))(jnp.ones((2, 32)))
+    with pytest.raises(DimensionError, match="kernel"):
+        nn.QEinsum(record, einsum_str="bd,dk->bk", kernel_shape=(32, 8))
+    with pytest.raises(ShapeMismatch, match="inputs"):
+        nn.QEinsum(record, einsum_str="bd,dk->bk", kernel_shape=(64, 8))(jnp.ones((2, 32)))
+    with pytest.raises(DimensionError, match="kernel"):
+        nn.QConv(record, kernel_size=(3,), in_features=8)
+    conv = nn.QConv(record, kernel_size=(2, 2), in_features=16)
+    with pytest.raises(ShapeMismatch, match="inputs"):
+        conv(jnp.ones((1, 4, 4, 8)))
+    with pytest.raises(TensorError, match="feature_group_count"):
+        nn.QConv(record, kernel_size=(2, 2), in_features=16, feature_group_count=3)

@@ -66,7 +66,26 @@ def _require_record(record: Any, argument: str, ndim: int | None = None) -> None
         raise DimensionError(argument=argument, expected=f"a {ndim}-D record", got=tuple(record.shape))
 
 
+_LAYOUTS: dict[tuple, tuple[int | None, ...]] = {}
+"""Row layouts already worked out, by record class, static fields and buffer shapes (a lookup is traced often)."""
+
+
 def _row_layout(record: Any, argument: str = "table") -> tuple[int | None, ...]:
+    """Per leaf of a 2-D record: how many leading entries one row owns (``None``: shared); see :func:`_layout_of`."""
+    statics = tuple(
+        (f.name, getattr(record, f.name)) for f in dataclasses.fields(record) if not f.metadata.get("pytree_node", True)
+    )
+    key = (type(record), statics, tuple(tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(record)))
+    try:
+        hash(key)
+    except TypeError:  # unhashable static fields: no cache
+        return _layout_of(record, argument)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _layout_of(record, argument)  # raises (and caches nothing) for a format it refuses
+    return _LAYOUTS[key]
+
+
+def _layout_of(record: Any, argument: str) -> tuple[int | None, ...]:
     """Per leaf of a 2-D record: how many leading entries one row owns (``None``: a leaf all rows share).
 
     A leaf is row-sliced when its leading dim is ``rows * e`` for the record of one row (``e`` entries), for
