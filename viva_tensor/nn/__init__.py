@@ -14,6 +14,10 @@
   training with a straight-through gradient); :func:`fake_quantize_model` swaps a model's ``nnx.Linear`` layers
   for them and :func:`freeze_fake_quant` turns the trained ones into :class:`QLinear` with the same bits
   (``nn/_qat.py``).
+* :class:`QEmbed` holds an embedding table as a quantized record whose lookup decodes only the gathered
+  rows (:func:`gather_rows`), with the tied projection ``attend``; :class:`QLinearGeneral`, :class:`QEinsum`
+  and :class:`QConv` replace ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv``; :func:`quantizable` and
+  :func:`quantize_layer` map each float layer to its quantized one (``nn/_qlayers.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -29,6 +33,15 @@ Example:
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
 from viva_tensor.nn._qat import FakeQuantLinear, fake_quantize_model, freeze_fake_quant
+from viva_tensor.nn._qlayers import (
+    QConv,
+    QEinsum,
+    QEmbed,
+    QLinearGeneral,
+    gather_rows,
+    quantizable,
+    quantize_layer,
+)
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
 
 __all__ = [
@@ -44,4 +57,11 @@ __all__ = [
     "FakeQuantLinear",
     "fake_quantize_model",
     "freeze_fake_quant",
+    "QEmbed",
+    "QLinearGeneral",
+    "QEinsum",
+    "QConv",
+    "gather_rows",
+    "quantizable",
+    "quantize_layer",
 ]
