@@ -24,7 +24,9 @@ Example:
 
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
+from viva_tensor.nn._plan import LayerChoice, Plan, plan
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
+from viva_tensor.nn._sequential import CalibrationBatch
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -36,4 +38,8 @@ __all__ = [
     "quantize_model",
     "capture_linear_inputs",
     "param_bytes",
+    "CalibrationBatch",
+    "plan",
+    "Plan",
+    "LayerChoice",
 ]

@@ -136,6 +136,9 @@ class QuantizeReport:
         linear_bytes_after: bytes of their quantized weights.
         alphas: ``{path: alpha}`` the AWQ scale search picked for each layer (``"awq_int4"`` with
             ``activations=`` only; empty otherwise).
+        method: ``"rtn"``, ``"gptq"`` or ``"awq"``.
+        formats: ``{path: format}`` of each replaced layer (``fmt`` is ``"plan"`` for a plan).
+        linear_values: values of the replaced kernels (``bits_per_value`` counts every stored byte over them).
 
     Example:
         >>> r = QuantizeReport("int8", ("a",), (("b", "not selected by where"),), 400, 200, 256, 56)
@@ -155,6 +158,14 @@ class QuantizeReport:
     linear_bytes_before: int
     linear_bytes_after: int
     alphas: dict[str, float] = dataclasses.field(default_factory=dict)
+    method: str = "rtn"
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)
+    linear_values: int = 0
+
+    @property
+    def bits_per_value(self) -> float:
+        """Stored bits per kernel value over the replaced layers (``8 * linear_bytes_after / linear_values``)."""
+        return 8.0 * self.linear_bytes_after / self.linear_values if self.linear_values else 0.0
 
     @property
     def ratio(self) -> float:
@@ -174,6 +185,10 @@ class QuantizeReport:
             f"({self.linear_ratio:.2f}x); model {self.bytes_before:,} -> {self.bytes_after:,} bytes "
             f"({self.ratio:.2f}x)"
         )
+        if self.linear_values:
+            text += f"; {self.bits_per_value:.2f} bits/value"
+        if self.method != "rtn":
+            text += f"; {self.method.upper()}"
         if self.alphas:
             text += f"; AWQ alpha {min(self.alphas.values()):.2f}..{max(self.alphas.values()):.2f}"
         return text
@@ -197,11 +212,15 @@ def param_bytes(model: nnx.Module) -> int:
     return int(sum(np.asarray(leaf).nbytes if not hasattr(leaf, "nbytes") else leaf.nbytes for leaf in leaves))
 
 
-def _check_format(fmt: Any, activations: Any) -> None:
+METHODS = ("rtn", "gptq", "awq")
+"""The methods of :func:`quantize_model`: round to nearest, GPTQ (calibrated, sequential), AWQ."""
+
+
+def _check_format(fmt: Any, activations: Any, method: str) -> None:
     if fmt not in quant.format_names():
         raise FormatError(
             argument="fmt",
-            expected="one of " + ", ".join(repr(n) for n in quant.format_names()),
+            expected="one of " + ", ".join(repr(n) for n in quant.format_names()) + ", or an nn.Plan",
             got=repr(fmt),
         )
     if activations is not None and fmt != "awq_int4":
@@ -211,14 +230,47 @@ def _check_format(fmt: Any, activations: Any) -> None:
             got="calibration inputs",
             hint="only 'awq_int4' calibrates on activations; leave activations out for the other formats.",
         )
+    if method == "awq" and fmt != "awq_int4":
+        raise ConfigError(argument="method", expected="'awq' with format 'awq_int4'", got=f"'awq' with {fmt!r}")
+
+
+def _layer_formats(fmt: Any) -> tuple[str, dict[str, tuple[str, dict]] | None]:
+    """``(label, per-layer formats or None)`` of a format name or a plan (anything with ``.formats``)."""
+    formats = getattr(fmt, "formats", None)
+    if isinstance(fmt, str) or formats is None:
+        return fmt, None
+    return "plan", {name: (f, dict(o)) for name, (f, o) in dict(formats).items()}
+
+
+def _awq_activations(model: nnx.Module, calibration: Any) -> dict[str, list[jax.Array]]:
+    """Every Linear's inputs over calibration batches, padding rows dropped (AWQ's search needs the rows)."""
+    from viva_tensor.nn._awq import capture_linear_inputs
+    from viva_tensor.nn._sequential import _batches
+
+    batches = _batches(calibration)
+    if callable(batches):
+        raise ConfigError(argument="calibration", expected="a sequence of batches for method='awq'", got="a callable")
+    out: dict[str, list[jax.Array]] = {}
+    for batch in batches:
+        captured = capture_linear_inputs(model, *batch.args, **dict(batch.kwargs))
+        for name, calls in captured.items():
+            for x in calls:
+                if batch.mask is not None and tuple(jnp.shape(batch.mask)) == tuple(x.shape[:-1]):
+                    x = x[np.asarray(batch.mask).astype(bool)]
+                out.setdefault(name, []).append(x)
+    return out
 
 
 def quantize_model(
     model: nnx.Module,
-    fmt: str,
+    fmt: Any,
     *,
+    method: str = "rtn",
+    calibration: Any = None,
     activations: Mapping[str, Any] | None = None,
     where: Callable[[str, nnx.Linear], bool] | None = None,
+    sequential: bool = True,
+    progress: bool = False,
     **options: Any,
 ) -> tuple[nnx.Module, QuantizeReport]:
     """A copy of ``model`` whose ``nnx.Linear`` layers are :class:`QLinear` layers in format ``fmt``.
@@ -226,37 +278,56 @@ def quantize_model(
     The model passed in is not changed. Embeddings, norms and biases stay as they are. A layer that the
     format refuses raises the format's error (nothing is half done): leave it out with ``where``.
 
-    AWQ: with ``fmt="awq_int4"`` and ``activations`` (the inputs of each layer, e.g. from
-    :func:`capture_linear_inputs`, padding removed), each selected layer's AWQ scales are searched on
-    its own inputs (:func:`viva_tensor.awq.search_scales`) and its record keeps them (``act_scale``), so
-    no other layer changes; ``report.alphas`` holds the alpha picked per layer. Layers with no entry in
-    ``activations`` are kept in float (listed in ``report.skipped``) unless ``where`` selects them, which
-    is an error. Without ``activations``, ``"awq_int4"`` uses unit scales (plain group-int4).
-    Behaviour change: this replaces ``viva_tensor.awq.quantize_model(model, activations, config=...)``,
-    which returned ``(model, alphas)``; call ``nn.quantize_model(model, "awq_int4",
-    activations=activations, config=...)`` and read ``report.alphas``.
+    ``fmt`` is a format name, or a plan of :func:`viva_tensor.nn.plan` (a format per layer; the layers
+    it does not name stay in float). Methods:
+
+    * ``"rtn"`` (default): round to nearest, ``quant.quantize(kernel.T, fmt, **options)``.
+    * ``"gptq"``: :func:`viva_tensor.gptq.quantize` on the Hessian of each layer's inputs over
+      ``calibration``. With ``sequential=True`` (default) the layers are quantized group by group in call
+      order (layers fed the same input, like query/key/value, form a group) and each group's Hessian
+      comes from the model whose earlier groups are already quantized; ``sequential=False`` takes every
+      Hessian from the float model in one pass. ``options`` go to :func:`viva_tensor.gptq.quantize`
+      (``group_size``, ``damp``, ``act_order``, ``static_groups``, ``block_size``, format options).
+    * ``"awq"`` (format ``"awq_int4"``): AWQ's scale search per layer on its inputs, from
+      ``activations`` (``{path: inputs}``, e.g. :func:`capture_linear_inputs`) or from ``calibration``.
+      ``fmt="awq_int4"`` with ``activations`` also selects it. Layers with no inputs are kept in float
+      (in ``report.skipped``) unless ``where`` selects them, which is an error. Without inputs,
+      ``"awq_int4"`` uses unit scales (plain group-int4).
+
+    ``calibration`` is a callable ``f(model) -> None`` that runs the model on calibration data (run
+    eagerly), or a sequence of batches: argument tuples of ``model(*args)``, or
+    :class:`viva_tensor.nn.CalibrationBatch` (arguments and a ``(batch, tokens)`` mask that leaves
+    padding tokens out of the Hessians). Batches run as one jitted program per shape whose outputs are
+    the Hessians, accumulated in float32 on the device.
 
     Args:
         model: an NNX module.
-        fmt: a format name of :func:`viva_tensor.quant.format_names`.
-        activations: ``{path: inputs (..., in) or a list of them}``, for ``"awq_int4"`` only.
+        fmt: a format name of :func:`viva_tensor.quant.format_names` (for GPTQ, of
+            :func:`viva_tensor.gptq.formats`), or an ``nn.Plan``.
+        method: ``"rtn"``, ``"gptq"`` or ``"awq"``.
+        calibration: calibration data for ``"gptq"`` (required) and ``"awq"``.
+        activations: ``{path: inputs (..., in) or a list of them}``, for AWQ only.
         where: ``where(path, layer) -> bool`` picks the layers to quantize (``path`` is dotted, e.g.
-            ``"layers.0.attention.query"``); ``None`` quantizes every ``nnx.Linear`` (with AWQ: every
-            one that has activations).
+            ``"layers.0.attention.query"``); ``None`` quantizes every ``nnx.Linear`` whose input size the
+            format takes (with AWQ: every one that has activations).
+        sequential: GPTQ only: each group on the inputs of the model quantized so far.
+        progress: show a rich progress bar on stderr (GPTQ).
         **options: the format's options (see :meth:`QLinear.from_linear`); for AWQ those of
-            :func:`viva_tensor.awq.quantize_awq` (``config=awq.AWQConfig(...)``, ``group_size``).
+            :func:`viva_tensor.awq.quantize_awq` (``config=awq.AWQConfig(...)``, ``group_size``); for
+            GPTQ those of :func:`viva_tensor.gptq.quantize`.
 
     Returns:
         ``(quantized_model, report)``, the report a :class:`QuantizeReport`.
 
     Raises:
-        FormatError: an unknown format or option.
-        ConfigError: ``activations`` for a format other than ``"awq_int4"``, or a layer selected by
-            ``where`` that has no activations.
+        FormatError: an unknown format or option (GPTQ: a format with no grid).
+        ConfigError: an unknown ``method``, ``method="gptq"`` without ``calibration``, ``activations``
+            for a format other than ``"awq_int4"``, or a layer selected by ``where`` that has no
+            activations.
         TensorError: whatever the format raises for a kernel it cannot quantize.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
         >>> from viva_tensor import nn
         >>> model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 2, rngs=nnx.Rngs(1)))
@@ -267,38 +338,91 @@ def quantize_model(
         >>> amodel, areport = nn.quantize_model(model, "awq_int4", activations=inputs, group_size=32)
         >>> areport.quantized, sorted(areport.alphas) == ['layers.0', 'layers.1']
         (('layers.0', 'layers.1'), True)
+        >>> batches = [(jax.random.normal(jax.random.key(i), (16, 64)),) for i in range(4)]
+        >>> gmodel, greport = nn.quantize_model(model, "q4_0", method="gptq", calibration=batches)
+        >>> greport.method, greport.quantized
+        ('gptq', ('layers.0', 'layers.1'))
     """
-    _check_format(fmt, activations)
+    if method not in METHODS:
+        raise ConfigError(argument="method", expected="one of " + ", ".join(map(repr, METHODS)), got=repr(method))
+    label, per_layer = _layer_formats(fmt)
+    for name in sorted({f for f, _ in per_layer.values()}) if per_layer else [fmt]:
+        _check_format(name, activations, method)
+    if method == "gptq" and calibration is None:
+        raise ConfigError(argument="calibration", expected="calibration data for method='gptq'", got="None",
+                          hint="a sequence of argument tuples / nn.CalibrationBatch, or a callable f(model).")
+    if method == "awq" or (activations is not None):
+        method = "awq"
+        if activations is None and calibration is not None:
+            activations = _awq_activations(model, calibration)
     before = param_bytes(model)
     copy = nnx.clone(model)
-    done, skipped, alphas = [], [], {}
-    lin_before = lin_after = 0
+    done, skipped, alphas, formats = [], [], {}, {}
+    selected: dict[str, tuple[tuple, nnx.Linear, str, dict]] = {}
     for path, layer in linears(copy):
         name = path_str(path)
+        if per_layer is not None:
+            if name not in per_layer:
+                skipped.append((name, "not in the plan"))
+                continue
+            layer_fmt, layer_options = per_layer[name]
+            layer_options = {**layer_options, **options}
+        else:
+            layer_fmt, layer_options = fmt, dict(options)
         if where is not None and not where(name, layer):
             skipped.append((name, "not selected by where"))
             continue
-        rows = quant.format_spec(fmt).row_multiple
-        if where is None and layer.in_features % rows:
-            skipped.append((name, f"{layer.in_features} inputs: not whole {fmt} rows of {rows}"))
+        rows = quant.format_spec(layer_fmt).row_multiple
+        if where is None and per_layer is None and layer.in_features % rows:
+            skipped.append((name, f"{layer.in_features} inputs: not whole {layer_fmt} rows of {rows}"))
             continue
-        if activations is None:
-            qlayer = QLinear.from_linear(layer, fmt, **options)
-        elif name not in activations:
+        if method == "awq" and activations is not None and name not in activations:
             if where is not None:
                 raise ConfigError(argument="activations", expected=f"the inputs of layer {name!r}", got="none")
             skipped.append((name, "no activations"))
             continue
-        else:
+        selected[name] = (path, layer, layer_fmt, layer_options)
+    records = {}
+    if method == "gptq":
+        from viva_tensor.nn._sequential import gptq_records
+
+        def choose(name, layer):
+            if name not in selected:
+                return None
+            _, _, f, o = selected[name]
+            return f, {**_DEFAULT_OPTIONS.get(f, {}), **o}
+
+        records = gptq_records(model, choose, calibration, _make_qlinear, sequential=sequential,
+                               show_progress=progress)  # fmt: skip
+    for name, (path, layer, layer_fmt, layer_options) in selected.items():
+        if method == "gptq":
+            qlayer = _make_qlinear(layer, records[name])
+        elif method == "awq" and activations is not None:
             x = calibration_rows(activations[name], layer.in_features, name)
-            record, alphas[name] = awq_weight(layer, x, **options)
-            bias = None if layer.bias is None else layer.bias.get_value()
-            qlayer = QLinear(record, bias, dtype=layer.dtype)
-        lin_before += int(layer.kernel.get_value().nbytes)
-        lin_after += int(qlayer.weight.get_value().nbytes)
+            record, alphas[name] = awq_weight(layer, x, **layer_options)
+            qlayer = _make_qlinear(layer, record)
+        else:
+            qlayer = QLinear.from_linear(layer, layer_fmt, **layer_options)
         set_child(copy, path, qlayer)
         done.append(name)
+        formats[name] = layer_fmt
+    lin_before = sum(int(selected[n][1].kernel.get_value().nbytes) for n in done)
+    lin_after = sum(int(_get_weight(copy, selected[n][0]).nbytes) for n in done)
     report = QuantizeReport(
-        fmt, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after, alphas
+        label, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after, alphas,
+        method=method, formats=formats,
+        linear_values=sum(int(selected[n][1].kernel.get_value().size) for n in done),
     )
     return copy, report
+
+
+def _make_qlinear(layer: nnx.Linear, record: Any) -> QLinear:
+    bias = None if layer.bias is None else layer.bias.get_value()
+    return QLinear(record, bias, dtype=layer.dtype)
+
+
+def _get_weight(root: nnx.Module, path: tuple) -> Any:
+    node = root
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node.weight.get_value()
