@@ -243,16 +243,16 @@ def choose(measured: Sequence[LayerChoice], *, bits: float | None = None, target
     if budget is not None and used > budget:
         least = 8.0 * used / values
         raise ConfigError(argument="bits", expected=f"at least {least:.3f} (the cheapest candidates)", got=bits)
+    if target is not None:
+        return _downgrade(names, hulls, target)
     while True:
-        if target is not None and sum(hulls[n][at[n]].error for n in names) <= target:
-            break
         best = None
         for n in names:
             if at[n] + 1 >= len(hulls[n]):
                 continue
             now, nxt = hulls[n][at[n]], hulls[n][at[n] + 1]
             extra = nxt.nbytes - now.nbytes
-            if budget is not None and used + extra > budget:
+            if used + extra > budget:
                 continue
             gain = (now.error - nxt.error) / extra
             if best is None or gain > best[0]:
@@ -262,6 +262,32 @@ def choose(measured: Sequence[LayerChoice], *, bits: float | None = None, target
         at[best[1]] += 1
         used += best[2]
     return tuple(hulls[n][at[n]] for n in names)
+
+
+def _downgrade(names: list[str], hulls: dict[str, list[LayerChoice]], target: float) -> tuple:
+    """From the most accurate choice of every layer, step down the hulls (least error added per byte saved)
+    while the summed error stays within ``target``."""
+    at = {n: len(hulls[n]) - 1 for n in names}
+    error = sum(hulls[n][-1].error for n in names)
+    if error > target:
+        raise ConfigError(argument="target", expected=f"at least {error:.3e} (every layer in its best candidate)",
+                          got=target)  # fmt: skip
+    while True:
+        best = None
+        for n in names:
+            if at[n] == 0:
+                continue
+            now, prev = hulls[n][at[n]], hulls[n][at[n] - 1]
+            cost = prev.error - now.error
+            if error + cost > target:
+                continue
+            rate = cost / (now.nbytes - prev.nbytes)
+            if best is None or rate < best[0]:
+                best = (rate, n, cost)
+        if best is None:
+            return tuple(hulls[n][at[n]] for n in names)
+        at[best[1]] -= 1
+        error += best[2]
 
 
 def plan(
@@ -289,7 +315,8 @@ def plan(
         A :class:`Plan` (``print(plan)`` shows layer, format, bits and measured error).
 
     Raises:
-        ConfigError: neither or both of ``bits`` and ``target``, or a budget below the cheapest candidates.
+        ConfigError: neither or both of ``bits`` and ``target``, a budget below the cheapest candidates, or a
+            target below the error of the best ones.
         FormatError: an unknown format.
 
     Example:
