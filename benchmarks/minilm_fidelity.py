@@ -141,7 +141,10 @@ def measure(encoder, sentences, base, original, fmt: str, quick: bool = False) -
 
 
 def main(argv=None) -> None:
-    args = _common.parser(__doc__).parse_args(argv)
+    parser = _common.parser(__doc__)
+    parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help="only these rows (formats, gptq:<fmt>, plan:<bits>); writes minilm_fidelity_rows.*")
+    args = parser.parse_args(argv)
     data = np.load(FIXTURE)
     sentences = [str(s) for s in data["sentences"]]
     original = data["embeddings"]
@@ -154,6 +157,7 @@ def main(argv=None) -> None:
     )
     rows = []
     formats = ["int8", "q4_0", "gptq:q4_0"] if args.quick else [*quant.format_names(), "nf4+int8", "2:4", *CALIBRATED]
+    formats = formats if args.rows is None else [f for f in args.rows if f != "float32"]
     model_f32 = nn.param_bytes(encoder.model)
     for fmt in ["float32", *formats]:
         row = measure(encoder, sentences, base, original, fmt, args.quick)
@@ -186,6 +190,9 @@ def write(rows: list[dict], n: int, args) -> None:
         "3 nearest. `nf4+int8`: NF4, with the attention value, intermediate and output layers in INT8. "
         "`2:4`: one-shot 2:4 magnitude pruning of the kernels (no retraining), float32 values kept; model "
         "bytes for 2:4 count the dense emulation, kernel bytes the 2:4 records. "
+        "Calibrated rows (`gptq:`, `plan:`): the default calibration of `minilm.quantize` (512 standard-library "
+        "docstring sentences; the planner's sensitivities on the first 64). Quantize times are wall / process CPU "
+        "seconds on a 2-core machine shared with other jobs (wall inflated by the load). "
         "Written by `python benchmarks/minilm_fidelity.py`.",
         "",
         "| format | kernel bytes | bits/value | model bytes | model ratio | mean cos | min cos | top-1 agree "
@@ -201,7 +208,8 @@ def write(rows: list[dict], n: int, args) -> None:
         )
     worst = ", ".join(f"{r['format']}: {r['worst_sentence'][:30]!r}" for r in rows[1:])
     lines += ["", f"Worst sentence per format: {worst}.", ""]
-    _common.write_results("minilm_fidelity", "\n".join(lines), {"meta": meta, "rows": rows}, quick=args.quick,
+    name = "minilm_fidelity" if getattr(args, "rows", None) is None else "minilm_fidelity_rows"
+    _common.write_results(name, "\n".join(lines), {"meta": meta, "rows": rows}, quick=args.quick,
                           out=args.out)  # fmt: skip
 
 
