@@ -10,6 +10,13 @@
   (``nn/_qlinear.py``). It is the one ``quantize_model`` of the package: every format of
   :func:`viva_tensor.quant.format_names`, and AWQ's calibration pass with
   ``quantize_model(model, "awq_int4", activations=capture_linear_inputs(model, x))`` (``nn/_awq.py``).
+  ``quantize_model(model, fmt, method="gptq", calibration=batches)`` is calibrated, sequential GPTQ: each
+  group of layers (those fed the same input) on the Hessian of the inputs that the already-quantized layers
+  before it produce, captured by one jitted program per batch shape (``nn/_sequential.py``,
+  :class:`CalibrationBatch` masks padding out).
+* :func:`plan` measures each layer's sensitivity to each candidate format and picks a format per layer
+  within a budget of bits per value (or the fewest bits to an error target); ``quantize_model(model, plan,
+  method=...)`` applies the :class:`Plan` (``nn/_plan.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
