@@ -17,6 +17,10 @@
 * :func:`plan` measures each layer's sensitivity to each candidate format and picks a format per layer
   within a budget of bits per value (or the fewest bits to an error target); ``quantize_model(model, plan,
   method=...)`` applies the :class:`Plan` (``nn/_plan.py``).
+* :class:`QEmbed` holds an embedding table as a quantized record whose lookup decodes only the gathered
+  rows (:func:`gather_rows`), with the tied projection ``attend``; :class:`QLinearGeneral`, :class:`QEinsum`
+  and :class:`QConv` replace ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv``; :func:`quantizable` and
+  :func:`quantize_layer` map each float layer to its quantized one (``nn/_qlayers.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -32,6 +36,15 @@ Example:
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
 from viva_tensor.nn._plan import LayerChoice, Plan, plan
+from viva_tensor.nn._qlayers import (
+    QConv,
+    QEinsum,
+    QEmbed,
+    QLinearGeneral,
+    gather_rows,
+    quantizable,
+    quantize_layer,
+)
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
 from viva_tensor.nn._sequential import CalibrationBatch
 
@@ -49,4 +62,11 @@ __all__ = [
     "plan",
     "Plan",
     "LayerChoice",
+    "QEmbed",
+    "QLinearGeneral",
+    "QEinsum",
+    "QConv",
+    "gather_rows",
+    "quantizable",
+    "quantize_layer",
 ]
