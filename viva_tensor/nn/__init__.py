@@ -35,6 +35,7 @@ Example:
 
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
+from viva_tensor.nn._model import quantize_model
 from viva_tensor.nn._plan import LayerChoice, Plan, plan
 from viva_tensor.nn._qlayers import (
     QConv,
@@ -45,7 +46,7 @@ from viva_tensor.nn._qlayers import (
     quantizable,
     quantize_layer,
 )
-from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
+from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes
 from viva_tensor.nn._sequential import CalibrationBatch
 
 __all__ = [
