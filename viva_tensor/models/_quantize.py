@@ -88,6 +88,7 @@ def quantize(
     fmt: str | None = None,
     method: str = "gptq",
     calibration: Sequence[str] | None = None,
+    embeddings: str | None = None,
     progress: bool = False,
     **options: Any,
 ) -> tuple[Any, nn.QuantizeReport]:
@@ -104,7 +105,9 @@ def quantize(
             a format per layer (default candidates) and the plan is applied with ``method``.
         fmt: one format for every layer (default ``"int4_group"`` when ``bits`` is not given).
         method: ``"gptq"`` (default, sequential), ``"rtn"`` or ``"awq"``.
-        calibration: calibration texts instead of the default passages.
+        calibration: calibration texts instead of the default sentences.
+        embeddings: a format for the word, position and token-type tables (``nn.QEmbed``, round to nearest;
+            e.g. ``"nf4"`` makes the whole model over 6x smaller than float32); ``None`` keeps them float32.
         progress: a progress bar on stderr.
         **options: passed to :func:`viva_tensor.nn.quantize_model` (e.g. ``group_size``, ``damp``).
 
@@ -130,6 +133,6 @@ def quantize(
     else:
         target = fmt or "int4_group"
     model, report = nn.quantize_model(
-        encoder.model, target, method=method, calibration=batches, progress=progress, **options
+        encoder.model, target, method=method, calibration=batches, progress=progress, others=embeddings, **options
     )
     return encoder.replace(model=model), report
