@@ -25,16 +25,13 @@ __all__ = ["calibration_batches", "quantize", "DEFAULT_SENTENCES", "SENSITIVITY_
 DEFAULT_SENTENCES = 512
 """Calibration sentences :func:`quantize` reads by default (16 batches of 32)."""
 
-SENSITIVITY_BATCHES = 2
+SENSITIVITY_BATCHES = 1
 """Calibration batches (of 32 sentences) on which :func:`quantize`'s planner measures each layer's sensitivity."""
 
 
 PLAN_CANDIDATES = (
     ("int4_group", {"group_size": 128}),
-    ("int4_group", {"group_size": 32}),
-    ("nf4_dq", {}),
     ("nvfp4", {}),
-    ("q4_1", {}),
     ("q8_0", {}),
 )
 """Candidate formats of :func:`quantize`'s planner (all with a GPTQ grid)."""
@@ -104,7 +101,10 @@ def quantize(
         bits: a budget of stored bits per value over the Linear kernels: :func:`viva_tensor.nn.plan` picks
             a format per layer (default candidates) and the plan is applied with ``method``.
         fmt: one format for every layer (default ``"int4_group"`` when ``bits`` is not given).
-        method: ``"gptq"`` (default, sequential), ``"rtn"`` or ``"awq"``.
+        method: ``"gptq"`` (default), ``"rtn"`` or ``"awq"``. GPTQ here defaults to ``sequential=False``
+            (every layer on the float model's inputs, one calibration pass): on MiniLM, sequential GPTQ
+            measured the same mean cosine (0.9639 against 0.9626, int4 groups of 128, 512 sentences) with a
+            lower minimum (0.889 against 0.916) and took 24 passes; pass ``sequential=True`` to choose it.
         calibration: calibration texts instead of the default sentences.
         embeddings: a format for the word, position and token-type tables (``nn.QEmbed``, round to nearest;
             e.g. ``"nf4"`` makes the whole model over 6x smaller than float32); ``None`` keeps them float32.
@@ -132,6 +132,7 @@ def quantize(
                          progress=progress)  # fmt: skip
     else:
         target = fmt or "int4_group"
+    options = {"sequential": False, **options} if method == "gptq" else options
     model, report = nn.quantize_model(
         encoder.model, target, method=method, calibration=batches, progress=progress, others=embeddings, **options
     )
