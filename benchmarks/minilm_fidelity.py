@@ -12,10 +12,15 @@ the embeddings, norms and biases stay float32), the 32 sentences of
 - nearest-neighbour agreement: the share of sentences whose nearest other sentence is the same as
   with float32 embeddings, and the mean overlap of the top-3 neighbours.
 
+Calibrated rows: ``gptq:<fmt>`` is ``minilm.quantize(encoder, fmt=..., method="gptq")`` (sequential GPTQ on
+the default calibration text, standard-library docstrings, never these sentences); ``plan:<bits>`` is
+``minilm.quantize(encoder, bits=...)``: the planner's format per layer within that budget of stored bits per
+value, applied with sequential GPTQ. Their quantize time includes the calibration.
+
 Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
 
 Run: ``python benchmarks/minilm_fidelity.py [--quick]``; writes ``benchmarks/results/minilm_fidelity.{md,json}``
-(``--quick``: int8 and q4_0 on 4 sentences, into results/quick).
+(``--quick``: int8, q4_0 and GPTQ q4_0 of the first layer's 6 kernels on 4 sentences, into results/quick).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from viva_tensor import nn, quant  # noqa: E402
 from viva_tensor.models import minilm  # noqa: E402
 
 FIXTURE = _common.FIXTURE
+
+CALIBRATED = ("gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0", "plan:4.25", "plan:4.5")
+"""The calibrated rows of the full run (see the module docstring)."""
 
 SENSITIVE = ("attention.value", "intermediate", "output")
 """Layers that the mixed recipe keeps in INT8 (the most sensitive to 4 bits in a per-layer sweep)."""
@@ -67,6 +75,23 @@ def pruned_24(model):
     return copy, after, before
 
 
+def calibrated(encoder, spec: str, quick: bool):
+    """(model, kernel bytes, float kernel bytes, report) for ``gptq:<fmt>`` or ``plan:<bits>``."""
+    from viva_tensor.models import _calibration
+
+    kind, value = spec.split(":")
+    options = {}
+    if quick:  # seconds: 32 sentences, the first layer only
+        first = lambda path, layer: path.startswith("layers.0.")  # noqa: E731
+        options = {"calibration": _calibration.calibration_text(32), "where": first}
+    if kind == "plan":
+        enc, r = minilm.quantize(encoder, bits=float(value), **options)
+    else:
+        enc, r = minilm.quantize(encoder, fmt=value, method="gptq", **options)
+    total = sum(int(n.kernel.get_value().nbytes) for _, n in nnx.iter_graph(encoder.model) if isinstance(n, nnx.Linear))
+    return enc.model, total - r.linear_bytes_before + r.linear_bytes_after, total, r  # float kernels left count
+
+
 def quantized(model, fmt: str):
     """(model, kernel bytes, float kernel bytes) for a format name, ``"nf4+int8"`` or ``"2:4"``."""
     if fmt == "2:4":
@@ -80,18 +105,22 @@ def quantized(model, fmt: str):
     return m, r.linear_bytes_after, r.linear_bytes_before
 
 
-def measure(encoder, sentences, base, original, fmt: str) -> dict:
-    t0 = time.perf_counter()
+def measure(encoder, sentences, base, original, fmt: str, quick: bool = False) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
     if fmt == "float32":
         model, kbytes = encoder.model, None
+    elif ":" in fmt:
+        model, kbytes, _, _ = calibrated(encoder, fmt, quick)
     else:
         model, kbytes, _ = quantized(encoder.model, fmt)
-    t_quant = time.perf_counter() - t0
+    t_quant, cpu_quant = time.perf_counter() - t0, time.process_time() - c0
     enc = encoder.replace(model=model)
     e = np.asarray(minilm.encode(enc, sentences))
     t_encode = _common.time_fn(minilm.encode, enc, sentences, repeats=1, warmup=0).min_s  # compiled above
     cos = cosine(e, base)
     nn1 = np.mean(neighbours(e, 1)[:, 0] == neighbours(base, 1)[:, 0])
+    cos_orig = cosine(e, original)
+    nn1_orig = np.mean(neighbours(e, 1)[:, 0] == neighbours(original, 1)[:, 0])
     top3 = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(neighbours(e, 3), neighbours(base, 3), strict=True)])
     return {
         "format": fmt,
@@ -100,16 +129,22 @@ def measure(encoder, sentences, base, original, fmt: str) -> dict:
         "mean_cosine": float(cos.mean()),
         "min_cosine": float(cos.min()),
         "worst_sentence": sentences[int(cos.argmin())],
-        "mean_cosine_to_original": float(cosine(e, original).mean()),
+        "mean_cosine_to_original": float(cos_orig.mean()),
+        "min_cosine_to_original": float(cos_orig.min()),
+        "top1_agreement_to_original": float(nn1_orig),
         "top1_agreement": float(nn1),
         "top3_overlap": float(top3),
         "quantize_s": t_quant,
+        "quantize_cpu_s": cpu_quant,
         "encode_s": t_encode,
     }
 
 
 def main(argv=None) -> None:
-    args = _common.parser(__doc__).parse_args(argv)
+    parser = _common.parser(__doc__)
+    parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help="only these rows (formats, gptq:<fmt>, plan:<bits>); writes minilm_fidelity_rows.*")
+    args = parser.parse_args(argv)
     data = np.load(FIXTURE)
     sentences = [str(s) for s in data["sentences"]]
     original = data["embeddings"]
@@ -121,9 +156,12 @@ def main(argv=None) -> None:
         int(node.kernel.get_value().nbytes) for _, node in nnx.iter_graph(encoder.model) if isinstance(node, nnx.Linear)
     )
     rows = []
-    formats = ["int8", "q4_0"] if args.quick else [*quant.format_names(), "nf4+int8", "2:4"]
+    formats = ["int8", "q4_0", "gptq:q4_0"] if args.quick else [*quant.format_names(), "nf4+int8", "2:4", *CALIBRATED]
+    formats = formats if args.rows is None else [f for f in args.rows if f != "float32"]
+    model_f32 = nn.param_bytes(encoder.model)
     for fmt in ["float32", *formats]:
-        row = measure(encoder, sentences, base, original, fmt)
+        row = measure(encoder, sentences, base, original, fmt, args.quick)
+        row["model_ratio"] = model_f32 / row["model_bytes"]
         if row["kernel_bytes"] is None:
             row["kernel_bytes"] = kernel_f32
         row["bits_per_value"] = 32.0 * row["kernel_bytes"] / kernel_f32
@@ -152,21 +190,26 @@ def write(rows: list[dict], n: int, args) -> None:
         "3 nearest. `nf4+int8`: NF4, with the attention value, intermediate and output layers in INT8. "
         "`2:4`: one-shot 2:4 magnitude pruning of the kernels (no retraining), float32 values kept; model "
         "bytes for 2:4 count the dense emulation, kernel bytes the 2:4 records. "
+        "Calibrated rows (`gptq:`, `plan:`): the default calibration of `minilm.quantize` (512 standard-library "
+        "docstring sentences; the planner's sensitivities on the first 64). Quantize times are wall / process CPU "
+        "seconds on a 2-core machine shared with other jobs (wall inflated by the load). "
         "Written by `python benchmarks/minilm_fidelity.py`.",
         "",
-        "| format | kernel bytes | bits/value | model bytes | mean cos | min cos | top-1 agree | top-3 overlap "
-        "| mean cos to original |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | kernel bytes | bits/value | model bytes | model ratio | mean cos | min cos | top-1 agree "
+        "| top-3 overlap | to original: mean cos | min cos | top-1 agree | quantize wall / CPU (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['format']} | {r['kernel_bytes']:,} | {r['bits_per_value']:.2f} | {r['model_bytes']:,} "
-            f"| {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | {r['top1_agreement']:.3f} "
-            f"| {r['top3_overlap']:.3f} | {r['mean_cosine_to_original']:.5f} |"
+            f"| {r['model_ratio']:.2f} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | {r['top1_agreement']:.3f} "
+            f"| {r['top3_overlap']:.3f} | {r['mean_cosine_to_original']:.5f} | {r['min_cosine_to_original']:.5f} "
+            f"| {r['top1_agreement_to_original']:.3f} | {r['quantize_s']:.1f} / {r['quantize_cpu_s']:.1f} |"
         )
     worst = ", ".join(f"{r['format']}: {r['worst_sentence'][:30]!r}" for r in rows[1:])
     lines += ["", f"Worst sentence per format: {worst}.", ""]
-    _common.write_results("minilm_fidelity", "\n".join(lines), {"meta": meta, "rows": rows}, quick=args.quick,
+    name = "minilm_fidelity" if getattr(args, "rows", None) is None else "minilm_fidelity_rows"
+    _common.write_results(name, "\n".join(lines), {"meta": meta, "rows": rows}, quick=args.quick,
                           out=args.out)  # fmt: skip
 
 

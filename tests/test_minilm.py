@@ -31,7 +31,7 @@ FIXTURE = pathlib.Path(__file__).parent / "data" / "minilm_reference.npz"
 # Floors for the mean cosine to the float32 encoder on the fidelity sentences. INT8 carries issue 6's
 # target (0.999); the others are the measured values (benchmarks/results/minilm_fidelity.md) less a
 # small margin. Issue 6's NF4 target (0.99) is NOT met by NF4 on every Linear layer (measured ~0.966,
-# block 16 ~0.975): see test_nf4_issue_target, an expected failure, and the mixed recipe below.
+# block 16 ~0.975): see test_gptq_beats_round_to_nearest_on_the_whole_encoder and the mixed recipe below.
 MEAN_COSINE_FLOOR = {
     "int8": 0.999,
     "q8_0": 0.9995,
@@ -314,10 +314,22 @@ def test_quantized_encoder_fidelity(fmt, quantized_embeddings, embeddings):
     assert agree >= TOP1_FLOOR.get(fmt, 0.8), (fmt, agree)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 asks NF4 >= 0.99 mean cosine; NF4 on all 36 layers gives ~0.966")
-def test_nf4_issue_target(quantized_embeddings, embeddings):
-    e, _ = quantized_embeddings("nf4")
-    assert cosine(e, embeddings[FIDELITY_IDX]).mean() >= 0.99
+@pytest.mark.slow
+def test_gptq_beats_round_to_nearest_on_the_whole_encoder(encoder, quantized_embeddings, embeddings):
+    """What issue 14 now meets: GPTQ on calibration text (standard-library docstrings, never these sentences)
+    keeps the int4 (groups of 128) encoder closer to float32 than round to nearest, at the same bytes. Issue 6's
+    NF4 >= 0.99 (and issue 14's 0.985 for GPTQ int4 alone) are not met: measured ~0.964 (README of results)."""
+    from viva_tensor.models import _calibration
+
+    sentences = [str(s) for s in np.load(FIXTURE)["sentences"][FIDELITY_IDX]]
+    qenc, report = minilm.quantize(encoder, fmt="int4_group", calibration=_calibration.calibration_text(128),
+                                   sequential=False)  # fmt: skip
+    rtn, rtn_report = quantized_embeddings("int4_group")
+    assert report.method == "gptq" and len(report.quantized) == 36
+    assert report.linear_bytes_after == rtn_report.linear_bytes_after
+    gptq_cos = cosine(np.asarray(minilm.encode(qenc, sentences)), embeddings[FIDELITY_IDX])
+    rtn_cos = cosine(rtn, embeddings[FIDELITY_IDX])
+    assert gptq_cos.mean() > rtn_cos.mean() + 0.005, (gptq_cos.mean(), rtn_cos.mean())
 
 
 def test_quantize_model_unknown_format(encoder):

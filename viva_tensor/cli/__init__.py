@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("checkpoint", nargs="?", default=None, help="a safetensors file (default: bundled MiniLM)")
     rep.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rep.add_argument("--calibrated", nargs="+", default=(), metavar="SPEC",
+                     help="MiniLM rows quantized on calibration text: gptq:<fmt> or plan:<bits> (minutes each)")
     qz = sub.add_parser("quantize", help="quantize a safetensors checkpoint into a viva_tensor checkpoint")
     qz.add_argument("checkpoint", help="a safetensors file")
     qz.add_argument("-f", "--format", required=True, metavar="FMT", help="a format name (see `report`)")
@@ -136,7 +138,8 @@ def _check_output(path: str, force: bool) -> str | None:
 def _report(args: argparse.Namespace) -> int:
     from viva_tensor.cli import report
 
-    rows = report.run_report(args.checkpoint, args.formats, progress=not args.no_progress)
+    rows = report.run_report(args.checkpoint, args.formats, progress=not args.no_progress,
+                             calibrated=args.calibrated)  # fmt: skip
     path = args.checkpoint or report.default_checkpoint()
     report.print_report(rows, title=f"memory multiplication: {os.path.basename(path)}")
     return 0

@@ -53,6 +53,7 @@ __all__ = [
     "eligible_tensors",
     "minilm_folder",
     "embedding_fidelity",
+    "calibrated_fidelity",
     "run_report",
     "print_report",
     "progress_bar",
@@ -260,6 +261,87 @@ def embedding_fidelity(
     return out
 
 
+def _nearest(e: np.ndarray) -> np.ndarray:
+    sim = np.asarray(e, np.float64) @ np.asarray(e, np.float64).T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(axis=1)
+
+
+def calibrated_fidelity(
+    folder: str | os.PathLike | None,
+    specs: Sequence[str],
+    *,
+    sentences: Sequence[str] = FIDELITY_SENTENCES,
+    on_step: Any = None,
+) -> list[dict]:
+    """Rows for calibrated MiniLM quantizations: ``"gptq:<fmt>"`` (sequential GPTQ) or ``"plan:<bits>"``.
+
+    Each is :func:`viva_tensor.models.minilm.quantize` with its default calibration text (standard-library
+    docstring sentences, never :data:`FIDELITY_SENTENCES`): ``fmt=<fmt>, method="gptq"``, or ``bits=<bits>``
+    (the planner's format per layer, applied with GPTQ). A row covers the 36 Linear kernels: values, bytes
+    stored, bits per value, ratio, SQNR and cosine of the kernels, the seconds taken (calibration
+    included), the embedding cosine to the float32 model (mean, min) and ``embedding_top1``, the share of
+    sentences whose nearest other sentence is unchanged.
+
+    Args:
+        folder: a MiniLM model folder; ``None`` for the bundled one.
+        specs: the rows, e.g. ``["gptq:int4_group", "plan:4.5"]``.
+        sentences: the sentences to embed (one batch).
+        on_step: called with a short description after each row.
+
+    Returns:
+        One dict per spec, with the keys of :func:`run_report`'s rows and ``embedding_top1``.
+
+    Raises:
+        ConfigError: a spec that is not ``gptq:<fmt>`` or ``plan:<bits>``.
+
+    Example:
+        >>> from viva_tensor.cli import report
+        >>> rows = report.calibrated_fidelity(None, ["plan:4.5"])                # doctest: +SKIP
+        >>> rows[0]["bits_per_value"] <= 4.5                                     # doctest: +SKIP
+        True
+    """
+    from flax import nnx
+
+    from viva_tensor.errors import ConfigError
+    from viva_tensor.models import minilm
+
+    step = on_step or (lambda description: None)
+    parsed = []
+    for spec in specs:
+        kind, _, value = str(spec).partition(":")
+        if kind not in ("gptq", "plan") or not value:
+            raise ConfigError(argument="calibrated", expected="'gptq:<fmt>' or 'plan:<bits>'", got=repr(spec))
+        parsed.append((spec, kind, value))
+    encoder = minilm.load(folder)
+    ids, mask, types = _one_batch(encoder.tokenizer, sentences)
+    reference = np.asarray(encoder.model(ids, mask, types))
+    kernels = {".".join(map(str, p)): n.kernel.get_value() for p, n in nnx.iter_graph(encoder.model)
+               if isinstance(n, nnx.Linear)}  # fmt: skip
+    rows = []
+    for spec, kind, value in parsed:
+        start = time.perf_counter()
+        if kind == "plan":
+            qenc, rep = minilm.quantize(encoder, bits=float(value))
+        else:
+            qenc, rep = minilm.quantize(encoder, fmt=value, method="gptq")
+        seconds = time.perf_counter() - start
+        sums = np.zeros(4)
+        for path, node in nnx.iter_graph(qenc.model):
+            name = ".".join(map(str, path))
+            if name in rep.quantized and hasattr(node, "weight"):
+                sums += np.asarray(_stats(jnp.asarray(kernels[name]).T, quant.dequantize(node.weight.get_value())))
+        row = _row(spec, rep.linear_values, rep.linear_bytes_after, rep.linear_bytes_before, sums,
+                   len(rep.quantized), seconds)  # fmt: skip
+        e = np.asarray(qenc.model(ids, mask, types))
+        cos = _cosines(e, reference)
+        row["embedding_cosine_mean"], row["embedding_cosine_min"] = float(cos.mean()), float(cos.min())
+        row["embedding_top1"] = float(np.mean(_nearest(e) == _nearest(reference)))
+        rows.append(row)
+        step(f"{spec} embeddings")
+    return rows
+
+
 def _fidelity_blocker(path: str) -> tuple[pathlib.Path | None, str | None]:
     """(MiniLM folder, None) when the embedding fidelity can be measured, else (None, the reason)."""
     folder = minilm_folder(path)
@@ -323,6 +405,7 @@ def run_report(
     *,
     progress: bool = True,
     fidelity: bool = True,
+    calibrated: Sequence[str] = (),
 ) -> list[dict]:
     """Quantize every eligible tensor of a checkpoint in every format and measure it.
 
@@ -333,6 +416,8 @@ def run_report(
         progress: show a progress bar on stderr.
         fidelity: for a MiniLM checkpoint, also measure the embedding fidelity
             (:func:`embedding_fidelity`).
+        calibrated: for a MiniLM checkpoint, rows of calibrated quantizations of its Linear kernels
+            (:func:`calibrated_fidelity`: ``"gptq:<fmt>"``, ``"plan:<bits>"``), appended after the formats.
 
     Returns:
         One dict per format, after a first row for the original weights (format ``"original"``), with
@@ -404,6 +489,12 @@ def run_report(
     for r in rows:
         measured = cosines.get(r["format"], {})
         r["embedding_cosine_mean"], r["embedding_cosine_min"] = measured.get("mean"), measured.get("min")
+    if calibrated:
+        if folder is None:
+            folder, why = _fidelity_blocker(path)
+            note = note or why
+        if folder is not None:
+            rows += calibrated_fidelity(folder, list(calibrated))
     rows[0]["embedding_note"] = note
     return rows
 
@@ -480,6 +571,8 @@ def print_report(rows: list[dict], *, title: str | None = None, console: Any = N
     embeddings = any(r.get("embedding_cosine_mean") is not None for r in rows)
     columns = ["format", "bytes", "bits/value", "ratio", "SQNR (dB)", "cosine"]
     columns += ["emb cos mean", "emb cos min"] if embeddings else []
+    top1 = any(r.get("embedding_top1") is not None for r in rows)
+    columns += ["emb top-1"] if top1 else []
     for col in columns:
         table.add_column(col, justify="left" if col == "format" else "right")
     for r in rows:
@@ -489,6 +582,8 @@ def print_report(rows: list[dict], *, title: str | None = None, console: Any = N
         if embeddings:
             for key in ("embedding_cosine_mean", "embedding_cosine_min"):
                 cells.append("-" if r.get(key) is None else f"{r[key]:.5f}")
+        if top1:
+            cells.append("-" if r.get("embedding_top1") is None else f"{r['embedding_top1']:.3f}")
         table.add_row(*cells)
     console.print(table)
     if embeddings:
@@ -496,6 +591,12 @@ def print_report(rows: list[dict], *, title: str | None = None, console: Any = N
         console.print(
             f"emb cos: cosine of {n} MiniLM sentence embeddings to the float32 model's (mean, min), with the"
             " Linear kernels quantized by viva_tensor.nn.quantize_model (its int8 has a scale per output row)."
+        )
+    if top1:
+        console.print(
+            "gptq:/plan: rows: minilm.quantize on standard-library docstring sentences (sequential GPTQ; plan: a"
+            " format per layer within that many bits/value); values = the 36 Linear kernels; emb top-1: share of"
+            " sentences whose nearest neighbour is unchanged."
         )
     if first.get("embedding_note"):
         console.print(first["embedding_note"])

@@ -10,6 +10,13 @@
   (``nn/_qlinear.py``). It is the one ``quantize_model`` of the package: every format of
   :func:`viva_tensor.quant.format_names`, and AWQ's calibration pass with
   ``quantize_model(model, "awq_int4", activations=capture_linear_inputs(model, x))`` (``nn/_awq.py``).
+  ``quantize_model(model, fmt, method="gptq", calibration=batches)`` is calibrated, sequential GPTQ: each
+  group of layers (those fed the same input) on the Hessian of the inputs that the already-quantized layers
+  before it produce, captured by one jitted program per batch shape (``nn/_sequential.py``,
+  :class:`CalibrationBatch` masks padding out).
+* :func:`plan` measures each layer's sensitivity to each candidate format and picks a format per layer
+  within a budget of bits per value (or the fewest bits to an error target); ``quantize_model(model, plan,
+  method=...)`` applies the :class:`Plan` (``nn/_plan.py``).
 * :class:`FakeQuantLinear` is an ``nnx.Linear`` whose kernel is fake-quantized on every call (quantization-aware
   training with a straight-through gradient); :func:`fake_quantize_model` swaps a model's ``nnx.Linear`` layers
   for them and :func:`freeze_fake_quant` turns the trained ones into :class:`QLinear` with the same bits
@@ -33,6 +40,8 @@ Example:
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
 from viva_tensor.nn._qat import FakeQuantLinear, fake_quantize_model, freeze_fake_quant
+from viva_tensor.nn._model import quantize_model
+from viva_tensor.nn._plan import LayerChoice, Plan, plan
 from viva_tensor.nn._qlayers import (
     QConv,
     QEinsum,
@@ -42,7 +51,8 @@ from viva_tensor.nn._qlayers import (
     quantizable,
     quantize_layer,
 )
-from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
+from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes
+from viva_tensor.nn._sequential import CalibrationBatch
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -57,6 +67,10 @@ __all__ = [
     "FakeQuantLinear",
     "fake_quantize_model",
     "freeze_fake_quant",
+    "CalibrationBatch",
+    "plan",
+    "Plan",
+    "LayerChoice",
     "QEmbed",
     "QLinearGeneral",
     "QEinsum",

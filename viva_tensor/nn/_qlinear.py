@@ -1,15 +1,13 @@
 """Quantized linear layers for NNX models, and quantizing a whole model.
 
 :class:`QLinear` holds a quantized record (any format of :mod:`viva_tensor.quant`) as its kernel and
-computes with :func:`viva_tensor.quant.dot_general`; :func:`quantize_model` returns a copy of a model whose
-``nnx.Linear`` layers are :class:`QLinear` ones (for ``"awq_int4"`` with ``activations=``, after the AWQ
-calibration pass of :mod:`viva_tensor.nn._awq`), with a :class:`QuantizeReport` of the bytes before and after.
+computes with :func:`viva_tensor.quant.dot_general`; :class:`QuantizeReport` is what
+:func:`viva_tensor.nn.quantize_model` (``nn/_model.py``) returns with the quantized model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -18,12 +16,9 @@ import numpy as np
 from flax import nnx
 
 from viva_tensor import quant
-from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
-from viva_tensor.nn._awq import awq_weight, calibration_rows, linears
-from viva_tensor.nn._graph import set_child
 
-__all__ = ["QLinear", "QuantizeReport", "quantize_model", "param_bytes"]
+__all__ = ["QLinear", "QuantizeReport", "param_bytes"]
 
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"int8": {"axis": 0}}
 """Options :meth:`QLinear.from_linear` uses when none are given: INT8 gets one scale per output row."""
@@ -148,6 +143,9 @@ class QuantizeReport:
         linear_bytes_after: bytes of their quantized weights.
         alphas: ``{path: alpha}`` the AWQ scale search picked for each layer (``"awq_int4"`` with
             ``activations=`` only; empty otherwise).
+        method: ``"rtn"``, ``"gptq"`` or ``"awq"``.
+        formats: ``{path: format}`` of each replaced layer (``fmt`` is ``"plan"`` for a plan).
+        linear_values: values of the replaced kernels (``bits_per_value`` counts every stored byte over them).
 
     Example:
         >>> r = QuantizeReport("int8", ("a",), (("b", "not selected by where"),), 400, 200, 256, 56)
@@ -167,6 +165,14 @@ class QuantizeReport:
     linear_bytes_before: int
     linear_bytes_after: int
     alphas: dict[str, float] = dataclasses.field(default_factory=dict)
+    method: str = "rtn"
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)
+    linear_values: int = 0
+
+    @property
+    def bits_per_value(self) -> float:
+        """Stored bits per kernel value over the replaced layers (``8 * linear_bytes_after / linear_values``)."""
+        return 8.0 * self.linear_bytes_after / self.linear_values if self.linear_values else 0.0
 
     @property
     def ratio(self) -> float:
@@ -186,6 +192,10 @@ class QuantizeReport:
             f"({self.linear_ratio:.2f}x); model {self.bytes_before:,} -> {self.bytes_after:,} bytes "
             f"({self.ratio:.2f}x)"
         )
+        if self.linear_values:
+            text += f"; {self.bits_per_value:.2f} bits/value"
+        if self.method != "rtn":
+            text += f"; {self.method.upper()}"
         if self.alphas:
             text += f"; AWQ alpha {min(self.alphas.values()):.2f}..{max(self.alphas.values()):.2f}"
         return text
@@ -209,11 +219,15 @@ def param_bytes(model: nnx.Module) -> int:
     return int(sum(np.asarray(leaf).nbytes if not hasattr(leaf, "nbytes") else leaf.nbytes for leaf in leaves))
 
 
-def _check_format(fmt: Any, activations: Any) -> None:
+METHODS = ("rtn", "gptq", "awq")
+"""The methods of :func:`quantize_model`: round to nearest, GPTQ (calibrated, sequential), AWQ."""
+
+
+def _check_format(fmt: Any, activations: Any, method: str) -> None:
     if fmt not in quant.format_names():
         raise FormatError(
             argument="fmt",
-            expected="one of " + ", ".join(repr(n) for n in quant.format_names()),
+            expected="one of " + ", ".join(repr(n) for n in quant.format_names()) + ", or an nn.Plan",
             got=repr(fmt),
         )
     if activations is not None and fmt != "awq_int4":
@@ -223,94 +237,5 @@ def _check_format(fmt: Any, activations: Any) -> None:
             got="calibration inputs",
             hint="only 'awq_int4' calibrates on activations; leave activations out for the other formats.",
         )
-
-
-def quantize_model(
-    model: nnx.Module,
-    fmt: str,
-    *,
-    activations: Mapping[str, Any] | None = None,
-    where: Callable[[str, nnx.Linear], bool] | None = None,
-    **options: Any,
-) -> tuple[nnx.Module, QuantizeReport]:
-    """A copy of ``model`` whose ``nnx.Linear`` layers are :class:`QLinear` layers in format ``fmt``.
-
-    The model passed in is not changed. Embeddings, norms and biases stay as they are. A layer that the
-    format refuses raises the format's error (nothing is half done): leave it out with ``where``.
-
-    AWQ: with ``fmt="awq_int4"`` and ``activations`` (the inputs of each layer, e.g. from
-    :func:`capture_linear_inputs`, padding removed), each selected layer's AWQ scales are searched on
-    its own inputs (:func:`viva_tensor.awq.search_scales`) and its record keeps them (``act_scale``), so
-    no other layer changes; ``report.alphas`` holds the alpha picked per layer. Layers with no entry in
-    ``activations`` are kept in float (listed in ``report.skipped``) unless ``where`` selects them, which
-    is an error. Without ``activations``, ``"awq_int4"`` uses unit scales (plain group-int4).
-    Behaviour change: this replaces ``viva_tensor.awq.quantize_model(model, activations, config=...)``,
-    which returned ``(model, alphas)``; call ``nn.quantize_model(model, "awq_int4",
-    activations=activations, config=...)`` and read ``report.alphas``.
-
-    Args:
-        model: an NNX module.
-        fmt: a format name of :func:`viva_tensor.quant.format_names`.
-        activations: ``{path: inputs (..., in) or a list of them}``, for ``"awq_int4"`` only.
-        where: ``where(path, layer) -> bool`` picks the layers to quantize (``path`` is dotted, e.g.
-            ``"layers.0.attention.query"``); ``None`` quantizes every ``nnx.Linear`` (with AWQ: every
-            one that has activations).
-        **options: the format's options (see :meth:`QLinear.from_linear`); for AWQ those of
-            :func:`viva_tensor.awq.quantize_awq` (``config=awq.AWQConfig(...)``, ``group_size``).
-
-    Returns:
-        ``(quantized_model, report)``, the report a :class:`QuantizeReport`.
-
-    Raises:
-        FormatError: an unknown format or option.
-        ConfigError: ``activations`` for a format other than ``"awq_int4"``, or a layer selected by
-            ``where`` that has no activations.
-        TensorError: whatever the format raises for a kernel it cannot quantize.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> from viva_tensor import nn
-        >>> model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 2, rngs=nnx.Rngs(1)))
-        >>> qmodel, report = nn.quantize_model(model, "q8_0", where=lambda path, layer: layer.out_features > 2)
-        >>> report.quantized, [p for p, _ in report.skipped], type(qmodel.layers[0]).__name__
-        (('layers.0',), ['layers.1'], 'QLinear')
-        >>> inputs = nn.capture_linear_inputs(model, jnp.ones((8, 64)))
-        >>> amodel, areport = nn.quantize_model(model, "awq_int4", activations=inputs, group_size=32)
-        >>> areport.quantized, sorted(areport.alphas) == ['layers.0', 'layers.1']
-        (('layers.0', 'layers.1'), True)
-    """
-    _check_format(fmt, activations)
-    before = param_bytes(model)
-    copy = nnx.clone(model)
-    done, skipped, alphas = [], [], {}
-    lin_before = lin_after = 0
-    for path, layer in linears(copy):
-        name = path_str(path)
-        if where is not None and not where(name, layer):
-            skipped.append((name, "not selected by where"))
-            continue
-        rows = quant.format_spec(fmt).row_multiple
-        if where is None and layer.in_features % rows:
-            skipped.append((name, f"{layer.in_features} inputs: not whole {fmt} rows of {rows}"))
-            continue
-        if activations is None:
-            qlayer = QLinear.from_linear(layer, fmt, **options)
-        elif name not in activations:
-            if where is not None:
-                raise ConfigError(argument="activations", expected=f"the inputs of layer {name!r}", got="none")
-            skipped.append((name, "no activations"))
-            continue
-        else:
-            x = calibration_rows(activations[name], layer.in_features, name)
-            record, alphas[name] = awq_weight(layer, x, **options)
-            bias = None if layer.bias is None else layer.bias.get_value()
-            qlayer = QLinear(record, bias, dtype=layer.dtype)
-        lin_before += int(layer.kernel.get_value().nbytes)
-        lin_after += int(qlayer.weight.get_value().nbytes)
-        set_child(copy, path, qlayer)
-        done.append(name)
-    report = QuantizeReport(
-        fmt, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after, alphas
-    )
-    return copy, report
+    if method == "awq" and fmt != "awq_int4":
+        raise ConfigError(argument="method", expected="'awq' with format 'awq_int4'", got=f"'awq' with {fmt!r}")

@@ -1,0 +1,139 @@
+"""One call to quantize the MiniLM sentence encoder on calibration text: :func:`quantize` (re-exported by minilm).
+
+Calibration text: the first :data:`DEFAULT_SENTENCES` sentences of
+:func:`viva_tensor.models._calibration.calibration_text`, English from the docstrings of Python's standard
+library (read with :mod:`ast`, nothing imported), never the evaluation sentences of ``tests/data``. (Short
+sentences calibrate MiniLM better than long passages for short queries: measured in
+``benchmarks/results/gptq_layers*.md``.) They are tokenized and padded into batches of a fixed
+shape, so the calibration forward compiles once per pass, and the padding tokens are masked out of the
+Hessians (:class:`viva_tensor.nn.CalibrationBatch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from viva_tensor import nn
+from viva_tensor.errors import ConfigError
+
+__all__ = ["calibration_batches", "quantize", "DEFAULT_SENTENCES", "SENSITIVITY_BATCHES", "PLAN_CANDIDATES"]
+
+DEFAULT_SENTENCES = 512
+"""Calibration sentences :func:`quantize` reads by default (16 batches of 32)."""
+
+SENSITIVITY_BATCHES = 1
+"""Calibration batches (of 32 sentences) on which :func:`quantize`'s planner measures each layer's sensitivity."""
+
+
+PLAN_CANDIDATES = (
+    ("int4_group", {"group_size": 128}),
+    ("nvfp4", {}),
+    ("q8_0", {}),
+)
+"""Candidate formats of :func:`quantize`'s planner (all with a GPTQ grid)."""
+
+
+def calibration_batches(
+    encoder: Any, texts: Sequence[str] | None = None, *, batch_size: int = 32, length: int | None = None
+) -> list[nn.CalibrationBatch]:
+    """Calibration texts as MiniLM batches of one shape, with the attention mask as the token mask.
+
+    Args:
+        encoder: a :class:`viva_tensor.models.minilm.SentenceEncoder`.
+        texts: the texts (``None``: the first :data:`DEFAULT_SENTENCES` calibration sentences).
+        batch_size: rows per batch (the last batch is padded with empty rows).
+        length: tokens per row (``None``: the bucket of the longest text).
+
+    Returns:
+        A list of :class:`viva_tensor.nn.CalibrationBatch` calling ``model(ids, mask, types)``.
+
+    Example:
+        >>> from viva_tensor.models import minilm
+        >>> batches = calibration_batches(minilm.load(), ["A first text.", "A second one."])  # doctest: +SKIP
+        >>> len(batches), batches[0].mask.shape                                                # doctest: +SKIP
+        (1, (32, 16))
+    """
+    from viva_tensor.models import _calibration, minilm
+
+    texts = list(_calibration.calibration_text(DEFAULT_SENTENCES) if texts is None else texts)
+    if not texts:
+        raise ConfigError(argument="texts", expected="at least one text", got="none")
+    encodings = encoder.tokenizer.encode_batch(texts)
+    longest = max(len(e.ids) for e in encodings)
+    length = minilm.bucket_length(longest, max_length=max(encoder.max_length, longest)) if length is None else length
+    batches = []
+    for start in range(0, len(encodings), batch_size):
+        ids = np.zeros((batch_size, length), np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        types = np.zeros((batch_size, length), np.int32)
+        for i, e in enumerate(encodings[start : start + batch_size]):
+            n = min(len(e.ids), length)
+            ids[i, :n], mask[i, :n], types[i, :n] = e.ids[:n], e.attention_mask[:n], e.type_ids[:n]
+        args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+        batches.append(nn.CalibrationBatch(args, mask=jnp.asarray(mask, bool)))
+    return batches
+
+
+def quantize(
+    encoder: Any,
+    *,
+    bits: float | None = None,
+    fmt: str | None = None,
+    method: str = "gptq",
+    calibration: Sequence[str] | None = None,
+    embeddings: str | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> tuple[Any, nn.QuantizeReport]:
+    """Quantizes a MiniLM encoder's Linear kernels: one format, or a plan for a budget of bits per value.
+
+    Calibration text (default): the first :data:`DEFAULT_SENTENCES` sentences of
+    :func:`viva_tensor.models._calibration.calibration_text` (English from the Python standard library's
+    docstrings; never the evaluation sentences of ``tests/data``). With ``bits``, the planner measures the
+    sensitivities on the first :data:`SENSITIVITY_BATCHES` batches of it.
+
+    Args:
+        encoder: a :class:`viva_tensor.models.minilm.SentenceEncoder` (not changed).
+        bits: a budget of stored bits per value over the Linear kernels: :func:`viva_tensor.nn.plan` picks
+            a format per layer (default candidates) and the plan is applied with ``method``.
+        fmt: one format for every layer (default ``"int4_group"`` when ``bits`` is not given).
+        method: ``"gptq"`` (default), ``"rtn"`` or ``"awq"``. GPTQ here defaults to ``sequential=False``
+            (every layer on the float model's inputs, one calibration pass): on MiniLM, sequential GPTQ
+            measured the same mean cosine (0.9639 against 0.9626, int4 groups of 128, 512 sentences) with a
+            lower minimum (0.889 against 0.916) and took 24 passes; pass ``sequential=True`` to choose it.
+        calibration: calibration texts instead of the default sentences.
+        embeddings: a format for the word, position and token-type tables (``nn.QEmbed``, round to nearest;
+            e.g. ``"nf4"`` makes the whole model over 6x smaller than float32); ``None`` keeps them float32.
+        progress: a progress bar on stderr.
+        **options: passed to :func:`viva_tensor.nn.quantize_model` (e.g. ``group_size``, ``damp``).
+
+    Returns:
+        ``(quantized encoder, report)``: the encoder with its model replaced, and the
+        :class:`viva_tensor.nn.QuantizeReport`.
+
+    Raises:
+        ConfigError: both ``bits`` and ``fmt``.
+
+    Example:
+        >>> from viva_tensor.models import minilm
+        >>> q, report = minilm.quantize(minilm.load(), fmt="int4_group")          # doctest: +SKIP
+        >>> report.method, len(report.quantized)                                  # doctest: +SKIP
+        ('gptq', 36)
+    """
+    if bits is not None and fmt is not None:
+        raise ConfigError(argument="bits", expected="bits or fmt, not both", got=f"bits={bits}, fmt={fmt!r}")
+    batches = calibration_batches(encoder, calibration)
+    if bits is not None:
+        target = nn.plan(encoder.model, batches[:SENSITIVITY_BATCHES], bits=bits, formats=PLAN_CANDIDATES,
+                         progress=progress)  # fmt: skip
+    else:
+        target = fmt or "int4_group"
+    options = {"sequential": False, **options} if method == "gptq" else options
+    model, report = nn.quantize_model(
+        encoder.model, target, method=method, calibration=batches, progress=progress, others=embeddings, **options
+    )
+    return encoder.replace(model=model), report

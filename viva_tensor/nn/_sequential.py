@@ -1,0 +1,311 @@
+"""Calibrated, sequential GPTQ over a whole NNX model: every ``nnx.Linear`` on the inputs the model really gives it.
+
+:func:`capture_grams` runs a model on calibration data and returns, for each captured ``nnx.Linear``, the
+Gram matrix ``XᵀX`` of its inputs (float32, accumulated on the device, padding tokens masked out) and the
+token count. Layers that receive the same array (the query, key and value projections of an attention
+block) form one *group* and share one matrix: the grouping is read from the program itself (the same
+traced array reaches them). With calibration batches (a sequence), the forward runs as one jitted
+program per batch shape whose outputs are the Gram matrices only, so XLA drops the part of the model after
+the last captured layer; a calibration callable runs the model eagerly.
+
+:func:`gptq_records` quantizes the layers group by group: with ``sequential=True`` group ``i`` is
+quantized with the Hessian of the inputs that the already-quantized groups before it produce (GPTQ's and
+AutoGPTQ's practice; within an attention block q/k/v first, then the output projection, then the
+feed-forward layers: "true sequential"); with ``sequential=False`` every layer is quantized on the float
+model's inputs, from one pass. :func:`viva_tensor.nn.quantize_model` with ``method="gptq"`` calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from viva_tensor import gptq
+from viva_tensor._paths import path_str
+from viva_tensor.errors import ConfigError, ShapeMismatch
+from viva_tensor.nn._awq import linears
+from viva_tensor.nn._graph import set_child
+
+__all__ = ["CalibrationBatch", "capture_grams", "gptq_records", "progress"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationBatch:
+    """One calibration call of a model: ``model(*args, **kwargs)``, with an optional token mask.
+
+    Attributes:
+        args: the positional arguments.
+        kwargs: the keyword arguments.
+        mask: optional booleans ``(batch, tokens)``: a layer input ``(batch, tokens, in)`` counts only
+            the tokens where it is True (leave padding out). Inputs of another shape are not masked.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> b = CalibrationBatch((jnp.ones((2, 4, 8)),), mask=jnp.array([[1, 1, 0, 0], [1, 1, 1, 0]]))
+        >>> len(b.args), b.mask.shape
+        (1, (2, 4))
+    """
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    mask: Any = None
+
+
+class _Context:
+    """What the capture modules report to while a calibration forward is traced or run."""
+
+    def __init__(self, wanted: set[str] | None):
+        self.wanted = wanted
+        self.mask: jax.Array | None = None
+        self.grams: dict[str, tuple[jax.Array, jax.Array]] = {}
+        self.first: dict[int, str] = {}
+        self.group_of: dict[str, str] = {}
+        self.keep: list[jax.Array] = []  # inputs kept alive while running, so that their ids stay unique
+
+    def record(self, name: str, x: jax.Array) -> None:
+        leader = self.first.setdefault(id(x), name)
+        self.keep.append(x)
+        self.group_of.setdefault(name, leader)
+        if leader != name or (self.wanted is not None and name not in self.wanted):
+            return
+        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        if self.mask is not None and tuple(self.mask.shape) == tuple(x.shape[:-1]):
+            weight = self.mask.reshape(-1).astype(jnp.float32)
+            rows = rows * weight[:, None]
+            count = jnp.sum(weight)
+        else:
+            count = jnp.float32(rows.shape[0])
+        gram = jax.lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+        if name in self.grams:  # a layer called twice in one forward
+            old, n = self.grams[name]
+            gram, count = old + gram, n + count
+        self.grams[name] = (gram, count)
+
+
+_CONTEXT: list[_Context] = []
+
+
+class _Capture(nnx.Module):
+    """Calls a layer and reports its input to the current :class:`_Context`."""
+
+    def __init__(self, layer: nnx.Module, name: str):
+        self.layer = layer
+        self.name = name
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        if _CONTEXT:
+            _CONTEXT[-1].record(self.name, x)
+        return self.layer(x, *args, **kwargs)
+
+
+def _forward(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, wanted: tuple | None):
+    context = _Context(None if wanted is None else set(wanted))
+    context.mask = None if mask is None else jnp.asarray(mask)
+    _CONTEXT.append(context)
+    try:
+        nnx.merge(graphdef, state)(*args, **kwargs)
+    finally:
+        _CONTEXT.pop()
+    _TRACED_GROUPS[(graphdef, wanted)] = dict(context.group_of)  # read at trace time: the same on every trace
+    return context.grams
+
+
+_TRACED_GROUPS: dict[tuple, dict[str, str]] = {}
+_forward_jit = jax.jit(_forward, static_argnums=(0, 5))
+
+
+def _batches(calibration: Any) -> list[CalibrationBatch] | Callable:
+    if callable(calibration) and not isinstance(calibration, (list, tuple)):
+        return calibration
+    if calibration is None or isinstance(calibration, (str, bytes)) or not isinstance(calibration, Sequence):
+        raise ConfigError(
+            argument="calibration",
+            expected="a callable f(model) or a sequence of argument tuples / CalibrationBatch",
+            got=type(calibration).__name__,
+        )
+    out = []
+    for item in calibration:
+        if isinstance(item, CalibrationBatch):
+            out.append(item)
+        elif isinstance(item, tuple):
+            out.append(CalibrationBatch(item))
+        else:
+            out.append(CalibrationBatch((item,)))
+    if not out:
+        raise ConfigError(argument="calibration", expected="at least one batch", got="an empty sequence")
+    return out
+
+
+def capture_grams(
+    model: nnx.Module, calibration: Any, *, names: Sequence[str] | None = None
+) -> tuple[dict[str, tuple[jax.Array, jax.Array]], dict[str, str]]:
+    """Gram matrices ``XᵀX`` of the inputs of a model's ``nnx.Linear`` layers over calibration data.
+
+    Args:
+        model: an NNX module (not changed).
+        calibration: a callable ``f(model) -> None`` that runs the model (eagerly), or a sequence of
+            batches: argument tuples or :class:`CalibrationBatch` (jitted, masked).
+        names: dotted paths of the layers to measure (``None``: all). The others still run.
+
+    Returns:
+        ``(grams, groups)``: ``grams[leader] = (XᵀX float32 (in, in), tokens)`` for each group leader
+        measured, and ``groups[name] = leader``, the first layer (in call order) that received the same
+        input, for every layer that ran.
+
+    Raises:
+        ConfigError: a calibration that is neither a callable nor a non-empty sequence.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+        >>> grams, groups = capture_grams(model, [(jnp.ones((5, 3)),)])
+        >>> grams["layers.0"][0].tolist()[0], float(grams["layers.0"][1]), groups
+        ([5.0, 5.0, 5.0], 5.0, {'layers.0': 'layers.0', 'layers.1': 'layers.1'})
+    """
+    copy = nnx.clone(model)
+    for path, layer in linears(copy):
+        set_child(copy, path, _Capture(layer, path_str(path)))
+    batches = _batches(calibration)
+    wanted = None if names is None else tuple(sorted(names))
+    total: dict[str, tuple[jax.Array, jax.Array]] = {}
+    groups: dict[str, str] = {}
+
+    def add(grams, group_of):
+        for name, (gram, count) in grams.items():
+            if name in total:
+                gram, count = total[name][0] + gram, total[name][1] + count
+            total[name] = (gram, count)
+        for name, leader in group_of.items():
+            groups.setdefault(name, leader)
+
+    if callable(batches):
+        context = _Context(None if wanted is None else set(wanted))
+        _CONTEXT.append(context)
+        try:
+            batches(copy)
+        finally:
+            _CONTEXT.pop()
+        add(context.grams, context.group_of)
+        return total, groups
+    graphdef, state = nnx.split(copy)
+    for batch in batches:
+        grams = _forward_jit(graphdef, state, tuple(batch.args), dict(batch.kwargs), batch.mask, wanted)
+        add(grams, _TRACED_GROUPS.get((graphdef, wanted), {}) if not groups else {})
+    return total, groups
+
+
+def progress(enabled: bool, total: int, description: str):
+    """A transient rich progress bar on stderr advancing once per step, or a silent stand-in (private)."""
+    if not enabled:
+        return _Silent()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description:40s}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)  # fmt: skip
+    return _Bar(bar, total, description)
+
+
+class _Silent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def step(self, description: str) -> None:
+        pass
+
+
+class _Bar(_Silent):
+    def __init__(self, bar, total, description):
+        self.bar, self.total, self.description = bar, total, description
+
+    def __enter__(self):
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.description, total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def step(self, description: str) -> None:
+        self.bar.update(self.task, advance=1, description=description)
+
+
+def gptq_records(
+    model: nnx.Module,
+    choose: Callable[[str, nnx.Linear], tuple[str, dict] | None],
+    calibration: Any,
+    make_layer: Callable[[nnx.Linear, Any], nnx.Module],
+    *,
+    sequential: bool = True,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """GPTQ records for the chosen ``nnx.Linear`` layers of ``model``, group by group (private helper).
+
+    Args:
+        model: the float model (not changed).
+        choose: ``choose(name, layer) -> (fmt, options)`` or ``None`` to leave a layer in float; the
+            options are those of :func:`viva_tensor.gptq.quantize`.
+        calibration: as :func:`capture_grams`.
+        make_layer: builds the quantized layer from the float one and its record (to run the later groups
+            on the quantized ones before them).
+        sequential: quantize each group on the inputs of the model quantized so far (True), or every layer
+            on the float model's inputs (False).
+        show_progress: show a rich progress bar on stderr.
+
+    Returns:
+        ``{name: record}`` of the chosen layers.
+    """
+    chosen = {}
+    for path, layer in linears(model):
+        name = path_str(path)
+        picked = choose(name, layer)
+        if picked is not None:
+            chosen[name] = (path, picked)
+    if not chosen:
+        return {}
+    grams, groups = capture_grams(model, calibration, names=None if sequential else list(chosen))
+    order: list[str] = []
+    for name in groups:  # call order
+        if name in chosen and groups[name] not in order:
+            order.append(groups[name])
+    missing = sorted(set(chosen) - set(groups))
+    if missing:
+        raise ConfigError(argument="calibration", expected="a run that calls every selected layer",
+                          got=f"layers never called: {missing}")  # fmt: skip
+    current = nnx.clone(model)
+    records: dict[str, Any] = {}
+    with progress(show_progress, len(chosen), "GPTQ") as bar:
+        for i, leader in enumerate(order):
+            if sequential and i > 0:
+                grams, _ = capture_grams(current, calibration, names=[leader])
+            gram, count = grams[leader]
+            h = gptq.Hessian(gram * (jnp.float32(2) / jnp.maximum(count, jnp.float32(1))), count)
+            for name in [n for n in groups if groups[n] == leader and n in chosen]:
+                path, (fmt, options) = chosen[name]
+                layer = _at(model, path)
+                kernel = jnp.asarray(layer.kernel.get_value())
+                if h.matrix.shape[0] != kernel.shape[0]:
+                    raise ShapeMismatch(argument="calibration", expected=f"inputs (..., {kernel.shape[0]})",
+                                        got=f"a Hessian of size {h.matrix.shape[0]} for {name!r}")  # fmt: skip
+                records[name] = gptq.quantize(kernel.T, h, fmt, **options)
+                set_child(current, path, make_layer(layer, records[name]))
+                bar.step(f"GPTQ {name}")
+    return records
+
+
+def _at(root: nnx.Module, path: tuple) -> Any:
+    node = root
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
