@@ -10,6 +10,10 @@
   (``nn/_qlinear.py``). It is the one ``quantize_model`` of the package: every format of
   :func:`viva_tensor.quant.format_names`, and AWQ's calibration pass with
   ``quantize_model(model, "awq_int4", activations=capture_linear_inputs(model, x))`` (``nn/_awq.py``).
+* :func:`lora` wraps a model's ``nnx.Linear`` / :class:`QLinear` layers with trainable low-rank adapters
+  (:class:`LoRALinear`, parameters of kind :class:`LoRAParam`; QLoRA on a quantized base);
+  :func:`merge_lora` folds them back, :func:`lora_state` / :func:`load_lora_state` move them alone
+  (``nn/_lora.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -24,6 +28,7 @@ Example:
 
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
+from viva_tensor.nn._lora import LoRALinear, LoRAParam, load_lora_state, lora, lora_state, merge_lora
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
 
 __all__ = [
@@ -36,4 +41,10 @@ __all__ = [
     "quantize_model",
     "capture_linear_inputs",
     "param_bytes",
+    "LoRAParam",
+    "LoRALinear",
+    "lora",
+    "merge_lora",
+    "lora_state",
+    "load_lora_state",
 ]
