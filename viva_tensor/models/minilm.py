@@ -626,3 +626,6 @@ def _batches(encodings: Sequence[Any], batch_size: int, max_length: int) -> list
             current_bucket = bucket
         batches[-1].append(e)
     return batches
+
+
+from viva_tensor.models._distill import DistillReport, distill  # noqa: E402, F401 - minilm.distill (issue 16)
