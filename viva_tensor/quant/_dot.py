@@ -283,7 +283,10 @@ def dot_general(
         preferred_element_type = np.dtype(preferred_element_type)
     if isinstance(precision, list):
         precision = tuple(precision)
-    return _qdot(
+    from viva_tensor.quant._grad import qdot  # noqa: PLC0415 - the VJP (quant/_grad.py) wraps _qdot
+
+    return qdot(
+        _qdot,
         lhs,
         rhs,
         dims=dims,
