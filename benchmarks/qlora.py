@@ -3,8 +3,9 @@
 Memory is XLA's ``memory_analysis()`` of one jitted training step (``viva_tensor._xla.compiled_memory``;
 nothing runs), parameters and optimizer state donated as a training loop does:
 
-- one 4096x4096 ``nnx.Linear``, batch 16 (``--quick``: 1024x1024): full float32 fine-tuning (adam on the
-  kernel and the bias) against QLoRA (the kernel in NF4, frozen; LoRA rank 16 trained);
+- one 4096x4096 ``nnx.Linear``, batch 16 (``--quick``: 256x256): full float32 fine-tuning (adam on the
+  kernel and the bias) against QLoRA (the kernel in NF4, frozen; LoRA rank 16 trained), each step also
+  returning the gradient of the layer's input, as a layer inside a deep network does;
 - MiniLM (all-MiniLM-L6-v2's sizes), batch 16 x 64 tokens, loss on the sentence embeddings: full float32
   fine-tuning against QLoRA (every Linear kernel NF4, rank 8 adapters): the training state (the step's
   arguments: frozen base + trainable parameters + adam's two moments) and the whole step; the same with
@@ -14,7 +15,7 @@ Distillation (``minilm.distill``): the NF4 MiniLM, LoRA rank 8 trained on the st
 match the float32 model; measured on the 32 held-out sentences of ``tests/data/minilm_reference.npz``
 (never trained on): mean / min cosine to the float32 encoder and nearest-neighbour agreement, before and
 after; wall and CPU seconds of the training (the machine's load average is recorded: it is shared).
-``--quick``: a 2-layer random MiniLM, 3 steps.
+``--quick``: a 256x256 layer, a 2-layer MiniLM of width 64, and 3 distillation steps on a random one.
 """
 
 from __future__ import annotations
@@ -40,16 +41,20 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-def step_memory(graphdef, params, frozen, loss_of, batch, tx) -> dict:
-    """Compiled memory of ``params, opt_state = adam step`` on ``loss_of(model, *batch)`` (params donated)."""
+def step_memory(graphdef, params, frozen, loss_of, batch, tx, *, input_grad: bool = False) -> dict:
+    """Compiled memory of ``params, opt_state = adam step`` on ``loss_of(model, *batch)`` (params donated).
+
+    ``input_grad``: also return the gradient of the first batch array (a layer inside a deep network passes it
+    back to the layer before)."""
 
     def step(params, opt_state, frozen, *batch):
-        def loss(p):
-            return loss_of(nnx.merge(graphdef, p, frozen), *batch)
+        def loss(p, x0):
+            return loss_of(nnx.merge(graphdef, p, frozen), x0, *batch[1:])
 
-        value, grads = jax.value_and_grad(loss)(params)
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)(params, batch[0])
+        grads, dx = grads if input_grad else (grads, None)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return optax.apply_updates(params, updates), opt_state, value, dx
 
     opt_state = jax.eval_shape(tx.init, params)
     m = compiled_memory(jax.jit(step, donate_argnums=(0, 1)), params, opt_state, frozen, *batch)
@@ -74,12 +79,15 @@ def layer_rows(n: int, batch: int = 16) -> list[dict]:
 
     full = nnx.eval_shape(lambda: nnx.Linear(n, n, rngs=nnx.Rngs(0)))
     g, params = nnx.split(full, nnx.Param)
-    rows = [{"setup": f"full float32, {n}x{n}", **step_memory(g, params, nnx.State({}), mse, (x, y), tx)}]
+    rows = [
+        {"setup": f"full float32, {n}x{n}", **step_memory(g, params, nnx.State({}), mse, (x, y), tx, input_grad=True)}
+    ]
     q = nnx.eval_shape(
         lambda: nn.lora(nn.QLinear.from_linear(nnx.Linear(n, n, rngs=nnx.Rngs(0)), "nf4"), rank=16, rngs=nnx.Rngs(1))
     )
     g, adapters, frozen = nnx.split(q, nn.LoRAParam, ...)
-    rows.append({"setup": f"QLoRA NF4 rank 16, {n}x{n}", **step_memory(g, adapters, frozen, mse, (x, y), tx)})
+    q = step_memory(g, adapters, frozen, mse, (x, y), tx, input_grad=True)
+    rows.append({"setup": f"QLoRA NF4 rank 16, {n}x{n}", **q})
     rows[-1]["weight_f32_bytes"] = rows[0]["weight_f32_bytes"] = n * n * 4
     return rows
 
@@ -115,16 +123,22 @@ def minilm_rows(cfg: minilm.MiniLMConfig, batch: int, tokens: int, rank: int) ->
     )
     g_full, p_full = nnx.split(teacher, nnx.Param)
     g_q, adapters, frozen = nnx.split(student, nn.LoRAParam, ...)
-    policies = [("layers unrolled", _embedding_loss), ("scan, no checkpoint", _scanned_loss(memory.NoCheckpoint()))]
-    policies += [("scan, EveryN(1)", _scanned_loss(memory.EveryN(1))), ("scan, EveryN(2)", _scanned_loss(memory.EveryN(2)))]
+    policies = [
+        ("layers unrolled", _embedding_loss),
+        ("scan, no checkpoint", _scanned_loss(memory.NoCheckpoint())),
+        ("scan, EveryN(1)", _scanned_loss(memory.EveryN(1))),
+        ("scan, EveryN(2)", _scanned_loss(memory.EveryN(2))),
+    ]
     rows = []
     for name, loss in policies:
         full = step_memory(g_full, p_full, nnx.State({}), loss, (ids, ids, target), tx)
         q = step_memory(g_q, adapters, frozen, loss, (ids, ids, target), tx)
         rows.append({"setup": f"full float32, {name}", **full})
         rows.append({"setup": f"QLoRA NF4 rank {rank}, {name}", **q})
-        print(f"{name:22s} full state {full['state_bytes'] / MiB:7.1f} MiB step {full['total_bytes'] / MiB:7.1f} | "
-              f"qlora state {q['state_bytes'] / MiB:6.1f} MiB step {q['total_bytes'] / MiB:7.1f}", flush=True)  # fmt: skip
+        mib = {k: v / MiB for k, v in (("fs", full["state_bytes"]), ("ft", full["total_bytes"]),
+                                       ("qs", q["state_bytes"]), ("qt", q["total_bytes"]))}  # fmt: skip
+        print(f"{name:22s} full state {mib['fs']:7.1f} MiB step {mib['ft']:7.1f} | "
+              f"qlora state {mib['qs']:6.1f} MiB step {mib['qt']:7.1f}", flush=True)  # fmt: skip
     return rows
 
 
@@ -192,7 +206,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     data, md = {}, []
     if args.only in (None, "memory"):
-        n = 1024 if args.quick else 4096
+        n = 256 if args.quick else 4096
         layer = layer_rows(n)
         full, q = layer
         md += [f"## One {n}x{n} layer, batch 16, adam (parameters and optimizer state donated)", "", _table(layer), "",
@@ -200,7 +214,8 @@ def main(argv=None) -> None:
                f"{q['state_bytes'] / full['state_bytes']:.3f}; QLoRA temporaries / (weight float32 bytes / 4) = "
                f"{q['temp_bytes'] / (q['weight_f32_bytes'] / 4):.2f}.", ""]  # fmt: skip
         print(md[-2], flush=True)
-        cfg = minilm.MiniLMConfig(num_layers=2) if args.quick else minilm.MiniLMConfig()
+        small = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
+        cfg = minilm.MiniLMConfig(**small) if args.quick else minilm.MiniLMConfig()
         rows = minilm_rows(cfg, 16, 64, 8)
         f0, q0 = rows[0], rows[1]
         md += [f"## MiniLM ({cfg.num_layers} layers), batch 16 x 64 tokens, adam, loss on the sentence embeddings", "",
@@ -217,8 +232,8 @@ def main(argv=None) -> None:
         md += ["## Distillation: NF4 MiniLM + LoRA, trained to match float32 on the standard library's docstrings", "",
                "| | mean cosine | min cosine | top-1 agreement |", "|---|---|---|---|",
                f"| NF4 (no adapters) | {b['mean_cosine']:.4f} | {b['min_cosine']:.4f} | {b['top1_agreement']:.3f} |",
-               f"| NF4 + LoRA rank {row['rank']}, {row['steps']} steps | {a['mean_cosine']:.4f} | {a['min_cosine']:.4f} "
-               f"| {a['top1_agreement']:.3f} |", "",
+               f"| NF4 + LoRA rank {row['rank']}, {row['steps']} steps | {a['mean_cosine']:.4f} | "
+               f"{a['min_cosine']:.4f} | {a['top1_agreement']:.3f} |", "",
                f"On the {len(np.load(_common.FIXTURE)['sentences'])} evaluation sentences of "
                "`tests/data/minilm_reference.npz` (cosine to the float32 encoder). Held-out docstring sentences "
                f"(not trained on): {row['held_out_cosine_before']:.4f} -> {row['held_out_cosine_after']:.4f}. "
