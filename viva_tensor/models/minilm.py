@@ -629,3 +629,4 @@ def _batches(encodings: Sequence[Any], batch_size: int, max_length: int) -> list
 
 
 from viva_tensor.models._quantize import quantize  # noqa: E402, F401 - minilm.quantize (models/_quantize.py)
+from viva_tensor.models._distill import DistillReport, distill  # noqa: E402, F401 - minilm.distill (issue 16)

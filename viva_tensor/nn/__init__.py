@@ -25,6 +25,10 @@
   rows (:func:`gather_rows`), with the tied projection ``attend``; :class:`QLinearGeneral`, :class:`QEinsum`
   and :class:`QConv` replace ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv``; :func:`quantizable` and
   :func:`quantize_layer` map each float layer to its quantized one (``nn/_qlayers.py``).
+* :func:`lora` wraps a model's ``nnx.Linear`` / :class:`QLinear` layers with trainable low-rank adapters
+  (:class:`LoRALinear`, parameters of kind :class:`LoRAParam`; QLoRA on a quantized base);
+  :func:`merge_lora` folds them back, :func:`lora_state` / :func:`load_lora_state` move them alone
+  (``nn/_lora.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -39,9 +43,10 @@ Example:
 
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
-from viva_tensor.nn._qat import FakeQuantLinear, fake_quantize_model, freeze_fake_quant
+from viva_tensor.nn._lora import LoRALinear, LoRAParam, load_lora_state, lora, lora_state, merge_lora
 from viva_tensor.nn._model import quantize_model
 from viva_tensor.nn._plan import LayerChoice, Plan, plan
+from viva_tensor.nn._qat import FakeQuantLinear, fake_quantize_model, freeze_fake_quant
 from viva_tensor.nn._qlayers import (
     QConv,
     QEinsum,
@@ -78,4 +83,10 @@ __all__ = [
     "gather_rows",
     "quantizable",
     "quantize_layer",
+    "LoRAParam",
+    "LoRALinear",
+    "lora",
+    "merge_lora",
+    "lora_state",
+    "load_lora_state",
 ]

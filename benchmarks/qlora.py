@@ -1,0 +1,253 @@
+"""QLoRA: memory of one compiled training step (adam), and MiniLM's NF4 fidelity won back by distillation.
+
+Memory is XLA's ``memory_analysis()`` of one jitted training step (``viva_tensor._xla.compiled_memory``;
+nothing runs), parameters and optimizer state donated as a training loop does:
+
+- one 4096x4096 ``nnx.Linear``, batch 16 (``--quick``: 256x256): full float32 fine-tuning (adam on the
+  kernel and the bias) against QLoRA (the kernel in NF4, frozen; LoRA rank 16 trained), each step also
+  returning the gradient of the layer's input, as a layer inside a deep network does;
+- MiniLM (all-MiniLM-L6-v2's sizes), batch 16 x 64 tokens, loss on the sentence embeddings: full float32
+  fine-tuning against QLoRA (every Linear kernel NF4, rank 8 adapters): the training state (the step's
+  arguments: frozen base + trainable parameters + adam's two moments) and the whole step; the same with
+  the 6 layers run by ``viva_tensor.memory.apply_layers`` under its checkpoint policies.
+
+Distillation (``minilm.distill``): the NF4 MiniLM, LoRA rank 8 trained on the standard library's docstrings to
+match the float32 model; measured on the 32 held-out sentences of ``tests/data/minilm_reference.npz``
+(never trained on): mean / min cosine to the float32 encoder and nearest-neighbour agreement, before and
+after; wall and CPU seconds of the training (the machine's load average is recorded: it is shared).
+``--quick``: a 256x256 layer, a 2-layer MiniLM of width 64, and 3 distillation steps on a random one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import _common
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from viva_tensor import memory, nn
+from viva_tensor._xla import compiled_memory
+from viva_tensor.models import _calibration, minilm
+
+MiB = 2**20
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def step_memory(graphdef, params, frozen, loss_of, batch, tx, *, input_grad: bool = False) -> dict:
+    """Compiled memory of ``params, opt_state = adam step`` on ``loss_of(model, *batch)`` (params donated).
+
+    ``input_grad``: also return the gradient of the first batch array (a layer inside a deep network passes it
+    back to the layer before)."""
+
+    def step(params, opt_state, frozen, *batch):
+        def loss(p, x0):
+            return loss_of(nnx.merge(graphdef, p, frozen), x0, *batch[1:])
+
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)(params, batch[0])
+        grads, dx = grads if input_grad else (grads, None)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value, dx
+
+    opt_state = jax.eval_shape(tx.init, params)
+    m = compiled_memory(jax.jit(step, donate_argnums=(0, 1)), params, opt_state, frozen, *batch)
+    batch_bytes = sum(int(np.prod(b.shape)) * jnp.dtype(b.dtype).itemsize for b in batch)
+    return {
+        "state_bytes": m.argument_bytes - batch_bytes,
+        "argument_bytes": m.argument_bytes,
+        "output_bytes": m.output_bytes,
+        "temp_bytes": m.temp_bytes,
+        "alias_bytes": m.alias_bytes,
+        "total_bytes": m.total_bytes,
+    }
+
+
+def layer_rows(n: int, batch: int = 16) -> list[dict]:
+    tx = optax.adam(1e-3)
+    x = jax.ShapeDtypeStruct((batch, n), jnp.float32)
+    y = jax.ShapeDtypeStruct((batch, n), jnp.float32)
+
+    def mse(model, x, y):
+        return jnp.mean((model(x) - y) ** 2)
+
+    full = nnx.eval_shape(lambda: nnx.Linear(n, n, rngs=nnx.Rngs(0)))
+    g, params = nnx.split(full, nnx.Param)
+    rows = [
+        {"setup": f"full float32, {n}x{n}", **step_memory(g, params, nnx.State({}), mse, (x, y), tx, input_grad=True)}
+    ]
+    q = nnx.eval_shape(
+        lambda: nn.lora(nn.QLinear.from_linear(nnx.Linear(n, n, rngs=nnx.Rngs(0)), "nf4"), rank=16, rngs=nnx.Rngs(1))
+    )
+    g, adapters, frozen = nnx.split(q, nn.LoRAParam, ...)
+    q = step_memory(g, adapters, frozen, mse, (x, y), tx, input_grad=True)
+    rows.append({"setup": f"QLoRA NF4 rank 16, {n}x{n}", **q})
+    rows[-1]["weight_f32_bytes"] = rows[0]["weight_f32_bytes"] = n * n * 4
+    return rows
+
+
+def _embedding_loss(model, ids, mask, target):
+    return jnp.mean(1.0 - jnp.sum(model(ids, mask) * target, axis=-1))
+
+
+def _scanned_loss(strategy):
+    """The same loss with the layers run by ``memory.apply_layers`` (a scan over the stacked layers)."""
+
+    def loss(model, ids, mask, target):
+        x = model.embeddings(ids, jnp.zeros_like(ids))
+        lgraph, _ = nnx.split(model.layers[0])
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[nnx.state(layer) for layer in model.layers])
+        mbool = mask.astype(bool)
+        h = memory.apply_layers(lambda p, h: nnx.merge(lgraph, p)(h, mbool), stacked, x, strategy=strategy)
+        w = mask.astype(jnp.float32)[..., None]
+        pooled = (h * w).sum(1) / jnp.maximum(w.sum(1), 1e-9)
+        e = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return jnp.mean(1.0 - jnp.sum(e * target, axis=-1))
+
+    return loss
+
+
+def minilm_rows(cfg: minilm.MiniLMConfig, batch: int, tokens: int, rank: int) -> list[dict]:
+    tx = optax.adam(1e-3)
+    ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+    target = jax.ShapeDtypeStruct((batch, cfg.hidden_size), jnp.float32)
+    teacher = nnx.eval_shape(lambda: minilm.MiniLM(cfg, rngs=nnx.Rngs(0)))
+    student = nnx.eval_shape(
+        lambda: nn.lora(nn.quantize_model(minilm.MiniLM(cfg, rngs=nnx.Rngs(0)), "nf4")[0], rank=rank, rngs=nnx.Rngs(1))
+    )
+    g_full, p_full = nnx.split(teacher, nnx.Param)
+    g_q, adapters, frozen = nnx.split(student, nn.LoRAParam, ...)
+    policies = [
+        ("layers unrolled", _embedding_loss),
+        ("scan, no checkpoint", _scanned_loss(memory.NoCheckpoint())),
+        ("scan, EveryN(1)", _scanned_loss(memory.EveryN(1))),
+        ("scan, EveryN(2)", _scanned_loss(memory.EveryN(2))),
+    ]
+    rows = []
+    for name, loss in policies:
+        full = step_memory(g_full, p_full, nnx.State({}), loss, (ids, ids, target), tx)
+        q = step_memory(g_q, adapters, frozen, loss, (ids, ids, target), tx)
+        rows.append({"setup": f"full float32, {name}", **full})
+        rows.append({"setup": f"QLoRA NF4 rank {rank}, {name}", **q})
+        mib = {k: v / MiB for k, v in (("fs", full["state_bytes"]), ("ft", full["total_bytes"]),
+                                       ("qs", q["state_bytes"]), ("qt", q["total_bytes"]))}  # fmt: skip
+        print(f"{name:22s} full state {mib['fs']:7.1f} MiB step {mib['ft']:7.1f} | "
+              f"qlora state {mib['qs']:6.1f} MiB step {mib['qt']:7.1f}", flush=True)  # fmt: skip
+    return rows
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def _top1(e):
+    s = np.asarray(e, np.float64) @ np.asarray(e, np.float64).T
+    np.fill_diagonal(s, -np.inf)
+    return s.argmax(1)
+
+
+def _fidelity(e, base) -> dict:
+    cos = _cos(e, base)
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+            "top1_agreement": float(np.mean(_top1(e) == _top1(base)))}  # fmt: skip
+
+
+def distill_row(quick: bool, steps: int, rank: int) -> dict:
+    if quick:
+        tok = minilm.load_tokenizer(max_length=64)
+        cfg = minilm.MiniLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+        encoder = minilm.SentenceEncoder(minilm.MiniLM(cfg, rngs=nnx.Rngs(0)), tok, 64)
+        text, held_out, batch = _calibration.calibration_text(120), 16, 8
+    else:
+        encoder, text, held_out, batch = minilm.load(), None, 64, 32
+    sentences = [str(s) for s in np.load(_common.FIXTURE)["sentences"]]
+    sentences = sentences[:8] if quick else sentences
+    base = np.asarray(minilm.encode(encoder, sentences))
+    qmodel, _ = nn.quantize_model(encoder.model, "nf4")
+    before = _fidelity(np.asarray(minilm.encode(encoder.replace(model=qmodel), sentences)), base)
+    load0 = os.getloadavg()[0]
+    student, report = minilm.distill(encoder, rank=rank, steps=steps, text=text, batch_size=batch, held_out=held_out)
+    after = _fidelity(np.asarray(minilm.encode(student, sentences)), base)
+    row = {
+        "steps": steps, "rank": rank, "batch": batch, "train_seconds": report.seconds,
+        "train_cpu_seconds": report.cpu_seconds, "load_average_start": load0, "load_average_end": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(), "adapter_bytes": report.adapter_bytes, "quantized_bytes": report.quantized_bytes,
+        "adapter_fraction": report.adapter_fraction, "held_out_cosine_before": report.held_out_cosine_before,
+        "held_out_cosine_after": report.held_out_cosine_after, "sentences": report.sentences,
+        "before": before, "after": after, "losses": list(report.losses),
+    }  # fmt: skip
+    print(report, flush=True)
+    print(f"evaluation sentences: before {before}, after {after}", flush=True)
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| setup | training state | arguments | outputs | temporaries | whole step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['state_bytes'] / MiB:.1f} MiB | {r['argument_bytes'] / MiB:.1f} MiB | "
+            f"{r['output_bytes'] / MiB:.1f} MiB | {r['temp_bytes'] / MiB:.1f} MiB | {r['total_bytes'] / MiB:.1f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = _common.parser(__doc__)
+    p.add_argument("--only", choices=["memory", "distill"], default=None, help="run one part (writes qlora_PART.*)")
+    p.add_argument("--steps", type=_common.positive_int, default=None, help="distillation steps (default 240)")
+    p.add_argument("--rank", type=_common.positive_int, default=8, help="distillation adapters' rank")
+    args = p.parse_args(argv)
+    data, md = {}, []
+    if args.only in (None, "memory"):
+        n = 256 if args.quick else 4096
+        layer = layer_rows(n)
+        full, q = layer
+        md += [f"## One {n}x{n} layer, batch 16, adam (parameters and optimizer state donated)", "", _table(layer), "",
+               f"QLoRA / full: whole step {q['total_bytes'] / full['total_bytes']:.3f}, training state "
+               f"{q['state_bytes'] / full['state_bytes']:.3f}; QLoRA temporaries / (weight float32 bytes / 4) = "
+               f"{q['temp_bytes'] / (q['weight_f32_bytes'] / 4):.2f}.", ""]  # fmt: skip
+        print(md[-2], flush=True)
+        small = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
+        cfg = minilm.MiniLMConfig(**small) if args.quick else minilm.MiniLMConfig()
+        rows = minilm_rows(cfg, 16, 64, 8)
+        f0, q0 = rows[0], rows[1]
+        md += [f"## MiniLM ({cfg.num_layers} layers), batch 16 x 64 tokens, adam, loss on the sentence embeddings", "",
+               _table(rows), "",
+               f"QLoRA / full (layers unrolled): training state {q0['state_bytes'] / f0['state_bytes']:.3f}, whole "
+               f"step {q0['total_bytes'] / f0['total_bytes']:.3f}. At this batch the activations (temporaries), not "
+               "the weights, dominate the whole step; the scan rows show what `memory.apply_layers` checkpoint "
+               "policies save of them.", ""]  # fmt: skip
+        data["layer"], data["minilm"] = layer, rows
+    if args.only in (None, "distill"):
+        steps = args.steps or (3 if args.quick else 240)
+        row = distill_row(args.quick, steps, args.rank)
+        b, a = row["before"], row["after"]
+        md += ["## Distillation: NF4 MiniLM + LoRA, trained to match float32 on the standard library's docstrings", "",
+               "| | mean cosine | min cosine | top-1 agreement |", "|---|---|---|---|",
+               f"| NF4 (no adapters) | {b['mean_cosine']:.4f} | {b['min_cosine']:.4f} | {b['top1_agreement']:.3f} |",
+               f"| NF4 + LoRA rank {row['rank']}, {row['steps']} steps | {a['mean_cosine']:.4f} | "
+               f"{a['min_cosine']:.4f} | {a['top1_agreement']:.3f} |", "",
+               f"On the {len(np.load(_common.FIXTURE)['sentences'])} evaluation sentences of "
+               "`tests/data/minilm_reference.npz` (cosine to the float32 encoder). Held-out docstring sentences "
+               f"(not trained on): {row['held_out_cosine_before']:.4f} -> {row['held_out_cosine_after']:.4f}. "
+               f"Adapters {row['adapter_bytes']:,} bytes = {100 * row['adapter_fraction']:.2f}% of the quantized "
+               f"model ({row['quantized_bytes']:,} bytes). Training: {row['train_seconds']:.0f} s wall, "
+               f"{row['train_cpu_seconds']:.0f} s CPU (batch {row['batch']} x 64 tokens) on {row['cpu_count']} "
+               f"cores with a load average of {row['load_average_start']:.1f} -> {row['load_average_end']:.1f} "
+               "(the machine was shared).", ""]  # fmt: skip
+        data["distill"] = row
+    name = "qlora" if args.only is None else f"qlora_{args.only}"
+    _common.write_results(name, "\n".join(md), data, quick=args.quick, out=args.out)
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"{time.perf_counter() - t0:.1f} s", flush=True)

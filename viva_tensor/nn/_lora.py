@@ -1,0 +1,303 @@
+"""LoRA and QLoRA: trainable low-rank adapters on frozen ``nnx.Linear`` and :class:`QLinear` layers.
+
+:func:`lora` returns a copy of a model whose selected linear layers are :class:`LoRALinear` ones:
+``y = base(x) + (alpha / rank) * (x @ A) @ B`` with ``A`` random (Kaiming-uniform, as peft) and ``B``
+zero, so the adapted model equals the base bit for bit until ``B`` is trained. ``A`` and ``B`` are
+:class:`LoRAParam` variables (an ``nnx.Param`` subclass): train only them with
+``nnx.Optimizer(model, tx, wrt=nn.LoRAParam)`` and ``nnx.grad(..., argnums=nnx.DiffState(0, nn.LoRAParam))``.
+The base layer is left as it was: an ``nnx.Linear`` in float, a :class:`QLinear` still quantized (QLoRA
+when its record is NF4). :func:`merge_lora` folds the adapters back into the kernels (into a new
+quantized record with ``fmt=``); :func:`lora_state` and :func:`load_lora_state` move the adapters
+alone in and out of a model, as a tree that :func:`viva_tensor.quant.save` writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from viva_tensor import quant
+from viva_tensor._paths import path_str
+from viva_tensor.errors import ConfigError, InvalidOp
+from viva_tensor.nn._graph import set_child
+from viva_tensor.nn._qlinear import QLinear
+
+__all__ = ["LoRAParam", "LoRALinear", "lora", "merge_lora", "lora_state", "load_lora_state"]
+
+
+class LoRAParam(nnx.Param):
+    """An adapter parameter of :class:`LoRALinear`: the one kind an optimizer of a LoRA model updates.
+
+    Example:
+        >>> from flax import nnx
+        >>> issubclass(LoRAParam, nnx.Param)
+        True
+    """
+
+
+class LoRALinear(nnx.Module):
+    """A frozen linear layer plus a trainable low-rank update: ``base(x) + (alpha / rank) * x @ A @ B``.
+
+    ``A`` is ``(in_features, rank)``, drawn Kaiming-uniform (bound ``1 / sqrt(in_features)``, peft's
+    default); ``B`` is ``(rank, out_features)`` zeros, so the layer returns exactly ``base(x)`` until ``B``
+    changes. The adapter product runs in ``x``'s dtype with float32 accumulation and is added to the base
+    output in its dtype.
+
+    Args:
+        base: an ``nnx.Linear`` or a :class:`QLinear` (held as it is: frozen, and quantized for a QLinear).
+        rank: the adapters' rank (>= 1).
+        alpha: the scale numerator: the update is multiplied by ``alpha / rank``.
+        param_dtype: the adapters' dtype (float32).
+        rngs: ``nnx.Rngs`` with a ``params`` stream (for ``A``).
+
+    Raises:
+        ConfigError: a rank below 1 or above ``min(in_features, out_features)``.
+        InvalidOp: a base that is neither an ``nnx.Linear`` nor a :class:`QLinear`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> base = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+        >>> layer = LoRALinear(base, rank=4, alpha=8, rngs=nnx.Rngs(1))
+        >>> x = jnp.ones((2, 16))
+        >>> bool((layer(x) == base(x)).all()), layer.lora_a.get_value().shape, layer.lora_b.get_value().shape
+        (True, (16, 4), (4, 8))
+    """
+
+    def __init__(self, base: Any, *, rank: int = 8, alpha: float = 16, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if not isinstance(base, (nnx.Linear, QLinear)):
+            raise InvalidOp(argument="base", expected="an nnx.Linear or an nn.QLinear", got=type(base).__name__)
+        n_in, n_out = base.in_features, base.out_features
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(n_in, n_out):
+            raise ConfigError(argument="rank", expected=f"an int in [1, {min(n_in, n_out)}]", got=rank)
+        self.base = base
+        self.in_features, self.out_features, self.rank = n_in, n_out, rank
+        self.scale = float(alpha) / rank
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(rngs.params(), (n_in, rank), param_dtype, -bound, bound)
+        self.lora_a = LoRAParam(a)
+        self.lora_b = LoRAParam(jnp.zeros((rank, n_out), param_dtype))
+
+    def delta(self, x: jax.Array) -> jax.Array:
+        """The adapters' update ``(alpha / rank) * x @ A @ B`` in float32, ``(..., out_features)``."""
+        a = self.lora_a.get_value().astype(x.dtype)
+        h = jax.lax.dot_general(x, a, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        b = self.lora_b.get_value().astype(jnp.float32)
+        d = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return d * jnp.asarray(self.scale, jnp.float32)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``base(x) + delta(x)`` in the base output's dtype."""
+        y = self.base(x)
+        x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(y.dtype)
+        return y + self.delta(x).astype(y.dtype)
+
+    def merged_weight(self) -> jax.Array:
+        """The base kernel plus the update, float32, in ``nnx.Linear``'s ``(in_features, out_features)`` layout."""
+        if isinstance(self.base, QLinear):
+            kernel = quant.dequantize(self.base.weight.get_value()).astype(jnp.float32).T
+        else:
+            kernel = jnp.asarray(self.base.kernel.get_value()).astype(jnp.float32)
+        a = self.lora_a.get_value().astype(jnp.float32)
+        b = self.lora_b.get_value().astype(jnp.float32)
+        return kernel + (a @ b) * jnp.asarray(self.scale, jnp.float32)
+
+
+def _layers(model: nnx.Module, kinds: tuple[type, ...]) -> list[tuple[tuple, Any]]:
+    """``(path, layer)`` of the layers of those kinds, in graph order, not looking inside a :class:`LoRALinear`."""
+    nodes = [(tuple(path), node) for path, node in nnx.iter_graph(model)]
+    wrappers = [path for path, node in nodes if isinstance(node, LoRALinear)]
+    inside = {path for path, _ in nodes for w in wrappers if len(path) > len(w) and path[: len(w)] == w}
+    return [(path, node) for path, node in nodes if isinstance(node, kinds) and path not in inside]
+
+
+def lora(
+    model: nnx.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    where: Callable[[str, Any], bool] | None = None,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """A copy of ``model`` whose ``nnx.Linear`` / :class:`QLinear` layers carry trainable LoRA adapters.
+
+    Each selected layer becomes a :class:`LoRALinear` holding the original layer as ``.base``; the copy
+    shares the base's arrays with ``model`` (nothing is duplicated) and computes exactly what ``model``
+    does until the adapters are trained. Train the adapters only, e.g.
+    ``nnx.Optimizer(adapted, optax.adam(1e-3), wrt=nn.LoRAParam)`` with gradients from
+    ``nnx.grad(loss, argnums=nnx.DiffState(0, nn.LoRAParam))``: the base stays frozen, and a
+    :class:`QLinear` base stays quantized (QLoRA).
+
+    Args:
+        model: an NNX module (not changed).
+        rank: the adapters' rank.
+        alpha: the update is scaled by ``alpha / rank``.
+        where: ``where(path, layer) -> bool`` picks the layers (dotted paths, e.g. ``"layers.0.query"``);
+            ``None``: every ``nnx.Linear`` and :class:`QLinear`.
+        param_dtype: the adapters' dtype.
+        rngs: ``nnx.Rngs`` for the ``A`` matrices.
+
+    Returns:
+        The adapted copy.
+
+    Raises:
+        ConfigError: a bad rank for some layer, or nothing selected.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from viva_tensor import nn
+        >>> model = nnx.Sequential(nnx.Linear(16, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+        >>> adapted = nn.lora(model, rank=2, rngs=nnx.Rngs(2))
+        >>> x = jnp.ones((3, 16))
+        >>> bool((adapted(x) == model(x)).all()), type(adapted.layers[0]).__name__
+        (True, 'LoRALinear')
+        >>> sum(v.size for v in jax.tree_util.tree_leaves(nnx.state(adapted, nn.LoRAParam)))  # 2*(16*2) + 16*2 + 2*4
+        104
+    """
+    copy = nnx.clone(model)
+    done = 0
+    for path, layer in _layers(copy, (nnx.Linear, QLinear, LoRALinear)):
+        if isinstance(layer, LoRALinear) or (where is not None and not where(path_str(path), layer)):
+            continue
+        adapted = LoRALinear(layer, rank=rank, alpha=alpha, param_dtype=param_dtype, rngs=rngs)
+        if not path:  # the model is itself one linear layer
+            return adapted
+        set_child(copy, path, adapted)
+        done += 1
+    if not done:
+        raise ConfigError(
+            argument="where" if where is not None else "model",
+            expected="at least one nnx.Linear or nn.QLinear layer to adapt",
+            got="none selected",
+        )
+    return copy
+
+
+def _float_linear(base: Any, kernel: jax.Array) -> nnx.Linear:
+    n_in, n_out = kernel.shape
+    bias = None if base.bias is None else base.bias.get_value()
+    if isinstance(base, nnx.Linear):
+        layer = nnx.clone(base)
+        layer.kernel.set_value(kernel.astype(base.kernel.get_value().dtype))
+        return layer
+    layer = nnx.eval_shape(
+        lambda: nnx.Linear(n_in, n_out, use_bias=bias is not None, dtype=base.dtype, rngs=nnx.Rngs(0))
+    )
+    layer.kernel.set_value(kernel)
+    if bias is not None:
+        layer.bias.set_value(jnp.asarray(bias))
+    return layer
+
+
+def merge_lora(model: nnx.Module, *, fmt: str | None = None, **options: Any) -> nnx.Module:
+    """A copy of ``model`` with every :class:`LoRALinear` folded into one plain layer.
+
+    The merged kernel is ``W + (alpha / rank) * A @ B`` computed in float32 (a :class:`QLinear` base is
+    decoded first). With ``fmt=None`` the result is an ``nnx.Linear`` holding that float kernel (equal to
+    the adapted model up to float32 rounding); with a format name it is a :class:`QLinear` holding a new
+    record of the merged weight in that format (equal to the adapted model within the format's error).
+
+    Args:
+        model: an NNX module with :class:`LoRALinear` layers (not changed).
+        fmt: ``None``, or a format name of :func:`viva_tensor.quant.format_names`.
+        **options: the format's options (see :meth:`QLinear.from_linear`).
+
+    Returns:
+        The merged copy (no :class:`LoRAParam` left).
+
+    Raises:
+        FormatError: an unknown format or option.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from viva_tensor import nn
+        >>> adapted = nn.lora(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), rank=4, rngs=nnx.Rngs(1))
+        >>> adapted.lora_b.set_value(jnp.full((4, 32), 0.1))
+        >>> x = jnp.ones((2, 64))
+        >>> merged = nn.merge_lora(adapted)
+        >>> type(merged).__name__, bool(jnp.allclose(merged(x), adapted(x), atol=1e-4))
+        ('Linear', True)
+        >>> type(nn.merge_lora(adapted, fmt="q8_0")).__name__
+        'QLinear'
+    """
+    copy = nnx.clone(model)
+    if isinstance(copy, LoRALinear):
+        return _merged(copy, fmt, options)
+    for path, layer in _layers(copy, (LoRALinear,)):
+        set_child(copy, path, _merged(layer, fmt, options))
+    return copy
+
+
+def _merged(layer: LoRALinear, fmt: str | None, options: dict[str, Any]) -> Any:
+    kernel = layer.merged_weight()
+    linear = _float_linear(layer.base, kernel)
+    return linear if fmt is None else QLinear.from_linear(linear, fmt, **options)
+
+
+def lora_state(model: nnx.Module) -> dict:
+    """The adapters of a model alone, as a nested dict of arrays that :func:`viva_tensor.quant.save` writes.
+
+    Args:
+        model: an NNX module with :class:`LoRALinear` layers.
+
+    Returns:
+        ``{path...: {"lora_a": array, "lora_b": array}}`` (the pure dict of ``nnx.state(model, LoRAParam)``).
+
+    Example:
+        >>> from flax import nnx
+        >>> from viva_tensor import nn
+        >>> adapted = nn.lora(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(1))
+        >>> sorted(nn.lora_state(adapted))
+        ['lora_a', 'lora_b']
+    """
+    return nnx.to_pure_dict(nnx.state(model, LoRAParam))
+
+
+def load_lora_state(model: nnx.Module, state: Any) -> None:
+    """Puts adapters (from :func:`lora_state`, e.g. read back by :func:`viva_tensor.quant.load`) into ``model``.
+
+    The model is updated in place; its base layers are untouched.
+
+    Args:
+        model: an NNX module with the same :class:`LoRALinear` layers (same paths and ranks).
+        state: the nested dict of adapter arrays.
+
+    Raises:
+        ConfigError: a state whose paths or shapes differ from the model's adapters.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from viva_tensor import nn
+        >>> adapted = nn.lora(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(1))
+        >>> nn.load_lora_state(adapted, {"lora_a": jnp.ones((16, 2)), "lora_b": jnp.ones((2, 8))})
+        >>> float(adapted.lora_b.get_value().sum())
+        16.0
+    """
+    current = nnx.state(model, LoRAParam)
+    ours = nnx.to_pure_dict(current)
+    mine = jax.tree_util.tree_flatten_with_path(ours)
+    theirs = jax.tree_util.tree_flatten_with_path(state)
+    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in mine[0]}
+    got = {jax.tree_util.keystr(p): tuple(jnp.shape(v)) for p, v in theirs[0]}
+    if want != got:
+        missing = sorted(set(want) - set(got))[:3]
+        extra = sorted(set(got) - set(want))[:3]
+        shape = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:3]
+        raise ConfigError(
+            argument="state",
+            expected=f"the model's {len(want)} adapter arrays",
+            got=f"missing {missing}, unexpected {extra}, other shapes at {shape}",
+        )
+    dtypes = {jax.tree_util.keystr(p): v.dtype for p, v in mine[0]}
+    cast = jax.tree_util.tree_map_with_path(lambda p, v: jnp.asarray(v).astype(dtypes[jax.tree_util.keystr(p)]), state)
+    nnx.replace_by_pure_dict(current, cast)
+    nnx.update(model, current)
