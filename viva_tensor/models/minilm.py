@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from viva_tensor import nn
+from viva_tensor import _safetensors, nn
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
 
 __all__ = [
@@ -291,7 +291,7 @@ def load_model(
     attention: str | Callable[..., jax.Array] = "exact",
     dtype: Any = None,
 ) -> MiniLM:
-    """Builds a :class:`MiniLM` and fills it with a folder's ``model.safetensors`` (read with NumPy).
+    """Builds a :class:`MiniLM` and fills it with a folder's ``model.safetensors``.
 
     Keys may carry a ``bert.`` prefix; the pooler and ``position_ids`` entries are ignored.
 
@@ -313,9 +313,6 @@ def load_model(
         >>> model.layers[0].attention.query.kernel.shape          # doctest: +SKIP
         (384, 384)
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     if _is_gguf(path):
         cfg = load_config(None)
         weights, file = _gguf_weights(path, cfg), pathlib.Path(path)
@@ -323,8 +320,8 @@ def load_model(
         cfg = load_config(path)
         file = _model_file(path, "model.safetensors")
         try:
-            weights = load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as e:
+            weights = _safetensors.read_all(_safetensors.read_header(file))
+        except CheckpointError as e:
             raise CheckpointError(argument="path", expected="a safetensors model file", got=f"{file} ({e})") from None
     weights = {k.removeprefix("bert."): v for k, v in weights.items()}
     model = nnx.eval_shape(lambda: MiniLM(cfg, attention=attention, dtype=dtype, rngs=nnx.Rngs(0)))
