@@ -161,6 +161,68 @@ def test_no_retrace_within_a_bucket(encoder):
     assert minilm._embed_jit._cache_size() == size
 
 
+def _varied(n_short, n_long, seed=0):
+    """Sentences of varied lengths from the calibration text (not the evaluation sentences)."""
+    from viva_tensor.models import _calibration
+
+    rng = np.random.default_rng(seed)
+    short = _calibration.calibration_text(200)
+    long = _calibration.calibration_passages(12)
+    return [short[i] for i in rng.choice(len(short), n_short, replace=False)] + [
+        long[i][: int(rng.integers(300, 1100))] for i in rng.choice(len(long), n_long, replace=False)
+    ]
+
+
+def test_packed_rows_give_the_padded_embeddings(encoder):
+    sentences = _varied(24, 3)
+    lengths = [len(e.ids) for e in encoder.tokenizer.encode_batch(sentences)]
+    assert min(lengths) < 16 and max(lengths) > minilm.PACK_LENGTH  # both paths run
+    packed = np.asarray(minilm.encode(encoder, sentences))
+    padded = np.asarray(minilm.encode(encoder, sentences, pack=False))
+    alone = np.asarray(minilm.encode(encoder, sentences[:3], batch_size=1, pack=False))
+    np.testing.assert_allclose(packed, padded, atol=2e-6)
+    np.testing.assert_allclose(packed[:3], alone, atol=2e-6)
+
+
+def test_compilations_stay_bounded_over_many_batches(encoder):
+    # small calls: many batches of varied lengths; every later set reuses the shapes compiled for the first
+    minilm.encode(encoder, _varied(30, 3, seed=1), tokens_per_batch=512)
+    before = minilm._embed_jit._cache_size() + minilm._embed_packed_jit._cache_size()
+    for seed in (2, 3):
+        minilm.encode(encoder, _varied(30, 3, seed=seed), tokens_per_batch=512)
+    added = minilm._embed_jit._cache_size() + minilm._embed_packed_jit._cache_size() - before
+    # packed calls: rows 1, 2, 4 (512 // 128); padded calls: buckets 256 (rows 1, 2) and 128 (rows 1..4)
+    assert added <= 2, added
+    assert minilm._embed_packed_jit._cache_size() <= 3 * 2  # rows 1, 2, 4 at most, per model compiled here
+
+
+def test_pack_rows_fill_each_row_within_capacity():
+    lengths = [5, 120, 64, 64, 3, 3, 3, 3, 3, 3, 70, 2]
+    rows = minilm._pack_rows(range(len(lengths)), lengths, 128, 4)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 128 and len(row) <= 4 for row in rows)
+    assert len(rows) == 4  # 120+5+3 | 70+3+3+3 ... first-fit decreasing
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_equals_separate_rows_under_jit_and_eagerly(dtype):
+    cfg = minilm.MiniLMConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=4, intermediate_size=32)
+    model = minilm.MiniLM(cfg, dtype=dtype, rngs=nnx.Rngs(1))
+    a, b, c = [1, 7, 9, 2], [1, 3, 2], [1, 5, 6, 8, 2]
+    ids = jnp.array([a + b + [0], c + [0, 0, 0]])
+    seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    eager = model.packed(ids, seg, segments=3)
+    jitted = nnx.jit(lambda m, i, s: m.packed(i, s, segments=3))(model, ids, seg)
+    assert eager.shape == (2, 3, 16) and eager.dtype == jnp.float32
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bfloat16: XLA fuses differently under jit
+    np.testing.assert_allclose(jitted, eager, atol=tol)
+    # the three sentences alone, padded to one length (padding is masked: tested above)
+    alone = nnx.jit(lambda m, i, k: m(i, k))(model, jnp.array([a + [0], b + [0, 0], c]), jnp.array(
+        [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    np.testing.assert_allclose(np.stack([eager[0, 0], eager[0, 1], eager[1, 0]]), alone, atol=tol)
+    np.testing.assert_array_equal(np.asarray(eager[0, 2]), 0.0)  # no third sentence in row 0: zeros, no NaN
+
+
 def test_encode_empty_gives_no_rows(encoder):
     out = minilm.encode(encoder, [])
     assert out.shape == (0, 384) and out.dtype == jnp.float32
@@ -210,6 +272,8 @@ def test_encode_errors(encoder):
         minilm.encode(encoder, ["fine", 3])
     with pytest.raises(ConfigError, match="argument 'batch_size'"):
         minilm.encode(encoder, ["x"], batch_size=0)
+    with pytest.raises(ConfigError, match="argument 'tokens_per_batch'"):
+        minilm.encode(encoder, ["x"], tokens_per_batch=0)
     with pytest.raises(ConfigError, match="argument 'rows'"):
         minilm.tokenize(encoder.tokenizer, ["a", "b"], rows=1)
 

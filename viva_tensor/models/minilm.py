@@ -7,8 +7,9 @@ Tokenizing needs the ``tokenizers`` package (the ``examples`` extra); nothing he
 The encoder is BERT: word + position + token-type embeddings and a LayerNorm, then layers of
 self-attention and a GELU (exact, erf) feed-forward block, each followed by a residual LayerNorm
 (eps 1e-12); then the mean of the token states over the attention mask, L2-normalised, as
-sentence-transformers does. Batches are padded to a few bucket lengths (and batch sizes) so that
-:func:`encode` compiles once per bucket, and the padding is masked out of attention and pooling.
+sentence-transformers does. :func:`encode` packs short sentences several to a row (each attends only
+to itself) and pads longer ones to a few bucket lengths, so it compiles once per (rows, length) shape
+and spends almost no compute on padding, which is masked out of attention and pooling.
 
 Example:
     >>> from viva_tensor.models import minilm
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from viva_tensor import nn
+from viva_tensor import _safetensors, nn
 from viva_tensor.errors import CheckpointError, ConfigError, InvalidOp
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "load",
     "tokenize",
     "bucket_length",
+    "PACK_LENGTH",
+    "TOKENS_PER_BATCH",
     "encode",
 ]
 
@@ -82,8 +85,9 @@ class _Embeddings(nnx.Module):
         self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.norm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, positions: jax.Array | None = None):
+        if positions is None:
+            positions = jnp.arange(input_ids.shape[1])[None, :]
         x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
         return self.norm(x)
 
@@ -140,13 +144,21 @@ class MiniLM(nnx.Module):
         )
 
     def hidden_states(
-        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """The last layer's token states, ``(B, T, hidden)``."""
+        """The last layer's token states, ``(B, T, hidden)``.
+
+        ``attention_mask`` is ``(B, T)`` (the real tokens) or ``(B, T, T)`` (which key each query sees);
+        ``position_ids`` default to ``0 .. T-1`` in every row.
+        """
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
-        x = self.embeddings(input_ids, token_type_ids)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
         for layer in self.layers:
             x = layer(x, mask)
         return x
@@ -158,8 +170,54 @@ class MiniLM(nnx.Module):
         x = self.hidden_states(input_ids, attention_mask, token_type_ids).astype(jnp.float32)
         weights = attention_mask.astype(jnp.float32)[..., None]
         pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1e-9)
-        norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
-        return pooled / jnp.maximum(norm, 1e-12)
+        return _normalise(pooled)
+
+    def packed(
+        self, input_ids: jax.Array, segment_ids: jax.Array, token_type_ids: jax.Array | None = None, *, segments: int
+    ) -> jax.Array:
+        """Embeddings of several sentences packed into each row: ``(B, segments, hidden)``, float32.
+
+        Row ``b`` holds sentences one after the other; ``segment_ids[b, t]`` is ``s`` in ``1 ..
+        segments`` for a token of the row's ``s``-th sentence and 0 for padding. A token attends only
+        to the tokens of its own sentence, positions restart at 0 for each sentence, and each sentence
+        is mean-pooled over its own tokens, so every sentence gets the embedding it gets alone (up to
+        float32 rounding) while no compute is spent on padding. A segment number with no token gives zeros.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            segment_ids: ``(B, T)`` int, as above, non-decreasing along each row.
+            token_type_ids: ``(B, T)``, default zeros.
+            segments: the most sentences in one row (static).
+
+        Returns:
+            ``(B, segments, hidden)`` float32, unit L2 norm (zeros for an empty segment).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> cfg = MiniLMConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)
+            >>> model = MiniLM(cfg, rngs=nnx.Rngs(0))
+            >>> two = model.packed(jnp.array([[1, 5, 2, 1, 7, 2]]), jnp.array([[1, 1, 1, 2, 2, 2]]), segments=2)
+            >>> alone = model(jnp.array([[1, 7, 2]]), jnp.array([[1, 1, 1]]))
+            >>> two.shape, bool(jnp.allclose(two[0, 1], alone[0], atol=1e-6))
+            ((1, 2, 8), True)
+        """
+        seg = segment_ids.astype(jnp.int32)
+        real = seg > 0
+        mask = (seg[:, :, None] == seg[:, None, :]) & real[:, None, :]
+        starts = jnp.concatenate([jnp.ones_like(real[:, :1]), seg[:, 1:] != seg[:, :-1]], axis=1)
+        index = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+        positions = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+        x = self.hidden_states(input_ids, mask, token_type_ids, positions).astype(jnp.float32)
+        onehot = (seg[:, :, None] == jnp.arange(1, segments + 1, dtype=jnp.int32)[None, None]).astype(jnp.float32)
+        sums = jnp.einsum("bts,bth->bsh", onehot, x, precision=jax.lax.Precision.HIGHEST)
+        pooled = sums / jnp.maximum(onehot.sum(axis=1), 1e-9)[..., None]
+        return _normalise(pooled)
+
+
+def _normalise(pooled: jax.Array) -> jax.Array:
+    norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+    return pooled / jnp.maximum(norm, 1e-12)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -291,7 +349,7 @@ def load_model(
     attention: str | Callable[..., jax.Array] = "exact",
     dtype: Any = None,
 ) -> MiniLM:
-    """Builds a :class:`MiniLM` and fills it with a folder's ``model.safetensors`` (read with NumPy).
+    """Builds a :class:`MiniLM` and fills it with a folder's ``model.safetensors``.
 
     Keys may carry a ``bert.`` prefix; the pooler and ``position_ids`` entries are ignored.
 
@@ -313,9 +371,6 @@ def load_model(
         >>> model.layers[0].attention.query.kernel.shape          # doctest: +SKIP
         (384, 384)
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     if _is_gguf(path):
         cfg = load_config(None)
         weights, file = _gguf_weights(path, cfg), pathlib.Path(path)
@@ -323,8 +378,8 @@ def load_model(
         cfg = load_config(path)
         file = _model_file(path, "model.safetensors")
         try:
-            weights = load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as e:
+            weights = _safetensors.read_all(_safetensors.read_header(file))
+        except CheckpointError as e:
             raise CheckpointError(argument="path", expected="a safetensors model file", got=f"{file} ({e})") from None
     weights = {k.removeprefix("bert."): v for k, v in weights.items()}
     model = nnx.eval_shape(lambda: MiniLM(cfg, attention=attention, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -427,9 +482,9 @@ class SentenceEncoder:
     tokenizer: Any
     max_length: int
 
-    def encode(self, sentences: Sequence[str], *, batch_size: int = 32) -> jax.Array:
-        """Same as :func:`encode` (``encode(self, sentences, batch_size=...)``)."""
-        return encode(self, sentences, batch_size=batch_size)
+    def encode(self, sentences: Sequence[str], **options: Any) -> jax.Array:
+        """Same as :func:`encode` (``encode(self, sentences, batch_size=..., ...)``)."""
+        return encode(self, sentences, **options)
 
     def replace(self, **changes: Any) -> SentenceEncoder:
         """A copy with some fields replaced, e.g. ``encoder.replace(model=quantized_model)``."""
@@ -569,27 +624,51 @@ def _embed(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, types: ja
     return nnx.merge(graphdef, state)(ids, mask, types)
 
 
+def _embed_packed(graphdef: Any, state: Any, ids: jax.Array, seg: jax.Array, types: jax.Array, segments: int):
+    return nnx.merge(graphdef, state).packed(ids, seg, types, segments=segments)
+
+
 _embed_jit = jax.jit(_embed, static_argnums=0)
+_embed_packed_jit = jax.jit(_embed_packed, static_argnums=(0, 5))
+
+PACK_LENGTH = 128
+"""Row length of :func:`encode`'s packed calls: sentences of at most this many tokens share rows."""
+
+TOKENS_PER_BATCH = 2048
+"""Default most tokens (padding included) of one compiled call of :func:`encode`."""
 
 
-def encode(encoder: SentenceEncoder, sentences: Sequence[str], *, batch_size: int = 32) -> jax.Array:
+def encode(
+    encoder: SentenceEncoder,
+    sentences: Sequence[str],
+    *,
+    batch_size: int = 32,
+    tokens_per_batch: int = TOKENS_PER_BATCH,
+    pack: bool = True,
+) -> jax.Array:
     """Sentence embeddings, ``(len(sentences), hidden)`` float32 with unit L2 norm.
 
-    Sentences are tokenized, sorted by length and cut into batches of at most ``batch_size`` that share
-    a bucket length (:func:`bucket_length`); each batch is padded to its bucket and to a power-of-two
-    number of rows and runs through one jitted function, so a (bucket, rows) pair compiles once.
+    Sentences of at most :data:`PACK_LENGTH` tokens are packed several to a row (:meth:`MiniLM.packed`:
+    each attends only to itself and is pooled over its own tokens), rows of ``PACK_LENGTH`` tokens, so
+    almost no compute goes to padding. Longer sentences (and all with ``pack=False``) are sorted by
+    length and cut into batches that share a bucket length (:func:`bucket_length`), padded to it. A
+    call holds at most ``batch_size`` rows and about ``tokens_per_batch`` tokens (smaller temporaries
+    stay in cache: measured faster per token than 4096-token calls on a 2-core CPU), and its rows are
+    padded to a power of two, so each (rows, length) pair compiles once.
 
     Args:
         encoder: a :class:`SentenceEncoder` (:func:`load`).
         sentences: the sentences (a list or tuple of str; an empty one gives ``(0, hidden)``).
-        batch_size: sentences per compiled call.
+        batch_size: the most rows of one compiled call.
+        tokens_per_batch: the most tokens of one call (a long bucket takes fewer rows; at least one).
+        pack: pack short sentences into shared rows (``False``: one sentence per row, padded).
 
     Returns:
         The embeddings, in the order of ``sentences``.
 
     Raises:
         InvalidOp: a bare string or non-string items.
-        ConfigError: ``batch_size`` below 1.
+        ConfigError: ``batch_size`` or ``tokens_per_batch`` below 1.
 
     Example:
         >>> encoder = load()                                              # doctest: +SKIP
@@ -598,33 +677,95 @@ def encode(encoder: SentenceEncoder, sentences: Sequence[str], *, batch_size: in
         0.76
     """
     sentences = _check_sentences(sentences)
-    if batch_size < 1:
-        raise ConfigError(argument="batch_size", expected="an int >= 1", got=batch_size)
+    for name, value in (("batch_size", batch_size), ("tokens_per_batch", tokens_per_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(argument=name, expected="an int >= 1", got=value)
     hidden = encoder.model.config.hidden_size
     if not sentences:
         return jnp.zeros((0, hidden), jnp.float32)
     graphdef, state = nnx.split(encoder.model)
     encodings = encoder.tokenizer.encode_batch(sentences)
-    order = np.argsort([len(e.ids) for e in encodings], kind="stable")
-    outputs = []
-    for batch in _batches([encodings[i] for i in order], batch_size, encoder.max_length):
-        rows = _batch_rows(len(batch), batch_size)
-        ids, mask, types = _pad(batch, max_length=encoder.max_length, rows=rows)
-        outputs.append(_embed_jit(graphdef, state, ids, mask, types)[: len(batch)])
-    embeddings = jnp.concatenate(outputs, axis=0)
-    return embeddings[np.argsort(order, kind="stable")]
+    lengths = [len(e.ids) for e in encodings]
+    pack_length = min(PACK_LENGTH, encoder.max_length)
+    short = [i for i, n in enumerate(lengths) if pack and n <= pack_length]
+    long = sorted((i for i, n in enumerate(lengths) if not (pack and n <= pack_length)), key=lengths.__getitem__)
+    outputs, where = [], np.empty(len(sentences), np.int64)  # where[i]: the row of sentence i in the outputs
+    offset = 0
+    if short:
+        rows_per_call = max(1, min(batch_size, tokens_per_batch // pack_length))
+        segments = max(1, pack_length // 4)
+        rows = _pack_rows(short, lengths, pack_length, segments)
+        for start in range(0, len(rows), rows_per_call):
+            call = rows[start : start + rows_per_call]
+            ids, seg, types = _pad_packed([[encodings[i] for i in row] for row in call], pack_length,
+                                          _batch_rows(len(call), rows_per_call))
+            outputs.append(_embed_packed_jit(graphdef, state, ids, seg, types, segments).reshape(-1, hidden))
+            for r, row in enumerate(call):
+                where[row] = offset + r * segments + np.arange(len(row))
+            offset += outputs[-1].shape[0]
+    for batch in _batches([encodings[i] for i in long], batch_size, encoder.max_length, tokens_per_batch, long):
+        indices, batch = [i for i, _ in batch], [e for _, e in batch]
+        longest = len(batch[-1].ids)
+        bucket = bucket_length(longest, max_length=max(encoder.max_length, longest))
+        cap = _rows_for(bucket, batch_size, tokens_per_batch)
+        ids, mask, types = _pad(batch, max_length=encoder.max_length, rows=_batch_rows(len(batch), cap))
+        outputs.append(_embed_jit(graphdef, state, ids, mask, types))
+        where[indices] = offset + np.arange(len(batch))
+        offset += outputs[-1].shape[0]
+    embeddings = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
+    return embeddings[where]
 
 
-def _batches(encodings: Sequence[Any], batch_size: int, max_length: int) -> list[list[Any]]:
-    """Cuts length-sorted encodings into batches of at most ``batch_size`` sharing one bucket length."""
-    batches: list[list[Any]] = []
+def _rows_for(bucket: int, batch_size: int, tokens_per_batch: int) -> int:
+    return max(1, min(batch_size, tokens_per_batch // bucket))
+
+
+def _pack_rows(indices: Sequence[int], lengths: Sequence[int], capacity: int, segments: int) -> list[list[int]]:
+    """First-fit decreasing: sentence indices into rows of at most ``capacity`` tokens and ``segments`` sentences."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        n = lengths[i]
+        for r, room in enumerate(free):
+            if room >= n and len(rows[r]) < segments:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - n)
+    return rows
+
+
+def _pad_packed(rows: Sequence[Sequence[Any]], length: int, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = np.zeros((n_rows, length), np.int32)
+    seg = np.zeros((n_rows, length), np.int32)
+    types = np.zeros((n_rows, length), np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, e in enumerate(row, start=1):
+            n = len(e.ids)
+            ids[r, at : at + n] = e.ids
+            seg[r, at : at + n] = s
+            types[r, at : at + n] = e.type_ids
+            at += n
+    return ids, seg, types
+
+
+def _batches(
+    encodings: Sequence[Any], batch_size: int, max_length: int, tokens_per_batch: int, indices: Sequence[int]
+) -> list[list[tuple[int, Any]]]:
+    """Cuts length-sorted encodings into batches sharing one bucket length, each of at most
+    ``_rows_for(bucket)`` rows; items are ``(index, encoding)``."""
+    batches: list[list[tuple[int, Any]]] = []
     current_bucket = None
-    for e in encodings:
+    for i, e in zip(indices, encodings, strict=True):
         bucket = bucket_length(len(e.ids), max_length=max(max_length, len(e.ids)))
-        if not batches or len(batches[-1]) == batch_size or bucket != current_bucket:
+        full = batches and len(batches[-1]) == _rows_for(bucket, batch_size, tokens_per_batch)
+        if not batches or full or bucket != current_bucket:
             batches.append([])
             current_bucket = bucket
-        batches[-1].append(e)
+        batches[-1].append((i, e))
     return batches
 
 

@@ -162,12 +162,20 @@ class SelfAttention(nnx.Module):
         self.out = nnx.Linear(features, features, **kw)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Attends ``x`` (``(B, T, features)``) to itself; ``mask`` (``(B, T)`` bool) marks real tokens."""
+        """Attends ``x`` (``(B, T, features)``) to itself.
+
+        ``mask``: ``(B, T)`` marks the real tokens (every query sees every real key), or ``(B, T, T)``
+        says which key each query sees (e.g. several sentences packed into one row).
+        """
         b, t, _ = x.shape
         heads = (b, t, self.num_heads, self.features // self.num_heads)
         q = self.query(x).reshape(heads)
         k = self.key(x).reshape(heads)
         v = self.value(x).reshape(heads)
-        key_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
+        if mask is not None and mask.ndim not in (2, 3):
+            raise DimensionError(argument="mask", expected="(B, T) or (B, T, T)", got=mask.shape)
+        key_mask = None
+        if mask is not None:  # (B, 1, 1, S) or (B, 1, T, S): broadcast over the heads
+            key_mask = mask.astype(bool)[:, None, None, :] if mask.ndim == 2 else mask.astype(bool)[:, None]
         out = attention_function(self.attention)(q, k, v, mask=key_mask)
         return self.out(out.reshape(b, t, self.features))

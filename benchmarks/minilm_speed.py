@@ -1,0 +1,138 @@
+"""MiniLM encoding speed: sentences per second of ``minilm.encode`` against sentence-transformers, one run.
+
+The sentences are ``--sentences`` (default 512) varied English sentences that are not the fidelity
+evaluation sentences: the calibration text of :mod:`viva_tensor.models._calibration` (7/8 short
+sentences of 6-40 words, 1/8 passages of ~170 words, truncated at the model's 256 tokens), the same list
+for every encoder. Encoders, all all-MiniLM-L6-v2 from the same model folder
+(``minilm.default_model_dir()``):
+
+- viva_tensor float32 (``minilm.encode``: short sentences packed several to a row), float32 with
+  ``pack=False`` (each sentence its own padded row: the encoder before packing), and the 36 Linear
+  kernels in q8_0 and in a 4-bit format (``nn.quantize_model``);
+- sentence-transformers (PyTorch, ``SentenceTransformer.encode(batch_size=32)``), in this same process,
+  when ``torch`` and ``sentence_transformers`` are importable (the script says so and skips it when they
+  are not: torch is never a dependency of viva_tensor). Its threads are set to ``--threads`` (default
+  ``min(2, cpu_count)``); XLA uses every core of the machine (2 on the machine of the committed results).
+
+Each encoder is called once untimed (compilation), then the encoders take turns for ``--rounds``
+rounds, each call timed by ``viva_tensor._benchmarking.time_fn`` (one sample), so a load change on a
+shared machine hits all of them alike; the table gives the best and the median round as sentences/s and
+the ratio to sentence-transformers' best. The first (compiling) call of the float32 encoder is reported
+too: a new process pays it once per (rows, length) shape. The cosine of each encoder's embeddings to
+sentence-transformers' (or to viva_tensor float32's) says they computed the same thing.
+
+Run: ``python benchmarks/minilm_speed.py [--quick]`` from the repository root, in an environment that
+has viva_tensor's dependencies and, for the comparison, torch and sentence-transformers; writes
+``benchmarks/results/minilm_speed.{md,json}`` (``--quick``: 16 sentences, 1 round, into results/quick).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402 - puts the repository first on sys.path
+import numpy as np  # noqa: E402
+
+from viva_tensor import nn  # noqa: E402
+from viva_tensor.models import _calibration, minilm  # noqa: E402
+
+FOUR_BIT = "q4_0"
+"""The 4-bit format measured (GGML's, blocks of 32 along the inputs)."""
+
+
+def sentences(n: int) -> list[str]:
+    """``n`` varied sentences: 7/8 short calibration sentences, 1/8 long passages."""
+    passages = n // 8
+    return _calibration.calibration_text(n - passages) + _calibration.calibration_passages(passages)
+
+
+def sentence_transformers_encoder(threads: int):
+    """``(encode function, description)``, or ``(None, why not)`` when torch or sentence-transformers is missing."""
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        return None, f"not measured: {e.name or e} is not importable here (torch is never a viva_tensor dependency)"
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(minilm.default_model_dir()), device="cpu")
+    model.eval()
+
+    def encode(s):
+        return model.encode(s, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+
+    return encode, f"sentence-transformers (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def main() -> None:
+    p = _common.parser(__doc__)
+    p.add_argument("--sentences", type=_common.positive_int, default=512, help="sentences encoded (default 512)")
+    p.add_argument("--rounds", type=_common.positive_int, default=5, help="timed rounds per encoder (default 5)")
+    p.add_argument("--threads", type=_common.positive_int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (default min(2, cpu_count))")
+    args = p.parse_args()
+    n, rounds = (16, 1) if args.quick else (args.sentences, args.rounds)
+    text = sentences(n)
+    encoder = minilm.load()
+    lengths = [len(e.ids) for e in encoder.tokenizer.encode_batch(text)]
+
+    encoders = {"viva_tensor float32": lambda s: minilm.encode(encoder, s),
+                "viva_tensor float32, pack=False": lambda s: minilm.encode(encoder, s, pack=False)}
+    for fmt in ("q8_0", FOUR_BIT):
+        quantized = encoder.replace(model=nn.quantize_model(encoder.model, fmt)[0])
+        encoders[f"viva_tensor {fmt}"] = lambda s, e=quantized: minilm.encode(e, s)
+    peer, peer_name = sentence_transformers_encoder(args.threads)
+    print(f"peer: {peer_name}")
+    if peer is not None:
+        encoders[peer_name] = peer
+
+    t0 = time.perf_counter()
+    outputs = {"viva_tensor float32": np.asarray(encoders["viva_tensor float32"](text))}
+    first_call = time.perf_counter() - t0
+    for name, f in encoders.items():
+        if name not in outputs:
+            outputs[name] = np.asarray(f(text))  # compiles its shapes
+    times: dict[str, list[float]] = {name: [] for name in encoders}
+    for _ in range(rounds):
+        for name, f in encoders.items():
+            times[name].append(_common.time_fn(f, text, repeats=1, warmup=0).min_s)
+
+    base = peer_name if peer is not None else "viva_tensor float32"
+    rows, data = [], {}
+    for name, ts in times.items():
+        best, median = len(text) / min(ts), len(text) / float(np.median(ts))
+        cos = cosine(outputs[name], outputs[base])
+        ratio = best / (len(text) / min(times[base]))
+        data[name] = {"best_sentences_per_s": best, "median_sentences_per_s": median, "ratio_to_" + base: ratio,
+                      "seconds": ts, "min_cosine_to_" + base: float(cos.min())}
+        rows.append(f"| {name} | {best:.0f} | {median:.0f} | {ratio:.2f}x | {cos.min():.6f} |")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    md = "\n".join([
+        "# MiniLM encoding speed",
+        "",
+        f"{len(text)} sentences ({sum(lengths)} tokens, mean {np.mean(lengths):.1f}, max {max(lengths)}), "
+        f"{rounds} interleaved rounds; peer: {peer_name}. Load average at the end: "
+        f"{', '.join(f'{x:.1f}' for x in load) if load else 'n/a'} ({os.cpu_count()} CPUs).",
+        "",
+        f"| encoder | sentences/s (best round) | sentences/s (median) | best vs {base} | min cosine to {base} |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"viva_tensor float32's first call (tokenize + compile every shape + encode): {first_call:.2f} s.",
+    ])
+    data["first_call_s"] = first_call
+    data["sentences"], data["tokens"], data["rounds"], data["load_average"] = len(text), sum(lengths), rounds, load
+    print(md)
+    _common.write_results("minilm_speed", md, data, quick=args.quick, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
