@@ -34,6 +34,8 @@ STATED_ERROR = {
     "q4_1": 0.07,
     "nf4": 0.14,
     "nf4_dq": 0.16,
+    "bnb_fp4": 0.17,  # half the widest gap of bitsandbytes' FP4 code book (0.667 .. 1): 1/6
+    "bnb_fp4_dq": 0.19,
     "nvfp4": 0.2,
     "mxfp4": 0.26,
     "int4_group": 0.07,
