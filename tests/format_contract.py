@@ -40,6 +40,7 @@ STATED_ERROR = {
     "mxfp4": 0.26,
     "int4_group": 0.07,
     "awq_int4": 0.07,
+    "int4_gidx": 0.07,  # int4_group's grid, groups given by g_idx
 }
 #: An error for formats registered by others (a test-only format ...): only a sanity bound.
 DEFAULT_ERROR = 1.0
