@@ -34,10 +34,13 @@ STATED_ERROR = {
     "q4_1": 0.07,
     "nf4": 0.14,
     "nf4_dq": 0.16,
+    "bnb_fp4": 0.17,  # half the widest gap of bitsandbytes' FP4 code book (0.667 .. 1): 1/6
+    "bnb_fp4_dq": 0.19,
     "nvfp4": 0.2,
     "mxfp4": 0.26,
     "int4_group": 0.07,
     "awq_int4": 0.07,
+    "int4_gidx": 0.07,  # int4_group's grid, groups given by g_idx
 }
 #: An error for formats registered by others (a test-only format ...): only a sanity bound.
 DEFAULT_ERROR = 1.0

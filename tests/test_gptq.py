@@ -278,7 +278,7 @@ def test_nan_weight_gives_nan_out(layer):
         (lambda w, h: gptq.quantize(w, h, "awq_int4"), FormatError, "fmt"),
         (lambda w, h: gptq.quantize(w, h, "nf4", group_size=40), ConfigError, "group_size"),
         (lambda w, h: gptq.quantize(w, h, "q4_0", group_size=64), ConfigError, "group_size"),
-        (lambda w, h: gptq.quantize(w, h, "int4_group", group_size=32, act_order=True), ConfigError, "act_order"),
+        (lambda w, h: gptq.quantize(w, h, "q4_0", act_order=True), ConfigError, "act_order"),
         (lambda w, h: gptq.quantize(w, h, "int4_group", block_size=0), ConfigError, "block_size"),
         (lambda w, h: gptq.quantize(w, h, "int4_group", damp=-1.0), ConfigError, "damp"),
         (lambda w, h: gptq.quantize(w, h, "q4_0", bits=3), FormatError, "format_options"),

@@ -196,8 +196,8 @@ def test_gptq_state_dict_round_trip_and_errors():
     back = gptq_file.read_state_dict(sd, dtype="float32")
     np.testing.assert_array_equal(bits(awq.dequantize(back["l.weight"])), bits(awq.dequantize(q)))
     perm = dict(sd, **{"l.g_idx": np.random.default_rng(0).permutation(sd["l.g_idx"]).astype(np.int32)})
-    with pytest.raises(CheckpointError, match="act-order"):
-        gptq_file.read_state_dict(perm)
+    act_order = gptq_file.read_state_dict(perm)["l.weight"]  # desc_act: an int4_gidx record (test_gptq_act_order)
+    assert act_order.format == "int4_gidx" and np.array_equal(np.asarray(act_order.g_idx), perm["l.g_idx"])
     with pytest.raises(CheckpointError, match="checkpoint_format"):
         gptq_file.read_state_dict(sd, checkpoint_format="exl2")
     with pytest.raises(CheckpointError, match="int32"):

@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("errors", "axis", "tensor", "_xla", "_paths", "_safetensors", "_kernels/__init__", "_kernels/build",
              "_benchmarking"),  # the one timer: hardware (memory) uses it too, it imports only errors
     "formats": (
-        "_formats/*", "compression", "nf4", "blackwell", "awq", "sparsity", "metrics", "ggml",
+        "_formats/*", "compression", "nf4", "blackwell", "awq", "sparsity", "metrics", "ggml", "gidx",
     ),
     "quant": ("quant", "quant/*", "gptq", "_grids", "_kernels/planes"),  # planes: records -> kernel arguments
     "attention": ("flash_attention", "named", "sharding"),  # attention and named axes

@@ -66,6 +66,61 @@ def bitsandbytes(w: torch.Tensor) -> None:
                    f"compress_statistics={dq}); QuantState.as_dict(packed=True); dequantize_4bit"})
 
 
+def _fp4_edge_values() -> np.ndarray:
+    """Values on and one float32 ulp either side of every FP4 bucket bound (absmax 1), zeros, tiny values, NaN."""
+    import bitsandbytes.functional as F
+
+    code = F.get_4bit_type("fp4", device="cpu")
+    s = torch.sort(code).values
+    bounds = ((s[:-1] + s[1:]) / 2).numpy()
+    edge = np.concatenate([bounds, np.nextafter(bounds, np.float32(2)), np.nextafter(bounds, np.float32(-2))])
+    out = np.zeros(4 * 64, np.float32)
+    out[0], out[1 : 1 + edge.size] = 1.0, edge  # block 0-1: absmax exactly 1.0, values at the bounds
+    out[128:192] = 0.0  # block 2: all zero
+    out[192:256] = np.linspace(-1e-3, 1e-3, 64, dtype=np.float32)
+    out[192] = 1.0  # block 3: values near zero against absmax 1 (codes 0 and 8)
+    return out
+
+
+def bitsandbytes_fp4_random() -> None:
+    """bitsandbytes' FP4 on random data (partial blocks, odd sizes, bfloat16, other block sizes, edge values)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    g = torch.Generator().manual_seed(15)
+    cases = {
+        "odd_f32_b64": (torch.randn(37, 101, generator=g), 64, False),
+        "f32_b128": (torch.randn(16, 256, generator=g) * 3, 128, False),
+        "f32_b32_tail": (torch.randn(1000, generator=g), 32, False),
+        "bf16_b64": (torch.randn(24, 96, generator=g).to(torch.bfloat16), 64, False),
+        "f16_b64_tail": (torch.randn(7, 45, generator=g).to(torch.float16), 64, False),
+        "edges_b64": (torch.from_numpy(_fp4_edge_values()), 64, False),
+        "dq_f32_b64": (torch.randn(96, 256, generator=g), 64, True),
+        "dq_bf16_b64_tail": (torch.randn(33, 129, generator=g).to(torch.bfloat16), 64, True),
+    }
+    tensors, meta = {}, {}
+    for name, (x, block, dq) in cases.items():
+        packed, state = F.quantize_4bit(x, blocksize=block, quant_type="fp4", compress_statistics=dq)
+        tensors[f"{name}.x"] = x
+        tensors[f"{name}.codes"] = packed.reshape(-1)
+        tensors[f"{name}.absmax"] = state.absmax
+        if dq:
+            tensors[f"{name}.nested_absmax"] = state.state2.absmax
+            tensors[f"{name}.offset"] = state.offset.reshape(1).float()
+        tensors[f"{name}.reference"] = F.dequantize_4bit(packed, state)
+        # bitsandbytes' pure-PyTorch decode (its fallback for odd last dims): its CPU kernel above reads the
+        # absmax of the wrong block when blocks straddle rows (bf16_b64: 96 values a row, blocks of 64).
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if dq else state.absmax
+        tensors[f"{name}.reference_torch"] = _dequantize_4bit_compute(
+            packed.reshape(-1), absmax, _get_4bit_code("fp4", "cpu"), block, x.shape, x.dtype)
+        meta[name] = json.dumps({"blocksize": block, "double_quant": dq})
+    _save("bnb_fp4_random", tensors, {"tool": f"bitsandbytes {bnb.__version__} (CPU)", "cases": json.dumps(meta),
+                                      "call": "quantize_4bit(x, blocksize, quant_type='fp4', compress_statistics); "
+                                      "dequantize_4bit"})
+
+
 def _autoawq():
     """AutoAWQ's packing code without its package __init__ (which needs datasets and triton)."""
     import site
@@ -136,14 +191,23 @@ def compressed_tensors(w: torch.Tensor) -> None:
                "weights": json.dumps(args.model_dump(mode="json"))})
 
 
+GROUPS = {
+    "bitsandbytes": bitsandbytes,
+    "autoawq": autoawq,
+    "compressed-tensors": compressed_tensors,
+    "bnb-fp4-random": lambda w: bitsandbytes_fp4_random(),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="all-MiniLM-L6-v2's model.safetensors")
-    w = load_file(p.parse_args().model)[LAYER][:ROWS].float().contiguous()
+    p.add_argument("--only", nargs="*", choices=sorted(GROUPS), help="make only these groups (default: all)")
+    args = p.parse_args()
+    w = load_file(args.model)[LAYER][:ROWS].float().contiguous()
     torch.manual_seed(0)
-    bitsandbytes(w)
-    autoawq(w)
-    compressed_tensors(w)
+    for name in args.only or GROUPS:
+        GROUPS[name](w)
 
 
 if __name__ == "__main__":

@@ -421,15 +421,35 @@ def _nan_where_not(finite: jax.Array, d: jax.Array) -> jax.Array:
     return jnp.where(finite[:, 0], d[:, 0], jnp.float32(jnp.nan)).astype(jnp.float16)
 
 
-def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
+# The importance-matrix quantizers of Q4_0/Q4_1 (llama.cpp's quantize_row_q4_*_impl) live in viva_tensor.ggml, with
+# the other GGML impls; ggml registers them here when imported (it imports this module, not the other way round).
+_IMATRIX: dict[str, Any] = {}
+
+
+def _register_imatrix(fmt: str, fn: Any) -> None:
+    """Called by :mod:`viva_tensor.ggml` at import: ``fn(x, imatrix, *, validate)`` for ``fmt``'s ``imatrix=``."""
+    _IMATRIX[fmt] = fn
+
+
+def _with_imatrix(fmt: str, x: Any, imatrix: Any, validate: bool) -> Any:
+    # viva_tensor/__init__ imports ggml, so importing this module through the package has registered it.
+    return _IMATRIX[fmt](x, imatrix, validate=validate)
+
+
+def quantize_q4_0(x: jax.Array, *, imatrix: Any = None, validate: bool = False) -> Q4_0Tensor:
     """GGML Q4_0: blocks of 32 values, a float16 scale and 4-bit codes (4.5 bits per value).
 
     As ``quantize_row_q4_0_ref``: ``v`` is the first value of largest magnitude in the block,
     ``d = v / -8``, ``code = min(15, trunc(x * (1 / d) + 8.5))`` (codes from the float32 ``d``), the
     value ``(code - 8) * float16(d)``. Bytes identical to GGML's, eagerly and under ``jit``.
+    With ``imatrix``, llama.cpp's ``quantize_row_q4_0_impl`` instead (:func:`viva_tensor.ggml.quantize_q4_0_imatrix`,
+    the bytes of ``ggml_quantize_chunk`` with ``quant_weights``).
 
     Args:
-        x: a float32, bfloat16 or float16 array of any shape (blocks over the flattened tensor).
+        x: a float32, bfloat16 or float16 array of any shape (blocks over the flattened tensor; with ``imatrix``,
+            rows of the last dim, a multiple of 32).
+        imatrix: optional importance of each input column (llama.cpp's ``quant_weights``), shape
+            ``(x.shape[-1],)``, float.
         validate: check eagerly that every value is finite (needs concrete input: not under jit).
             Also checks every block's float16 scale.
             Usable range: a block absmax of 0 or in [0.000488, 5.24e+05] (float16's normal
@@ -445,6 +465,7 @@ def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
         InvalidShape: ``x`` is empty.
         NonFiniteError: ``validate=True`` and ``x`` holds NaN or inf.
         InvalidOp: ``validate=True`` on a traced array (under jit or vmap).
+        InvalidShape, DTypeError: with ``imatrix``, a last dim not a multiple of 32, or a bad ``imatrix``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -454,6 +475,8 @@ def quantize_q4_0(x: jax.Array, *, validate: bool = False) -> Q4_0Tensor:
         >>> dequantize(q).tolist()
         [-1.0, 0.5, 0.25, 0.0]
     """
+    if imatrix is not None:
+        return _with_imatrix("q4_0", x, imatrix, validate)
     x32, dtype, shape = _ggml_prepare(x, validate, "q4_0")
     return Q4_0Tensor(*_q4_0_core(x32), shape=shape, dtype=dtype)
 
@@ -473,15 +496,19 @@ def _q4_0_core(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
     return packing.pack_halves(_zero_codes_where_not(finite, codes, 8)), _nan_where_not(finite, d)
 
 
-def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
+def quantize_q4_1(x: jax.Array, *, imatrix: Any = None, validate: bool = False) -> Q4_1Tensor:
     """GGML Q4_1: blocks of 32 values, float16 scale and min, 4-bit codes (5 bits per value).
 
     As ``quantize_row_q4_1_ref``: ``d = (max - min) / 15``,
     ``code = min(15, trunc((x - min) * (1 / d) + 0.5))`` (from the float32 ``d`` and ``min``), the
-    value ``code * float16(d) + float16(min)``.
+    value ``code * float16(d) + float16(min)``. With ``imatrix``, llama.cpp's ``quantize_row_q4_1_impl``
+    (:func:`viva_tensor.ggml.quantize_q4_1_imatrix`, the bytes of ``ggml_quantize_chunk`` with ``quant_weights``).
 
     Args:
-        x: a float32, bfloat16 or float16 array of any shape (blocks over the flattened tensor).
+        x: a float32, bfloat16 or float16 array of any shape (blocks over the flattened tensor; with ``imatrix``,
+            rows of the last dim, a multiple of 32).
+        imatrix: optional importance of each input column (llama.cpp's ``quant_weights``), shape
+            ``(x.shape[-1],)``, float.
         validate: check eagerly that every value is finite (needs concrete input: not under jit).
             Also checks every block's float16 scale.
             Usable range: a block range (max - min) of 0 or in [0.000916, 9.83e+05] (float16's normal
@@ -497,6 +524,7 @@ def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
         InvalidShape: ``x`` is empty.
         NonFiniteError: ``validate=True`` and ``x`` holds NaN or inf.
         InvalidOp: ``validate=True`` on a traced array (under jit or vmap).
+        InvalidShape, DTypeError: with ``imatrix``, a last dim not a multiple of 32, or a bad ``imatrix``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -506,6 +534,8 @@ def quantize_q4_1(x: jax.Array, *, validate: bool = False) -> Q4_1Tensor:
         >>> dequantize(q)[:3].tolist()
         [0.0, 0.0, 2.06640625]
     """
+    if imatrix is not None:
+        return _with_imatrix("q4_1", x, imatrix, validate)
     x32, dtype, shape = _ggml_prepare(x, validate, "q4_1")
     return Q4_1Tensor(*_q4_1_core(x32), shape=shape, dtype=dtype)
 

@@ -1369,3 +1369,5 @@ for _name, _fn in _QUANTIZE.items():
     register_format(_name, record=_RECORDS[_name], quantize=_fn, dequantize=_DEQUANTIZE[_RECORDS[_name]],
                     block_size=BLOCK_VALUES[_name], description=_DESCRIPTIONS[_name],
                     row_multiple=BLOCK_VALUES[_name] if _name.endswith("_k") else 1)
+compression._register_imatrix("q4_0", quantize_q4_0_imatrix)  # compression.quantize_q4_0(x, imatrix=...)
+compression._register_imatrix("q4_1", quantize_q4_1_imatrix)

@@ -15,10 +15,13 @@ not yet quantized, weighted by the inverse Hessian of the layer's squared output
    practice); otherwise a group's scales are computed when the sweep reaches its first column, from the
    weight as updated so far. As in the reference, that is the state at the start of the current block
    of ``block_size`` columns (a group that starts inside a block does not see that block's own updates).
-4. ``act_order=True``: columns in order of decreasing ``H[i, i]``, undone at the end. The records store
-   one scale per group of consecutive columns (no ``g_idx``), so with more than one group per row
-   ``act_order`` needs ``static_groups=True`` (the reference's ``actorder + static_groups``, llm-compressor's
-   ``actorder="weight"``).
+4. ``act_order=True``: columns in order of decreasing ``H[i, i]``, undone at the end. With
+   ``static_groups=True`` the groups are those of consecutive columns (the reference's ``actorder +
+   static_groups``, llm-compressor's ``actorder="weight"``) and the record is the format's own. Without it
+   (GPTQModel's and AutoGPTQ's ``desc_act=True``), a group is ``group_size`` consecutive columns of the sweep's
+   order, so for ``int4_group`` with several groups per row the result is an ``int4_gidx`` record
+   (:mod:`viva_tensor.gidx`: the ``int4_group`` buffers plus ``g_idx``, the group of each input column, as
+   GPTQ checkpoints store it); the fixed-block formats cannot hold such groups and need ``static_groups``.
 5. Damping ``H += damp * mean(diag H) * I``; ``U`` = the upper Cholesky factor of ``H⁻¹``.
 6. For each block of ``block_size`` columns, for each column ``i``: snap ``w = W[:, i]`` onto the
    format's grid (``q``), ``err = (w - q) / U[i, i]``, ``W[:, i:] -= err ⊗ U[i, i:]`` inside the block;
@@ -62,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor import _grids
+from viva_tensor import _grids, gidx
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, InvalidShape, ShapeMismatch
 
 __all__ = ["Hessian", "hessian", "accumulate", "quantize", "formats"]
@@ -260,7 +263,8 @@ def _sweep(w32, h, damp, *, fmt, group, options, act_order, static_groups, block
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
         w32, h = w32[:, perm], h[perm][:, perm]
-        groups_of = jnp.concatenate([perm, jnp.arange(k, padded)]) // group
+        if static_groups:  # else groups of consecutive columns in the sweep's order (their g_idx is kept)
+            groups_of = jnp.concatenate([perm, jnp.arange(k, padded)]) // group
     h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(k, dtype=h.dtype)
     u = _embed(_upper_inverse_factor(h), width)
     w = jnp.pad(w32, ((0, 0), (0, width - k)))
@@ -309,7 +313,10 @@ def _sweep(w32, h, damp, *, fmt, group, options, act_order, static_groups, block
     codes = codes[:, :k]
     if act_order:
         codes = codes[:, jnp.argsort(perm)]
-    return grid.record(codes, stored, tensor, shape, dtype, layout)
+    rec = grid.record(codes, stored, tensor, shape, dtype, layout)
+    if act_order and not static_groups and n_groups > 1:  # int4_group only (quantize checks)
+        rec = gidx.from_group_record(rec, (jnp.argsort(perm) // group).astype(jnp.int32))
+    return rec
 
 
 def quantize(
@@ -336,8 +343,9 @@ def quantize(
             ``nf4``/``nf4_dq``/``int8`` (``block_size``; for int8 default one scale per tensor); the
             fixed-block formats take only ``None`` or their block (32, or 16 for NVFP4). Formats whose
             blocks run over the flattened weight (GGML, NF4, INT8 blocks) need a block dividing ``in``.
-        act_order: quantize columns in order of decreasing ``H[i, i]`` (needs ``static_groups=True``
-            when a row has more than one group).
+        act_order: quantize columns in order of decreasing ``H[i, i]``. Without ``static_groups`` and with
+            several groups per row: ``int4_group`` gives an ``int4_gidx`` record (GPTQ's ``desc_act``, groups of
+            the sweep's order and their ``g_idx``); other formats need ``static_groups=True``.
         damp: relative damping, ``H += damp * mean(diag H) * I``.
         block_size: columns per lazy batch update.
         static_groups: every group's scales from the weight before the sweep.
@@ -345,15 +353,16 @@ def quantize(
             ``nested_block_size`` for ``nf4_dq`` ...).
 
     Returns:
-        The format's record (the class ``quant.quantize(w, fmt)`` returns), shape ``(out, in)``, dtype
-        ``w.dtype``.
+        The format's record (the class ``quant.quantize(w, fmt)`` returns; an ``int4_gidx`` record for
+        ``int4_group`` with act-order groups, see ``act_order``), shape ``(out, in)``, dtype ``w.dtype``.
 
     Raises:
         FormatError: ``fmt`` has no grid, or an option the format does not take.
         DTypeError, InvalidShape, DimensionError: ``w`` not a non-empty 2-D float array.
         ShapeMismatch: ``h`` not ``(in, in)``.
         ConfigError: a ``group_size`` the format cannot use, a non-positive ``block_size``, a negative or
-            non-finite ``damp``, ``act_order`` with several groups per row but dynamic groups.
+            non-finite ``damp``, ``act_order`` with several groups per row and dynamic groups for a format
+            other than ``int4_group``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -377,12 +386,13 @@ def quantize(
     act_order, static_groups = _flag("act_order", act_order), _flag("static_groups", static_groups)
     if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating)) or not 0 <= damp < math.inf:
         raise ConfigError(argument="damp", expected="a finite float >= 0 (0.01 in the reference)", got=damp)
-    if act_order and not static_groups and layout.group < k:
+    if act_order and not static_groups and layout.group < k and grid.name != "int4_group":
         raise ConfigError(
             argument="act_order",
             expected=f"static_groups=True with act_order when a row has several groups ({-(-k // layout.group)})",
             got=act_order,
-            hint="the records store one scale per group of consecutive columns (no g_idx).",
+            hint=f"{grid.name} stores one scale per block of consecutive columns; int4_group with act_order "
+            "gives an int4_gidx record (a g_idx per column).",
         )
     record = _sweep(
         w.astype(jnp.float32),

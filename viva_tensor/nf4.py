@@ -81,6 +81,13 @@ __all__ = [
     "compute_stats",
     "create_dynamic_map",
     "DQ_ABSMAX_TOLERANCE",
+    "FP4_LEVELS",
+    "FP4_CODE_BOOK",
+    "FP4Tensor",
+    "FP4DQTensor",
+    "quantize_fp4",
+    "double_quantize_fp4",
+    "levels_of",
 ]
 
 #: The 16 NF4 levels, the float32 table of ``bitsandbytes.functional.get_4bit_type("nf4")``.
@@ -447,13 +454,13 @@ def _dq_absmax(q: NF4DQTensor) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32) + q.offset[..., None]
 
 
-def dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
-    """Dequantizes an NF4 record: ``level[code] * absmax`` in float32, cast to the original dtype.
+def dequantize(q: Any) -> jax.Array:
+    """Dequantizes an NF4 (or bitsandbytes FP4) record: ``level[code] * absmax`` in float32, cast to the original dtype.
 
     Works on records made under ``vmap`` too (their leaves carry leading batch dims).
 
     Args:
-        q: An :class:`NF4Tensor` or :class:`NF4DQTensor`.
+        q: An :class:`NF4Tensor` or :class:`NF4DQTensor` (or :class:`FP4Tensor` / :class:`FP4DQTensor`).
 
     Returns:
         An array of ``q.shape`` (after any batch dims) and ``q.dtype``.
@@ -467,38 +474,199 @@ def dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
         >>> y.shape, [round(v, 3) for v in y.reshape(-1).tolist()]
         ((2, 2), [2.0, -1.05, 0.0, 0.492])
     """
-    if not isinstance(q, (NF4Tensor, NF4DQTensor)):
+    if not isinstance(q, (NF4Tensor, NF4DQTensor, FP4Tensor, FP4DQTensor)):
         raise FormatError(
             argument="q", expected="an NF4Tensor or NF4DQTensor", got=type(q).__name__,
-            hint="use viva_tensor.quant.dequantize for any format.",
+            hint="(or bitsandbytes' FP4Tensor / FP4DQTensor); use viva_tensor.quant.dequantize for any format.",
         )
     check_record(q)
     return _dequantize(q)
 
 
 @jax.jit
-def _dequantize(q: NF4Tensor | NF4DQTensor) -> jax.Array:
-    absmax = _dq_absmax(q) if isinstance(q, NF4DQTensor) else q.absmax
+def _dequantize(q: Any) -> jax.Array:
+    absmax = _dq_absmax(q) if isinstance(q, (NF4DQTensor, FP4DQTensor)) else q.absmax
     batch = q.codes.shape[:-1]
     n = math.prod(q.shape)
     nb = absmax.shape[-1]
-    levels = jnp.asarray(NF4_LEVELS)[packing.unpack_pairs(q.codes, n, first="high")]
+    levels = jnp.asarray(levels_of(q))[packing.unpack_pairs(q.codes, n, first="high")]
     levels = jnp.pad(levels, [(0, 0)] * len(batch) + [(0, nb * q.block_size - n)])
     values = levels.reshape(*batch, nb, q.block_size) * absmax[..., None]
     return values.reshape(*batch, -1)[..., :n].reshape(*batch, *q.shape).astype(q.dtype)
 
 
-def _planes(q: NF4Tensor | NF4DQTensor) -> Planes | None:
+def _planes(q: Any) -> Planes | None:
     """The decode planes of a 2-D record (high nibbles = even columns), or None when blocks straddle rows."""
     rows, n = q.shape
     if q.block_size % 2 or n % q.block_size:
         return None
-    absmax = _dq_absmax(q) if isinstance(q, NF4DQTensor) else q.absmax
+    absmax = _dq_absmax(q) if isinstance(q, (NF4DQTensor, FP4DQTensor)) else q.absmax
     codes = q.codes.reshape(-1, q.block_size // 2)
     scale = packing.materialized(absmax)[:, None]
-    hi = packing.lookup16(NF4_LEVELS, codes >> 4) * scale  # the first value is the high nibble
-    lo = packing.lookup16(NF4_LEVELS, codes & 0x0F) * scale
+    levels = levels_of(q)
+    hi = packing.lookup16(levels, codes >> 4) * scale  # the first value is the high nibble
+    lo = packing.lookup16(levels, codes & 0x0F) * scale
     return Planes(hi.reshape(rows, -1), lo.reshape(rows, -1), "pairs")
+
+
+# --------------------------------------------------------------------------- bitsandbytes' own FP4
+
+#: bitsandbytes' FP4 code book as its files store it (``weight.quant_map`` = ``get_4bit_type("fp4")``), by code:
+#: sign bit 3, then 2 exponent bits and 1 mantissa bit with bias 2 and a subnormal 0.0625, normalized by 12. Not
+#: OCP E2M1: other values (0.0052 ... 1) and another bit order (code 3 is 1.0). Codes 0 and 8 are both +0.0.
+FP4_CODE_BOOK = (
+    np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32) / np.float32(12)
+).astype(np.float32)
+
+#: The values FP4 codes decode to: the code book itself (code 8 is +0.0, as in bitsandbytes' PyTorch decode and
+#: its vectorized CPU kernel; only that kernel's scalar tail loop decodes it as -0.0).
+FP4_LEVELS = FP4_CODE_BOOK
+
+# bitsandbytes quantizes by bucketing into the sorted code book: _FP4_ORDER[k] is the code of the k-th smallest
+# level (its ``torch.argsort``, ties between the two zeros as bitsandbytes 0.50.2 breaks them), and
+# _FP4_BOUNDS the float32 midpoints between sorted neighbours.
+_FP4_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], np.uint8)
+_FP4_SORTED = FP4_CODE_BOOK[_FP4_ORDER]
+_FP4_BOUNDS = ((_FP4_SORTED[:-1] + _FP4_SORTED[1:]) / np.float32(2)).astype(np.float32)
+
+
+@record("bnb_fp4", core_ndim=1)
+class FP4Tensor(QuantizedArray):
+    """bitsandbytes FP4 codes (two per byte, first value high) and one float32 absmax per block of the flat tensor."""
+
+    codes: jax.Array  # uint8 (..., ceil(n / 2))
+    absmax: jax.Array  # float32 (..., ceil(n / block_size))
+    block_size: int = static(default=64)
+
+
+@record("bnb_fp4_dq", core_ndim=1)
+class FP4DQTensor(QuantizedArray):
+    """bitsandbytes FP4 with double quantization of the absmax (the same nested scheme as :class:`NF4DQTensor`)."""
+
+    codes: jax.Array  # uint8 (..., ceil(n / 2))
+    absmax_codes: jax.Array  # uint8 (..., ceil(n / block_size))
+    nested_absmax: jax.Array  # float32 (..., ceil(n_blocks / nested_block_size))
+    offset: jax.Array  # float32 (...,)
+    block_size: int = static(default=64)
+    nested_block_size: int = static(default=256)
+
+
+def levels_of(q: Any) -> np.ndarray:
+    """The 16-value code book of a bitsandbytes 4-bit record: :data:`FP4_LEVELS` or :data:`NF4_LEVELS`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(levels_of(quantize_fp4(jnp.ones(2)))[3]), float(levels_of(quantize(jnp.ones(2)))[3])
+        (1.0, -0.39491748809814453)
+    """
+    return FP4_LEVELS if isinstance(q, (FP4Tensor, FP4DQTensor)) else NF4_LEVELS
+
+
+def _fp4_codes(scaled: jax.Array) -> jax.Array:
+    """``torch.bucketize`` into the sorted code book (ties take the lower bucket; NaN the last), then the code."""
+    t = jnp.asarray(_FP4_BOUNDS).reshape((1,) * scaled.ndim + (-1,))
+    bucket = jnp.sum(~(scaled[..., None] <= t), axis=-1, dtype=jnp.int32)
+    return jnp.asarray(_FP4_ORDER)[bucket]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fp4_core(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    flat = x.reshape(-1).astype(jnp.float32)
+    n = flat.shape[0]
+    full = n - n % block
+    blocks = _blocks(flat, block)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    absmax = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
+    # bitsandbytes multiplies the whole blocks by 1 / max(absmax, 1e-38) but DIVIDES the last, partial block.
+    tiny = jnp.float32(1e-38)
+    whole = _scaled(blocks[: full // block], jnp.maximum(absmax[: full // block], tiny)).reshape(-1)
+    if full < n:
+        am = jnp.maximum(absmax[-1], tiny)
+        whole = jnp.concatenate([whole, flat[full:] / am])
+    return packing.pack_pairs(_fp4_codes(whole), first="high", pad=0), absmax
+
+
+def quantize_fp4(x: Any, *, block_size: int = 64, validate: bool = False) -> FP4Tensor:
+    """Quantizes ``x`` to bitsandbytes' FP4 (``quantize_4bit(..., quant_type="fp4")``), byte for byte.
+
+    Each block of ``block_size`` values of the flat tensor keeps its float32 absmax; each value the code of the
+    :data:`FP4_LEVELS` entry its scaled value falls to, bucketed as bitsandbytes does (the midpoint between two
+    levels goes to the lower one; values up to 1/384 of the absmax above zero take code 8, below it code 0).
+    NaN and infinities follow bitsandbytes too (a NaN block's absmax is NaN); blocks above 2**120 are scaled
+    down first as in :func:`quantize`.
+
+    Args:
+        x: A float32, bfloat16 or float16 array of any non-empty shape.
+        block_size: Values per block (a positive even integer; bitsandbytes uses 64).
+        validate: Check (eagerly) that every value is finite.
+
+    Returns:
+        An :class:`FP4Tensor` (``codes``: uint8, ``ceil(n / 2)`` bytes, first value in the high nibble;
+        ``absmax``: float32 per block).
+
+    Raises:
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
+        InvalidShape: ``x`` is empty.
+        ConfigError: a block size that is not a positive even integer.
+        InvalidOp: ``validate=True`` under jit or vmap.
+        NonFiniteError: ``validate=True`` and ``x`` holds a NaN or an infinity.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize_fp4(jnp.array([1.0, -0.5, 0.25, 0.0]))
+        >>> [hex(b) for b in q.codes.tolist()], dequantize(q).tolist()
+        (['0x3d', '0x70'], [1.0, -0.5, 0.25, 0.0])
+    """
+    block = _check_block("block_size", block_size, even=True)
+    x = float_input(x)
+    if validate:
+        validate_finite(x)
+    codes, absmax = _fp4_core(x, block)
+    return FP4Tensor(codes=codes, absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, block_size=block)
+
+
+def double_quantize_fp4(
+    x: Any, *, block_size: int = 64, nested_block_size: int = 256, validate: bool = False
+) -> FP4DQTensor:
+    """bitsandbytes FP4 with double quantization (``quantize_4bit(..., "fp4", compress_statistics=True)``).
+
+    The FP4 codes of :func:`quantize_fp4`; the absmax values stored as in :func:`double_quantize` (mean
+    subtracted, 8-bit dynamic-map codes per nested block, the rule of bitsandbytes' CUDA ``dQuantize``).
+
+    Args:
+        x: A float32, bfloat16 or float16 array of any non-empty shape.
+        block_size: Values per FP4 block (a positive even integer).
+        nested_block_size: absmax values per nested block (a positive integer; bitsandbytes uses 256).
+        validate: As :func:`double_quantize`'s.
+
+    Returns:
+        An :class:`FP4DQTensor`.
+
+    Raises:
+        DTypeError: ``x`` is not a float32, bfloat16 or float16 array.
+        InvalidShape: ``x`` is empty.
+        ConfigError: a block size out of range.
+        InvalidOp: ``validate=True`` under jit or vmap.
+        NonFiniteError: ``validate=True`` and a value or a block's decoded absmax is bad (see :func:`double_quantize`).
+
+    Example:
+        >>> import jax
+        >>> q = double_quantize_fp4(jax.random.normal(jax.random.key(0), (256, 256)))
+        >>> q.absmax_codes.shape, q.nested_absmax.shape, round(q.bits_per_value, 3)
+        ((1024,), (4,), 4.127)
+    """
+    block = _check_block("block_size", block_size, even=True)
+    nested = _check_block("nested_block_size", nested_block_size, even=False)
+    x = float_input(x)
+    if validate:
+        validate_finite(x)
+    codes, absmax = _fp4_core(x, block)
+    absmax_codes, nested_absmax, offset = _double_core(absmax, nested)
+    q = FP4DQTensor(codes=codes, absmax_codes=absmax_codes, nested_absmax=nested_absmax, offset=offset,
+                    shape=tuple(x.shape), dtype=x.dtype, block_size=block, nested_block_size=nested)
+    if validate:
+        _validate_double(absmax, _dq_absmax(q), block)
+    return q
 
 
 def compute_stats(original: Any, q: NF4Tensor | NF4DQTensor) -> NF4Stats:
@@ -556,5 +724,23 @@ register_format(
     dequantize=dequantize,
     block_size=64,
     description="NF4 with double quantization: absmax as 8-bit dynamic-map codes per 256 blocks",
+    planes=_planes,
+)
+register_format(
+    "bnb_fp4",
+    record=FP4Tensor,
+    quantize=quantize_fp4,
+    dequantize=dequantize,
+    block_size=64,
+    description="bitsandbytes FP4 (its own 16-value code book, not OCP E2M1): float32 absmax per 64 values",
+    planes=_planes,
+)
+register_format(
+    "bnb_fp4_dq",
+    record=FP4DQTensor,
+    quantize=double_quantize_fp4,
+    dequantize=dequantize,
+    block_size=64,
+    description="bitsandbytes FP4 with double quantization: absmax as 8-bit dynamic-map codes per 256 blocks",
     planes=_planes,
 )

@@ -11,6 +11,7 @@ record         layout       lut                                  scales (float32
 NF4Tensor      high_first   NF4 levels                           absmax                               --
 NF4DQTensor    high_first   NF4 levels                           dynamic_map[absmax_codes] * nested    --
                                                                  (rounded) + offset
+FP4Tensor      high_first   bitsandbytes FP4 code book           absmax (FP4DQTensor: as NF4DQTensor)  --
 NVFP4Tensor    low_first    E2M1 values                          float(e4m3 scale) * tensor_scale     --
 MXFP4Tensor    low_first    E2M1 values                          2**(byte - 127), NaN for 0xFF        --
 Q4_0Tensor     ggml         code - 8                             d                                    --
@@ -95,6 +96,15 @@ def kernel_args(record: Any) -> dict | None:
         rows, packed = rp
         absmax = nf4._dq_absmax(record) if isinstance(record, nf4.NF4DQTensor) else _f32(record.absmax)
         return out | dict(codes=record.codes.reshape(rows, packed // 2), lut=jnp.asarray(nf4.NF4_LEVELS),
+                          scales=absmax.reshape(rows, packed // record.block_size), layout="high_first",
+                          block_size=record.block_size)
+    if isinstance(record, (nf4.FP4Tensor, nf4.FP4DQTensor)):  # bitsandbytes FP4: NF4's layout, its own code book
+        rp = _rows(record, record.block_size)
+        if rp is None or record.codes.ndim != 1:
+            return None
+        rows, packed = rp
+        absmax = nf4._dq_absmax(record) if isinstance(record, nf4.FP4DQTensor) else _f32(record.absmax)
+        return out | dict(codes=record.codes.reshape(rows, packed // 2), lut=jnp.asarray(nf4.FP4_LEVELS),
                           scales=absmax.reshape(rows, packed // record.block_size), layout="high_first",
                           block_size=record.block_size)
     if isinstance(record, (blackwell.NVFP4Tensor, blackwell.MXFP4Tensor)):

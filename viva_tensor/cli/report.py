@@ -423,7 +423,8 @@ def run_report(
         One dict per format, after a first row for the original weights (format ``"original"``), with
         keys ``format``, ``tensors``, ``values``, ``bytes``, ``bits_per_value``, ``ratio``, ``sqnr_db``,
         ``cosine``, ``seconds``, ``embedding_cosine_mean`` and ``embedding_cosine_min`` (``None`` when
-        the fidelity was not measured). The first row also has ``embedding_note``: why the fidelity was
+        the fidelity was not measured), and ``note`` where a format (a K-quant) covers only some tensors.
+        The first row also has ``embedding_note``: why the fidelity was
         skipped, or ``None``.
 
     Raises:
@@ -469,6 +470,8 @@ def run_report(
             rows.append(
                 _row(spec.name, count, nbytes, orig, sums, len(selected[spec.name]), time.perf_counter() - start)
             )
+            if spec.row_multiple > 1 and len(selected[spec.name]) < len(union):
+                rows[-1]["note"] = _partial_note(spec, len(selected[spec.name]), len(union))
         cosines: dict[str, dict[str, float]] = {}
         if folder is not None:
 
@@ -539,6 +542,13 @@ def _human(n: float) -> str:
     return str(n)  # pragma: no cover
 
 
+def _partial_note(spec: Any, n: int, total: int) -> str:
+    """Says plainly that a format (a K-quant) covers only the tensors whose rows are whole super-blocks."""
+    return (f"* {spec.name}: quantizes only {n} of {total} tensors, those whose rows are whole super-blocks of "
+            f"{spec.row_multiple} values; the others stay float (llama.cpp falls back to another type there), so "
+            f"its bytes, SQNR, cosine and embedding cosine cover those {n} tensors only.")
+
+
 def print_report(rows: list[dict], *, title: str | None = None, console: Any = None) -> None:
     """Print the rows of :func:`run_report` as one rich table.
 
@@ -577,7 +587,8 @@ def print_report(rows: list[dict], *, title: str | None = None, console: Any = N
         table.add_column(col, justify="left" if col == "format" else "right")
     for r in rows:
         sqnr = "inf" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.2f}"
-        cells = [r["format"], _human(r["bytes"]), f"{r['bits_per_value']:.3f}", f"{r['ratio']:.2f}x", sqnr]
+        cells = [r["format"] + ("*" if r.get("note") else ""), _human(r["bytes"]), f"{r['bits_per_value']:.3f}",
+                 f"{r['ratio']:.2f}x", sqnr]
         cells.append(f"{r['cosine']:.6f}")
         if embeddings:
             for key in ("embedding_cosine_mean", "embedding_cosine_min"):
@@ -598,5 +609,8 @@ def print_report(rows: list[dict], *, title: str | None = None, console: Any = N
             " format per layer within that many bits/value); values = the 36 Linear kernels; emb top-1: share of"
             " sentences whose nearest neighbour is unchanged."
         )
+    for r in rows:
+        if r.get("note"):
+            console.print(r["note"])
     if first.get("embedding_note"):
         console.print(first["embedding_note"])

@@ -140,8 +140,8 @@ def _hf_kind(kind: str) -> tuple[Callable, Callable]:
 
 
 register_kind("viva", _viva_load, _viva_save, stores=None, default="nf4")
-register_kind("bnb", *_hf_kind("bnb"), stores=("nf4", "nf4_dq"), default="nf4_dq")
-register_kind("gptq", *_hf_kind("gptq"), stores=("int4_group",), default="int4_group")
+register_kind("bnb", *_hf_kind("bnb"), stores=("nf4", "nf4_dq", "bnb_fp4", "bnb_fp4_dq"), default="nf4_dq")
+register_kind("gptq", *_hf_kind("gptq"), stores=("int4_group", "int4_gidx"), default="int4_group")
 register_kind("awq", *_hf_kind("awq"), stores=("int4_group",), default="int4_group")
 register_kind("compressed-tensors", *_hf_kind("compressed-tensors"), stores=("int4_group", "nvfp4"),
               default="int4_group")

@@ -151,8 +151,8 @@ def save(path: str | os.PathLike, tensors: Mapping[str, Any], *, kind: str, conf
     Args:
         path: the folder (created).
         tensors: name → record or array; quantized layers named ``"<layer>.weight"``.
-        kind: ``"bnb"`` (nf4/nf4_dq records), ``"gptq"`` or ``"awq"`` (int4_group), ``"compressed-tensors"``
-            (int4_group or nvfp4).
+        kind: ``"bnb"`` (nf4/nf4_dq/bnb_fp4/bnb_fp4_dq records), ``"gptq"`` or ``"awq"`` (int4_group),
+            ``"compressed-tensors"`` (int4_group or nvfp4).
         config: the model's ``config.json`` to extend (its ``quantization_config`` is replaced).
         checkpoint_format: GPTQ's ``"gptq"`` (v1) or ``"gptq_v2"``.
 

@@ -15,8 +15,9 @@ A GPTQ Linear layer ``(out, in)`` is stored as:
 and dequantizes to ``scales[g] * (q - zero[g])``: exactly :mod:`viva_tensor.awq`'s ``int4_group`` record
 (``(code - zero) * scale``, groups along ``in``), so reading and writing are bit for bit. v1 zeros are read
 back with the whole-word ``+ 0x11111111`` (GPTQModel's rule, exact for every file it writes). An act-order
-file (``desc_act``) whose ``g_idx`` is not ``i // group_size`` puts the columns of a group out of order, which
-an ``int4_group`` record cannot hold: it is refused with a clear error.
+file (``desc_act=True``) whose ``g_idx`` is not ``i // group_size`` gives each input column its own group: it
+is read into an ``int4_gidx`` record (:class:`viva_tensor.gidx.GIdxInt4Tensor`, the same buffers plus that
+``g_idx``), which is written back byte for byte (``desc_act: true`` in :func:`quantization_config`).
 
 Example:
     >>> import jax
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from viva_tensor import awq
+from viva_tensor import awq, gidx
 from viva_tensor.errors import CheckpointError
 from viva_tensor.interop import _int4
 
@@ -63,8 +64,8 @@ def _check_format(checkpoint_format: str) -> None:
 
 
 def read_layer(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *, checkpoint_format: str = "gptq",
-               dtype: Any = "float16") -> awq.GroupInt4Tensor:
-    """One GPTQ layer's tensors → an ``int4_group`` record of the ``(out, in)`` weight.
+               dtype: Any = "float16") -> awq.GroupInt4Tensor | gidx.GIdxInt4Tensor:
+    """One GPTQ layer's tensors → an ``int4_group`` record of the ``(out, in)`` weight (``int4_gidx`` for act-order).
 
     Args:
         qweight, qzeros, scales, g_idx: the layer's tensors (``g_idx`` optional: then ``i // group_size``).
@@ -72,8 +73,8 @@ def read_layer(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *, che
         dtype: the dtype the record dequantizes to (the model's dtype).
 
     Raises:
-        CheckpointError: tensors of the wrong dtype or shape, a group size that does not tile the input,
-            an act-order ``g_idx``.
+        CheckpointError: tensors of the wrong dtype or shape, a group size that does not tile the input, a
+            ``g_idx`` that is not a permutation of ``i // group_size`` (groups of ``group_size`` inputs).
     """
     _check_format(checkpoint_format)
     qweight = _arr("qweight", qweight, np.int32, 2)
@@ -87,27 +88,35 @@ def read_layer(qweight: Any, qzeros: Any, scales: Any, g_idx: Any = None, *, che
     group = -(-k // groups)
     if -(-k // group) != groups:
         raise CheckpointError(argument="scales", expected=f"a group count that tiles {k} inputs", got=str(groups))
+    act_order = None
     if g_idx is not None:
         g_idx = _arr("g_idx", g_idx, np.int32, 1)
+        if g_idx.shape != (k,) or not np.array_equal(np.sort(g_idx), np.arange(k) // group):
+            raise CheckpointError(argument="g_idx", expected=f"{k} group indices, a permutation of i // {group}",
+                                  got=f"{list(g_idx.shape)} values {g_idx[:8].tolist()}...")
         if not np.array_equal(g_idx, np.arange(k) // group):
-            raise CheckpointError(argument="g_idx", expected=f"i // {group} (groups of consecutive inputs)",
-                                  got="a permuted act-order g_idx",
-                                  hint="act-order (desc_act) GPTQ checkpoints cannot be held by an int4_group record.")
+            act_order = g_idx
     words = qzeros.view(np.uint32)
     if checkpoint_format == "gptq":
         words = words + _ONES  # uint32 arithmetic wraps, as GPTQModel's int32 addition
     zeros = _int4.unpack(words, 1)[:, :out]
     codes = _int4.unpack(qweight, 0)  # (in, out)
-    return _int4.group_record(codes.T, scales.T.copy(), zeros.T, group_size=group, dtype=dtype)
+    q = _int4.group_record(codes.T, scales.T.copy(), zeros.T, group_size=group, dtype=dtype)
+    return q if act_order is None else gidx.from_group_record(q, act_order)
 
 
-def write_layer(q: awq.GroupInt4Tensor, *, checkpoint_format: str = "gptq") -> dict[str, np.ndarray]:
-    """An ``int4_group`` record of an ``(out, in)`` weight → the layer's GPTQ tensors (NumPy).
+def write_layer(q: awq.GroupInt4Tensor | gidx.GIdxInt4Tensor, *, checkpoint_format: str = "gptq"
+                ) -> dict[str, np.ndarray]:
+    """An ``int4_group`` (or act-order ``int4_gidx``) record of an ``(out, in)`` weight → the layer's GPTQ tensors.
 
     Raises:
         CheckpointError: another kind of record, or ``in`` / ``out`` not multiples of 8.
     """
     _check_format(checkpoint_format)
+    g_idx = None
+    if isinstance(q, gidx.GIdxInt4Tensor):
+        g_idx = np.asarray(q.g_idx, np.int32)
+        q = awq.GroupInt4Tensor(q.codes, q.scales, q.zeros, shape=q.shape, dtype=q.dtype, group_size=q.group_size)
     codes, scales, zeros = _int4.group_codes(q)
     out, k = codes.shape
     if out % 8 or k % 8:
@@ -118,12 +127,13 @@ def write_layer(q: awq.GroupInt4Tensor, *, checkpoint_format: str = "gptq") -> d
     if checkpoint_format == "gptq":
         qzeros = qzeros - _ONES
     return {"qweight": _int4.pack(codes.T, 0), "qzeros": qzeros.view(np.int32), "scales": scales.T.copy(),
-            "g_idx": (np.arange(k) // group).astype(np.int32)}
+            "g_idx": (np.arange(k) // group).astype(np.int32) if g_idx is None else g_idx}
 
 
 def read_state_dict(tensors: Mapping[str, Any], *, checkpoint_format: str = "gptq", dtype: Any = "float16"
                     ) -> dict[str, Any]:
-    """Every GPTQ layer of a state dict (``"<layer>.qweight"`` ...) → ``"<layer>.weight"``: an ``int4_group`` record.
+    """Every GPTQ layer of a state dict (``"<layer>.qweight"`` ...) → ``"<layer>.weight"``: an ``int4_group`` record
+    (``int4_gidx`` where ``g_idx`` is an act-order permutation).
 
     The other tensors are returned as they are (NumPy arrays), in order.
     """
@@ -144,13 +154,13 @@ def write_state_dict(tensors: Mapping[str, Any], *, checkpoint_format: str = "gp
     """The inverse of :func:`read_state_dict`: ``"<layer>.weight"`` records become the layer's GPTQ tensors."""
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
-        if isinstance(value, awq.GroupInt4Tensor):
+        if isinstance(value, (awq.GroupInt4Tensor, gidx.GIdxInt4Tensor)):
             if not key.endswith("weight"):
                 raise CheckpointError(argument=key, expected="a record named '<layer>.weight'", got=repr(key))
             for n, a in write_layer(value, checkpoint_format=checkpoint_format).items():
                 out[key[: -len("weight")] + n] = a
         elif hasattr(value, "format"):
-            raise CheckpointError(argument=key, expected="an int4_group record or an array",
+            raise CheckpointError(argument=key, expected="an int4_group or int4_gidx record or an array",
                                   got=f"a {value.format} record")
         else:
             out[key] = np.asarray(value)
@@ -159,8 +169,10 @@ def write_state_dict(tensors: Mapping[str, Any], *, checkpoint_format: str = "gp
 
 def quantization_config(tensors: Mapping[str, Any], *, checkpoint_format: str = "gptq") -> dict:
     """The ``"quantization_config"`` of ``config.json`` for these records (transformers' ``GPTQConfig``)."""
-    groups = {min(v.group_size, v.shape[-1]) for v in tensors.values() if isinstance(v, awq.GroupInt4Tensor)}
+    records = [v for v in tensors.values() if isinstance(v, (awq.GroupInt4Tensor, gidx.GIdxInt4Tensor))]
+    groups = {min(v.group_size, v.shape[-1]) for v in records}
     if len(groups) > 1:
         raise CheckpointError(argument="tensors", expected="one group size for every layer", got=str(sorted(groups)))
-    return {"quant_method": "gptq", "bits": 4, "group_size": groups.pop() if groups else 128, "desc_act": False,
+    desc_act = any(isinstance(v, gidx.GIdxInt4Tensor) for v in records)
+    return {"quant_method": "gptq", "bits": 4, "group_size": groups.pop() if groups else 128, "desc_act": desc_act,
             "sym": False, "checkpoint_format": checkpoint_format, "format": checkpoint_format}
