@@ -56,6 +56,7 @@ def exact_attention(
     Raises:
         DimensionError: an input that is not 4-D.
         ShapeMismatch: key, value and query that do not agree.
+        DTypeError: an input that is not an array, or float64 (never narrowed silently).
 
     Example:
         >>> import jax.numpy as jnp
@@ -64,6 +65,7 @@ def exact_attention(
         >>> exact_attention(q, k, v, mask=mask)[0, :, 0].tolist()
         [[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]]
     """
+    query, key, value = (flash_attention._as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise DimensionError(argument=name, expected="a 4-D array (B, T, N, H)", got=x.shape)
