@@ -29,9 +29,9 @@ from viva_tensor.nn import attention_function, exact_attention
 
 # No shrinking: each example compiles its own shapes, and a failure is printed as drawn (already small).
 _EXAMPLES = os.environ.get("VIVA_FUZZ_EXAMPLES")
-FUZZ = settings(max_examples=int(_EXAMPLES or 25), deadline=None, derandomize=True,
+FUZZ = settings(max_examples=int(_EXAMPLES or 20), deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck), phases=(Phase.explicit, Phase.reuse, Phase.generate))
-HEAVY = settings(FUZZ, max_examples=int(_EXAMPLES or 10))  # each example compiles its own shapes
+HEAVY = settings(FUZZ, max_examples=int(_EXAMPLES or 6))  # each example compiles its own shapes
 DTYPES = ("float32", "bfloat16", "float16")
 TOL = {"float32": 5e-5, "bfloat16": 2e-2, "float16": 4e-3}
 
@@ -287,6 +287,7 @@ def test_ring_bad_arguments_give_viva_errors(kind, choice):
 @given(st.sampled_from(["rank", "dtype", "heads", "headdim", "mask", "bias", "scale", "notarray"]),
        st.integers(0, 1000))
 @example("notarray", 3)  # finding: a non-array raised AttributeError
+@example("bias", 776)  # finding: a 5-D bias raised JAX's raw broadcasting ValueError
 def test_exact_attention_bad_arguments_give_viva_errors(kind, choice):
     args, kw = _bad_call(kind, choice, kv_heads=2)
     kw = {k: v for k, v in kw.items() if k in ("mask", "bias", "scale")}
