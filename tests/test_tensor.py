@@ -184,7 +184,8 @@ def test_map_and_map_indexed(shape, rng, dtype, maybe_jit):
     check(maybe_jit(lambda t: T.map(t, jnp.exp))(x), np.exp(ref), dtype)
     check(maybe_jit(lambda t: T.map(t, lambda v: v * v + 1.0))(x), ref * ref + 1.0, dtype)
     idx = np.arange(ref.size, dtype=np.float64).reshape(shape)
-    out = maybe_jit(lambda t: T.map_indexed(t, lambda v, i: v + 0.5 * i))(x)
+    # the index is int32: cast both sides to float32 (what standard promotion did) for strict promotion
+    out = maybe_jit(lambda t: T.map_indexed(t, lambda v, i: v.astype(jnp.float32) + 0.5 * i.astype(jnp.float32)))(x)
     check(out.astype(dtype), ref + 0.5 * idx, dtype)
 
 

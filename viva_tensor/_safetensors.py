@@ -262,7 +262,7 @@ def _entry(path: str, name: str, t: Any, data_start: int) -> TensorInfo:
     if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{bad} needs exactly 'dtype', 'shape' and 'data_offsets'")
     code, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
-    if code not in _CODES:
+    if not isinstance(code, str) or code not in _CODES:
         raise CheckpointError(f"{bad} has dtype {code!r}, not one of {', '.join(_CODES)}")
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise CheckpointError(f"{bad} has shape {shape!r}, not a list of non-negative ints")

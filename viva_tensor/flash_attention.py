@@ -164,7 +164,7 @@ class _Saved(NamedTuple):
     m: jax.Array
     rl: jax.Array
     delta: jax.Array
-    dv_hidden: jax.Array
+    dv_hidden: tuple[jax.Array, jax.Array]
 
 
 def _padded(st: _Static) -> tuple[int, int]:
@@ -317,11 +317,20 @@ def _empty_stats(batch: int, heads_kv: int, groups: int, rows: int, head_dim: in
     return jnp.full(shape, -jnp.inf, _F32), jnp.zeros(shape, _F32), jnp.zeros((*shape, head_dim), _F32)
 
 
+def _before_after(sums):
+    """(before, after) of per-block sums (B, n, ...): ``before[:, i]`` sums the blocks ``< i``, ``after[:, i]``
+    the blocks ``>= i``; both (B, n + 1, ...). Two running sums, not one and a difference: an inf in one block
+    would make ``total - prefix`` NaN for the blocks that do not hold it."""
+    zero = jnp.zeros_like(sums[:, :1])
+    before = jnp.concatenate([zero, jnp.cumsum(sums, axis=1)], axis=1)
+    after = jnp.concatenate([jnp.flip(jnp.cumsum(jnp.flip(sums, axis=1), axis=1), axis=1), zero], axis=1)
+    return before, after
+
+
 def _value_prefix(st: _Static, v):
-    """Sums of V over the first 0, 1, .., nkv key blocks: (B, nkv + 1, K, H) float32 (padding keys are 0)."""
+    """:func:`_before_after` of the sums of V per key block: two (B, nkv + 1, K, H) float32 (padding keys are 0)."""
     B, Sp, K, H = v.shape
-    sums = v.reshape(B, Sp // st.block_kv, st.block_kv, K, H).astype(_F32).sum(axis=2)
-    return jnp.concatenate([jnp.zeros((B, 1, K, H), _F32), jnp.cumsum(sums, axis=1)], axis=1)
+    return _before_after(v.reshape(B, Sp // st.block_kv, st.block_kv, K, H).astype(_F32).sum(axis=2))
 
 
 def _merge_hidden(m, den, acc, count, value_sum):
@@ -364,12 +373,13 @@ def _block_forward(st: _Static, ops: _Operands, i0, stats, *, value_prefix, offs
     lo, hi = _kv_range(st, i0, nkv, offset)
     m, den, acc = lax.fori_loop(lo, hi, kv_block, stats)
     count = jnp.minimum(lo * bkv, st.seq_kv) + jnp.maximum(st.seq_kv - hi * bkv, 0)  # real keys skipped
-    skipped = value_prefix[:, lo] + value_prefix[:, nkv] - value_prefix[:, hi]
+    before, after = value_prefix
+    skipped = before[:, lo] + after[:, hi]
     return _merge_hidden(m, den, acc, count, skipped)
 
 
 def _hidden_dv_prefix(st: _Static, m, rl, do):
-    """Sums over the first 0, 1, .., nq query blocks of ``p_hidden * dO`` (G summed): (B, nq + 1, K, H) float32,
+    """:func:`_before_after` of the sums per query block of ``p_hidden * dO`` (G summed): (B, nq + 1, K, H) float32,
     where ``p_hidden = exp(hidden - m) / sum`` is the weight of a hidden key in a row (0 unless the row
     sees nothing). What a key block adds to dV from the query blocks that skip it."""
     B, K, G, Tp = m.shape
@@ -377,7 +387,7 @@ def _hidden_dv_prefix(st: _Static, m, rl, do):
     w = (jnp.exp(_HIDDEN - m) * rl).transpose(0, 3, 1, 2).reshape(B, nq, st.block_q, K, G, 1)
     dog = do.reshape(B, nq, st.block_q, K, G, do.shape[-1])
     sums = (dog.astype(_F32) * w).sum(axis=(2, 4))  # a fused multiply-reduce: no transposed copy of dO
-    return jnp.concatenate([jnp.zeros((B, 1, K, do.shape[-1]), _F32), jnp.cumsum(sums, axis=1)], axis=1)
+    return _before_after(sums)
 
 
 def _reduce_to(x, shape):
@@ -423,8 +433,8 @@ def _block_backward(st: _Static, ops: _Operands, saved: _Saved, j0, carry, *, of
 
     lo, hi = _q_range(st, j0, nq, offset)
     dq, dk_j, dv_j, dbias = lax.fori_loop(lo, hi, q_block, carry)
-    prefix = saved.dv_hidden
-    skipped = prefix[:, lo] + prefix[:, nq] - prefix[:, hi]  # rows of the skipped query blocks
+    before, after = saved.dv_hidden
+    skipped = before[:, lo] + after[:, hi]  # rows of the skipped query blocks
     return dq, dk_j, dv_j + skipped[:, None], dbias
 
 

@@ -48,7 +48,7 @@ from viva_tensor.errors import (
     InvalidShape,
     SizeMismatch,
 )
-from viva_tensor.tensor import _acc, _array, _dtype, _fits, _key, _sum_out, _times
+from viva_tensor.tensor import _acc, _array, _dtype, _fits, _key, _promoted, _sum_out, _times
 
 __all__ = [
     "NamedTensor",
@@ -688,7 +688,14 @@ def align_to(t: NamedTensor, names: Sequence[_axis.AxisName]) -> jax.Array:
     return jnp.reshape(x, out_shape)
 
 
+def _promoting(op: Callable) -> Callable:
+    """``op`` on its operands cast to their standard promoted dtype (the same bits; works under strict)."""
+    return lambda x, y: op(*_promoted(x, y))
+
+
 def _binary(a: NamedTensor, b: Any, op: Callable, name: str) -> NamedTensor:
+    if op is not _times:  # _times promotes itself (and keeps False * nan NaN)
+        op = _promoting(op)
     _check(a, "a")
     if name == "sub" and a.data.dtype == jnp.bool_ and jnp.result_type(b.data if isinstance(b, NamedTensor) else b) \
             == jnp.bool_:

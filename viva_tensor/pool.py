@@ -32,12 +32,24 @@ from viva_tensor.sharding import place
 __all__ = ["stack", "parallel_map", "parallel_sum", "cosine_similarity", "similarity_search", "top_k_similar"]
 
 
+def _as_array(name: str, x: Any) -> jax.Array:
+    """``jnp.asarray(x)``, or a DTypeError naming the argument for what is not an array (None, a str ...)."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise DTypeError(argument=name, expected="an array (or nested lists of numbers)", got=type(x).__name__)
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DTypeError(argument=name, expected="an array (or nested lists of numbers)",
+                         got=f"{type(x).__name__} ({e})") from None
+
+
 def stack(tensors: Any) -> jax.Array:
     """Stack a sequence of same-shaped arrays along a new leading axis (an array is returned as is).
 
     Raises:
         InvalidShape: for an empty sequence.
         ShapeMismatch: when the shapes differ.
+        DTypeError: when the dtypes differ, or an element is not an array (None, a string ...).
 
     Example:
         >>> stack([jnp.zeros(2), jnp.ones(2)]).shape
@@ -46,21 +58,30 @@ def stack(tensors: Any) -> jax.Array:
     if isinstance(tensors, (list, tuple)):
         if not tensors:
             raise InvalidShape(argument="tensors", expected="at least one tensor", got="an empty sequence")
-        first = jnp.shape(tensors[0])
-        for i, t in enumerate(tensors):
-            if jnp.shape(t) != first:
+        arrays = [_as_array(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
+        first = arrays[0].shape
+        for i, t in enumerate(arrays):
+            if t.shape != first:
                 raise ShapeMismatch(argument=f"tensors[{i}]", expected=f"shape {first} (the shape of tensors[0])",
-                                    got=jnp.shape(t))
-        return jnp.stack([jnp.asarray(t) for t in tensors])
-    x = jnp.asarray(tensors)
+                                    got=t.shape)
+        dtypes = {t.dtype for t in arrays}
+        if len(dtypes) > 1:
+            raise DTypeError(argument="tensors", expected="arrays of one dtype", got=sorted(map(str, dtypes)),
+                             hint="cast them to one dtype first.")
+        return jnp.stack(arrays)
+    x = _as_array("tensors", tensors)
     if x.ndim == 0:
         raise DimensionError(argument="tensors", expected="a stack with a leading axis", got="a scalar")
     return x
 
 
 def _mesh_axes(mesh: Any, axis: Any) -> tuple[str, ...]:
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ShardingError(argument="mesh", expected="a jax.sharding.Mesh (or None)", got=type(mesh).__name__)
     if axis is None:
         return tuple(mesh.axis_names)
+    if not (isinstance(axis, str) or (isinstance(axis, (tuple, list)) and all(isinstance(a, str) for a in axis))):
+        raise ShardingError(argument="axis", expected="a mesh axis name or a tuple of them", got=repr(axis))
     axes = (axis,) if isinstance(axis, str) else tuple(axis)
     for a in axes:
         if a not in mesh.axis_names:
@@ -155,7 +176,7 @@ def parallel_sum(tensors: Any, *, mesh: Any = None, axis: Any = None) -> jax.Arr
 
 
 def _check_qd(query: Any, documents: Any) -> tuple[jax.Array, jax.Array]:
-    q, d = jnp.asarray(query), jnp.asarray(documents)
+    q, d = _as_array("query", query), _as_array("documents", documents)
     if q.ndim != 1:
         raise DimensionError(argument="query", expected="a vector (1-D)", got=f"shape {q.shape}",
                              hint="vmap over a batch of queries.")

@@ -289,7 +289,10 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
             mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             raise ShardingError(argument="mesh", expected="a mesh (the mesh= argument or jax.set_mesh)", got="none")
-    if axis not in mesh.axis_names:
+    if not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+        raise ShardingError(argument="mesh", expected="a jax.sharding.Mesh (or None: the one of jax.set_mesh)",
+                            got=type(mesh).__name__)
+    if not isinstance(axis, str) or axis not in mesh.axis_names:
         raise ShardingError(argument="axis", expected=f"a mesh axis among {tuple(mesh.axis_names)}", got=repr(axis))
     n = mesh.shape[axis]
     T = query.shape[1]

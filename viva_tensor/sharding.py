@@ -80,7 +80,7 @@ def validate_rules(rules: Rules) -> tuple[tuple[str, tuple[str, ...]], ...]:
         >>> validate_rules([("batch", "data"), ("embed", ("x", "y")), ("seq", None)])
         (('batch', ('data',)), ('embed', ('x', 'y')), ('seq', ()))
     """
-    if isinstance(rules, (str, bytes)) or isinstance(rules, Mapping):
+    if isinstance(rules, (str, bytes, Mapping)) or not hasattr(rules, "__iter__"):
         raise ShardingError(argument="rules", expected="a sequence of (axis name, mesh axes) pairs",
                             got=type(rules).__name__, hint="write rules as [('batch', 'data'), ...].")
     out = []
@@ -339,7 +339,35 @@ def _explicit(mesh: Any) -> bool:
     return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
 
 
+def _check_spec(x: Any, s: P, mesh: Any) -> None:
+    """A spec that names mesh axes at most once and divides ``x``'s dims: else ShardingError (not JAX's)."""
+    sizes = dict(mesh.shape)
+    shape = tuple(getattr(x, "shape", ()))
+    if len(s) > len(shape):
+        raise ShardingError(argument="spec", expected=f"at most {len(shape)} entries (the rank of the array)",
+                            got=f"{s} for shape {shape}")
+    seen: list = []
+    for i, e in enumerate(s):
+        if e is P.UNCONSTRAINED:
+            continue
+        axes = () if e is None else (e,) if isinstance(e, str) else e
+        if not isinstance(axes, tuple) or not all(isinstance(a, str) for a in axes):
+            raise ShardingError(argument="spec", expected="entries that are None, a mesh axis or a tuple of them",
+                                got=repr(e))
+        for a in axes:
+            if a not in sizes:
+                raise ShardingError(argument="spec", expected=f"mesh axes among {tuple(sizes)}", got=repr(a))
+            if a in seen:
+                raise ShardingError(argument="spec", expected="each mesh axis at most once", got=str(s))
+            seen.append(a)
+        m = math.prod(sizes[a] for a in axes)
+        if shape[i] % m:
+            raise ShardingError(argument="spec", expected=f"dim {i} of a size divisible by {m} (mesh axes {axes})",
+                                got=f"shape {shape}", hint="pad the array, or shard another dim.")
+
+
 def _place(x: Any, s: P, mesh: Any, mesh_given: bool) -> Any:
+    _check_spec(x, s, mesh)
     if isinstance(x, jax.core.Tracer):
         target = NamedSharding(mesh, s) if mesh_given else s
         if _explicit(mesh):
@@ -364,7 +392,8 @@ def place(x: Any, spec: P, mesh: Any = None) -> Any:
         ``x`` placed (outside ``jit``) or constrained (inside) to ``NamedSharding(mesh, spec)``.
 
     Raises:
-        ShardingError: when no mesh is given or set, or ``spec`` is not a ``PartitionSpec``.
+        ShardingError: when no mesh is given or set, ``spec`` is not a ``PartitionSpec``, names an axis the mesh
+            lacks (or one twice), has more entries than ``x`` has dims, or does not divide them.
 
     Example:
         >>> import jax.numpy as jnp

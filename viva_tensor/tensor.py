@@ -359,6 +359,22 @@ def _real_out(dtype) -> np.dtype:
     return _float_out(dtype)
 
 
+def _is_weak(x: Any) -> bool:
+    return isinstance(x, (int, float, complex)) and not isinstance(x, bool)
+
+
+def _promoted(*xs: Any) -> tuple:
+    """The operands cast to the dtype JAX's standard promotion gives them, Python numbers left weakly typed.
+
+    The operation that follows then computes exactly what it computes under the default
+    ``jax_numpy_dtype_promotion="standard"`` (same dtype, same bits), and also works when a user has turned
+    ``"strict"`` on: a documented promotion (``mul`` of int32 and 0.5, ``scale`` of bfloat16 by a float32
+    scalar) is the library's, not an implicit one."""
+    with jax.numpy_dtype_promotion("standard"):
+        dt = jnp.result_type(*xs)
+    return tuple(x if _is_weak(x) else jnp.asarray(x).astype(dt) for x in xs)
+
+
 def _times(a: Any, b: Any) -> jax.Array:
     """``a * b`` as NumPy computes it when one side is bool: ``False * nan`` is NaN. (XLA rewrites
     ``convert(bool) * x`` into a select, which gives 0 there and hides the NaN.)"""
@@ -368,6 +384,7 @@ def _times(a: Any, b: Any) -> jax.Array:
         x = jnp.asarray(x)
         if jnp.issubdtype(x.dtype, jnp.inexact):
             return jnp.where(mask, x, x * 0)
+    a, b = _promoted(a, b)
     return a * b
 
 
@@ -1094,6 +1111,7 @@ def add(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     a, b = _array(a, "a"), _array(b, "b")
     _same_shape(a, b, "use add_broadcast to broadcast.")
+    a, b = _promoted(a, b)
     return a + b
 
 
@@ -1119,6 +1137,7 @@ def sub(a: jax.Array, b: jax.Array) -> jax.Array:
     _same_shape(a, b, "broadcast_to the shape of 'a' first.")
     if a.dtype == jnp.bool_ and b.dtype == jnp.bool_:
         _not_bool(a, "a", "subtraction")
+    a, b = _promoted(a, b)
     return a - b
 
 
@@ -1163,6 +1182,7 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     a, b = _array(a, "a"), _array(b, "b")
     _same_shape(a, b, "broadcast_to the shape of 'a' first.")
+    a, b = _promoted(a, b)
     return a / b
 
 
@@ -1184,7 +1204,8 @@ def scale(t: jax.Array, s: Any) -> jax.Array:
         [3.0, 6.0]
     """
     t = _array(t, "t")
-    return (t * _scalar(s, "s")).astype(t.dtype)
+    t_, s_ = _promoted(t, _scalar(s, "s"))
+    return (t_ * s_).astype(t.dtype)
 
 
 def add_scalar(t: jax.Array, s: Any) -> jax.Array:
@@ -1205,7 +1226,8 @@ def add_scalar(t: jax.Array, s: Any) -> jax.Array:
         [1.5, 2.5]
     """
     t = _array(t, "t")
-    return (t + _scalar(s, "s")).astype(t.dtype)
+    t_, s_ = _promoted(t, _scalar(s, "s"))
+    return (t_ + s_).astype(t.dtype)
 
 
 def negate(t: jax.Array) -> jax.Array:
@@ -1585,7 +1607,8 @@ def _inner(a: jax.Array, b: jax.Array, ka: int, kb: int, what: str) -> None:
 
 
 def _contract(a: jax.Array, b: jax.Array, dims, precision) -> jax.Array:
-    out = jnp.result_type(a.dtype, b.dtype)
+    with jax.numpy_dtype_promotion("standard"):  # the documented promotion, also under "strict"
+        out = jnp.result_type(a.dtype, b.dtype)
     acc = _acc(out)
     if not jnp.issubdtype(out, jnp.inexact):  # integers (and bool) are multiplied and summed in int32/uint32
         a, b = a.astype(acc), b.astype(acc)
@@ -2148,7 +2171,8 @@ def clamp(t: jax.Array, lo: Any, hi: Any) -> jax.Array:
         info = jnp.iinfo(t.dtype)
         lo, hi = (jnp.asarray(builtins.min(builtins.max(b, int(info.min)), int(info.max)), t.dtype) if _is_int(b)
                   else b for b in (lo, hi))
-    return jnp.minimum(jnp.maximum(t, lo), hi).astype(t.dtype)
+    t_, lo, hi = _promoted(t, lo, hi)
+    return jnp.minimum(jnp.maximum(t_, lo), hi).astype(t.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2258,7 +2282,7 @@ def add_broadcast(a: jax.Array, b: jax.Array) -> jax.Array:
         >>> add_broadcast(zeros((2, 2)), vector([1.0, 2.0])).tolist()
         [[1.0, 2.0], [1.0, 2.0]]
     """
-    a, b = _broadcast_pair(a, b)
+    a, b = _promoted(*_broadcast_pair(a, b))
     return a + b
 
 

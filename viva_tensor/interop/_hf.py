@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from viva_tensor import _safetensors
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import CheckpointError
 from viva_tensor.interop import awq as awq_file
 from viva_tensor.interop import bnb
@@ -173,7 +174,7 @@ def save(path: str | os.PathLike, tensors: Mapping[str, Any], *, kind: str, conf
     folder = pathlib.Path(os.fspath(path))
     _safetensors.write(folder / "model.safetensors", sd, metadata={"format": "pt"})
     full = {**dict(config or {}), "quantization_config": qconfig}
-    dtypes = {str(getattr(v, "dtype", "")) for v in tensors.values() if hasattr(v, "format")}
+    dtypes = {str(getattr(v, "dtype", "")) for v in tensors.values() if is_quantized(v)}
     if len(dtypes) == 1:  # the model dtype the records decode to (transformers' torch_dtype)
         full.setdefault("torch_dtype", dtypes.pop())
     try:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from viva_tensor import awq
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import CheckpointError
 from viva_tensor.interop import _int4
 
@@ -107,7 +108,7 @@ def write_state_dict(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 raise CheckpointError(argument=key, expected="a record named '<layer>.weight'", got=repr(key))
             for n, a in write_layer(value).items():
                 out[key[: -len("weight")] + n] = a
-        elif hasattr(value, "format"):
+        elif is_quantized(value):
             raise CheckpointError(argument=key, expected="an int4_group record or an array",
                                   got=f"a {value.format} record")
         else:

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import nf4
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor._safetensors import loads_json
 from viva_tensor.errors import CheckpointError
 
@@ -221,7 +222,7 @@ def write_state_dict(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, value in tensors.items():
         if isinstance(value, _RECORDS):
             _write_layer(name, value, out)
-        elif hasattr(value, "format"):
+        elif is_quantized(value):
             raise CheckpointError(argument=name, expected="an NF4 record (nf4 or nf4_dq), an FP4 one (bnb_fp4 or "
                                   "bnb_fp4_dq) or an array", got=f"a {value.format} record",
                                   hint="quantize it with quant.quantize(w, 'nf4_dq').")

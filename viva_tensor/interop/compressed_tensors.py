@@ -45,6 +45,7 @@ import ml_dtypes
 import numpy as np
 
 from viva_tensor import awq, blackwell, compression
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import CheckpointError
 from viva_tensor.interop import _int4
 
@@ -236,7 +237,7 @@ def write_state_dict(tensors: Mapping[str, Any]) -> tuple[dict[str, np.ndarray],
                 parts, kind = _write_nvfp4(value), "nvfp4"
             kinds.add(kind)
             out.update({key[: -len("weight")] + n: a for n, a in parts.items()})
-        elif hasattr(value, "format"):
+        elif is_quantized(value):
             raise CheckpointError(argument=key, expected="an int4_group or nvfp4 record, or an array",
                                   got=f"a {value.format} record")
         else:

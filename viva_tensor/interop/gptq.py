@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from viva_tensor import awq, gidx
+from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import CheckpointError
 from viva_tensor.interop import _int4
 
@@ -159,7 +160,7 @@ def write_state_dict(tensors: Mapping[str, Any], *, checkpoint_format: str = "gp
                 raise CheckpointError(argument=key, expected="a record named '<layer>.weight'", got=repr(key))
             for n, a in write_layer(value, checkpoint_format=checkpoint_format).items():
                 out[key[: -len("weight")] + n] = a
-        elif hasattr(value, "format"):
+        elif is_quantized(value):
             raise CheckpointError(argument=key, expected="an int4_group or int4_gidx record or an array",
                                   got=f"a {value.format} record")
         else:

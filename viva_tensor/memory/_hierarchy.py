@@ -11,6 +11,7 @@ import shutil
 
 import flax.struct
 import jax
+import numpy as np
 
 from viva_tensor.errors import ConfigError
 from viva_tensor.memory._tiers import TIERS
@@ -85,8 +86,8 @@ def create_memory_hierarchy(device: jax.Device | None = None, *, device_bytes: i
         A :class:`MemoryHierarchy`, each capacity with its source.
 
     Raises:
-        ConfigError: a capacity that is not positive, or an accelerator without memory statistics and
-            no explicit ``device_bytes``.
+        ConfigError: a capacity that is not a positive integer, a ``disk_path`` that is not a path or cannot be
+            read, or an accelerator without memory statistics and no explicit ``device_bytes``.
 
     Example:
         >>> h = create_memory_hierarchy(device_bytes=2**30)
@@ -95,8 +96,10 @@ def create_memory_hierarchy(device: jax.Device | None = None, *, device_bytes: i
     """
     device = device or jax.devices()[0]
     for name, value in (("device_bytes", device_bytes), ("host_bytes", host_bytes), ("disk_bytes", disk_bytes)):
-        if value is not None and value <= 0:
-            raise ConfigError(argument=name, expected="a positive number of bytes", got=value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
+            raise ConfigError(argument=name, expected="a positive integer number of bytes", got=repr(value))
+    if not isinstance(disk_path, (str, os.PathLike)):
+        raise ConfigError(argument="disk_path", expected="a path (str or os.PathLike)", got=type(disk_path).__name__)
     stats = device.memory_stats() or {}
     used = stats.get("bytes_in_use")
     if device_bytes is not None:
@@ -110,7 +113,11 @@ def create_memory_hierarchy(device: jax.Device | None = None, *, device_bytes: i
                           got=None)
     host = (TierInfo("host", int(host_bytes), None, "explicit") if host_bytes is not None
             else TierInfo("host", _physical_ram(), None, "physical RAM (os.sysconf)"))
-    usage = shutil.disk_usage(os.fspath(disk_path))
+    try:
+        usage = shutil.disk_usage(os.fspath(disk_path))
+    except OSError as e:
+        raise ConfigError(argument="disk_path", expected="an existing, readable path", got=f"{disk_path!r} ({e})",
+                          hint="pass disk_bytes= to give the capacity without asking the file system.") from None
     disk = (TierInfo("disk", int(disk_bytes), None, "explicit") if disk_bytes is not None
             else TierInfo("disk", int(usage.free), int(usage.used), "free disk space (shutil.disk_usage)"))
     kinds = tuple(m.kind for m in device.addressable_memories())

@@ -90,6 +90,9 @@ def _is_handle(x: Any) -> bool:
 def _leaf_nbytes(leaf: Any) -> int:
     if isinstance(leaf, DiskArray):
         return leaf.nbytes
+    if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
+        raise InvalidOp(argument="tree", expected="leaves that are arrays, records, disk handles or ShapeDtypeStructs",
+                        got=type(leaf).__name__)
     return int(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape))
 
 
@@ -102,6 +105,9 @@ def tree_nbytes(tree: Any) -> int:
 
     Returns:
         The sum of the leaves' bytes.
+
+    Raises:
+        InvalidOp: a leaf that is not an array (a string, an arbitrary object).
 
     Example:
         >>> import jax.numpy as jnp

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from viva_tensor import flash_attention
-from viva_tensor.errors import ConfigError, DimensionError, ShapeMismatch
+from viva_tensor.errors import ConfigError, DimensionError, DTypeError, ShapeMismatch
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "exact_attention", "attention_function", "SelfAttention"]
 
@@ -56,6 +56,8 @@ def exact_attention(
     Raises:
         DimensionError: an input that is not 4-D.
         ShapeMismatch: key, value and query that do not agree.
+        DTypeError: an input that is not an array, or float64 (never narrowed silently); a mask that is not boolean.
+        BroadcastError: a mask or bias that does not broadcast to ``(B, N, T, S)`` (each axis 1 or full).
 
     Example:
         >>> import jax.numpy as jnp
@@ -64,6 +66,7 @@ def exact_attention(
         >>> exact_attention(q, k, v, mask=mask)[0, :, 0].tolist()
         [[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]]
     """
+    query, key, value = (flash_attention._as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise DimensionError(argument=name, expected="a 4-D array (B, T, N, H)", got=x.shape)
@@ -76,6 +79,16 @@ def exact_attention(
             got=key.shape,
             hint="grouped-query attention is offered by the 'xla' and 'flash' implementations.",
         )
+    target = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+    if mask is not None:
+        mask = flash_attention._as_array("mask", mask)
+        if mask.dtype != jnp.bool_:
+            raise DTypeError(argument="mask", expected="a boolean array", got=str(mask.dtype),
+                             hint="pass an additive mask as 'bias'.")
+        flash_attention._check_pair_shape("mask", mask, target)
+    if bias is not None:
+        bias = flash_attention._as_array("bias", bias)
+        flash_attention._check_pair_shape("bias", bias, target)
     return flash_attention.naive_attention(query, key, value, scale, bias=bias, mask=mask)
 
 

@@ -510,9 +510,10 @@ def promote_dtype(args: Sequence[Any], /, *, dtype: Any = None, inexact: bool = 
     """
     if dtype is None:
         dtypes = [_operand_dtype(a) for a in args if a is not None]
-        dtype = jnp.result_type(*dtypes) if dtypes else jnp.float32
-        if inexact and not jnp.issubdtype(dtype, jnp.inexact):
-            dtype = jnp.promote_types(jnp.float32, dtype)
+        with jax.numpy_dtype_promotion("standard"):  # promoting is this function's job, also under "strict"
+            dtype = jnp.result_type(*dtypes) if dtypes else jnp.float32
+            if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+                dtype = jnp.promote_types(jnp.float32, dtype)
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         raise DTypeError(argument="dtype", expected="a floating dtype", got=str(np.dtype(dtype)))
     return tuple(a if a is None or is_quantized(a) else jnp.asarray(a, dtype) for a in args)
