@@ -245,7 +245,7 @@ W8A8_RECORDS = {
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pure-jax"])
-@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("batch", [1, 17])  # 17: a tile of 4 rows of x and a tail (test_kernels covers more)
 @pytest.mark.parametrize("layout", ["nk", "kn"])
 @pytest.mark.parametrize("name", list(W8A8_RECORDS))
 def test_w8a8_matches_numpy(name, layout, batch, kernel, monkeypatch):
