@@ -35,9 +35,11 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def llama_embeddings(binary: str, gguf: str, sentences: list[str]) -> np.ndarray:
     cmd = [binary, "-m", gguf, "--pooling", "mean", "--embd-normalize", "2", "--embd-output-format", "array",
            "--embd-separator", SEP, "-p", SEP.join(sentences), "-c", "512", "-b", "4096", "-ub", "512", "-t", "2"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    start = out.index("[[")
-    return np.asarray(json.loads(out[start:out.rindex("]]") + 2]), np.float64)
+    run = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = run.stdout
+    if "[[" not in out or "]]" not in out:
+        raise RuntimeError(f"llama-embedding gave no embeddings for {gguf}: {out[-300:]!r} {run.stderr[-600:]}")
+    return np.asarray(json.loads(out[out.index("[["):out.rindex("]]") + 2]), np.float64)
 
 
 def main() -> int:
