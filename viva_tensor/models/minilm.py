@@ -355,7 +355,9 @@ def load_model(
 
     Args:
         path: the model folder; ``None`` for the bundled all-MiniLM-L6-v2; or a BERT GGUF file (its
-            tensors decoded to float32; the bundled config).
+            tensors decoded to float32; the bundled config). A folder whose ``config.json`` has a
+            ``quantization_config`` (written by llm-compressor / compressed-tensors, GPTQ, AWQ, bitsandbytes) is
+            read with :func:`viva_tensor.interop.load` and its records decoded to float32.
         attention: the attention implementation (see :class:`MiniLM`).
         dtype: computation dtype (parameters stay float32).
 
@@ -374,6 +376,9 @@ def load_model(
     if _is_gguf(path):
         cfg = load_config(None)
         weights, file = _gguf_weights(path, cfg), pathlib.Path(path)
+    elif _is_quantized_folder(path):
+        cfg = load_config(path)
+        weights, file = _quantized_weights(path), pathlib.Path(path)
     else:
         cfg = load_config(path)
         file = _model_file(path, "model.safetensors")
@@ -405,6 +410,25 @@ def _is_gguf(path: Any) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
+
+
+def _is_quantized_folder(path: Any) -> bool:
+    """Whether ``path`` is a folder whose ``config.json`` has a ``quantization_config`` (llm-compressor, GPTQ ...)."""
+    file = None if path is None else pathlib.Path(path) / "config.json"
+    try:
+        return file is not None and file.is_file() and "quantization_config" in json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _quantized_weights(path: Any) -> dict[str, np.ndarray]:
+    """The float32 weights of a quantized checkpoint folder (:func:`viva_tensor.interop.load`), every record decoded."""
+    from viva_tensor import quant
+    from viva_tensor.interop import load as load_checkpoint
+
+    tensors, _ = load_checkpoint(path)
+    return {k: np.asarray(quant.dequantize(v), np.float32) if quant.is_quantized(v) else np.asarray(v)
+            for k, v in tensors.items()}
 
 
 def _gguf_weights(path: Any, cfg: MiniLMConfig) -> dict[str, np.ndarray]:
