@@ -14,6 +14,10 @@
   (:class:`LoRALinear`, parameters of kind :class:`LoRAParam`; QLoRA on a quantized base);
   :func:`merge_lora` folds them back, :func:`lora_state` / :func:`load_lora_state` move them alone
   (``nn/_lora.py``).
+* :class:`FakeQuantLinear` is an ``nnx.Linear`` whose kernel is fake-quantized on every call (quantization-aware
+  training with a straight-through gradient); :func:`fake_quantize_model` swaps a model's ``nnx.Linear`` layers
+  for them and :func:`freeze_fake_quant` turns the trained ones into :class:`QLinear` with the same bits
+  (``nn/_qat.py``).
 
 Layer paths are dotted (``"encoder.layer.0.query"``), as everywhere in viva_tensor.
 
@@ -29,6 +33,7 @@ Example:
 from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
 from viva_tensor.nn._awq import capture_linear_inputs
 from viva_tensor.nn._lora import LoRALinear, LoRAParam, load_lora_state, lora, lora_state, merge_lora
+from viva_tensor.nn._qat import FakeQuantLinear, fake_quantize_model, freeze_fake_quant
 from viva_tensor.nn._qlinear import QLinear, QuantizeReport, param_bytes, quantize_model
 
 __all__ = [
@@ -47,4 +52,7 @@ __all__ = [
     "merge_lora",
     "lora_state",
     "load_lora_state",
+    "FakeQuantLinear",
+    "fake_quantize_model",
+    "freeze_fake_quant",
 ]

@@ -12,6 +12,10 @@ the matmul in ``_dot``, trees in ``_tree``, checkpoints in ``_checkpoint``.
   other operand's dtype), so XLA fuses the decode with whatever reads it and nothing dequantized is
   kept between calls. It plugs into ``flax.nnx.Linear(..., dot_general=quant.dot_general,
   promote_dtype=quant.promote_dtype)``.
+- :func:`fake_quantize`: ``dequantize(quantize(x))`` with a straight-through gradient (zero where the format
+  clips), for quantization-aware training; :func:`clip_mask` is where that gradient passes. Gradients of
+  :func:`dot_general` flow to the plain operand only (records are frozen) and decode the record again in the
+  backward instead of keeping a dense copy.
 - :func:`quantize_tree` / :func:`dequantize_tree`: the parameters of a model in one call.
 - :func:`save` / :func:`load`: safetensors files (never pickle: loading an untrusted file runs no
   code). The tree, each record's format, class and static fields, and a SHA-256 of every tensor live in
@@ -43,6 +47,7 @@ from viva_tensor._formats.registry import (
 from viva_tensor._paths import path_str as _path_str  # noqa: F401 - used by report/cli until they move
 from viva_tensor.quant._checkpoint import load, save
 from viva_tensor.quant._dot import dot, dot_general, promote_dtype
+from viva_tensor.quant._fake import clip_mask, fake_quantize
 from viva_tensor.quant._tree import default_where, dequantize_tree, quantize_tree
 
 _spec = format_spec  # the old private name, used by report/cli until they switch to format_spec
@@ -58,6 +63,8 @@ __all__ = [
     "dot_general",
     "dot",
     "promote_dtype",
+    "fake_quantize",
+    "clip_mask",
     "default_where",
     "quantize_tree",
     "dequantize_tree",

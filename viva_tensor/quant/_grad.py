@@ -5,7 +5,8 @@ only the plain operand and the record (no dequantized weight). The backward of t
 quantized contraction of the cotangent with the same record under the transposed dimension numbers (those of
 ``jax.lax.dot_general``'s own transpose rule), which decodes the record again: for a 2-D record in row chunks
 (:func:`chunked_dot`), at every size, so that the backward never holds a dense copy of the weight; otherwise
-through :func:`viva_tensor.quant.dot_general`.
+through the quantized matmul itself. Under differentiation the forward of a 2-D record of at least ``2**16``
+values is chunked the same way (the primal call, without a gradient, is untouched).
 
 Records are frozen: their cotangent is zero (``None``; integer codes would take ``float0``), so a quantized base
 weight never trains. A ``custom_vjp`` differentiates in reverse mode only: ``jax.grad``, ``jax.vjp`` and
@@ -16,7 +17,7 @@ Example:
     >>> from viva_tensor import quant
     >>> q = quant.quantize(jnp.eye(32), "q8_0")
     >>> g = jax.grad(lambda x: quant.dot(x, q).sum())(jnp.ones((2, 32)))
-    >>> g.shape, bool(jnp.allclose(g, quant.dequantize(q).sum(axis=1)))
+    >>> g.shape, bool(jnp.allclose(g, quant.dequantize(q).sum(axis=1)[None, :]))
     ((2, 32), True)
 """
 
@@ -210,23 +211,22 @@ def chunked_dot(a: jax.Array, rec: Any, a_axis: int, rec_axis: int, *, precision
     return acc.astype(out_dtype)
 
 
-def _contract(g: jax.Array, rec: Any, dims: tuple, precision: Any) -> jax.Array:
+def _contract(forward: Callable, g: jax.Array, rec: Any, dims: tuple, precision: Any) -> jax.Array:
     """``dot_general(g, rec, dims)``: chunked for a 2-D record and one contracted dim, else the quantized matmul."""
     (gc, rc), (gb, rb) = dims
     if len(rc) == 1 and not gb and chunk_plan(rec) is not None:
         return chunked_dot(g, rec, gc[0], rc[0], precision=precision)
-    from viva_tensor.quant._dot import dot_general  # noqa: PLC0415 - _dot calls into this module
-
-    return dot_general(g, rec, dims, precision=precision)
+    return forward(g, rec, dims=dims, precision=precision, preferred_element_type=None, out_sharding=None)
 
 
-def _cotangent(g: jax.Array, plain: Any, rec: Any, dims: tuple, *, swap: bool, precision: Any) -> Any:
+def _cotangent(forward: Callable, g: jax.Array, plain: Any, rec: Any, dims: tuple, *, swap: bool,
+               precision: Any) -> Any:
     """The plain operand's cotangent: the record contracted again with ``g`` (transposed dims), cast back."""
     plain = jnp.asarray(plain)
     if not jnp.issubdtype(plain.dtype, jnp.inexact):
         return np.zeros(plain.shape, jax.dtypes.float0)
     tdims, perm = transposed_dims(dims, plain.ndim, _ndim(rec), swap=swap)
-    out = _contract(g, rec, tdims, precision)
+    out = _contract(forward, g, rec, tdims, precision)
     return jnp.transpose(out, perm).astype(plain.dtype)
 
 
@@ -263,9 +263,9 @@ def _vjp_bwd(forward, dims, precision, preferred_element_type, out_sharding, res
     (lc, rc), (lb, rb) = dims
     lhs_bar = rhs_bar = None  # records are frozen: zero cotangent
     if is_quantized(rhs) and not is_quantized(lhs):
-        lhs_bar = _cotangent(g, lhs, rhs, dims, swap=False, precision=precision)
+        lhs_bar = _cotangent(forward, g, lhs, rhs, dims, swap=False, precision=precision)
     elif is_quantized(lhs) and not is_quantized(rhs):
-        rhs_bar = _cotangent(g, rhs, lhs, ((rc, lc), (rb, lb)), swap=True, precision=precision)
+        rhs_bar = _cotangent(forward, g, rhs, lhs, ((rc, lc), (rb, lb)), swap=True, precision=precision)
     return lhs_bar, rhs_bar
 
 
