@@ -189,7 +189,8 @@ def _adam_step_memory(loss, params, *frozen):
 
     def step(params, state, *frozen):
         grads = jax.grad(loss)(params, *frozen)
-        updates, state = tx.update(grads, state, params)
+        with jax.numpy_dtype_promotion("standard"):  # optax's adam mixes its int32 count with floats
+            updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     return compiled_memory(jax.jit(step, donate_argnums=(0, 1)), params, state, *frozen)
