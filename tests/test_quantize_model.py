@@ -191,3 +191,24 @@ def test_errors():
         nn.quantize_model(model, "q9", method="gptq", calibration=[(_inputs(0),)])
     with pytest.raises(ConfigError, match="argument 'method'"):
         nn.quantize_model(model, "q4_0", method="awq", calibration=[(_inputs(0),)])
+
+
+def test_others_quantizes_the_embeddings_through_quantize_layer():
+    class Tok(nnx.Module):
+        def __init__(self):
+            self.embed = nnx.Embed(100, 64, rngs=nnx.Rngs(0))
+            self.out = nnx.Linear(64, 64, rngs=nnx.Rngs(1))
+
+        def __call__(self, ids):
+            return self.out(self.embed(ids))
+
+    model = Tok()
+    ids = jnp.array([[1, 5, 99, 0]], jnp.int32)
+    qmodel, report = nn.quantize_model(model, "q4_0", method="gptq", calibration=[(ids,)], others="q8_0")
+    assert report.formats == {"out": "q4_0", "embed": "q8_0"}
+    assert type(qmodel.embed).__name__ == "QEmbed"
+    assert report.linear_values == 64 * 64 and report.bytes_after == nn.param_bytes(qmodel)
+    want = nn.quantize_layer(model.embed, "q8_0")(ids)
+    np.testing.assert_array_equal(np.asarray(qmodel.embed(ids)), np.asarray(want))
+    plain, _ = nn.quantize_model(model, "q4_0")
+    assert isinstance(plain.embed, nnx.Embed)  # others=None: the default keeps them float

@@ -57,14 +57,18 @@ def calibration_batches(
         >>> len(batches), batches[0].mask.shape                                                # doctest: +SKIP
         (1, (32, 16))
     """
-    from viva_tensor.models import _calibration, minilm
+    from viva_tensor.models import _calibration
 
     texts = list(_calibration.calibration_text(DEFAULT_SENTENCES) if texts is None else texts)
     if not texts:
         raise ConfigError(argument="texts", expected="at least one text", got="none")
     encodings = encoder.tokenizer.encode_batch(texts)
     longest = max(len(e.ids) for e in encodings)
-    length = minilm.bucket_length(longest, max_length=max(encoder.max_length, longest)) if length is None else length
+    if length is None:  # minilm's buckets: 16, 32, 64 ... capped at the truncation length
+        length = 16
+        while length < longest:
+            length *= 2
+        length = min(length, max(encoder.max_length, longest))
     batches = []
     for start in range(0, len(encodings), batch_size):
         ids = np.zeros((batch_size, length), np.int32)
