@@ -269,6 +269,16 @@ def _kernel_enabled() -> bool:
     return jax.default_backend() == "cpu" and _kernels.available()
 
 
+def _kernel_takes(lhs: Any, rhs: Any, dims: tuple) -> bool:
+    """The product goes to the compiled kernel (a 2-D record times an array on one axis each); then so does its
+    transpose, since the kernel reads both layouts."""
+    form = _matmul_form(lhs, rhs, dims)
+    if form is None or not _kernel_enabled():
+        return False
+    args = planes.kernel_args(form[1])
+    return args is not None and _kernels._kernel_fits(form[1].shape[-1], args["block_size"], args["layout"])
+
+
 def _fast_matmul(x: jax.Array, rec: Any, layout: str, out_dtype: Any, precision: Any) -> jax.Array | None:
     """``x`` times a 2-D record on one axis without a dense or transposed weight: the compiled kernel, else the
     pure-JAX chunked decode for a large weight; None when neither applies (the caller decodes the whole record)."""
@@ -435,6 +445,9 @@ def dot_general(
         preferred_element_type = np.dtype(preferred_element_type)
     if isinstance(precision, list):
         precision = tuple(precision)
+    if activation_quant is not None:  # W8A8 rounds the activations: no custom VJP (see ACTIVATION_QUANT)
+        return _qdot(lhs, rhs, dims=dims, precision=precision, preferred_element_type=preferred_element_type,
+                     out_sharding=out_sharding, activation_quant=activation_quant)
     from viva_tensor.quant._grad import qdot  # noqa: PLC0415 - the VJP (quant/_grad.py) wraps _qdot
 
     return qdot(
@@ -445,7 +458,7 @@ def dot_general(
         precision=precision,
         preferred_element_type=preferred_element_type,
         out_sharding=out_sharding,
-        activation_quant=activation_quant,
+        kernel=out_sharding is None and _kernel_takes(lhs, rhs, dims),
     )
 
 

@@ -211,27 +211,29 @@ def chunked_dot(a: jax.Array, rec: Any, a_axis: int, rec_axis: int, *, precision
     return acc.astype(out_dtype)
 
 
-def _contract(forward: Callable, g: jax.Array, rec: Any, dims: tuple, precision: Any) -> jax.Array:
-    """``dot_general(g, rec, dims)``: chunked for a 2-D record and one contracted dim, else the quantized matmul."""
+def _contract(forward: Callable, g: jax.Array, rec: Any, dims: tuple, precision: Any, kernel: bool) -> jax.Array:
+    """``dot_general(g, rec, dims)``: the quantized matmul when it takes the compiled kernel (which decodes in
+    cache, never densely, in either layout), else chunked for a 2-D record and one contracted dim, else the
+    quantized matmul."""
     (gc, rc), (gb, rb) = dims
-    if len(rc) == 1 and not gb and chunk_plan(rec) is not None:
+    if not kernel and len(rc) == 1 and not gb and chunk_plan(rec) is not None:
         return chunked_dot(g, rec, gc[0], rc[0], precision=precision)
     return forward(g, rec, dims=dims, precision=precision, preferred_element_type=None, out_sharding=None)
 
 
 def _cotangent(forward: Callable, g: jax.Array, plain: Any, rec: Any, dims: tuple, *, swap: bool,
-               precision: Any) -> Any:
+               precision: Any, kernel: bool) -> Any:
     """The plain operand's cotangent: the record contracted again with ``g`` (transposed dims), cast back."""
     plain = jnp.asarray(plain)
     if not jnp.issubdtype(plain.dtype, jnp.inexact):
         return np.zeros(plain.shape, jax.dtypes.float0)
     tdims, perm = transposed_dims(dims, plain.ndim, _ndim(rec), swap=swap)
-    out = _contract(forward, g, rec, tdims, precision)
+    out = _contract(forward, g, rec, tdims, precision, kernel)
     return jnp.transpose(out, perm).astype(plain.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5, 6))
-def _vjp_dot(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5, 6, 7))
+def _vjp_dot(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding, kernel):
     return forward(lhs, rhs, dims=dims, precision=precision, preferred_element_type=preferred_element_type,
                    out_sharding=out_sharding)
 
@@ -250,22 +252,25 @@ def _chunked_forward(lhs: Any, rhs: Any, dims: tuple, precision: Any, preferred_
     return out if rec is rhs else jnp.moveaxis(out, -1, 0)
 
 
-def _vjp_fwd(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding):
-    out = None if out_sharding is not None else _chunked_forward(lhs, rhs, dims, precision, preferred_element_type)
+def _vjp_fwd(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding, kernel):
+    out = None
+    if out_sharding is None and not kernel:
+        out = _chunked_forward(lhs, rhs, dims, precision, preferred_element_type)
     if out is None:
-        out = _vjp_dot(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding)
+        out = _vjp_dot(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding, kernel)
     return out, (lhs, rhs)  # the plain operand and the record: no decoded weight
 
 
-def _vjp_bwd(forward, dims, precision, preferred_element_type, out_sharding, residuals, g):
+def _vjp_bwd(forward, dims, precision, preferred_element_type, out_sharding, kernel, residuals, g):
     lhs, rhs = residuals
     dims = _normalize(dims, _ndim(lhs), _ndim(rhs))
     (lc, rc), (lb, rb) = dims
     lhs_bar = rhs_bar = None  # records are frozen: zero cotangent
     if is_quantized(rhs) and not is_quantized(lhs):
-        lhs_bar = _cotangent(forward, g, lhs, rhs, dims, swap=False, precision=precision)
+        lhs_bar = _cotangent(forward, g, lhs, rhs, dims, swap=False, precision=precision, kernel=kernel)
     elif is_quantized(lhs) and not is_quantized(rhs):
-        rhs_bar = _cotangent(forward, g, rhs, lhs, ((rc, lc), (rb, lb)), swap=True, precision=precision)
+        rhs_bar = _cotangent(forward, g, rhs, lhs, ((rc, lc), (rb, lb)), swap=True, precision=precision,
+                             kernel=kernel)
     return lhs_bar, rhs_bar
 
 
@@ -273,8 +278,11 @@ _vjp_dot.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 def qdot(forward: Callable[..., jax.Array], lhs: Any, rhs: Any, *, dims: tuple, precision: Any,
-         preferred_element_type: Any, out_sharding: Any) -> jax.Array:
+         preferred_element_type: Any, out_sharding: Any, kernel: bool = False) -> jax.Array:
     """``forward(lhs, rhs, ...)`` (the quantized matmul) with the VJP of this module.
+
+    ``kernel``: the product takes the compiled CPU kernel (:mod:`viva_tensor._kernels`), in this layout and so in
+    the transposed one: the forward and the backward then call ``forward`` itself, which decodes in cache.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -283,4 +291,4 @@ def qdot(forward: Callable[..., jax.Array], lhs: Any, rhs: Any, *, dims: tuple, 
         >>> jax.grad(lambda x: quant.dot(x, q)[0, 0])(jnp.ones((1, 32)))[0, :2].round(2).tolist()
         [1.0, 0.0]
     """
-    return _vjp_dot(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding)
+    return _vjp_dot(forward, lhs, rhs, dims, precision, preferred_element_type, out_sharding, bool(kernel))
