@@ -1,7 +1,8 @@
 """Shared test set-up.
 
 Eight host CPU devices are asked for before jax is imported, so sharding tests find a mesh; the suite
-runs with ``jax_numpy_rank_promotion="raise"`` so that no test passes by accidental broadcasting.
+runs with ``jax_numpy_rank_promotion="raise"`` so that no test passes by accidental broadcasting, and with
+``jax_numpy_dtype_promotion="strict"`` so that no test (and no library path) mixes dtypes implicitly.
 """
 
 import os
@@ -16,6 +17,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=30, deadline=None)

@@ -288,6 +288,7 @@ def test_ring_bad_arguments_give_viva_errors(kind, choice):
        st.integers(0, 1000))
 @example("notarray", 3)  # finding: a non-array raised AttributeError
 @example("bias", 776)  # finding: a 5-D bias raised JAX's raw broadcasting ValueError
+@example("scale", 613)  # finding: scale=[1.0] raised JAX's raw broadcasting ValueError
 def test_exact_attention_bad_arguments_give_viva_errors(kind, choice):
     args, kw = _bad_call(kind, choice, kv_heads=2)
     kw = {k: v for k, v in kw.items() if k in ("mask", "bias", "scale")}

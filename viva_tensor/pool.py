@@ -9,6 +9,7 @@ inputs give NaN scores, which are returned as such (never a silent number).
 
 Example:
     >>> import jax.numpy as jnp
+import numpy as np
     >>> from viva_tensor import pool
     >>> docs = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     >>> scores, idx = pool.top_k_similar(jnp.array([1.0, 0.1]), docs, 2)
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -247,6 +249,11 @@ def similarity_search(query: jax.Array, documents: jax.Array) -> tuple[jax.Array
     return s[order].astype(d.dtype), order.astype(jnp.int32)
 
 
+def _nan_last(s: jax.Array) -> jax.Array:
+    """Ranking keys: a NaN score ranks last, as in :func:`similarity_search` (``lax.top_k`` ranks NaN first)."""
+    return jnp.where(jnp.isnan(s), -jnp.inf, s)
+
+
 def top_k_similar(query: jax.Array, documents: jax.Array, k: int, *, mesh: Any = None,
                   axis: Any = None) -> tuple[jax.Array, jax.Array]:
     """The ``k`` documents most similar to ``query`` (cosine), via ``lax.top_k``.
@@ -263,7 +270,8 @@ def top_k_similar(query: jax.Array, documents: jax.Array, k: int, *, mesh: Any =
         axis: mesh axis name or tuple of names over which the rows are split (default: all).
 
     Returns:
-        ``(scores, indices)`` of shape ``(k,)``, by decreasing score (replicated with ``mesh``).
+        ``(scores, indices)`` of shape ``(k,)``, by decreasing score (replicated with ``mesh``); a NaN score
+        (a document holding NaN) ranks last, as in :func:`similarity_search`.
 
     Raises:
         DimensionError: for ``k`` out of range, or wrong ranks.
@@ -277,11 +285,13 @@ def top_k_similar(query: jax.Array, documents: jax.Array, k: int, *, mesh: Any =
     """
     q, d = _check_qd(query, documents)
     n = d.shape[0]
-    if not isinstance(k, int) or not 1 <= k <= n:
-        raise DimensionError(argument="k", expected=f"an integer in [1, {n}] (the number of documents)", got=k)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise DimensionError(argument="k", expected=f"an integer in [1, {n}] (the number of documents)", got=repr(k))
+    k = int(k)
     if mesh is None:
-        s, i = jax.lax.top_k(_cosine(q, d), k)
-        return s.astype(d.dtype), i.astype(jnp.int32)
+        s = _cosine(q, d)
+        _, i = jax.lax.top_k(_nan_last(s), k)
+        return s[i].astype(d.dtype), i.astype(jnp.int32)
     axes = _mesh_axes(mesh, axis)
     devices = 1
     for a in axes:
@@ -298,11 +308,12 @@ def top_k_similar(query: jax.Array, documents: jax.Array, k: int, *, mesh: Any =
         offset = jax.lax.axis_index(name) * local_n
         gidx = offset + jnp.arange(local_n, dtype=jnp.int32)
         s = jnp.where(gidx < n, s, -jnp.inf)  # padding never wins
-        ls, li = jax.lax.top_k(s, local_k)
-        cs = jax.lax.all_gather(ls, name, tiled=True)
+        lr, li = jax.lax.top_k(_nan_last(s), local_k)
+        cs = jax.lax.all_gather(s[li], name, tiled=True)
+        cr = jax.lax.all_gather(lr, name, tiled=True)
         ci = jax.lax.all_gather(gidx[li], name, tiled=True)
-        top, pos = jax.lax.top_k(cs, k)
-        return top, ci[pos]
+        _, pos = jax.lax.top_k(cr, k)
+        return cs[pos], ci[pos]
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(name, None)), out_specs=(P(), P()), check_vma=False)
     d = place(d, P(name, None), mesh)  # no move when the documents already live there

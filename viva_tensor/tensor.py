@@ -1306,7 +1306,8 @@ def map(t: jax.Array, f: Callable[[jax.Array], Any]) -> jax.Array:  # noqa: A001
 def map_indexed(t: jax.Array, f: Callable[[jax.Array, jax.Array], Any]) -> jax.Array:
     """Apply ``f(value, index)`` to every element, as Gleam's ``map_indexed`` (value first).
 
-    ``index`` is the element's flat row-major position, a 0-d ``int32`` array.
+    ``index`` is the element's flat row-major position, a 0-d ``int32`` array (cast it to mix it with float
+    values under ``jax_numpy_dtype_promotion="strict"``: ``x + i.astype(x.dtype)``).
 
     Args:
         t: an array.
@@ -1321,7 +1322,7 @@ def map_indexed(t: jax.Array, f: Callable[[jax.Array, jax.Array], Any]) -> jax.A
         InvalidOp: when ``f`` is not callable.
 
     Example:
-        >>> map_indexed(vector([10.0, 20.0, 30.0]), lambda x, i: x + i).tolist()
+        >>> map_indexed(vector([10.0, 20.0, 30.0]), lambda x, i: x + i.astype(x.dtype)).tolist()
         [10.0, 21.0, 32.0]
     """
     t = _array(t, "t")

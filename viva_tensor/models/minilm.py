@@ -158,9 +158,12 @@ class MiniLM(nnx.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
-        x = self.embeddings(input_ids, token_type_ids, position_ids)
-        for layer in self.layers:
-            x = layer(x, mask)
+        # Flax's LayerNorm promotes a bfloat16 computation with float32 implicitly: under a user's
+        # jax_numpy_dtype_promotion="strict" that would raise. The model's promotions are its own.
+        with jax.numpy_dtype_promotion("standard"):
+            x = self.embeddings(input_ids, token_type_ids, position_ids)
+            for layer in self.layers:
+                x = layer(x, mask)
         return x
 
     def __call__(

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from viva_tensor import flash_attention
@@ -22,6 +23,16 @@ __all__ = ["ATTENTION_IMPLEMENTATIONS", "exact_attention", "attention_function",
 
 ATTENTION_IMPLEMENTATIONS = ("exact", "xla", "flash")
 """Names accepted by :func:`attention_function`."""
+
+
+def _real_scalar(s: Any) -> bool:
+    if isinstance(s, bool):
+        return False
+    if isinstance(s, (int, float, np.integer, np.floating)):
+        return True
+    dtype = getattr(s, "dtype", None)
+    return (getattr(s, "ndim", None) == 0 and dtype is not None
+            and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)))
 
 
 def exact_attention(
@@ -58,6 +69,7 @@ def exact_attention(
         ShapeMismatch: key, value and query that do not agree.
         DTypeError: an input that is not an array, or float64 (never narrowed silently); a mask that is not boolean.
         BroadcastError: a mask or bias that does not broadcast to ``(B, N, T, S)`` (each axis 1 or full).
+        ConfigError: a ``scale`` that is not a real number (or a 0-d real array).
 
     Example:
         >>> import jax.numpy as jnp
@@ -79,6 +91,8 @@ def exact_attention(
             got=key.shape,
             hint="grouped-query attention is offered by the 'xla' and 'flash' implementations.",
         )
+    if scale is not None and not _real_scalar(scale):
+        raise ConfigError(argument="scale", expected="a real number, a 0-d real array or None", got=repr(scale))
     target = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
     if mask is not None:
         mask = flash_attention._as_array("mask", mask)
