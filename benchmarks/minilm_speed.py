@@ -8,7 +8,8 @@ for every encoder. Encoders, all all-MiniLM-L6-v2 from the same model folder
 
 - viva_tensor float32 (``minilm.encode``: short sentences packed several to a row), float32 with
   ``pack=False`` (each sentence its own padded row: the encoder before packing), and the 36 Linear
-  kernels in q8_0 and in a 4-bit format (``nn.quantize_model``);
+  kernels in q8_0 and in a 4-bit format (``nn.quantize_model``), and q8_0 with int8 activations
+  (``activation_quant="int8"``, dynamic W8A8) where this checkout's ``QLinear`` offers it;
 - sentence-transformers (PyTorch, ``SentenceTransformer.encode(batch_size=32)``), in this same process,
   when ``torch`` and ``sentence_transformers`` are importable (the script says so and skips it when they
   are not: torch is never a dependency of viva_tensor). Its threads are set to ``--threads`` (default
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402 - puts the repository first on sys.path
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from viva_tensor import nn  # noqa: E402
 from viva_tensor.models import _calibration, minilm  # noqa: E402
@@ -67,6 +69,18 @@ def sentence_transformers_encoder(threads: int):
     return encode, f"sentence-transformers (torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
+def with_int8_activations(model):
+    """A copy whose QLinear layers quantize their inputs per token (``activation_quant="int8"``, dynamic
+    W8A8), or None where this checkout's QLinear has no such option."""
+    copy = nnx.clone(model)
+    layers = [node for _, node in nnx.iter_graph(copy) if isinstance(node, nn.QLinear)]
+    if not layers or not hasattr(layers[0], "activation_quant"):
+        return None
+    for layer in layers:
+        layer.activation_quant = "int8"
+    return copy
+
+
 def cosine(a, b) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
@@ -89,6 +103,10 @@ def main() -> None:
     for fmt in ("q8_0", FOUR_BIT):
         quantized = encoder.replace(model=nn.quantize_model(encoder.model, fmt)[0])
         encoders[f"viva_tensor {fmt}"] = lambda s, e=quantized: minilm.encode(e, s)
+        w8a8 = with_int8_activations(quantized.model) if fmt == "q8_0" else None
+        if w8a8 is not None:
+            w8a8_encoder = quantized.replace(model=w8a8)
+            encoders[f"viva_tensor {fmt} W8A8"] = lambda s, e=w8a8_encoder: minilm.encode(e, s)
     peer, peer_name = sentence_transformers_encoder(args.threads)
     print(f"peer: {peer_name}")
     if peer is not None:
