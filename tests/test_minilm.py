@@ -399,3 +399,18 @@ def test_gptq_beats_round_to_nearest_on_the_whole_encoder(encoder, quantized_emb
 def test_quantize_model_unknown_format(encoder):
     with pytest.raises(FormatError, match="argument 'fmt'"):
         nn.quantize_model(encoder.model, "int3")
+
+
+@pytest.mark.parametrize("mask_shape", [(8, 1, 1, 128), (8, 1, 128, 128), (1, 1, 1, 128)])
+def test_exact_attention_by_rows_equals_the_reference(mask_shape):
+    # B=8, T=S=128: exact_attention runs 4 batch rows at a time (lax.map); the sums per row are the same
+    from viva_tensor import flash_attention
+    from viva_tensor.nn._attention import exact_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((8, 128, 2, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rng.random(mask_shape) > 0.3)
+    bias = jnp.asarray(rng.standard_normal((1, 2, 128, 128)), jnp.float32)
+    want = flash_attention.naive_attention(q, k, v, bias=bias, mask=mask)
+    for f in (exact_attention, jax.jit(exact_attention)):
+        np.testing.assert_allclose(f(q, k, v, bias, mask), want, atol=1e-6)
