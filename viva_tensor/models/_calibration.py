@@ -21,8 +21,9 @@ sentences, cosine to the original model; measured with the code of this branch):
 inputs) 0.9639 / 0.889 / 29; one-shot with act_order + static_groups 0.9634 / 0.894 / 28; NVFP4 one-shot
 0.9749 / 0.928 / 30 (round to nearest: 0.977 in the issue's table). The planner at 4.5 bits/value
 (``minilm.quantize(encoder, bits=4.5)``: int4 g128 / NVFP4 / Q8_0 per layer) 0.9769 / 0.923 / 29 with GPTQ,
-0.9737 / 0.912 / 30 with round to nearest; int4 g128 GPTQ with NF4 embeddings: 7.31x smaller, 0.9587 / 0.908. The docstring text is the limit here:
-the error feedback fits the calibration distribution, and these sentences are not the evaluation's.
+0.9737 / 0.912 / 30 with round to nearest; int4 g128 GPTQ with NF4 embeddings: 7.31x smaller, 0.9587 / 0.908.
+Our reading (not proven): the docstring text is the limit here; the error feedback fits the calibration
+distribution, and these sentences are not the evaluation's.
 """
 
 from __future__ import annotations

@@ -796,5 +796,5 @@ def _batches(
     return batches
 
 
-from viva_tensor.models._quantize import quantize  # noqa: E402, F401 - minilm.quantize (models/_quantize.py)
 from viva_tensor.models._distill import DistillReport, distill  # noqa: E402, F401 - minilm.distill (issue 16)
+from viva_tensor.models._quantize import quantize  # noqa: E402, F401 - minilm.quantize (models/_quantize.py)
