@@ -81,7 +81,8 @@ def reference_mask(x, q, options=None) -> np.ndarray:
     x = _np(np.asarray(x, np.float32))
     fmt = q.format
     finite = np.isfinite(x)
-    if fmt in ("int8", "q8_0", "q4_1", "nf4", "nf4_dq") or (fmt == "q5_1" and "imatrix" not in options):
+    never = ("int8", "q8_0", "q4_1", "nf4", "nf4_dq", "bnb_fp4", "bnb_fp4_dq")
+    if fmt in never or (fmt == "q5_1" and "imatrix" not in options):
         return finite
     if fmt in ("q4_0", "q5_0"):
         half = 8 if fmt == "q4_0" else 16

@@ -51,6 +51,9 @@ MEAN_COSINE_FLOOR = {
     "q4_k": 0.99,  # measured 0.996
     "q5_k": 0.995,  # measured 0.999
     "q6_k": 0.998,  # measured 0.9998
+    "bnb_fp4": 0.925,  # bitsandbytes' FP4: measured 0.932 (min 0.820, top-1 0.867)
+    "bnb_fp4_dq": 0.925,  # measured 0.932
+    "int4_gidx": 0.94,  # by name: the identity g_idx, int4_group's codes; measured 0.946
 }
 TOP1_FLOOR = {"int8": 0.95, "q8_0": 0.95, "q2_k": 0.7}  # others: 0.8 (q2_k, 2.6 bits: measured 0.733)
 MIN_COSINE_FLOOR = {"q2_k": 0.75}  # 2.6 bits per value: measured min 0.773 on these sentences; others: 0.8
@@ -193,7 +196,6 @@ def test_compilations_stay_bounded_over_many_batches(encoder):
     added = minilm._embed_jit._cache_size() + minilm._embed_packed_jit._cache_size() - before
     # packed calls: rows 1, 2, 4 (512 // 128); padded calls: buckets 256 (rows 1, 2) and 128 (rows 1..4)
     assert added <= 2, added
-    assert minilm._embed_packed_jit._cache_size() <= 3 * 2  # rows 1, 2, 4 at most, per model compiled here
 
 
 def test_pack_rows_fill_each_row_within_capacity():

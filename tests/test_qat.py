@@ -67,8 +67,13 @@ def test_a_few_adam_steps_train_and_freezing_gives_the_fake_quant_output(fmt):
     assert losses[-1] < 0.7 * losses[0], losses
     frozen = nn.freeze_fake_quant(model)
     assert [type(m).__name__ for m in (frozen.layers[0], frozen.layers[2])] == ["QLinear"] * 2
-    np.testing.assert_array_equal(np.asarray(frozen(x)), np.asarray(model(x)))
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: frozen(x))(x)), np.asarray(model(x)))
+    for fake, q in ((model.layers[0], frozen.layers[0]), (model.layers[2], frozen.layers[2])):  # the same bits
+        want = quant.quantize(fake.kernel.get_value().T, fmt)
+        for a, b in zip(jax.tree_util.tree_leaves(q.weight.get_value()), jax.tree_util.tree_leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the same output up to float32 summation order (the frozen layers may take the compiled kernel)
+    np.testing.assert_allclose(np.asarray(frozen(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: frozen(x))(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_selection_and_the_model_passed_in_is_unchanged():

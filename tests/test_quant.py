@@ -61,11 +61,13 @@ def _trees_bit_equal(a, b):
 
 
 GGML_MORE = ["q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]  # viva_tensor.ggml (oracle tests: test_ggml.py)
+# bitsandbytes' FP4 (oracle tests: test_bnb_fp4.py) and GPTQ's act-order int4 (test_gptq_act_order.py), listed last
+LATER = ["bnb_fp4", "bnb_fp4_dq", "int4_gidx"]
 
 
 def test_formats_lists_every_format_in_order():
-    assert quant.format_names() == NAMES[:4] + GGML_MORE + NAMES[4:]
-    assert set(quant.FORMATS) == set(NAMES) | set(GGML_MORE)
+    assert quant.format_names() == NAMES[:4] + GGML_MORE + NAMES[4:] + LATER
+    assert set(quant.FORMATS) == set(NAMES) | set(GGML_MORE) | set(LATER)
     for name, spec in quant.FORMATS.items():
         assert spec.name == name and spec.record.format == name
 
@@ -90,7 +92,7 @@ def test_quantize_passes_options():
 
 
 def test_unknown_format_lists_the_known_ones():
-    with pytest.raises(FormatError, match=r"argument 'fmt': expected one of 'int8', 'q4_0'.*'awq_int4', got 'fp3'"):
+    with pytest.raises(FormatError, match=r"argument 'fmt': expected one of 'int8', 'q4_0'.*'awq_int4'.*, got 'fp3'"):
         quant.quantize(jnp.ones((2, 32)), "fp3")
     with pytest.raises(FormatError, match="fmt"):
         quant.quantize(jnp.ones((2, 32)), None)

@@ -50,8 +50,9 @@ def _source(name):
 
 def test_an_old_checkpoint_loads_and_decodes_bit_for_bit(with_sparse24):
     tree = quant.load(FIXTURE)
-    # every format the fixture's commit had (the GGML Q5/K-quant formats came later: tests/test_ggml.py)
-    later = {"q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
+    # every format the fixture's commit had (the GGML Q5/K-quant formats, bitsandbytes' FP4 and GPTQ's act-order
+    # int4 came later: tests/test_ggml.py, test_bnb_fp4.py, test_gptq_act_order.py)
+    later = {"q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "bnb_fp4", "bnb_fp4_dq", "int4_gidx"}
     assert set(tree["records"]) == set(quant.format_names()) - later | set(_EXTRA)
     _same_bits(tree["plain"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert tree["nested"] == [None, {"n": 3}]

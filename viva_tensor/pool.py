@@ -9,7 +9,6 @@ inputs give NaN scores, which are returned as such (never a silent number).
 
 Example:
     >>> import jax.numpy as jnp
-import numpy as np
     >>> from viva_tensor import pool
     >>> docs = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     >>> scores, idx = pool.top_k_similar(jnp.array([1.0, 0.1]), docs, 2)

@@ -6,7 +6,7 @@ instance of ``nnx.Linear``) whose float kernel is fake-quantized on every call w
 reaches the float kernel straight through (zero where the format clips). The kernel is quantized in
 :class:`~viva_tensor.nn.QLinear`'s ``(out, in)`` layout, so :meth:`FakeQuantLinear.to_qlinear` (and
 :func:`freeze_fake_quant` for a whole model) stores the very same bits, and the frozen layer computes the same
-output.
+output up to float32 summation order (the frozen layer may take the compiled kernel, which sums in its own order).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class FakeQuantLinear(nnx.Linear):
         >>> from flax import nnx
         >>> layer = FakeQuantLinear(64, 4, fmt="nf4", rngs=nnx.Rngs(0))
         >>> x = jnp.ones((2, 64))
-        >>> bool(jnp.array_equal(layer(x), layer.to_qlinear()(x)))
+        >>> bool(jnp.allclose(layer(x), layer.to_qlinear()(x), rtol=1e-5, atol=1e-5))
         True
         >>> grads = nnx.grad(lambda m: m(x).sum())(layer)
         >>> grads["kernel"].get_value().shape
@@ -184,7 +184,8 @@ def freeze_fake_quant(model: nnx.Module) -> nnx.Module:
         >>> from viva_tensor import nn
         >>> qat = nn.fake_quantize_model(nnx.Sequential(nnx.Linear(64, 2, rngs=nnx.Rngs(0))), "q4_0")
         >>> frozen = nn.freeze_fake_quant(qat)
-        >>> type(frozen.layers[0]).__name__, bool(jnp.array_equal(frozen(jnp.ones((1, 64))), qat(jnp.ones((1, 64)))))
+        >>> x = jnp.ones((1, 64))
+        >>> type(frozen.layers[0]).__name__, bool(jnp.allclose(frozen(x), qat(x), atol=1e-5))
         ('QLinear', True)
     """
     copy = nnx.clone(model)

@@ -9,7 +9,8 @@ and is clamped. Non-finite values (NaN, infinities) get a zero gradient everywhe
 Which formats can clip a finite value (and where):
 
 - never (absmax or min/max scaling maps every value inside the end codes): ``int8`` (tensor, channel, block),
-  ``q8_0``, ``q4_1``, ``q5_1``, ``nf4``, ``nf4_dq``;
+  ``q8_0``, ``q4_1``, ``q5_1``, ``nf4``, ``nf4_dq``, ``bnb_fp4``, ``bnb_fp4_dq`` (bitsandbytes' FP4 code book
+  spans [-1, 1] of the block's absmax);
 - ``q4_0`` / ``q5_0``: the end code of the sign opposite to the block's first largest value is one step short
   (``7 d`` against ``-8 d``): a value beyond ``7.5 |d|`` (``15.5 |d|``) of that sign clips;
 - the K-quants ``q2_k`` .. ``q6_k`` (and ``q5_0``, ``q5_1`` with an ``imatrix``): their scales
