@@ -89,22 +89,16 @@ def kernel_args(record: Any) -> dict | None:
     from viva_tensor import awq, blackwell, compression, nf4
 
     out = dict(offsets=None, x_mul=None, x_div=None, lut=None)
-    if isinstance(record, (nf4.NF4Tensor, nf4.NF4DQTensor)):
+    books = {nf4.NF4Tensor: nf4.NF4_LEVELS, nf4.NF4DQTensor: nf4.NF4_LEVELS,  # bitsandbytes' FP4: NF4's layout,
+             nf4.FP4Tensor: nf4.FP4_LEVELS, nf4.FP4DQTensor: nf4.FP4_LEVELS}  # its own code book
+    if type(record) in books:
         rp = _rows(record, record.block_size)
         if rp is None or record.codes.ndim != 1:
             return None
         rows, packed = rp
-        absmax = nf4._dq_absmax(record) if isinstance(record, nf4.NF4DQTensor) else _f32(record.absmax)
-        return out | dict(codes=record.codes.reshape(rows, packed // 2), lut=jnp.asarray(nf4.NF4_LEVELS),
-                          scales=absmax.reshape(rows, packed // record.block_size), layout="high_first",
-                          block_size=record.block_size)
-    if isinstance(record, (nf4.FP4Tensor, nf4.FP4DQTensor)):  # bitsandbytes FP4: NF4's layout, its own code book
-        rp = _rows(record, record.block_size)
-        if rp is None or record.codes.ndim != 1:
-            return None
-        rows, packed = rp
-        absmax = nf4._dq_absmax(record) if isinstance(record, nf4.FP4DQTensor) else _f32(record.absmax)
-        return out | dict(codes=record.codes.reshape(rows, packed // 2), lut=jnp.asarray(nf4.FP4_LEVELS),
+        double = isinstance(record, (nf4.NF4DQTensor, nf4.FP4DQTensor))
+        absmax = nf4._dq_absmax(record) if double else _f32(record.absmax)
+        return out | dict(codes=record.codes.reshape(rows, packed // 2), lut=jnp.asarray(books[type(record)]),
                           scales=absmax.reshape(rows, packed // record.block_size), layout="high_first",
                           block_size=record.block_size)
     if isinstance(record, (blackwell.NVFP4Tensor, blackwell.MXFP4Tensor)):
