@@ -205,7 +205,7 @@ def test_kernel_planes_and_dot_general(dq):
     np.testing.assert_array_equal(bits(decoded(args)), bits(want))
     if _kernels.available():
         got = _kernels.decode(args["codes"], args["lut"], args["scales"], args["offsets"], layout=args["layout"],
-                              block_size=args["block_size"])
+                              block_size=args["block_size"], scale_table=args["scale_table"])
         np.testing.assert_array_equal(bits(got), bits(want))
     x = jax.random.normal(jax.random.key(6), (3, 128))
     dims = (((1,), (1,)), ((), ()))

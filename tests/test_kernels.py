@@ -322,7 +322,7 @@ def test_kernel_args_decode_bit_for_bit(name):
     np.testing.assert_array_equal(np.asarray(decoded(args)), want)
     if _kernels.available() and args["x_mul"] is None and args["x_div"] is None:
         got = _kernels.decode(args["codes"], args["lut"], args["scales"], args["offsets"], layout=args["layout"],
-                              block_size=args["block_size"])
+                              block_size=args["block_size"], scale_table=args["scale_table"])
         np.testing.assert_array_equal(np.asarray(got), want)
     # and the matmul through the planes equals dequantize-then-dot within the summation bound
     x = np.random.default_rng(10).normal(size=(3, want.shape[1])).astype(np.float32)
@@ -332,7 +332,8 @@ def test_kernel_args_decode_bit_for_bit(name):
     if args["x_div"] is not None:
         xk = xk / args["x_div"][None, :]
     y = np.asarray(_kernels.qmatmul(xk, args["codes"], args["lut"], args["scales"], args["offsets"],
-                                    layout=args["layout"], block_size=args["block_size"]))
+                                    layout=args["layout"], block_size=args["block_size"],
+                                    scale_table=args["scale_table"]))
     ref = x.astype(np.float64) @ want.astype(np.float64).T
     bound = 8 * want.shape[1] * 2.0**-24 * (np.abs(x) @ np.abs(want).T) + 1e-6
     assert np.all(np.abs(y - ref) <= bound)

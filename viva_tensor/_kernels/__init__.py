@@ -54,7 +54,8 @@ import numpy as np
 
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
 
-__all__ = ["available", "qmatmul", "qmatmul_reference", "decode", "decode_reference", "LAYOUTS", "WEIGHT_LAYOUTS",
+__all__ = ["available", "qmatmul", "qmatmul_reference", "decode", "decode_reference", "float_planes", "LAYOUTS",
+           "WEIGHT_LAYOUTS", "SCALE_KINDS", "OFFSET_KINDS",
            "library_path", "threads", "quantize_rows", "qmatmul_int8", "qmatmul_int8_reference"]
 
 LAYOUTS = {"low_first": 0, "high_first": 1, "ggml": 2, "int8": 3}
@@ -134,7 +135,7 @@ def available() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout):
+def _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout, scale_table=None):
     if layout not in LAYOUTS:
         raise ConfigError(argument="layout", expected=f"one of {sorted(LAYOUTS)}", got=layout)
     if weight_layout not in WEIGHT_LAYOUTS:
@@ -157,8 +158,13 @@ def _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout):
                           got=block_size)
     if scales.shape != (rows, packed // block_size):
         raise ShapeMismatch(argument="scales", expected=(rows, packed // block_size), got=scales.shape,
-                            hint="one float32 scale per block of the packed axis")
-    if offsets is not None and offsets.shape != scales.shape:
+                            hint="one scale per block of the packed axis")
+    _scale_kind(scales, scale_table)
+    if _offset_kind(offsets) == 3:
+        want = (rows, (packed // block_size + 1) // 2)
+        if offsets.shape != want:
+            raise ShapeMismatch(argument="offsets", expected=want, got=offsets.shape, hint="packed zero-point pairs")
+    elif offsets is not None and offsets.shape != scales.shape:
         raise ShapeMismatch(argument="offsets", expected=scales.shape, got=offsets.shape)
     k = rows if weight_layout == "kn" else packed
     n = packed if weight_layout == "kn" else rows
@@ -172,15 +178,83 @@ def _kernel_fits(packed: int, block_size: int, layout: str) -> bool:
     return packed % 32 == 0 and (block_size % 32 == 0 or (block_size == 16 and layout != "ggml"))
 
 
+#: How the kernel reads the scales, by dtype (uint8: one byte per block through ``scale_table``).
+SCALE_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2, "uint8": 3}
+#: How it reads the offsets, by dtype (uint8: packed 4-bit zero points, first block low; offset = -zero * scale).
+OFFSET_KINDS = {"float32": 1, "float16": 2, "uint8": 3}
+
+
+def _scale_kind(scales, scale_table) -> int:
+    kind = SCALE_KINDS.get(jnp.dtype(scales.dtype).name)
+    if kind is None:
+        raise DTypeError(argument="scales", expected="float32, float16, bfloat16, or uint8 with a scale_table",
+                         got=str(scales.dtype))
+    if kind == 3 and (scale_table is None or tuple(scale_table.shape) != (256,)):
+        raise InvalidShape(argument="scale_table", expected="a (256,) float32 table for uint8 scales",
+                           got=None if scale_table is None else scale_table.shape)
+    return kind
+
+
+def _offset_kind(offsets) -> int:
+    if offsets is None:
+        return 0
+    kind = OFFSET_KINDS.get(jnp.dtype(offsets.dtype).name)
+    if kind is None:
+        raise DTypeError(argument="offsets", expected="float32, float16, or uint8 packed zero points",
+                         got=str(offsets.dtype))
+    return kind
+
+
+#: The (scale kind, offset kind) pairs the compiled kernel reads directly (0: no offsets); any other pair is
+#: widened to float32 first (:func:`float_planes`).
+KERNEL_KINDS = frozenset({(0, 0), (0, 1), (1, 0), (1, 2), (1, 3), (3, 0)})
+
+
+def _kernel_planes(scales, offsets, table):
+    """The planes as the compiled kernel reads them: as stored when it knows the pair, else widened to float32."""
+    if (_scale_kind(scales, table), _offset_kind(offsets)) in KERNEL_KINDS:
+        return scales, offsets, table if jnp.dtype(scales.dtype) == jnp.uint8 else None
+    s, o = float_planes(scales, offsets, table)
+    return s, o, None
+
+
+def float_planes(scales, offsets=None, scale_table=None) -> tuple[jax.Array, jax.Array | None]:
+    """The float32 scales and offsets the kernel reads from the stored ones (the pure-JAX paths use these).
+
+    Float scales are widened exactly; uint8 scales index ``scale_table``; uint8 offsets are packed 4-bit zero points
+    (two blocks per byte, the first in the low nibble) giving ``-zero * scale``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import _kernels
+        >>> s, o = _kernels.float_planes(jnp.array([[2.0, 4.0]], jnp.float16), jnp.array([[0x31]], jnp.uint8))
+        >>> s.tolist(), o.tolist()
+        ([[2.0, 4.0]], [[-2.0, -12.0]])
+    """
+    if jnp.dtype(scales.dtype) == jnp.uint8:
+        s = jnp.asarray(scale_table, jnp.float32)[scales.astype(jnp.int32)]
+    else:
+        s = scales.astype(jnp.float32)
+    if offsets is None:
+        return s, None
+    if jnp.dtype(offsets.dtype) == jnp.uint8:
+        nb = s.shape[-1]
+        z = jnp.stack([offsets & 0xF, offsets >> 4], axis=-1).reshape(*offsets.shape[:-1], -1)[..., :nb]
+        return s, -z.astype(jnp.float32) * s
+    return s, offsets.astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pure-JAX reference (the path on GPU/TPU)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def decode_reference(codes, lut, scales, offsets=None, *, layout: str, block_size: int) -> jax.Array:
+def decode_reference(codes, lut, scales, offsets=None, *, layout: str, block_size: int,
+                     scale_table=None) -> jax.Array:
     """Decodes the planes to float32 ``(rows, packed)`` in natural order, in pure JAX.
 
-    ``lut[code] * scale`` (+ ``offset``), per block of the packed axis. The kernel adds the offset with an FMA; for
+    ``lut[code] * scale`` (+ ``offset``), per block of the packed axis (scales and offsets as
+    :func:`float_planes` reads them). The kernel adds the offset with an FMA; for
     the formats' planes the product is exact (Q4_1, int4_group), so both give the same bits.
 
     Example:
@@ -206,17 +280,17 @@ def decode_reference(codes, lut, scales, offsets=None, *, layout: str, block_siz
         values = jnp.asarray(lut, jnp.float32)[idx]
     packed = values.shape[1]
     v = values.reshape(rows, packed // block_size, block_size)
-    s = scales.astype(jnp.float32)[..., None]
-    out = v * s
-    if offsets is not None:  # XLA:CPU fuses this into an FMA under jit, as the kernel computes it
-        out = out + offsets.astype(jnp.float32)[..., None]
+    s, o = float_planes(scales, offsets, scale_table)
+    out = v * s[..., None]
+    if o is not None:  # XLA:CPU fuses this into an FMA under jit, as the kernel computes it
+        out = out + o[..., None]
     return out.reshape(rows, packed)
 
 
 def qmatmul_reference(x, codes, lut, scales, offsets=None, *, layout: str, block_size: int,
-                      weight_layout: str = "nk") -> jax.Array:
+                      weight_layout: str = "nk", scale_table=None) -> jax.Array:
     """Pure-JAX :func:`qmatmul`: decode to float32, then a dot on the weight's own axes (no transposed copy)."""
-    w = decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size)
+    w = decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size, scale_table=scale_table)
     xf = x.astype(jnp.float32)
     contract = 1 if weight_layout == "nk" else 0
     y = jax.lax.dot_general(xf, w, (((xf.ndim - 1,), (contract,)), ((), ())),
@@ -237,20 +311,26 @@ PANEL_BATCH = int(os.environ.get("VIVA_TENSOR_PANEL_BATCH", "32"))
 PANEL_BYTES = 4 << 20
 
 
-def _ffi_qmatmul(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+def _kinds(scales, offsets) -> dict:
+    """The kernel's attributes for how it reads the scales and offsets (offsets of shape (0,): none)."""
+    return dict(scale_kind=np.int64(SCALE_KINDS[jnp.dtype(scales.dtype).name]),
+                offset_kind=np.int64(0 if offsets.shape[0] == 0 else OFFSET_KINDS[jnp.dtype(offsets.dtype).name]))
+
+
+def _ffi_qmatmul(x2, codes, lut, scales, offsets, table, *, layout, block_size, kn, n):
     call = jax.ffi.ffi_call("vt_qmatmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
-    return call(x2, codes, lut, scales, offsets, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
-                kn=np.int64(kn), threads=np.int64(threads()))
+    return call(x2, codes, lut, scales, offsets, table, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
+                kn=np.int64(kn), threads=np.int64(threads()), **_kinds(scales, offsets))
 
 
-def _ffi_decode(codes, lut, scales, offsets, *, layout, block_size, packed):
+def _ffi_decode(codes, lut, scales, offsets, table, *, layout, block_size, packed):
     call = jax.ffi.ffi_call("vt_decode", jax.ShapeDtypeStruct((codes.shape[0], packed), jnp.float32),
                             vmap_method="sequential")
-    return call(codes, lut, scales, offsets, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
-                threads=np.int64(threads()))
+    return call(codes, lut, scales, offsets, table, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
+                threads=np.int64(threads()), **_kinds(scales, offsets))
 
 
-def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+def _panel_stream(x2, codes, lut, scales, offsets, table, *, layout, block_size, kn, n):
     """Large batches: decode P rows of the stored weight at a time and contract each panel with XLA's dot."""
     rows = codes.shape[0]
     packed = n if kn else x2.shape[1]
@@ -260,7 +340,7 @@ def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n)
     has_off = offsets.shape[0] != 0
 
     def panel(c, s, o, xs):
-        w = _ffi_decode(c, lut, s, o, layout=layout, block_size=block_size, packed=packed)
+        w = _ffi_decode(c, lut, s, o, table, layout=layout, block_size=block_size, packed=packed)
         dims = (((1,), (0,)) if kn else ((1,), (1,)), ((), ()))
         return jax.lax.dot_general(xs, w, dims, precision=jax.lax.Precision.HIGHEST,
                                    preferred_element_type=jnp.float32)
@@ -271,6 +351,7 @@ def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n)
     (c_main, c_rest), (s_main, s_rest) = split(codes), split(scales)
     o_main, o_rest = split(offsets) if has_off else ((None,), None)
     empty = jnp.zeros((0,), jnp.float32)
+    no_off = jnp.zeros((full, 0), jnp.float32)
     if kn:  # panels of K: y accumulates x[:, panel] @ w[panel, :]
         xs_main = jnp.moveaxis(x2[:, : full * p].reshape(x2.shape[0], full, p), 1, 0)
 
@@ -279,7 +360,7 @@ def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n)
             return y + panel(c, s, o if has_off else empty, xs), None
 
         y, _ = jax.lax.scan(body, jnp.zeros((x2.shape[0], n), jnp.float32),
-                            (c_main, s_main, o_main if has_off else jnp.zeros((full, 0)), xs_main))
+                            (c_main, s_main, o_main if has_off else no_off, xs_main))
         if rows % p:
             y = y + panel(c_rest, s_rest, o_rest if has_off else empty, x2[:, full * p:])
         return y
@@ -288,16 +369,16 @@ def _panel_stream(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n)
         c, s, o = t
         return carry, panel(c, s, o if has_off else empty, x2)
 
-    _, ys = jax.lax.scan(body, None, (c_main, s_main, o_main if has_off else jnp.zeros((full, 0))))
+    _, ys = jax.lax.scan(body, None, (c_main, s_main, o_main if has_off else no_off))
     y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], full * p)
     if rows % p:
         y = jnp.concatenate([y, panel(c_rest, s_rest, o_rest if has_off else empty, x2)], axis=1)
     return y
 
 
-def _kernel_call(x2, codes, lut, scales, offsets, *, layout, block_size, kn, n):
+def _kernel_call(x2, codes, lut, scales, offsets, table, *, layout, block_size, kn, n):
     fn = _panel_stream if x2.shape[0] >= PANEL_BATCH else _ffi_qmatmul
-    return fn(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
+    return fn(x2, codes, lut, scales, offsets, table, layout=layout, block_size=block_size, kn=kn, n=n)
 
 
 @functools.cache
@@ -305,19 +386,19 @@ def _batched_kernel(layout: str, block_size: int, kn: int, n: int):
     """The custom call as a function with a vmap rule: a batch of activations folds into the rows of x."""
 
     @jax.custom_batching.custom_vmap
-    def f(x2, codes, lut, scales, offsets):
-        return _kernel_call(x2, codes, lut, scales, offsets, layout=layout, block_size=block_size, kn=kn, n=n)
+    def f(x2, codes, lut, scales, offsets, table):
+        return _kernel_call(x2, codes, lut, scales, offsets, table, layout=layout, block_size=block_size, kn=kn, n=n)
 
     @f.def_vmap
-    def rule(axis_size, in_batched, x2, codes, lut, scales, offsets):
+    def rule(axis_size, in_batched, x2, codes, lut, scales, offsets, table):
         xb, *wb = in_batched
         if not any(wb):
             if not xb:
-                return f(x2, codes, lut, scales, offsets), False
+                return f(x2, codes, lut, scales, offsets, table), False
             v, b, k = x2.shape
-            return f(x2.reshape(v * b, k), codes, lut, scales, offsets).reshape(v, b, n), True
+            return f(x2.reshape(v * b, k), codes, lut, scales, offsets, table).reshape(v, b, n), True
         args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                for a, batched in zip((x2, codes, lut, scales, offsets), in_batched, strict=True)]
+                for a, batched in zip((x2, codes, lut, scales, offsets, table), in_batched, strict=True)]
         return jax.lax.map(lambda t: f(*t), tuple(args)), True
 
     return f
@@ -325,7 +406,7 @@ def _batched_kernel(layout: str, block_size: int, kn: int, n: int):
 
 def qmatmul(x: jax.Array, codes: jax.Array, lut: jax.Array | None, scales: jax.Array,
             offsets: jax.Array | None = None, *, layout: str, block_size: int,
-            weight_layout: str = "nk") -> jax.Array:
+            weight_layout: str = "nk", scale_table: jax.Array | None = None) -> jax.Array:
     """Matmul of activations by a quantized weight, decoded inside the kernel (never a float32 weight in memory).
 
     Args:
@@ -333,11 +414,15 @@ def qmatmul(x: jax.Array, codes: jax.Array, lut: jax.Array | None, scales: jax.A
         codes: the packed weight: ``uint8 (rows, packed / 2)`` for the 4-bit layouts, ``int8 (rows, packed)`` for
             ``"int8"``; ``rows, packed`` are ``N, K`` for ``weight_layout="nk"`` and ``K, N`` for ``"kn"``.
         lut: float32 ``(16,)``: the value of each 4-bit code (ignored for ``"int8"``; pass None).
-        scales: float32 ``(rows, packed / block_size)``.
-        offsets: optional float32 like ``scales``, added after the scale (Q4_1's min, int4_group's -zero*scale).
+        scales: ``(rows, packed / block_size)``: float32, float16 or bfloat16 (read as stored, widened exactly), or
+            uint8 with ``scale_table`` (an E4M3 or E8M0 byte per block).
+        offsets: optional, added after the scale: float32 or float16 like ``scales`` (Q4_1's min), or uint8
+            ``(rows, ceil(blocks / 2))`` packed 4-bit zero points, the first block in the low nibble, giving
+            ``-zero * scale`` (int4_group, AWQ).
         layout: ``"low_first"``, ``"high_first"``, ``"ggml"`` or ``"int8"`` (see the module docstring).
         block_size: values per scale along the packed axis (``packed`` for one scale per row).
         weight_layout: ``"nk"``: ``y[..., n] = sum_k x[..., k] w[n, k]``; ``"kn"``: ``sum_k x[..., k] w[k, n]``.
+        scale_table: float32 ``(256,)``, the value of each scale byte (uint8 scales only).
 
     Returns:
         ``(..., N)`` in ``x``'s dtype.
@@ -355,27 +440,34 @@ def qmatmul(x: jax.Array, codes: jax.Array, lut: jax.Array | None, scales: jax.A
     """
     x = jnp.asarray(x)
     lut = jnp.zeros((16,), jnp.float32) if lut is None else jnp.asarray(lut, jnp.float32)
-    n, k, packed = _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout)
-    scales = jnp.asarray(scales, jnp.float32)
-    offsets = None if offsets is None else jnp.asarray(offsets, jnp.float32)
+    scales = jnp.asarray(scales)
+    offsets = None if offsets is None else jnp.asarray(offsets)
+    table = None if scale_table is None else jnp.asarray(scale_table, jnp.float32)
+    n, k, packed = _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout, table)
+    if jnp.dtype(scales.dtype) != jnp.uint8:
+        table = None
     if not available() or not _kernel_fits(packed, block_size, layout):
         return qmatmul_reference(x, codes, lut, scales, offsets, layout=layout, block_size=block_size,
-                                 weight_layout=weight_layout)
+                                 weight_layout=weight_layout, scale_table=table)
+    scales, offsets, table = _kernel_planes(scales, offsets, table)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(jnp.float32)
     off = jnp.zeros((0,), jnp.float32) if offsets is None else offsets
-    y = _differentiable(layout, block_size, weight_layout, n, k, offsets is not None)(x2, codes, lut, scales, off)
+    table = jnp.zeros((0,), jnp.float32) if table is None else table
+    y = _differentiable(layout, block_size, weight_layout, n, k, offsets is not None)(x2, codes, lut, scales, off,
+                                                                                       table)
     return y.reshape(*lead, n).astype(x.dtype)
 
 
-def _forward(x2, codes, lut, scales, off, *, layout, block_size, weight_layout, n, has_off):
+def _forward(x2, codes, lut, scales, off, table, *, layout, block_size, weight_layout, n, has_off):
     kern = _batched_kernel(layout, block_size, int(weight_layout == "kn"), n)
 
-    def other(x2, codes, lut, scales, off):
+    def other(x2, codes, lut, scales, off, table):
         return qmatmul_reference(x2, codes, lut, scales, off if has_off else None, layout=layout,
-                                 block_size=block_size, weight_layout=weight_layout)
+                                 block_size=block_size, weight_layout=weight_layout,
+                                 scale_table=table if table.shape[0] else None)
 
-    return jax.lax.platform_dependent(x2, codes, lut, scales, off, cpu=kern, default=other)
+    return jax.lax.platform_dependent(x2, codes, lut, scales, off, table, cpu=kern, default=other)
 
 
 @functools.cache
@@ -388,29 +480,37 @@ def _differentiable(layout: str, block_size: int, weight_layout: str, n: int, k:
     bwd_kw = dict(layout=layout, block_size=block_size, weight_layout=other_layout, n=k, has_off=has_off)
 
     @jax.custom_vjp
-    def f(x2, codes, lut, scales, off):
-        return _forward(x2, codes, lut, scales, off, **fwd_kw)
+    def f(x2, codes, lut, scales, off, table):
+        return _forward(x2, codes, lut, scales, off, table, **fwd_kw)
 
-    def f_fwd(x2, codes, lut, scales, off):
-        return f(x2, codes, lut, scales, off), (x2, codes, lut, scales, off)
+    def f_fwd(x2, codes, lut, scales, off, table):
+        return f(x2, codes, lut, scales, off, table), (x2, codes, lut, scales, off, table)
 
     def f_bwd(res, y_bar):
-        x2, codes, lut, scales, off = res
-        x_bar = _forward(y_bar, codes, lut, scales, off, **bwd_kw)
+        x2, codes, lut, scales, off, table = res
+        x_bar = _forward(y_bar, codes, lut, scales, off, table, **bwd_kw)
+        planes = [lut, scales, off, table]
+        floating = [i for i, a in enumerate(planes) if jnp.issubdtype(a.dtype, jnp.floating)]
 
-        def ref(lut, scales, off):
-            return qmatmul_reference(x2, codes, lut, scales, off if has_off else None, layout=layout,
-                                     block_size=block_size, weight_layout=weight_layout)
+        def ref(*floats):
+            a = list(planes)
+            for i, v in zip(floating, floats, strict=True):
+                a[i] = v
+            return qmatmul_reference(x2, codes, a[0], a[1], a[2] if has_off else None, layout=layout,
+                                     block_size=block_size, weight_layout=weight_layout,
+                                     scale_table=a[3] if a[3].shape[0] else None)
 
-        _, vjp = jax.vjp(ref, lut, scales, off)
-        lut_bar, scales_bar, off_bar = vjp(y_bar)
-        return x_bar, None, lut_bar, scales_bar, off_bar
+        _, vjp = jax.vjp(ref, *(planes[i] for i in floating))
+        bars: list = [None] * 4
+        for i, v in zip(floating, vjp(y_bar), strict=True):
+            bars[i] = v
+        return x_bar, None, *bars
 
     f.defvjp(f_fwd, f_bwd)
     return f
 
 
-def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int) -> jax.Array:
+def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int, scale_table=None) -> jax.Array:
     """Decodes the planes to a float32 ``(rows, packed)`` array with the kernel (pure JAX where unavailable).
 
     Example:
@@ -423,11 +523,18 @@ def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int) ->
     lut = jnp.zeros((16,), jnp.float32) if lut is None else jnp.asarray(lut, jnp.float32)
     rows, per_row = codes.shape
     packed = per_row if layout == "int8" else 2 * per_row
-    scales = jnp.asarray(scales, jnp.float32)
+    scales = jnp.asarray(scales)
+    offsets = None if offsets is None else jnp.asarray(offsets)
+    table = None if scale_table is None or jnp.dtype(scales.dtype) != jnp.uint8 else jnp.asarray(scale_table,
+                                                                                                  jnp.float32)
+    _scale_kind(scales, table)
+    _offset_kind(offsets)
     if not available() or not _kernel_fits(packed, block_size, layout) or jax.default_backend() != "cpu":
-        return decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size)
-    off = jnp.zeros((0,), jnp.float32) if offsets is None else jnp.asarray(offsets, jnp.float32)
-    return _ffi_decode(codes, lut, scales, off, layout=layout, block_size=block_size, packed=packed)
+        return decode_reference(codes, lut, scales, offsets, layout=layout, block_size=block_size, scale_table=table)
+    scales, offsets, table = _kernel_planes(scales, offsets, table)
+    off = jnp.zeros((0,), jnp.float32) if offsets is None else offsets
+    table = jnp.zeros((0,), jnp.float32) if table is None else table
+    return _ffi_decode(codes, lut, scales, off, table, layout=layout, block_size=block_size, packed=packed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,6 +579,7 @@ def qmatmul_int8_reference(xq: jax.Array, xs: jax.Array, codes: jax.Array, scale
     n = codes.shape[0]
     nb = k // block_size
     xb = xq.reshape(b, nb, block_size)
+    scales = jnp.asarray(scales).astype(jnp.float32)  # float16 as a record stores them: widened exactly
 
     def part(c, s):  # c (rows, K) int8, s (rows, nb)
         isum = jax.lax.dot_general(xb, c.reshape(-1, nb, block_size), (((2,), (2,)), ((1,), (1,))),

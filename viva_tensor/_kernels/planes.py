@@ -6,22 +6,29 @@ checkpoint layout ``(out, in)``), or the other one with ``"kn"`` (``x @ w``). De
 (``_kernels.decode`` or ``decode_reference``) gives the format's own ``dequantize`` bit for bit.
 
 =============  ===========  ===================================  ===================================  ============
-record         layout       lut                                  scales (float32, per block)          offsets
+record         layout       lut                                  scales (per block, as stored)        offsets
 =============  ===========  ===================================  ===================================  ============
-NF4Tensor      high_first   NF4 levels                           absmax                               --
+NF4Tensor      high_first   NF4 levels                           absmax (float32)                     --
 NF4DQTensor    high_first   NF4 levels                           dynamic_map[absmax_codes] * nested    --
-                                                                 (rounded) + offset
+                                                                 (rounded) + offset (float32, per
+                                                                 call)
 FP4Tensor      high_first   bitsandbytes FP4 code book           absmax (FP4DQTensor: as NF4DQTensor)  --
-NVFP4Tensor    low_first    E2M1 values                          float(e4m3 scale) * tensor_scale     --
-MXFP4Tensor    low_first    E2M1 values                          2**(byte - 127), NaN for 0xFF        --
-Q4_0Tensor     ggml         code - 8                             d                                    --
-Q4_1Tensor     ggml         code                                 d                                    m
-Q8_0Tensor     int8         --                                   d                                    --
+NVFP4Tensor    low_first    E2M1 values                          e4m3 byte, table: float(e4m3) *      --
+                                                                 tensor_scale
+MXFP4Tensor    low_first    E2M1 values                          E8M0 byte, table: 2**(byte - 127),   --
+                                                                 NaN for 0xFF
+Q4_0Tensor     ggml         code - 8                             d (float16)                          --
+Q4_1Tensor     ggml         code                                 d (float16)                          m (float16)
+Q8_0Tensor     int8         --                                   d (float16)                          --
 Int8Tensor     int8         --                                   scales (per row / block / tensor;    --
                                                                  per column: ``x_mul``)
-GroupInt4      low_first    code                                 scales                               -zero*scale
-AWQTensor      low_first    code                                 scales                               -zero*scale
+GroupInt4      low_first    code                                 scales (float16)                     zero nibbles
+AWQTensor      low_first    code                                 scales (float16)                     zero nibbles
 =============  ===========  ===================================  ===================================  ============
+
+Scales and offsets are handed over as the record stores them (float16, bfloat16, bytes through a 256-entry
+``scale_table``, packed zero points): the kernel widens them itself, so a call never writes a float32 copy of a
+plane first (at batch 1 that copy cost as much as the product). ``_kernels.float_planes`` gives the float32 values.
 
 AWQ's weight is ``grid / act_scale`` per input column: ``x_div = act_scale`` (divide the activations by it
 first, as ``awq.awq_matmul`` does); an Int8Tensor with one scale per input column gives ``x_mul``.
@@ -64,17 +71,14 @@ def _mx_scales(byte: jax.Array) -> jax.Array:
     return jnp.where(b == 255, jnp.float32(jnp.nan), scale)
 
 
-def _unpack_low_first(packed: jax.Array, n: int) -> jax.Array:
-    return jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)[..., :n]
-
-
 def kernel_args(record: Any) -> dict | None:
     """The planes of a 2-D quantized record for :func:`viva_tensor._kernels.qmatmul`, or None when it cannot take it.
 
     Returns:
-        ``dict(codes, lut, scales, offsets, layout, block_size, x_mul, x_div)``: ``codes`` uint8/int8
-        ``(rows, packed/2 or packed)``, ``lut`` float32 ``(16,)`` or None, ``scales`` and ``offsets`` (or None)
-        float32 ``(rows, packed / block_size)``, ``x_mul`` / ``x_div`` (None or float32 ``(packed,)``) to apply to
+        ``dict(codes, lut, scales, offsets, scale_table, layout, block_size, x_mul, x_div)``: ``codes`` uint8/int8
+        ``(rows, packed/2 or packed)``, ``lut`` float32 ``(16,)`` or None, ``scales`` ``(rows, packed / block_size)``
+        and ``offsets`` (or None) as :func:`viva_tensor._kernels.qmatmul` reads them (``scale_table`` float32
+        ``(256,)`` for byte scales, else None), ``x_mul`` / ``x_div`` (None or float32 ``(packed,)``) to apply to
         the activations' contracted axis first (with ``weight_layout="nk"``). None when the record is not 2-D, is
         batched, or its packed axis is not a multiple of 32 and of its block (the pure-JAX path then applies).
 
@@ -88,7 +92,7 @@ def kernel_args(record: Any) -> dict | None:
     """
     from viva_tensor import awq, blackwell, compression, nf4
 
-    out = dict(offsets=None, x_mul=None, x_div=None, lut=None)
+    out = dict(offsets=None, x_mul=None, x_div=None, lut=None, scale_table=None)
     books = {nf4.NF4Tensor: nf4.NF4_LEVELS, nf4.NF4DQTensor: nf4.NF4_LEVELS,  # bitsandbytes' FP4: NF4's layout,
              nf4.FP4Tensor: nf4.FP4_LEVELS, nf4.FP4DQTensor: nf4.FP4_LEVELS}  # its own code book
     if type(record) in books:
@@ -105,27 +109,29 @@ def kernel_args(record: Any) -> dict | None:
         rp = _rows(record, record.block_size)
         if rp is None or record.codes.shape != (rp[0], rp[1] // 2):
             return None
+        byte = jnp.arange(256, dtype=jnp.uint8)
         if isinstance(record, blackwell.NVFP4Tensor):
             if record.tensor_scale.ndim:
                 return None
-            scales = _f32(record.scales) * record.tensor_scale
+            scales = jax.lax.bitcast_convert_type(record.scales, jnp.uint8)
+            table = _f32(jax.lax.bitcast_convert_type(byte, record.scales.dtype)) * record.tensor_scale
         else:
-            scales = _mx_scales(record.scales)
+            scales, table = record.scales, _mx_scales(byte)
         return out | dict(codes=record.codes, lut=jnp.asarray(_E2M1), scales=scales, layout="low_first",
-                          block_size=record.block_size)
+                          block_size=record.block_size, scale_table=table)
     if isinstance(record, (compression.Q4_0Tensor, compression.Q4_1Tensor, compression.Q8_0Tensor)):
         rp = _rows(record, 32)
         nb = None if rp is None else rp[0] * rp[1] // 32
         if rp is None or record.qs.shape[0] != nb or record.d.shape[0] != nb:
             return None
         rows, packed = rp
-        d = _f32(record.d).reshape(rows, packed // 32)
+        d = record.d.reshape(rows, packed // 32)
         if isinstance(record, compression.Q8_0Tensor):
             return out | dict(codes=record.qs.reshape(rows, packed), scales=d, layout="int8", block_size=32)
         res = out | dict(codes=record.qs.reshape(rows, packed // 2), scales=d, layout="ggml", block_size=32,
                          lut=jnp.asarray(_UINT4 - 8 if isinstance(record, compression.Q4_0Tensor) else _UINT4))
         if isinstance(record, compression.Q4_1Tensor):
-            res["offsets"] = _f32(record.m).reshape(rows, packed // 32)
+            res["offsets"] = record.m.reshape(rows, packed // 32)
         return res
     if isinstance(record, compression.Int8Tensor):
         shape = tuple(record.shape)
@@ -155,9 +161,9 @@ def kernel_args(record: Any) -> dict | None:
         if _rows(record, group) is None or record.codes.shape != (rows, packed // 2):
             return None
         ng = packed // group
-        scales = _f32(record.scales)
-        zeros = _unpack_low_first(record.zeros, ng).astype(jnp.float32)
-        res = out | dict(codes=record.codes, lut=jnp.asarray(_UINT4), scales=scales, offsets=-zeros * scales,
+        if record.scales.shape != (rows, ng) or record.zeros.shape != (rows, (ng + 1) // 2):
+            return None
+        res = out | dict(codes=record.codes, lut=jnp.asarray(_UINT4), scales=record.scales, offsets=record.zeros,
                          layout="low_first", block_size=group)
         if isinstance(record, awq.AWQTensor):
             res["x_div"] = _f32(record.act_scale).reshape(packed)
@@ -171,7 +177,7 @@ def decoded(args: dict) -> jax.Array:
 
     w = _kernels.decode_reference(args["codes"], args["lut"] if args["lut"] is not None else jnp.zeros(16),
                                   args["scales"], args["offsets"], layout=args["layout"],
-                                  block_size=args["block_size"])
+                                  block_size=args["block_size"], scale_table=args["scale_table"])
     if args["x_mul"] is not None:
         w = w * args["x_mul"][None, :]
     if args["x_div"] is not None:
@@ -210,7 +216,7 @@ def matmul(x: jax.Array, record: Any, *, weight_layout: str = "nk") -> jax.Array
         if col_div is not None:
             x = (x.astype(jnp.float32) / col_div).astype(x.dtype)
     y = _kernels.qmatmul(x, args["codes"], args["lut"], args["scales"], args["offsets"], layout=args["layout"],
-                         block_size=args["block_size"], weight_layout=weight_layout)
+                         block_size=args["block_size"], weight_layout=weight_layout, scale_table=args["scale_table"])
     if weight_layout == "kn" and (col_mul is not None or col_div is not None):  # they scale the output columns
         y32 = y.astype(jnp.float32)
         y32 = y32 * col_mul if col_mul is not None else y32

@@ -9,6 +9,10 @@
 //
 // A weight value is   lut[code] * scale[row, c / block] (+ offset[row, c / block])   for 4-bit codes, or
 //                     code * scale[row, c / block] (+ offset)                        for int8 codes.
+// Scales are read as the record stores them (scale_kind): 0 float32, 1 float16, 2 bfloat16, 3 one byte per block
+// through a 256-entry float32 table (E4M3 times the tensor scale, E8M0). Offsets (offset_kind): 0 none, 1 float32,
+// 2 float16, 3 packed 4-bit zero points (first block in the low nibble), offset = -zero * scale. So no call converts
+// a plane to float32 first: the kernel streams the record's own bytes.
 // 4-bit layouts: 0 = pairs, first value in the low nibble (E2M1 / blackwell, awq, int4_group);
 //                1 = pairs, first value in the high nibble (NF4, bitsandbytes);
 //                2 = GGML halves (byte j of a 32-value group holds value j low and value j + 16 high);
@@ -49,11 +53,41 @@ inline int decode_perm(int layout, int i) {
   }
 }
 
+enum ScaleKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kByte = 3 };
+enum OffsetKind : int { kNoOffset = 0, kOffF32 = 1, kOffF16 = 2, kZeroNibbles = 3 };
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0x1Fu) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+    bits = sign | ((112u - e) << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
 struct Planes {
   const uint8_t* codes;   // rows of packed values
   const float* lut;       // 16 floats (4-bit layouts)
-  const float* scales;    // rows of blocks
-  const float* offsets;   // rows of blocks, or nullptr
+  const void* scales;     // rows of blocks, as scale_kind says
+  const void* offsets;    // rows of blocks (or of packed zero pairs), or nullptr
+  const float* scale_table;  // 256 floats for kByte scales
+  int scale_kind;
+  int offset_kind;
+  int64_t zrow;           // bytes of packed zero points per row (kZeroNibbles)
   int64_t row_bytes;      // bytes of codes per row
   int64_t nblk;           // blocks per row
   int64_t ngroups;        // 32-value groups per row
@@ -62,11 +96,66 @@ struct Planes {
   std::vector<int32_t> gblk;  // block index of each group (block >= 32); 2 * g for block 16
 };
 
+// The float32 scale of block `blk` of row `row`, and its offset (0 when there is none).
+inline float scale_at(const Planes& p, int64_t row, int64_t blk) {
+  const int64_t i = row * p.nblk + blk;
+  switch (p.scale_kind) {
+    case kF16: return half_to_float(static_cast<const uint16_t*>(p.scales)[i]);
+    case kBF16: {
+      const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.scales)[i]) << 16;
+      float f;
+      std::memcpy(&f, &bits, 4);
+      return f;
+    }
+    case kByte: return p.scale_table[static_cast<const uint8_t*>(p.scales)[i]];
+    default: return static_cast<const float*>(p.scales)[i];
+  }
+}
+
+inline float offset_at(const Planes& p, int64_t row, int64_t blk) {
+  switch (p.offset_kind) {
+    case kOffF32: return static_cast<const float*>(p.offsets)[row * p.nblk + blk];
+    case kOffF16: return half_to_float(static_cast<const uint16_t*>(p.offsets)[row * p.nblk + blk]);
+    case kZeroNibbles: {
+      const uint8_t z = static_cast<const uint8_t*>(p.offsets)[row * p.zrow + blk / 2];
+      return -static_cast<float>((blk & 1) ? (z >> 4) : (z & 15)) * scale_at(p, row, blk);
+    }
+    default: return 0.f;
+  }
+}
+
+// The same with the kinds known at compile time (KD = scale_kind * 4 + offset_kind): no branch per group.
+template <int KD>
+inline float scale_t(const Planes& p, int64_t row, int64_t blk) {
+  constexpr int SK = KD >> 2;
+  const int64_t i = row * p.nblk + blk;
+  if constexpr (SK == kF16) return half_to_float(static_cast<const uint16_t*>(p.scales)[i]);
+  else if constexpr (SK == kByte) return p.scale_table[static_cast<const uint8_t*>(p.scales)[i]];
+  else return static_cast<const float*>(p.scales)[i];
+}
+
+template <int KD>
+inline float offset_t(const Planes& p, int64_t row, int64_t blk) {
+  constexpr int OK = KD & 3;
+  if constexpr (OK == kOffF16) {
+    return half_to_float(static_cast<const uint16_t*>(p.offsets)[row * p.nblk + blk]);
+  } else if constexpr (OK == kZeroNibbles) {
+    const uint8_t z = static_cast<const uint8_t*>(p.offsets)[row * p.zrow + blk / 2];
+    return -static_cast<float>((blk & 1) ? (z >> 4) : (z & 15)) * scale_t<KD>(p, row, blk);
+  } else if constexpr (OK == kOffF32) {
+    return static_cast<const float*>(p.offsets)[row * p.nblk + blk];
+  } else {
+    return 0.f;
+  }
+}
+
+// The (scale_kind, offset_kind) pairs compiled into the vector kernels; Python widens any other pair to float32.
+constexpr int kd(int sk, int ok) { return sk * 4 + ok; }
+
 // Scalar decode of one group into decode order (also the reference for the vector path).
 inline void decode_group_scalar(const Planes& p, int64_t row, int64_t g, float* out) {
   const uint8_t* c = p.codes + row * p.row_bytes + g * (p.layout == kInt8 ? 32 : 16);
-  const float* s = p.scales + row * p.nblk;
-  const float* o = p.offsets ? p.offsets + row * p.nblk : nullptr;
+  const bool off = p.offset_kind != kNoOffset;
   for (int i = 0; i < 32; ++i) {
     float v;
     if (p.layout == kInt8) {
@@ -77,20 +166,21 @@ inline void decode_group_scalar(const Planes& p, int64_t row, int64_t g, float* 
     }
     int orig = decode_perm(p.layout, i);
     int64_t blk = p.block == 16 ? 2 * g + orig / 16 : p.gblk[g];
-    out[i] = o ? __builtin_fmaf(v, s[blk], o[blk]) : v * s[blk];
+    const float sc = scale_at(p, row, blk);
+    out[i] = off ? __builtin_fmaf(v, sc, offset_at(p, row, blk)) : v * sc;
   }
 }
 
 #if VT_AVX512
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 inline void decode_group(const Planes& p, __m512 lut, int64_t row, int64_t g, __m512& wa, __m512& wb) {
+  constexpr bool OFF = (KD & 3) != kNoOffset;
   const uint8_t* c = p.codes + row * p.row_bytes + g * (L == kInt8 ? 32 : 16);
   if (L != kInt8 && !BS16) {
     // one scale for the 32 values: scale the 16-entry table instead of the 32 values (the same products)
     const int64_t blk = p.gblk[g];
-    const __m512 sv = _mm512_set1_ps(p.scales[row * p.nblk + blk]);
-    const __m512 t = OFF ? _mm512_fmadd_ps(lut, sv, _mm512_set1_ps(p.offsets[row * p.nblk + blk]))
-                         : _mm512_mul_ps(lut, sv);
+    const __m512 sv = _mm512_set1_ps(scale_t<KD>(p, row, blk));
+    const __m512 t = OFF ? _mm512_fmadd_ps(lut, sv, _mm512_set1_ps(offset_t<KD>(p, row, blk))) : _mm512_mul_ps(lut, sv);
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
     wa = _mm512_permutexvar_ps(v, t);
     wb = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
@@ -105,26 +195,24 @@ inline void decode_group(const Planes& p, __m512 lut, int64_t row, int64_t g, __
     a = _mm512_permutexvar_ps(v, lut);  // vpermps reads the low 4 bits of each index: no mask needed
     b = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
   }
-  const float* s = p.scales + row * p.nblk;
   __m512 sa, sb, oa = _mm512_setzero_ps(), ob = _mm512_setzero_ps();
   if (!BS16) {
     int64_t blk = p.gblk[g];
-    sa = sb = _mm512_set1_ps(s[blk]);
-    if (OFF) oa = ob = _mm512_set1_ps(p.offsets[row * p.nblk + blk]);
+    sa = sb = _mm512_set1_ps(scale_t<KD>(p, row, blk));
+    if (OFF) oa = ob = _mm512_set1_ps(offset_t<KD>(p, row, blk));
   } else if (L == kLowFirst || L == kHighFirst) {
     // lanes 0..7 of both vectors hold values of block 2g, lanes 8..15 of block 2g + 1
-    sa = sb = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[2 * g]), _mm512_set1_ps(s[2 * g + 1]));
-    if (OFF) {
-      const float* o = p.offsets + row * p.nblk;
-      oa = ob = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(o[2 * g]), _mm512_set1_ps(o[2 * g + 1]));
-    }
+    sa = sb = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale_t<KD>(p, row, 2 * g)),
+                                   _mm512_set1_ps(scale_t<KD>(p, row, 2 * g + 1)));
+    if (OFF)
+      oa = ob = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(offset_t<KD>(p, row, 2 * g)),
+                                     _mm512_set1_ps(offset_t<KD>(p, row, 2 * g + 1)));
   } else {
-    sa = _mm512_set1_ps(s[2 * g]);
-    sb = _mm512_set1_ps(s[2 * g + 1]);
+    sa = _mm512_set1_ps(scale_t<KD>(p, row, 2 * g));
+    sb = _mm512_set1_ps(scale_t<KD>(p, row, 2 * g + 1));
     if (OFF) {
-      const float* o = p.offsets + row * p.nblk;
-      oa = _mm512_set1_ps(o[2 * g]);
-      ob = _mm512_set1_ps(o[2 * g + 1]);
+      oa = _mm512_set1_ps(offset_t<KD>(p, row, 2 * g));
+      ob = _mm512_set1_ps(offset_t<KD>(p, row, 2 * g + 1));
     }
   }
   if (OFF) {
@@ -136,11 +224,21 @@ inline void decode_group(const Planes& p, __m512 lut, int64_t row, int64_t g, __
   }
 }
 
+// Software prefetch of the codes of group g of `row` (one prefetch per 64-byte line): the kernels fetch the rows
+// they will read next while decoding the current ones, so that a weight streamed from memory (not in cache) is
+// not read one stall at a time. Rows past the end are not touched.
+template <int L>
+inline void prefetch_group(const Planes& p, int64_t row, int64_t rows, int64_t g) {
+  constexpr int64_t gbytes = L == kInt8 ? 32 : 16, per_line = 64 / gbytes;
+  if (row < rows && (g % per_line) == 0)
+    _mm_prefetch(reinterpret_cast<const char*>(p.codes + row * p.row_bytes + g * gbytes), _MM_HINT_T0);
+}
+
 // kn = 0, rows [n0, n1): RN rows at a time, NB batch rows at a time, x already permuted to decode order.
 // K is walked in chunks whose NB rows of x stay in L1 (16 KiB); the vector accumulators of a block of rows live in
 // a small buffer between chunks. Every output is summed in the same order whatever B is (two accumulators, one
 // per half of each 32-value group, added at the end).
-template <int L, bool BS16, bool OFF, int NB>
+template <int L, bool BS16, int KD, int NB>
 void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t b0, int64_t n0,
              int64_t n1) {
   const __m512 lut = _mm512_loadu_ps(p.lut);
@@ -164,7 +262,8 @@ void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
           }
         for (int64_t g = g0; g < g1; ++g) {
           __m512 w[RN][2];
-          for (int r = 0; r < RN; ++r) decode_group<L, BS16, OFF>(p, lut, n + r, g, w[r][0], w[r][1]);
+          for (int r = 0; r < RN; ++r) prefetch_group<L>(p, n + RN + r, n1, g);
+          for (int r = 0; r < RN; ++r) decode_group<L, BS16, KD>(p, lut, n + r, g, w[r][0], w[r][1]);
           for (int b = 0; b < NB; ++b) {
             const float* xb = xp + (b0 + b) * K + g * 32;
             __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
@@ -189,7 +288,7 @@ void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
         }
         for (int64_t g = g0; g < g1; ++g) {
           __m512 w0, w1;
-          decode_group<L, BS16, OFF>(p, lut, n, g, w0, w1);
+          decode_group<L, BS16, KD>(p, lut, n, g, w0, w1);
           for (int b = 0; b < NB; ++b) {
             const float* xb = xp + (b0 + b) * K + g * 32;
             acc[b][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[b][0]);
@@ -239,7 +338,7 @@ inline void kn_accumulate(const float* wbuf, int64_t gc, int64_t ng, const float
   }
 }
 
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
   constexpr int KQ = 8;
   const __m512 lut = _mm512_loadu_ps(p.lut);
@@ -258,8 +357,9 @@ void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, in
       const int kq = static_cast<int>(std::min<int64_t>(KQ, K - k));
       for (int q = 0; q < KQ; ++q)
         for (int64_t t = 0; t < ng; ++t) {
+          prefetch_group<L>(p, k + KQ + q, K, c0 + t);
           __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-          if (q < kq) decode_group<L, BS16, OFF>(p, lut, k + q, c0 + t, a, b);
+          if (q < kq) decode_group<L, BS16, KD>(p, lut, k + q, c0 + t, a, b);
           _mm512_storeu_ps(wbuf + (q * gc + t) * 32, a);
           _mm512_storeu_ps(wbuf + (q * gc + t) * 32 + 16, b);
         }
@@ -277,7 +377,7 @@ void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, in
   }
 }
 
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 void decode_rows(const Planes& p, float* w, int64_t C, int64_t r0, int64_t r1) {
   const __m512 lut = _mm512_loadu_ps(p.lut);
   // decode order -> natural order inside a group of 32: two-source permutes
@@ -289,7 +389,7 @@ void decode_rows(const Planes& p, float* w, int64_t C, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < p.ngroups; ++g) {
       __m512 a, b;
-      decode_group<L, BS16, OFF>(p, lut, r, g, a, b);
+      decode_group<L, BS16, KD>(p, lut, r, g, a, b);
       float* out = w + r * C + g * 32;
       _mm512_storeu_ps(out, _mm512_permutex2var_ps(a, pa, b));
       _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a, pb, b));
@@ -423,7 +523,7 @@ inline void nk_wide_accumulate(const __m512* wbuf, int64_t rows, int64_t ng, con
 
 // kn = 0, B > 4: each 32-value group is decoded once per call (into a 16 KiB block that stays in L1) and used by
 // every row of x, instead of once per 4 rows of x.
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 void nk_rows_wide(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0,
                   int64_t n1) {
   const __m512 lut = _mm512_loadu_ps(p.lut);
@@ -436,8 +536,9 @@ void nk_rows_wide(const Planes& p, const float* xp, int64_t B, int64_t K, float*
       const int64_t ng = std::min(p.ngroups, g0 + kWideGK) - g0;
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t t = 0; t < ng; ++t) {
+          prefetch_group<L>(p, nb0 + r, n1, g0 + kWideGK + t);  // the same rows' next groups
           __m512* w = wbuf.data() + (r * kWideGK + t) * 2;
-          decode_group<L, BS16, OFF>(p, lut, nb0 + r, g0 + t, w[0], w[1]);
+          decode_group<L, BS16, KD>(p, lut, nb0 + r, g0 + t, w[0], w[1]);
         }
       int64_t b = 0;
       for (; b + 4 <= B; b += 4) nk_wide_accumulate<4>(wbuf.data(), rows, ng, xp, K, g0, b, accbuf.data(), B);
@@ -457,21 +558,21 @@ void nk_rows_wide(const Planes& p, const float* xp, int64_t B, int64_t K, float*
 }
 
 // Dispatch on the batch chunk (NB) for one range; the batch is processed in chunks of at most MaxNB rows.
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 void nk_range(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
-  if (B > 4) return nk_rows_wide<L, BS16, OFF>(p, xp, B, K, y, N, n0, n1);
+  if (B > 4) return nk_rows_wide<L, BS16, KD>(p, xp, B, K, y, N, n0, n1);
   int64_t b = 0;
-  for (; b + 4 <= B; b += 4) nk_rows<L, BS16, OFF, 4>(p, xp, B, K, y, N, b, n0, n1);
+  for (; b + 4 <= B; b += 4) nk_rows<L, BS16, KD, 4>(p, xp, B, K, y, N, b, n0, n1);
   switch (B - b) {
-    case 3: nk_rows<L, BS16, OFF, 3>(p, xp, B, K, y, N, b, n0, n1); break;
-    case 2: nk_rows<L, BS16, OFF, 2>(p, xp, B, K, y, N, b, n0, n1); break;
-    case 1: nk_rows<L, BS16, OFF, 1>(p, xp, B, K, y, N, b, n0, n1); break;
+    case 3: nk_rows<L, BS16, KD, 3>(p, xp, B, K, y, N, b, n0, n1); break;
+    case 2: nk_rows<L, BS16, KD, 2>(p, xp, B, K, y, N, b, n0, n1); break;
+    case 1: nk_rows<L, BS16, KD, 1>(p, xp, B, K, y, N, b, n0, n1); break;
     default: break;
   }
 }
 
 // kn = 1, one row of x: rows of the weight KQ at a time decoded in registers straight into the accumulators (L1).
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 void kn_cols_b1(const Planes& p, const float* x, int64_t K, float* y, int64_t g0, int64_t g1) {
   constexpr int KQ = 8;
   const __m512 lut = _mm512_loadu_ps(p.lut);
@@ -485,10 +586,11 @@ void kn_cols_b1(const Planes& p, const float* x, int64_t K, float* y, int64_t g0
     for (int q = 0; q < KQ; ++q) xv[q] = _mm512_set1_ps(x[k + q]);
     for (int64_t g = g0; g < g1; ++g) {
       float* a = acc + (g - g0) * 32;
+      for (int q = 0; q < KQ; ++q) prefetch_group<L>(p, k + KQ + q, K, g);
       __m512 s0 = _mm512_loadu_ps(a), s1 = _mm512_loadu_ps(a + 16);
       for (int q = 0; q < KQ; ++q) {
         __m512 w0, w1;
-        decode_group<L, BS16, OFF>(p, lut, k + q, g, w0, w1);
+        decode_group<L, BS16, KD>(p, lut, k + q, g, w0, w1);
         s0 = _mm512_fmadd_ps(w0, xv[q], s0);
         s1 = _mm512_fmadd_ps(w1, xv[q], s1);
       }
@@ -501,7 +603,7 @@ void kn_cols_b1(const Planes& p, const float* x, int64_t K, float* y, int64_t g0
     for (int64_t g = g0; g < g1; ++g) {
       float* a = acc + (g - g0) * 32;
       __m512 w0, w1;
-      decode_group<L, BS16, OFF>(p, lut, k, g, w0, w1);
+      decode_group<L, BS16, KD>(p, lut, k, g, w0, w1);
       _mm512_storeu_ps(a, _mm512_fmadd_ps(w0, xv, _mm512_loadu_ps(a)));
       _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(w1, xv, _mm512_loadu_ps(a + 16)));
     }
@@ -510,50 +612,67 @@ void kn_cols_b1(const Planes& p, const float* x, int64_t K, float* y, int64_t g0
     for (int i = 0; i < 32; ++i) y[g * 32 + perm[i]] = acc[(g - g0) * 32 + i];
 }
 
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 void kn_range(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
-  if (B == 1) return kn_cols_b1<L, BS16, OFF>(p, x, K, y, g0, g1);
-  kn_cols<L, BS16, OFF>(p, x, B, K, y, N, g0, g1);
+  if (B == 1) return kn_cols_b1<L, BS16, KD>(p, x, K, y, g0, g1);
+  kn_cols<L, BS16, KD>(p, x, B, K, y, N, g0, g1);
 }
 
-template <template <int, bool, bool> class Fn, typename... A>
+template <template <int, bool, int> class Fn, typename... A>
 void dispatch(const Planes& p, A&&... args) {
-  bool bs16 = p.block == 16, off = p.offsets != nullptr;
-#define VT_CASE(L)                                                     \
-  if (p.layout == L) {                                                 \
-    if (bs16 && off) return Fn<L, true, true>::run(p, args...);        \
-    if (bs16) return Fn<L, true, false>::run(p, args...);              \
-    if (off) return Fn<L, false, true>::run(p, args...);               \
-    return Fn<L, false, false>::run(p, args...);                       \
-  }
+  const bool bs16 = p.block == 16;
+  const int k = kd(p.scale_kind, p.offset_kind);
+#define VT_KD(L, B, K) \
+  if (bs16 == B && k == K) return Fn<L, B, K>::run(p, args...);
+#define VT_KINDS(L, B)                                                                                         \
+  VT_KD(L, B, kd(kF32, kNoOffset)) VT_KD(L, B, kd(kF32, kOffF32)) VT_KD(L, B, kd(kF16, kNoOffset))           \
+  VT_KD(L, B, kd(kF16, kOffF16)) VT_KD(L, B, kd(kF16, kZeroNibbles)) VT_KD(L, B, kd(kByte, kNoOffset))
+#define VT_CASE(L) \
+  if (p.layout == L) { VT_KINDS(L, true) VT_KINDS(L, false) }
   VT_CASE(kLowFirst) VT_CASE(kHighFirst) VT_CASE(kHalves) VT_CASE(kInt8)
+#undef VT_KD
+#undef VT_KINDS
 #undef VT_CASE
 }
 
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 struct NK {
   static void run(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0,
                   int64_t n1) {
-    nk_range<L, BS16, OFF>(p, xp, B, K, y, N, n0, n1);
+    nk_range<L, BS16, KD>(p, xp, B, K, y, N, n0, n1);
   }
 };
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 struct KN {
   static void run(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, int64_t g0,
                   int64_t g1) {
-    kn_range<L, BS16, OFF>(p, x, B, K, y, N, g0, g1);
+    kn_range<L, BS16, KD>(p, x, B, K, y, N, g0, g1);
   }
 };
-template <int L, bool BS16, bool OFF>
+template <int L, bool BS16, int KD>
 struct DEC {
   static void run(const Planes& p, float* w, int64_t C, int64_t r0, int64_t r1) {
-    decode_rows<L, BS16, OFF>(p, w, C, r0, r1);
+    decode_rows<L, BS16, KD>(p, w, C, r0, r1);
   }
 };
 #endif
 
 ffi::Error check_planes(int layout, int64_t block, int64_t packed, int64_t rows, int64_t code_bytes,
-                        int64_t scale_elems, int64_t offset_elems) {
+                        int64_t scale_elems, int64_t offset_elems, int64_t scale_kind, int64_t offset_kind,
+                        int64_t table_elems, int64_t scale_bytes, int64_t offset_bytes) {
+  if (scale_kind < 0 || scale_kind > 3) return ffi::Error::InvalidArgument("vt kernel: scale_kind must be 0..3");
+  if (offset_kind < 0 || offset_kind > 3) return ffi::Error::InvalidArgument("vt kernel: offset_kind must be 0..3");
+  const int64_t sbytes[4] = {4, 2, 2, 1}, obytes[4] = {0, 4, 2, 1};
+  if (scale_bytes != scale_elems * sbytes[scale_kind])
+    return ffi::Error::InvalidArgument("vt kernel: the scales' dtype does not match scale_kind");
+  if (scale_kind == kByte && table_elems != 256)
+    return ffi::Error::InvalidArgument("vt kernel: byte scales need a 256-entry table");
+  if (offset_kind != kNoOffset && offset_bytes != offset_elems * obytes[offset_kind])
+    return ffi::Error::InvalidArgument("vt kernel: the offsets' dtype does not match offset_kind");
+  const int k = kd(static_cast<int>(scale_kind), static_cast<int>(offset_kind));
+  if (k != kd(kF32, kNoOffset) && k != kd(kF32, kOffF32) && k != kd(kF16, kNoOffset) && k != kd(kF16, kOffF16) &&
+      k != kd(kF16, kZeroNibbles) && k != kd(kByte, kNoOffset))
+    return ffi::Error::InvalidArgument("vt kernel: this (scale_kind, offset_kind) pair is not compiled");
   if (layout < 0 || layout > 3) return ffi::Error::InvalidArgument("vt kernel: layout must be 0..3");
   if (packed % 32 != 0) return ffi::Error::InvalidArgument("vt kernel: the packed axis must be a multiple of 32");
   if (!(block == 16 || (block > 0 && block % 32 == 0)) || packed % block != 0)
@@ -562,18 +681,24 @@ ffi::Error check_planes(int layout, int64_t block, int64_t packed, int64_t rows,
   int64_t per_row = layout == kInt8 ? packed : packed / 2;
   if (code_bytes != rows * per_row) return ffi::Error::InvalidArgument("vt kernel: codes have the wrong size");
   if (scale_elems != rows * (packed / block)) return ffi::Error::InvalidArgument("vt kernel: scales have the wrong size");
-  if (offset_elems != 0 && offset_elems != scale_elems)
-    return ffi::Error::InvalidArgument("vt kernel: offsets must be empty or shaped like scales");
+  const int64_t want_off = offset_kind == kNoOffset ? 0
+                           : offset_kind == kZeroNibbles ? rows * ((packed / block + 1) / 2) : scale_elems;
+  if (offset_elems != want_off)
+    return ffi::Error::InvalidArgument("vt kernel: offsets must be empty, shaped like scales, or packed zero pairs");
   return ffi::Error::Success();
 }
 
-Planes make_planes(const void* codes, const float* lut, const float* scales, const float* offsets, bool has_offsets,
-                   int layout, int block, int64_t packed) {
+Planes make_planes(const void* codes, const float* lut, const void* scales, const void* offsets, const float* table,
+                   int scale_kind, int offset_kind, int layout, int block, int64_t packed) {
   Planes p;
   p.codes = static_cast<const uint8_t*>(codes);
   p.lut = lut;
   p.scales = scales;
-  p.offsets = has_offsets ? offsets : nullptr;
+  p.offsets = offset_kind != kNoOffset ? offsets : nullptr;
+  p.scale_table = table;
+  p.scale_kind = scale_kind;
+  p.offset_kind = offset_kind;
+  p.zrow = (packed / block + 1) / 2;
   p.layout = layout;
   p.block = block;
   p.row_bytes = layout == kInt8 ? packed : packed / 2;
@@ -585,8 +710,9 @@ Planes make_planes(const void* codes, const float* lut, const float* scales, con
 }
 
 ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut,
-                       ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets, ffi::ResultBuffer<ffi::F32> y,
-                       int64_t layout, int64_t block, int64_t kn, int64_t threads) {
+                       ffi::AnyBuffer scales, ffi::AnyBuffer offsets, ffi::Buffer<ffi::F32> table,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t layout, int64_t block, int64_t kn, int64_t threads,
+                       int64_t scale_kind, int64_t offset_kind) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
@@ -595,10 +721,12 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
   const int64_t B = xd[0], K = xd[1], N = yd[1];
   const int64_t packed = kn ? N : K, rows = kn ? K : N;
   ffi::Error err = check_planes(static_cast<int>(layout), block, packed, rows, codes.size_bytes(),
-                                scales.element_count(), offsets.element_count());
+                                scales.element_count(), offsets.element_count(), scale_kind, offset_kind,
+                                table.element_count(), scales.size_bytes(), offsets.size_bytes());
   if (err.failure()) return err;
-  Planes p = make_planes(codes.untyped_data(), lut.typed_data(), scales.typed_data(), offsets.typed_data(),
-                         offsets.element_count() != 0, static_cast<int>(layout), static_cast<int>(block), packed);
+  Planes p = make_planes(codes.untyped_data(), lut.typed_data(), scales.untyped_data(), offsets.untyped_data(),
+                         table.typed_data(), static_cast<int>(scale_kind), static_cast<int>(offset_kind),
+                         static_cast<int>(layout), static_cast<int>(block), packed);
   const float* xv = x.typed_data();
   float* yv = y->typed_data();
   int nt = static_cast<int>(std::max<int64_t>(1, threads));
@@ -631,18 +759,20 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::F32> scales,
-                      ffi::Buffer<ffi::F32> offsets, ffi::ResultBuffer<ffi::F32> w, int64_t layout, int64_t block,
-                      int64_t threads) {
+ffi::Error DecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut, ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
+                      ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> w, int64_t layout, int64_t block,
+                      int64_t threads, int64_t scale_kind, int64_t offset_kind) {
   auto wd = w->dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("vt_decode: w must be (R, C)");
   if (lut.element_count() != 16) return ffi::Error::InvalidArgument("vt_decode: lut must hold 16 floats");
   const int64_t R = wd[0], C = wd[1];
   ffi::Error err = check_planes(static_cast<int>(layout), block, C, R, codes.size_bytes(), scales.element_count(),
-                                offsets.element_count());
+                                offsets.element_count(), scale_kind, offset_kind, table.element_count(),
+                                scales.size_bytes(), offsets.size_bytes());
   if (err.failure()) return err;
-  Planes p = make_planes(codes.untyped_data(), lut.typed_data(), scales.typed_data(), offsets.typed_data(),
-                         offsets.element_count() != 0, static_cast<int>(layout), static_cast<int>(block), C);
+  Planes p = make_planes(codes.untyped_data(), lut.typed_data(), scales.untyped_data(), offsets.untyped_data(),
+                         table.typed_data(), static_cast<int>(scale_kind), static_cast<int>(offset_kind),
+                         static_cast<int>(layout), static_cast<int>(block), C);
   float* wv = w->typed_data();
   parallel_for(R, 1, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t r0, int64_t r1) {
 #if VT_AVX512
@@ -787,24 +917,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmul, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x (B, K)
                                   .Arg<ffi::AnyBuffer>()         // codes (uint8 or int8)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lut (16,)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales (rows, blocks)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // offsets (rows, blocks) or (0,)
+                                  .Arg<ffi::AnyBuffer>()         // scales (rows, blocks), scale_kind
+                                  .Arg<ffi::AnyBuffer>()         // offsets (rows, blocks), packed zeros or (0,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale table (256,) or (0,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y (B, N)
                                   .Attr<int64_t>("layout")
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("kn")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("scale_kind")
+                                  .Attr<int64_t>("offset_kind"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VtDecode, DecodeImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()         // codes
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lut
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // offsets or (0,)
+                                  .Arg<ffi::AnyBuffer>()         // scales, scale_kind
+                                  .Arg<ffi::AnyBuffer>()         // offsets, packed zeros or (0,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale table (256,) or (0,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // w (R, C)
                                   .Attr<int64_t>("layout")
                                   .Attr<int64_t>("block")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("scale_kind")
+                                  .Attr<int64_t>("offset_kind"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmulI8, QMatmulI8Impl,
                               ffi::Ffi::Bind()
