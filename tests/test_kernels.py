@@ -362,7 +362,7 @@ def test_large_batch_panels_with_a_remainder(monkeypatch, weight_layout, with_of
 
 def test_large_batch_keeps_only_a_panel_of_the_weight():
     needs_kernel()
-    n = k = 4096  # compiled only: 64 MiB as float32, one 4 MiB panel at a time
+    n = k = 4096  # compiled only: 64 MiB as float32, one 8 MiB panel at a time
     codes = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8)
     scales = jax.ShapeDtypeStruct((n, k // 64), jnp.float32)
     x = jax.ShapeDtypeStruct((64, k), jnp.float32)
