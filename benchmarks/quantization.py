@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     size = args.size or (256 if args.quick else 4096)
     batches = args.batches or ([1, 16] if args.quick else [1, 16, 256])
     formats = args.formats or (QUICK_FORMATS if args.quick else list(FORMATS))
-    rounds = args.rounds or (2 if args.quick else 7)
+    rounds = args.rounds or (2 if args.quick else 20)
     rows = run(size, batches, formats, rounds)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     misses = [f"{r['layout']} B={r['batch']} {r['format']}" for r in rows if (r["target"] or "").startswith("MISS")]

@@ -468,3 +468,120 @@ def test_int8_activation_kernel_matches_numpy(k, block, b, n):
     if _kernels.available():
         text = jax.jit(lambda *a: _kernels.qmatmul_int8(*a, block_size=block)).lower(xq, xs, w, s).as_text()
         assert "vt_qmatmul_i8" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scales and offsets as records store them (the kernel widens them itself)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _half_bits_numpy(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float64)
+
+
+STORED = {  # name: (scale dtype, offset kind)
+    "f16": ("float16", None),
+    "f16+f16 offsets": ("float16", "float16"),
+    "f16+zero nibbles": ("float16", "uint8"),
+    "e4m3 bytes": ("float8_e4m3fn", None),
+    "e8m0 bytes": ("uint8", None),
+    "bf16 (widened first)": ("bfloat16", None),
+    "bf16+f16 offsets (widened first)": ("bfloat16", "float16"),
+}
+
+
+def _stored_planes(name, rows, nblk, rng):
+    """Stored scales/offsets of a kind, and the float64 scales/offsets they mean (from the definition)."""
+    sdt, odt = STORED[name]
+    table = None
+    if sdt in ("float16", "bfloat16"):
+        s = jnp.asarray(rng.uniform(0.01, 2.0, size=(rows, nblk)).astype(np.float32)).astype(sdt)
+        s64 = np.asarray(s.astype(jnp.float32), np.float64)
+    elif sdt == "float8_e4m3fn":
+        s = jnp.asarray(rng.uniform(0.02, 400.0, size=(rows, nblk)).astype(np.float32)).astype(jnp.float8_e4m3fn)
+        ts = np.float32(1.0 / 3.0)
+        table = (np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32) * ts).astype(np.float32)
+        bits = np.asarray(s).view(np.uint8)
+        s64 = table[bits].astype(np.float64)
+    else:  # E8M0: 2**(byte - 127)
+        s = jnp.asarray(rng.integers(110, 140, size=(rows, nblk)).astype(np.uint8))
+        with np.errstate(over="ignore"):  # byte 255 (NaN in E8M0) is never drawn here
+            table = np.ldexp(np.float32(1.0), np.arange(256) - 127).astype(np.float32)
+        s64 = table[np.asarray(s)].astype(np.float64)
+    o, o64 = None, None
+    if odt == "float16":
+        o = jnp.asarray(rng.normal(size=(rows, nblk)).astype(np.float32)).astype(jnp.float16)
+        o64 = np.asarray(o.astype(jnp.float32), np.float64)
+    elif odt == "uint8":
+        z = rng.integers(0, 16, size=(rows, nblk))
+        zp = np.zeros((rows, (nblk + 1) // 2), np.uint8)
+        zp |= z[:, 0::2].astype(np.uint8)
+        zp[:, : z[:, 1::2].shape[1]] |= (z[:, 1::2] << 4).astype(np.uint8)
+        o = jnp.asarray(zp)
+        o64 = -(z * s64.astype(np.float32)).astype(np.float32).astype(np.float64)
+    return s, o, (None if table is None else jnp.asarray(table)), s64, o64
+
+
+@pytest.mark.parametrize("name", list(STORED))
+@pytest.mark.parametrize("weight_layout", ["nk", "kn"])
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_stored_scale_kinds_match_the_definition(name, weight_layout, batch):
+    rng = np.random.default_rng(sum(map(ord, name)) + batch)
+    rows, packed, block = 96, 256, 32
+    nblk = packed // block
+    codes = rng.integers(0, 256, size=(rows, packed // 2), dtype=np.uint8)
+    s, o, table, s64, o64 = _stored_planes(name, rows, nblk, rng)
+    idx = np.stack([codes & 15, codes >> 4], axis=-1).reshape(rows, packed)  # low_first
+    w = UINT4.astype(np.float64)[idx].reshape(rows, nblk, block) * s64[..., None]
+    if o64 is not None:
+        w = w + o64[..., None]
+    w = w.reshape(rows, packed).astype(np.float32).astype(np.float64)
+    k = packed if weight_layout == "nk" else rows
+    x = rng.normal(size=(batch, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ (w.T if weight_layout == "nk" else w)
+    wabs = np.abs(w.T if weight_layout == "nk" else w)
+    bound = 8 * k * 2.0**-24 * (np.abs(x) @ wabs) + 1e-6
+    fn = jax.jit(lambda x, c, s, o, t: _kernels.qmatmul(x, c, jnp.asarray(UINT4), s, o, layout="low_first",
+                                                         block_size=block, weight_layout=weight_layout,
+                                                         scale_table=t))
+    y = np.asarray(fn(jnp.asarray(x), jnp.asarray(codes), s, o, table), np.float64)
+    assert np.all(np.abs(y - ref) <= bound), np.max(np.abs(y - ref) - bound)
+    # decoding: the kernel and the pure-JAX reference give the definition's float32 values bit for bit
+    dec = _kernels.decode(jnp.asarray(codes), jnp.asarray(UINT4), s, o, layout="low_first", block_size=block,
+                          scale_table=table)
+    ref_dec = _kernels.decode_reference(jnp.asarray(codes), jnp.asarray(UINT4), s, o, layout="low_first",
+                                        block_size=block, scale_table=table)
+    np.testing.assert_array_equal(np.asarray(dec), w.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(ref_dec), w.astype(np.float32))
+
+
+def test_stored_scale_kinds_bad_input_is_named():
+    from viva_tensor.errors import InvalidShape
+
+    codes = jnp.zeros((2, 32), jnp.uint8)
+    x = jnp.ones((1, 64))
+    lut = jnp.asarray(UINT4)
+    with pytest.raises(InvalidShape, match="scale_table"):
+        _kernels.qmatmul(x, codes, lut, jnp.zeros((2, 2), jnp.uint8), layout="low_first", block_size=32)
+    with pytest.raises(DTypeError, match="scales"):
+        _kernels.qmatmul(x, codes, lut, jnp.zeros((2, 2), jnp.int32), layout="low_first", block_size=32)
+    with pytest.raises(DTypeError, match="offsets"):
+        _kernels.qmatmul(x, codes, lut, jnp.ones((2, 2)), jnp.zeros((2, 2), jnp.int32), layout="low_first",
+                         block_size=32)
+    with pytest.raises(ShapeMismatch, match="offsets"):  # packed zero pairs: (rows, ceil(blocks / 2))
+        _kernels.qmatmul(x, codes, lut, jnp.ones((2, 2), jnp.float16), jnp.zeros((2, 2), jnp.uint8),
+                         layout="low_first", block_size=32)
+
+
+def test_stored_scales_gradient_of_the_activations():
+    from jax.test_util import check_grads
+
+    needs_kernel()
+    rng = np.random.default_rng(3)
+    s, o, table, _, _ = _stored_planes("f16+zero nibbles", 32, 2, rng)
+    codes = jnp.asarray(rng.integers(0, 256, size=(32, 32), dtype=np.uint8))
+
+    def f(x):
+        return _kernels.qmatmul(x, codes, jnp.asarray(UINT4), s, o, layout="low_first", block_size=32)
+
+    check_grads(f, (jnp.asarray(rng.normal(size=(3, 64)).astype(np.float32)),), order=1, modes=["rev"],
+                atol=2e-2, rtol=2e-2)

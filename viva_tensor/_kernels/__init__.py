@@ -178,8 +178,9 @@ def _kernel_fits(packed: int, block_size: int, layout: str) -> bool:
     return packed % 32 == 0 and (block_size % 32 == 0 or (block_size == 16 and layout != "ggml"))
 
 
-#: How the kernel reads the scales, by dtype (uint8: one byte per block through ``scale_table``).
-SCALE_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2, "uint8": 3}
+#: How the kernel reads the scales, by dtype (uint8 and float8_e4m3fn: one byte per block through ``scale_table``,
+#: indexed by the byte's bits).
+SCALE_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2, "uint8": 3, "float8_e4m3fn": 3}
 #: How it reads the offsets, by dtype (uint8: packed 4-bit zero points, first block low; offset = -zero * scale).
 OFFSET_KINDS = {"float32": 1, "float16": 2, "uint8": 3}
 
@@ -187,7 +188,8 @@ OFFSET_KINDS = {"float32": 1, "float16": 2, "uint8": 3}
 def _scale_kind(scales, scale_table) -> int:
     kind = SCALE_KINDS.get(jnp.dtype(scales.dtype).name)
     if kind is None:
-        raise DTypeError(argument="scales", expected="float32, float16, bfloat16, or uint8 with a scale_table",
+        raise DTypeError(argument="scales", expected="float32, float16, bfloat16, or uint8 / float8_e4m3fn with a "
+                         "scale_table",
                          got=str(scales.dtype))
     if kind == 3 and (scale_table is None or tuple(scale_table.shape) != (256,)):
         raise InvalidShape(argument="scale_table", expected="a (256,) float32 table for uint8 scales",
@@ -213,16 +215,26 @@ KERNEL_KINDS = frozenset({(0, 0), (0, 1), (1, 0), (1, 2), (1, 3), (3, 0)})
 def _kernel_planes(scales, offsets, table):
     """The planes as the compiled kernel reads them: as stored when it knows the pair, else widened to float32."""
     if (_scale_kind(scales, table), _offset_kind(offsets)) in KERNEL_KINDS:
-        return scales, offsets, table if jnp.dtype(scales.dtype) == jnp.uint8 else None
+        return scales, offsets, table if _byte_scales(scales) else None
     s, o = float_planes(scales, offsets, table)
     return s, o, None
+
+
+def _byte_scales(scales) -> bool:
+    return SCALE_KINDS.get(jnp.dtype(scales.dtype).name) == 3
+
+
+def _bits(a: jax.Array) -> jax.Array:
+    """A one-byte array as its uint8 bits."""
+    return a if jnp.dtype(a.dtype) == jnp.uint8 else jax.lax.bitcast_convert_type(a, jnp.uint8)
 
 
 def float_planes(scales, offsets=None, scale_table=None) -> tuple[jax.Array, jax.Array | None]:
     """The float32 scales and offsets the kernel reads from the stored ones (the pure-JAX paths use these).
 
-    Float scales are widened exactly; uint8 scales index ``scale_table``; uint8 offsets are packed 4-bit zero points
-    (two blocks per byte, the first in the low nibble) giving ``-zero * scale``.
+    Float scales are widened exactly; one-byte scales (uint8, float8_e4m3fn) index ``scale_table`` by their bits;
+    uint8 offsets are packed 4-bit zero points (two blocks per byte, the first in the low nibble) giving
+    ``-zero * scale``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -231,8 +243,8 @@ def float_planes(scales, offsets=None, scale_table=None) -> tuple[jax.Array, jax
         >>> s.tolist(), o.tolist()
         ([[2.0, 4.0]], [[-2.0, -12.0]])
     """
-    if jnp.dtype(scales.dtype) == jnp.uint8:
-        s = jnp.asarray(scale_table, jnp.float32)[scales.astype(jnp.int32)]
+    if _byte_scales(scales):
+        s = jnp.asarray(scale_table, jnp.float32)[_bits(scales).astype(jnp.int32)]
     else:
         s = scales.astype(jnp.float32)
     if offsets is None:
@@ -416,7 +428,7 @@ def qmatmul(x: jax.Array, codes: jax.Array, lut: jax.Array | None, scales: jax.A
             ``"int8"``; ``rows, packed`` are ``N, K`` for ``weight_layout="nk"`` and ``K, N`` for ``"kn"``.
         lut: float32 ``(16,)``: the value of each 4-bit code (ignored for ``"int8"``; pass None).
         scales: ``(rows, packed / block_size)``: float32, float16 or bfloat16 (read as stored, widened exactly), or
-            uint8 with ``scale_table`` (an E4M3 or E8M0 byte per block).
+            one byte per block (uint8 or float8_e4m3fn) read through ``scale_table`` by its bits (E4M3, E8M0).
         offsets: optional, added after the scale: float32 or float16 like ``scales`` (Q4_1's min), or uint8
             ``(rows, ceil(blocks / 2))`` packed 4-bit zero points, the first block in the low nibble, giving
             ``-zero * scale`` (int4_group, AWQ).
@@ -445,7 +457,7 @@ def qmatmul(x: jax.Array, codes: jax.Array, lut: jax.Array | None, scales: jax.A
     offsets = None if offsets is None else jnp.asarray(offsets)
     table = None if scale_table is None else jnp.asarray(scale_table, jnp.float32)
     n, k, packed = _check(x, codes, lut, scales, offsets, layout, block_size, weight_layout, table)
-    if jnp.dtype(scales.dtype) != jnp.uint8:
+    if not _byte_scales(scales):
         table = None
     if not available() or not _kernel_fits(packed, block_size, layout):
         return qmatmul_reference(x, codes, lut, scales, offsets, layout=layout, block_size=block_size,
@@ -526,8 +538,7 @@ def decode(codes, lut, scales, offsets=None, *, layout: str, block_size: int, sc
     packed = per_row if layout == "int8" else 2 * per_row
     scales = jnp.asarray(scales)
     offsets = None if offsets is None else jnp.asarray(offsets)
-    table = None if scale_table is None or jnp.dtype(scales.dtype) != jnp.uint8 else jnp.asarray(scale_table,
-                                                                                                  jnp.float32)
+    table = None if scale_table is None or not _byte_scales(scales) else jnp.asarray(scale_table, jnp.float32)
     _scale_kind(scales, table)
     _offset_kind(offsets)
     if not available() or not _kernel_fits(packed, block_size, layout) or jax.default_backend() != "cpu":
