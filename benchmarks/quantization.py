@@ -6,9 +6,9 @@ Each record is timed in both contractions of ``quant.dot_general``: ``nk`` contr
 float32 matmul in its best layout in the same run (``jnp.einsum("bk,nk->bn")`` or ``x @ w``, whichever is faster at
 that batch). int8 and q8_0 are also timed with ``activation_quant="int8"`` (dynamic W8A8, int32 sums).
 
-Columns: ms (the minimum over rounds: in each round every function of a batch runs once, one
-``viva_tensor._benchmarking.time_fn`` sample each, so that a loaded machine slows them alike), the ratio to the
-best float32 time, GB/s of the record's bytes, % of the byte limit (the record's bytes streamed at the float32
+Columns: ms (the minimum over rounds, three times as many at batch 1: in each round every function of a batch runs
+once, one ``viva_tensor._benchmarking.time_fn`` sample each, so that a loaded machine slows them alike), the ratio to
+the best float32 time, GB/s of the record's bytes, % of the byte limit (the record's bytes streamed at the float32
 matmul's own GB/s at that batch: 100% is a matmul bound by its weight's bytes and as efficient as float32's),
 the minimum process CPU ms (all threads: on a loaded machine the wall time counts the others' work, the CPU time
 less so) and its ratio to the best float32 CPU time, the path ``quant.dot_general`` takes (``kernel``: the fused
@@ -105,7 +105,7 @@ def run(size: int, batches, formats, rounds: int):
                     aq = "int8" if w8a8 else None
                     f = jax.jit(lambda x, q, dims=dims, aq=aq: quant.dot_general(x, q, dims, activation_quant=aq))
                     fns[(name, lay, w8a8)] = (f, (x, q))
-        times, cpus = _interleaved(fns, rounds)
+        times, cpus = _interleaved(fns, rounds * (3 if b == 1 else 1))  # batch 1 calls are short: more rounds
         peer = {lay: times[(k, lay, False)] for (k, lay, _) in fns if k in ("float32", "bfloat16")}
         best = min(peer.values())
         best_cpu = min(cpus[(k, lay, False)] for (k, lay, _) in fns if k in ("float32", "bfloat16"))
