@@ -445,10 +445,11 @@ def test_a_library_built_for_another_cpu_is_not_loaded(monkeypatch, tmp_path):
     assert "avx1024_imaginary" in _kernels._state["error"]
 
 
-@pytest.mark.parametrize("k, block", [(96, 32), (256, 64), (160, 160)])
-@pytest.mark.parametrize("b, n", [(1, 37), (5, 8), (9, 45)])
+@pytest.mark.parametrize("k, block", [(96, 32), (256, 64), (160, 160), (384, 128), (256, 256)])
+@pytest.mark.parametrize("b, n", [(1, 37), (5, 8), (9, 45), (70, 133)])  # the last crosses the 64 x 64 tiles
 def test_int8_activation_kernel_matches_numpy(k, block, b, n):
-    # W8A8: y = xs * sum_blk s * sum(xq * w) with int32 sums; K not a multiple of 64 and N, B off the 4 x 4 tiles
+    # W8A8: y = xs * sum_blk s * sum(xq * w) with int32 sums; K not a multiple of 64 and N, B off the 4 x 4 tiles;
+    # blocks of a multiple of 64 sum in int32 over the whole block
     rng = np.random.default_rng(14)
     xq = rng.integers(-127, 128, (b, k)).astype(np.int8)
     xq[0, :5] = -127  # extremes: (x + 128) in the unsigned operand reaches 1 and 255

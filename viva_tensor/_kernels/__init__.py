@@ -322,6 +322,8 @@ PANEL_BATCH = int(os.environ.get("VIVA_TENSOR_PANEL_BATCH", "32"))
 #: float32; a smaller weight takes panels of 1/8 of its float32 bytes). Measured at 4096², batch 256: panels of
 #: 64 rows made XLA's GEMM 1.46x slower than one GEMM on the whole float32 weight, 256 rows 1.17x, 512 rows 1.14x.
 PANEL_BYTES = 8 << 20
+#: A panel is also at most this fraction of the weight's float32 bytes (so the temporaries stay below a quarter).
+PANEL_FRACTION = 8
 
 
 def _kinds(scales, offsets) -> dict:
@@ -347,7 +349,7 @@ def _panel_stream(x2, codes, lut, scales, offsets, table, *, layout, block_size,
     """Large batches: decode P rows of the stored weight at a time and contract each panel with XLA's dot."""
     rows = codes.shape[0]
     packed = n if kn else x2.shape[1]
-    budget = min(PANEL_BYTES, max(4 * packed, rows * packed // 2))  # and at most 1/8 of the float32 weight
+    budget = min(PANEL_BYTES, max(4 * packed, rows * packed * 4 // PANEL_FRACTION))
     p = int(max(1, min(rows, budget // (4 * packed))))
     full = rows // p
     has_off = offsets.shape[0] != 0
