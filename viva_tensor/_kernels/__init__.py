@@ -21,7 +21,9 @@ decoded per pass into accumulators over a strip of columns that stays in L1 (use
 and XLA's own GEMM contracts each panel (a ``lax.scan``; the only weight-sized temporary is one panel).
 W8A8 (``quant.dot_general(..., activation_quant="int8")``): :func:`quantize_rows` rounds the activations per row to
 int8 and :func:`qmatmul_int8` (``vt_qmatmul_i8``) sums ``(x + 128) * w - 128 * w`` in int32 with AVX-512 VNNI
-``vpdpbusd``, 64 bytes at a time (a scale per 32-value block of the weight), tiles of 4 weight rows x 4 rows of x.
+``vpdpbusd`` (a scale per block of the weight): below 16 rows of x, 64 bytes at a time in tiles of 4 weight rows x 4
+rows of x; from 16 rows on, in GEMM form (32 weight rows repacked in 4-byte columns, each 4 bytes of x broadcast
+against them, int32 sums over each block, no horizontal sums).
 Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
 multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
 own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to

@@ -910,6 +910,86 @@ inline void i8_rows_tile(const uint8_t* xu, const float* xs, const int8_t* w, in
 // streaming the whole of x again for every 4 weight rows (at 4096 tokens x 384 that made W8A8 2x slower than float32).
 constexpr int64_t kI8Rows = 64;
 constexpr int64_t kI8Batch = 64;
+
+// Large batches (B >= kI8Wide): the GEMM form. 32 weight rows (two vectors of 16 output columns) are repacked once
+// into 4-byte columns (Wp[v][k/4] holds w[n, k..k+3] of 16 rows n), and each 4 bytes of a row of x are broadcast
+// against them: no horizontal sums, stores of 16 contiguous outputs, int32 sums over each block, one conversion
+// and scale per block and output. The per-output sums are the same whatever B, N or the threads.
+constexpr int64_t kI8Wide = 16;
+
+template <int BT>
+inline void i8_gemm_tile(const uint8_t* xu, const float* xs, int64_t K, int block, const __m512i* wp,
+                         const __m512i* neg, const __m512* sc, int64_t nblk, float* y, int64_t N, int64_t n,
+                         int64_t b, __mmask16 m0, __mmask16 m1) {
+  const int64_t k4b = block / 4, k4n = K / 4;
+  __m512 acc[BT][2];
+  for (int r = 0; r < BT; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nblk; ++j) {
+    __m512i ia[BT][2];
+    for (int r = 0; r < BT; ++r) {
+      ia[r][0] = neg[j];
+      ia[r][1] = neg[nblk + j];
+    }
+    for (int64_t q = j * k4b; q < (j + 1) * k4b; ++q) {
+      const __m512i w0 = wp[q], w1 = wp[k4n + q];
+      for (int r = 0; r < BT; ++r) {
+        int32_t four;
+        std::memcpy(&four, xu + (b + r) * K + 4 * q, 4);
+        const __m512i xb = _mm512_set1_epi32(four);
+        ia[r][0] = _mm512_dpbusd_epi32(ia[r][0], xb, w0);
+        ia[r][1] = _mm512_dpbusd_epi32(ia[r][1], xb, w1);
+      }
+    }
+    for (int r = 0; r < BT; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][0]), sc[j], acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][1]), sc[nblk + j], acc[r][1]);
+    }
+  }
+  for (int r = 0; r < BT; ++r) {
+    const __m512 xsv = _mm512_set1_ps(xs[b + r]);
+    _mm512_mask_storeu_ps(y + (b + r) * N + n, m0, _mm512_mul_ps(acc[r][0], xsv));
+    _mm512_mask_storeu_ps(y + (b + r) * N + n + 16, m1, _mm512_mul_ps(acc[r][1], xsv));
+  }
+}
+
+void i8_gemm(const uint8_t* xu, const float* xs, const int8_t* w, const float* s, int64_t B, int64_t K, int64_t N,
+             int block, float* y, int64_t n0, int64_t n1) {
+  const int64_t k4n = K / 4, nblk = K / block;
+  std::vector<__m512i> wp(static_cast<size_t>(2 * k4n)), neg(static_cast<size_t>(2 * nblk));
+  std::vector<__m512> sc(static_cast<size_t>(2 * nblk));
+  for (int64_t n = n0; n < n1; n += 32) {
+    alignas(64) int32_t lane[16];
+    alignas(64) float fl[16];
+    for (int v = 0; v < 2; ++v) {
+      for (int64_t q = 0; q < k4n; ++q) {
+        for (int l = 0; l < 16; ++l) {
+          const int64_t row = n + v * 16 + l;
+          lane[l] = 0;
+          if (row < n1) std::memcpy(&lane[l], w + row * K + 4 * q, 4);
+        }
+        wp[v * k4n + q] = _mm512_load_si512(lane);
+      }
+      for (int64_t j = 0; j < nblk; ++j) {
+        for (int l = 0; l < 16; ++l) {
+          const int64_t row = n + v * 16 + l;
+          int32_t sum = 0;
+          if (row < n1)
+            for (int64_t k = j * block; k < (j + 1) * block; ++k) sum += w[row * K + k];
+          lane[l] = -128 * sum;  // (x + 128) * w summed, minus 128 * w: x * w
+          fl[l] = row < n1 ? s[row * nblk + j] : 0.f;
+        }
+        neg[v * nblk + j] = _mm512_load_si512(lane);
+        sc[v * nblk + j] = _mm512_load_ps(fl);
+      }
+    }
+    const int64_t left = n1 - n;
+    const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1);
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) i8_gemm_tile<4>(xu, xs, K, block, wp.data(), neg.data(), sc.data(), nblk, y, N, n, b, m0, m1);
+    for (; b < B; ++b) i8_gemm_tile<1>(xu, xs, K, block, wp.data(), neg.data(), sc.data(), nblk, y, N, n, b, m0, m1);
+  }
+}
 #else
 #define VT_VNNI 0
 #endif
@@ -994,6 +1074,14 @@ ffi::Error QMatmulI8Impl(ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs, ffi::AnyBu
   const float* sv = scales.typed_data();
   const float* xsv = xs.typed_data();
   float* yv = y->typed_data();
+#if VT_VNNI
+  if (B >= kI8Wide) {
+    parallel_for(N, 32, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
+      i8_gemm(xup, xsv, wv, sv, B, K, N, static_cast<int>(block), yv, n0, n1);
+    });
+    return ffi::Error::Success();
+  }
+#endif
   parallel_for(N, 4, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
     i8_rows(xup, xqv, xsv, wv, sv, B, K, N, static_cast<int>(block), yv, n0, n1);
   });
