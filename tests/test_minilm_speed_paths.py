@@ -115,3 +115,18 @@ def test_self_attention_dense_equals_exact(rng, mask_kind):
     want = exact(x, mask=mask)
     np.testing.assert_allclose(dense(x, mask=mask), want, atol=2e-6)
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x, mask=mask))(dense, x), want, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_is_the_erf_gelu(dtype, maybe_jit):
+    from viva_tensor.models.minilm import _gelu
+
+    x = np.concatenate([np.linspace(-9, 9, 3001), [0.0, -40.0, 40.0]]).astype(np.float32)
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    out = maybe_jit(_gelu)(jnp.asarray(x, dtype))
+    assert out.dtype == dtype
+    rtol, atol = (1e-6, 1e-6) if dtype == jnp.float32 else (1e-2, 1e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(out, np.float32), jax.nn.gelu(jnp.asarray(x, dtype), approximate=False)
+                               .astype(jnp.float32), rtol=rtol, atol=atol)
+    assert np.isnan(np.asarray(_gelu(jnp.array([jnp.nan], dtype)), np.float32)).all()

@@ -103,8 +103,19 @@ class _Layer(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         x = self.attention_norm(x + self.attention(x, mask=mask))
-        hidden = jax.nn.gelu(self.intermediate(x), approximate=False)
+        hidden = _gelu(self.intermediate(x))
         return self.output_norm(x + self.output(hidden))
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU as BERT and PyTorch write it, ``x / 2 * (1 + erf(x / sqrt(2)))``, in ``x``'s dtype.
+
+    ``jax.nn.gelu(approximate=False)`` computes ``x / 2 * erfc(-x / sqrt(2))``: the same function (it
+    differs by under 1e-7 absolute in the negative tail, where ``1 + erf`` cancels), but XLA:CPU's erfc
+    made it 3.5x slower than this form (measured 3.6 vs 1.0-1.5 ms for 2048 x 1536 values, one thread).
+    """
+    half = jnp.asarray(0.5, x.dtype)
+    return half * x * (jnp.asarray(1, x.dtype) + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
 
 
 class MiniLM(nnx.Module):
