@@ -130,3 +130,21 @@ def test_gelu_is_the_erf_gelu(dtype, maybe_jit):
     np.testing.assert_allclose(np.asarray(out, np.float32), jax.nn.gelu(jnp.asarray(x, dtype), approximate=False)
                                .astype(jnp.float32), rtol=rtol, atol=atol)
     assert np.isnan(np.asarray(_gelu(jnp.array([jnp.nan], dtype)), np.float32)).all()
+
+
+def test_pack_all_fills_long_rows_first_and_keeps_every_sentence():
+    from viva_tensor.models import minilm
+
+    lengths = [230, 20, 200, 5, 40, 150, 7, 100, 30, 3]
+    rows = minilm._pack_all(lengths, 128, 256)
+    assert list(rows) == [128, 256]  # shortest capacity first
+    assert sorted(i for rs in rows.values() for row in rs for i in row) == list(range(len(lengths)))
+    for capacity, rs in rows.items():
+        for row in rs:
+            assert sum(lengths[i] for i in row) <= capacity and len(row) <= minilm._segments(capacity)
+    # the three long sentences open 256-token rows; best fit puts the 100 with the 150, the 40 with the 200
+    assert sorted(row[0] for row in rows[256]) == [0, 2, 5]
+    assert [row for row in rows[256] if row[0] == 5][0][1] == 7
+    assert sum(lengths[i] for row in rows[128] for i in row) <= 128 * len(rows[128])
+    # a 512-token model: a 300-token sentence's row (bucket 512) takes a 200-token one
+    assert minilm._pack_all([300, 200], 128, 512) == {512: [[0, 1]]}

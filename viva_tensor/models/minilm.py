@@ -7,9 +7,9 @@ Tokenizing needs the ``tokenizers`` package (the ``examples`` extra); nothing he
 The encoder is BERT: word + position + token-type embeddings and a LayerNorm, then layers of
 self-attention and a GELU (exact, erf) feed-forward block, each followed by a residual LayerNorm
 (eps 1e-12); then the mean of the token states over the attention mask, L2-normalised, as
-sentence-transformers does. :func:`encode` packs short sentences several to a row (each attends only
-to itself) and pads longer ones to a few bucket lengths, so it compiles once per (rows, length) shape
-and spends almost no compute on padding, which is masked out of attention and pooling.
+sentence-transformers does. :func:`encode` packs sentences several to a row (each attends only to
+itself) in rows of a few bucket lengths, so it compiles once per (rows, length) shape and spends
+almost no compute on padding, which is masked out of attention and pooling.
 
 Example:
     >>> from viva_tensor.models import minilm
@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import importlib.util
 import json
@@ -688,20 +689,22 @@ def encode(
 ) -> jax.Array:
     """Sentence embeddings, ``(len(sentences), hidden)`` float32 with unit L2 norm.
 
-    Sentences of at most :data:`PACK_LENGTH` tokens are packed several to a row (:meth:`MiniLM.packed`:
-    each attends only to itself and is pooled over its own tokens), rows of ``PACK_LENGTH`` tokens, so
-    almost no compute goes to padding. Longer sentences (and all with ``pack=False``) are sorted by
-    length and cut into batches that share a bucket length (:func:`bucket_length`), padded to it. A
-    call holds at most ``batch_size`` rows and about ``tokens_per_batch`` tokens (smaller temporaries
-    stay in cache: measured faster per token than 4096-token calls on a 2-core CPU), and its rows are
-    padded to a power of two, so each (rows, length) pair compiles once.
+    Sentences are packed several to a row (:meth:`MiniLM.packed`: each attends only to itself and is
+    pooled over its own tokens), so almost no compute goes to padding: a sentence longer than
+    :data:`PACK_LENGTH` tokens opens a row of its bucket length (:func:`bucket_length`), and shorter
+    ones fill the room left in those rows first (best fit, longest first), then rows of ``PACK_LENGTH``
+    tokens. With ``pack=False`` the sentences are sorted by length and cut into batches that share a
+    bucket length, one sentence per row, padded to it. A call holds at most ``batch_size`` rows and
+    about ``tokens_per_batch`` tokens (smaller temporaries stay in cache: measured faster per token than
+    4096-token calls on a 2-core CPU), and its rows are padded to a power of two, so each (rows,
+    length) pair compiles once.
 
     Args:
         encoder: a :class:`SentenceEncoder` (:func:`load`).
         sentences: the sentences (a list or tuple of str; an empty one gives ``(0, hidden)``).
         batch_size: the most rows of one compiled call.
         tokens_per_batch: the most tokens of one call (a long bucket takes fewer rows; at least one).
-        pack: pack short sentences into shared rows (``False``: one sentence per row, padded).
+        pack: pack sentences into shared rows (``False``: one sentence per row, padded).
 
     Returns:
         The embeddings, in the order of ``sentences``.
@@ -726,24 +729,23 @@ def encode(
     graphdef, state = nnx.split(encoder.model)
     encodings = encoder.tokenizer.encode_batch(sentences)
     lengths = [len(e.ids) for e in encodings]
-    pack_length = min(PACK_LENGTH, encoder.max_length)
-    short = [i for i, n in enumerate(lengths) if pack and n <= pack_length]
-    long = sorted((i for i, n in enumerate(lengths) if not (pack and n <= pack_length)), key=lengths.__getitem__)
     outputs, where = [], np.empty(len(sentences), np.int64)  # where[i]: the row of sentence i in the outputs
     offset = 0
-    if short:
-        rows_per_call = max(1, min(batch_size, tokens_per_batch // pack_length))
-        segments = max(1, pack_length // 4)
-        rows = _pack_rows(short, lengths, pack_length, segments)
-        for start in range(0, len(rows), rows_per_call):
-            call = rows[start : start + rows_per_call]
-            ids, seg, types = _pad_packed([[encodings[i] for i in row] for row in call], pack_length,
-                                          _batch_rows(len(call), rows_per_call))
-            outputs.append(_embed_packed_jit(graphdef, state, ids, seg, types, segments).reshape(-1, hidden))
-            for r, row in enumerate(call):
-                where[row] = offset + r * segments + np.arange(len(row))
-            offset += outputs[-1].shape[0]
-    for batch in _batches([encodings[i] for i in long], batch_size, encoder.max_length, tokens_per_batch, long):
+    if pack:
+        pack_length = min(PACK_LENGTH, encoder.max_length)
+        for capacity, rows in _pack_all(lengths, pack_length, encoder.max_length).items():
+            rows_per_call = _rows_for(capacity, batch_size, tokens_per_batch)
+            segments = _segments(capacity)
+            for start in range(0, len(rows), rows_per_call):
+                call = rows[start : start + rows_per_call]
+                ids, seg, types = _pad_packed([[encodings[i] for i in row] for row in call], capacity,
+                                              _batch_rows(len(call), rows_per_call))
+                outputs.append(_embed_packed_jit(graphdef, state, ids, seg, types, segments).reshape(-1, hidden))
+                for r, row in enumerate(call):
+                    where[row] = offset + r * segments + np.arange(len(row))
+                offset += outputs[-1].shape[0]
+    order = [] if pack else sorted(range(len(sentences)), key=lengths.__getitem__)
+    for batch in _batches([encodings[i] for i in order], batch_size, encoder.max_length, tokens_per_batch, order):
         indices, batch = [i for i, _ in batch], [e for _, e in batch]
         longest = len(batch[-1].ids)
         bucket = bucket_length(longest, max_length=max(encoder.max_length, longest))
@@ -758,6 +760,37 @@ def encode(
 
 def _rows_for(bucket: int, batch_size: int, tokens_per_batch: int) -> int:
     return max(1, min(batch_size, tokens_per_batch // bucket))
+
+
+def _segments(capacity: int) -> int:
+    """The most sentences in one packed row of ``capacity`` tokens (static: one compilation per capacity)."""
+    return max(1, capacity // 4)
+
+
+def _pack_all(lengths: Sequence[int], pack_length: int, max_length: int) -> dict[int, list[list[int]]]:
+    """Every sentence into packed rows, by best-fit decreasing: a sentence longer than ``pack_length``
+    opens a row of its bucket length (:func:`bucket_length`), a shorter one takes the row with the least
+    room that fits it or opens a row of ``pack_length``; each row holds at most :func:`_segments`
+    sentences. Returns ``{capacity: rows}`` (rows of sentence indices), shortest capacity first."""
+    rows: list[list[int]] = []
+    capacity: list[int] = []
+    open_rows: list[tuple[int, int]] = []  # (room, row), sorted: rows that can take another sentence
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        at = bisect.bisect_left(open_rows, (n, -1))
+        if at < len(open_rows):
+            room, r = open_rows.pop(at)
+            rows[r].append(i)
+        else:
+            r, room = len(rows), pack_length if n <= pack_length else bucket_length(n, max_length=max(max_length, n))
+            rows.append([i])
+            capacity.append(room)
+        if room - n > 0 and len(rows[r]) < _segments(capacity[r]):
+            bisect.insort(open_rows, (room - n, r))
+    by_capacity: dict[int, list[list[int]]] = {}
+    for size, row in sorted(zip(capacity, rows, strict=True), key=lambda x: x[0]):
+        by_capacity.setdefault(size, []).append(row)
+    return by_capacity
 
 
 def _pack_rows(indices: Sequence[int], lengths: Sequence[int], capacity: int, segments: int) -> list[list[int]]:
