@@ -675,7 +675,7 @@ _embed_packed_jit = jax.jit(_embed_packed, static_argnums=(0, 5))
 PACK_LENGTH = 128
 """Row length of :func:`encode`'s packed calls: sentences of at most this many tokens share rows."""
 
-TOKENS_PER_BATCH = 2048
+TOKENS_PER_BATCH = 1024
 """Default most tokens (padding included) of one compiled call of :func:`encode`."""
 
 
@@ -695,9 +695,9 @@ def encode(
     ones fill the room left in those rows first (best fit, longest first), then rows of ``PACK_LENGTH``
     tokens. With ``pack=False`` the sentences are sorted by length and cut into batches that share a
     bucket length, one sentence per row, padded to it. A call holds at most ``batch_size`` rows and
-    about ``tokens_per_batch`` tokens (smaller temporaries stay in cache: measured faster per token than
-    4096-token calls on a 2-core CPU), and its rows are padded to a power of two, so each (rows,
-    length) pair compiles once.
+    about ``tokens_per_batch`` tokens (smaller temporaries stay in cache: 1024-token calls measured 7%
+    faster than 2048 and 1.6x faster than 4096 tokens in 64 rows on 512 varied sentences, 2-core CPU), and its rows are
+    padded to a power of two, so each (rows, length) pair compiles once.
 
     Args:
         encoder: a :class:`SentenceEncoder` (:func:`load`).
