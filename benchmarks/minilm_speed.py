@@ -25,7 +25,12 @@ call of the float32 encoder is reported too: a new process pays it once per (row
 cosine of each encoder's embeddings to sentence-transformers' (or to viva_tensor float32's) says they
 computed the same thing.
 
-Run: ``python benchmarks/minilm_speed.py [--quick]`` from the repository root, in an environment that
+``--single-thread`` runs XLA and torch on one thread each and writes ``minilm_speed_1thread``: on a
+shared machine (the committed results were measured with other jobs running) a 2-thread pool that
+waits for a preempted thread loses wall time, torch's more than XLA's, so the least CPU time of one
+thread is the comparison least disturbed by the load; the 2-thread table is the target's condition.
+
+Run: ``python benchmarks/minilm_speed.py [--quick] [--single-thread]`` from the repository root, in an environment that
 has viva_tensor's dependencies and, for the comparison, torch and sentence-transformers; writes
 ``benchmarks/results/minilm_speed.{md,json}`` (``--quick``: 16 sentences, 1 round, without the
 ``attention="exact"`` and ``pack=False`` rows, into results/quick).
@@ -96,7 +101,14 @@ def main() -> None:
     p.add_argument("--rounds", type=_common.positive_int, default=5, help="timed rounds per encoder (default 5)")
     p.add_argument("--threads", type=_common.positive_int, default=min(2, os.cpu_count() or 1),
                    help="torch threads (default min(2, cpu_count))")
+    p.add_argument("--single-thread", action="store_true",
+                   help="XLA and torch on one thread each (results minilm_speed_1thread): on a shared machine the "
+                   "CPU time of one thread is the comparison least disturbed by other processes")
     args = p.parse_args()
+    if args.single_thread:  # before the first jax computation creates the CPU client
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+        args.threads = 1
     n, rounds = (16, 1) if args.quick else (args.sentences, args.rounds)
     text = sentences(n)
     encoder = minilm.load()
@@ -147,7 +159,7 @@ def main() -> None:
                     f"| {cos.min():.6f} |")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     md = "\n".join([
-        "# MiniLM encoding speed",
+        "# MiniLM encoding speed" + (" (XLA and torch on one thread each)" if args.single_thread else ""),
         "",
         f"{len(text)} sentences ({sum(lengths)} tokens, mean {np.mean(lengths):.1f}, max {max(lengths)}), "
         f"{rounds} interleaved rounds; peer: {peer_name}. Load average at the end: "
@@ -164,7 +176,9 @@ def main() -> None:
     data["first_call_s"] = first_call
     data["sentences"], data["tokens"], data["rounds"], data["load_average"] = len(text), sum(lengths), rounds, load
     print(md)
-    _common.write_results("minilm_speed", md, data, quick=args.quick, out=args.out)
+    data["single_thread"] = args.single_thread
+    name = "minilm_speed_1thread" if args.single_thread else "minilm_speed"
+    _common.write_results(name, md, data, quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":
