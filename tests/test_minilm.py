@@ -118,7 +118,7 @@ def test_max_seq_length_comes_from_sentence_bert_config(encoder):
     assert encoder.max_length == cfg["max_seq_length"] == minilm.load_config().max_seq_length
 
 
-@pytest.mark.parametrize("attention", ["xla", "flash"])
+@pytest.mark.parametrize("attention", ["exact", "xla", "flash"])
 def test_other_attention_implementations_match(attention, reference):
     enc = minilm.load(attention=attention)
     idx = [0, 18, 25, 30]  # 5 to 119 tokens: buckets 16, 32, 128

@@ -113,7 +113,8 @@ def test_attention_function():
     assert nn.attention_function("xla") is jax.nn.dot_product_attention
     custom = lambda *a, **kw: None  # noqa: E731
     assert nn.attention_function(custom) is custom
-    with pytest.raises(ConfigError, match=r"argument 'attention': expected one of \('exact', 'xla', 'flash'\)"):
+    expected = r"argument 'attention': expected one of \('exact', 'xla', 'flash', 'dense'\)"
+    with pytest.raises(ConfigError, match=expected):
         nn.attention_function("fast")
 
 

@@ -41,7 +41,13 @@ Example:
     (1, 3, 8)
 """
 
-from viva_tensor.nn._attention import ATTENTION_IMPLEMENTATIONS, SelfAttention, attention_function, exact_attention
+from viva_tensor.nn._attention import (
+    ATTENTION_IMPLEMENTATIONS,
+    SelfAttention,
+    attention_function,
+    dense_attention,
+    exact_attention,
+)
 from viva_tensor.nn._awq import capture_linear_inputs
 from viva_tensor.nn._lora import LoRALinear, LoRAParam, load_lora_state, lora, lora_state, merge_lora
 from viva_tensor.nn._model import quantize_model
@@ -62,6 +68,7 @@ from viva_tensor.nn._sequential import CalibrationBatch
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "exact_attention",
+    "dense_attention",
     "attention_function",
     "SelfAttention",
     "QLinear",
