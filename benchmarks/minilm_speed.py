@@ -25,10 +25,10 @@ call of the float32 encoder is reported too: a new process pays it once per (row
 cosine of each encoder's embeddings to sentence-transformers' (or to viva_tensor float32's) says they
 computed the same thing.
 
-``--single-thread`` runs XLA and torch on one thread each and writes ``minilm_speed_1thread``: on a
-shared machine (the committed results were measured with other jobs running) a 2-thread pool that
-waits for a preempted thread loses wall time, torch's more than XLA's, so the least CPU time of one
-thread is the comparison least disturbed by the load; the 2-thread table is the target's condition.
+``--single-thread`` pins the process to one CPU (XLA, the kernels and torch on one thread each) and writes
+``minilm_speed_1thread``: on a shared machine (the committed results were measured with other jobs running)
+a 2-thread pool that waits for a preempted thread loses wall time, torch's more than XLA's, so one pinned core
+is the comparison least disturbed by the load; the 2-thread table is the target's condition.
 
 Run: ``python benchmarks/minilm_speed.py [--quick] [--single-thread]`` from the repository root, in an environment that
 has viva_tensor's dependencies and, for the comparison, torch and sentence-transformers; writes
@@ -43,6 +43,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+if "--single-thread" in sys.argv:  # before jax is imported: importing the library starts XLA's CPU client
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
+    os.environ["VIVA_TENSOR_KERNEL_THREADS"] = "1"  # the compiled quantized-matmul kernels too
+    if hasattr(os, "sched_setaffinity"):  # and the whole process on one CPU: XLA's thunk runtime has its own pool
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import _common  # noqa: E402 - puts the repository first on sys.path
 import numpy as np  # noqa: E402
@@ -105,9 +112,7 @@ def main() -> None:
                    help="XLA and torch on one thread each (results minilm_speed_1thread): on a shared machine the "
                    "CPU time of one thread is the comparison least disturbed by other processes")
     args = p.parse_args()
-    if args.single_thread:  # before the first jax computation creates the CPU client
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
+    if args.single_thread:  # XLA's flags were set before jax was imported (top of this file)
         args.threads = 1
     n, rounds = (16, 1) if args.quick else (args.sentences, args.rounds)
     text = sentences(n)
