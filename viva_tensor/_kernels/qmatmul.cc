@@ -994,44 +994,50 @@ void i8_gemm(const uint8_t* xu, const float* xs, const int8_t* w, const float* s
 #define VT_VNNI 0
 #endif
 
+#if VT_VNNI
+// Weight rows kI8Rows at a time (prepared once) against x kI8Batch rows at a time. BLK: blocks of a multiple of 64
+// (int32 sums over each block), else 64 bytes at a time (blocks of 32).
+template <bool BLK>
+void i8_rows_vnni(const uint8_t* xu, const float* xs, const int8_t* w, const float* s, int64_t B, int64_t K,
+                  int64_t N, int block, float* y, int64_t n0, int64_t n1) {
+  const int64_t nblk = K / block, per = BLK ? nblk : (K + 63) / 64;  // prepared vectors per weight row
+  std::vector<__m512i> negcorr(static_cast<size_t>(kI8Rows * per));
+  std::vector<__m512> sv(static_cast<size_t>(kI8Rows * per));
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += kI8Rows) {
+    const int64_t nb1 = std::min(n1, nb0 + kI8Rows);
+    for (int64_t n = nb0; n < nb1; ++n) {
+      __m512i* nc = &negcorr[(n - nb0) * per];
+      __m512* sc = &sv[(n - nb0) * per];
+      if constexpr (BLK) i8_prepare_blocks(w + n * K, s + n * nblk, K, block, nc, sc);
+      else i8_prepare(w + n * K, s + n * nblk, K, block, nc, sc);
+    }
+    for (int64_t b0 = 0; b0 < B; b0 += kI8Batch) {
+      const int64_t b1 = std::min(B, b0 + kI8Batch);
+      for (int64_t n = nb0; n < nb1;) {
+        const __m512i* nc = &negcorr[(n - nb0) * per];
+        const __m512* sc = &sv[(n - nb0) * per];
+        const int nt = n + 4 <= nb1 ? 4 : 1;
+        if constexpr (BLK) {
+          if (nt == 4) i8_rows_tile_blocks<4>(xu, xs, w, K, N, block, y, n, b0, b1, nc, sc);
+          else i8_rows_tile_blocks<1>(xu, xs, w, K, N, block, y, n, b0, b1, nc, sc);
+        } else {
+          if (nt == 4) i8_rows_tile<4>(xu, xs, w, K, N, y, n, b0, b1, nc, sc);
+          else i8_rows_tile<1>(xu, xs, w, K, N, y, n, b0, b1, nc, sc);
+        }
+        n += nt;
+      }
+    }
+  }
+}
+#endif
+
 void i8_rows(const uint8_t* xu, const int8_t* xq, const float* xs, const int8_t* w, const float* s, int64_t B,
              int64_t K, int64_t N, int block, float* y, int64_t n0, int64_t n1) {
   const int64_t nblk = K / block;
 #if VT_VNNI
   (void)xq;
-  const int64_t nch = (K + 63) / 64;
-  std::vector<__m512i> negcorr(static_cast<size_t>(kI8Rows * nch));
-  std::vector<__m512> sv(static_cast<size_t>(kI8Rows * nch));
-  if (block % 64 == 0) {
-    const int64_t nb = K / block;
-    for (int64_t nb0 = n0; nb0 < n1; nb0 += kI8Rows) {
-      const int64_t nb1 = std::min(n1, nb0 + kI8Rows);
-      for (int64_t n = nb0; n < nb1; ++n)
-        i8_prepare_blocks(w + n * K, s + n * nblk, K, block, &negcorr[(n - nb0) * nb], &sv[(n - nb0) * nb]);
-      for (int64_t b0 = 0; b0 < B; b0 += kI8Batch) {
-        const int64_t b1 = std::min(B, b0 + kI8Batch);
-        int64_t n = nb0;
-        for (; n + 4 <= nb1; n += 4)
-          i8_rows_tile_blocks<4>(xu, xs, w, K, N, block, y, n, b0, b1, &negcorr[(n - nb0) * nb], &sv[(n - nb0) * nb]);
-        for (; n < nb1; ++n)
-          i8_rows_tile_blocks<1>(xu, xs, w, K, N, block, y, n, b0, b1, &negcorr[(n - nb0) * nb], &sv[(n - nb0) * nb]);
-      }
-    }
-    return;
-  }
-  for (int64_t nb0 = n0; nb0 < n1; nb0 += kI8Rows) {
-    const int64_t nb1 = std::min(n1, nb0 + kI8Rows);
-    for (int64_t n = nb0; n < nb1; ++n)
-      i8_prepare(w + n * K, s + n * nblk, K, block, &negcorr[(n - nb0) * nch], &sv[(n - nb0) * nch]);
-    for (int64_t b0 = 0; b0 < B; b0 += kI8Batch) {
-      const int64_t b1 = std::min(B, b0 + kI8Batch);
-      int64_t n = nb0;
-      for (; n + 4 <= nb1; n += 4)
-        i8_rows_tile<4>(xu, xs, w, K, N, y, n, b0, b1, &negcorr[(n - nb0) * nch], &sv[(n - nb0) * nch]);
-      for (; n < nb1; ++n)
-        i8_rows_tile<1>(xu, xs, w, K, N, y, n, b0, b1, &negcorr[(n - nb0) * nch], &sv[(n - nb0) * nch]);
-    }
-  }
+  if (block % 64 == 0) return i8_rows_vnni<true>(xu, xs, w, s, B, K, N, block, y, n0, n1);
+  i8_rows_vnni<false>(xu, xs, w, s, B, K, N, block, y, n0, n1);
 #else
   (void)xu;
   for (int64_t n = n0; n < n1; ++n) {
