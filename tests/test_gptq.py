@@ -430,6 +430,33 @@ def test_calibration_text_is_deterministic_prose_without_evaluation_sentences():
     assert not any(e in s for e in evaluation if len(e.split()) >= 4 for s in lowered)
 
 
+def test_calibration_mix_is_deterministic_and_never_the_evaluation_sentences():
+    import pathlib
+
+    from viva_tensor.models import _calibration
+
+    mix = _calibration.calibration_mix()
+    assert mix == _calibration.calibration_mix() and len(mix) >= 3 * 192
+    docs, readme, short = mix[0:576:3], mix[1:576:3], mix[2:576:3]
+    assert docs == _calibration.calibration_text(192)
+    assert [len(t.split()) for t in short[:8]] == [1, 2, 3, 4, 1, 2, 3, 4]
+    packaged = _calibration.package_sentences()
+    assert all(t in packaged or t in _calibration.calibration_text() for t in readme)
+    assert all(t.endswith(".") and 6 <= len(t.split()) <= 40 and "`" not in t and "](" not in t for t in packaged)
+    data = np.load(pathlib.Path(__file__).parent / "data" / "minilm_reference.npz")
+    evaluation = {str(s).strip().lower() for s in data["sentences"]}
+    lowered = [t.lower().strip() for t in mix]
+    assert not evaluation & set(lowered)
+    assert not any(e in t for e in evaluation if len(e.split()) >= 4 for t in lowered)
+
+
+def test_markup_is_stripped_from_readmes():
+    from viva_tensor.models import _calibration
+
+    text = "# Title\n\nSee [the docs](https://x.y) for **more**.\n\n```python\nx = 1\n```\n    indented code\n"
+    assert _calibration._strip_markup(text).split() == ["Title", "See", "the", "docs", "for", "more."]
+
+
 def test_calibration_passages_join_consecutive_sentences():
     from viva_tensor.models import _calibration
 
