@@ -12,10 +12,12 @@ the embeddings, norms and biases stay float32), the 32 sentences of
 - nearest-neighbour agreement: the share of sentences whose nearest other sentence is the same as
   with float32 embeddings, and the mean overlap of the top-3 neighbours.
 
-Calibrated rows: ``gptq:<fmt>`` is ``minilm.quantize(encoder, fmt=..., method="gptq")`` (sequential GPTQ on
-the default calibration text, standard-library docstrings, never these sentences); ``plan:<bits>`` is
-``minilm.quantize(encoder, bits=...)``: the planner's format per layer within that budget of stored bits per
-value, applied with sequential GPTQ. Their quantize time includes the calibration.
+Calibrated rows: ``gptq:<fmt>`` is ``minilm.quantize(encoder, fmt=..., method="gptq")`` (one-shot GPTQ with
+searched scales, ``mse=True``, and ``damp=0.1``, on the default calibration text ``calibration_mix``:
+standard-library docstrings, installed packages' READMEs, 1-4 word texts; never these sentences);
+``plan:<bits>`` is ``minilm.quantize(encoder, bits=...)``: the planner's format per layer (5 candidates,
+sensitivities by ``measure="gain"`` on one batch) within that budget of stored bits per value, applied with
+the same GPTQ. Their quantize time includes the calibration.
 
 Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
 
@@ -109,7 +111,7 @@ def measure(encoder, sentences, base, original, fmt: str, quick: bool = False) -
     t0, c0 = time.perf_counter(), time.process_time()
     if fmt == "float32":
         model, kbytes = encoder.model, None
-    elif ":" in fmt:
+    elif fmt.startswith(("gptq:", "plan:")):
         model, kbytes, _, _ = calibrated(encoder, fmt, quick)
     else:
         model, kbytes, _ = quantized(encoder.model, fmt)
@@ -190,8 +192,10 @@ def write(rows: list[dict], n: int, args) -> None:
         "3 nearest. `nf4+int8`: NF4, with the attention value, intermediate and output layers in INT8. "
         "`2:4`: one-shot 2:4 magnitude pruning of the kernels (no retraining), float32 values kept; model "
         "bytes for 2:4 count the dense emulation, kernel bytes the 2:4 records. "
-        "Calibrated rows (`gptq:`, `plan:`): the default calibration of `minilm.quantize` (512 standard-library "
-        "docstring sentences; the planner's sensitivities on the first 64). Quantize times are wall / process CPU "
+        "Calibrated rows (`gptq:`, `plan:`): `minilm.quantize` with its defaults (626 calibration texts of "
+        "`calibration_mix`: docstrings, package READMEs, 1-4 word texts; one-shot GPTQ, mse=True, damp=0.1; the "
+        "planner: 5 candidates (NF4-DQ 64/32, Q5_0, Q5_1, Q8_0), gain sensitivities on the first 32 texts). "
+        "Quantize times are wall / process CPU "
         "seconds on a 2-core machine shared with other jobs (wall inflated by the load). "
         "Written by `python benchmarks/minilm_fidelity.py`.",
         "",

@@ -161,3 +161,29 @@ def nf4_grid():
         return code, NF4_LEVELS[code] * absmax
 
     return find_params, snap
+
+
+def mse_grid(find_params, snap, *, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4):
+    """IST-DASLab ``Quantizer.find_params`` with ``mse=True``, generic over a grid: for ``i`` in
+    ``range(int(maxshrink * grid))``, ``p = 1 - i / grid``, the scales of the range shrunk by ``p`` (here:
+    ``find_params(p * wg)``, the grid's own scales of the shrunk values), the error ``Σ |snap(w) - w|^norm``
+    of each row, and the scales of a row replaced only when its error is strictly smaller (``tmp = err <
+    best``). Returns ``(find_params, snap)`` for :func:`gptq`."""
+
+    def searched(wg):
+        wg = np.asarray(wg, np.float64)
+        best_err, best = None, None
+        for i in range(int(maxshrink * grid)):
+            p = 1 - i / grid
+            params = find_params(p * wg)
+            values = np.stack([snap(wg[:, j], params)[1] for j in range(wg.shape[1])], axis=1)
+            err = np.sum(np.abs(values - wg) ** norm, axis=1)
+            if best is None:
+                best_err, best = err, [np.array(a, np.float64) for a in params]
+                continue
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = [np.where(better, a, b) for a, b in zip(params, best, strict=True)]
+        return tuple(best)
+
+    return searched, snap

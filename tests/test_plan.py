@@ -57,6 +57,39 @@ def test_sensitivity_is_the_model_error_with_that_layer_alone_quantized(setup):
         assert errors[(n, "q8_0")] < errors[(n, "q4_1")] and errors[(n, "q8_0")] < errors[(n, "int4_group")]
 
 
+def test_gain_sensitivity_scales_the_first_candidate_by_layer_output_error(setup):
+    """measure="gain": the first candidate of each layer is the model error itself; the others are it times
+    the ratio of the layer's squared output errors, computed here in NumPy from the layer's real inputs."""
+    model, batches, measured = setup
+    gain = _plan.sensitivity(model, batches, formats=FORMATS, measure="gain")
+    assert [(c.name, c.fmt, c.nbytes) for c in gain] == [(c.name, c.fmt, c.nbytes) for c in measured]
+    x = np.concatenate([np.asarray(b[0], np.float64).reshape(-1, 256) for b in batches])
+    inputs = {"a": x}
+    inputs["b"] = np.asarray(jax.nn.gelu(model.a(jnp.asarray(x, jnp.float32))), np.float64)
+    inputs["c"] = np.asarray(jax.nn.gelu(model.b(jnp.asarray(inputs["b"], jnp.float32))), np.float64)
+    from viva_tensor import quant
+
+    for name in "abc":
+        rows = [c for c in gain if c.name == name]
+        model_first = next(c for c in measured if c.name == name)
+        assert rows[0].error == pytest.approx(model_first.error, rel=1e-6)
+        kernel = np.asarray(getattr(model, name).kernel.get_value(), np.float64)
+
+        def out_error(c, kernel=kernel, name=name):
+            deq = np.asarray(quant.dequantize(quant.quantize(jnp.asarray(kernel.T, jnp.float32), c.fmt,
+                                                             **dict(c.options))), np.float64).T  # fmt: skip
+            return np.sum((inputs[name] @ (kernel - deq)) ** 2)
+
+        for c in rows[1:]:
+            assert c.error == pytest.approx(rows[0].error * out_error(c) / out_error(rows[0]), rel=1e-3), c
+    errors = np.array([c.error for c in measured]), np.array([c.error for c in gain])
+    assert np.corrcoef(np.log(errors[0]), np.log(errors[1]))[0, 1] > 0.9
+    plan = nn.plan(model, batches, bits=5.0, formats=FORMATS, measure="gain")
+    assert plan.bits_per_value <= 5.0
+    with pytest.raises(ConfigError, match="measure"):
+        _plan.sensitivity(model, batches, formats=FORMATS, measure="rtn")
+
+
 def test_k_quants_only_where_rows_fit():
     model = Net()
     found = _plan.sensitivity(model, [(jnp.ones((2, 256)),)], formats=["q4_k", "q8_0"])

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viva_tensor import awq, blackwell, compression, nf4
+from viva_tensor import awq, blackwell, compression, ggml, nf4
 from viva_tensor._formats import packing
 from viva_tensor.errors import ConfigError, FormatError
 
@@ -286,6 +286,58 @@ def _q8_0_record(codes, p, tensor, shape, dtype, layout):
 register_grid(
     "q8_0", resolve=_ggml_resolve("q8_0"), params=_absmax127_params, snap=_q8_0_snap, record=_q8_0_record
 )
+
+
+# ------------------------------------------------------------- q5_0, q5_1 (ggml._q5_0_ref / _q5_1_ref)
+# A code below 0 or above 31 never arises in round to nearest; GPTQ's updated weights can leave the block's
+# range, so the codes are clipped to [0, 31] (the values at the grid's ends).
+
+
+def _q5_0_params(wg: jax.Array, tensor: Any) -> dict:
+    finite = ggml._finite(wg)
+    _, vmax = ggml._first_of_largest(wg)
+    d = vmax / jnp.float32(-16)  # exact: a power of two
+    inv = jnp.where(d != 0, ggml._div(jnp.float32(1), d), jnp.float32(0))
+    return {"d": d, "inv": inv, "finite": finite}
+
+
+def _q5_0_snap(x: jax.Array, p: dict, tensor: Any) -> tuple[jax.Array, jax.Array]:
+    code = jnp.clip(jnp.trunc(ggml._mul(x, p["inv"]) + jnp.float32(16.5)), 0, 31).astype(jnp.int32)
+    code = jnp.where(p["finite"], code, 0)
+    d16 = ggml._nan_d(p["finite"], p["d"]).astype(jnp.float32)
+    return code, (code - 16).astype(jnp.float32) * d16
+
+
+def _q5_0_record(codes, p, tensor, shape, dtype, layout):
+    qh, qs = ggml._pack_5bit_32(_blocks_of(codes, 32))
+    return ggml.Q5_0Tensor(ggml._nan_d(_by_row(p["finite"]), _by_row(p["d"])), qh, qs, shape=shape, dtype=dtype)
+
+
+def _q5_1_params(wg: jax.Array, tensor: Any) -> dict:
+    finite = ggml._finite(wg)
+    vmin, vmax = jnp.min(wg, axis=-1), jnp.max(wg, axis=-1)
+    d = ggml._div(vmax - vmin, jnp.float32(31))
+    inv = jnp.where(d != 0, ggml._div(jnp.float32(1), d), jnp.float32(0))
+    return {"d": d, "inv": inv, "min": vmin, "finite": finite}
+
+
+def _q5_1_snap(x: jax.Array, p: dict, tensor: Any) -> tuple[jax.Array, jax.Array]:
+    code = jnp.clip(jnp.trunc(ggml._mul(x - p["min"], p["inv"]) + jnp.float32(0.5)), 0, 31).astype(jnp.int32)
+    code = jnp.where(p["finite"], code, 0)
+    d16 = ggml._nan_d(p["finite"], p["d"]).astype(jnp.float32)
+    m16 = ggml._f16(jnp.where(p["finite"], p["min"], jnp.float32(jnp.nan))).astype(jnp.float32)
+    return code, code.astype(jnp.float32) * d16 + m16
+
+
+def _q5_1_record(codes, p, tensor, shape, dtype, layout):
+    finite = _by_row(p["finite"])
+    m = ggml._f16(jnp.where(finite, _by_row(p["min"]), jnp.float32(jnp.nan)))
+    qh, qs = ggml._pack_5bit_32(_blocks_of(codes, 32))
+    return ggml.Q5_1Tensor(ggml._nan_d(finite, _by_row(p["d"])), m, qh, qs, shape=shape, dtype=dtype)
+
+
+register_grid("q5_0", resolve=_ggml_resolve("q5_0"), params=_q5_0_params, snap=_q5_0_snap, record=_q5_0_record)
+register_grid("q5_1", resolve=_ggml_resolve("q5_1"), params=_q5_1_params, snap=_q5_1_snap, record=_q5_1_record)
 
 
 # ------------------------------------------------------------- int8 (compression.quantize_int8 / _int8_codes)

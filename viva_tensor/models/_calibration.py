@@ -24,16 +24,29 @@ inputs) 0.9639 / 0.889 / 29; one-shot with act_order + static_groups 0.9634 / 0.
 0.9737 / 0.912 / 30 with round to nearest; int4 g128 GPTQ with NF4 embeddings: 7.31x smaller, 0.9587 / 0.908.
 Our reading (not proven): the docstring text is the limit here; the error feedback fits the calibration
 distribution, and these sentences are not the evaluation's.
+
+:func:`calibration_mix` (the default of ``minilm.quantize`` since) interleaves three sources that ship with
+the installation: docstring sentences, sentences of the installed packages' READMEs (:func:`package_sentences`,
+their ``METADATA`` long descriptions with the markup stripped), and texts of one to four words
+(:func:`short_texts`), then the packages' one-line summaries. Measured (GPTQ int4 groups of 128, one-shot, damp
+0.01, 32 evaluation sentences, cosine to the original model): 512 docstring sentences 0.9626 mean / 0.916 min;
+512 README sentences 0.9663 / 0.918; 384 docstring + 128 short 0.9642 / 0.911; the mix (626 texts) 0.9678 /
+0.930. With ``damp=0.1`` and ``mse=True`` on the mix: 0.9722 / 0.933. Weighting each sentence's tokens by
+1 / length (the mean pooling's weights) did worse (0.9659 / 0.897).
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import importlib.metadata
 import importlib.util
 import re
 
-__all__ = ["MODULES", "calibration_text", "calibration_passages"]
+__all__ = [
+    "MODULES", "PACKAGES", "calibration_text", "calibration_passages", "package_sentences", "package_summaries",
+    "short_texts", "calibration_mix",
+]  # fmt: skip
 
 MODULES = (
     "argparse", "asyncio.events", "asyncio.tasks", "bisect", "calendar", "collections", "concurrent.futures._base",
@@ -128,3 +141,156 @@ def calibration_passages(n: int | None = None, *, words: int = 170) -> list[str]
             if n is not None and len(passages) == n:
                 break
     return passages
+
+
+# ----------------------------------------------------------------------------------------- package READMEs
+
+PACKAGES = (
+    "jax", "flax", "chex", "numpy", "safetensors", "rich", "optax", "tokenizers", "matplotlib", "pytest", "hypothesis",
+    "nbclient", "ipykernel", "gguf", "absl-py", "etils", "msgpack", "typing_extensions", "treescope", "markdown-it-py",
+    "ml_dtypes", "opt_einsum", "scipy", "pillow", "packaging", "jupyter_client", "traitlets", "psutil", "attrs",
+    "sortedcontainers", "pyparsing", "python-dateutil", "toolz", "tensorstore", "pluggy", "jedi", "parso",
+    "prompt_toolkit", "wcwidth", "platformdirs", "jsonschema", "humanize", "fsspec", "tqdm", "requests", "urllib3",
+    "idna", "charset_normalizer", "stack_data", "executing", "pure_eval", "simplejson",
+)  # fmt: skip
+"""Distributions whose ``METADATA`` (the long description: the package's README) is read, in this order: the
+library's dependencies and those of its ``test`` and ``examples`` extras (what ``pip install -e
+'.[test,examples]'`` installs). One that is not installed is skipped."""
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_RULE = re.compile(r"[=\-~^*#+`]{3,}")
+_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+_SKIP_LINE = ("..", ">>>", "|", "$ ", "pip ", "<", "[!", "!", "- [")
+
+
+def _strip_markup(text: str) -> str:
+    """Markdown / reStructuredText to plain lines: code blocks, tables, directives and rules removed, links
+    and emphasis reduced to their text, list and heading markers dropped (a removed line ends a paragraph)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if _FENCE.match(line):
+            fenced = not fenced
+            lines.append("")
+            continue
+        if fenced or line.startswith(("    ", "\t")) or stripped.startswith(_SKIP_LINE) or _RULE.fullmatch(stripped):
+            lines.append("")
+            continue
+        stripped = _LINK.sub(r"\1", _IMAGE.sub("", stripped))
+        stripped = re.sub(r"`([^`]+)`_", r"\1", stripped)
+        stripped = re.sub(r"\*\*([^*]+)\*\*", r"\1", stripped)
+        lines.append(re.sub(r"^[#*+-] +|^\d+\. +", "", stripped))
+    return "\n".join(lines)
+
+
+def _metadata(name: str) -> tuple[str, str]:
+    try:
+        meta = importlib.metadata.metadata(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "", ""
+    return (meta.get_payload() or meta.get("Description") or ""), (meta.get("Summary") or "").strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _package_text() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    sentences: dict[str, None] = {}
+    summaries: dict[str, None] = {}
+    for name in PACKAGES:
+        description, summary = _metadata(name)
+        if summary:
+            summaries.setdefault(summary, None)
+        for paragraph in re.split(r"\n\s*\n", _strip_markup(description)):
+            for sentence in _SPLIT.split(" ".join(paragraph.split())):
+                if _is_prose(sentence):
+                    sentences.setdefault(sentence, None)
+    return tuple(sentences), tuple(summaries)
+
+
+def package_sentences(n: int | None = None) -> list[str]:
+    """English sentences from the READMEs of installed packages (their ``METADATA`` long descriptions).
+
+    The distributions of :data:`PACKAGES` that are installed, in that order; markup stripped, cut into
+    sentences and filtered to prose as :func:`calibration_text`. The text is that of the installed versions
+    (a few hundred sentences with this project's dependencies); none when no package is installed.
+
+    Args:
+        n: how many (the first ``n``); ``None`` for all.
+
+    Returns:
+        A list of distinct sentences.
+
+    Example:
+        >>> s = package_sentences(2)
+        >>> len(s) <= 2 and all(t.endswith(".") for t in s)
+        True
+    """
+    sentences = _package_text()[0]
+    return list(sentences if n is None else sentences[:n])
+
+
+def package_summaries() -> list[str]:
+    """The one-line ``Summary`` of each installed distribution of :data:`PACKAGES` (short phrases).
+
+    Returns:
+        A list of distinct summaries, in the order of :data:`PACKAGES`.
+
+    Example:
+        >>> all(isinstance(s, str) and s for s in package_summaries())
+        True
+    """
+    return list(_package_text()[1])
+
+
+def short_texts(n: int, *, skip: int = 1000) -> list[str]:
+    """Texts of one to four words: the first words of docstring sentences (1, 2, 3, 4, 1, ... words).
+
+    A sentence encoder also reads one-word queries, whose few tokens meet the model's layers in states
+    that long sentences never produce. These come from :func:`calibration_text` after its first ``skip``
+    sentences (so that they are not cut from the sentences calibrated on whole).
+
+    Args:
+        n: how many.
+        skip: sentences of :func:`calibration_text` to pass over first.
+
+    Returns:
+        A list of ``n`` short texts (fewer if the text runs out).
+
+    Example:
+        >>> [len(t.split()) for t in short_texts(5)]
+        [1, 2, 3, 4, 1]
+    """
+    out = []
+    for i, sentence in enumerate(calibration_text()[skip : skip + n]):
+        out.append(" ".join(sentence.rstrip(".").split()[: 1 + i % 4]))
+    return out
+
+
+def calibration_mix(per_source: int = 192) -> list[str]:
+    """The default calibration text of :func:`viva_tensor.models.minilm.quantize`: three sources interleaved.
+
+    One standard-library docstring sentence, one package README sentence, one short text (1 to 4 words),
+    repeated ``per_source`` times, then the packages' one-line summaries. Where the READMEs run out (fewer
+    packages installed), docstring sentences take their places, so the count stays ``3 * per_source``
+    (plus the summaries). Never the evaluation sentences of ``tests/data`` (tested).
+
+    Args:
+        per_source: texts taken from each source.
+
+    Returns:
+        The list of texts, deterministic for a given Python and set of installed package versions.
+
+    Example:
+        >>> texts = calibration_mix(4)
+        >>> len(texts) >= 12 and len(texts[2].split()) == 1
+        True
+    """
+    docs = calibration_text()
+    readme = package_sentences(per_source)
+    spare = iter(docs[per_source : per_source + per_source - len(readme)])
+    readme += list(spare)
+    short = short_texts(per_source)
+    texts = []
+    for triple in zip(docs[:per_source], readme, short, strict=False):
+        texts.extend(triple)
+    return texts + package_summaries()

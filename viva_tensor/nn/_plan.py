@@ -26,7 +26,7 @@ from viva_tensor import quant
 from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, FormatError
 from viva_tensor.nn._awq import linears
-from viva_tensor.nn._sequential import _at, _batches
+from viva_tensor.nn._sequential import _at, _batches, capture_grams
 from viva_tensor.nn._sequential import progress as _progress
 
 __all__ = ["DEFAULT_CANDIDATES", "LayerChoice", "Plan", "plan", "sensitivity"]
@@ -159,7 +159,12 @@ def _squared(a, b=None):
 
 
 def sensitivity(
-    model: nnx.Module, calibration: Any, *, formats: Sequence[Any] = DEFAULT_CANDIDATES, show_progress: bool = False
+    model: nnx.Module,
+    calibration: Any,
+    *,
+    formats: Sequence[Any] = DEFAULT_CANDIDATES,
+    show_progress: bool = False,
+    measure: str = "model",
 ) -> tuple[LayerChoice, ...]:
     """Each ``nnx.Linear`` quantized alone (round to nearest) in each candidate format: bytes and model error.
 
@@ -169,12 +174,17 @@ def sensitivity(
         formats: candidates: format names or ``(name, options)`` pairs. A layer is measured in a candidate
             only when its input size is a whole number of the format's rows (K-quants: 256).
         show_progress: a rich progress bar on stderr.
+        measure: ``"model"``: every (layer, candidate) through the model. ``"gain"``: one model run per
+            layer, in its first candidate; the other candidates' errors are that error times the ratio of
+            their layer output errors ``tr(ΔW G ΔWᵀ)`` (``G`` the Gram matrix of the layer's inputs on the
+            same batches): the model's response to a layer taken as proportional to the layer's output
+            error. One model run per layer instead of one per candidate.
 
     Returns:
         One :class:`LayerChoice` per (layer, candidate) measured, in graph order.
 
     Raises:
-        ConfigError: a callable calibration, or no candidate.
+        ConfigError: a callable calibration, no candidate, or an unknown ``measure``.
         FormatError: an unknown format.
 
     Example:
@@ -184,7 +194,13 @@ def sensitivity(
         >>> found = sensitivity(model, [(jax.random.normal(jax.random.key(0), (16, 64)),)], formats=["q4_0", "q8_0"])
         >>> [(c.name, c.fmt, c.bits) for c in found][:2], all(c.error > 0 for c in found)
         ([('layers.0', 'q4_0', 4.5), ('layers.0', 'q8_0', 8.5)], True)
+        >>> gain = sensitivity(model, [(jax.random.normal(jax.random.key(0), (16, 64)),)], formats=["q4_0", "q8_0"],
+        ...                    measure="gain")
+        >>> gain[0].error == found[0].error, gain[1].error < gain[0].error
+        (True, True)
     """
+    if measure not in ("model", "gain"):
+        raise ConfigError(argument="measure", expected="'model' or 'gain'", got=repr(measure))
     candidates = _candidates(formats)
     batches = _batches(calibration)
     if callable(batches):
@@ -198,19 +214,38 @@ def sensitivity(
     layers = [(path, layer) for path, layer in linears(model)]
     todo = [(p, layer, c) for p, layer in layers for c in candidates
             if layer.in_features % quant.format_spec(c[0]).row_multiple == 0]  # fmt: skip
-    with _progress(show_progress, len(todo), "sensitivity") as bar:
+    grams, groups = capture_grams(model, batches) if measure == "gain" else ({}, {})
+    first: dict[str, tuple[float, float]] = {}  # layer -> (model error, layer output error) of its first candidate
+    steps = len(layers) if measure == "gain" else len(todo)
+    with _progress(show_progress, steps, "sensitivity") as bar:
         for path, layer, (fmt, options) in todo:
+            name = path_str(path)
             kernel = jnp.asarray(layer.kernel.get_value())
             record = quant.quantize(kernel.T, fmt, **dict(options))
-            target = _at(copy, path).kernel
-            target.set_value(quant.dequantize(record).T.astype(kernel.dtype))
-            swapped = nnx.split(copy)[1]
-            err = sum(_squared(_outputs_jit(graphdef, swapped, a, k), y) for (a, k), y in zip(calls, base, strict=True))
-            target.set_value(kernel)
-            name = path_str(path)
-            found.append(LayerChoice(name, fmt, options, int(record.nbytes), int(kernel.size), float(err) / norm))
-            bar.step(f"sensitivity {name} {fmt}")
+            deq = quant.dequantize(record).T.astype(kernel.dtype)
+            if measure == "gain" and name in first:
+                model_error, layer_error = first[name]
+                ratio = _layer_error(kernel, deq, grams[groups[name]][0]) / layer_error if layer_error else 0.0
+                err = model_error * ratio
+            else:
+                target = _at(copy, path).kernel
+                target.set_value(deq)
+                swapped = nnx.split(copy)[1]
+                err = sum(_squared(_outputs_jit(graphdef, swapped, a, k), y)
+                          for (a, k), y in zip(calls, base, strict=True)) / norm  # fmt: skip
+                err = float(err)
+                target.set_value(kernel)
+                if measure == "gain":
+                    first[name] = (err, _layer_error(kernel, deq, grams[groups[name]][0]))
+                bar.step(f"sensitivity {name} {fmt}")
+            found.append(LayerChoice(name, fmt, options, int(record.nbytes), int(kernel.size), float(err)))
     return tuple(found)
+
+
+def _layer_error(kernel: jax.Array, deq: jax.Array, gram: jax.Array) -> float:
+    """``tr(ΔKᵀ G ΔK)``: the squared output error of a layer whose kernel ``(in, out)`` moves by ``ΔK``."""
+    delta = jnp.asarray(kernel, jnp.float32) - jnp.asarray(deq, jnp.float32)
+    return float(jnp.sum(jnp.matmul(gram, delta, precision=jax.lax.Precision.HIGHEST) * delta))
 
 
 def _hull(options: list[LayerChoice]) -> list[LayerChoice]:
@@ -298,6 +333,7 @@ def plan(
     target: float | None = None,
     formats: Sequence[Any] = DEFAULT_CANDIDATES,
     progress: bool = False,
+    measure: str = "model",
 ) -> Plan:
     """A format per ``nnx.Linear``: the least model error within a budget of bits, or the fewest bits to a target.
 
@@ -310,6 +346,8 @@ def plan(
         target: the largest predicted relative output error (the sum of the single-layer errors).
         formats: candidate formats (names or ``(name, options)`` pairs), see :data:`DEFAULT_CANDIDATES`.
         progress: a rich progress bar on stderr.
+        measure: how :func:`sensitivity` measures (``"model"``: every layer and candidate through the
+            model; ``"gain"``: once per layer, the other candidates scaled by their layer output errors).
 
     Returns:
         A :class:`Plan` (``print(plan)`` shows layer, format, bits and measured error).
@@ -335,5 +373,5 @@ def plan(
     if (bits is None) == (target is None):
         raise ConfigError(argument="bits", expected="exactly one of bits and target",
                           got=f"bits={bits}, target={target}")  # fmt: skip
-    measured = sensitivity(model, calibration, formats=formats, show_progress=progress)
+    measured = sensitivity(model, calibration, formats=formats, show_progress=progress, measure=measure)
     return Plan(choose(measured, bits=bits, target=target), measured, bits, target)
