@@ -16,6 +16,12 @@ the gettext catalogs they ship (many languages and scripts), and short word span
 packed several to a row (each attends only to itself, positions restart), so no compute goes to padding; each
 step is one jitted function of fixed shapes (one compilation for the whole run) and runs the teacher inside it.
 A held-out slice of the text is not trained on: its mean cosine is on the progress bar and in the report.
+
+Measured on all-MiniLM-L6-v2 (``benchmarks/results/qlora_distill.md``, ``qlora_qat.md``; the 32 evaluation
+sentences of ``tests/data``, cosine to the float32 encoder): NF4 + LoRA rank 16, 130 steps of 8 rows x 256 tokens
+(505 CPU s): mean 0.965 -> 0.985, min 0.891 -> 0.967, same nearest neighbour 29/32 before and after; int4 groups
+of 128 by QAT, 150 steps (510 CPU s): 0.945 -> 0.982, min 0.847 -> 0.954, 27/32 -> 29/32. With the docstrings
+alone and 64-token rows (rank 8, 200 steps) NF4 reached 0.978 only.
 """
 
 from __future__ import annotations
