@@ -11,10 +11,13 @@ nothing runs), parameters and optimizer state donated as a training loop does:
   arguments: frozen base + trainable parameters + adam's two moments) and the whole step; the same with
   the 6 layers run by ``viva_tensor.memory.apply_layers`` under its checkpoint policies.
 
-Distillation (``minilm.distill``): the NF4 MiniLM, LoRA rank 8 trained on the standard library's docstrings to
-match the float32 model; measured on the 32 held-out sentences of ``tests/data/minilm_reference.npz``
-(never trained on): mean / min cosine to the float32 encoder and nearest-neighbour agreement, before and
-after; wall and CPU seconds of the training (the machine's load average is recorded: it is shared).
+Distillation (``minilm.distill``, ``--only distill``): the NF4 MiniLM with LoRA adapters (rank ``--rank``, default 16)
+trained to match the float32 model on the default text (the standard library's docstrings, the installed
+distributions' descriptions and message catalogs, short spans; packed rows of 256 tokens); ``--only qat``: the same
+with quantization-aware training of int4 kernels (``int4_group``, groups of 128), then frozen to real records.
+Measured on the 32 sentences of ``tests/data/minilm_reference.npz`` (never trained on: tested): mean / min cosine
+to the float32 encoder and nearest-neighbour agreement, before and after; wall and CPU seconds of the training
+(CPU time of the process; the machine's load average is recorded: it is shared).
 ``--quick``: a 256x256 layer, a 2-layer MiniLM of width 64, and 3 distillation steps on a random one.
 """
 
@@ -159,24 +162,28 @@ def _fidelity(e, base) -> dict:
             "top1_agreement": float(np.mean(_top1(e) == _top1(base)))}  # fmt: skip
 
 
-def distill_row(quick: bool, steps: int, rank: int) -> dict:
+def distill_row(quick: bool, steps: int, rank: int, method: str = "lora", fmt: str = "nf4") -> dict:
     if quick:
         tok = minilm.load_tokenizer(max_length=64)
         cfg = minilm.MiniLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
         encoder = minilm.SentenceEncoder(minilm.MiniLM(cfg, rngs=nnx.Rngs(0)), tok, 64)
-        text, held_out, batch = _calibration.calibration_text(120), 16, 8
+        text, held_out, batch = _calibration.calibration_text(120), 16, 4
     else:
-        encoder, text, held_out, batch = minilm.load(), None, 64, 32
+        encoder, text, held_out, batch = minilm.load(), None, 64, 8
     sentences = [str(s) for s in np.load(_common.FIXTURE)["sentences"]]
     sentences = sentences[:8] if quick else sentences
     base = np.asarray(minilm.encode(encoder, sentences))
-    qmodel, _ = nn.quantize_model(encoder.model, "nf4")
+    qmodel, _ = nn.quantize_model(encoder.model, fmt)
     before = _fidelity(np.asarray(minilm.encode(encoder.replace(model=qmodel), sentences)), base)
     load0 = os.getloadavg()[0]
-    student, report = minilm.distill(encoder, rank=rank, steps=steps, text=text, batch_size=batch, held_out=held_out)
+    student, report = minilm.distill(
+        encoder, method=method, fmt=fmt, rank=rank, alpha=2 * rank, steps=steps, text=text, batch_size=batch,
+        held_out=held_out,
+    )  # fmt: skip
     after = _fidelity(np.asarray(minilm.encode(student, sentences)), base)
     row = {
-        "steps": steps, "rank": rank, "batch": batch, "train_seconds": report.seconds,
+        "method": method, "fmt": fmt, "steps": steps, "rank": report.rank, "batch": batch,
+        "row_tokens": min(encoder.max_length, 256), "train_seconds": report.seconds,
         "train_cpu_seconds": report.cpu_seconds, "load_average_start": load0, "load_average_end": os.getloadavg()[0],
         "cpu_count": os.cpu_count(), "adapter_bytes": report.adapter_bytes, "quantized_bytes": report.quantized_bytes,
         "adapter_fraction": report.adapter_fraction, "held_out_cosine_before": report.held_out_cosine_before,
@@ -186,6 +193,31 @@ def distill_row(quick: bool, steps: int, rank: int) -> dict:
     print(report, flush=True)
     print(f"evaluation sentences: before {before}, after {after}", flush=True)
     return row
+
+
+def _distill_md(row: dict) -> list[str]:
+    b, a = row["before"], row["after"]
+    if row["method"] == "qat":
+        title = f"## Distillation: {row['fmt']} MiniLM by quantization-aware training (kernels trained, then frozen)"
+        trained = f"{row['fmt']} QAT, {row['steps']} steps, frozen"
+        size = f"No adapters: the frozen model is {row['quantized_bytes']:,} bytes."
+    else:
+        title = f"## Distillation: {row['fmt']} MiniLM + LoRA, trained to match float32 on text shipped with Python"
+        trained = f"{row['fmt']} + LoRA rank {row['rank']}, {row['steps']} steps"
+        size = (f"Adapters {row['adapter_bytes']:,} bytes = {100 * row['adapter_fraction']:.2f}% of the quantized "
+                f"model ({row['quantized_bytes']:,} bytes).")  # fmt: skip
+    return [title, "", "| | mean cosine | min cosine | top-1 agreement |", "|---|---|---|---|",
+            f"| {row['fmt']} (round to nearest) | {b['mean_cosine']:.4f} | {b['min_cosine']:.4f} | "
+            f"{b['top1_agreement']:.3f} |",
+            f"| {trained} | {a['mean_cosine']:.4f} | {a['min_cosine']:.4f} | {a['top1_agreement']:.3f} |", "",
+            f"On the {len(np.load(_common.FIXTURE)['sentences'])} evaluation sentences of "
+            "`tests/data/minilm_reference.npz` (cosine to the float32 encoder; never in the training text). "
+            f"Held-out training texts (not trained on): {row['held_out_cosine_before']:.4f} -> "
+            f"{row['held_out_cosine_after']:.4f}. {size} Training: {row['train_seconds']:.0f} s wall, "
+            f"{row['train_cpu_seconds']:.0f} s CPU time of the process (compilation included; batch {row['batch']} "
+            f"packed rows x {row['row_tokens']} tokens) on {row['cpu_count']} cores with a load average of "
+            f"{row['load_average_start']:.1f} -> {row['load_average_end']:.1f} (the machine was shared).",
+            ""]  # fmt: skip
 
 
 def _table(rows: list[dict]) -> str:
@@ -200,9 +232,11 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = _common.parser(__doc__)
-    p.add_argument("--only", choices=["memory", "distill"], default=None, help="run one part (writes qlora_PART.*)")
-    p.add_argument("--steps", type=_common.positive_int, default=None, help="distillation steps (default 240)")
-    p.add_argument("--rank", type=_common.positive_int, default=8, help="distillation adapters' rank")
+    p.add_argument(
+        "--only", choices=["memory", "distill", "qat"], default=None, help="run one part (writes qlora_PART.*)"
+    )
+    p.add_argument("--steps", type=_common.positive_int, default=None, help="distillation steps (default 120)")
+    p.add_argument("--rank", type=_common.positive_int, default=16, help="distillation adapters' rank")
     args = p.parse_args(argv)
     data, md = {}, []
     if args.only in (None, "memory"):
@@ -225,24 +259,12 @@ def main(argv=None) -> None:
                "the weights, dominate the whole step; the scan rows show what `memory.apply_layers` checkpoint "
                "policies save of them.", ""]  # fmt: skip
         data["layer"], data["minilm"] = layer, rows
-    if args.only in (None, "distill"):
-        steps = args.steps or (3 if args.quick else 240)
-        row = distill_row(args.quick, steps, args.rank)
-        b, a = row["before"], row["after"]
-        md += ["## Distillation: NF4 MiniLM + LoRA, trained to match float32 on the standard library's docstrings", "",
-               "| | mean cosine | min cosine | top-1 agreement |", "|---|---|---|---|",
-               f"| NF4 (no adapters) | {b['mean_cosine']:.4f} | {b['min_cosine']:.4f} | {b['top1_agreement']:.3f} |",
-               f"| NF4 + LoRA rank {row['rank']}, {row['steps']} steps | {a['mean_cosine']:.4f} | "
-               f"{a['min_cosine']:.4f} | {a['top1_agreement']:.3f} |", "",
-               f"On the {len(np.load(_common.FIXTURE)['sentences'])} evaluation sentences of "
-               "`tests/data/minilm_reference.npz` (cosine to the float32 encoder). Held-out docstring sentences "
-               f"(not trained on): {row['held_out_cosine_before']:.4f} -> {row['held_out_cosine_after']:.4f}. "
-               f"Adapters {row['adapter_bytes']:,} bytes = {100 * row['adapter_fraction']:.2f}% of the quantized "
-               f"model ({row['quantized_bytes']:,} bytes). Training: {row['train_seconds']:.0f} s wall, "
-               f"{row['train_cpu_seconds']:.0f} s CPU (batch {row['batch']} x 64 tokens) on {row['cpu_count']} "
-               f"cores with a load average of {row['load_average_start']:.1f} -> {row['load_average_end']:.1f} "
-               "(the machine was shared).", ""]  # fmt: skip
-        data["distill"] = row
+    for part, method, fmt in (("distill", "lora", "nf4"), ("qat", "qat", "int4_group")):
+        if args.only in (None, part):
+            steps = args.steps or (3 if args.quick else 120)
+            row = distill_row(args.quick, steps, args.rank, method, "q4_0" if args.quick and method == "qat" else fmt)
+            md += _distill_md(row)
+            data[part] = row
     name = "qlora" if args.only is None else f"qlora_{args.only}"
     _common.write_results(name, "\n".join(md), data, quick=args.quick, out=args.out)
 

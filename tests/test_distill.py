@@ -14,6 +14,8 @@ from viva_tensor.models import _calibration, _distill, minilm
 pytest.importorskip("optax")
 pytest.importorskip("tokenizers")
 
+FIXTURE = "tests/data/minilm_reference.npz"
+
 
 @pytest.fixture(scope="module")
 def encoder():
@@ -33,7 +35,7 @@ def run(encoder):
     text = _calibration.calibration_text(300)
     traces = _distill._train_step._cache_size()
     student, report = minilm.distill(
-        encoder, rank=4, steps=40, text=text, batch_size=16, learning_rate=5e-3, held_out=32, progress=True
+        encoder, rank=4, steps=40, text=text, batch_size=8, learning_rate=5e-3, held_out=32, progress=True
     )
     return text, student, report, _distill._train_step._cache_size() - traces
 
@@ -43,10 +45,19 @@ def _cos(a, b):
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
+def _padded(tokenizer, texts, length=64):
+    seqs = _distill._encode(tokenizer, texts, length)
+    ids = np.zeros((len(seqs), length), np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
 def test_training_raises_the_held_out_cosine(run):
     _, _, report, compiled = run
     assert compiled == 1  # one compilation for all 40 steps
-    assert report.steps == 40 and len(report.losses) == 40
+    assert report.steps == 40 and len(report.losses) == 40 and report.method == "lora"
     assert report.held_out_cosine_after > report.held_out_cosine_before
     assert 1 - report.held_out_cosine_after < 0.7 * (1 - report.held_out_cosine_before)
     assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5])
@@ -65,19 +76,86 @@ def test_student_is_quantized_with_adapters_and_the_teacher_untouched(encoder, r
     assert isinstance(encoder.model.layers[0].intermediate, nnx.Linear)  # the teacher is not changed
 
 
-def test_held_out_cosine_before_is_that_of_the_quantized_model(encoder, run):
-    text, _, report, _ = run
-    ids, mask = _distill._tokens(encoder.tokenizer, text, 64)
-    ids, mask = ids[-32:], mask[-32:]
+def test_held_out_cosines_are_those_of_the_models_on_the_last_texts(encoder, run):
+    text, student, report, _ = run
+    ids, mask = _padded(encoder.tokenizer, text[-32:])
     qmodel, _ = nn.quantize_model(encoder.model, "nf4")
-    want = _cos(qmodel(jnp.asarray(ids), jnp.asarray(mask)), encoder.model(jnp.asarray(ids), jnp.asarray(mask)))
-    assert report.held_out_cosine_before == pytest.approx(want.mean(), abs=1e-5)
-    assert report.sentences[1] == 32
+    teacher = encoder.model(ids, mask)
+    assert report.held_out_cosine_before == pytest.approx(_cos(qmodel(ids, mask), teacher).mean(), abs=1e-5)
+    assert report.held_out_cosine_after == pytest.approx(_cos(student.model(ids, mask), teacher).mean(), abs=1e-5)
+    assert report.sentences == (300 - 32, 32)
+
+
+def test_packed_rows_hold_every_text_once_and_each_attends_to_itself(encoder):
+    texts = _calibration.calibration_text(40) + ["", "ok", "Hello there, this is a test."]
+    seqs = _distill._encode(encoder.tokenizer, texts, 64)
+    ids, seg = _distill._pack(seqs, 64, 16)
+    got = sorted(tuple(ids[r][seg[r] == s]) for r in range(len(ids)) for s in range(1, seg[r].max() + 1))
+    assert got == sorted(tuple(s) for s in seqs)
+    for row in seg:  # the texts one after the other from the row's start, then padding
+        k = int((row > 0).sum())
+        assert (
+            (row[:k] > 0).all()
+            and (np.diff(row[:k]) >= 0).all()
+            and np.array_equal(np.unique(row[:k]), np.arange(1, row.max() + 1))
+        )
+    hidden = _distill._states(encoder.model, jnp.asarray(ids), jnp.asarray(seg))
+    r, s = 0, int(seg[0].max())
+    alone = encoder.model.hidden_states(jnp.asarray(ids[r][seg[r] == s])[None], jnp.ones((1, int((seg[r] == s).sum()))))
+    np.testing.assert_allclose(np.asarray(hidden[r][seg[r] == s]), np.asarray(alone[0]), atol=2e-5)
+    long = _distill._encode(encoder.tokenizer, [" ".join(["word"] * 100)], 64)[0]
+    assert len(long) == 64 and long[-1] == seqs[-1][-1]  # cut, [SEP] kept
+
+
+def test_qat_trains_the_kernels_and_freezes_them(encoder):
+    text = _calibration.calibration_text(200)
+    student, report = minilm.distill(
+        encoder, method="qat", fmt="q4_0", steps=15, text=text, batch_size=8, learning_rate=2e-3, held_out=32,
+        progress=False,
+    )  # fmt: skip
+    assert report.method == "qat" and report.rank == 0 and report.adapter_bytes == 0
+    assert report.held_out_cosine_after > report.held_out_cosine_before
+    layers = [node for _, node in nnx.iter_graph(student.model) if isinstance(node, nn.QLinear)]
+    assert len(layers) == 12 and {layer.weight.get_value().format for layer in layers} == {"q4_0"}
+    assert report.quantized_bytes == nn.param_bytes(student.model)
+    ids, mask = _padded(encoder.tokenizer, text[-32:])
+    after = _cos(student.model(ids, mask), encoder.model(ids, mask)).mean()
+    assert report.held_out_cosine_after == pytest.approx(after, abs=1e-4)  # the frozen model is what was trained
+    np.testing.assert_array_equal(  # the embeddings were not trained
+        np.asarray(student.model.embeddings.word.embedding.get_value()),
+        np.asarray(encoder.model.embeddings.word.embedding.get_value()),
+    )
+
+
+def test_package_text_is_plain_and_never_the_evaluation_sentences():
+    paragraphs, messages = _distill._package_text()
+    assert len(paragraphs) > 10  # jax, flax, numpy ... all have long descriptions
+    joined = "\n".join(paragraphs + messages)
+    for marker in ("```", "](http", ".. code", ">>> ", "<img", "<div"):
+        assert marker not in joined, marker
+    evaluation = [str(s) for s in np.load(FIXTURE)["sentences"] if len(str(s)) > 3]
+    assert not [s for s in evaluation if s in joined]
+    default = _distill._default_text(0)
+    assert not [s for s in evaluation if s in default]
+    assert set(_calibration.calibration_text()) <= set(default)
+
+
+def test_markup_is_stripped():
+    md = (
+        "# A Title\n\nSome **bold** and `code` with a [link](https://x.org) and ![img](a.png).\n\n"
+        "```python\nx = 1\n```\n\n    indented = code\n\nA second paragraph\nover two lines.\n"
+    )
+    assert _distill._clean(md) == [
+        "A Title", "Some bold and code with a link and .", "A second paragraph over two lines.",
+    ]  # fmt: skip
+    rst = "Two Words\n=========\n\nText with ``literal`` and `a link <https://x.org>`_.\n\n"
+    rst += ".. code-block::\n\n   x = 1\n"
+    assert _distill._clean(rst) == ["Two Words", "Text with literal and a link."]
 
 
 def test_adapters_merge_and_save(tmp_path, encoder, run):
     _, student, _, _ = run
-    ids, mask = (jnp.asarray(a) for a in _distill._tokens(encoder.tokenizer, ["A man is eating food."] * 2, 64))
+    ids, mask = _padded(encoder.tokenizer, ["A man is eating food."] * 2)
     merged = nn.merge_lora(student.model)
     np.testing.assert_allclose(np.asarray(merged(ids, mask)), np.asarray(student.model(ids, mask)), atol=1e-5)
     quant.save(tmp_path / "a.safetensors", nn.lora_state(student.model))
@@ -88,7 +166,7 @@ def test_adapters_merge_and_save(tmp_path, encoder, run):
 
 def test_zero_steps_and_bad_arguments(encoder):
     text = _calibration.calibration_text(80)
-    student, report = minilm.distill(encoder, steps=0, text=text, held_out=16, batch_size=8, progress=False)
+    student, report = minilm.distill(encoder, steps=0, text=text, held_out=16, batch_size=4, progress=False)
     assert report.losses == () and report.held_out_cosine_after == report.held_out_cosine_before
     x = jnp.ones((1, 8), jnp.int32)
     qmodel, _ = nn.quantize_model(encoder.model, "nf4")
@@ -99,3 +177,5 @@ def test_zero_steps_and_bad_arguments(encoder):
         minilm.distill(encoder, rank=0, text=text, progress=False)
     with pytest.raises(ConfigError, match="steps"):
         minilm.distill(encoder, steps=-1, text=text, progress=False)
+    with pytest.raises(ConfigError, match="method"):
+        minilm.distill(encoder, method="full", text=text, progress=False)
