@@ -12,8 +12,9 @@ the best float32 time, GB/s of the record's bytes, % of the byte limit (the reco
 matmul's own GB/s at that batch: 100% is a matmul bound by its weight's bytes and as efficient as float32's),
 the minimum process CPU ms (all threads: on a loaded machine the wall time counts the others' work, the CPU time
 less so) and its ratio to the best float32 CPU time, the path ``quant.dot_general`` takes (``kernel``: the fused
-``vt_qmatmul``; ``panels+xla``: ``vt_decode`` panels
-into XLA's GEMM; ``w8a8-vnni``: ``vt_qmatmul_i8``; ``pure-jax``), the target, and the output's relative error
+``vt_qmatmul``; ``gemm``: ``vt_qmatmul``'s blocked GEMM, decode in its packing step; ``panels+xla``: ``vt_decode``
+panels into XLA's GEMM, builds without AVX-512; ``w8a8-vnni``: ``vt_qmatmul_i8``; ``pure-jax``), the target, and
+the output's relative error
 ``||y - x w|| / ||x w||`` against the float32 product (weight-only, and W8A8 in the W8A8 rows).
 
 Targets (issue 13): B=1 4-bit >= 2.0x faster than float32 (ratio <= 0.5), int8 / q8_0 >= 1.5x (<= 0.667);
@@ -57,10 +58,12 @@ def _path(record, layout: str, batch: int, w8a8: bool) -> str:
     args = planes.kernel_args(record)
     if args is None:
         return "pure-jax"
+    gemm = _kernels.gemm_batch(layout)
+    path = ("gemm" if gemm and batch >= gemm else "panels+xla" if not gemm and batch >= _kernels.PANEL_BATCH
+            else "kernel")
     if w8a8:
-        return "w8a8-vnni" if layout == "nk" and args["layout"] == "int8" else "w8a8-rounded+" + (
-            "panels+xla" if batch >= _kernels.PANEL_BATCH else "kernel")
-    return "panels+xla" if batch >= _kernels.PANEL_BATCH else "kernel"
+        return "w8a8-vnni" if layout == "nk" and args["layout"] == "int8" else "w8a8-rounded+" + path
+    return path
 
 
 def _interleaved(fns: dict, rounds: int) -> tuple[dict, dict]:

@@ -343,7 +343,9 @@ def test_kernel_args_decode_bit_for_bit(name):
 @pytest.mark.parametrize("with_off", [False, True])
 def test_large_batch_panels_with_a_remainder(monkeypatch, weight_layout, with_off):
     needs_kernel()
-    # 37 rows of the stored weight in panels of 10: three panels through the scan and a remainder of 7
+    # the portable build's path (the AVX-512 build's GEMM turned off): 37 rows of the stored weight in panels of
+    # 10: three panels through the scan and a remainder of 7
+    monkeypatch.setenv("VIVA_TENSOR_GEMM", "0")
     monkeypatch.setattr(_kernels, "PANEL_BYTES", 10 * 4 * 64)
     rng = np.random.default_rng(11)
     rows, packed = (37, 64) if weight_layout == "nk" else (37, 64)
@@ -360,8 +362,9 @@ def test_large_batch_panels_with_a_remainder(monkeypatch, weight_layout, with_of
     assert np.all(np.abs(y - ref) <= bound)
 
 
-def test_large_batch_keeps_only_a_panel_of_the_weight():
+def test_large_batch_keeps_only_a_panel_of_the_weight(monkeypatch):
     needs_kernel()
+    monkeypatch.setenv("VIVA_TENSOR_GEMM", "0")  # the panel path (the GEMM has no weight-sized buffer at all)
     n = k = 4096  # compiled only: 64 MiB as float32, one 8 MiB panel at a time
     codes = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8)
     scales = jax.ShapeDtypeStruct((n, k // 64), jnp.float32)
@@ -380,11 +383,43 @@ def test_a_row_does_not_depend_on_the_batch(weight_layout):
     rows, packed = (37, 256) if weight_layout == "nk" else (45, 256)
     k = packed if weight_layout == "nk" else rows
     codes, lut, scales, offsets, bs = _planes(rng, "high_first", "nf4", 64, False, rows, packed)
-    x = rng.normal(size=(_kernels.PANEL_BATCH - 1, k)).astype(np.float32)
+    gemm = _kernels.gemm_batch(weight_layout) or _kernels.PANEL_BATCH
+    x = rng.normal(size=(gemm - 1, k)).astype(np.float32)  # the fused kernel's batches
     full = np.asarray(_call(x, codes, lut, scales, offsets, "high_first", bs, weight_layout))
-    for b in (1, 3, 16):
+    for b in (1, 3, 5, gemm - 2):
         np.testing.assert_array_equal(np.asarray(_call(x[:b], codes, lut, scales, offsets, "high_first", bs,
                                                        weight_layout)), full[:b])
+    if _kernels.gemm_batch(weight_layout):  # the GEMM's batches: one chain of FMAs per output, whatever B
+        x = rng.normal(size=(3 * gemm + 5, k)).astype(np.float32)
+        full = np.asarray(_call(x, codes, lut, scales, offsets, "high_first", bs, weight_layout))
+        for b in (gemm, gemm + 1, 2 * gemm + 3):
+            np.testing.assert_array_equal(np.asarray(_call(x[:b], codes, lut, scales, offsets, "high_first", bs,
+                                                           weight_layout)), full[:b])
+
+
+@pytest.mark.parametrize("weight_layout", ["nk", "kn"])
+@pytest.mark.parametrize("layout,table,block,with_off", [("ggml", "uint4", 32, True), ("low_first", "e2m1", 16, False),
+                                                         ("int8", None, 0, False)])
+def test_gemm_edges(weight_layout, layout, table, block, with_off):
+    # the GEMM's remainders: N not a multiple of its 14 / 16-row tiles (nk) and K not of its 128-value chunks or of
+    # 16 (kn), rows of x past one group (1024 for nk, 252 for kn) and not a multiple of a strip (32 / 14)
+    needs_kernel()
+    if not _kernels.gemm_batch(weight_layout):
+        pytest.skip("this build has no GEMM (no AVX-512)")
+    rng = np.random.default_rng(14)
+    n, k = (45, 416) if weight_layout == "nk" else (96, 301)
+    rows, packed = (n, k) if weight_layout == "nk" else (k, n)
+    codes, lut, scales, offsets, bs = _planes(rng, layout, table, block, with_off, rows, packed)
+    for batch in ((17, 1029) if weight_layout == "nk" else (33, 259)):
+        x = rng.normal(size=(batch, k)).astype(np.float32)
+        fn = jax.jit(lambda x, c, s, o: _kernels.qmatmul(x, c, lut, s, o, layout=layout, block_size=bs,
+                                                         weight_layout=weight_layout))
+        args = (x, jnp.asarray(codes), jnp.asarray(scales), None if offsets is None else jnp.asarray(offsets))
+        assert "vt_decode" not in fn.lower(*args).as_text()
+        y = np.asarray(fn(*args))
+        ref, bound = _reference(x, codes, lut, scales, offsets, layout, bs, weight_layout)
+        assert y.shape == (batch, n)
+        assert np.all(np.abs(y - ref) <= bound), (batch, np.max(np.abs(y - ref) / bound))
 
 
 @pytest.mark.parametrize("weight_layout", ["nk", "kn"])

@@ -11,14 +11,21 @@ Nibble layouts (``layout=``): ``"low_first"`` (pairs, first value in the low nib
 int4_group, AWQ), ``"high_first"`` (pairs, first value in the high nibble: NF4, bitsandbytes), ``"ggml"`` (byte j of
 each 32-value block holds value j low and value j + 16 high: Q4_0, Q4_1) and ``"int8"`` (one signed byte per value).
 
-Paths: on CPU with the compiled library, an XLA custom call (no host round trip, one compile per shape). Below
-``PANEL_BATCH`` (32) rows of activations, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once in
-registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
+Paths: on CPU with the compiled library, an XLA custom call (no host round trip, one compile per shape), run on
+XLA's own intra-op thread pool. Small batches, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once
+in registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
 N split over the threads (from 5 rows of x on, ``(N, K)`` weights are decoded once per call into 16 KiB blocks that
 every row of x then reads from L1: the same sums, bit for bit); for ``(K, N)`` weights, 8 rows of the weight are
-decoded per pass into accumulators over a strip of columns that stays in L1 (used by 4 rows of x at a time). From
-32 rows on, ``vt_decode`` decodes ``PANEL_BYTES`` (8 MiB; 1/8 of a smaller weight) of the weight at a time to float32
-and XLA's own GEMM contracts each panel (a ``lax.scan``; the only weight-sized temporary is one panel).
+decoded per pass into accumulators over a strip of columns that stays in L1 (used by 4 rows of x at a time).
+From ``GEMM_BATCH_NK`` (16) rows of x for ``(N, K)`` weights and ``GEMM_BATCH_KN`` (32) for ``(K, N)`` weights, the
+same custom call runs a blocked GEMM whose packing step is the decode: x is packed once per call into strips, and
+each 32-value group of the weight is decoded once per call (per 1024 rows of x) into a block that the inner kernel
+(14 x 32 float32 FMA tiles) reads from L1; no float32 copy of the weight exists, in XLA's buffers or the kernel's
+(whose scratch is the packed x plus under 1 MiB per thread). Every output of the GEMM is one chain of FMAs over K
+in a fixed order, so a row of y does not depend on the other rows of x there either. Builds without AVX-512 (the
+portable library) take panels instead from ``PANEL_BATCH`` (32) rows: ``vt_decode`` decodes ``PANEL_BYTES`` (8 MiB;
+1/8 of a smaller weight) of the weight at a time to float32 and XLA's own GEMM contracts each panel (a
+``lax.scan``; the only weight-sized temporary is one panel).
 W8A8 (``quant.dot_general(..., activation_quant="int8")``): :func:`quantize_rows` rounds the activations per row to
 int8 and :func:`qmatmul_int8` (``vt_qmatmul_i8``) sums ``(x + 128) * w - 128 * w`` in int32 with AVX-512 VNNI
 ``vpdpbusd`` (a scale per block of the weight): below 16 rows of x, 64 bytes at a time in tiles of 4 weight rows x 4
@@ -27,9 +34,10 @@ against them, int32 sums over each block, no horizontal sums).
 Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
 multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
 own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to
-float32 rounding of the sum, not bit for bit; a row of y does not depend on the other rows of x below
-``PANEL_BATCH``. ``jax.grad`` works: the activations' cotangent runs the kernel on the other contraction of the same
-planes; the scales', offsets' and table's come from the pure-JAX reference.
+float32 rounding of the sum, not bit for bit; a row of y does not depend on the other rows of x within one path
+(below the GEMM's batch, and from it on: the two paths sum in different orders). ``jax.grad`` works: the
+activations' cotangent runs the kernel on the other contraction of the same planes; the scales', offsets' and
+table's come from the pure-JAX reference.
 
 Example:
     >>> import numpy as np, jax.numpy as jnp
@@ -56,8 +64,8 @@ import numpy as np
 
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
 
-__all__ = ["available", "qmatmul", "qmatmul_reference", "decode", "decode_reference", "float_planes", "LAYOUTS",
-           "WEIGHT_LAYOUTS", "SCALE_KINDS", "OFFSET_KINDS",
+__all__ = ["available", "gemm_batch", "qmatmul", "qmatmul_reference", "decode", "decode_reference", "float_planes",
+           "LAYOUTS", "WEIGHT_LAYOUTS", "SCALE_KINDS", "OFFSET_KINDS",
            "library_path", "threads", "quantize_rows", "qmatmul_int8", "qmatmul_int8_reference"]
 
 LAYOUTS = {"low_first": 0, "high_first": 1, "ggml": 2, "int8": 3}
@@ -317,8 +325,15 @@ def qmatmul_reference(x, codes, lut, scales, offsets=None, *, layout: str, block
 # ----------------------------------------------------------------------------------------------------------------
 
 
-#: From this many activation rows on, the weight is decoded in panels (vt_decode) and each panel goes to XLA's
-#: GEMM; below it the fused kernel decodes each 32-value group once per 4 rows of x, in registers.
+#: From this many activation rows on, the kernel's blocked GEMM (AVX-512 builds) for ``(N, K)`` weights, and for
+#: ``(K, N)`` weights. Measured at 4096 x 4096, q4_0, one process per path, wall time over float32's: ``(N, K)``
+#: batch 8 fused 0.74-0.78 / GEMM 0.82-0.99, batch 16 fused 1.06-1.12 / GEMM 0.67-0.76, batch 64 panels 1.23-1.29 /
+#: GEMM 0.98-1.03, batch 256 panels 1.04-1.12 / GEMM 1.00-1.03; ``(K, N)`` batch 16 fused 0.67-0.69 / GEMM
+#: 0.77-0.85, batch 32 panels 1.18-1.22 / GEMM 0.84-0.92. ``VIVA_TENSOR_GEMM=0`` turns the GEMM off (panels then).
+GEMM_BATCH_NK = 16
+GEMM_BATCH_KN = 32
+#: Builds without AVX-512: from this many activation rows on, the weight is decoded in panels (vt_decode) and each
+#: panel goes to XLA's GEMM; below it the fused kernel decodes each 32-value group once per 4 rows of x.
 PANEL_BATCH = int(os.environ.get("VIVA_TENSOR_PANEL_BATCH", "32"))
 #: Bytes of float32 per decoded panel at most (the only weight-sized temporary: 8 MiB, 1/8 of a 4096 x 4096
 #: float32; a smaller weight takes panels of 1/8 of its float32 bytes). Measured at 4096², batch 256: panels of
@@ -334,10 +349,24 @@ def _kinds(scales, offsets) -> dict:
                 offset_kind=np.int64(0 if offsets.shape[0] == 0 else OFFSET_KINDS[jnp.dtype(offsets.dtype).name]))
 
 
-def _ffi_qmatmul(x2, codes, lut, scales, offsets, table, *, layout, block_size, kn, n):
+def gemm_batch(weight_layout: str) -> int:
+    """Rows of x from which :func:`qmatmul` runs the kernel's blocked GEMM (0: this build has none, or
+    ``VIVA_TENSOR_GEMM=0``).
+
+    Example:
+        >>> from viva_tensor import _kernels
+        >>> _kernels.gemm_batch("nk") in (0, _kernels.GEMM_BATCH_NK)
+        True
+    """
+    if not available() or _state.get("simd") != 512 or os.environ.get("VIVA_TENSOR_GEMM", "1") == "0":
+        return 0
+    return GEMM_BATCH_KN if weight_layout == "kn" else GEMM_BATCH_NK
+
+
+def _ffi_qmatmul(x2, codes, lut, scales, offsets, table, *, layout, block_size, kn, n, gemm_min=0):
     call = jax.ffi.ffi_call("vt_qmatmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
     return call(x2, codes, lut, scales, offsets, table, layout=np.int64(LAYOUTS[layout]), block=np.int64(block_size),
-                kn=np.int64(kn), threads=np.int64(threads()), **_kinds(scales, offsets))
+                kn=np.int64(kn), threads=np.int64(threads()), gemm_min=np.int64(gemm_min), **_kinds(scales, offsets))
 
 
 def _ffi_decode(codes, lut, scales, offsets, table, *, layout, block_size, packed):
@@ -394,8 +423,11 @@ def _panel_stream(x2, codes, lut, scales, offsets, table, *, layout, block_size,
 
 
 def _kernel_call(x2, codes, lut, scales, offsets, table, *, layout, block_size, kn, n):
-    fn = _panel_stream if x2.shape[0] >= PANEL_BATCH else _ffi_qmatmul
-    return fn(x2, codes, lut, scales, offsets, table, layout=layout, block_size=block_size, kn=kn, n=n)
+    gemm_min = gemm_batch("kn" if kn else "nk")
+    if not gemm_min and x2.shape[0] >= PANEL_BATCH:
+        return _panel_stream(x2, codes, lut, scales, offsets, table, layout=layout, block_size=block_size, kn=kn, n=n)
+    return _ffi_qmatmul(x2, codes, lut, scales, offsets, table, layout=layout, block_size=block_size, kn=kn, n=n,
+                        gemm_min=gemm_min)
 
 
 @functools.cache

@@ -17,15 +17,20 @@
 //                1 = pairs, first value in the high nibble (NF4, bitsandbytes);
 //                2 = GGML halves (byte j of a 32-value group holds value j low and value j + 16 high);
 //                3 = int8 codes (one signed byte per value).
-// Batches of 32 rows and more are not computed here: Python decodes the weight in panels with vt_decode and hands
-// each panel to XLA's own GEMM (measured faster than a blocked GEMM of ours on this CPU).
+// From `gemm_min` rows of x on (an attribute: Python passes 16 for kn = 0, 32 for kn = 1, or 0 for none), a blocked
+// GEMM whose packing step is the decode (AVX-512 builds; see "GEMM" below). The portable build has no GEMM: there
+// Python decodes the weight in panels with vt_decode and hands each panel to XLA's own GEMM.
+// Work is split over XLA's intra-op thread pool (the FFI ThreadPool context), the calling thread included.
 // Values are decoded 32 at a time (16 bytes of nibbles or 32 int8) into two 16-lane vectors in "decode order";
 // instead of interleaving the decoded lanes we permute x (kn = 0) or y (kn = 1) once per call.
 // Requirements (checked in Python, re-checked here): the packed axis is a multiple of 32, the block is 16 or a
 // multiple of 32 dividing the packed axis.
 #include <algorithm>
 #include <cstdint>
+#include <atomic>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -442,28 +447,107 @@ void decode_rows_scalar(const Planes& p, float* w, int64_t C, int64_t r0, int64_
     }
 }
 
+// Scratch memory kept between calls. A fresh allocation of a few MiB costs a page fault per 4 KiB page (the
+// kernel zeroing each) on every call: measured as a third of the GEMM path's time at MiniLM's shapes. Buffers go
+// back to a small pool (at most kPoolBuffers, the smallest dropped first) and are reused by the next call whose
+// need fits; their contents are not initialised.
+class ScratchPool {
+ public:
+  struct Buffer {
+    std::unique_ptr<float[]> data;
+    size_t size = 0;
+  };
+  Buffer take(size_t n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto best = free_.end();
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if (it->size >= n && (best == free_.end() || it->size < best->size)) best = it;
+    if (best != free_.end()) {
+      Buffer b = std::move(*best);
+      free_.erase(best);
+      return b;
+    }
+    Buffer b;
+    b.data.reset(new float[std::max<size_t>(n, 16)]);
+    b.size = std::max<size_t>(n, 16);
+    return b;
+  }
+  void give(Buffer b) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(b));
+    if (free_.size() > kPoolBuffers) {
+      auto smallest = std::min_element(free_.begin(), free_.end(),
+                                       [](const Buffer& a, const Buffer& c) { return a.size < c.size; });
+      free_.erase(smallest);
+    }
+  }
+
+ private:
+  static constexpr size_t kPoolBuffers = 8;
+  std::mutex mutex_;
+  std::vector<Buffer> free_;
+};
+
+ScratchPool& scratch_pool() {
+  static ScratchPool pool;
+  return pool;
+}
+
+// n floats of scratch from the pool for the lifetime of this object (uninitialised).
+class Scratch {
+ public:
+  explicit Scratch(size_t n) : buf_(scratch_pool().take(n)) {}
+  ~Scratch() { scratch_pool().give(std::move(buf_)); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() { return buf_.data.get(); }
+
+ private:
+  ScratchPool::Buffer buf_;
+};
+
+// Splits [0, total) into `threads` contiguous ranges, each a multiple of `align` except the last, run on XLA's own
+// intra-op thread pool: the caller runs the first range and hands the others to the pool (threads of our own
+// competed with the pool's workers). A range that no worker has started when the caller is done with its own is
+// run by the caller, so that a busy pool cannot deadlock the call.
 template <typename F>
-void parallel_for(int64_t total, int64_t align, int threads, F&& f) {
-  // Splits [0, total) into `threads` contiguous ranges, each a multiple of `align` except the last.
-  int64_t units = (total + align - 1) / align;
-  int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, units)));
+void parallel_for_pool(int64_t total, int64_t align, ffi::ThreadPool& pool, int threads, F&& f) {
+  const int64_t units = (total + align - 1) / align;
+  const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, units)));
   if (t == 1) {
     f(0, total);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(t - 1);
+  struct State {
+    explicit State(int n) : claim(n), ranges(n) {}
+    std::vector<std::atomic<int>> claim;  // 0 free, 1 taken by a worker, 2 taken by the caller
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    std::atomic<int> done{0};
+  };
+  auto st = std::make_shared<State>(t);
   int64_t start = 0;
   for (int i = 0; i < t; ++i) {
-    int64_t end = std::min(total, ((units * (i + 1)) / t) * align);
-    if (i == t - 1) {
-      f(start, end);
-    } else {
-      pool.emplace_back([&f, start, end] { f(start, end); });
-    }
+    const int64_t end = i == t - 1 ? total : std::min(total, ((units * (i + 1)) / t) * align);
+    st->ranges[i] = {start, end};
+    st->claim[i].store(0);
     start = end;
   }
-  for (auto& th : pool) th.join();
+  auto* fp = &f;
+  for (int i = 1; i < t; ++i)
+    pool.Schedule([st, i, fp] {
+      int free = 0;
+      if (!st->claim[i].compare_exchange_strong(free, 1)) return;
+      (*fp)(st->ranges[i].first, st->ranges[i].second);  // the caller waits for this one: fp is alive
+      st->done.fetch_add(1, std::memory_order_release);
+    });
+  f(st->ranges[0].first, st->ranges[0].second);
+  int by_workers = 0;
+  for (int i = 1; i < t; ++i) {
+    int free = 0;
+    if (st->claim[i].compare_exchange_strong(free, 2)) f(st->ranges[i].first, st->ranges[i].second);
+    else ++by_workers;
+  }
+  while (st->done.load(std::memory_order_acquire) < by_workers) std::this_thread::yield();
 }
 
 #if VT_AVX512
@@ -657,6 +741,274 @@ struct DEC {
 };
 #endif
 
+// ---------------------------------------------------------------------------------------------------------------
+// GEMM: batches of `gemm_min` rows and more, a blocked GEMM whose packing step is the decode. XLA's GEMM on a
+// decoded float32 panel costs the panel's bytes twice (written by vt_decode, read back by the GEMM's own packing);
+// here each 32-value group is decoded once per call (per group of 1024 rows of x) straight into the small block
+// that the inner kernel reads from L1.
+//   nk (weight (N, K), blocked along K): R weight rows decoded into `tile` (R x KC, decode order along K), x packed
+//       once per call into strips of 16 V rows (xp[strip][k][16 V], K in decode order): the inner kernel broadcasts
+//       a weight value and multiplies a vector of 16 x rows; the accumulators hold y transposed (a block of
+//       NB weight rows x the group's rows of x, in L2), written to y by 16 x 16 register transposes at the end.
+//   kn (weight (K, N), blocked along N): x packed into strips of at most 14 rows (xa[strip][k][14]), KC rows of the
+//       weight decoded (natural order) into bp[32-column strip][k][32]; the inner kernel broadcasts an x value and
+//       multiplies 32 weight values; the accumulators are y itself.
+// Every output is one chain of float32 FMAs over k in a fixed order (nk: the decode order within each 32-value
+// group; kn: natural), continued across K chunks through memory: the result does not depend on B, N, the
+// blocking or the threads.
+// ---------------------------------------------------------------------------------------------------------------
+#if VT_AVX512
+constexpr int64_t kGemmKC = 128;   // k per chunk (multiple of 32): tile + x strip chunk stay in L1
+constexpr int kGemmMR = 14;        // kn: x rows per strip
+
+// c[i][16 j + l] (+)= sum_k a[i * SI + k * SK] * b[k * 16 V + 16 j + l], i < R, j < V; c rows `ldc` apart.
+// Not inlined: inside its callers GCC ran out of vector registers and spilled a vector of b to the stack.
+template <int R, int V, int64_t SI, int64_t SK>
+__attribute__((noinline)) void gemm_micro(const float* a, const float* b, int64_t kc, float* c, int64_t ldc,
+                                          bool init) {
+  __m512 acc[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < V; ++j) acc[i][j] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + 16 * j);
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 bv[V];
+    _mm_prefetch(reinterpret_cast<const char*>(b + (k + 8) * 16 * V), _MM_HINT_T0);
+    for (int j = 0; j < V; ++j) bv[j] = _mm512_loadu_ps(b + k * 16 * V + 16 * j);
+    const float* ak = a + k * SK;
+    for (int i = 0; i < R; ++i) {
+      const __m512 av = _mm512_set1_ps(ak[i * SI]);
+      for (int j = 0; j < V; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < V; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+}
+
+// 16 x 16 transpose: dst[c * ds + r] = src[r * ss + c] for r < rows, c < cols. Only source rows < rows and columns
+// < cols are read (the rest count as zeros); destination rows c < cols are written, `lanes` lanes of each.
+inline void transpose16(const float* src, int64_t ss, int rows, int cols, float* dst, int64_t ds, int lanes) {
+  const __mmask16 cm = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + i * ss) : _mm512_setzero_ps();
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // r[4 i + c], 128-bit lane L: rows 4 i .. 4 i + 3 of column 4 L + c
+  const __mmask16 m = static_cast<__mmask16>(lanes >= 16 ? 0xFFFFu : (1u << lanes) - 1u);
+  __m512 o[16];
+  for (int c = 0; c < 4; ++c) {
+    const __m512 w0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), w1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 w2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 w3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    o[c] = _mm512_shuffle_f32x4(w0, w2, 0x88);
+    o[4 + c] = _mm512_shuffle_f32x4(w0, w2, 0xDD);
+    o[8 + c] = _mm512_shuffle_f32x4(w1, w3, 0x88);
+    o[12 + c] = _mm512_shuffle_f32x4(w1, w3, 0xDD);
+  }
+  for (int c = 0; c < cols && c < 16; ++c) _mm512_mask_storeu_ps(dst + c * ds, m, o[c]);
+}
+
+// nk: x (B, K) into strips of 16 V rows, k in decode order: xp[(s * K + k) * 16 V + l] = x[16 V s + l, perm(k)];
+// rows past B are zeros. Strips [s0, s1).
+template <int V>
+void gemm_pack_x_nk(const float* x, int64_t B, int64_t K, int layout, float* xp, int64_t s0, int64_t s1) {
+  alignas(64) int32_t ia[16], ib[16];
+  for (int i = 0; i < 16; ++i) { ia[i] = decode_perm(layout, i); ib[i] = decode_perm(layout, i + 16); }
+  const __m512i pa = _mm512_load_si512(ia), pb = _mm512_load_si512(ib);
+  alignas(64) float buf[16 * 32];
+  for (int64_t s = s0; s < s1; ++s)
+    for (int64_t h = 0; h < V; ++h) {
+      const int64_t b0 = s * 16 * V + h * 16;
+      const int rows = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, B - b0)));
+      for (int64_t g = 0; g < K / 32; ++g) {
+        for (int r = 0; r < 16; ++r) {
+          __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+          if (r < rows) {
+            const float* xr = x + (b0 + r) * K + g * 32;
+            lo = _mm512_loadu_ps(xr);
+            hi = _mm512_loadu_ps(xr + 16);
+          }
+          _mm512_store_ps(buf + r * 32, _mm512_permutex2var_ps(lo, pa, hi));
+          _mm512_store_ps(buf + r * 32 + 16, _mm512_permutex2var_ps(lo, pb, hi));
+        }
+        float* dst = xp + (s * K + g * 32) * 16 * V + h * 16;
+        transpose16(buf, 32, 16, 16, dst, 16 * V, 16);
+        transpose16(buf + 16, 32, 16, 16, dst + 16 * 16 * V, 16 * V, 16);
+      }
+    }
+}
+
+template <int R, int V>
+inline void gemm_nk_tile(const float* tile, const float* xp, int64_t K, int64_t nstrips, int64_t pc, int64_t kc,
+                         float* acc, int64_t ldacc, bool init) {
+  for (int64_t s = 0; s < nstrips; ++s)
+    gemm_micro<R, V, kGemmKC, 1>(tile, xp + (s * K + pc) * 16 * V, kc, acc + s * 16 * V, ldacc, init);
+}
+
+// nk, weight rows [n0, n1) of this thread: blocks of NB rows; per K chunk, R rows at a time decoded into `tile`.
+template <int L, bool BS16, int KD, int V>
+void gemm_nk(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = V == 2 ? 14 : 16;  // 28 x 1 measured half the speed of 16 x 1 (broadcasts bound it)
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  const int64_t nstrips = (B + 16 * V - 1) / (16 * V), bpad = nstrips * 16 * V;
+  // a block of NB weight rows keeps its accumulators (NB x bpad floats) in L2 beside the chunk of x (bpad x KC):
+  // together about 768 KiB (at 384 x 384 and 1024 rows of x, 512 KiB of accumulators were 1.24x slower than 128)
+  const int64_t xchunk = bpad * kGemmKC * 4;
+  const int64_t acc_bytes = std::min<int64_t>(512 << 10, std::max<int64_t>(128 << 10, (768 << 10) - xchunk));
+  const int64_t nb_rows = std::max<int64_t>(R, (acc_bytes / 4 / bpad) / R * R);
+  Scratch accbuf(static_cast<size_t>(nb_rows * bpad));
+  alignas(64) float tile[R * kGemmKC];
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += nb_rows) {
+    const int64_t nb1 = std::min(n1, nb0 + nb_rows);
+    for (int64_t pc = 0; pc < K; pc += kGemmKC) {
+      const int64_t kc = std::min(kGemmKC, K - pc), g0 = pc / 32;
+      for (int64_t t0 = nb0; t0 < nb1; t0 += R) {
+        const int64_t rows = std::min<int64_t>(R, nb1 - t0);
+        for (int64_t r = 0; r < R; ++r) {
+          float* dst = tile + r * kGemmKC;
+          if (r >= rows) {
+            for (int64_t q = 0; q < kc; q += 16) _mm512_store_ps(dst + q, _mm512_setzero_ps());
+            continue;
+          }
+          for (int64_t t = 0; t < kc / 32; ++t) {
+            prefetch_group<L>(p, t0 + r + R, n1, g0 + t);
+            __m512 a, b;
+            decode_group<L, BS16, KD>(p, lut, t0 + r, g0 + t, a, b);
+            _mm512_store_ps(dst + t * 32, a);
+            _mm512_store_ps(dst + t * 32 + 16, b);
+          }
+        }
+        gemm_nk_tile<R, V>(tile, xp, K, nstrips, pc, kc, accbuf.data() + (t0 - nb0) * bpad, bpad, pc == 0);
+      }
+    }
+    // accumulators (weight row, x row) -> y (x row, weight row)
+    for (int64_t r0 = nb0; r0 < nb1; r0 += 16) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, nb1 - r0));
+      for (int64_t b0 = 0; b0 < B; b0 += 16)
+        transpose16(accbuf.data() + (r0 - nb0) * bpad + b0, bpad, rows, static_cast<int>(std::min<int64_t>(16, B - b0)),
+                    y + b0 * N + r0, N, rows);
+    }
+  }
+}
+
+// kn: x (B, K) into strips of kGemmMR rows: xa[(s * K + k) * kGemmMR + i] = x[s * kGemmMR + i, k] (rows past B: 0).
+void gemm_pack_x_kn(const float* x, int64_t B, int64_t K, float* xa, int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t b0 = s * kGemmMR;
+    const int rows = static_cast<int>(std::min<int64_t>(kGemmMR, B - b0));
+    for (int64_t k0 = 0; k0 < K; k0 += 16)  // 16 columns of the strip's rows -> 16 rows of kGemmMR values
+      transpose16(x + b0 * K + k0, K, rows, static_cast<int>(std::min<int64_t>(16, K - k0)),
+                  xa + (s * K + k0) * kGemmMR, kGemmMR, kGemmMR);
+  }
+}
+
+// kn, 32-column strips [g0, g1) of the weight (K, N) for this thread; per K chunk the strips of a block of
+// columns are decoded into bp (natural order), then every x strip runs against each.
+template <int R>
+inline void gemm_kn_strip(const float* xa, const float* bp, int64_t K, int64_t pc, int64_t kc, float* y, int64_t N,
+                          bool init) {
+  gemm_micro<R, 2, 1, kGemmMR>(xa + pc * kGemmMR, bp, kc, y, N, init);
+}
+
+template <int L, bool BS16, int KD>
+void gemm_kn(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  alignas(64) int32_t ia[16], ib[16];
+  int inv[32];
+  for (int i = 0; i < 32; ++i) inv[decode_perm(L, i)] = i;
+  for (int j = 0; j < 16; ++j) { ia[j] = inv[j]; ib[j] = inv[j + 16]; }
+  const __m512i pa = _mm512_load_si512(ia), pb = _mm512_load_si512(ib);
+  const int64_t nstrips = (B + kGemmMR - 1) / kGemmMR;
+  constexpr int64_t kBlock = 16;  // 32-column strips per block: 16 x KC x 32 floats = 256 KiB
+  Scratch bp(static_cast<size_t>(kBlock * kGemmKC * 32));
+  for (int64_t gb = g0; gb < g1; gb += kBlock) {
+    const int64_t ng = std::min(g1, gb + kBlock) - gb;
+    for (int64_t pc = 0; pc < K; pc += kGemmKC) {
+      const int64_t kc = std::min(kGemmKC, K - pc);
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t t = 0; t < ng; ++t) {
+          prefetch_group<L>(p, pc + k + 4, K, gb + t);
+          __m512 a, b;
+          decode_group<L, BS16, KD>(p, lut, pc + k, gb + t, a, b);
+          float* dst = bp.data() + (t * kGemmKC + k) * 32;
+          _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, pa, b));
+          _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, pb, b));
+        }
+      for (int64_t t = 0; t < ng; ++t) {
+        const float* bs = bp.data() + t * kGemmKC * 32;
+        for (int64_t s = 0; s < nstrips; ++s) {
+          const int64_t b0 = s * kGemmMR;
+          const int rows = static_cast<int>(std::min<int64_t>(kGemmMR, B - b0));
+          float* yt = y + b0 * N + (gb + t) * 32;
+          const float* xs = xa + s * K * kGemmMR;
+          switch (rows) {
+#define VT_R(n) case n: gemm_kn_strip<n>(xs, bs, K, pc, kc, yt, N, pc == 0); break;
+            VT_R(1) VT_R(2) VT_R(3) VT_R(4) VT_R(5) VT_R(6) VT_R(7) VT_R(8) VT_R(9) VT_R(10) VT_R(11) VT_R(12)
+            VT_R(13) VT_R(14)
+#undef VT_R
+            default: break;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Rows of x in groups (the packed x of a group, one K chunk of it, stays in L2): each group decodes the weight again.
+constexpr int64_t kGemmGroupNK = 1024;          // nk: 32 strips of 32 rows
+constexpr int64_t kGemmGroupKN = 18 * kGemmMR;  // kn: 18 strips of 14 rows (y block 252 x 512 floats)
+
+template <int L, bool BS16, int KD>
+struct GNK {
+  static void run(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0,
+                  int64_t n1) {
+    for (int64_t b0 = 0; b0 < B; b0 += kGemmGroupNK) {
+      const int64_t bg = std::min(kGemmGroupNK, B - b0);
+      if (B > 16) gemm_nk<L, BS16, KD, 2>(p, xp + b0 * K, bg, K, y + b0 * N, N, n0, n1);
+      else gemm_nk<L, BS16, KD, 1>(p, xp + b0 * K, bg, K, y + b0 * N, N, n0, n1);
+    }
+  }
+};
+template <int L, bool BS16, int KD>
+struct GKN {
+  static void run(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, int64_t N, int64_t g0,
+                  int64_t g1) {
+    for (int64_t b0 = 0; b0 < B; b0 += kGemmGroupKN)
+      gemm_kn<L, BS16, KD>(p, xa + b0 * K, std::min(kGemmGroupKN, B - b0), K, y + b0 * N, N, g0, g1);
+  }
+};
+
+// The GEMM path of vt_qmatmul: x packed once (in parallel), then the weight's rows (nk) or 32-column strips (kn)
+// split between the threads.
+void gemm_call(const Planes& p, const float* x, int64_t B, int64_t K, float* y, int64_t N, bool kn, int nt,
+               ffi::ThreadPool& pool) {
+  if (!kn) {
+    const int V = B > 16 ? 2 : 1;
+    const int64_t nstrips = (B + 16 * V - 1) / (16 * V);
+    Scratch xp(static_cast<size_t>(nstrips * 16 * V * K));
+    parallel_for_pool(nstrips, 1, pool, nt, [&](int64_t s0, int64_t s1) {
+      if (V == 2) gemm_pack_x_nk<2>(x, B, K, p.layout, xp.data(), s0, s1);
+      else gemm_pack_x_nk<1>(x, B, K, p.layout, xp.data(), s0, s1);
+    });
+    const int64_t R = V == 2 ? 14 : 16;
+    parallel_for_pool(N, R, pool, nt, [&](int64_t n0, int64_t n1) { dispatch<GNK>(p, xp.data(), B, K, y, N, n0, n1); });
+  } else {
+    const int64_t nstrips = (B + kGemmMR - 1) / kGemmMR;
+    Scratch xa(static_cast<size_t>(nstrips * kGemmMR * K));
+    parallel_for_pool(nstrips, 1, pool, nt, [&](int64_t s0, int64_t s1) { gemm_pack_x_kn(x, B, K, xa.data(), s0, s1); });
+    parallel_for_pool(N / 32, 1, pool, nt, [&](int64_t g0, int64_t g1) { dispatch<GKN>(p, xa.data(), B, K, y, N, g0, g1); });
+  }
+}
+#endif
+
 ffi::Error check_planes(int layout, int64_t block, int64_t packed, int64_t rows, int64_t code_bytes,
                         int64_t scale_elems, int64_t offset_elems, int64_t scale_kind, int64_t offset_kind,
                         int64_t table_elems, int64_t scale_bytes, int64_t offset_bytes) {
@@ -712,7 +1064,7 @@ Planes make_planes(const void* codes, const float* lut, const void* scales, cons
 ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut,
                        ffi::AnyBuffer scales, ffi::AnyBuffer offsets, ffi::Buffer<ffi::F32> table,
                        ffi::ResultBuffer<ffi::F32> y, int64_t layout, int64_t block, int64_t kn, int64_t threads,
-                       int64_t scale_kind, int64_t offset_kind) {
+                       int64_t scale_kind, int64_t offset_kind, int64_t gemm_min, ffi::ThreadPool pool) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
@@ -731,16 +1083,23 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
   float* yv = y->typed_data();
   int nt = static_cast<int>(std::max<int64_t>(1, threads));
   if (B == 0 || N == 0) return ffi::Error::Success();
+#if VT_AVX512
+  if (gemm_min > 0 && B >= gemm_min) {
+    gemm_call(p, xv, B, K, yv, N, kn != 0, nt, pool);
+    return ffi::Error::Success();
+  }
+#endif
   if (!kn) {
     // x to decode order, once per call
-    std::vector<float> xp(static_cast<size_t>(B * K));
+    Scratch xbuf(static_cast<size_t>(B * K));
+    float* xp = xbuf.data();
     int perm[32];
     for (int i = 0; i < 32; ++i) perm[i] = decode_perm(p.layout, i);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < K / 32; ++g)
         for (int i = 0; i < 32; ++i) xp[b * K + g * 32 + i] = xv[b * K + g * 32 + perm[i]];
-    const float* xpp = xp.data();
-    parallel_for(N, 2, nt, [&](int64_t n0, int64_t n1) {
+    const float* xpp = xp;
+    parallel_for_pool(N, 2, pool, nt, [&](int64_t n0, int64_t n1) {
 #if VT_AVX512
       dispatch<NK>(p, xpp, B, K, yv, N, n0, n1);
 #else
@@ -748,7 +1107,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
 #endif
     });
   } else {
-    parallel_for(N / 32, 4, nt, [&](int64_t g0, int64_t g1) {
+    parallel_for_pool(N / 32, 4, pool, nt, [&](int64_t g0, int64_t g1) {
 #if VT_AVX512
       dispatch<KN>(p, xv, B, K, yv, N, g0, g1);
 #else
@@ -761,7 +1120,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
 
 ffi::Error DecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut, ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                       ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> w, int64_t layout, int64_t block,
-                      int64_t threads, int64_t scale_kind, int64_t offset_kind) {
+                      int64_t threads, int64_t scale_kind, int64_t offset_kind, ffi::ThreadPool pool) {
   auto wd = w->dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("vt_decode: w must be (R, C)");
   if (lut.element_count() != 16) return ffi::Error::InvalidArgument("vt_decode: lut must hold 16 floats");
@@ -774,7 +1133,7 @@ ffi::Error DecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> lut, ffi::AnyB
                          table.typed_data(), static_cast<int>(scale_kind), static_cast<int>(offset_kind),
                          static_cast<int>(layout), static_cast<int>(block), C);
   float* wv = w->typed_data();
-  parallel_for(R, 1, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t r0, int64_t r1) {
+  parallel_for_pool(R, 1, pool, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t r0, int64_t r1) {
 #if VT_AVX512
     dispatch<DEC>(p, wv, C, r0, r1);
 #else
@@ -1058,7 +1417,8 @@ void i8_rows(const uint8_t* xu, const int8_t* xq, const float* xs, const int8_t*
 }
 
 ffi::Error QMatmulI8Impl(ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs, ffi::AnyBuffer codes,
-                         ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y, int64_t block, int64_t threads) {
+                         ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y, int64_t block, int64_t threads,
+                         ffi::ThreadPool pool) {
   auto yd = y->dimensions();
   if (yd.size() != 2) return ffi::Error::InvalidArgument("vt_qmatmul_i8: y must be (B, N)");
   const int64_t B = yd[0], N = yd[1];
@@ -1082,13 +1442,13 @@ ffi::Error QMatmulI8Impl(ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs, ffi::AnyBu
   float* yv = y->typed_data();
 #if VT_VNNI
   if (B >= kI8Wide) {
-    parallel_for(N, 32, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
+    parallel_for_pool(N, 32, pool, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
       i8_gemm(xup, xsv, wv, sv, B, K, N, static_cast<int>(block), yv, n0, n1);
     });
     return ffi::Error::Success();
   }
 #endif
-  parallel_for(N, 4, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
+  parallel_for_pool(N, 4, pool, static_cast<int>(std::max<int64_t>(1, threads)), [&](int64_t n0, int64_t n1) {
     i8_rows(xup, xqv, xsv, wv, sv, B, K, N, static_cast<int>(block), yv, n0, n1);
   });
   return ffi::Error::Success();
@@ -1110,7 +1470,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmul, QMatmulImpl,
                                   .Attr<int64_t>("kn")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("scale_kind")
-                                  .Attr<int64_t>("offset_kind"));
+                                  .Attr<int64_t>("offset_kind")
+                                  .Attr<int64_t>("gemm_min")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VtDecode, DecodeImpl,
                               ffi::Ffi::Bind()
@@ -1124,7 +1486,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VtDecode, DecodeImpl,
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("scale_kind")
-                                  .Attr<int64_t>("offset_kind"));
+                                  .Attr<int64_t>("offset_kind")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmulI8, QMatmulI8Impl,
                               ffi::Ffi::Bind()
@@ -1134,7 +1497,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VtQMatmulI8, QMatmulI8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scales (N, K / block)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y (B, N)
                                   .Attr<int64_t>("block")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 extern "C" int vt_kernels_simd() { return VT_AVX512 ? 512 : 0; }
 extern "C" int vt_kernels_vnni() { return VT_VNNI; }

@@ -11,9 +11,11 @@ as the transposed product and only the *output* is transposed):
 ======================================  ==========================================================================
 where                                   path
 ======================================  ==========================================================================
-CPU, kernel library loaded, B < 32      ``vt_qmatmul``: the fused AVX-512 kernel decodes each 32-value group in
+CPU, kernel library loaded, small B     ``vt_qmatmul``: the fused AVX-512 kernel decodes each 32-value group in
                                         registers (every format of ``planes.kernel_args``, both layouts)
-CPU, kernel library loaded, B >= 32     ``vt_decode`` panels of at most 8 MiB (1/8 of a smaller weight) of float32,
+CPU, kernel library, B >= 16 ("nk")     ``vt_qmatmul``'s blocked GEMM: each group decoded once per call into the
+or B >= 32 ("kn")                       block its FMA tiles read from L1 (``_kernels.gemm_batch``)
+CPU, portable library, B >= 32          ``vt_decode`` panels of at most 8 MiB (1/8 of a smaller weight) of float32,
                                         each contracted by XLA's own GEMM (``_kernels.PANEL_BATCH``)
 ``activation_quant="int8"``            int8 / q8_0 weight contracted on its blocked axis: ``vt_qmatmul_i8`` (VNNI
                                         int32 sums; pure JAX: an int8 ``lax.dot_general`` per block); any other: the
