@@ -864,38 +864,62 @@ void gemm_nk(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
   const int64_t xchunk = bpad * kGemmKC * 4;
   const int64_t acc_bytes = std::min<int64_t>(512 << 10, std::max<int64_t>(128 << 10, (768 << 10) - xchunk));
   const int64_t nb_rows = std::max<int64_t>(R, (acc_bytes / 4 / bpad) / R * R);
-  Scratch accbuf(static_cast<size_t>(nb_rows * bpad));
   alignas(64) float tile[R * kGemmKC];
+  // rows [t0, t0 + rows) of the weight, K chunk [pc, pc + kc), into `tile` (rows past `rows` as zeros); the codes of
+  // (next_row + r, next_group + t) are prefetched meanwhile
+  auto decode_tile = [&](int64_t t0, int64_t rows, int64_t pc, int64_t kc, int64_t next_row, int64_t next_group) {
+    const int64_t g0 = pc / 32;
+    for (int64_t r = 0; r < R; ++r) {
+      float* dst = tile + r * kGemmKC;
+      if (r >= rows) {
+        for (int64_t q = 0; q < kc; q += 16) _mm512_store_ps(dst + q, _mm512_setzero_ps());
+        continue;
+      }
+      for (int64_t t = 0; t < kc / 32; ++t) {
+        prefetch_group<L>(p, next_row + r, n1, next_group + t);
+        __m512 a, b;
+        decode_group<L, BS16, KD>(p, lut, t0 + r, g0 + t, a, b);
+        _mm512_store_ps(dst + t * 32, a);
+        _mm512_store_ps(dst + t * 32 + 16, b);
+      }
+    }
+  };
+  // accumulators (weight row, x row) of rows [r0, r1) -> y (x row, weight row)
+  auto write_back = [&](const float* acc, int64_t r0, int64_t r1) {
+    for (int64_t q = r0; q < r1; q += 16) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, r1 - q));
+      for (int64_t b0 = 0; b0 < B; b0 += 16)
+        transpose16(acc + (q - r0) * bpad + b0, bpad, rows, static_cast<int>(std::min<int64_t>(16, B - b0)),
+                    y + b0 * N + q, N, rows);
+    }
+  };
+  if (bpad * K * 4 <= (512 << 10)) {
+    // all of packed x stays in L2 (up to 32 rows of x at K = 4096): each tile walks K to its end, its codes and
+    // scales read in order (with a chunk of K outermost, the scales' loads of every row missed the cache: half
+    // of the decode's time at batch 16)
+    Scratch accbuf(static_cast<size_t>(R * bpad));
+    for (int64_t t0 = n0; t0 < n1; t0 += R) {
+      const int64_t rows = std::min<int64_t>(R, n1 - t0);
+      for (int64_t pc = 0; pc < K; pc += kGemmKC) {
+        const int64_t kc = std::min(kGemmKC, K - pc);
+        decode_tile(t0, rows, pc, kc, t0, (pc + kc) / 32);
+        gemm_nk_tile<R, V>(tile, xp, K, nstrips, pc, kc, accbuf.data(), bpad, pc == 0);
+      }
+      write_back(accbuf.data(), t0, t0 + rows);
+    }
+    return;
+  }
+  Scratch accbuf(static_cast<size_t>(nb_rows * bpad));
   for (int64_t nb0 = n0; nb0 < n1; nb0 += nb_rows) {
     const int64_t nb1 = std::min(n1, nb0 + nb_rows);
     for (int64_t pc = 0; pc < K; pc += kGemmKC) {
-      const int64_t kc = std::min(kGemmKC, K - pc), g0 = pc / 32;
+      const int64_t kc = std::min(kGemmKC, K - pc);
       for (int64_t t0 = nb0; t0 < nb1; t0 += R) {
-        const int64_t rows = std::min<int64_t>(R, nb1 - t0);
-        for (int64_t r = 0; r < R; ++r) {
-          float* dst = tile + r * kGemmKC;
-          if (r >= rows) {
-            for (int64_t q = 0; q < kc; q += 16) _mm512_store_ps(dst + q, _mm512_setzero_ps());
-            continue;
-          }
-          for (int64_t t = 0; t < kc / 32; ++t) {
-            prefetch_group<L>(p, t0 + r + R, n1, g0 + t);
-            __m512 a, b;
-            decode_group<L, BS16, KD>(p, lut, t0 + r, g0 + t, a, b);
-            _mm512_store_ps(dst + t * 32, a);
-            _mm512_store_ps(dst + t * 32 + 16, b);
-          }
-        }
+        decode_tile(t0, std::min<int64_t>(R, nb1 - t0), pc, kc, t0 + R, pc / 32);
         gemm_nk_tile<R, V>(tile, xp, K, nstrips, pc, kc, accbuf.data() + (t0 - nb0) * bpad, bpad, pc == 0);
       }
     }
-    // accumulators (weight row, x row) -> y (x row, weight row)
-    for (int64_t r0 = nb0; r0 < nb1; r0 += 16) {
-      const int rows = static_cast<int>(std::min<int64_t>(16, nb1 - r0));
-      for (int64_t b0 = 0; b0 < B; b0 += 16)
-        transpose16(accbuf.data() + (r0 - nb0) * bpad + b0, bpad, rows, static_cast<int>(std::min<int64_t>(16, B - b0)),
-                    y + b0 * N + r0, N, rows);
-    }
+    write_back(accbuf.data(), nb0, nb1);
   }
 }
 
