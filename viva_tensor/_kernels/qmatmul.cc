@@ -229,6 +229,22 @@ inline void decode_group(const Planes& p, __m512 lut, int64_t row, int64_t g, __
   }
 }
 
+// decode_group's one-scale 4-bit case in two steps, so that a block of several groups scales its table once:
+// block_table (the 16 values of the block's codes) and decode_with_table (the same bits as decode_group).
+template <int KD>
+inline __m512 block_table(const Planes& p, __m512 lut, int64_t row, int64_t blk) {
+  constexpr bool OFF = (KD & 3) != kNoOffset;
+  const __m512 sv = _mm512_set1_ps(scale_t<KD>(p, row, blk));
+  return OFF ? _mm512_fmadd_ps(lut, sv, _mm512_set1_ps(offset_t<KD>(p, row, blk))) : _mm512_mul_ps(lut, sv);
+}
+
+inline void decode_with_table(const Planes& p, __m512 t, int64_t row, int64_t g, __m512& wa, __m512& wb) {
+  const uint8_t* c = p.codes + row * p.row_bytes + g * 16;
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  wa = _mm512_permutexvar_ps(v, t);
+  wb = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
+}
+
 // Software prefetch of the codes of group g of `row` (one prefetch per 64-byte line): the kernels fetch the rows
 // they will read next while decoding the current ones, so that a weight streamed from memory (not in cache) is
 // not read one stall at a time. Rows past the end are not touched.
@@ -247,7 +263,7 @@ template <int L, bool BS16, int KD, int NB>
 void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t b0, int64_t n0,
              int64_t n1) {
   const __m512 lut = _mm512_loadu_ps(p.lut);
-  constexpr int RN = 2;
+  constexpr int RN = NB == 1 ? 4 : 2;  // one row of x: 4 weight rows at a time (8 independent FMA chains)
   constexpr int64_t RB = 128;  // rows per block
   const int64_t gk = std::max<int64_t>(1, (int64_t(4096) / (32 * NB)));  // groups per chunk: NB x 16 KiB / NB
   std::vector<__m512> accbuf(static_cast<size_t>(RB * NB * 2));
@@ -265,10 +281,23 @@ void nk_rows(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
             acc[r][b][0] = mem[(r * NB + b) * 2];
             acc[r][b][1] = mem[(r * NB + b) * 2 + 1];
           }
+        // 4-bit codes with one scale per block of several groups: the block's table is scaled once per row (with
+        // blocks of 32 it is per group anyway, and the test costs: measured slower for Q4_0)
+        const bool kTable = L != kInt8 && !BS16 && p.block >= 64;
+        __m512 tab[RN];
+        int64_t tblk = -1;
         for (int64_t g = g0; g < g1; ++g) {
           __m512 w[RN][2];
           for (int r = 0; r < RN; ++r) prefetch_group<L>(p, n + RN + r, n1, g);
-          for (int r = 0; r < RN; ++r) decode_group<L, BS16, KD>(p, lut, n + r, g, w[r][0], w[r][1]);
+          if (kTable) {
+            if (p.gblk[g] != tblk) {
+              tblk = p.gblk[g];
+              for (int r = 0; r < RN; ++r) tab[r] = block_table<KD>(p, lut, n + r, tblk);
+            }
+            for (int r = 0; r < RN; ++r) decode_with_table(p, tab[r], n + r, g, w[r][0], w[r][1]);
+          } else {
+            for (int r = 0; r < RN; ++r) decode_group<L, BS16, KD>(p, lut, n + r, g, w[r][0], w[r][1]);
+          }
           for (int b = 0; b < NB; ++b) {
             const float* xb = xp + (b0 + b) * K + g * 32;
             __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
