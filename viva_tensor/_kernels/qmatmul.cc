@@ -888,11 +888,13 @@ void gemm_nk(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
   constexpr int R = V == 2 ? 14 : 16;  // 28 x 1 measured half the speed of 16 x 1 (broadcasts bound it)
   const __m512 lut = _mm512_loadu_ps(p.lut);
   const int64_t nstrips = (B + 16 * V - 1) / (16 * V), bpad = nstrips * 16 * V;
+  // accumulator rows one cache line longer than x's strips: rows 4 KiB apart (1024 rows of x) fell in one L1 set
+  const int64_t ldacc = bpad + 16;
   // a block of NB weight rows keeps its accumulators (NB x bpad floats) in L2 beside the chunk of x (bpad x KC):
   // together about 768 KiB (at 384 x 384 and 1024 rows of x, 512 KiB of accumulators were 1.24x slower than 128)
   const int64_t xchunk = bpad * kGemmKC * 4;
   const int64_t acc_bytes = std::min<int64_t>(512 << 10, std::max<int64_t>(128 << 10, (768 << 10) - xchunk));
-  const int64_t nb_rows = std::max<int64_t>(R, (acc_bytes / 4 / bpad) / R * R);
+  const int64_t nb_rows = std::max<int64_t>(R, (acc_bytes / 4 / ldacc) / R * R);
   alignas(64) float tile[R * kGemmKC];
   // rows [t0, t0 + rows) of the weight, K chunk [pc, pc + kc), into `tile` (rows past `rows` as zeros); the codes of
   // (next_row + r, next_group + t) are prefetched meanwhile
@@ -918,7 +920,7 @@ void gemm_nk(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
     for (int64_t q = r0; q < r1; q += 16) {
       const int rows = static_cast<int>(std::min<int64_t>(16, r1 - q));
       for (int64_t b0 = 0; b0 < B; b0 += 16)
-        transpose16(acc + (q - r0) * bpad + b0, bpad, rows, static_cast<int>(std::min<int64_t>(16, B - b0)),
+        transpose16(acc + (q - r0) * ldacc + b0, ldacc, rows, static_cast<int>(std::min<int64_t>(16, B - b0)),
                     y + b0 * N + q, N, rows);
     }
   };
@@ -926,26 +928,26 @@ void gemm_nk(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
     // all of packed x stays in L2 (up to 32 rows of x at K = 4096): each tile walks K to its end, its codes and
     // scales read in order (with a chunk of K outermost, the scales' loads of every row missed the cache: half
     // of the decode's time at batch 16)
-    Scratch accbuf(static_cast<size_t>(R * bpad));
+    Scratch accbuf(static_cast<size_t>(R * ldacc));
     for (int64_t t0 = n0; t0 < n1; t0 += R) {
       const int64_t rows = std::min<int64_t>(R, n1 - t0);
       for (int64_t pc = 0; pc < K; pc += kGemmKC) {
         const int64_t kc = std::min(kGemmKC, K - pc);
         decode_tile(t0, rows, pc, kc, t0, (pc + kc) / 32);
-        gemm_nk_tile<R, V>(tile, xp, K, nstrips, pc, kc, accbuf.data(), bpad, pc == 0);
+        gemm_nk_tile<R, V>(tile, xp, K, nstrips, pc, kc, accbuf.data(), ldacc, pc == 0);
       }
       write_back(accbuf.data(), t0, t0 + rows);
     }
     return;
   }
-  Scratch accbuf(static_cast<size_t>(nb_rows * bpad));
+  Scratch accbuf(static_cast<size_t>(nb_rows * ldacc));
   for (int64_t nb0 = n0; nb0 < n1; nb0 += nb_rows) {
     const int64_t nb1 = std::min(n1, nb0 + nb_rows);
     for (int64_t pc = 0; pc < K; pc += kGemmKC) {
       const int64_t kc = std::min(kGemmKC, K - pc);
       for (int64_t t0 = nb0; t0 < nb1; t0 += R) {
         decode_tile(t0, std::min<int64_t>(R, nb1 - t0), pc, kc, t0 + R, pc / 32);
-        gemm_nk_tile<R, V>(tile, xp, K, nstrips, pc, kc, accbuf.data() + (t0 - nb0) * bpad, bpad, pc == 0);
+        gemm_nk_tile<R, V>(tile, xp, K, nstrips, pc, kc, accbuf.data() + (t0 - nb0) * ldacc, ldacc, pc == 0);
       }
     }
     write_back(accbuf.data(), nb0, nb1);
@@ -982,6 +984,10 @@ void gemm_kn(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, i
   const int64_t nstrips = (B + kGemmMR - 1) / kGemmMR;
   constexpr int64_t kBlock = 16;  // 32-column strips per block: 16 x KC x 32 floats = 256 KiB
   Scratch bp(static_cast<size_t>(kBlock * kGemmKC * 32));
+  // the block's accumulators (B x 512), rows padded by a cache line: y's own rows are N floats apart (16 KiB at
+  // N = 4096, so that the 14 rows of a tile fell in one L1 set)
+  constexpr int64_t ldc = kBlock * 32 + 16;
+  Scratch cbuf(static_cast<size_t>(nstrips * kGemmMR * ldc));
   for (int64_t gb = g0; gb < g1; gb += kBlock) {
     const int64_t ng = std::min(g1, gb + kBlock) - gb;
     for (int64_t pc = 0; pc < K; pc += kGemmKC) {
@@ -1000,10 +1006,10 @@ void gemm_kn(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, i
         for (int64_t s = 0; s < nstrips; ++s) {
           const int64_t b0 = s * kGemmMR;
           const int rows = static_cast<int>(std::min<int64_t>(kGemmMR, B - b0));
-          float* yt = y + b0 * N + (gb + t) * 32;
+          float* ct = cbuf.data() + b0 * ldc + t * 32;
           const float* xs = xa + s * K * kGemmMR;
           switch (rows) {
-#define VT_R(n) case n: gemm_kn_strip<n>(xs, bs, K, pc, kc, yt, N, pc == 0); break;
+#define VT_R(n) case n: gemm_kn_strip<n>(xs, bs, K, pc, kc, ct, ldc, pc == 0); break;
             VT_R(1) VT_R(2) VT_R(3) VT_R(4) VT_R(5) VT_R(6) VT_R(7) VT_R(8) VT_R(9) VT_R(10) VT_R(11) VT_R(12)
             VT_R(13) VT_R(14)
 #undef VT_R
@@ -1012,6 +1018,7 @@ void gemm_kn(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, i
         }
       }
     }
+    for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * N + gb * 32, cbuf.data() + b * ldc, ng * 32 * 4);
   }
 }
 
