@@ -1023,7 +1023,7 @@ void gemm_kn(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, i
 }
 
 // Rows of x in groups (the packed x of a group, one K chunk of it, stays in L2): each group decodes the weight again.
-constexpr int64_t kGemmGroupNK = 1024;          // nk: 32 strips of 32 rows
+constexpr int64_t kGemmGroupNK = 256;           // nk: 8 strips of 32 rows
 constexpr int64_t kGemmGroupKN = 18 * kGemmMR;  // kn: 18 strips of 14 rows (y block 252 x 512 floats)
 
 template <int L, bool BS16, int KD>
