@@ -31,6 +31,11 @@ not yet quantized, weighted by the inverse Hessian of the layer's squared output
    row the first ``p`` with the least ``Σ |q - w|^2.4``. On MiniLM (int4 groups of 128, the default
    calibration of ``minilm.quantize``) it raised the mean embedding cosine from 0.9678 to 0.9692.
 
+Asymmetric calibration (GPTAQ, Li et al. 2025): when the layer's inputs in the partly quantized model
+(``X_q``) differ from the float model's (``X_f``), :func:`float_target` gives the weight ``W'`` whose outputs on
+``X_q`` best match ``X_f Wᵀ``; GPTQ of ``W'`` on the Hessian of ``X_q`` then minimises ``||X_f Wᵀ - X_q Qᵀ||²``
+(``nn.quantize_model(..., method="gptq", asymmetric=True)``).
+
 The result is an ordinary record of the format (the class that ``quant.quantize(w, fmt)`` returns),
 so ``quant.dequantize``, ``quant.dot_general``, ``quant.save`` / ``load`` and ``nn.QLinear`` take it
 unchanged. Every format whose values sit on a per-block grid works: ``int4_group``, ``q4_0``, ``q4_1``,

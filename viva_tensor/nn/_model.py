@@ -84,7 +84,9 @@ def quantize_model(
       order (layers fed the same input, like query/key/value, form a group) and each group's Hessian
       comes from the model whose earlier groups are already quantized; ``sequential=False`` takes every
       Hessian from the float model in one pass. ``options`` go to :func:`viva_tensor.gptq.quantize`
-      (``group_size``, ``damp``, ``act_order``, ``static_groups``, ``block_size``, format options).
+      (``group_size``, ``damp``, ``act_order``, ``static_groups``, ``block_size``, format options). A plan's
+      ``block_size`` (the format's block, e.g. NF4's) becomes GPTQ's ``group_size`` (GPTQ's own ``block_size``
+      is its column block).
     * ``"awq"`` (format ``"awq_int4"``): AWQ's scale search per layer on its inputs, from
       ``activations`` (``{path: inputs}``, e.g. :func:`capture_linear_inputs`) or from ``calibration``.
       ``fmt="awq_int4"`` with ``activations`` also selects it. Layers with no inputs are kept in float

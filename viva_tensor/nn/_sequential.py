@@ -12,7 +12,12 @@ the last captured layer; a calibration callable runs the model eagerly.
 quantized with the Hessian of the inputs that the already-quantized groups before it produce (GPTQ's and
 AutoGPTQ's practice; within an attention block q/k/v first, then the output projection, then the
 feed-forward layers: "true sequential"); with ``sequential=False`` every layer is quantized on the float
-model's inputs, from one pass. :func:`viva_tensor.nn.quantize_model` with ``method="gptq"`` calls it.
+model's inputs, from one pass. With ``asymmetric=True`` (sequential) each layer is fit to the float model's
+outputs instead (GPTAQ's asymmetric calibration, :func:`viva_tensor.gptq.float_target`): :func:`capture_cross`
+runs the float and the partly quantized model on the same batches and returns the Gram matrix of the quantized
+inputs and their cross Gram matrix with the float inputs. While the sweep runs, the layers already quantized
+are float Linears holding their decoded kernels (one program structure for every capture).
+:func:`viva_tensor.nn.quantize_model` with ``method="gptq"`` calls it.
 """
 
 from __future__ import annotations
