@@ -19,7 +19,8 @@ standard-library docstrings, installed packages' READMEs, 1-4 word texts; never 
 sensitivities by ``measure="gain"`` on one batch) within that budget of stored bits per value, applied with
 the same GPTQ; ``+emb:nf4``: with the word, position and token-type tables in NF4 too (``embeddings="nf4"``,
 round to nearest; the GPTQ calibration runs on the model with them quantized), the "model ratio" column is
-then the whole model's. Their quantize time includes the calibration.
+then the whole model's (``--rows plan:4.5+emb:q5_0`` takes any table format, written to
+``minilm_fidelity_rows.*``). Their quantize time includes the calibration.
 
 Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
 
