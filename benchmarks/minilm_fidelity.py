@@ -17,7 +17,10 @@ searched scales, ``mse=True``, and ``damp=0.1``, on the default calibration text
 standard-library docstrings, installed packages' READMEs, 1-4 word texts; never these sentences);
 ``plan:<bits>`` is ``minilm.quantize(encoder, bits=...)``: the planner's format per layer (5 candidates,
 sensitivities by ``measure="gain"`` on one batch) within that budget of stored bits per value, applied with
-the same GPTQ. Their quantize time includes the calibration.
+the same GPTQ; ``+emb:nf4``: with the word, position and token-type tables in NF4 too (``embeddings="nf4"``,
+round to nearest; the GPTQ calibration runs on the model with them quantized), the "model ratio" column is
+then the whole model's (``--rows plan:4.5+emb:q5_0`` takes any table format, written to
+``minilm_fidelity_rows.*``). Their quantize time includes the calibration.
 
 Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
 
@@ -42,7 +45,8 @@ from viva_tensor.models import minilm  # noqa: E402
 
 FIXTURE = _common.FIXTURE
 
-CALIBRATED = ("gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0", "plan:4.25", "plan:4.5")
+CALIBRATED = ("gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0", "plan:4.25", "plan:4.5", "plan:4.25+emb:nf4",
+              "plan:4.5+emb:nf4")
 """The calibrated rows of the full run (see the module docstring)."""
 
 SENSITIVE = ("attention.value", "intermediate", "output")
@@ -81,8 +85,9 @@ def calibrated(encoder, spec: str, quick: bool):
     """(model, kernel bytes, float kernel bytes, report) for ``gptq:<fmt>`` or ``plan:<bits>``."""
     from viva_tensor.models import _calibration
 
+    spec, _, emb = spec.partition("+emb:")
     kind, value = spec.split(":")
-    options = {}
+    options = {"embeddings": emb} if emb else {}
     if quick:  # seconds: 32 sentences, the first layer only
         first = lambda path, layer: path.startswith("layers.0.")  # noqa: E731
         options = {"calibration": _calibration.calibration_text(32), "where": first}
@@ -194,7 +199,8 @@ def write(rows: list[dict], n: int, args) -> None:
         "bytes for 2:4 count the dense emulation, kernel bytes the 2:4 records. "
         "Calibrated rows (`gptq:`, `plan:`): `minilm.quantize` with its defaults (626 calibration texts of "
         "`calibration_mix`: docstrings, package READMEs, 1-4 word texts; one-shot GPTQ, mse=True, damp=0.1; the "
-        "planner: 5 candidates (NF4-DQ 64/32, Q5_0, Q5_1, Q8_0), gain sensitivities on the first 32 texts). "
+        "planner: 5 candidates (NF4-DQ 64/32, Q5_0, Q5_1, Q8_0), gain sensitivities on the first 32 texts; "
+        "`+emb:nf4`: the embedding tables in NF4 as well, round to nearest). "
         "Quantize times are wall / process CPU "
         "seconds on a 2-core machine shared with other jobs (wall inflated by the load). "
         "Written by `python benchmarks/minilm_fidelity.py`.",

@@ -187,3 +187,15 @@ def mse_grid(find_params, snap, *, grid: int = 100, maxshrink: float = 0.8, norm
         return tuple(best)
 
     return searched, snap
+
+
+def float_target(w: np.ndarray, xq: np.ndarray, xf: np.ndarray, damp: float) -> np.ndarray:
+    """Asymmetric calibration's target in float64, from its definition: the ``W'`` minimising
+    ``||X_q W'ᵀ - X_f Wᵀ||² + λ||W' - W||²`` with ``λ = damp * mean(diag(X_qᵀ X_q))``, found by ``lstsq`` on the
+    stacked system ``[X_q; sqrt(λ) I] W'ᵀ = [X_f Wᵀ; sqrt(λ) Wᵀ]`` (no normal equations)."""
+    w, xq, xf = (np.asarray(a, np.float64) for a in (w, xq, xf))
+    lam = damp * np.mean(np.sum(xq * xq, axis=0))
+    k = w.shape[1]
+    a = np.concatenate([xq, np.sqrt(lam) * np.eye(k)])
+    b = np.concatenate([xf @ w.T, np.sqrt(lam) * w.T])
+    return np.linalg.lstsq(a, b, rcond=None)[0].T

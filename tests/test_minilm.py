@@ -423,7 +423,8 @@ def test_exact_attention_by_rows_equals_the_reference(mask_shape):
 def test_planned_gptq_at_four_and_a_half_bits(encoder, embeddings):
     """minilm.quantize(bits=4.5) with its defaults (calibration_mix, never these sentences; the planner over
     NF4-DQ / Q5 / Q8_0; one-shot GPTQ with mse=True, damp=0.1). Floors: the measured values less a margin
-    (benchmarks/results/minilm_fidelity.md, plan:4.5). Issue 14's 0.99 mean / 0.98 min are not met."""
+    (benchmarks/results/minilm_fidelity.md, plan:4.5: 4.50 bits, 0.9887 mean / 0.9745 min / 30 of 32 on all
+    32 sentences). Issue 14's 0.99 mean / 0.98 min / 31 of 32 are not met."""
     sentences = [str(s) for s in np.load(FIXTURE)["sentences"][FIDELITY_IDX]]
     qenc, report = minilm.quantize(encoder, bits=4.5)
     assert report.method == "gptq" and len(report.quantized) == 36
@@ -435,4 +436,4 @@ def test_planned_gptq_at_four_and_a_half_bits(encoder, embeddings):
     assert agree >= PLAN_45_FLOOR[2], agree
 
 
-PLAN_45_FLOOR = (0.98, 0.96, 0.85)  # mean, min cosine, top-1 agreement
+PLAN_45_FLOOR = (0.985, 0.965, 0.85)  # mean, min cosine, top-1 agreement (measured on 32: 0.9887, 0.9745, 0.94)

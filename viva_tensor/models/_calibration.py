@@ -45,7 +45,7 @@ import re
 
 __all__ = [
     "MODULES", "PACKAGES", "calibration_text", "calibration_passages", "package_sentences", "package_summaries",
-    "short_texts", "calibration_mix",
+    "short_texts", "varied_sentences", "calibration_mix",
 ]  # fmt: skip
 
 MODULES = (
@@ -264,6 +264,53 @@ def short_texts(n: int, *, skip: int = 1000) -> list[str]:
     for i, sentence in enumerate(calibration_text()[skip : skip + n]):
         out.append(" ".join(sentence.rstrip(".").split()[: 1 + i % 4]))
     return out
+
+
+def _is_varied(sentence: str) -> bool:
+    words = sentence.split()
+    if not 4 <= len(words) <= 60 or sentence.startswith((">>>", "...", "$", "|")):
+        return False
+    alphabetic = sum(1 for w in words if w.strip(".,;:!?()[]'\"").isalpha())
+    return 2 * alphabetic >= len(words) and not _is_prose(sentence)
+
+
+@functools.lru_cache(maxsize=1)
+def _varied() -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for module in MODULES:
+        for doc in _docstrings(module):
+            for paragraph in re.split(r"\n\s*\n", doc):
+                for sentence in _SPLIT.split(" ".join(paragraph.split())):
+                    if _is_varied(sentence):
+                        seen.setdefault(sentence, None)
+    return tuple(seen)
+
+
+def varied_sentences(n: int | None = None) -> list[str]:
+    """Docstring sentences that :func:`calibration_text` leaves out as not plain prose: mostly words, but with
+    digits, symbols, parentheses, quotes or code names (``"Return the value (default 0) of x."``).
+
+    A sentence encoder reads numbers, punctuation and names as well as prose; these tokens meet the model's
+    layers in states that filtered prose does not produce. Sentences of 4 to 60 words whose words are at least
+    half alphabetic, not doctest lines; read like :func:`calibration_text` (``ast``, :data:`MODULES`). Measured
+    (MiniLM, GPTQ int4 g128 one-shot, ``calibration_mix()`` plus 192 of these, 32 evaluation sentences): mean /
+    min cosine 0.9724 / 0.947, 29 of 32 same nearest neighbour, against 0.9721 / 0.933 / 28 without; on held-out
+    calibration text 0.9845 against 0.9842: too small a gain to change the default. (Adding 64 passages of
+    :func:`calibration_passages` helped long held-out texts, 0.962 to 0.985, and hurt short ones: 0.9702 mean.)
+
+    Args:
+        n: how many (the first ``n``); ``None`` for all.
+
+    Returns:
+        A list of distinct sentences, disjoint from :func:`calibration_text`.
+
+    Example:
+        >>> s = varied_sentences(3)
+        >>> len(s), all(len(t.split()) >= 4 for t in s)
+        (3, True)
+    """
+    sentences = _varied()
+    return list(sentences if n is None else sentences[:n])
 
 
 def calibration_mix(per_source: int = 192) -> list[str]:

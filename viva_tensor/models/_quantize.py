@@ -27,7 +27,12 @@ DEFAULT_SENTENCES = 192
 """Texts :func:`quantize` takes from each source of ``calibration_mix`` by default (626 texts, 20 batches of 32)."""
 
 GPTQ_OPTIONS = {"sequential": False, "mse": True, "damp": 0.1}
-""":func:`quantize`'s GPTQ options (any can be overridden): one-shot, searched scales, damping 0.1. Measured on
+""":func:`quantize`'s GPTQ options (any can be overridden): one-shot, searched scales, damping 0.1. Asymmetric
+calibration (``sequential=True, asymmetric=True``: each layer fit to the float model's outputs on the quantized
+model's inputs) was measured and not taken: int4 g128 0.9724 / 0.940 / 26 of 32 (one-shot 0.9722 / 0.933 / 28)
+in 256 CPU s instead of 37-44; on held-out calibration text it did better (0.9898 against 0.9859 mean), on the
+evaluation sentences not; the plan at 4.5 bits 0.9868 / 0.970 / 28 (one-shot 0.9887 / 0.975 / 30), 188 CPU s.
+Measured on
 MiniLM, int4 groups of 128, the default calibration (mean / min cosine of the 32 evaluation sentences):
 damp 0.01 0.9678 / 0.930; damp 0.1 0.9704 / 0.943; mse + damp 0.01 0.9692 / 0.936; mse + damp 0.1
 0.9722 / 0.933; mse + damp 0.3 0.9716 / 0.935."""
@@ -50,7 +55,9 @@ and candidate, at 26 s of CPU instead of 147 s). Measured with this module's GPT
 sentences, mean / min cosine): with int4 g128 / g64, NF4, NVFP4, Q4_1, Q5_0, Q5_1, Q8_0 as candidates the
 plan at 4.25 bits gave 0.9792 / 0.952, at 4.5 bits 0.9855 / 0.960; adding the two NF4-DQ candidates the
 planner chose only NF4-DQ and Q5/Q8 (0.9846 / 0.967 at 4.21 bits, 0.9866 / 0.970 at 4.41 bits), hence
-this list."""
+this list. Those runs applied NF4-DQ's ``block_size=32`` as GPTQ's column block (the record kept blocks of 64);
+with the block passed as GPTQ's ``group_size`` (fixed): 4.25 bits 0.9854 / 0.961 / 30 of 32 same nearest
+neighbour, 4.50 bits 0.9887 / 0.975 / 30 of 32, 77 and 80 CPU s (was 124 and 214)."""
 
 
 def calibration_batches(
@@ -62,7 +69,9 @@ def calibration_batches(
         encoder: a :class:`viva_tensor.models.minilm.SentenceEncoder`.
         texts: the texts (``None``: ``calibration_mix(DEFAULT_SENTENCES)``).
         batch_size: rows per batch (the last batch is padded with empty rows).
-        length: tokens per row (``None``: the bucket of the longest text).
+        length: tokens per row; ``None``: the texts are sorted by token count (shortest first) and each
+            batch takes the bucket of its longest text (16, 32, 64 ...): a few shapes, little padding (on
+            the default text 15,872 token slots for 8,706 tokens, instead of 40,960).
 
     Returns:
         A list of :class:`viva_tensor.nn.CalibrationBatch` calling ``model(ids, mask, types)``.
@@ -79,23 +88,36 @@ def calibration_batches(
     if not texts:
         raise ConfigError(argument="texts", expected="at least one text", got="none")
     encodings = encoder.tokenizer.encode_batch(texts)
-    longest = max(len(e.ids) for e in encodings)
-    if length is None:  # minilm's buckets: 16, 32, 64 ... capped at the truncation length
-        length = 16
-        while length < longest:
-            length *= 2
-        length = min(length, max(encoder.max_length, longest))
+    if length is None:  # shortest first, so that each batch pads only to its own bucket
+        encodings = sorted(encodings, key=lambda e: len(e.ids))
     batches = []
     for start in range(0, len(encodings), batch_size):
-        ids = np.zeros((batch_size, length), np.int32)
-        mask = np.zeros((batch_size, length), np.int32)
-        types = np.zeros((batch_size, length), np.int32)
-        for i, e in enumerate(encodings[start : start + batch_size]):
-            n = min(len(e.ids), length)
-            ids[i, :n], mask[i, :n], types[i, :n] = e.ids[:n], e.attention_mask[:n], e.type_ids[:n]
-        args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
-        batches.append(nn.CalibrationBatch(args, mask=jnp.asarray(mask, bool)))
+        if length is None:
+            longest = max(len(e.ids) for e in encodings[start : start + batch_size])
+            size = _bucket(longest, encoder.max_length)
+        else:
+            size = length
+        batches.append(_batch(encodings[start : start + batch_size], batch_size, size))
     return batches
+
+
+def _bucket(longest: int, limit: int) -> int:
+    """minilm's buckets: 16, 32, 64 ... capped at the truncation length."""
+    size = 16
+    while size < longest:
+        size *= 2
+    return min(size, max(limit, longest))
+
+
+def _batch(encodings: Sequence[Any], batch_size: int, length: int) -> nn.CalibrationBatch:
+    ids = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    types = np.zeros((batch_size, length), np.int32)
+    for i, e in enumerate(encodings):
+        n = min(len(e.ids), length)
+        ids[i, :n], mask[i, :n], types[i, :n] = e.ids[:n], e.attention_mask[:n], e.type_ids[:n]
+    args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+    return nn.CalibrationBatch(args, mask=jnp.asarray(mask, bool))
 
 
 def quantize(
@@ -147,9 +169,14 @@ def quantize(
     """
     if bits is not None and fmt is not None:
         raise ConfigError(argument="bits", expected="bits or fmt, not both", got=f"bits={bits}, fmt={fmt!r}")
-    batches = calibration_batches(encoder, calibration)
-    if bits is not None:
-        target = nn.plan(encoder.model, batches[:SENSITIVITY_BATCHES], bits=bits, formats=PLAN_CANDIDATES,
+    from viva_tensor.models import _calibration
+
+    texts = list(_calibration.calibration_mix(DEFAULT_SENTENCES) if calibration is None else calibration)
+    batches = calibration_batches(encoder, texts)
+    if bits is not None:  # the first texts (in their order: every source), one batch each
+        sample = texts[: 32 * SENSITIVITY_BATCHES]
+        sens = [b for i in range(0, len(sample), 32) for b in calibration_batches(encoder, sample[i : i + 32])]
+        target = nn.plan(encoder.model, sens, bits=bits, formats=PLAN_CANDIDATES,
                          progress=progress, measure="gain")  # fmt: skip
     else:
         target = fmt or "int4_group"

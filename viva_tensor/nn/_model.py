@@ -64,6 +64,8 @@ def quantize_model(
     activations: Mapping[str, Any] | None = None,
     where: Callable[[str, nnx.Linear], bool] | None = None,
     sequential: bool = True,
+    asymmetric: bool = False,
+    target_damp: float = 0.01,
     progress: bool = False,
     others: Any = None,
     **options: Any,
@@ -82,7 +84,9 @@ def quantize_model(
       order (layers fed the same input, like query/key/value, form a group) and each group's Hessian
       comes from the model whose earlier groups are already quantized; ``sequential=False`` takes every
       Hessian from the float model in one pass. ``options`` go to :func:`viva_tensor.gptq.quantize`
-      (``group_size``, ``damp``, ``act_order``, ``static_groups``, ``block_size``, format options).
+      (``group_size``, ``damp``, ``act_order``, ``static_groups``, ``block_size``, format options). A plan's
+      ``block_size`` (the format's block, e.g. NF4's) becomes GPTQ's ``group_size`` (GPTQ's own ``block_size``
+      is its column block).
     * ``"awq"`` (format ``"awq_int4"``): AWQ's scale search per layer on its inputs, from
       ``activations`` (``{path: inputs}``, e.g. :func:`capture_linear_inputs`) or from ``calibration``.
       ``fmt="awq_int4"`` with ``activations`` also selects it. Layers with no inputs are kept in float
@@ -106,6 +110,11 @@ def quantize_model(
             ``"layers.0.attention.query"``); ``None`` quantizes every ``nnx.Linear`` whose input size the
             format takes (with AWQ: every one that has activations).
         sequential: GPTQ only: each group on the inputs of the model quantized so far.
+        asymmetric: GPTQ only (with ``sequential``): fit each layer, on the inputs of the model quantized so
+            far, to the FLOAT model's outputs (GPTAQ's asymmetric calibration): GPTQ of
+            :func:`viva_tensor.gptq.float_target` on the quantized inputs' Hessian. With ``others``, the other
+            layers (embeddings) are quantized first, so that the Linear layers also make up for them.
+        target_damp: GPTQ with ``asymmetric``: the ridge of :func:`viva_tensor.gptq.float_target`.
         progress: show a rich progress bar on stderr (GPTQ).
         others: a format name, or ``(name, options)``, for every other layer that
             :func:`viva_tensor.nn.quantizable` accepts (``nnx.Embed``, ``nnx.LinearGeneral``, ``nnx.Einsum``,
@@ -170,6 +179,9 @@ def quantize_model(
                 skipped.append((name, "not in the plan"))
                 continue
             layer_fmt, layer_options = per_layer[name]
+            if method == "gptq" and "block_size" in layer_options:  # the format's block: GPTQ's group_size
+                layer_options = dict(layer_options)
+                layer_options["group_size"] = layer_options.pop("block_size")
             layer_options = {**layer_options, **options}
         else:
             layer_fmt, layer_options = fmt, dict(options)
@@ -194,7 +206,11 @@ def quantize_model(
             _, _, f, o = selected[name]
             return f, {**_DEFAULT_OPTIONS.get(f, {}), **o}
 
+        start = None
+        if others is not None and sequential:  # the later layers see the quantized others
+            start = _quantize_others(nnx.clone(model), model, others, where, [], {})
         records = gptq_records(model, choose, calibration, _make_qlinear, sequential=sequential,
+                               asymmetric=asymmetric, target_damp=target_damp, start=start,
                                show_progress=progress)  # fmt: skip
     for name, (path, layer, layer_fmt, layer_options) in selected.items():
         if method == "gptq":
@@ -209,16 +225,7 @@ def quantize_model(
         done.append(name)
         formats[name] = layer_fmt
     if others is not None:
-        other_fmt, other_options = (others, {}) if isinstance(others, str) else (others[0], dict(others[1]))
-        for path, layer in [(p, n) for p, n in nnx.iter_graph(model) if p and quantizable(n)]:
-            if isinstance(layer, nnx.Linear):
-                continue
-            name = path_str(path)
-            if where is not None and not where(name, layer):
-                continue
-            set_child(copy, path, quantize_layer(layer, other_fmt, **other_options))
-            done.append(name)
-            formats[name] = other_fmt
+        _quantize_others(copy, model, others, where, done, formats)
     done_linear = [n for n in done if n in selected]
     lin_before = sum(int(selected[n][1].kernel.get_value().nbytes) for n in done_linear)
     lin_after = sum(int(_get_weight(copy, selected[n][0]).nbytes) for n in done_linear)
@@ -228,6 +235,21 @@ def quantize_model(
         linear_values=sum(int(selected[n][1].kernel.get_value().size) for n in done_linear),
     )
     return copy, report
+
+
+def _quantize_others(copy: nnx.Module, model: nnx.Module, others: Any, where: Any, done: list, formats: dict):
+    """Replaces in ``copy`` the non-Linear quantizable layers of ``model`` (round to nearest); returns ``copy``."""
+    other_fmt, other_options = (others, {}) if isinstance(others, str) else (others[0], dict(others[1]))
+    for path, layer in [(p, n) for p, n in nnx.iter_graph(model) if p and quantizable(n)]:
+        if isinstance(layer, nnx.Linear):
+            continue
+        name = path_str(path)
+        if where is not None and not where(name, layer):
+            continue
+        set_child(copy, path, quantize_layer(layer, other_fmt, **other_options))
+        done.append(name)
+        formats[name] = other_fmt
+    return copy
 
 
 def _make_qlinear(layer: nnx.Linear, record: Any) -> QLinear:

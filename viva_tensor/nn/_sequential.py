@@ -12,7 +12,12 @@ the last captured layer; a calibration callable runs the model eagerly.
 quantized with the Hessian of the inputs that the already-quantized groups before it produce (GPTQ's and
 AutoGPTQ's practice; within an attention block q/k/v first, then the output projection, then the
 feed-forward layers: "true sequential"); with ``sequential=False`` every layer is quantized on the float
-model's inputs, from one pass. :func:`viva_tensor.nn.quantize_model` with ``method="gptq"`` calls it.
+model's inputs, from one pass. With ``asymmetric=True`` (sequential) each layer is fit to the float model's
+outputs instead (GPTAQ's asymmetric calibration, :func:`viva_tensor.gptq.float_target`): :func:`capture_cross`
+runs the float and the partly quantized model on the same batches and returns the Gram matrix of the quantized
+inputs and their cross Gram matrix with the float inputs. While the sweep runs, the layers already quantized
+are float Linears holding their decoded kernels (one program structure for every capture).
+:func:`viva_tensor.nn.quantize_model` with ``method="gptq"`` calls it.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from viva_tensor import gptq
+from viva_tensor import gptq, quant
 from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, ShapeMismatch
 from viva_tensor.nn._awq import linears
 from viva_tensor.nn._graph import set_child
 
-__all__ = ["CalibrationBatch", "capture_grams", "gptq_records", "progress"]
+__all__ = ["CalibrationBatch", "capture_grams", "capture_cross", "gptq_records", "progress"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -68,11 +73,18 @@ class _Context:
         self.first: dict[int, str] = {}
         self.group_of: dict[str, str] = {}
         self.keep: list[jax.Array] = []  # inputs kept alive while running, so that their ids stay unique
+        self.raw: str | None = None  # a layer whose (masked) input rows are kept in `rows`
+        self.rows: list[jax.Array] = []
 
     def record(self, name: str, x: jax.Array) -> None:
         leader = self.first.setdefault(id(x), name)
         self.keep.append(x)
         self.group_of.setdefault(name, leader)
+        if name == self.raw:
+            rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            if self.mask is not None and tuple(self.mask.shape) == tuple(x.shape[:-1]):
+                rows = rows * self.mask.reshape(-1).astype(jnp.float32)[:, None]
+            self.rows.append(rows)
         if leader != name or (self.wanted is not None and name not in self.wanted):
             return
         rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
@@ -119,6 +131,82 @@ def _forward(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, wa
 
 _TRACED_GROUPS: dict[tuple, dict[str, str]] = {}
 _forward_jit = jax.jit(_forward, static_argnums=(0, 5))
+
+
+def _inputs_of(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, name: str) -> jax.Array:
+    """The (masked) input rows ``(tokens, in)`` of layer ``name`` in one forward (all its calls, stacked)."""
+    context = _Context(set())
+    context.mask = None if mask is None else jnp.asarray(mask)
+    context.raw = name
+    _CONTEXT.append(context)
+    try:
+        nnx.merge(graphdef, state)(*args, **kwargs)
+    finally:
+        _CONTEXT.pop()
+    if not context.rows:
+        raise ConfigError(argument="calibration", expected=f"a run that calls layer {name!r}", got="no call")
+    return jnp.concatenate(context.rows, axis=0)
+
+
+def _pair(float_def, float_state, graphdef, state, args, kwargs, mask, name):
+    xf = _inputs_of(float_def, float_state, args, kwargs, mask, name)
+    xq = _inputs_of(graphdef, state, args, kwargs, mask, name)
+    contract = (((0,), (0,)), ((), ()))
+    gram = jax.lax.dot_general(xq, xq, contract, precision=_HIGHEST)
+    cross = jax.lax.dot_general(xf, xq, contract, precision=_HIGHEST)
+    count = jnp.float32(xq.shape[0]) if mask is None else jnp.sum(jnp.asarray(mask).astype(jnp.float32))
+    return gram, cross, count
+
+
+_pair_jit = jax.jit(_pair, static_argnums=(0, 2, 7))
+
+
+def _wrapped(model: nnx.Module) -> nnx.Module:
+    copy = nnx.clone(model)
+    for path, layer in linears(copy):
+        set_child(copy, path, _Capture(layer, path_str(path)))
+    return copy
+
+
+def capture_cross(
+    float_model: nnx.Module, model: nnx.Module, calibration: Any, name: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(X_qᵀX_q, X_fᵀX_q, tokens)`` for layer ``name``: its inputs in ``model`` (``X_q``) and in
+    ``float_model`` (``X_f``) on the same calibration batches (a sequence; padding masked out).
+
+    Args:
+        float_model: the reference model (not changed).
+        model: the same architecture, some layers changed (not changed).
+        calibration: a sequence of batches (argument tuples or :class:`CalibrationBatch`).
+        name: the layer's dotted path.
+
+    Returns:
+        float32 ``gram (in, in)``, ``cross (in, in)`` and the token count.
+
+    Raises:
+        ConfigError: a callable or empty calibration, or a layer that the model does not call.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+        >>> other = nnx.clone(model)
+        >>> other.layers[0].kernel.set_value(2 * other.layers[0].kernel.get_value())
+        >>> gram, cross, n = capture_cross(model, other, [(jnp.ones((5, 3)),)], "layers.1")
+        >>> bool(jnp.allclose(gram, 2 * cross)), float(n)
+        (True, 5.0)
+    """
+    batches = _batches(calibration)
+    if callable(batches):
+        raise ConfigError(argument="calibration", expected="a sequence of batches", got="a callable")
+    float_def, float_state = nnx.split(_wrapped(float_model))
+    graphdef, state = nnx.split(_wrapped(model))
+    total = None
+    for batch in batches:
+        got = _pair_jit(float_def, float_state, graphdef, state, tuple(batch.args), dict(batch.kwargs), batch.mask,
+                        name)  # fmt: skip
+        total = got if total is None else tuple(a + b for a, b in zip(total, got, strict=True))
+    return total
 
 
 def _batches(calibration: Any) -> list[CalibrationBatch] | Callable:
@@ -248,6 +336,9 @@ def gptq_records(
     make_layer: Callable[[nnx.Linear, Any], nnx.Module],
     *,
     sequential: bool = True,
+    asymmetric: bool = False,
+    target_damp: float = 0.01,
+    start: nnx.Module | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """GPTQ records for the chosen ``nnx.Linear`` layers of ``model``, group by group (private helper).
@@ -261,6 +352,13 @@ def gptq_records(
             on the quantized ones before them).
         sequential: quantize each group on the inputs of the model quantized so far (True), or every layer
             on the float model's inputs (False).
+        asymmetric: (with ``sequential``) fit each layer to the float model's outputs: GPTQ of
+            :func:`viva_tensor.gptq.float_target` (``W' = W (C + λI)(G + λI)⁻¹`` from the quantized model's
+            inputs ``X_q`` and the float model's ``X_f`` on the same batches) on the Hessian of ``X_q``, which
+            minimises ``||X_f Wᵀ - X_q Qᵀ||²`` (GPTAQ's asymmetric calibration). Needs calibration batches.
+        target_damp: the ridge of :func:`viva_tensor.gptq.float_target` (relative to ``mean(diag G)``).
+        start: the model the quantized copy starts from (e.g. ``model`` with its embeddings already
+            quantized); ``None``: ``model``.
         show_progress: show a rich progress bar on stderr.
 
     Returns:
@@ -274,7 +372,8 @@ def gptq_records(
             chosen[name] = (path, picked)
     if not chosen:
         return {}
-    grams, groups = capture_grams(model, calibration, names=None if sequential else list(chosen))
+    names = () if asymmetric else None if sequential else list(chosen)
+    grams, groups = capture_grams(model, calibration, names=names)
     order: list[str] = []
     for name in groups:  # call order
         if name in chosen and groups[name] not in order:
@@ -283,13 +382,21 @@ def gptq_records(
     if missing:
         raise ConfigError(argument="calibration", expected="a run that calls every selected layer",
                           got=f"layers never called: {missing}")  # fmt: skip
-    current = nnx.clone(model)
+    if asymmetric and not sequential:
+        raise ConfigError(argument="asymmetric", expected="sequential=True with asymmetric=True", got=asymmetric)
+    # The quantized layers run in `current` as float Linears holding their decoded kernels: one graph for
+    # every capture (the same program structure), the same outputs as the records' layers.
+    current = nnx.clone(model if start is None else start)
     records: dict[str, Any] = {}
     with progress(show_progress, len(chosen), "GPTQ") as bar:
         for i, leader in enumerate(order):
-            if sequential and i > 0:
-                grams, _ = capture_grams(current, calibration, names=[leader])
-            gram, count = grams[leader]
+            cross = None
+            if asymmetric:
+                gram, cross, count = capture_cross(model, current, calibration, leader)
+            else:
+                if sequential and (i > 0 or start is not None):
+                    grams, _ = capture_grams(current, calibration, names=[leader])
+                gram, count = grams[leader]
             h = gptq.Hessian(gram * (jnp.float32(2) / jnp.maximum(count, jnp.float32(1))), count)
             for name in [n for n in groups if groups[n] == leader and n in chosen]:
                 path, (fmt, options) = chosen[name]
@@ -298,8 +405,13 @@ def gptq_records(
                 if h.matrix.shape[0] != kernel.shape[0]:
                     raise ShapeMismatch(argument="calibration", expected=f"inputs (..., {kernel.shape[0]})",
                                         got=f"a Hessian of size {h.matrix.shape[0]} for {name!r}")  # fmt: skip
-                records[name] = gptq.quantize(kernel.T, h, fmt, **options)
-                set_child(current, path, make_layer(layer, records[name]))
+                w = kernel.T if cross is None else gptq.float_target(kernel.T, gram, cross, damp=target_damp)
+                records[name] = gptq.quantize(w, h, fmt, **options)
+                target = _at(current, path)
+                if isinstance(target, nnx.Linear):
+                    target.kernel.set_value(quant.dequantize(records[name]).T.astype(kernel.dtype))
+                else:
+                    set_child(current, path, make_layer(layer, records[name]))
                 bar.step(f"GPTQ {name}")
     return records
 
