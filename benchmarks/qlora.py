@@ -14,7 +14,10 @@ nothing runs), parameters and optimizer state donated as a training loop does:
 Distillation (``minilm.distill``, ``--only distill``): the NF4 MiniLM with LoRA adapters (rank ``--rank``, default 16)
 trained to match the float32 model on the default text (the standard library's docstrings, the installed
 distributions' descriptions and message catalogs, short spans; packed rows of 256 tokens); ``--only qat``: the same
-with quantization-aware training of int4 kernels (``int4_group``, groups of 128), then frozen to real records.
+with quantization-aware training of int4 kernels (``int4_group``, groups of 128), then frozen to real records;
+``--only int4``: LoRA on the GPTQ int4 (groups of 128) base. ``distill``'s defaults: the frozen base quantized by GPTQ
+(``minilm.quantize``), the adapters started at the calibrated correction of its error (``nn.lora(init="calibrated")``);
+the step-0 fidelity of that base and that start is measured too, and their preparation's CPU time is counted.
 Measured on the 32 sentences of ``tests/data/minilm_reference.npz`` (never trained on: tested): mean / min cosine
 to the float32 encoder and nearest-neighbour agreement, before and after; wall and CPU seconds of the training
 (CPU time of the process; the machine's load average is recorded: it is shared).
@@ -162,6 +165,15 @@ def _fidelity(e, base) -> dict:
             "top1_agreement": float(np.mean(_top1(e) == _top1(base)))}  # fmt: skip
 
 
+def _zero_adapters(model):
+    """The frozen base of a LoRA model: a copy with every ``B`` set to zero (exactly the base's outputs)."""
+    base = nnx.clone(model)
+    for _, node in nnx.iter_graph(base):
+        if isinstance(node, nn.LoRALinear):
+            node.lora_b.set_value(jnp.zeros_like(node.lora_b.get_value()))
+    return base
+
+
 def distill_row(quick: bool, steps: int, rank: int, method: str = "lora", fmt: str = "nf4") -> dict:
     if quick:
         tok = minilm.load_tokenizer(max_length=64)
@@ -175,16 +187,27 @@ def distill_row(quick: bool, steps: int, rank: int, method: str = "lora", fmt: s
     base = np.asarray(minilm.encode(encoder, sentences))
     qmodel, _ = nn.quantize_model(encoder.model, fmt)
     before = _fidelity(np.asarray(minilm.encode(encoder.replace(model=qmodel), sentences)), base)
+    kwargs = {"text": text, "batch_size": batch, "held_out": held_out, "progress": False}
+    start = {}
+    if method == "lora":  # the step-0 student (the default GPTQ base, adapters at their calibrated start)
+        student0, report0 = minilm.distill(encoder, fmt=fmt, rank=rank, alpha=2 * rank, steps=0, **kwargs)
+        start["base"] = _fidelity(np.asarray(minilm.encode(student0.replace(model=_zero_adapters(student0.model)),
+                                                           sentences)), base)  # fmt: skip
+        start["init"] = _fidelity(np.asarray(minilm.encode(student0, sentences)), base)
+        start["base_name"], start["init_name"] = report0.base, report0.init
+        print(f"step 0: {report0.base} base {start['base']}, + {report0.init} adapters {start['init']}", flush=True)
+        del student0
     load0 = os.getloadavg()[0]
-    student, report = minilm.distill(
-        encoder, method=method, fmt=fmt, rank=rank, alpha=2 * rank, steps=steps, text=text, batch_size=batch,
-        held_out=held_out,
-    )  # fmt: skip
+    student, report = minilm.distill(encoder, method=method, fmt=fmt, rank=rank, alpha=2 * rank, steps=steps,
+                                     **{**kwargs, "progress": True})  # fmt: skip
     after = _fidelity(np.asarray(minilm.encode(student, sentences)), base)
     row = {
         "method": method, "fmt": fmt, "steps": steps, "rank": report.rank, "batch": batch,
         "row_tokens": min(encoder.max_length, 256), "train_seconds": report.seconds,
-        "train_cpu_seconds": report.cpu_seconds, "load_average_start": load0, "load_average_end": os.getloadavg()[0],
+        "train_cpu_seconds": report.cpu_seconds, "prepare_seconds": report.prepare_seconds,
+        "prepare_cpu_seconds": report.prepare_cpu_seconds, "total_cpu_seconds": report.total_cpu_seconds,
+        "base": report.base, "init": report.init, "start": start,
+        "load_average_start": load0, "load_average_end": os.getloadavg()[0],
         "cpu_count": os.cpu_count(), "adapter_bytes": report.adapter_bytes, "quantized_bytes": report.quantized_bytes,
         "adapter_fraction": report.adapter_fraction, "held_out_cosine_before": report.held_out_cosine_before,
         "held_out_cosine_after": report.held_out_cosine_after, "sentences": report.sentences,
@@ -203,20 +226,27 @@ def _distill_md(row: dict) -> list[str]:
         size = f"No adapters: the frozen model is {row['quantized_bytes']:,} bytes."
     else:
         title = f"## Distillation: {row['fmt']} MiniLM + LoRA, trained to match float32 on text shipped with Python"
-        trained = f"{row['fmt']} + LoRA rank {row['rank']}, {row['steps']} steps"
+        trained = f"{row['fmt']} ({row['base']}) + LoRA rank {row['rank']} ({row['init']} start), {row['steps']} steps"
         size = (f"Adapters {row['adapter_bytes']:,} bytes = {100 * row['adapter_fraction']:.2f}% of the quantized "
                 f"model ({row['quantized_bytes']:,} bytes).")  # fmt: skip
     return [title, "", "| | mean cosine | min cosine | top-1 agreement |", "|---|---|---|---|",
             f"| {row['fmt']} (round to nearest) | {b['mean_cosine']:.4f} | {b['min_cosine']:.4f} | "
             f"{b['top1_agreement']:.3f} |",
+            *[f"| {row['fmt']} {label}, step 0 | {f['mean_cosine']:.4f} | {f['min_cosine']:.4f} | "
+              f"{f['top1_agreement']:.3f} |"
+              for label, f in ((f"{row['start'].get('base_name')} (the frozen base)", row["start"].get("base")),
+                               (f"+ {row['start'].get('init_name')} adapters", row["start"].get("init"))) if f],
             f"| {trained} | {a['mean_cosine']:.4f} | {a['min_cosine']:.4f} | {a['top1_agreement']:.3f} |", "",
             f"On the {len(np.load(_common.FIXTURE)['sentences'])} evaluation sentences of "
             "`tests/data/minilm_reference.npz` (cosine to the float32 encoder; never in the training text). "
             f"Held-out training texts (not trained on): {row['held_out_cosine_before']:.4f} -> "
-            f"{row['held_out_cosine_after']:.4f}. {size} Training: {row['train_seconds']:.0f} s wall, "
+            f"{row['held_out_cosine_after']:.4f}. {size} Preparation (GPTQ, the calibration Gram "
+            f"matrices, the adapters' start): {row['prepare_seconds']:.0f} s wall, {row['prepare_cpu_seconds']:.0f} s "
+            f"CPU. Training: {row['train_seconds']:.0f} s wall, "
             f"{row['train_cpu_seconds']:.0f} s CPU time of the process (compilation included; batch {row['batch']} "
             f"packed rows x {row['row_tokens']} tokens) on {row['cpu_count']} cores with a load average of "
-            f"{row['load_average_start']:.1f} -> {row['load_average_end']:.1f} (the machine was shared).",
+            f"{row['load_average_start']:.1f} -> {row['load_average_end']:.1f} (the machine was shared). Total CPU "
+            f"time (preparation + training): {row['total_cpu_seconds']:.0f} s.",
             ""]  # fmt: skip
 
 
@@ -233,7 +263,7 @@ def _table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     p = _common.parser(__doc__)
     p.add_argument(
-        "--only", choices=["memory", "distill", "qat"], default=None, help="run one part (writes qlora_PART.*)"
+        "--only", choices=["memory", "distill", "qat", "int4"], default=None, help="run one part (writes qlora_PART.*)"
     )
     p.add_argument("--steps", type=_common.positive_int, default=None, help="distillation steps (default 120)")
     p.add_argument("--rank", type=_common.positive_int, default=16, help="distillation adapters' rank")
@@ -259,10 +289,12 @@ def main(argv=None) -> None:
                "the weights, dominate the whole step; the scan rows show what `memory.apply_layers` checkpoint "
                "policies save of them.", ""]  # fmt: skip
         data["layer"], data["minilm"] = layer, rows
-    for part, method, fmt in (("distill", "lora", "nf4"), ("qat", "qat", "int4_group")):
+    for part, method, fmt in (("distill", "lora", "nf4"), ("qat", "qat", "int4_group"), ("int4", "lora", "int4_group")):
         if args.only in (None, part):
             steps = args.steps or (3 if args.quick else 120)
-            row = distill_row(args.quick, steps, args.rank, method, "q4_0" if args.quick and method == "qat" else fmt)
+            row = distill_row(
+                args.quick, steps, args.rank, method, "q4_0" if args.quick and fmt == "int4_group" else fmt
+            )
             md += _distill_md(row)
             data[part] = row
     name = "qlora" if args.only is None else f"qlora_{args.only}"

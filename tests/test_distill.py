@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,9 +35,10 @@ def encoder():
 def run(encoder):
     text = _calibration.calibration_text(300)
     traces = _distill._train_step._cache_size()
-    student, report = minilm.distill(
-        encoder, rank=4, steps=40, text=text, batch_size=8, learning_rate=5e-3, held_out=32, progress=True
-    )
+    student, report = minilm.distill(  # from round to nearest and B = 0: far from the teacher, training shows
+        encoder, rank=4, steps=40, text=text, batch_size=8, learning_rate=5e-3, held_out=32, progress=True,
+        base="rtn", init="zero",
+    )  # fmt: skip
     return text, student, report, _distill._train_step._cache_size() - traces
 
 
@@ -76,14 +78,60 @@ def test_student_is_quantized_with_adapters_and_the_teacher_untouched(encoder, r
     assert isinstance(encoder.model.layers[0].intermediate, nnx.Linear)  # the teacher is not changed
 
 
-def test_held_out_cosines_are_those_of_the_models_on_the_last_texts(encoder, run):
+@pytest.fixture(scope="module")
+def starts(encoder):
+    """The students at step 0 of every base and initialisation (on the text of ``run``)."""
+    text = _calibration.calibration_text(300)
+    out = {}
+    for base, init in (("rtn", "zero"), ("rtn", "calibrated"), (None, None), ("rtn", "svd")):
+        student, report = minilm.distill(
+            encoder, rank=4, steps=0, text=text, batch_size=8, held_out=32, base=base, init=init, progress=False
+        )
+        out[report.base, report.init] = student, report
+    return out
+
+
+def test_held_out_cosines_are_those_of_the_models_on_the_last_texts(encoder, run, starts):
     text, student, report, _ = run
     ids, mask = _padded(encoder.tokenizer, text[-32:])
-    qmodel, _ = nn.quantize_model(encoder.model, "nf4")
     teacher = encoder.model(ids, mask)
-    assert report.held_out_cosine_before == pytest.approx(_cos(qmodel(ids, mask), teacher).mean(), abs=1e-5)
+    start = starts["rtn", "zero"][0].model
+    assert report.held_out_cosine_before == pytest.approx(_cos(start(ids, mask), teacher).mean(), abs=1e-5)
     assert report.held_out_cosine_after == pytest.approx(_cos(student.model(ids, mask), teacher).mean(), abs=1e-5)
     assert report.sentences == (300 - 32, 32)
+    assert report.prepare_cpu_seconds > 0 and report.total_cpu_seconds > report.cpu_seconds
+    for (_, init), (model, start_report) in starts.items():  # each start's held-out cosine is its model's
+        got = _cos(model.model(ids, mask), teacher).mean()
+        assert start_report.held_out_cosine_before == pytest.approx(got, abs=1e-5), init
+        assert start_report.held_out_cosine_after == start_report.held_out_cosine_before
+
+
+def _zero_adapters(model):
+    base = nnx.clone(model)
+    for _, layer in nn._lora._layers(base, (nn.LoRALinear,)):
+        layer.lora_b.set_value(jnp.zeros_like(layer.lora_b.get_value()))
+    return base
+
+
+def test_gptq_base_and_calibrated_start_beat_round_to_nearest_at_step_zero(encoder, starts):
+    assert ("gptq", "calibrated") in starts  # distill's defaults
+    cos = {key: report.held_out_cosine_before for key, (_, report) in starts.items()}
+    text = _calibration.calibration_text(300)
+    ids, mask = _padded(encoder.tokenizer, text[-32:])
+    student = _zero_adapters(starts["gptq", "calibrated"][0].model)  # the frozen GPTQ base alone
+    cos["gptq", "zero"] = _cos(student(ids, mask), encoder.model(ids, mask)).mean()
+    assert cos["rtn", "calibrated"] > cos["rtn", "svd"] > cos["rtn", "zero"]
+    assert cos["gptq", "zero"] > cos["rtn", "zero"]
+    assert cos["gptq", "calibrated"] > cos["gptq", "zero"]
+    gptq, _ = minilm.quantize(encoder, fmt="nf4", calibration=text[:268])
+    mine = [layer.base for _, layer in nn._lora._layers(student, (nn.LoRALinear,))]
+    theirs = [node for _, node in nnx.iter_graph(gptq.model) if isinstance(node, nn.QLinear)]
+    assert len(mine) == len(theirs) == 12
+    for a, b in zip(mine, theirs, strict=True):  # the frozen base is GPTQ's NF4 record, bit for bit
+        assert a.weight.get_value().format == "nf4"
+        for x, y in zip(jax.tree_util.tree_leaves(a.weight.get_value()),
+                        jax.tree_util.tree_leaves(b.weight.get_value()), strict=True):  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_packed_rows_hold_every_text_once_and_each_attends_to_itself(encoder):
@@ -159,14 +207,17 @@ def test_adapters_merge_and_save(tmp_path, encoder, run):
     merged = nn.merge_lora(student.model)
     np.testing.assert_allclose(np.asarray(merged(ids, mask)), np.asarray(student.model(ids, mask)), atol=1e-5)
     quant.save(tmp_path / "a.safetensors", nn.lora_state(student.model))
-    again = nn.lora(nn.quantize_model(encoder.model, "nf4")[0], rank=4, rngs=nnx.Rngs(5))
+    again = _zero_adapters(student.model)
+    assert not np.allclose(np.asarray(again(ids, mask)), np.asarray(student.model(ids, mask)))
     nn.load_lora_state(again, quant.load(tmp_path / "a.safetensors"))
     np.testing.assert_array_equal(np.asarray(again(ids, mask)), np.asarray(student.model(ids, mask)))
 
 
 def test_zero_steps_and_bad_arguments(encoder):
     text = _calibration.calibration_text(80)
-    student, report = minilm.distill(encoder, steps=0, text=text, held_out=16, batch_size=4, progress=False)
+    student, report = minilm.distill(
+        encoder, steps=0, text=text, held_out=16, batch_size=4, base="rtn", init="zero", progress=False
+    )
     assert report.losses == () and report.held_out_cosine_after == report.held_out_cosine_before
     x = jnp.ones((1, 8), jnp.int32)
     qmodel, _ = nn.quantize_model(encoder.model, "nf4")
@@ -179,3 +230,7 @@ def test_zero_steps_and_bad_arguments(encoder):
         minilm.distill(encoder, steps=-1, text=text, progress=False)
     with pytest.raises(ConfigError, match="method"):
         minilm.distill(encoder, method="full", text=text, progress=False)
+    with pytest.raises(ConfigError, match="base"):
+        minilm.distill(encoder, method="qat", base="gptq", text=text, progress=False)
+    with pytest.raises(ConfigError, match="init"):
+        minilm.distill(encoder, init="loftq", text=text, progress=False)

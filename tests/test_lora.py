@@ -196,3 +196,104 @@ def test_optax_steps_reduce_the_loss_and_leave_the_base_alone(quantized):
     assert _base_bytes(adapted) == before  # frozen: the base's bytes (a quantized record's codes too) unchanged
     if quantized:
         assert quant.is_quantized(adapted.up.base.weight.get_value())
+
+
+# ---- Initialisation at the quantization error's best low-rank correction (LoftQ's SVD, calibrated as CLoQ).
+
+
+def _inputs(rows=256, seed=11):
+    """Correlated inputs (as a layer's activations are): white noise through a random mixing with decaying scales."""
+    z = jax.random.normal(jax.random.key(seed), (rows, 64), jnp.float32)
+    mix = jax.random.normal(jax.random.key(seed + 1), (64, 64), jnp.float32) * jnp.logspace(0, -2, 64)[None, :]
+    return z @ mix.T
+
+
+def _reference_product(error, gram, rank, damp):
+    """NumPy float64 from the definition: H^{-1/2} SVD_r(H^{1/2} E), H = gram + damp * mean(diag) * I."""
+    e = np.asarray(error, np.float64)
+    if gram is None:
+        u, s, vt = np.linalg.svd(e, full_matrices=False)
+        return (u[:, :rank] * s[:rank]) @ vt[:rank]
+    g = np.asarray(gram, np.float64)
+    h = g + damp * np.mean(np.diag(g)) * np.eye(len(g))
+    values, vectors = np.linalg.eigh(h)
+    root = (vectors * np.sqrt(values)) @ vectors.T
+    inv = (vectors / np.sqrt(values)) @ vectors.T
+    u, s, vt = np.linalg.svd(root @ e, full_matrices=False)
+    return inv @ ((u[:, :rank] * s[:rank]) @ vt[:rank])
+
+
+def _product(layer):
+    a, b = (np.asarray(v.get_value(), np.float64) for v in (layer.lora_a, layer.lora_b))
+    return layer.scale * a @ b
+
+
+@pytest.mark.parametrize("init", ["svd", "calibrated"])
+def test_initialisation_is_the_best_low_rank_correction(init):
+    from viva_tensor.nn._sequential import capture_grams
+
+    teacher = _Net()
+    x = _inputs()
+    qmodel, _ = nn.quantize_model(teacher, "nf4")
+    grams = capture_grams(teacher, [(x,)])
+    adapted = nn.lora(qmodel, rank=8, alpha=16, init=init, reference=teacher, calibration=grams, rngs=nnx.Rngs(0))
+    inputs = {"up": np.asarray(x, np.float64), "down": np.asarray(jax.nn.gelu(teacher.up(x)), np.float64)}
+    for name in ("up", "down"):
+        layer = getattr(adapted, name)
+        w = np.asarray(getattr(teacher, name).kernel.get_value(), np.float64)
+        error = w - np.asarray(quant.dequantize(getattr(qmodel, name).weight.get_value()), np.float64).T
+        gram = None if init == "svd" else np.asarray(grams[0][name][0], np.float64)
+        want = _reference_product(error, gram, 8, 0.01)
+        got = _product(layer)
+        assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want), name
+        xs = inputs[name]
+        left, fixed = np.linalg.norm(xs @ error), np.linalg.norm(xs @ (error - got))
+        assert fixed < 0.9 * left, name  # the correction removes a part of the output error on those inputs
+        if init == "calibrated":  # and more of it than the unweighted SVD does
+            svd = _reference_product(error, None, 8, 0.01)
+            assert fixed < np.linalg.norm(xs @ (error - svd)), name
+        a, b = np.asarray(layer.lora_a.get_value(), np.float64), np.asarray(layer.lora_b.get_value(), np.float64)
+        if gram is not None:  # the split is even in the whitened inputs' space: H^{1/2} A against B
+            values, vectors = np.linalg.eigh(gram + 0.01 * np.mean(np.diag(gram)) * np.eye(len(gram)))
+            a = (vectors * np.sqrt(values)) @ vectors.T @ a
+        np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1), rtol=2e-3)
+    got, want = adapted(x), np.asarray(qmodel(x))
+    assert np.linalg.norm(np.asarray(got) - np.asarray(teacher(x))) < np.linalg.norm(want - np.asarray(teacher(x)))
+    np.testing.assert_allclose(
+        np.asarray(nnx.jit(lambda m, v: m(v))(adapted, x)), np.asarray(got), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_calibrated_initialisation_takes_a_mapping_and_the_group_leader():
+    from viva_tensor.nn._sequential import capture_grams
+
+    teacher = _Net()
+    x = _inputs()
+    qmodel, _ = nn.quantize_model(teacher, "nf4")
+    grams, groups = capture_grams(teacher, [(x,)])
+    one = nn.lora(qmodel, rank=4, init="calibrated", reference=teacher, calibration=(grams, groups), rngs=nnx.Rngs(0))
+    mapping = {name: gram for name, (gram, _) in grams.items()}
+    two = nn.lora(qmodel, rank=4, init="calibrated", reference=teacher, calibration=mapping, rngs=nnx.Rngs(0))
+    for name in ("up", "down"):
+        np.testing.assert_array_equal(_product(getattr(one, name)), _product(getattr(two, name)))
+    led = nn._lora._gram_of(({"q": grams["up"]}, {"q": "q", "k": "q"}), "k")  # k shares q's input: q's Gram
+    np.testing.assert_array_equal(np.asarray(led), np.asarray(grams["up"][0]))
+
+
+def test_initialisation_bad_arguments():
+    teacher = _Net()
+    qmodel, _ = nn.quantize_model(teacher, "nf4")
+    with pytest.raises(ConfigError, match="init"):
+        nn.lora(qmodel, init="loftq", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="reference"):
+        nn.lora(qmodel, init="svd", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="calibration"):
+        nn.lora(qmodel, init="calibrated", reference=teacher, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="reference"):
+        nn.lora(qmodel, init="svd", reference=nnx.Linear(64, 128, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="damp"):
+        nn.lora(qmodel, init="svd", reference=teacher, damp=0.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="rank"):
+        nn._lora.lora_init(jnp.ones((8, 4)), 5)
+    with pytest.raises(ConfigError, match="gram"):
+        nn._lora.lora_init(jnp.ones((8, 4)), 2, gram=jnp.eye(4))

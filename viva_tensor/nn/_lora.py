@@ -9,10 +9,19 @@ The base layer is left as it was: an ``nnx.Linear`` in float, a :class:`QLinear`
 when its record is NF4). :func:`merge_lora` folds the adapters back into the kernels (into a new
 quantized record with ``fmt=``); :func:`lora_state` and :func:`load_lora_state` move the adapters
 alone in and out of a model, as a tree that :func:`viva_tensor.quant.save` writes.
+
+Initialisation (``lora(..., init=)``): ``"zero"`` (``B = 0``, the default, exact at step 0); ``"svd"``, LoftQ's
+data-free start (Li et al. 2023): ``A B`` is the best rank-``r`` approximation of the quantization error
+``E = W - dequantize(Q)`` (the float weight ``W`` from ``reference=``); ``"calibrated"`` (as CLoQ, Deng et al.
+2025): the rank-``r`` ``A B`` minimising ``||X (E - A B)||_F`` for the layer's calibration inputs ``X``, given as
+their Gram matrix ``H = XᵀX`` (:func:`viva_tensor.nn._sequential.capture_grams`):
+``A B = H^{-1/2} SVD_r(H^{1/2} E)`` with ``H`` damped and its square root from its eigendecomposition. Both
+split the product evenly, ``A = H^{-1/2} U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_rᵀ`` (over ``sqrt(alpha / rank)``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +36,12 @@ from viva_tensor.errors import ConfigError, InvalidOp
 from viva_tensor.nn._graph import set_child
 from viva_tensor.nn._qlinear import QLinear
 
-__all__ = ["LoRAParam", "LoRALinear", "lora", "merge_lora", "lora_state", "load_lora_state"]
+__all__ = ["LoRAParam", "LoRALinear", "lora", "lora_init", "merge_lora", "lora_state", "load_lora_state", "INITS"]
+
+INITS = ("zero", "svd", "calibrated")
+"""The adapters' initialisations of :func:`lora`."""
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class LoRAParam(nnx.Param):
@@ -99,13 +113,92 @@ class LoRALinear(nnx.Module):
 
     def merged_weight(self) -> jax.Array:
         """The base kernel plus the update, float32, in ``nnx.Linear``'s ``(in_features, out_features)`` layout."""
-        if isinstance(self.base, QLinear):
-            kernel = quant.dequantize(self.base.weight.get_value()).astype(jnp.float32).T
-        else:
-            kernel = jnp.asarray(self.base.kernel.get_value()).astype(jnp.float32)
+        kernel = _base_kernel(self.base)
         a = self.lora_a.get_value().astype(jnp.float32)
         b = self.lora_b.get_value().astype(jnp.float32)
         return kernel + (a @ b) * jnp.asarray(self.scale, jnp.float32)
+
+
+def _base_kernel(base: Any) -> jax.Array:
+    """A base layer's kernel in float32, ``(in_features, out_features)`` (a :class:`QLinear`'s decoded)."""
+    if isinstance(base, QLinear):
+        return quant.dequantize(base.weight.get_value()).astype(jnp.float32).T
+    return jnp.asarray(base.kernel.get_value()).astype(jnp.float32)
+
+
+@jax.jit
+def _gram_roots(gram: jax.Array, damp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(H^{1/2}, H^{-1/2})`` of ``H = gram + damp * mean(diag(gram)) * I`` (symmetric, by eigendecomposition)."""
+    g = gram.astype(jnp.float32)
+    g = 0.5 * (g + g.T)
+    n = g.shape[0]
+    level = jnp.maximum(jnp.mean(jnp.diagonal(g)), jnp.float32(1e-30))
+    values, vectors = jnp.linalg.eigh(g + damp * level * jnp.eye(n, dtype=jnp.float32))
+    values = jnp.maximum(values, damp * level)  # rounding may leave tiny negatives below the damping
+    root, inv = jnp.sqrt(values), jax.lax.rsqrt(values)
+    return (vectors * root[None, :]) @ vectors.T, (vectors * inv[None, :]) @ vectors.T
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _low_rank(error, root, inv, scale, *, rank):
+    """``(A, B)`` with ``scale * A @ B = inv @ SVD_rank(root @ error)``, the singular values split evenly."""
+    m = jnp.matmul(root, error, precision=_HIGHEST)
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    half = jnp.sqrt(s[:rank] / scale)
+    a = jnp.matmul(inv, u[:, :rank] * half[None, :], precision=_HIGHEST)
+    return a, half[:, None] * vt[:rank]
+
+
+def lora_init(
+    error: jax.Array, rank: int, *, scale: float = 1.0, gram: jax.Array | None = None, damp: float = 0.01
+) -> tuple[jax.Array, jax.Array]:
+    """The adapters ``(A, B)`` whose update ``scale * A @ B`` best corrects a quantization error at rank ``rank``.
+
+    Without ``gram``: ``scale * A @ B = SVD_rank(E)``, the best rank-``rank`` approximation of ``E`` in the
+    Frobenius norm (LoftQ's data-free start). With ``gram = XᵀX`` of the layer's inputs: the rank-``rank``
+    product minimising ``||X (E - scale * A @ B)||_F``, that is ``H^{-1/2} SVD_rank(H^{1/2} E)`` with
+    ``H = gram + damp * mean(diag(gram)) * I``. The singular values are split evenly between ``A`` and ``B``.
+
+    Args:
+        error: ``W - dequantize(Q)`` in ``nnx.Linear``'s ``(in_features, out_features)`` layout.
+        rank: the adapters' rank.
+        scale: LoRA's ``alpha / rank`` (the update is ``scale * A @ B``).
+        gram: ``(in_features, in_features)`` Gram matrix of the inputs, or ``None``.
+        damp: the damping of ``gram``, relative to the mean of its diagonal.
+
+    Returns:
+        ``(A, B)`` float32, ``(in_features, rank)`` and ``(rank, out_features)``.
+
+    Raises:
+        ConfigError: a bad rank, or a Gram matrix of another size.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> e = jax.random.normal(jax.random.key(0), (16, 8))
+        >>> a, b = lora_init(e, 8)  # full rank: the error itself
+        >>> bool(jnp.allclose(a @ b, e, atol=1e-4)), a.shape, b.shape
+        (True, (16, 8), (8, 8))
+    """
+    error = jnp.asarray(error, jnp.float32)
+    if error.ndim != 2:
+        raise ConfigError(argument="error", expected="a 2-D (in_features, out_features) array", got=error.shape)
+    n_in, n_out = error.shape
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(n_in, n_out):
+        raise ConfigError(argument="rank", expected=f"an int in [1, {min(n_in, n_out)}]", got=rank)
+    if gram is None:
+        root = inv = jnp.eye(n_in, dtype=jnp.float32)
+    else:
+        if tuple(jnp.shape(gram)) != (n_in, n_in):
+            raise ConfigError(argument="gram", expected=f"shape {(n_in, n_in)}", got=tuple(jnp.shape(gram)))
+        root, inv = _gram_roots(jnp.asarray(gram), jnp.float32(damp))
+    return _low_rank(error, root, inv, jnp.float32(scale), rank=rank)
+
+
+def _gram_of(calibration: Any, name: str) -> jax.Array | None:
+    """The Gram matrix of layer ``name`` in ``capture_grams``'s ``(grams, groups)`` or a ``{name: gram}`` mapping."""
+    grams, groups = calibration if isinstance(calibration, tuple) else (calibration, {})
+    value = grams.get(name, grams.get(groups.get(name, name)))
+    return value[0] if isinstance(value, tuple) else value
 
 
 def _layers(model: nnx.Module, kinds: tuple[type, ...]) -> list[tuple[tuple, Any]]:
@@ -123,13 +216,21 @@ def lora(
     alpha: float = 16,
     where: Callable[[str, Any], bool] | None = None,
     param_dtype: Any = jnp.float32,
+    init: str = "zero",
+    reference: nnx.Module | None = None,
+    calibration: Any = None,
+    damp: float = 0.01,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
     """A copy of ``model`` whose ``nnx.Linear`` / :class:`QLinear` layers carry trainable LoRA adapters.
 
     Each selected layer becomes a :class:`LoRALinear` holding the original layer as ``.base``; the copy
-    shares the base's arrays with ``model`` (nothing is duplicated) and computes exactly what ``model``
-    does until the adapters are trained. Train the adapters only, e.g.
+    shares the base's arrays with ``model`` (nothing is duplicated) and, with ``init="zero"``, computes
+    exactly what ``model`` does until the adapters are trained. ``init="svd"`` or ``"calibrated"`` start the
+    adapters at the best rank-``rank`` correction of each layer's quantization error instead
+    (:func:`lora_init`): the error is the ``reference`` model's float kernel at the same path minus the base's
+    (decoded) kernel, weighted for ``"calibrated"`` by the layer's input Gram matrix from ``calibration``.
+    Train the adapters only, e.g.
     ``nnx.Optimizer(adapted, optax.adam(1e-3), wrt=nn.LoRAParam)`` with gradients from
     ``nnx.grad(loss, argnums=nnx.DiffState(0, nn.LoRAParam))``: the base stays frozen, and a
     :class:`QLinear` base stays quantized (QLoRA).
@@ -141,13 +242,23 @@ def lora(
         where: ``where(path, layer) -> bool`` picks the layers (dotted paths, e.g. ``"layers.0.query"``);
             ``None``: every ``nnx.Linear`` and :class:`QLinear`.
         param_dtype: the adapters' dtype.
+        init: ``"zero"`` (``B = 0``: the base exactly), ``"svd"`` (LoftQ: ``A B`` the best rank-``rank``
+            approximation of ``W - dequantize(Q)``) or ``"calibrated"`` (the rank-``rank`` ``A B`` minimising
+            ``||X (W - dequantize(Q) - A B)||_F`` on the calibration inputs ``X``).
+        reference: for ``"svd"`` / ``"calibrated"``: the float model ``model`` was quantized from, an
+            ``nnx.Linear`` at the path of every selected layer.
+        calibration: for ``"calibrated"``: the ``(grams, groups)`` that
+            :func:`viva_tensor.nn._sequential.capture_grams` returns for ``reference`` (or a ``{path: XᵀX}``
+            mapping); a layer without one gets ``"svd"``.
+        damp: the Gram matrices' damping, relative to the mean of their diagonal (> 0).
         rngs: ``nnx.Rngs`` for the ``A`` matrices.
 
     Returns:
         The adapted copy.
 
     Raises:
-        ConfigError: a bad rank for some layer, or nothing selected.
+        ConfigError: a bad rank for some layer, nothing selected, an unknown ``init``, or ``"svd"`` /
+            ``"calibrated"`` without ``reference`` (or ``calibration``), or a reference layer that does not fit.
 
     Example:
         >>> import jax.numpy as jnp
@@ -160,13 +271,26 @@ def lora(
         (True, 'LoRALinear')
         >>> sum(v.size for v in jax.tree_util.tree_leaves(nnx.state(adapted, nn.LoRAParam)))  # 2*(16*2) + 16*2 + 2*4
         104
+        >>> q, _ = nn.quantize_model(model, "nf4")
+        >>> from viva_tensor.nn._sequential import capture_grams
+        >>> xs = jax.random.normal(jax.random.key(0), (64, 16))
+        >>> grams = capture_grams(model, [(xs,)])
+        >>> fixed = nn.lora(q, rank=2, init="calibrated", reference=model, calibration=grams, rngs=nnx.Rngs(2))
+        >>> bool(jnp.linalg.norm(fixed(xs) - model(xs)) < jnp.linalg.norm(q(xs) - model(xs)))
+        True
     """
+    _check_init(init, reference, calibration, damp)
     copy = nnx.clone(model)
     done = 0
     for path, layer in _layers(copy, (nnx.Linear, QLinear, LoRALinear)):
         if isinstance(layer, LoRALinear) or (where is not None and not where(path_str(path), layer)):
             continue
         adapted = LoRALinear(layer, rank=rank, alpha=alpha, param_dtype=param_dtype, rngs=rngs)
+        if init != "zero":
+            gram = None if init == "svd" else _gram_of(calibration, path_str(path))
+            a, b = lora_init(_error(reference, path, layer), rank, scale=adapted.scale, gram=gram, damp=damp)
+            adapted.lora_a.set_value(a.astype(param_dtype))
+            adapted.lora_b.set_value(b.astype(param_dtype))
         if not path:  # the model is itself one linear layer
             return adapted
         set_child(copy, path, adapted)
@@ -178,6 +302,34 @@ def lora(
             got="none selected",
         )
     return copy
+
+
+def _check_init(init: str, reference: Any, calibration: Any, damp: float) -> None:
+    if init not in INITS:
+        raise ConfigError(argument="init", expected=f"one of {INITS}", got=init)
+    if init != "zero" and reference is None:
+        raise ConfigError(argument="reference", expected=f"the float model for init={init!r}", got=None)
+    if init == "calibrated" and calibration is None:
+        raise ConfigError(argument="calibration", expected="Gram matrices (nn.capture_grams) for init='calibrated'",
+                          got=None)  # fmt: skip
+    if not damp > 0:
+        raise ConfigError(argument="damp", expected="a float > 0", got=damp)
+
+
+def _error(reference: nnx.Module, path: tuple, layer: Any) -> jax.Array:
+    """``W - dequantize(Q)`` of one layer, ``(in, out)`` float32, ``W`` the reference's kernel at ``path``."""
+    node = reference
+    try:
+        for key in path:
+            node = node[key] if isinstance(key, int) else getattr(node, key)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        node = None
+    want = (layer.in_features, layer.out_features)
+    if not isinstance(node, nnx.Linear) or tuple(node.kernel.get_value().shape) != want:
+        raise ConfigError(argument="reference", expected=f"an nnx.Linear {want} at {path_str(path)!r}",
+                          got=type(node).__name__ if not isinstance(node, nnx.Linear)
+                          else tuple(node.kernel.get_value().shape))  # fmt: skip
+    return jnp.asarray(node.kernel.get_value()).astype(jnp.float32) - _base_kernel(layer)
 
 
 def _float_linear(base: Any, kernel: jax.Array) -> nnx.Linear:
