@@ -411,15 +411,25 @@ void kn_cols(const Planes& p, const float* x, int64_t B, int64_t K, float* y, in
   }
 }
 
+// Decode order -> natural order inside a group of 32, as two-source permutes: natural lanes 0..15 are
+// _mm512_permutex2var_ps(a, pa, b), lanes 16..31 the same with pb (a, b: the two decoded vectors).
+inline void natural_perms(int layout, __m512i& pa, __m512i& pb) {
+  alignas(64) int32_t ia[16], ib[16];
+  int inv[32];
+  for (int i = 0; i < 32; ++i) inv[decode_perm(layout, i)] = i;
+  for (int j = 0; j < 16; ++j) {
+    ia[j] = inv[j];
+    ib[j] = inv[j + 16];
+  }
+  pa = _mm512_load_si512(ia);
+  pb = _mm512_load_si512(ib);
+}
+
 template <int L, bool BS16, int KD>
 void decode_rows(const Planes& p, float* w, int64_t C, int64_t r0, int64_t r1) {
   const __m512 lut = _mm512_loadu_ps(p.lut);
-  // decode order -> natural order inside a group of 32: two-source permutes
-  alignas(64) int32_t ia[16], ib[16];
-  int inv[32];
-  for (int i = 0; i < 32; ++i) inv[decode_perm(L, i)] = i;
-  for (int j = 0; j < 16; ++j) { ia[j] = inv[j]; ib[j] = inv[j + 16]; }
-  const __m512i pa = _mm512_load_si512(ia), pb = _mm512_load_si512(ib);
+  __m512i pa, pb;
+  natural_perms(L, pa, pb);
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < p.ngroups; ++g) {
       __m512 a, b;
@@ -976,11 +986,8 @@ inline void gemm_kn_strip(const float* xa, const float* bp, int64_t K, int64_t p
 template <int L, bool BS16, int KD>
 void gemm_kn(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, int64_t N, int64_t g0, int64_t g1) {
   const __m512 lut = _mm512_loadu_ps(p.lut);
-  alignas(64) int32_t ia[16], ib[16];
-  int inv[32];
-  for (int i = 0; i < 32; ++i) inv[decode_perm(L, i)] = i;
-  for (int j = 0; j < 16; ++j) { ia[j] = inv[j]; ib[j] = inv[j + 16]; }
-  const __m512i pa = _mm512_load_si512(ia), pb = _mm512_load_si512(ib);
+  __m512i pa, pb;
+  natural_perms(L, pa, pb);
   const int64_t nstrips = (B + kGemmMR - 1) / kGemmMR;
   constexpr int64_t kBlock = 16;  // 32-column strips per block: 16 x KC x 32 floats = 256 KiB
   Scratch bp(static_cast<size_t>(kBlock * kGemmKC * 32));
