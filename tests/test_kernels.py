@@ -423,6 +423,39 @@ def test_gemm_edges(weight_layout, layout, table, block, with_off):
 
 
 @pytest.mark.parametrize("weight_layout", ["nk", "kn"])
+def test_result_does_not_depend_on_the_thread_count(weight_layout, monkeypatch):
+    # the kernels split rows / column strips into chunks that the threads claim as they come: every output is still
+    # one chain of FMAs, so 1, 2, 3 or 8 threads give the same bits (fused path, GEMM and the decode)
+    needs_kernel()
+    rng = np.random.default_rng(15)
+    n, k = (90, 320) if weight_layout == "nk" else (320, 96)
+    rows, packed = (n, k) if weight_layout == "nk" else (k, n)
+    codes, lut, scales, offsets, bs = _planes(rng, "low_first", "uint4", 64, True, rows, packed)
+    scales, offsets, table = _kernels._kernel_planes(jnp.asarray(scales), jnp.asarray(offsets), None)
+    planes = (jnp.asarray(codes), jnp.asarray(lut, jnp.float32), scales, offsets, jnp.zeros((0,), jnp.float32))
+    kw = dict(layout="low_first", block_size=bs)
+
+    def by_threads(call):
+        out = {}
+        for t in (1, 2, 3, 8):
+            monkeypatch.setattr(_kernels, "threads", lambda t=t: t)
+            fn = jax.jit(lambda *a, t=t: call(*a))  # a new function: traced (and the thread count read) anew
+            assert f"threads = {t} : i64" in fn.lower(*planes).as_text()
+            out[t] = np.asarray(fn(*planes))
+        return out
+
+    for batch in (3, 40, 70):  # fused; GEMM from 16 (nk) / 32 (kn) rows where the build has it
+        x = jnp.asarray(rng.normal(size=(batch, k)).astype(np.float32))
+        got = by_threads(lambda *p, x=x: _kernels._ffi_qmatmul(x, *p, kn=int(weight_layout == "kn"), n=n,
+                                                               gemm_min=_kernels.gemm_batch(weight_layout), **kw))
+        for t in (2, 3, 8):
+            np.testing.assert_array_equal(got[t], got[1], err_msg=f"{t} threads, batch {batch}")
+    dec = by_threads(lambda *p: _kernels._ffi_decode(*p, packed=packed, **kw))
+    for t in (2, 3, 8):
+        np.testing.assert_array_equal(dec[t], dec[1], err_msg=f"decode, {t} threads")
+
+
+@pytest.mark.parametrize("weight_layout", ["nk", "kn"])
 def test_gradients_match_the_reference(weight_layout):
     rng = np.random.default_rng(13)
     rows, packed = (40, 64)

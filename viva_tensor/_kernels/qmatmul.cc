@@ -545,10 +545,14 @@ class Scratch {
   ScratchPool::Buffer buf_;
 };
 
-// Splits [0, total) into `threads` contiguous ranges, each a multiple of `align` except the last, run on XLA's own
-// intra-op thread pool: the caller runs the first range and hands the others to the pool (threads of our own
-// competed with the pool's workers). A range that no worker has started when the caller is done with its own is
-// run by the caller, so that a busy pool cannot deadlock the call.
+// Splits [0, total) into contiguous chunks, each a multiple of `align` except the last, run on XLA's own intra-op
+// thread pool (threads of our own competed with the pool's workers): up to kChunksPerThread chunks per thread,
+// claimed one at a time from a shared counter by the caller and by `threads - 1` pool tasks. A thread that is
+// slowed (a core shared with another process) takes fewer chunks instead of holding back the whole call, and a
+// busy pool cannot deadlock it: the caller claims whatever chunks no worker has taken. The chunks' bounds depend
+// only on (total, align, threads), never on which thread runs them.
+constexpr int kChunksPerThread = 4;
+
 template <typename F>
 void parallel_for_pool(int64_t total, int64_t align, ffi::ThreadPool& pool, int threads, F&& f) {
   const int64_t units = (total + align - 1) / align;
@@ -557,36 +561,30 @@ void parallel_for_pool(int64_t total, int64_t align, ffi::ThreadPool& pool, int 
     f(0, total);
     return;
   }
+  const int64_t chunks = std::min<int64_t>(units, int64_t(t) * kChunksPerThread);
   struct State {
-    explicit State(int n) : claim(n), ranges(n) {}
-    std::vector<std::atomic<int>> claim;  // 0 free, 1 taken by a worker, 2 taken by the caller
-    std::vector<std::pair<int64_t, int64_t>> ranges;
-    std::atomic<int> done{0};
+    std::atomic<int64_t> next{0};  // the next chunk to claim
+    std::atomic<int64_t> done{0};  // chunks finished
   };
-  auto st = std::make_shared<State>(t);
-  int64_t start = 0;
-  for (int i = 0; i < t; ++i) {
-    const int64_t end = i == t - 1 ? total : std::min(total, ((units * (i + 1)) / t) * align);
-    st->ranges[i] = {start, end};
-    st->claim[i].store(0);
-    start = end;
-  }
+  auto st = std::make_shared<State>();
+  auto run = [units, chunks, align, total](F& fn, int64_t c) {
+    const int64_t a = (units * c) / chunks * align, b = c + 1 == chunks ? total : (units * (c + 1)) / chunks * align;
+    fn(a, std::min(b, total));
+  };
   auto* fp = &f;
   for (int i = 1; i < t; ++i)
-    pool.Schedule([st, i, fp] {
-      int free = 0;
-      if (!st->claim[i].compare_exchange_strong(free, 1)) return;
-      (*fp)(st->ranges[i].first, st->ranges[i].second);  // the caller waits for this one: fp is alive
-      st->done.fetch_add(1, std::memory_order_release);
+    pool.Schedule([st, fp, chunks, run] {
+      // the caller waits until every claimed chunk is done: fp is alive while a chunk runs
+      for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
+        run(*fp, c);
+        st->done.fetch_add(1, std::memory_order_release);
+      }
     });
-  f(st->ranges[0].first, st->ranges[0].second);
-  int by_workers = 0;
-  for (int i = 1; i < t; ++i) {
-    int free = 0;
-    if (st->claim[i].compare_exchange_strong(free, 2)) f(st->ranges[i].first, st->ranges[i].second);
-    else ++by_workers;
+  for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
+    run(f, c);
+    st->done.fetch_add(1, std::memory_order_release);
   }
-  while (st->done.load(std::memory_order_acquire) < by_workers) std::this_thread::yield();
+  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 #if VT_AVX512
