@@ -14,7 +14,8 @@ each 32-value block holds value j low and value j + 16 high: Q4_0, Q4_1) and ``"
 Paths: on CPU with the compiled library, an XLA custom call (no host round trip, one compile per shape), run on
 XLA's own intra-op thread pool (the rows or column strips split into up to 4 chunks per thread, claimed as the
 threads come free: a thread slowed by another process on its core takes fewer; the result does not depend on the
-thread count, bit for bit). Small batches, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once
+thread count, bit for bit; the fused kernel for ``(K, N)`` weights keeps one range per thread, whose rows of codes
+it reads in longer runs). Small batches, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once
 in registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
 N split over the threads (from 5 rows of x on, ``(N, K)`` weights are decoded once per call into 16 KiB blocks that
 every row of x then reads from L1: the same sums, bit for bit); for ``(K, N)`` weights, 8 rows of the weight are

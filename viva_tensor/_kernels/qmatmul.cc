@@ -546,22 +546,22 @@ class Scratch {
 };
 
 // Splits [0, total) into contiguous chunks, each a multiple of `align` except the last, run on XLA's own intra-op
-// thread pool (threads of our own competed with the pool's workers): up to kChunksPerThread chunks per thread,
+// thread pool (threads of our own competed with the pool's workers): up to `per_thread` chunks per thread,
 // claimed one at a time from a shared counter by the caller and by `threads - 1` pool tasks. A thread that is
 // slowed (a core shared with another process) takes fewer chunks instead of holding back the whole call, and a
 // busy pool cannot deadlock it: the caller claims whatever chunks no worker has taken. The chunks' bounds depend
 // only on (total, align, threads), never on which thread runs them.
-constexpr int kChunksPerThread = 4;
-
+// (per_thread = 1: one fixed range per thread, for a kernel whose chunks of columns read the weight in shorter
+// runs: the fused (K, N) kernel at one row of x was 1.3x slower with 4.)
 template <typename F>
-void parallel_for_pool(int64_t total, int64_t align, ffi::ThreadPool& pool, int threads, F&& f) {
+void parallel_for_pool(int64_t total, int64_t align, ffi::ThreadPool& pool, int threads, F&& f, int per_thread = 4) {
   const int64_t units = (total + align - 1) / align;
   const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, units)));
   if (t == 1) {
     f(0, total);
     return;
   }
-  const int64_t chunks = std::min<int64_t>(units, int64_t(t) * kChunksPerThread);
+  const int64_t chunks = std::min<int64_t>(units, int64_t(t) * std::max(1, per_thread));
   struct State {
     std::atomic<int64_t> next{0};  // the next chunk to claim
     std::atomic<int64_t> done{0};  // chunks finished
@@ -1172,13 +1172,16 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
 #endif
     });
   } else {
-    parallel_for_pool(N / 32, 4, pool, nt, [&](int64_t g0, int64_t g1) {
+    parallel_for_pool(
+        N / 32, 4, pool, nt,
+        [&](int64_t g0, int64_t g1) {
 #if VT_AVX512
-      dispatch<KN>(p, xv, B, K, yv, N, g0, g1);
+          dispatch<KN>(p, xv, B, K, yv, N, g0, g1);
 #else
-      kn_cols_scalar(p, xv, B, K, yv, N, g0, g1);
+          kn_cols_scalar(p, xv, B, K, yv, N, g0, g1);
 #endif
-    });
+        },
+        1);
   }
   return ffi::Error::Success();
 }
