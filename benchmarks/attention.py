@@ -10,7 +10,7 @@ Writes ``benchmarks/results/attention.md``, ``attention.json`` and ``attention.p
 time against T); ``--gpu`` writes ``gpu.md``/``gpu.json`` (flash against jax.nn forced to ``xla`` and
 ``cudnn``, bfloat16, T up to 32768, budget 80% of the device's memory).
 
-    python benchmarks/attention.py --quick          # T = 256, 512, float32; seconds (results/quick)
+    python benchmarks/attention.py --quick          # T = 256, float32; seconds (results/quick)
     python benchmarks/attention.py                  # T = 1024 .. 16384
     python benchmarks/attention.py --full           # also runs one head fwd+bwd at T = 131072
     python benchmarks/attention.py --gpu            # on a GPU: flash vs xla vs cudnn (benchmarks/gpu.sh)
@@ -71,7 +71,7 @@ def plot(rows, path):
 
 def _lengths(args) -> list[int]:
     if args.quick:
-        return [256, 512]
+        return [256]
     top = args.max_t or (32768 if args.gpu else 16384)
     return [t for t in (1024, 2048, 4096, 8192, 16384, 32768) if t <= top]
 
