@@ -48,7 +48,7 @@ from jax import lax
 
 from viva_tensor import compression
 from viva_tensor._formats.checks import float_input, validate_scale_range
-from viva_tensor._formats.record import QuantizedArray, batch_dims
+from viva_tensor._formats.record import QuantizedArray, batch_dims, pytree_dataclass
 from viva_tensor._formats.registry import FORMATS, check_record, register_format
 from viva_tensor.errors import DTypeError, FormatError, InvalidOp, InvalidShape, NonFiniteError
 
@@ -125,7 +125,7 @@ def _static():
     return flax.struct.field(pytree_node=False)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Q5_0Tensor(_GGMLRecord):
     """GGML Q5_0 blocks of 32: ``d`` float16 ``(n,)``, ``qh`` uint8 ``(n, 4)`` (5th bits), ``qs`` uint8 ``(n, 16)``."""
 
@@ -138,7 +138,7 @@ class Q5_0Tensor(_GGMLRecord):
     block_size: ClassVar[int] = 32
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Q5_1Tensor(_GGMLRecord):
     """GGML Q5_1 blocks of 32: ``d``, ``m`` float16 ``(n,)``, ``qh`` uint8 ``(n, 4)``, ``qs`` uint8 ``(n, 16)``."""
 
@@ -152,7 +152,7 @@ class Q5_1Tensor(_GGMLRecord):
     block_size: ClassVar[int] = 32
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Q2KTensor(_GGMLRecord):
     """GGML Q2_K super-blocks: ``scales`` uint8 (n, 16) (4-bit scale, 4-bit min), ``qs`` (n, 64), ``d``, ``dmin``."""
 
@@ -166,7 +166,7 @@ class Q2KTensor(_GGMLRecord):
     block_size: ClassVar[int] = QK_K
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Q3KTensor(_GGMLRecord):
     """GGML Q3_K super-blocks: ``hmask`` ``(n, 32)``, ``qs`` ``(n, 64)``, ``scales`` ``(n, 12)`` (6-bit), ``d``."""
 
@@ -180,7 +180,7 @@ class Q3KTensor(_GGMLRecord):
     block_size: ClassVar[int] = QK_K
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Q4KTensor(_GGMLRecord):
     """GGML Q4_K super-blocks: ``d``, ``dmin`` float16 ``(n,)``, ``scales`` ``(n, 12)`` (6-bit), ``qs`` ``(n, 128)``."""
 
@@ -194,7 +194,7 @@ class Q4KTensor(_GGMLRecord):
     block_size: ClassVar[int] = QK_K
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Q5KTensor(_GGMLRecord):
     """GGML Q5_K super-blocks: ``d``, ``dmin``, ``scales`` ``(n, 12)``, ``qh`` ``(n, 32)``, ``qs`` ``(n, 128)``."""
 
@@ -209,7 +209,7 @@ class Q5KTensor(_GGMLRecord):
     block_size: ClassVar[int] = QK_K
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Q6KTensor(_GGMLRecord):
     """GGML Q6_K super-blocks: ``ql`` ``(n, 128)``, ``qh`` ``(n, 64)``, ``scales`` int8 ``(n, 16)``, ``d`` float16."""
 
@@ -223,7 +223,7 @@ class Q6KTensor(_GGMLRecord):
     block_size: ClassVar[int] = QK_K
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class IQ4NLTensor(_GGMLRecord):
     """GGML IQ4_NL blocks of 32 (decode only): ``d`` float16 ``(n,)``, ``qs`` uint8 ``(n, 16)`` grid indices."""
 
@@ -235,7 +235,7 @@ class IQ4NLTensor(_GGMLRecord):
     block_size: ClassVar[int] = 32
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class IQ4XSTensor(_GGMLRecord):
     """GGML IQ4_XS super-blocks (decode only): ``d``, ``scales_h`` uint16, ``scales_l`` (n, 4), ``qs`` (n, 128)."""
 

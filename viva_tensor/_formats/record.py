@@ -1,15 +1,16 @@
 """Quantized records: the :class:`QuantizedArray` mixin and the :func:`record` decorator (private).
 
-A quantized record is a frozen pytree dataclass (``flax.struct.dataclass``): its arrays (codes, scales,
-mins ...) are children, and its ``shape`` (the logical shape of the tensor it encodes), ``dtype`` (the
-original dtype) and format options (block size ...) are static fields.
+A quantized record is a frozen pytree dataclass (what ``flax.struct.dataclass`` makes, registered as a pytree
+node of its own class: see :func:`pytree_dataclass`): its arrays (codes, scales, mins ...) are children, and its
+``shape`` (the logical shape of the tensor it encodes), ``dtype`` (the original dtype) and format options (block
+size ...) are static fields.
 
 Records made under ``vmap`` carry the per-example ``shape``; their leaves get the mapped axes in front.
 Every ``dequantize`` therefore derives leading batch dims from its leaves (see :func:`batch_dims`) so
 that a record returned by a vmapped quantize can be dequantized outside the vmap too.
 
 :func:`record` declares a record class in one line: it adds the static fields ``shape`` and ``dtype``,
-sets ``format`` and ``_core_ndim``, applies ``flax.struct.dataclass`` and registers the class with
+sets ``format`` and ``_core_ndim``, makes it a frozen pytree dataclass and registers the class with
 ``flax.nnx.register_data_type`` (as qwix does for its QArray), so that an NNX module can hold a record:
 its arrays are the module's state, not static attributes. ``record[...]`` is the record itself
 (``nnx.Linear`` reads its kernel as ``self.kernel[...]``); any other index raises.
@@ -27,18 +28,20 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import flax.nnx as nnx
+import flax.serialization
 import flax.struct
 import jax
 import numpy as np
 
 from viva_tensor.errors import InvalidOp
 
-__all__ = ["QuantizedArray", "batch_dims", "record", "static"]
+__all__ = ["QuantizedArray", "batch_dims", "pytree_dataclass", "record", "static"]
 
 
 class QuantizedArray:
@@ -142,8 +145,8 @@ def record(format: str, *, core_ndim: int | Callable[[Any], int]) -> Callable[[t
         core_ndim: dims of the first leaf outside vmap: an int, or a function of the record.
 
     Returns:
-        A class decorator: adds ``shape``/``dtype``, applies ``flax.struct.dataclass`` and
-        ``nnx.register_data_type``.
+        A class decorator: adds ``shape``/``dtype``, makes the class a frozen pytree dataclass (whose
+        treedefs differ from any other class's) and applies ``nnx.register_data_type``.
     """
 
     def wrap(cls: type) -> type:
@@ -152,9 +155,55 @@ def record(format: str, *, core_ndim: int | Callable[[Any], int]) -> Callable[[t
         _add_shape_dtype(cls)
         cls.format = format
         cls._core_ndim = staticmethod(core_ndim if callable(core_ndim) else (lambda rec, n=int(core_ndim): n))
-        out = flax.struct.dataclass(cls)
+        out = pytree_dataclass(cls)
         nnx.register_data_type(out)
         return out
 
     return wrap
+
+
+def pytree_dataclass(cls: type) -> type:
+    """What ``flax.struct.dataclass`` makes (a frozen dataclass with ``replace``, flax serialization of its
+    children), registered as a pytree node by its own flatten functions instead of ``register_dataclass``.
+
+    jaxlib's dataclass nodes compare equal across classes with the same field names and static values (an
+    ``NF4Tensor`` and an ``FP4Tensor`` of one shape: equal treedefs, different hashes), so a cache keyed by
+    treedefs could run one format's trace on another's record whenever two hashes meet in a bucket: NF4's
+    code book on FP4 codes, seen as a rare wrong gradient in the test suite. A custom node compares its class.
+    """
+    data_clz = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(data_clz)
+    data = tuple(f.name for f in fields if f.metadata.get("pytree_node", True))
+    meta = tuple(f.name for f in fields if not f.metadata.get("pytree_node", True))
+    keys = tuple(jax.tree_util.GetAttrKey(name) for name in data)
+
+    def flatten_with_keys(x: Any) -> tuple[list, tuple]:
+        return [(k, getattr(x, n)) for k, n in zip(keys, data, strict=True)], tuple(getattr(x, n) for n in meta)
+
+    def flatten(x: Any) -> tuple[list, tuple]:
+        return [getattr(x, n) for n in data], tuple(getattr(x, n) for n in meta)
+
+    def unflatten(aux: tuple, children: Any) -> Any:
+        x = object.__new__(data_clz)  # as register_dataclass: no validation of the children (tracers, None ...)
+        for name, value in zip(data, children, strict=True):
+            object.__setattr__(x, name, value)
+        for name, value in zip(meta, aux, strict=True):
+            object.__setattr__(x, name, value)
+        return x
+
+    jax.tree_util.register_pytree_with_keys(data_clz, flatten_with_keys, unflatten, flatten)
+    data_clz.replace = lambda self, **updates: dataclasses.replace(self, **updates)
+
+    def to_state_dict(x: Any) -> dict:
+        return {name: flax.serialization.to_state_dict(getattr(x, name)) for name in data}
+
+    def from_state_dict(x: Any, state: dict) -> Any:
+        missing, unknown = set(data) - set(state), set(state) - set(data)
+        if missing or unknown:
+            raise ValueError(f"{data_clz.__name__}: state dict fields {sorted(state)} != {list(data)}")
+        return x.replace(**{n: flax.serialization.from_state_dict(getattr(x, n), state[n], name=n) for n in data})
+
+    flax.serialization.register_serialization_state(data_clz, to_state_dict, from_state_dict)
+    data_clz._flax_dataclass = True  # flax's own mark of its dataclasses
+    return data_clz
 
