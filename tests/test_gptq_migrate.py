@@ -143,3 +143,19 @@ def test_quantize_model_migrate_errors():
         nn.quantize_model(model, "int4_group", method="gptq", calibration=batches[:1], migrate="awq")
     with pytest.raises(ConfigError, match="argument 'migrate'"):
         nn.quantize_model(model, "int4_group", method="gptq", calibration=batches, migrate="awq", asymmetric=True)
+
+
+def test_sequential_migration_quantizes_every_layer_on_the_quantized_inputs():
+    model, batches = _model_and_batches()
+    qmodel, report = nn.quantize_model(model, "int4_group", method="gptq", calibration=batches, group_size=32,
+                                       migrate="awq")  # fmt: skip
+    assert [qmodel.layers[i].weight.get_value().format for i in (0, 1)] == ["awq_int4", "awq_int4"]
+    # the second layer's Hessian: its inputs in the model whose first layer is already quantized
+    first = qmodel.layers[0]
+    fit = jnp.concatenate([first(b[0]) for i, b in enumerate(batches) if i % 5])
+    held = jnp.concatenate([first(b[0]) for b in batches[::5]])
+    kernel = model.layers[1].kernel.get_value()
+    want = _sequential.migrated_gptq(kernel.T, fit.T @ fit, float(fit.shape[0]), held.T @ held, group_size=32)
+    got = qmodel.layers[1].weight.get_value()
+    assert np.mean(np.asarray(got.codes) == np.asarray(want.codes)) >= 0.98
+    np.testing.assert_array_equal(np.asarray(got.act_scale), np.asarray(want.act_scale))
