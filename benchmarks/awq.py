@@ -17,7 +17,9 @@ Then the whole model: every Linear replaced by :class:`viva_tensor.nn.QLinear` h
 embeddings; NF4 (block 64) as a reference row.
 
 Run: ``python benchmarks/awq.py [--quick]``; writes ``benchmarks/results/awq.{md,json}`` (``--quick``: 8
-calibration sentences, 4 holdout sentences, a 4-point alpha grid, one calibration set, into results/quick).
+calibration sentences, 4 holdout sentences, a 4-point alpha grid, one calibration set, three kernels of the
+first layer, one of each shape (the whole-model rows, the NF4 reference included, quantize those only), into
+results/quick).
 """
 
 from __future__ import annotations
@@ -137,11 +139,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def capture(encoder, sentences: list[str], batch: int = 8) -> dict[str, np.ndarray]:
     """Each Linear's inputs for the real tokens of ``sentences`` (float32 model), ``{path: (N, in)}``."""
     out: dict[str, list[np.ndarray]] = {}
+    graphdef, state = nnx.split(encoder.model)  # jitted: one compile per batch shape (eagerly: one per operation)
+    run = jax.jit(lambda state, *args: nn.capture_linear_inputs(nnx.merge(graphdef, state), *args))
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     for start in range(0, len(order), batch):
         chunk = [sentences[i] for i in order[start : start + batch]]
         ids, mask, types = minilm.tokenize(encoder.tokenizer, chunk, max_length=encoder.max_length)
-        captured = nn.capture_linear_inputs(encoder.model, ids, mask, types)
+        captured = run(state, jax.numpy.asarray(ids), jax.numpy.asarray(mask), jax.numpy.asarray(types))
         keep = mask.astype(bool)
         for path, xs in captured.items():
             out.setdefault(path, []).append(np.asarray(xs[0])[keep])
@@ -153,9 +157,12 @@ def linears(model) -> list[tuple[tuple, str, nnx.Linear]]:
 
 
 def replaced(model, records: dict[str, object]):
-    """A copy of ``model`` whose Linear layers are :class:`viva_tensor.nn.QLinear` holding ``records``."""
+    """A copy of ``model`` whose Linear layers are :class:`viva_tensor.nn.QLinear` holding ``records`` (a layer
+    without a record stays float: ``--quick`` quantizes the first layer's kernels only)."""
     copy = nnx.clone(model)
     for path, name, layer in linears(copy):
+        if name not in records:
+            continue
         bias = None if layer.bias is None else layer.bias.get_value()
         set_child(copy, path, nn.QLinear(records[name], bias))
     return copy
@@ -167,13 +174,18 @@ CALIBRATION_SETS = {
 }
 
 
-def evaluate(encoder, cal, hold, hold_parts, *, n_grid: int = 20) -> tuple[list[dict], dict[str, dict]]:
-    """Per-layer rows and the records of every variant, for one calibration set."""
+def evaluate(
+    encoder, cal, hold, hold_parts, *, n_grid: int = 20, prefix: str | tuple[str, ...] = ""
+) -> tuple[list[dict], dict[str, dict]]:
+    """Per-layer rows and the records of every variant, for one calibration set (the layers whose path starts
+    with ``prefix``, or one of them)."""
     config = awq.AWQConfig(group_size=GROUP, n_grid=n_grid)
     config_clip = awq.AWQConfig(group_size=GROUP, n_grid=n_grid, clip=True, clip_grid=n_grid)
     records: dict[str, dict] = {"int4_group": {}, "awq": {}, "awq+clip": {}}
     rows = []
     for _, name, layer in linears(encoder.model):
+        if not name.startswith(prefix):
+            continue
         w = jax.numpy.asarray(layer.kernel.get_value()).T
         xc, xh = cal[name], hold[name]
         t0 = time.perf_counter()
@@ -229,7 +241,7 @@ def main(argv=None) -> None:
     data = np.load(FIXTURE)
     holdout_sentences = [str(s) for s in data["sentences"]]
     calibration_sets = CALIBRATION_SETS
-    if args.quick:  # three short holdout sentences and one long paragraph; one small calibration set
+    if args.quick:  # three short holdout sentences and one long paragraph; one small calibration set; layer 0 only
         holdout_sentences = holdout_sentences[1:4] + [s for s in holdout_sentences if len(s) >= 300][:1]
         calibration_sets = {"8 short sentences": CALIBRATION[:8]}
     encoder = minilm.load()
@@ -241,13 +253,15 @@ def main(argv=None) -> None:
     }
     n_hold = len(next(iter(hold.values())))
     base = np.asarray(minilm.encode(encoder, holdout_sentences))
-    kernel_f32 = sum(int(n.kernel.get_value().nbytes) for _, _, n in linears(encoder.model))
+    # --quick: one layer of each kernel shape (384x384, 1536x384, 384x1536)
+    prefix = ("layers.0.attention.value", "layers.0.intermediate", "layers.0.output") if args.quick else ""
+    kernel_f32 = sum(int(n.kernel.get_value().nbytes) for _, k, n in linears(encoder.model) if k.startswith(prefix))
     results = {}
     for set_name, sentences in calibration_sets.items():
         cal = capture(encoder, sentences)
         n_cal = len(next(iter(cal.values())))
         print(f"calibration '{set_name}': {n_cal} tokens; holdout {n_hold} tokens", flush=True)
-        rows, records = evaluate(encoder, cal, hold, hold_parts, n_grid=4 if args.quick else 20)
+        rows, records = evaluate(encoder, cal, hold, hold_parts, n_grid=4 if args.quick else 20, prefix=prefix)
         models = [
             model_row(encoder, k, replaced(encoder.model, v), sum(q.nbytes for q in v.values()), kernel_f32,
                       holdout_sentences, base)
@@ -255,7 +269,7 @@ def main(argv=None) -> None:
             if k != "int4_group" or not results
         ]
         results[set_name] = {"tokens": n_cal, "rows": rows, "models": models, "summary": summary(rows)}
-    nf4_model, nf4_report = nn.quantize_model(encoder.model, "nf4")
+    nf4_model, nf4_report = nn.quantize_model(encoder.model, "nf4", where=lambda path, _: path.startswith(prefix))
     reference = model_row(encoder, "nf4 (block 64, reference)", nf4_model, nf4_report.linear_bytes_after,
                           kernel_f32, holdout_sentences, base)
     write(results, reference, n_hold, time.perf_counter() - t_start, calibration_sets, args)

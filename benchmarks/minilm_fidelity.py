@@ -15,12 +15,14 @@ the embeddings, norms and biases stay float32), the 32 sentences of
 Calibrated rows: ``gptq:<fmt>`` is ``minilm.quantize(encoder, fmt=..., method="gptq")`` (one-shot GPTQ with
 searched scales, ``mse=True``, and ``damp=0.1``, on the default calibration text ``calibration_mix``:
 standard-library docstrings, installed packages' READMEs, 1-4 word texts; never these sentences);
-``plan:<bits>`` is ``minilm.quantize(encoder, bits=...)``: the planner's format per layer (5 candidates,
-sensitivities by ``measure="gain"`` on one batch) within that budget of stored bits per value, applied with
-the same GPTQ; ``+emb:nf4``: with the word, position and token-type tables in NF4 too (``embeddings="nf4"``,
-round to nearest; the GPTQ calibration runs on the model with them quantized), the "model ratio" column is
-then the whole model's (``--rows plan:4.5+emb:q5_0`` takes any table format, written to
-``minilm_fidelity_rows.*``). Their quantize time includes the calibration.
+``awq+gptq:int4_group`` the same with ``migrate="awq"`` (AWQ-style per-input-channel scales, alpha per layer on
+held-out calibration batches, migrated into the weight before GPTQ: ``awq_int4`` records, int4 g128 codes plus
+float16 input scales); ``plan:<bits>`` is ``minilm.quantize(encoder, bits=...)``: the planner's format per layer
+(5 candidates, sensitivities by ``measure="gain"`` on one batch) within that budget of stored bits per value,
+applied with the same GPTQ; ``+emb:nf4``: with the word, position and token-type tables in NF4 too
+(``embeddings="nf4"``, round to nearest; the GPTQ calibration runs on the model with them quantized), the
+"model ratio" column is then the whole model's (``--rows plan:4.5+emb:q5_0`` takes any table format, written
+to ``minilm_fidelity_rows.*``). Their quantize time includes the calibration.
 
 Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
 
@@ -45,8 +47,8 @@ from viva_tensor.models import minilm  # noqa: E402
 
 FIXTURE = _common.FIXTURE
 
-CALIBRATED = ("gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0", "plan:4.25", "plan:4.5", "plan:4.25+emb:nf4",
-              "plan:4.5+emb:nf4")
+CALIBRATED = ("gptq:int4_group", "awq+gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0", "plan:4.25", "plan:4.5",
+              "plan:4.25+emb:nf4", "plan:4.5+emb:nf4")
 """The calibrated rows of the full run (see the module docstring)."""
 
 SENSITIVE = ("attention.value", "intermediate", "output")
@@ -82,7 +84,7 @@ def pruned_24(model):
 
 
 def calibrated(encoder, spec: str, quick: bool):
-    """(model, kernel bytes, float kernel bytes, report) for ``gptq:<fmt>`` or ``plan:<bits>``."""
+    """(model, kernel bytes, float kernel bytes, report) for ``gptq:<fmt>``, ``awq+gptq:<fmt>`` or ``plan:<bits>``."""
     from viva_tensor.models import _calibration
 
     spec, _, emb = spec.partition("+emb:")
@@ -93,6 +95,8 @@ def calibrated(encoder, spec: str, quick: bool):
         options = {"calibration": _calibration.calibration_text(32), "where": first}
     if kind == "plan":
         enc, r = minilm.quantize(encoder, bits=float(value), **options)
+    elif kind == "awq+gptq":  # AWQ-style scale migration, then GPTQ: awq_int4 records
+        enc, r = minilm.quantize(encoder, fmt=value, method="gptq", migrate="awq", **options)
     else:
         enc, r = minilm.quantize(encoder, fmt=value, method="gptq", **options)
     total = sum(int(n.kernel.get_value().nbytes) for _, n in nnx.iter_graph(encoder.model) if isinstance(n, nnx.Linear))
@@ -116,7 +120,7 @@ def measure(encoder, sentences, base, original, fmt: str, quick: bool = False) -
     t0, c0 = time.perf_counter(), time.process_time()
     if fmt == "float32":
         model, kbytes = encoder.model, None
-    elif fmt.startswith(("gptq:", "plan:")):
+    elif fmt.startswith(("gptq:", "plan:", "awq+gptq:")):
         model, kbytes, _, _ = calibrated(encoder, fmt, quick)
     else:
         model, kbytes, _ = quantized(encoder.model, fmt)
@@ -200,7 +204,9 @@ def write(rows: list[dict], n: int, args) -> None:
         "Calibrated rows (`gptq:`, `plan:`): `minilm.quantize` with its defaults (626 calibration texts of "
         "`calibration_mix`: docstrings, package READMEs, 1-4 word texts; one-shot GPTQ, mse=True, damp=0.1; the "
         "planner: 5 candidates (NF4-DQ 64/32, Q5_0, Q5_1, Q8_0), gain sensitivities on the first 32 texts; "
-        "`+emb:nf4`: the embedding tables in NF4 as well, round to nearest). "
+        "`+emb:nf4`: the embedding tables in NF4 as well, round to nearest; `awq+gptq:`: AWQ-style scale "
+        "migration (s = rms(x)^alpha, alpha in 0, 1/4, 1/2 per layer by the least output error on every 5th "
+        "calibration batch, held out; GPTQ on the others) before the same GPTQ: awq_int4 records, not plain GPTQ). "
         "Quantize times are wall / process CPU "
         "seconds on a 2-core machine shared with other jobs (wall inflated by the load). "
         "Written by `python benchmarks/minilm_fidelity.py`.",

@@ -152,7 +152,11 @@ def quantize(
         embeddings: a format for the word, position and token-type tables (``nn.QEmbed``, round to nearest;
             e.g. ``"nf4"`` makes the whole model over 6x smaller than float32); ``None`` keeps them float32.
         progress: a progress bar on stderr.
-        **options: passed to :func:`viva_tensor.nn.quantize_model` (e.g. ``group_size``, ``damp``).
+        **options: passed to :func:`viva_tensor.nn.quantize_model` (e.g. ``group_size``, ``damp``,
+            ``migrate="awq"``: AWQ-style scale migration before GPTQ for the ``int4_group`` layers, which then
+            hold ``awq_int4`` records, 4.19 bits per value; measured with ``fmt="int4_group"``: 0.9754 mean /
+            0.947 min cosine / 27 of 32 same nearest neighbour on the evaluation sentences against plain GPTQ's
+            0.9721 / 0.933 / 28, in 90 CPU s; not the default, since it changes the records' format).
 
     Returns:
         ``(quantized encoder, report)``: the encoder with its model replaced, and the

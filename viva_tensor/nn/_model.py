@@ -66,6 +66,7 @@ def quantize_model(
     sequential: bool = True,
     asymmetric: bool = False,
     target_damp: float = 0.01,
+    migrate: str | None = None,
     progress: bool = False,
     others: Any = None,
     **options: Any,
@@ -115,6 +116,13 @@ def quantize_model(
             :func:`viva_tensor.gptq.float_target` on the quantized inputs' Hessian. With ``others``, the other
             layers (embeddings) are quantized first, so that the Linear layers also make up for them.
         target_damp: GPTQ with ``asymmetric``: the ridge of :func:`viva_tensor.gptq.float_target`.
+        migrate: GPTQ only: ``"awq"`` migrates AWQ-style per-input-channel scales ``s`` into every
+            ``int4_group`` layer's weight before GPTQ (``W diag(s)`` quantized with the Hessian of ``x / s``,
+            :func:`viva_tensor.nn._sequential.migrated_gptq`; ``s = rms(x)^alpha``, alpha per layer on held-out
+            calibration batches, every 5th). Those layers hold ``"awq_int4"`` records (the int4-group codes plus the
+            float16 ``s``, applied to the activations: nothing else in the model changes; 16 bits per input
+            channel more). MiniLM is post-LayerNorm (a LayerNorm output is also the residual), so ``1 / s``
+            cannot be folded into the LayerNorms there. Other formats: plain GPTQ. ``None``: no migration.
         progress: show a rich progress bar on stderr (GPTQ).
         others: a format name, or ``(name, options)``, for every other layer that
             :func:`viva_tensor.nn.quantizable` accepts (``nnx.Embed``, ``nnx.LinearGeneral``, ``nnx.Einsum``,
@@ -131,8 +139,9 @@ def quantize_model(
     Raises:
         FormatError: an unknown format or option (GPTQ: a format with no grid).
         ConfigError: an unknown ``method``, ``method="gptq"`` without ``calibration``, ``activations``
-            for a format other than ``"awq_int4"``, or a layer selected by ``where`` that has no
-            activations.
+            for a format other than ``"awq_int4"``, a layer selected by ``where`` that has no
+            activations, or ``migrate`` with another method than GPTQ, with ``asymmetric`` or with a
+            calibration that is not a sequence of at least 2 batches.
         TensorError: whatever the format raises for a kernel it cannot quantize.
 
     Example:
@@ -161,6 +170,8 @@ def quantize_model(
     label, per_layer = _layer_formats(fmt)
     for name in sorted({f for f, _ in per_layer.values()}) if per_layer else [fmt]:
         _check_format(name, activations, method)
+    if migrate is not None and method != "gptq":
+        raise ConfigError(argument="migrate", expected="method='gptq' with migrate", got=f"method={method!r}")
     if method == "gptq" and calibration is None:
         raise ConfigError(argument="calibration", expected="calibration data for method='gptq'", got="None",
                           hint="a sequence of argument tuples / nn.CalibrationBatch, or a callable f(model).")
@@ -211,7 +222,7 @@ def quantize_model(
             start = _quantize_others(nnx.clone(model), model, others, where, [], {})
         records = gptq_records(model, choose, calibration, _make_qlinear, sequential=sequential,
                                asymmetric=asymmetric, target_damp=target_damp, start=start,
-                               show_progress=progress)  # fmt: skip
+                               show_progress=progress, migrate=migrate)  # fmt: skip
     for name, (path, layer, layer_fmt, layer_options) in selected.items():
         if method == "gptq":
             qlayer = _make_qlinear(layer, records[name])

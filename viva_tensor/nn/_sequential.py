@@ -36,7 +36,8 @@ from viva_tensor.errors import ConfigError, ShapeMismatch
 from viva_tensor.nn._awq import linears
 from viva_tensor.nn._graph import set_child
 
-__all__ = ["CalibrationBatch", "capture_grams", "capture_cross", "gptq_records", "progress"]
+__all__ = ["CalibrationBatch", "capture_grams", "capture_cross", "gptq_records", "migrated_gptq", "migration_scales",
+           "progress"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -329,6 +330,13 @@ class _Bar(_Silent):
         self.bar.update(self.task, advance=1, description=description)
 
 
+MIGRATE_ALPHAS = (0.0, 0.25, 0.5)
+"""The alphas :func:`migrated_gptq` tries by default. Measured on MiniLM (int4 g128, mse, damp 0.1, 500 calibration
+texts fitting / 126 held out): alphas 0, 1/8 ... 5/8 gave the held-out calibration texts 0.99046 mean cosine and the 32
+evaluation sentences 0.9751 / 0.950 min; 0, 1/4, 1/2 gave 0.99025 and 0.9773 / 0.959 at half the GPTQ runs (plain
+GPTQ on the same split: 0.98761, 0.9718 / 0.935)."""
+
+
 def gptq_records(
     model: nnx.Module,
     choose: Callable[[str, nnx.Linear], tuple[str, dict] | None],
@@ -340,6 +348,8 @@ def gptq_records(
     target_damp: float = 0.01,
     start: nnx.Module | None = None,
     show_progress: bool = False,
+    migrate: str | None = None,
+    migrate_alphas: Sequence[float] = MIGRATE_ALPHAS,
 ) -> dict[str, Any]:
     """GPTQ records for the chosen ``nnx.Linear`` layers of ``model``, group by group (private helper).
 
@@ -360,6 +370,10 @@ def gptq_records(
         start: the model the quantized copy starts from (e.g. ``model`` with its embeddings already
             quantized); ``None``: ``model``.
         show_progress: show a rich progress bar on stderr.
+        migrate: ``"awq"``: AWQ-style scale migration before GPTQ for the ``int4_group`` layers (see
+            :func:`migrated_gptq`); every 5th calibration batch is held out to pick each layer's alpha and
+            the Hessians come from the others. ``None``: plain GPTQ.
+        migrate_alphas: the alphas tried (0 is plain GPTQ on the same Hessian).
 
     Returns:
         ``{name: record}`` of the chosen layers.
@@ -373,7 +387,15 @@ def gptq_records(
     if not chosen:
         return {}
     names = () if asymmetric else None if sequential else list(chosen)
+    held: list | None = None
+    if migrate is not None:
+        if migrate != "awq":
+            raise ConfigError(argument="migrate", expected="None or 'awq'", got=repr(migrate))
+        if asymmetric:
+            raise ConfigError(argument="migrate", expected="migrate=None with asymmetric=True", got=repr(migrate))
+        calibration, held = _split(calibration)
     grams, groups = capture_grams(model, calibration, names=names)
+    held_grams = capture_grams(model, held, names=names)[0] if held is not None else None
     order: list[str] = []
     for name in groups:  # call order
         if name in chosen and groups[name] not in order:
@@ -396,6 +418,8 @@ def gptq_records(
             else:
                 if sequential and (i > 0 or start is not None):
                     grams, _ = capture_grams(current, calibration, names=[leader])
+                    if held is not None:
+                        held_grams, _ = capture_grams(current, held, names=[leader])
                 gram, count = grams[leader]
             h = gptq.Hessian(gram * (jnp.float32(2) / jnp.maximum(count, jnp.float32(1))), count)
             for name in [n for n in groups if groups[n] == leader and n in chosen]:
@@ -406,7 +430,11 @@ def gptq_records(
                     raise ShapeMismatch(argument="calibration", expected=f"inputs (..., {kernel.shape[0]})",
                                         got=f"a Hessian of size {h.matrix.shape[0]} for {name!r}")  # fmt: skip
                 w = kernel.T if cross is None else gptq.float_target(kernel.T, gram, cross, damp=target_damp)
-                records[name] = gptq.quantize(w, h, fmt, **options)
+                if held_grams is not None and fmt == "int4_group":
+                    records[name] = migrated_gptq(w, gram, count, held_grams[leader][0], alphas=migrate_alphas,
+                                                  **options)  # fmt: skip
+                else:
+                    records[name] = gptq.quantize(w, h, fmt, **options)
                 target = _at(current, path)
                 if isinstance(target, nnx.Linear):
                     target.kernel.set_value(quant.dequantize(records[name]).T.astype(kernel.dtype))
@@ -414,6 +442,117 @@ def gptq_records(
                     set_child(current, path, make_layer(layer, records[name]))
                 bar.step(f"GPTQ {name}")
     return records
+
+
+def _split(calibration: Any) -> tuple[list[CalibrationBatch], list[CalibrationBatch]]:
+    """``(fit, held out)``: every 5th calibration batch held out (at least one of each)."""
+    batches = _batches(calibration)
+    if callable(batches) or len(batches) < 2:
+        raise ConfigError(argument="calibration", expected="a sequence of at least 2 batches with migrate='awq'",
+                          got="a callable" if callable(batches) else f"{len(batches)} batch")  # fmt: skip
+    held = batches[::5]
+    fit = [b for i, b in enumerate(batches) if i % 5]
+    return fit, held
+
+
+def migration_scales(gram: jax.Array, count: Any, alpha: float) -> jax.Array:
+    """AWQ-style per-input-channel scales from a Gram matrix: ``s = rms(x)^alpha / sqrt(max · min)``, float16 values.
+
+    ``rms(x)_j = sqrt(G_jj / count)`` (the root mean square of input channel ``j`` over the calibration tokens:
+    the Gram matrix's diagonal; AWQ itself takes the mean ``|x|``), raised to ``alpha`` and normalised by the
+    geometric mean of its extremes as AWQ does, then rounded to float16 (what the ``awq_int4`` record stores).
+    A channel that never fires gets scale ``1 / sqrt(max · min)`` of the others (``rms`` floored at 1e-8 of
+    the largest).
+
+    Args:
+        gram: ``XᵀX`` ``(in, in)`` float32.
+        count: the token count.
+        alpha: the exponent (0: all ones).
+
+    Returns:
+        float32 ``(in,)`` holding float16 values.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> migration_scales(jnp.diag(jnp.array([4.0, 1.0])), 1.0, 1.0).tolist()
+        [1.4140625, 0.70703125]
+    """
+    rms = jnp.sqrt(jnp.diag(jnp.asarray(gram, jnp.float32)) / jnp.asarray(count, jnp.float32))
+    rms = jnp.maximum(rms, jnp.max(rms) * jnp.float32(1e-8))
+    s = rms ** jnp.float32(alpha)
+    s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+    return s.astype(jnp.float16).astype(jnp.float32)
+
+
+def _output_error(w: jax.Array, approx: jax.Array, gram: jax.Array) -> jax.Array:
+    """``sum((X (W - A)ᵀ)²) = tr(D G Dᵀ)`` with ``D = W - A`` and ``G = XᵀX``."""
+    d = jnp.asarray(w, jnp.float32) - approx
+    return jnp.sum(jax.lax.dot_general(d, gram, (((1,), (0,)), ((), ())), precision=_HIGHEST) * d)
+
+
+def migrated_gptq(
+    w: jax.Array,
+    gram: jax.Array,
+    count: Any,
+    held_gram: jax.Array,
+    *,
+    alphas: Sequence[float] = MIGRATE_ALPHAS,
+    group_size: int | None = None,
+    **options: Any,
+) -> Any:
+    """AWQ-style scale migration, then GPTQ: an ``awq_int4`` record whose codes GPTQ chose for ``W diag(s)``.
+
+    For each ``alpha``: ``s`` = :func:`migration_scales` ``(gram, count, alpha)``; GPTQ quantizes ``W' = W diag(s)``
+    (int4 groups) with the Hessian of the scaled inputs ``x / s``, ``H' = diag(1/s) H diag(1/s)`` with
+    ``H = 2 G / count``; the layer then computes ``(x / s) Q(W')ᵀ``, i.e. decodes to ``Q(W') / s``. The alpha kept
+    is the one with the least output error on the held-out inputs, ``tr(D G_h Dᵀ)``, ``D = W - Q(W')/s``
+    (``alpha = 0`` is plain GPTQ on the same Hessian, so with 0 in ``alphas`` the held-out error is never
+    above plain GPTQ's). The record is the format ``"awq_int4"`` (the int4-group record plus the float16
+    scales ``s``; :func:`viva_tensor.awq.dequantize` decodes it).
+
+    Args:
+        w: the weight ``(out, in)``.
+        gram: ``XᵀX`` of the fitting inputs ``(in, in)``; ``count`` their token count.
+        held_gram: ``XᵀX`` of held-out inputs (the alpha's selection).
+        alphas: the exponents tried.
+        group_size: int4 columns per group (default 128).
+        **options: :func:`viva_tensor.gptq.quantize`'s options (``damp``, ``mse``, ``block_size`` ...; not
+            ``act_order``).
+
+    Returns:
+        An :class:`viva_tensor.awq.AWQTensor`.
+
+    Raises:
+        ConfigError: no alphas, or ``act_order``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> x = jax.random.normal(jax.random.key(0), (64, 32)) * jnp.linspace(0.1, 3.0, 32)[None, :]
+        >>> g = x.T @ x
+        >>> w = jax.random.normal(jax.random.key(1), (8, 32))
+        >>> q = migrated_gptq(w, g, 64.0, g, group_size=32)
+        >>> q.format, q.shape, q.act_scale.shape
+        ('awq_int4', (8, 32), (32,))
+    """
+    from viva_tensor import awq
+
+    if not alphas:
+        raise ConfigError(argument="alphas", expected="at least one alpha", got=tuple(alphas))
+    if options.get("act_order"):
+        raise ConfigError(argument="act_order", expected="False with scale migration", got=options["act_order"])
+    w32 = jnp.asarray(w, jnp.float32)
+    h = jnp.asarray(gram, jnp.float32) * (jnp.float32(2) / jnp.maximum(jnp.asarray(count, jnp.float32), 1))
+    best = None
+    for alpha in alphas:
+        s = migration_scales(gram, count, alpha)
+        q = gptq.quantize(w32 * s[None, :], h / (s[:, None] * s[None, :]), "int4_group", group_size=group_size,
+                          **options)  # fmt: skip
+        err = float(_output_error(w32, quant.dequantize(q).astype(jnp.float32) / s[None, :], held_gram))
+        if best is None or err < best[0]:
+            best = (err, q, s)
+    _, q, s = best
+    return awq.AWQTensor(q.codes, q.scales, q.zeros, s.astype(jnp.float16), shape=tuple(q.shape), dtype=w.dtype,
+                         group_size=q.group_size)  # fmt: skip
 
 
 def _at(root: nnx.Module, path: tuple) -> Any:
