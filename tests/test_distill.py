@@ -17,6 +17,10 @@ pytest.importorskip("tokenizers")
 
 FIXTURE = "tests/data/minilm_reference.npz"
 
+# One worker for the whole file under `pytest -n 2 --dist loadgroup`: its module fixtures (a 40-step run, four
+# step-0 students) are then built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("distill")
+
 
 @pytest.fixture(scope="module")
 def encoder():
