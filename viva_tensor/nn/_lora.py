@@ -15,8 +15,9 @@ data-free start (Li et al. 2023): ``A B`` is the best rank-``r`` approximation o
 ``E = W - dequantize(Q)`` (the float weight ``W`` from ``reference=``); ``"calibrated"`` (as CLoQ, Deng et al.
 2025): the rank-``r`` ``A B`` minimising ``||X (E - A B)||_F`` for the layer's calibration inputs ``X``, given as
 their Gram matrix ``H = XᵀX`` (:func:`viva_tensor.nn._sequential.capture_grams`):
-``A B = H^{-1/2} SVD_r(H^{1/2} E)`` with ``H`` damped and its square root from its eigendecomposition. Both
-split the product evenly, ``A = H^{-1/2} U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_rᵀ`` (over ``sqrt(alpha / rank)``).
+``A B = H^{-1/2} SVD_r(H^{1/2} E)`` with ``H`` damped, computed with its Cholesky factor ``H = L Lᵀ`` in place of
+``H^{1/2}`` (the same product, the same ``A`` and ``B``, without an eigendecomposition). Both split the product
+evenly, ``A = L^{-T} U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_rᵀ`` (over ``sqrt(alpha / rank)``).
 """
 
 from __future__ import annotations
@@ -127,25 +128,26 @@ def _base_kernel(base: Any) -> jax.Array:
 
 
 @jax.jit
-def _gram_roots(gram: jax.Array, damp: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(H^{1/2}, H^{-1/2})`` of ``H = gram + damp * mean(diag(gram)) * I`` (symmetric, by eigendecomposition)."""
+def _gram_factor(gram: jax.Array, damp: jax.Array) -> jax.Array:
+    """``L`` lower triangular with ``L Lᵀ = H = gram + damp * mean(diag(gram)) * I`` (Cholesky).
+
+    Any ``L`` with ``L Lᵀ = H`` gives the same adapters as the symmetric root ``H^{1/2}`` (``H^{1/2} = Q Lᵀ`` with
+    ``Q`` orthogonal, so ``SVD(H^{1/2} E)`` has ``Q`` times the left vectors of ``SVD(Lᵀ E)``), at a fraction of an
+    eigendecomposition's cost."""
     g = gram.astype(jnp.float32)
     g = 0.5 * (g + g.T)
     n = g.shape[0]
     level = jnp.maximum(jnp.mean(jnp.diagonal(g)), jnp.float32(1e-30))
-    values, vectors = jnp.linalg.eigh(g + damp * level * jnp.eye(n, dtype=jnp.float32))
-    values = jnp.maximum(values, damp * level)  # rounding may leave tiny negatives below the damping
-    root, inv = jnp.sqrt(values), jax.lax.rsqrt(values)
-    return (vectors * root[None, :]) @ vectors.T, (vectors * inv[None, :]) @ vectors.T
+    return jnp.linalg.cholesky(g + damp * level * jnp.eye(n, dtype=jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
-def _low_rank(error, root, inv, scale, *, rank):
-    """``(A, B)`` with ``scale * A @ B = inv @ SVD_rank(root @ error)``, the singular values split evenly."""
-    m = jnp.matmul(root, error, precision=_HIGHEST)
+def _low_rank(error, factor, scale, *, rank):
+    """``(A, B)`` with ``scale * A @ B = L^{-T} SVD_rank(Lᵀ @ error)``, the singular values split evenly."""
+    m = jnp.matmul(factor.T, error, precision=_HIGHEST)
     u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     half = jnp.sqrt(s[:rank] / scale)
-    a = jnp.matmul(inv, u[:, :rank] * half[None, :], precision=_HIGHEST)
+    a = jax.scipy.linalg.solve_triangular(factor, u[:, :rank] * half[None, :], trans="T", lower=True)
     return a, half[:, None] * vt[:rank]
 
 
@@ -185,13 +187,14 @@ def lora_init(
     n_in, n_out = error.shape
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(n_in, n_out):
         raise ConfigError(argument="rank", expected=f"an int in [1, {min(n_in, n_out)}]", got=rank)
-    if gram is None:
-        root = inv = jnp.eye(n_in, dtype=jnp.float32)
-    else:
-        if tuple(jnp.shape(gram)) != (n_in, n_in):
-            raise ConfigError(argument="gram", expected=f"shape {(n_in, n_in)}", got=tuple(jnp.shape(gram)))
-        root, inv = _gram_roots(jnp.asarray(gram), jnp.float32(damp))
-    return _low_rank(error, root, inv, jnp.float32(scale), rank=rank)
+    factor = jnp.eye(n_in, dtype=jnp.float32) if gram is None else _checked_factor(gram, n_in, damp)
+    return _low_rank(error, factor, jnp.float32(scale), rank=rank)
+
+
+def _checked_factor(gram: Any, n_in: int, damp: float) -> jax.Array:
+    if tuple(jnp.shape(gram)) != (n_in, n_in):
+        raise ConfigError(argument="gram", expected=f"shape {(n_in, n_in)}", got=tuple(jnp.shape(gram)))
+    return _gram_factor(jnp.asarray(gram), jnp.float32(damp))
 
 
 def _gram_of(calibration: Any, name: str) -> jax.Array | None:
@@ -282,13 +285,20 @@ def lora(
     _check_init(init, reference, calibration, damp)
     copy = nnx.clone(model)
     done = 0
+    factors: dict[int, tuple[Any, jax.Array]] = {}
     for path, layer in _layers(copy, (nnx.Linear, QLinear, LoRALinear)):
         if isinstance(layer, LoRALinear) or (where is not None and not where(path_str(path), layer)):
             continue
         adapted = LoRALinear(layer, rank=rank, alpha=alpha, param_dtype=param_dtype, rngs=rngs)
         if init != "zero":
             gram = None if init == "svd" else _gram_of(calibration, path_str(path))
-            a, b = lora_init(_error(reference, path, layer), rank, scale=adapted.scale, gram=gram, damp=damp)
+            error = _error(reference, path, layer)
+            if gram is None:
+                a, b = lora_init(error, rank, scale=adapted.scale, damp=damp)
+            else:  # query, key and value share one input, one Gram matrix: factored once
+                if id(gram) not in factors:
+                    factors[id(gram)] = (gram, _checked_factor(gram, layer.in_features, damp))
+                a, b = _low_rank(error, factors[id(gram)][1], jnp.float32(adapted.scale), rank=rank)
             adapted.lora_a.set_value(a.astype(param_dtype))
             adapted.lora_b.set_value(b.astype(param_dtype))
         if not path:  # the model is itself one linear layer
