@@ -170,6 +170,19 @@ def pytree_dataclass(cls: type) -> type:
     ``NF4Tensor`` and an ``FP4Tensor`` of one shape: equal treedefs, different hashes), so a cache keyed by
     treedefs could run one format's trace on another's record whenever two hashes meet in a bucket: NF4's
     code book on FP4 codes, seen as a rare wrong gradient in the test suite. A custom node compares its class.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> @pytree_dataclass
+        ... class A:
+        ...     x: jax.Array
+        >>> @pytree_dataclass
+        ... class B:
+        ...     x: jax.Array
+        >>> jax.tree_util.tree_structure(A(jnp.ones(2))) == jax.tree_util.tree_structure(B(jnp.ones(2)))
+        False
+        >>> A(jnp.ones(2)).replace(x=jnp.zeros(2)).x.tolist()
+        [0.0, 0.0]
     """
     data_clz = dataclasses.dataclass(frozen=True)(cls)
     fields = dataclasses.fields(data_clz)
