@@ -402,7 +402,8 @@ def test_a_row_does_not_depend_on_the_batch(weight_layout):
                                                          ("int8", None, 0, False)])
 def test_gemm_edges(weight_layout, layout, table, block, with_off):
     # the GEMM's remainders: N not a multiple of its 14 / 16-row tiles (nk) and K not of its 128-value chunks or of
-    # 16 (kn), rows of x past one group (1024 for nk, 252 for kn) and not a multiple of a strip (32 / 14)
+    # 16 (kn), rows of x past one group (groups of up to 320 rows for nk, 315 for kn) and not a multiple of a strip
+    # (32 / 14); for kn also the small-batch form (below 28 rows: strips of 16, one partly empty at 17 and 27)
     needs_kernel()
     if not _kernels.gemm_batch(weight_layout):
         pytest.skip("this build has no GEMM (no AVX-512)")
@@ -410,7 +411,7 @@ def test_gemm_edges(weight_layout, layout, table, block, with_off):
     n, k = (45, 416) if weight_layout == "nk" else (96, 301)
     rows, packed = (n, k) if weight_layout == "nk" else (k, n)
     codes, lut, scales, offsets, bs = _planes(rng, layout, table, block, with_off, rows, packed)
-    for batch in ((17, 1029) if weight_layout == "nk" else (33, 259)):
+    for batch in ((17, 1029) if weight_layout == "nk" else (17, 27, 33, 331)):
         x = rng.normal(size=(batch, k)).astype(np.float32)
         fn = jax.jit(lambda x, c, s, o: _kernels.qmatmul(x, c, lut, s, o, layout=layout, block_size=bs,
                                                          weight_layout=weight_layout))

@@ -20,11 +20,12 @@ in registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x
 N split over the threads (from 5 rows of x on, ``(N, K)`` weights are decoded once per call into 16 KiB blocks that
 every row of x then reads from L1: the same sums, bit for bit); for ``(K, N)`` weights, 8 rows of the weight are
 decoded per pass into accumulators over a strip of columns that stays in L1 (used by 4 rows of x at a time).
-From ``GEMM_BATCH_NK`` (16) rows of x for ``(N, K)`` weights and ``GEMM_BATCH_KN`` (32) for ``(K, N)`` weights, the
+From ``GEMM_BATCH_NK`` (16) rows of x for ``(N, K)`` weights and ``GEMM_BATCH_KN`` (16) for ``(K, N)`` weights, the
 same custom call runs a blocked GEMM whose packing step is the decode: x is packed once per call into strips, and
-each 32-value group of the weight is decoded once per call (per 1024 rows of x) into a block that the inner kernel
-(14 x 32 float32 FMA tiles) reads from L1; no float32 copy of the weight exists, in XLA's buffers or the kernel's
-(whose scratch is the packed x plus under 1 MiB per thread). Every output of the GEMM is one chain of FMAs over K
+each 32-value group of the weight is decoded once per call (per group of up to about 300 rows of x) into a block
+that the inner kernel (14 x 32 float32 FMA tiles; 16 x 16 for ``(K, N)`` weights below 28 rows) reads from L1; no
+float32 copy of the weight exists, in XLA's buffers or the kernel's (whose scratch is the packed x plus under 1 MiB
+per thread). Every output of the GEMM is one chain of FMAs over K
 in a fixed order, so a row of y does not depend on the other rows of x there either. Builds without AVX-512 (the
 portable library) take panels instead from ``PANEL_BATCH`` (32) rows: ``vt_decode`` decodes ``PANEL_BYTES`` (8 MiB;
 1/8 of a smaller weight) of the weight at a time to float32 and XLA's own GEMM contracts each panel (a
@@ -332,9 +333,13 @@ def qmatmul_reference(x, codes, lut, scales, offsets=None, *, layout: str, block
 #: ``(K, N)`` weights. Measured at 4096 x 4096, q4_0, one process per path, wall time over float32's: ``(N, K)``
 #: batch 8 fused 0.74-0.78 / GEMM 0.82-0.99, batch 16 fused 1.06-1.12 / GEMM 0.67-0.76, batch 64 panels 1.23-1.29 /
 #: GEMM 0.98-1.03, batch 256 panels 1.04-1.12 / GEMM 1.00-1.03; ``(K, N)`` batch 16 fused 0.67-0.69 / GEMM
-#: 0.77-0.85, batch 32 panels 1.18-1.22 / GEMM 0.84-0.92. ``VIVA_TENSOR_GEMM=0`` turns the GEMM off (panels then).
+#: 0.77-0.85, batch 32 panels 1.18-1.22 / GEMM 0.84-0.92 (an Intel Xeon). On an AMD Zen 5 (2026-12-02) the fused
+#: ``(K, N)`` kernel at batch 16 took 1.36-1.82 of float32 (every format), the GEMM with x in strips of 14 rows (14 + 2
+#: at batch 16) 1.08-1.25 and the GEMM's small-batch form (below 28 rows: strips of 16 rows, the accumulators y
+#: transposed) 0.70-0.97: so from 16 rows for both layouts. The Intel machine was not available to measure the
+#: small-batch form against its fused 0.67-0.69. ``VIVA_TENSOR_GEMM=0`` turns the GEMM off (panels then).
 GEMM_BATCH_NK = 16
-GEMM_BATCH_KN = 32
+GEMM_BATCH_KN = 16
 #: Builds without AVX-512: from this many activation rows on, the weight is decoded in panels (vt_decode) and each
 #: panel goes to XLA's GEMM; below it the fused kernel decodes each 32-value group once per 4 rows of x.
 PANEL_BATCH = int(os.environ.get("VIVA_TENSOR_PANEL_BATCH", "32"))

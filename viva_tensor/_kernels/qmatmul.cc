@@ -17,7 +17,7 @@
 //                1 = pairs, first value in the high nibble (NF4, bitsandbytes);
 //                2 = GGML halves (byte j of a 32-value group holds value j low and value j + 16 high);
 //                3 = int8 codes (one signed byte per value).
-// From `gemm_min` rows of x on (an attribute: Python passes 16 for kn = 0, 32 for kn = 1, or 0 for none), a blocked
+// From `gemm_min` rows of x on (an attribute: Python passes 16, or 0 for none), a blocked
 // GEMM whose packing step is the decode (AVX-512 builds; see "GEMM" below). The portable build has no GEMM: there
 // Python decodes the weight in panels with vt_decode and hands each panel to XLA's own GEMM.
 // Work is split over XLA's intra-op thread pool (the FFI ThreadPool context), the calling thread included.
@@ -27,10 +27,12 @@
 // multiple of 32 dividing the packed axis.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <atomic>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -492,8 +494,11 @@ void decode_rows_scalar(const Planes& p, float* w, int64_t C, int64_t r0, int64_
 // need fits; their contents are not initialised.
 class ScratchPool {
  public:
+  struct Free {
+    void operator()(float* f) const { std::free(f); }
+  };
   struct Buffer {
-    std::unique_ptr<float[]> data;
+    std::unique_ptr<float[], Free> data;
     size_t size = 0;
   };
   Buffer take(size_t n) {
@@ -507,8 +512,11 @@ class ScratchPool {
       return b;
     }
     Buffer b;
-    b.data.reset(new float[std::max<size_t>(n, 16)]);
-    b.size = std::max<size_t>(n, 16);
+    // 64-byte aligned (a cache line; malloc's large blocks start 16 bytes into a page, so that every vector load
+    // of the GEMM's packed x, decoded blocks and accumulators straddled two lines)
+    b.size = (std::max<size_t>(n, 16) + 15) / 16 * 16;
+    b.data.reset(static_cast<float*>(std::aligned_alloc(64, b.size * sizeof(float))));
+    if (!b.data) throw std::bad_alloc();
     return b;
   }
   void give(Buffer b) {
@@ -702,6 +710,39 @@ void kn_cols_b1(const Planes& p, const float* x, int64_t K, float* y, int64_t g0
   std::vector<float> accv(static_cast<size_t>((g1 - g0) * 32), 0.f);
   float* acc = accv.data();
   int64_t k = 0;
+  if constexpr (L != kInt8 && !BS16) {
+    // 4-bit codes, one scale (and offset) per block of 32 or more values: each row's scaled 16-entry table is
+    // built once per block (int4_group / AWQ: once per 4 groups) and kept in a register while the block's groups
+    // are decoded: the same table decode_group builds, so the same values. At batch 1 the table's scalar work
+    // (fp16 scale, packed zero point) costs more than the two FMAs of a group.
+    constexpr bool OFF = (KD & 3) != kNoOffset;
+    for (; k + KQ <= K; k += KQ) {
+      __m512 xv[KQ], tq[KQ];
+      for (int q = 0; q < KQ; ++q) xv[q] = _mm512_set1_ps(x[k + q]);
+      int64_t prev = -1;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t blk = p.gblk[g];
+        if (blk != prev) {
+          for (int q = 0; q < KQ; ++q) {
+            const __m512 sv = _mm512_set1_ps(scale_t<KD>(p, k + q, blk));
+            tq[q] = OFF ? _mm512_fmadd_ps(lut, sv, _mm512_set1_ps(offset_t<KD>(p, k + q, blk))) : _mm512_mul_ps(lut, sv);
+          }
+          prev = blk;
+        }
+        float* a = acc + (g - g0) * 32;
+        for (int q = 0; q < KQ; ++q) prefetch_group<L>(p, k + KQ + q, K, g);
+        __m512 s0 = _mm512_loadu_ps(a), s1 = _mm512_loadu_ps(a + 16);
+        for (int q = 0; q < KQ; ++q) {
+          const __m512i v = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + (k + q) * p.row_bytes + g * 16)));
+          s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, tq[q]), xv[q], s0);
+          s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tq[q]), xv[q], s1);
+        }
+        _mm512_storeu_ps(a, s0);
+        _mm512_storeu_ps(a + 16, s1);
+      }
+    }
+  }
   for (; k + KQ <= K; k += KQ) {
     __m512 xv[KQ];
     for (int q = 0; q < KQ; ++q) xv[q] = _mm512_set1_ps(x[k + q]);
@@ -962,14 +1003,16 @@ void gemm_nk(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, i
   }
 }
 
-// kn: x (B, K) into strips of kGemmMR rows: xa[(s * K + k) * kGemmMR + i] = x[s * kGemmMR + i, k] (rows past B: 0).
+// kn: x (B, K) into strips of W rows: xa[(s * K + k) * W + i] = x[s * W + i, k] (rows past B: 0); any K.
+// W = kGemmMR for gemm_kn, 16 for gemm_kn_small.
+template <int W>
 void gemm_pack_x_kn(const float* x, int64_t B, int64_t K, float* xa, int64_t s0, int64_t s1) {
   for (int64_t s = s0; s < s1; ++s) {
-    const int64_t b0 = s * kGemmMR;
-    const int rows = static_cast<int>(std::min<int64_t>(kGemmMR, B - b0));
-    for (int64_t k0 = 0; k0 < K; k0 += 16)  // 16 columns of the strip's rows -> 16 rows of kGemmMR values
-      transpose16(x + b0 * K + k0, K, rows, static_cast<int>(std::min<int64_t>(16, K - k0)),
-                  xa + (s * K + k0) * kGemmMR, kGemmMR, kGemmMR);
+    const int64_t b0 = s * W;
+    const int rows = static_cast<int>(std::min<int64_t>(W, B - b0));
+    for (int64_t k0 = 0; k0 < K; k0 += 16)  // 16 columns of the strip's rows -> 16 rows of W values
+      transpose16(x + b0 * K + k0, K, rows, static_cast<int>(std::min<int64_t>(16, K - k0)), xa + (s * K + k0) * W,
+                  W, W);
   }
 }
 
@@ -1027,16 +1070,74 @@ void gemm_kn(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, i
   }
 }
 
+// kn, fewer than 2 kGemmMR rows of x (up to 27): strips of 14 rows would leave most of the second strip empty (at 16
+// rows: 14 + 2, the 2-row kernel bound by its loads). Instead x is packed in strips of 16 rows (any K)
+// and the inner kernel broadcasts a decoded weight value against a vector of 16 rows of x: the accumulators hold
+// y transposed. What a 32-column strip needs stays in L1 while it walks K to its end: 128 rows x 32 columns decoded
+// at a time (16 KiB), its accumulators (32 columns x the strips of x) and a 128-row chunk of x; written to y by
+// 16 x 16 transposes. Each output is the same chain of FMAs over k in natural order as gemm_kn's: the same bits.
+// Measured at 4096 x 4096, batch 16 (AMD Zen 5): one strip at a time walking K in chunks of 128, 3.7-3.8 ms; two
+// strips x 64, 3.9; four strips x 32, 4.3-4.9; prefetching the scales and codes of rows 16 to 256 ahead: no gain.
+constexpr int64_t kSmallStrips = 1;
+constexpr int64_t kSmallKC = kGemmKC;
+
+template <int L, bool BS16, int KD>
+void gemm_kn_small(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t g0,
+                   int64_t g1) {
+  const __m512 lut = _mm512_loadu_ps(p.lut);
+  __m512i pa, pb;
+  natural_perms(L, pa, pb);
+  const int64_t nstrips = (B + 15) / 16;
+  const int64_t ldacc = nstrips * 16 + 16;  // accumulator rows (one per column of y) padded by a cache line
+  alignas(64) float tile[kSmallStrips * kSmallKC * 32];
+  Scratch acc(static_cast<size_t>(kSmallStrips * 32 * ldacc));
+  for (int64_t gb = g0; gb < g1; gb += kSmallStrips) {
+    const int64_t ng = std::min(g1, gb + kSmallStrips) - gb;
+    for (int64_t pc = 0; pc < K; pc += kSmallKC) {
+      const int64_t kc = std::min(kSmallKC, K - pc);
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int64_t t = 0; t < ng; ++t) {
+          __m512 a, b;
+          decode_group<L, BS16, KD>(p, lut, pc + k, gb + t, a, b);
+          float* dst = tile + (t * kSmallKC + k) * 32;
+          _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, pa, b));
+          _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, pb, b));
+        }
+      }
+      for (int64_t t = 0; t < ng; ++t)
+        for (int64_t h = 0; h < 2; ++h)
+          for (int64_t s = 0; s < nstrips; ++s)
+            gemm_micro<16, 1, 1, 32>(tile + t * kSmallKC * 32 + 16 * h, xp + (s * K + pc) * 16, kc,
+                                     acc.data() + (t * 32 + 16 * h) * ldacc + s * 16, ldacc, pc == 0);
+    }
+    for (int64_t q = 0; q < ng * 32; q += 16)
+      for (int64_t b0 = 0; b0 < B; b0 += 16)
+        transpose16(acc.data() + q * ldacc + b0, ldacc, 16, static_cast<int>(std::min<int64_t>(16, B - b0)),
+                    y + b0 * N + gb * 32 + q, N, 16);
+  }
+}
+
 // Rows of x in groups (the packed x of a group, one K chunk of it, stays in L2): each group decodes the weight again.
 constexpr int64_t kGemmGroupNK = 256;           // nk: 8 strips of 32 rows
 constexpr int64_t kGemmGroupKN = 18 * kGemmMR;  // kn: 18 strips of 14 rows (y block 252 x 512 floats)
+
+// Rows per group for B rows of x: groups as even as whole strips allow, none longer than `most` + a quarter. Each
+// group decodes the whole weight again: with fixed groups of `most`, batch 256 in (K, N) ran as 252 rows + 4 rows,
+// the second decode costing as much as a fifth of the call.
+inline int64_t gemm_group_rows(int64_t B, int64_t most, int64_t strip) {
+  const int64_t cap = most + most / 4;
+  const int64_t groups = (B + cap - 1) / cap;
+  const int64_t rows = (B + groups - 1) / groups;
+  return (rows + strip - 1) / strip * strip;
+}
 
 template <int L, bool BS16, int KD>
 struct GNK {
   static void run(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t n0,
                   int64_t n1) {
-    for (int64_t b0 = 0; b0 < B; b0 += kGemmGroupNK) {
-      const int64_t bg = std::min(kGemmGroupNK, B - b0);
+    const int64_t group = gemm_group_rows(B, kGemmGroupNK, 32);
+    for (int64_t b0 = 0; b0 < B; b0 += group) {
+      const int64_t bg = std::min(group, B - b0);
       if (B > 16) gemm_nk<L, BS16, KD, 2>(p, xp + b0 * K, bg, K, y + b0 * N, N, n0, n1);
       else gemm_nk<L, BS16, KD, 1>(p, xp + b0 * K, bg, K, y + b0 * N, N, n0, n1);
     }
@@ -1046,8 +1147,17 @@ template <int L, bool BS16, int KD>
 struct GKN {
   static void run(const Planes& p, const float* xa, int64_t B, int64_t K, float* y, int64_t N, int64_t g0,
                   int64_t g1) {
-    for (int64_t b0 = 0; b0 < B; b0 += kGemmGroupKN)
-      gemm_kn<L, BS16, KD>(p, xa + b0 * K, std::min(kGemmGroupKN, B - b0), K, y + b0 * N, N, g0, g1);
+    const int64_t group = gemm_group_rows(B, kGemmGroupKN, kGemmMR);
+    for (int64_t b0 = 0; b0 < B; b0 += group)
+      gemm_kn<L, BS16, KD>(p, xa + b0 * K, std::min(group, B - b0), K, y + b0 * N, N, g0, g1);
+  }
+};
+
+template <int L, bool BS16, int KD>
+struct GKNSmall {
+  static void run(const Planes& p, const float* xp, int64_t B, int64_t K, float* y, int64_t N, int64_t g0,
+                  int64_t g1) {
+    gemm_kn_small<L, BS16, KD>(p, xp, B, K, y, N, g0, g1);
   }
 };
 
@@ -1065,10 +1175,15 @@ void gemm_call(const Planes& p, const float* x, int64_t B, int64_t K, float* y, 
     });
     const int64_t R = V == 2 ? 14 : 16;
     parallel_for_pool(N, R, pool, nt, [&](int64_t n0, int64_t n1) { dispatch<GNK>(p, xp.data(), B, K, y, N, n0, n1); });
+  } else if (B < 2 * kGemmMR) {
+    const int64_t nstrips = (B + 15) / 16;
+    Scratch xp(static_cast<size_t>(nstrips * 16 * K));
+    parallel_for_pool(nstrips, 1, pool, nt, [&](int64_t s0, int64_t s1) { gemm_pack_x_kn<16>(x, B, K, xp.data(), s0, s1); });
+    parallel_for_pool(N / 32, 1, pool, nt, [&](int64_t g0, int64_t g1) { dispatch<GKNSmall>(p, xp.data(), B, K, y, N, g0, g1); });
   } else {
     const int64_t nstrips = (B + kGemmMR - 1) / kGemmMR;
     Scratch xa(static_cast<size_t>(nstrips * kGemmMR * K));
-    parallel_for_pool(nstrips, 1, pool, nt, [&](int64_t s0, int64_t s1) { gemm_pack_x_kn(x, B, K, xa.data(), s0, s1); });
+    parallel_for_pool(nstrips, 1, pool, nt, [&](int64_t s0, int64_t s1) { gemm_pack_x_kn<kGemmMR>(x, B, K, xa.data(), s0, s1); });
     parallel_for_pool(N / 32, 1, pool, nt, [&](int64_t g0, int64_t g1) { dispatch<GKN>(p, xa.data(), B, K, y, N, g0, g1); });
   }
 }
