@@ -20,12 +20,13 @@ from typing import Any
 import flax.struct
 import jax
 
+from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor.errors import ConfigError
 
 __all__ = ["Timing", "time_fn"]
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Timing:
     """What :func:`time_fn` measured, in seconds per call.
 

@@ -15,10 +15,12 @@ from typing import Any
 import flax.struct
 import jax
 
+from viva_tensor._formats.record import pytree_dataclass
+
 __all__ = ["CompiledMemory", "compiled_memory", "memory_of", "compile", "cost", "flops"]
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class CompiledMemory:
     """XLA's memory analysis of one compiled function, in bytes.
 

@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 
 from viva_tensor import _xla
+from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor.errors import (
     BroadcastError,
     ConfigError,
@@ -777,7 +778,7 @@ def dot_product_attention(
 # --------------------------------------------------------------------------------------------------
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class FlashConfig:
     """How :func:`flash_attention` tiles one call (frozen; every field is static).
 
@@ -794,7 +795,7 @@ class FlashConfig:
     causal: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class FlashResult:
     """What :func:`flash_attention` returns.
 

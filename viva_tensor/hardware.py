@@ -31,6 +31,7 @@ import numpy as np
 
 from viva_tensor import _xla
 from viva_tensor._benchmarking import time_fn
+from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor._formats.registry import FORMATS
 from viva_tensor.errors import ConfigError, FormatError
 
@@ -50,7 +51,7 @@ __all__ = [
 _GB, _GIB, _T = 1e9, 2**30, 1e12
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class DeviceSpec:
     """What a device offers: memory, bandwidth and peak FLOP/s per dtype, each with its source.
 
@@ -309,7 +310,7 @@ def tensor_memory_bytes(shape: tuple[int, ...], fmt: str = "float32", **options:
     raise FormatError(argument="fmt", expected=f"a dtype or one of {tuple(FORMATS)}", got=fmt)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class EffectiveMemory:
     """How many values a device holds in a format.
 
@@ -353,7 +354,7 @@ def effective_memory(device: DeviceSpec | str, fmt: str = "float32") -> Effectiv
     return EffectiveMemory(spec.name, fmt, bits, values, 4 * values)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class PerformanceEstimate:
     """Where a compiled function sits on a device's roofline.
 

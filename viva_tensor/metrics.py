@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
 from viva_tensor.tensor import _array, _l2, _restore, _rms_parts, _scaled
 
@@ -332,7 +332,7 @@ def outlier_percentage(original: jax.Array, reconstructed: jax.Array, *, thresho
     return (100.0 * jnp.mean((err > limit).astype(jnp.float32))).astype(jnp.float32)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class QuantMetrics:
     """Every metric of a reconstruction at once (a frozen pytree: float32 scalars as children).
 

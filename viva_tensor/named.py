@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import axis as _axis
+from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor._formats.registry import is_quantized
 from viva_tensor.errors import (
     AxisError,
@@ -90,7 +91,7 @@ __all__ = [
 ]
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class NamedTensor:
     """An array with named axes.
 

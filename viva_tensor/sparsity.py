@@ -51,7 +51,7 @@ import jax.numpy as jnp
 
 from viva_tensor._formats import packing, registry
 from viva_tensor._formats.checks import float_input
-from viva_tensor._formats.record import QuantizedArray, record, static
+from viva_tensor._formats.record import QuantizedArray, pytree_dataclass, record, static
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, InvalidShape, ShapeMismatch
 
 __all__ = [
@@ -411,7 +411,7 @@ def sparse_matmul(x: jax.Array, s: Sparse24Tensor, *, precision: Any = None) -> 
     return _sparse_matmul(x, s, precision)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class SparsityMetrics:
     """What 2:4 pruning kept and cost (float32 scalars as children, byte counts static).
 

@@ -13,6 +13,7 @@ from typing import Any
 import flax.struct
 import jax
 
+from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor.errors import ConfigError
 from viva_tensor.memory._hierarchy import MemoryHierarchy
 from viva_tensor.memory._tiers import _check_bytes, _flatten_units, _is_unit, place, tree_nbytes
@@ -20,12 +21,12 @@ from viva_tensor.memory._tiers import _check_bytes, _flatten_units, _is_unit, pl
 __all__ = ["KeepOnDevice", "OffloadToHost", "OffloadToDisk", "SmartOffload", "plan", "offload"]
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class KeepOnDevice:
     """Every leaf on the device (Gleam ``KeepOnGpu``)."""
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class OffloadToHost:
     """Leaves larger than ``threshold`` bytes go to host memory, the others stay on the device.
 
@@ -38,7 +39,7 @@ class OffloadToHost:
     kind: str = flax.struct.field(pytree_node=False, default="pinned_host")
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class OffloadToDisk:
     """Leaves larger than ``host_threshold`` bytes go to a safetensors file, the others to host memory.
 
@@ -53,7 +54,7 @@ class OffloadToDisk:
     kind: str = flax.struct.field(pytree_node=False, default="pinned_host")
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class SmartOffload:
     """Least-recently-used placement under byte budgets (the Gleam policy that was never built).
 
