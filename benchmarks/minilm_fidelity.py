@@ -22,7 +22,9 @@ float16 input scales); ``plan:<bits>`` is ``minilm.quantize(encoder, bits=...)``
 applied with the same GPTQ; ``+emb:nf4``: with the word, position and token-type tables in NF4 too
 (``embeddings="nf4"``, round to nearest; the GPTQ calibration runs on the model with them quantized), the
 "model ratio" column is then the whole model's (``--rows plan:4.5+emb:q5_0`` takes any table format, written
-to ``minilm_fidelity_rows.*``). Their quantize time includes the calibration.
+to ``minilm_fidelity_rows.*``); ``+w:texts``: the calibration tokens weighted ``1 / L`` (a text of ``L`` tokens),
+so that every text counts the same in the Hessians and the planner's layer errors (``weighting="texts"``; the
+default weighs every token 1). Their quantize time includes the calibration.
 
 Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
 
@@ -47,8 +49,8 @@ from viva_tensor.models import minilm  # noqa: E402
 
 FIXTURE = _common.FIXTURE
 
-CALIBRATED = ("gptq:int4_group", "awq+gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0", "plan:4.25", "plan:4.5",
-              "plan:4.25+emb:nf4", "plan:4.5+emb:nf4")
+CALIBRATED = ("gptq:int4_group", "gptq:int4_group+w:texts", "awq+gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0",
+              "plan:4.25", "plan:4.5", "plan:4.5+w:texts", "plan:4.5+emb:nf4", "plan:4.5+emb:q5_0")
 """The calibrated rows of the full run (see the module docstring)."""
 
 SENSITIVE = ("attention.value", "intermediate", "output")
@@ -87,9 +89,14 @@ def calibrated(encoder, spec: str, quick: bool):
     """(model, kernel bytes, float kernel bytes, report) for ``gptq:<fmt>``, ``awq+gptq:<fmt>`` or ``plan:<bits>``."""
     from viva_tensor.models import _calibration
 
+    spec, _, weighting = spec.partition("+w:")
     spec, _, emb = spec.partition("+emb:")
+    weighting, _, emb2 = weighting.partition("+emb:")
+    emb = emb or emb2
     kind, value = spec.split(":")
     options = {"embeddings": emb} if emb else {}
+    if weighting:
+        options["weighting"] = weighting
     if quick:  # seconds: 32 sentences, the first layer only
         first = lambda path, layer: path.startswith("layers.0.")  # noqa: E731
         options = {"calibration": _calibration.calibration_text(32), "where": first}
@@ -204,7 +211,9 @@ def write(rows: list[dict], n: int, args) -> None:
         "Calibrated rows (`gptq:`, `plan:`): `minilm.quantize` with its defaults (626 calibration texts of "
         "`calibration_mix`: docstrings, package READMEs, 1-4 word texts; one-shot GPTQ, mse=True, damp=0.1; the "
         "planner: 5 candidates (NF4-DQ 64/32, Q5_0, Q5_1, Q8_0), gain sensitivities on the first 32 texts; "
-        "`+emb:nf4`: the embedding tables in NF4 as well, round to nearest; `awq+gptq:`: AWQ-style scale "
+        "`+emb:nf4` / `+emb:q5_0`: the embedding tables in NF4 / Q5_0 as well, round to nearest (model ratio: the "
+        "whole model's); `+w:texts`: calibration tokens weighted 1/L (L the text's tokens), every text counting the "
+        "same in the Hessians and the planner's layer errors; `awq+gptq:`: AWQ-style scale "
         "migration (s = rms(x)^alpha, alpha in 0, 1/4, 1/2 per layer by the least output error on every 5th "
         "calibration batch, held out; GPTQ on the others) before the same GPTQ: awq_int4 records, not plain GPTQ). "
         "Quantize times are wall / process CPU "

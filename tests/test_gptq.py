@@ -89,6 +89,32 @@ def test_hessian_mask_drops_tokens(rng):
     np.testing.assert_allclose(np.asarray(h.matrix), np.asarray(2 * kept.T @ kept / 2), rtol=1e-5)
 
 
+def test_hessian_token_weights_match_numpy(rng):
+    """weights=w adds (2 / n) sum_t w_t x_t x_t^T (n counts samples as without weights), with a mask on top."""
+    batches = [rng.normal(size=(3, 5, 16)), rng.normal(size=(2, 4, 16))]
+    weights = [rng.uniform(0.0, 2.0, size=b.shape[:-1]) for b in batches]
+    masks = [rng.uniform(size=b.shape[:-1]) > 0.3 for b in batches]
+    h, total, n = None, np.zeros((16, 16)), 0
+    for b, w, m in zip(batches, weights, masks, strict=True):
+        h = gptq.accumulate(h, jnp.asarray(b, jnp.float32), mask=jnp.asarray(m), weights=jnp.asarray(w, jnp.float32))
+        rows, wm = b.reshape(-1, 16), (w * m).reshape(-1)
+        total += (rows * wm[:, None]).T @ rows
+        n += b.shape[0]
+    assert float(h.count) == n == 5
+    np.testing.assert_allclose(np.asarray(h.matrix), 2 * total / n, rtol=1e-5, atol=1e-5)
+    ones = gptq.hessian(jnp.asarray(batches[0], jnp.float32), weights=jnp.ones((3, 5)))
+    plain = gptq.hessian(jnp.asarray(batches[0], jnp.float32))
+    np.testing.assert_allclose(np.asarray(ones.matrix), np.asarray(plain.matrix), rtol=1e-6)
+
+
+def test_hessian_token_weights_errors():
+    x = jnp.ones((2, 3, 4))
+    with pytest.raises(ShapeMismatch, match="weights"):
+        gptq.hessian(x, weights=jnp.ones((2, 4)))
+    with pytest.raises(ConfigError, match="weights"):
+        gptq.hessian(x, weights=-jnp.ones((2, 3)))
+
+
 def test_hessian_bfloat16_and_jit(rng):
     x = jnp.asarray(rng.normal(size=(64, 16)), jnp.bfloat16)
     h = jax.jit(gptq.hessian)(x)

@@ -160,3 +160,25 @@ def test_a_plan_block_size_is_the_gptq_group_of_the_record():
     rtn = quant.quantize(model.first.kernel.get_value().T, "nf4_dq", block_size=32)
     assert first.nbytes == rtn.nbytes
     assert qmodel.second.weight.get_value().nbytes == quant.quantize(model.second.kernel.get_value().T, "nf4_dq").nbytes
+
+
+def test_token_weights_weigh_the_gram_matrices_and_the_counts():
+    """CalibrationBatch.weights: capture_grams and capture_cross give sum_t w_t m_t x_t x_t^T (NumPy) and sum w m."""
+    model = MLP()
+    other = nnx.clone(model)
+    other.first.kernel.set_value(1.5 * other.first.kernel.get_value())
+    x = _inputs(0, (2, 8, 64))
+    mask = jnp.arange(8)[None, :] < jnp.array([[5], [3]])
+    lengths = jnp.sum(mask, axis=1, keepdims=True).astype(jnp.float32)
+    weights = jnp.where(mask, 1.0 / lengths, 7.0)  # 1/L per text; the padding (weight 7) masked out
+    batch = nn.CalibrationBatch((x,), mask=mask, weights=weights)
+    wm = (np.asarray(weights, np.float64) * np.asarray(mask)).reshape(-1)
+    grams, _ = _sequential.capture_grams(model, [batch])
+    rows = _rows(x)
+    np.testing.assert_allclose(np.asarray(grams["first"][0]), (rows * wm[:, None]).T @ rows, rtol=1e-4, atol=1e-4)
+    assert float(grams["first"][1]) == pytest.approx(2.0)  # each text weighs 1
+    gram, cross, n = _sequential.capture_cross(model, other, [batch], "second")
+    hf, hq = _rows(jax.nn.relu(model.first(x))), _rows(jax.nn.relu(other.first(x)))
+    np.testing.assert_allclose(np.asarray(gram), (hq * wm[:, None]).T @ hq, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(cross), (hf * wm[:, None]).T @ hq, rtol=1e-4, atol=1e-3)
+    assert float(n) == pytest.approx(2.0)

@@ -399,6 +399,27 @@ def test_gptq_beats_round_to_nearest_on_the_whole_encoder(encoder, quantized_emb
     assert gptq_cos.mean() > rtn_cos.mean() + 0.005, (gptq_cos.mean(), rtn_cos.mean())
 
 
+@pytest.mark.parametrize("weighting", ["tokens", "sqrt", "texts"])
+def test_calibration_batches_weigh_each_text_by_its_length(encoder, weighting):
+    """weighting="texts": each text's tokens weigh 1 / L (the gradient of its mean-pooled embedding), "sqrt"
+    1 / sqrt(L), "tokens" no weights; padding weighs 0 and the mask is unchanged."""
+    from viva_tensor.models import _quantize
+
+    texts = ["ok", "A somewhat longer calibration sentence with more tokens in it.", ""]
+    (batch,) = _quantize.calibration_batches(encoder, texts, batch_size=4, length=16, weighting=weighting)
+    lengths = [len(e.ids) for e in encoder.tokenizer.encode_batch(texts)]
+    mask = np.asarray(batch.mask)
+    assert mask.sum(axis=1).tolist() == [*lengths, 0]
+    if weighting == "tokens":
+        assert batch.weights is None
+        return
+    per_text = {"sqrt": lambda n: 1 / np.sqrt(n), "texts": lambda n: 1 / n}[weighting]
+    want = mask * np.array([per_text(n) for n in lengths] + [0.0])[:, None]
+    np.testing.assert_allclose(np.asarray(batch.weights), want, rtol=1e-6)
+    with pytest.raises(ConfigError, match="weighting"):
+        _quantize.calibration_batches(encoder, texts, weighting="mean")
+
+
 def test_quantize_model_unknown_format(encoder):
     with pytest.raises(FormatError, match="argument 'fmt'"):
         nn.quantize_model(encoder.model, "int3")

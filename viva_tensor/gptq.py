@@ -167,7 +167,9 @@ def _accumulate(matrix: jax.Array, count: jax.Array, x: jax.Array, samples: jax.
     return Hessian(matrix * (count / total) + update * (jnp.float32(2) / total), total)
 
 
-def accumulate(h: Hessian | None, x: jax.Array, *, mask: jax.Array | None = None) -> Hessian:
+def accumulate(
+    h: Hessian | None, x: jax.Array, *, mask: jax.Array | None = None, weights: jax.Array | None = None
+) -> Hessian:
     """Adds a calibration batch to a running Hessian: ``H *= n / (n + m); n += m; H += (2 / n) XᵀX``.
 
     ``m`` counts the batch's samples as the reference's ``add_batch``: the product of the dims before
@@ -178,13 +180,19 @@ def accumulate(h: Hessian | None, x: jax.Array, *, mask: jax.Array | None = None
         h: the Hessian so far, or ``None`` to start.
         x: the layer's inputs ``(..., tokens, in)``, float32, bfloat16 or float16.
         mask: optional ``(..., tokens)`` booleans: tokens to leave out (padding), zero where False.
+        weights: optional ``(..., tokens)`` non-negative token weights ``w_t``: the batch adds
+            ``(2 / n) Σ_t w_t x_t x_tᵀ`` instead of ``(2 / n) Σ_t x_t x_tᵀ`` (``m`` is unchanged). E.g. ``1 / L``
+            for the tokens of a text of ``L`` tokens when the objective is the text's mean over its tokens
+            (a token moves the mean by ``1 / L`` of its own error): every text then counts equally. GPTQ
+            itself (:func:`quantize`) is unchanged; it sees the weighted Hessian.
 
     Returns:
         A :class:`Hessian`.
 
     Raises:
         DTypeError, InvalidShape, DimensionError: ``x`` not a float array of rank >= 2 (or empty).
-        ShapeMismatch: ``x``'s last dim differs from ``h``'s, or ``mask`` is not ``x.shape[:-1]``.
+        ShapeMismatch: ``x``'s last dim differs from ``h``'s, or ``mask`` / ``weights`` is not ``x.shape[:-1]``.
+        ConfigError: a negative or non-finite weight (checked when ``weights`` is concrete).
 
     Example:
         >>> import jax.numpy as jnp
@@ -199,6 +207,14 @@ def accumulate(h: Hessian | None, x: jax.Array, *, mask: jax.Array | None = None
         if mask.shape != x.shape[:-1]:
             raise ShapeMismatch(argument="mask", expected=f"shape {tuple(x.shape[:-1])} (x without in)", got=mask.shape)
         x = jnp.where(mask[..., None].astype(bool), x, jnp.zeros((), x.dtype))
+    if weights is not None:
+        weights = jnp.asarray(weights)
+        if weights.shape != x.shape[:-1]:
+            raise ShapeMismatch(argument="weights", expected=f"shape {tuple(x.shape[:-1])} (x without in)",
+                                got=weights.shape)  # fmt: skip
+        if not isinstance(weights, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(weights) & (weights >= 0))):
+            raise ConfigError(argument="weights", expected="finite weights >= 0", got="a negative or non-finite weight")
+        x = x.astype(jnp.float32) * jnp.sqrt(weights.astype(jnp.float32))[..., None]
     k = x.shape[-1]
     if h is None:
         h = Hessian(jnp.zeros((k, k), jnp.float32), jnp.zeros((), jnp.float32))
@@ -211,12 +227,13 @@ def accumulate(h: Hessian | None, x: jax.Array, *, mask: jax.Array | None = None
     return _accumulate(h.matrix, h.count, x, samples)
 
 
-def hessian(x: jax.Array, *, mask: jax.Array | None = None) -> Hessian:
+def hessian(x: jax.Array, *, mask: jax.Array | None = None, weights: jax.Array | None = None) -> Hessian:
     """The GPTQ Hessian ``2 XᵀX / n`` of a layer's inputs (:func:`accumulate` from nothing).
 
     Args:
         x: the layer's inputs ``(..., tokens, in)``.
         mask: optional ``(..., tokens)`` booleans: tokens to leave out.
+        weights: optional ``(..., tokens)`` token weights (see :func:`accumulate`).
 
     Returns:
         A :class:`Hessian` (``matrix (in, in)`` float32, ``count``).
@@ -230,7 +247,7 @@ def hessian(x: jax.Array, *, mask: jax.Array | None = None) -> Hessian:
         >>> h.matrix.tolist(), float(h.count)
         ([[4.0, 4.0], [4.0, 8.0]], 1.0)
     """
-    return accumulate(None, x, mask=mask)
+    return accumulate(None, x, mask=mask, weights=weights)
 
 
 # ----------------------------------------------------------------------------------------- the sweep

@@ -51,6 +51,12 @@ class CalibrationBatch:
         kwargs: the keyword arguments.
         mask: optional booleans ``(batch, tokens)``: a layer input ``(batch, tokens, in)`` counts only
             the tokens where it is True (leave padding out). Inputs of another shape are not masked.
+        weights: optional non-negative floats ``(batch, tokens)``: token ``t`` of a layer input ``(batch,
+            tokens, in)`` adds ``w_t x_t x_tᵀ`` to the Gram matrix and ``w_t`` to the token count (times the
+            mask, when both are given), as :func:`viva_tensor.gptq.accumulate`'s ``weights``. E.g. ``1 / L``
+            on the ``L`` tokens of each text when the model's output is a mean over each text's tokens:
+            every text then weighs the same in the Hessians, the AWQ statistics and the planner's layer
+            errors. Inputs of another shape are not weighted.
 
     Example:
         >>> import jax.numpy as jnp
@@ -62,6 +68,7 @@ class CalibrationBatch:
     args: tuple = ()
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     mask: Any = None
+    weights: Any = None
 
 
 class _Context:
@@ -70,6 +77,7 @@ class _Context:
     def __init__(self, wanted: set[str] | None):
         self.wanted = wanted
         self.mask: jax.Array | None = None
+        self.weights: jax.Array | None = None
         self.grams: dict[str, tuple[jax.Array, jax.Array]] = {}
         self.first: dict[int, str] = {}
         self.group_of: dict[str, str] = {}
@@ -77,21 +85,25 @@ class _Context:
         self.raw: str | None = None  # a layer whose (masked) input rows are kept in `rows`
         self.rows: list[jax.Array] = []
 
+    def token_weights(self, x: jax.Array) -> jax.Array | None:
+        """The weight of each row of ``x.reshape(-1, in)`` (mask times weights), or ``None`` (all 1)."""
+        return _token_weights(self.mask, self.weights, x.shape[:-1])
+
     def record(self, name: str, x: jax.Array) -> None:
         leader = self.first.setdefault(id(x), name)
         self.keep.append(x)
         self.group_of.setdefault(name, leader)
+        weight = self.token_weights(x)
         if name == self.raw:
             rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-            if self.mask is not None and tuple(self.mask.shape) == tuple(x.shape[:-1]):
-                rows = rows * self.mask.reshape(-1).astype(jnp.float32)[:, None]
+            if weight is not None:
+                rows = rows * jnp.sqrt(weight)[:, None]
             self.rows.append(rows)
         if leader != name or (self.wanted is not None and name not in self.wanted):
             return
         rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        if self.mask is not None and tuple(self.mask.shape) == tuple(x.shape[:-1]):
-            weight = self.mask.reshape(-1).astype(jnp.float32)
-            rows = rows * weight[:, None]
+        if weight is not None:
+            rows = rows * jnp.sqrt(weight)[:, None]
             count = jnp.sum(weight)
         else:
             count = jnp.float32(rows.shape[0])
@@ -103,6 +115,17 @@ class _Context:
 
 
 _CONTEXT: list[_Context] = []
+
+
+def _token_weights(mask: Any, weights: Any, shape: tuple) -> jax.Array | None:
+    """Flat float32 weights of the tokens of an input of leading shape ``shape``: ``mask * weights`` where their
+    shapes match it; ``None`` when neither applies."""
+    out = None
+    for part in (mask, weights):
+        if part is not None and tuple(part.shape) == tuple(shape):
+            part = jnp.asarray(part).reshape(-1).astype(jnp.float32)
+            out = part if out is None else out * part
+    return out
 
 
 class _Capture(nnx.Module):
@@ -118,9 +141,10 @@ class _Capture(nnx.Module):
         return self.layer(x, *args, **kwargs)
 
 
-def _forward(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, wanted: tuple | None):
+def _forward(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, weights: Any, wanted: tuple | None):
     context = _Context(None if wanted is None else set(wanted))
     context.mask = None if mask is None else jnp.asarray(mask)
+    context.weights = None if weights is None else jnp.asarray(weights)
     _CONTEXT.append(context)
     try:
         nnx.merge(graphdef, state)(*args, **kwargs)
@@ -131,13 +155,15 @@ def _forward(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, wa
 
 
 _TRACED_GROUPS: dict[tuple, dict[str, str]] = {}
-_forward_jit = jax.jit(_forward, static_argnums=(0, 5))
+_forward_jit = jax.jit(_forward, static_argnums=(0, 6))
 
 
-def _inputs_of(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, name: str) -> jax.Array:
-    """The (masked) input rows ``(tokens, in)`` of layer ``name`` in one forward (all its calls, stacked)."""
+def _inputs_of(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, weights: Any, name: str) -> jax.Array:
+    """The (masked) input rows ``(tokens, in)`` of layer ``name`` in one forward (all its calls, stacked), each row
+    times the square root of its token weight."""
     context = _Context(set())
     context.mask = None if mask is None else jnp.asarray(mask)
+    context.weights = None if weights is None else jnp.asarray(weights)
     context.raw = name
     _CONTEXT.append(context)
     try:
@@ -149,17 +175,19 @@ def _inputs_of(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, 
     return jnp.concatenate(context.rows, axis=0)
 
 
-def _pair(float_def, float_state, graphdef, state, args, kwargs, mask, name):
-    xf = _inputs_of(float_def, float_state, args, kwargs, mask, name)
-    xq = _inputs_of(graphdef, state, args, kwargs, mask, name)
+def _pair(float_def, float_state, graphdef, state, args, kwargs, mask, weights, name):
+    xf = _inputs_of(float_def, float_state, args, kwargs, mask, weights, name)
+    xq = _inputs_of(graphdef, state, args, kwargs, mask, weights, name)
     contract = (((0,), (0,)), ((), ()))
     gram = jax.lax.dot_general(xq, xq, contract, precision=_HIGHEST)
     cross = jax.lax.dot_general(xf, xq, contract, precision=_HIGHEST)
-    count = jnp.float32(xq.shape[0]) if mask is None else jnp.sum(jnp.asarray(mask).astype(jnp.float32))
+    shape = None if mask is None and weights is None else (mask if mask is not None else weights).shape
+    weight = None if shape is None else _token_weights(mask, weights, tuple(shape))
+    count = jnp.float32(xq.shape[0]) if weight is None else jnp.sum(weight)
     return gram, cross, count
 
 
-_pair_jit = jax.jit(_pair, static_argnums=(0, 2, 7))
+_pair_jit = jax.jit(_pair, static_argnums=(0, 2, 8))
 
 
 def _wrapped(model: nnx.Module) -> nnx.Module:
@@ -205,7 +233,7 @@ def capture_cross(
     total = None
     for batch in batches:
         got = _pair_jit(float_def, float_state, graphdef, state, tuple(batch.args), dict(batch.kwargs), batch.mask,
-                        name)  # fmt: skip
+                        batch.weights, name)  # fmt: skip
         total = got if total is None else tuple(a + b for a, b in zip(total, got, strict=True))
     return total
 
@@ -286,7 +314,8 @@ def capture_grams(
         return total, groups
     graphdef, state = nnx.split(copy)
     for batch in batches:
-        grams = _forward_jit(graphdef, state, tuple(batch.args), dict(batch.kwargs), batch.mask, wanted)
+        grams = _forward_jit(graphdef, state, tuple(batch.args), dict(batch.kwargs), batch.mask, batch.weights,
+                             wanted)  # fmt: skip
         add(grams, _TRACED_GROUPS.get((graphdef, wanted), {}) if not groups else {})
     return total, groups
 
