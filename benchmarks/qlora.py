@@ -13,7 +13,8 @@ nothing runs), parameters and optimizer state donated as a training loop does:
 
 Distillation (``minilm.distill``, ``--only distill``): the NF4 MiniLM with LoRA adapters (rank ``--rank``, default 16)
 trained to match the float32 model on the default text (the standard library's docstrings, the installed
-distributions' descriptions and message catalogs, short spans; packed rows of 256 tokens); ``--only qat``: the same
+distributions' descriptions and message catalogs, odd texts (docstring examples, numeric README lines, questions),
+35% spans of 1-8 words; packed rows of 256 tokens); ``--only qat``: the same
 with quantization-aware training of int4 kernels (``int4_group``, groups of 128), then frozen to real records;
 ``--only int4``: LoRA on the GPTQ int4 (groups of 128) base. ``distill``'s defaults: the frozen base quantized by GPTQ
 (``minilm.quantize``), the adapters started at the calibrated correction of its error (``nn.lora(init="calibrated")``);
