@@ -13,7 +13,8 @@ nothing runs), parameters and optimizer state donated as a training loop does:
 
 Distillation (``minilm.distill``, ``--only distill``): the NF4 MiniLM with LoRA adapters (rank ``--rank``, default 16)
 trained to match the float32 model on the default text (the standard library's docstrings, the installed
-distributions' descriptions and message catalogs, short spans; packed rows of 256 tokens); ``--only qat``: the same
+distributions' descriptions and message catalogs, odd texts (docstring examples, numeric README lines, questions),
+35% spans of 1-8 words; packed rows of 256 tokens); ``--only qat``: the same
 with quantization-aware training of int4 kernels (``int4_group``, groups of 128), then frozen to real records;
 ``--only int4``: LoRA on the GPTQ int4 (groups of 128) base. ``distill``'s defaults: the frozen base quantized by GPTQ
 (``minilm.quantize``), the adapters started at the calibrated correction of its error (``nn.lora(init="calibrated")``);
@@ -175,7 +176,9 @@ def _zero_adapters(model):
     return base
 
 
-def distill_row(quick: bool, steps: int, rank: int, method: str = "lora", fmt: str = "nf4") -> dict:
+def distill_row(
+    quick: bool, steps: int, rank: int, method: str = "lora", fmt: str = "nf4", learning_rate: float | None = None
+) -> dict:
     if quick:
         tok = minilm.load_tokenizer(max_length=64)
         cfg = minilm.MiniLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
@@ -200,7 +203,7 @@ def distill_row(quick: bool, steps: int, rank: int, method: str = "lora", fmt: s
         del student0
     load0 = os.getloadavg()[0]
     student, report = minilm.distill(encoder, method=method, fmt=fmt, rank=rank, alpha=2 * rank, steps=steps,
-                                     **{**kwargs, "progress": True})  # fmt: skip
+                                     learning_rate=learning_rate, **{**kwargs, "progress": True})  # fmt: skip
     after = _fidelity(np.asarray(minilm.encode(student, sentences)), base)
     row = {
         "method": method, "fmt": fmt, "steps": steps, "rank": report.rank, "batch": batch,
@@ -268,6 +271,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--steps", type=_common.positive_int, default=None, help="distillation steps (default 120)")
     p.add_argument("--rank", type=_common.positive_int, default=16, help="distillation adapters' rank")
+    p.add_argument("--learning-rate", type=float, default=None, help="distillation's peak learning rate")
     args = p.parse_args(argv)
     data, md = {}, []
     if args.only in (None, "memory"):
@@ -293,9 +297,8 @@ def main(argv=None) -> None:
     for part, method, fmt in (("distill", "lora", "nf4"), ("qat", "qat", "int4_group"), ("int4", "lora", "int4_group")):
         if args.only == part or (args.only is None and not (args.quick and part == "int4")):
             steps = args.steps or (2 if args.quick else 120)
-            row = distill_row(
-                args.quick, steps, args.rank, method, "q4_0" if args.quick and fmt == "int4_group" else fmt
-            )
+            fmt = "q4_0" if args.quick and fmt == "int4_group" else fmt
+            row = distill_row(args.quick, steps, args.rank, method, fmt, args.learning_rate)
             md += _distill_md(row)
             data[part] = row
     name = "qlora" if args.only is None else f"qlora_{args.only}"

@@ -247,3 +247,35 @@ def test_zero_steps_and_bad_arguments(encoder, starts):
         minilm.distill(encoder, method="qat", base="gptq", text=text, progress=False)
     with pytest.raises(ConfigError, match="init"):
         minilm.distill(encoder, init="loftq", text=text, progress=False)
+
+
+def test_sentence_loss_counts_each_text_once_and_weights_the_worst():
+    rng = np.random.default_rng(0)
+    cos = rng.uniform(0.5, 1.0, (3, 7)).astype(np.float32)
+    real = (rng.uniform(size=(3, 7)) < 0.7).astype(np.float32)
+    d = (1.0 - cos.astype(np.float64)) * real
+    n = real.sum()
+    for w in (0.0, 1.5):
+        want = d.sum() / n + (w * (d * d).sum() / d.sum() if w else 0.0)
+        assert float(_distill._sentence_loss(jnp.asarray(cos), jnp.asarray(real), w)) == pytest.approx(want, rel=1e-5)
+        grad = jax.grad(_distill._sentence_loss)(jnp.asarray(cos), jnp.asarray(real), w)
+        # d loss / d cos_i = -(1 / n + w d_i / sum d) for a real text (the weights d held constant), 0 for padding
+        np.testing.assert_allclose(np.asarray(grad), -real * (1 / n + w * d / d.sum()), rtol=1e-5, atol=1e-7)
+
+
+def test_odd_texts_are_what_they_say():
+    lines = _distill._doctest_lines()
+    assert len(lines) > 100 and not [s for s in lines if s.startswith((">>>", "...")) or not 1 <= len(s) <= 120]
+    numeric = _distill._numeric_lines()
+    assert numeric and all(any(c.isdigit() for c in s) and len(s) <= 100 for s in numeric)
+    questions = _distill._questions(_distill._package_text()[0])
+    assert questions and all(s.endswith(("?", "!")) for s in questions)
+    rng = np.random.default_rng(0)
+    spans = _distill._spans(["one two three four five six seven eight nine ten"], 50, rng, 8)
+    assert {len(s.split()) for s in spans} == set(range(1, 9))
+    assert all(s in "one two three four five six seven eight nine ten" for s in spans)
+    mixed = _distill._mixed_text(0, short_share=0.35)
+    assert len(set(mixed)) == len(mixed)
+    assert sum(len(s.split()) <= 8 for s in mixed) >= 0.35 * len(mixed)
+    evaluation = [str(s) for s in np.load(FIXTURE)["sentences"] if len(str(s)) > 3]
+    assert not [s for s in evaluation if s in set(mixed)]
