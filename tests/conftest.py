@@ -3,9 +3,17 @@
 Eight host CPU devices are asked for before jax is imported, so sharding tests find a mesh; the suite
 runs with ``jax_numpy_rank_promotion="raise"`` so that no test passes by accidental broadcasting, and with
 ``jax_numpy_dtype_promotion="strict"`` so that no test (and no library path) mixes dtypes implicitly.
+
+``VIVA_TEST_JAX_CACHE=on`` turns on XLA's persistent compilation cache (off by default: not yet run over the
+whole suite), in a temporary directory that the pytest process which starts the run creates, shares with its
+xdist workers (through the environment) and removes at the end: a program that two tests (or the two workers)
+compile with the same HLO is compiled once. The directory is new for every run, so a run never reuses an
+executable compiled by an earlier one.
 """
 
 import os
+import shutil
+import tempfile
 
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
@@ -15,6 +23,29 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+_CACHE_ENV = "VIVA_TEST_JAX_CACHE"
+_OWNS_CACHE = os.environ.get(_CACHE_ENV) == "on"  # this process starts the run: it makes the directory, removes it
+if _OWNS_CACHE:  # the workers inherit the directory's path
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="viva_tensor_jax_cache_")
+if os.environ.get(_CACHE_ENV, "off") not in ("off", ""):
+    _cache_dir = os.environ[_CACHE_ENV]
+    try:  # a size limit turns on the cache's file lock: no worker reads an entry while another writes it
+        import filelock  # noqa: F401
+
+        jax.config.update("jax_compilation_cache_max_size", 16 * 2**30)
+    except ImportError:  # no lock: a directory per process (nothing shared between the workers)
+        _cache_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}_", dir=_cache_dir)
+    jax.config.update("jax_compilation_cache_dir", _cache_dir)
+    # only programs that took this long to compile are written (each write scans the directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("VIVA_TEST_JAX_CACHE_MIN_SECS", "0.2")))
+
+
+def pytest_unconfigure(config):
+    if _OWNS_CACHE:
+        shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
+
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

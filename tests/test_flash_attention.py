@@ -1,6 +1,7 @@
 """Tests for viva_tensor.flash_attention against jax.nn.dot_product_attention (an independent oracle)."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -95,6 +96,25 @@ def _out_and_grads(fn, q, k, v, bias, seen=None, jit=True):
         return out, vjp(w)
 
     return (jax.jit(go) if jit else go)(q, k, v, bias)
+
+
+@functools.cache
+def _vjp_program(attention, static):
+    """``jit`` of (out, VJP of sum(out * w)) of ``attention(q, k, v, bias, **static)`` over (q, k, v, bias), cached on
+    (attention, static options): tests that differ only in their values (the NaN and huge-logit cases) share one
+    compiled program per static configuration and shapes."""
+
+    def go(q, k, v, b, w):
+        out, vjp = jax.vjp(lambda q, k, v, b: attention(q, k, v, b, **dict(static)), q, k, v, b)
+        return out, vjp(w)
+
+    return jax.jit(go)
+
+
+def _shared_out_and_grads(attention, q, k, v, bias, **static):
+    """:func:`_out_and_grads` of ``attention`` with static options through :func:`_vjp_program`."""
+    w = _normal(9, q.shape).astype(q.dtype)
+    return _vjp_program(attention, tuple(sorted(static.items())))(q, k, v, bias, w)
 
 
 def _check_case(case):
@@ -204,7 +224,7 @@ def test_nan_in_nan_out_as_jax_nn_forward_and_backward(case, causal):
     q, k, v, b, scale = _nan_cases()[case]
     kw = dict(scale=scale, is_causal=causal)
     ref, g_ref = _out_and_grads(lambda *a: jax.nn.dot_product_attention(*a, **kw), q, k, v, b, jit=False)
-    ours, g_ours = _out_and_grads(lambda *a: fa.dot_product_attention(*a, block_q=8, block_kv=8, **kw), q, k, v, b)
+    ours, g_ours = _shared_out_and_grads(fa.dot_product_attention, q, k, v, b, block_q=8, block_kv=8, **kw)
     eager = fa.dot_product_attention(q, k, v, b, block_q=8, block_kv=8, **kw)
     np.testing.assert_array_equal(eager, ours)
     assert bool(jnp.isnan(ref).any()) or case.endswith("hidden_by_causal") or case.startswith("row_of")
@@ -220,13 +240,11 @@ def test_huge_logits_jit_equals_eager_equals_jax_nn(magnitude, causal):
     # softmax is nearly one-hot, and at 3e38 some visible logits fall below jax.nn's hidden value.
     q, k, v = _normal(1, (1, 24, 2, 4)), _normal(2, (1, 24, 2, 4)), _normal(3, (1, 24, 2, 4))
     bias = magnitude * jax.random.uniform(jax.random.key(4), (1, 2, 24, 24), minval=-1.0, maxval=1.0)
-    ref, g_ref = _out_and_grads(lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal), q, k, v, bias)
+    ref, g_ref = _shared_out_and_grads(jax.nn.dot_product_attention, q, k, v, bias, is_causal=causal)
     for blocks in [(8, 8), (16, 8), (None, None)]:
-        def f(q, k, v, b):
-            return fa.dot_product_attention(q, k, v, b, is_causal=causal, block_q=blocks[0], block_kv=blocks[1])
-
-        eager = f(q, k, v, bias)
-        jitted, g_ours = _out_and_grads(f, q, k, v, bias)
+        eager = fa.dot_product_attention(q, k, v, bias, is_causal=causal, block_q=blocks[0], block_kv=blocks[1])
+        jitted, g_ours = _shared_out_and_grads(fa.dot_product_attention, q, k, v, bias, is_causal=causal,
+                                               block_q=blocks[0], block_kv=blocks[1])
         np.testing.assert_array_equal(eager, jitted)
         assert bool(jnp.all(jnp.isfinite(jitted)))
         np.testing.assert_allclose(jitted, ref, **F32_TOL)
@@ -425,11 +443,20 @@ def test_naive_attention_matches_numpy(causal, maybe_jit):
     np.testing.assert_allclose(out, _numpy_attention(q, k, v, 0.3, causal), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(40, 8), (2, 40, 8), (2, 40, 3, 8)], ids=["2d", "batched", "heads"])
-def test_flash_attention_gleam_layouts(shape, dtype, maybe_jit):
+# Layout x dtype x (eager, jit), pairwise: every layout in both dtypes, every layout and every dtype both eagerly and
+# under jit (6 of the 12 combinations; each call compiles three programs: the attention and two memory analyses).
+GLEAM_CASES = [((40, 8), "float32", False), ((40, 8), "bfloat16", True), ((2, 40, 8), "float32", True),
+               ((2, 40, 8), "bfloat16", False), ((2, 40, 3, 8), "float32", False), ((2, 40, 3, 8), "bfloat16", True)]
+
+
+@pytest.mark.parametrize("shape, dtype, jit", GLEAM_CASES,
+                         ids=[f"{len(s)}d-{d}-{'jit' if j else 'eager'}" for s, d, j in GLEAM_CASES])
+def test_flash_attention_gleam_layouts(shape, dtype, jit):
+    dtype = jnp.dtype(dtype)
     q, k, v = (_normal(i, shape, dtype) for i in (1, 2, 3))
     config = fa.FlashConfig(block_q=16, block_kv=16, scale=None, causal=True)
-    result = maybe_jit(lambda a, b, c: fa.flash_attention(a, b, c, config))(q, k, v)
+    f = lambda a, b, c: fa.flash_attention(a, b, c, config)  # noqa: E731
+    result = (jax.jit(f) if jit else f)(q, k, v)
     assert isinstance(result, fa.FlashResult) and result.output.shape == shape and result.output.dtype == dtype
     f32 = [np.asarray(x.astype(jnp.float32)) for x in (q, k, v)]
     if len(shape) == 4:
