@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # lowest first. A file's key is its path under viva_tensor/ without ".py": "errors", "nn/_awq",
     # "quant/__init__". It belongs to the part of the first pattern (fnmatch) that matches its key.
     "core": ("errors", "axis", "tensor", "_xla", "_paths", "_safetensors", "_kernels/__init__", "_kernels/build",
-             "_benchmarking"),  # the one timer: hardware (memory) uses it too, it imports only errors
+             "_benchmarking", "_pytree"),  # the one timer: hardware (memory) uses it too, it imports only errors
     "formats": (
         "_formats/*", "compression", "nf4", "blackwell", "awq", "sparsity", "metrics", "ggml", "gidx",
     ),

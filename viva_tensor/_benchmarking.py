@@ -20,7 +20,7 @@ from typing import Any
 import flax.struct
 import jax
 
-from viva_tensor._formats.record import pytree_dataclass
+from viva_tensor._pytree import pytree_dataclass
 from viva_tensor.errors import ConfigError
 
 __all__ = ["Timing", "time_fn"]

@@ -15,7 +15,7 @@ from typing import Any
 import flax.struct
 import jax
 
-from viva_tensor._formats.record import pytree_dataclass
+from viva_tensor._pytree import pytree_dataclass
 
 __all__ = ["CompiledMemory", "compiled_memory", "memory_of", "compile", "cost", "flops"]
 

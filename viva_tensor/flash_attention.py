@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from viva_tensor import _xla
-from viva_tensor._formats.record import pytree_dataclass
+from viva_tensor._pytree import pytree_dataclass
 from viva_tensor.errors import (
     BroadcastError,
     ConfigError,

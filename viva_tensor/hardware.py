@@ -31,8 +31,8 @@ import numpy as np
 
 from viva_tensor import _xla
 from viva_tensor._benchmarking import time_fn
-from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor._formats.registry import FORMATS
+from viva_tensor._pytree import pytree_dataclass
 from viva_tensor.errors import ConfigError, FormatError
 
 __all__ = [

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from viva_tensor._formats.record import pytree_dataclass
+from viva_tensor._pytree import pytree_dataclass
 from viva_tensor.errors import ConfigError, DTypeError, InvalidShape, ShapeMismatch
 from viva_tensor.tensor import _array, _l2, _restore, _rms_parts, _scaled
 

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from viva_tensor import axis as _axis
-from viva_tensor._formats.record import pytree_dataclass
 from viva_tensor._formats.registry import is_quantized
+from viva_tensor._pytree import pytree_dataclass
 from viva_tensor.errors import (
     AxisError,
     AxisMismatch,

@@ -13,7 +13,7 @@ from typing import Any
 import flax.struct
 import jax
 
-from viva_tensor._formats.record import pytree_dataclass
+from viva_tensor._pytree import pytree_dataclass
 from viva_tensor.errors import ConfigError
 from viva_tensor.memory._hierarchy import MemoryHierarchy
 from viva_tensor.memory._tiers import _check_bytes, _flatten_units, _is_unit, place, tree_nbytes
