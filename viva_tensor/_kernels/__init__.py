@@ -16,7 +16,7 @@ XLA's own intra-op thread pool (the rows or column strips split into up to 4 chu
 threads come free: a thread slowed by another process on its core takes fewer; the result does not depend on the
 thread count, bit for bit; the fused kernel for ``(K, N)`` weights keeps one range per thread, whose rows of codes
 it reads in longer runs). Small batches, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once
-in registers (a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at a time,
+in registers (a 16-entry ``vpermps`` table lookup on AVX-512) and used by up to 4 rows of x, 2 rows of the weight at a time,
 N split over the threads (from 5 rows of x on, ``(N, K)`` weights are decoded once per call into 16 KiB blocks that
 every row of x then reads from L1: the same sums, bit for bit); for ``(K, N)`` weights, 8 rows of the weight are
 decoded per pass into accumulators over a strip of columns that stays in L1 (used by 4 rows of x at a time).
@@ -26,15 +26,20 @@ each 32-value group of the weight is decoded once per call (per group of up to a
 that the inner kernel (14 x 32 float32 FMA tiles; 16 x 16 for ``(K, N)`` weights below 28 rows) reads from L1; no
 float32 copy of the weight exists, in XLA's buffers or the kernel's (whose scratch is the packed x plus under 1 MiB
 per thread). Every output of the GEMM is one chain of FMAs over K
-in a fixed order, so a row of y does not depend on the other rows of x there either. Builds without AVX-512 (the
-portable library) take panels instead from ``PANEL_BATCH`` (32) rows: ``vt_decode`` decodes ``PANEL_BYTES`` (8 MiB;
+in a fixed order, so a row of y does not depend on the other rows of x there either. Builds without AVX-512 have no
+GEMM and take panels instead from ``PANEL_BATCH`` (32) rows: ``vt_decode`` decodes ``PANEL_BYTES`` (8 MiB;
 1/8 of a smaller weight) of the weight at a time to float32 and XLA's own GEMM contracts each panel (a
-``lax.scan``; the only weight-sized temporary is one panel).
+``lax.scan``; the only weight-sized temporary is one panel). On an AVX2 + FMA CPU (``-march=native`` without
+AVX-512: AMD Zen 2/3, Intel before Skylake-SP) the fused kernel, the panel decode and the W8A8 sums run with 8-lane
+vectors: a 4-bit group's 16-entry table is looked up by ``vpshufb`` one byte plane at a time, and the same
+decode order, blocking and bit-for-bit guarantees hold (a row of y does not depend on the batch or the threads).
+Without AVX2 (the portable build) the kernels are plain loops.
 W8A8 (``quant.dot_general(..., activation_quant="int8")``): :func:`quantize_rows` rounds the activations per row to
 int8 and :func:`qmatmul_int8` (``vt_qmatmul_i8``) sums ``(x + 128) * w - 128 * w`` in int32 with AVX-512 VNNI
 ``vpdpbusd`` (a scale per block of the weight): below 16 rows of x, 64 bytes at a time in tiles of 4 weight rows x 4
 rows of x; from 16 rows on, in GEMM form (32 weight rows repacked in 4-byte columns, each 4 bytes of x broadcast
-against them, int32 sums over each block, no horizontal sums).
+against them, int32 sums over each block, no horizontal sums). Without VNNI, on AVX2: ``|w|`` times x with w's sign
+by ``vpmaddubsw`` (never saturating: x is in [-127, 127]) and ``vpmaddwd``, 4 rows of x per weight row.
 Elsewhere (GPU, TPU, no compiler at install time, ``VIVA_TENSOR_KERNELS=0``, or a packed axis that is not a
 multiple of 32) the pure-JAX reference :func:`qmatmul_reference` (decode, then ``lax.dot_general`` on the weight's
 own axes, never a transposed copy). The kernel sums in a different order from the reference: results agree to
