@@ -16,10 +16,11 @@ XLA's own intra-op thread pool (the rows or column strips split into up to 4 chu
 threads come free: a thread slowed by another process on its core takes fewer; the result does not depend on the
 thread count, bit for bit; the fused kernel for ``(K, N)`` weights keeps one range per thread, whose rows of codes
 it reads in longer runs). Small batches, the fused kernel ``vt_qmatmul``: each 32-value group is decoded once
-in registers (a 16-entry ``vpermps`` table lookup on AVX-512) and used by up to 4 rows of x, 2 rows of the weight at a time,
-N split over the threads (from 5 rows of x on, ``(N, K)`` weights are decoded once per call into 16 KiB blocks that
-every row of x then reads from L1: the same sums, bit for bit); for ``(K, N)`` weights, 8 rows of the weight are
-decoded per pass into accumulators over a strip of columns that stays in L1 (used by 4 rows of x at a time).
+in registers (on AVX-512 a 16-entry ``vpermps`` table lookup) and used by up to 4 rows of x, 2 rows of the weight at
+a time, N split over the threads (from 5 rows of x on, ``(N, K)`` weights are decoded once per call into blocks
+of 8-16 KiB that every row of x then reads from L1: the same sums, bit for bit); for ``(K, N)`` weights, 8 rows
+of the weight are decoded per pass into accumulators over a strip of columns that stays in L1 (used by 4 rows of x
+at a time).
 From ``GEMM_BATCH_NK`` (16) rows of x for ``(N, K)`` weights and ``GEMM_BATCH_KN`` (16) for ``(K, N)`` weights, the
 same custom call runs a blocked GEMM whose packing step is the decode: x is packed once per call into strips, and
 each 32-value group of the weight is decoded once per call (per group of up to about 300 rows of x) into a block
