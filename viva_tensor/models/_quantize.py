@@ -159,6 +159,9 @@ def quantize(
     calibration: Sequence[str] | None = None,
     embeddings: str | None = None,
     weighting: str | None = None,
+    bias_correction: str | None = None,
+    candidates: Sequence[Any] | None = None,
+    sensitivity: str = "gain",
     progress: bool = False,
     **options: Any,
 ) -> tuple[Any, nn.QuantizeReport]:
@@ -185,6 +188,13 @@ def quantize(
         weighting: the calibration tokens' weights in the Hessians, the planner's layer errors and the AWQ
             statistics (:func:`calibration_batches`: ``"tokens"``, ``"sqrt"``, ``"texts"``); ``None``:
             :data:`DEFAULT_WEIGHTING`.
+        bias_correction: ``None``, ``"quantized"`` or ``"float"``: after quantization each layer's bias absorbs
+            the mean of its output error on the calibration text (:func:`viva_tensor.nn.quantize_model`'s
+            ``bias_correction``; no stored bits change).
+        candidates: the planner's candidate formats (``None``: :data:`PLAN_CANDIDATES`).
+        sensitivity: how the planner measures (:func:`viva_tensor.nn.sensitivity`'s ``measure``): ``"gain"``
+            (round to nearest, one model run per layer) or ``"gptq"`` (every candidate by GPTQ on the Hessians of
+            the whole calibration text, with this call's GPTQ options).
         progress: a progress bar on stderr.
         **options: passed to :func:`viva_tensor.nn.quantize_model` (e.g. ``group_size``, ``damp``,
             ``migrate="awq"``: AWQ-style scale migration before GPTQ for the ``int4_group`` layers, which then
@@ -212,15 +222,24 @@ def quantize(
     weighting = DEFAULT_WEIGHTING if weighting is None else weighting
     texts = list(_calibration.calibration_mix(DEFAULT_SENTENCES) if calibration is None else calibration)
     batches = calibration_batches(encoder, texts, weighting=weighting)
+    options = {**GPTQ_OPTIONS, **options} if method == "gptq" else options
     if bits is not None:  # the first texts (in their order: every source), one batch each
         sample = texts[: 32 * SENSITIVITY_BATCHES]
         sens = [b for i in range(0, len(sample), 32)
                 for b in calibration_batches(encoder, sample[i : i + 32], weighting=weighting)]  # fmt: skip
-        target = nn.plan(encoder.model, sens, bits=bits, formats=PLAN_CANDIDATES,
-                         progress=progress, measure="gain")  # fmt: skip
+        extra = {}
+        if sensitivity == "gptq":
+            from viva_tensor.nn._sequential import capture_grams
+
+            gptq_keys = ("damp", "mse", "act_order", "static_groups")
+            extra = {"grams": capture_grams(encoder.model, batches),
+                     "gptq_options": {k: v for k, v in options.items() if k in gptq_keys}}  # fmt: skip
+        target = nn.plan(encoder.model, sens, bits=bits, formats=PLAN_CANDIDATES if candidates is None else candidates,
+                         progress=progress, measure=sensitivity, **extra)  # fmt: skip
     else:
         target = fmt or "int4_group"
-    options = {**GPTQ_OPTIONS, **options} if method == "gptq" else options
+    if bias_correction is not None:
+        options["bias_correction"] = bias_correction
     model, report = nn.quantize_model(
         encoder.model, target, method=method, calibration=batches, progress=progress, others=embeddings, **options
     )
