@@ -137,7 +137,7 @@ def test_eager_callable_and_jitted_batches_agree():
 
 def test_bfloat16_model_keeps_its_bias_dtype():
     model = MLP(param_dtype=jnp.bfloat16)
-    qmodel, _ = nn.quantize_model(model, "q8_0", method="gptq", calibration=[(_inputs(7).astype(jnp.bfloat16),)],
+    qmodel, _ = nn.quantize_model(model, "q8_0", calibration=[(_inputs(7).astype(jnp.bfloat16),)],
                                   bias_correction="quantized")  # fmt: skip
     assert qmodel.first.bias.get_value().dtype == jnp.bfloat16
     y = qmodel(_inputs(7).astype(jnp.bfloat16))

@@ -190,7 +190,12 @@ def quantize(
             :data:`DEFAULT_WEIGHTING`.
         bias_correction: ``None``, ``"quantized"`` or ``"float"``: after quantization each layer's bias absorbs
             the mean of its output error on the calibration text (:func:`viva_tensor.nn.quantize_model`'s
-            ``bias_correction``; no stored bits change).
+            ``bias_correction``; no stored bits change). Not the default: measured on MiniLM (int4 g128, this
+            module's GPTQ options, 2026-12-02, a loaded 2-core machine) on 300 held-out calibration-style texts
+            (docstring and README sentences, short and varied texts outside ``calibration_mix``) and then the 32
+            evaluation sentences (mean / min cosine / same nearest neighbour): none 0.98685 / 0.9705 held out,
+            0.97217 / 0.933 / 28; ``"quantized"`` 0.98702 / 0.9714, 0.97271 / 0.934 / 28 (248 CPU s against 62:
+            the sweep runs the model once per layer group); ``"float"`` 0.98655 / 0.9674, 0.97114 / 0.930 / 29.
         candidates: the planner's candidate formats (``None``: :data:`PLAN_CANDIDATES`).
         sensitivity: how the planner measures (:func:`viva_tensor.nn.sensitivity`'s ``measure``): ``"gain"``
             (round to nearest, one model run per layer) or ``"gptq"`` (every candidate by GPTQ on the Hessians of
