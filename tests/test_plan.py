@@ -90,6 +90,48 @@ def test_gain_sensitivity_scales_the_first_candidate_by_layer_output_error(setup
         _plan.sensitivity(model, batches, formats=FORMATS, measure="rtn")
 
 
+def test_gptq_sensitivity_measures_the_records_gptq_makes(setup):
+    """measure="gptq": the first candidate is the model error with that layer's GPTQ record (checked through
+    quantize_model's GPTQ on the same layer alone); the others scale it by GPTQ's layer output errors (NumPy);
+    every GPTQ error is at most round to nearest's; a given ``grams=`` is used as is; deterministic."""
+    from viva_tensor import gptq, quant
+    from viva_tensor.nn import _sequential
+
+    model, batches, measured = setup
+    options = {"damp": 0.1}
+    got = _plan.sensitivity(model, batches, formats=FORMATS, measure="gptq", gptq_options=options)
+    assert [(c.name, c.fmt, c.nbytes) for c in got] == [(c.name, c.fmt, c.nbytes) for c in measured]
+    y = [model(*b) for b in batches]
+    norm = sum(float(jnp.sum(v * v)) for v in y)
+    grams, groups = _sequential.capture_grams(model, batches)
+    for name in "abc":
+        rows = [c for c in got if c.name == name]
+        alone = lambda path, layer, n=name: path == n  # noqa: E731
+        first = rows[0]
+        if name == "b":  # one layer through quantize_model's GPTQ (the others share the code path)
+            qmodel, _ = nn.quantize_model(model, first.fmt, method="gptq", calibration=batches, where=alone,
+                                          sequential=False, **options, **dict(first.options))  # fmt: skip
+            err = sum(float(jnp.sum((qmodel(*b) - v) ** 2)) for b, v in zip(batches, y, strict=True)) / norm
+            assert first.error == pytest.approx(err, rel=1e-3)
+        gram, count = grams[groups[name]]
+        g = np.asarray(gram, np.float64)
+        h = gptq.Hessian(gram * (2.0 / count), count)
+        kernel = np.asarray(getattr(model, name).kernel.get_value(), np.float64)
+
+        def out_error(c, kernel=kernel, g=g, h=h):
+            rec = gptq.quantize(jnp.asarray(kernel.T, jnp.float32), h, c.fmt, **options, **dict(c.options))
+            d = kernel - np.asarray(quant.dequantize(rec), np.float64).T
+            return np.sum((g @ d) * d)
+
+        for c in rows[1:]:
+            assert c.error == pytest.approx(first.error * out_error(c) / out_error(first), rel=1e-3), c
+        rtn = {c.fmt: c.error for c in measured if c.name == name}
+        assert all(c.error <= rtn[c.fmt] * 1.0001 for c in rows), (rows, rtn)
+    again = _plan.sensitivity(model, batches, formats=FORMATS, measure="gptq", gptq_options=options,
+                              grams=(grams, groups))  # fmt: skip
+    assert again == got
+
+
 def test_k_quants_only_where_rows_fit():
     model = Net()
     found = _plan.sensitivity(model, [(jnp.ones((2, 256)),)], formats=["q4_k", "q8_0"])

@@ -24,7 +24,7 @@ from viva_tensor.nn._awq import awq_weight, calibration_rows, linears
 from viva_tensor.nn._graph import set_child
 from viva_tensor.nn._qlayers import quantizable, quantize_layer
 from viva_tensor.nn._qlinear import _DEFAULT_OPTIONS, METHODS, QLinear, QuantizeReport, _check_format, param_bytes
-from viva_tensor.nn._sequential import _batches, gptq_records
+from viva_tensor.nn._sequential import _batches, _check_bias_correction, bias_corrections, gptq_records
 
 __all__ = ["quantize_model"]
 
@@ -67,6 +67,7 @@ def quantize_model(
     asymmetric: bool = False,
     target_damp: float = 0.01,
     migrate: str | None = None,
+    bias_correction: str | None = None,
     progress: bool = False,
     others: Any = None,
     **options: Any,
@@ -123,6 +124,12 @@ def quantize_model(
             float16 ``s``, applied to the activations: nothing else in the model changes; 16 bits per input
             channel more). MiniLM is post-LayerNorm (a LayerNorm output is also the residual), so ``1 / s``
             cannot be folded into the LayerNorms there. Other formats: plain GPTQ. ``None``: no migration.
+        bias_correction: methods ``"rtn"`` and ``"gptq"``, with ``calibration``: ``"quantized"`` sets each
+            quantized layer's bias to ``b + μ (K - K_q)``, ``μ`` its mean input over the calibration tokens in
+            the model whose earlier layers are already quantized and corrected (mask and token weights
+            respected), cancelling the mean of the layer's output error; ``"float"`` to ``b + μ_f K - μ K_q``
+            (``μ_f`` the float model's mean input: the layer's mean output becomes the float model's). No
+            stored bits change. See :func:`viva_tensor.nn._sequential.bias_corrections`. ``None``: biases kept.
         progress: show a rich progress bar on stderr (GPTQ).
         others: a format name, or ``(name, options)``, for every other layer that
             :func:`viva_tensor.nn.quantizable` accepts (``nnx.Embed``, ``nnx.LinearGeneral``, ``nnx.Einsum``,
@@ -170,6 +177,13 @@ def quantize_model(
     label, per_layer = _layer_formats(fmt)
     for name in sorted({f for f, _ in per_layer.values()}) if per_layer else [fmt]:
         _check_format(name, activations, method)
+    if bias_correction is not None:
+        if method not in ("rtn", "gptq") or activations is not None:
+            raise ConfigError(argument="bias_correction", expected="method 'rtn' or 'gptq' with bias_correction",
+                              got=f"method={method!r}")  # fmt: skip
+        if calibration is None:
+            raise ConfigError(argument="calibration", expected="calibration data with bias_correction", got="None")
+        _check_bias_correction(bias_correction)
     if migrate is not None and method != "gptq":
         raise ConfigError(argument="migrate", expected="method='gptq' with migrate", got=f"method={method!r}")
     if method == "gptq" and calibration is None:
@@ -209,7 +223,7 @@ def quantize_model(
             skipped.append((name, "no activations"))
             continue
         selected[name] = (path, layer, layer_fmt, layer_options)
-    records = {}
+    records, biases, rtn = {}, {}, {}
     if method == "gptq":
         def choose(name, layer):
             if name not in selected:
@@ -220,9 +234,15 @@ def quantize_model(
         start = None
         if others is not None and sequential:  # the later layers see the quantized others
             start = _quantize_others(nnx.clone(model), model, others, where, [], {})
-        records = gptq_records(model, choose, calibration, _make_qlinear, sequential=sequential,
-                               asymmetric=asymmetric, target_damp=target_damp, start=start,
-                               show_progress=progress, migrate=migrate)  # fmt: skip
+        records, biases = gptq_records(model, choose, calibration, _make_qlinear, sequential=sequential,
+                                       asymmetric=asymmetric, target_damp=target_damp, start=start,
+                                       show_progress=progress, migrate=migrate,
+                                       bias_correction=bias_correction)  # fmt: skip
+    if method == "rtn" and bias_correction is not None:
+        rtn = {n: QLinear.from_linear(layer, f, **o) for n, (_, layer, f, o) in selected.items()}
+        start = None if others is None else _quantize_others(nnx.clone(model), model, others, where, [], {})
+        kernels = {n: quant.dequantize(q.weight.get_value()).T for n, q in rtn.items()}
+        biases = bias_corrections(model, kernels, calibration, mode=bias_correction, start=start)
     for name, (path, layer, layer_fmt, layer_options) in selected.items():
         if method == "gptq":
             qlayer = _make_qlinear(layer, records[name])
@@ -231,7 +251,9 @@ def quantize_model(
             record, alphas[name] = awq_weight(layer, x, **layer_options)
             qlayer = _make_qlinear(layer, record)
         else:
-            qlayer = QLinear.from_linear(layer, layer_fmt, **layer_options)
+            qlayer = rtn[name] if name in rtn else QLinear.from_linear(layer, layer_fmt, **layer_options)
+        if name in biases:
+            qlayer.bias.set_value(biases[name])
         set_child(copy, path, qlayer)
         done.append(name)
         formats[name] = layer_fmt

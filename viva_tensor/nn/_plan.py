@@ -165,6 +165,8 @@ def sensitivity(
     formats: Sequence[Any] = DEFAULT_CANDIDATES,
     show_progress: bool = False,
     measure: str = "model",
+    gptq_options: dict | None = None,
+    grams: tuple[dict, dict] | None = None,
 ) -> tuple[LayerChoice, ...]:
     """Each ``nnx.Linear`` quantized alone (round to nearest) in each candidate format: bytes and model error.
 
@@ -178,7 +180,13 @@ def sensitivity(
             layer, in its first candidate; the other candidates' errors are that error times the ratio of
             their layer output errors ``tr(ΔW G ΔWᵀ)`` (``G`` the Gram matrix of the layer's inputs on the
             same batches): the model's response to a layer taken as proportional to the layer's output
-            error. One model run per layer instead of one per candidate.
+            error. One model run per layer instead of one per candidate. ``"gptq"``: as ``"gain"``, but every
+            candidate's record is :func:`viva_tensor.gptq.quantize` of the kernel on the layer's Hessian
+            ``2 G / n`` (a candidate's ``block_size`` as GPTQ's ``group_size``, as
+            :func:`viva_tensor.nn.quantize_model` applies a plan), so the errors are those GPTQ leaves.
+        gptq_options: with ``measure="gptq"``: options of :func:`viva_tensor.gptq.quantize` (``damp``, ``mse``).
+        grams: with ``"gain"`` / ``"gptq"``: :func:`viva_tensor.nn._sequential.capture_grams`'s ``(grams, groups)``
+            to use instead of measuring them on ``calibration`` (e.g. those of a larger calibration set).
 
     Returns:
         One :class:`LayerChoice` per (layer, candidate) measured, in graph order.
@@ -199,8 +207,8 @@ def sensitivity(
         >>> gain[0].error == found[0].error, gain[1].error < gain[0].error
         (True, True)
     """
-    if measure not in ("model", "gain"):
-        raise ConfigError(argument="measure", expected="'model' or 'gain'", got=repr(measure))
+    if measure not in ("model", "gain", "gptq"):
+        raise ConfigError(argument="measure", expected="'model', 'gain' or 'gptq'", got=repr(measure))
     candidates = _candidates(formats)
     batches = _batches(calibration)
     if callable(batches):
@@ -214,19 +222,27 @@ def sensitivity(
     layers = [(path, layer) for path, layer in linears(model)]
     todo = [(p, layer, c) for p, layer in layers for c in candidates
             if layer.in_features % quant.format_spec(c[0]).row_multiple == 0]  # fmt: skip
-    grams, groups = capture_grams(model, batches) if measure == "gain" else ({}, {})
+    gain = measure in ("gain", "gptq")
+    if gain and grams is None:
+        grams = capture_grams(model, batches)
+    grams, groups = grams if gain else ({}, {})
     first: dict[str, tuple[float, float]] = {}  # layer -> (model error, layer output error) of its first candidate
-    steps = len(layers) if measure == "gain" else len(todo)
+    steps = len(todo) if measure != "gain" else len(layers)
     with _progress(show_progress, steps, "sensitivity") as bar:
         for path, layer, (fmt, options) in todo:
             name = path_str(path)
             kernel = jnp.asarray(layer.kernel.get_value())
-            record = quant.quantize(kernel.T, fmt, **dict(options))
+            if measure == "gptq":
+                record = _gptq_record(kernel, grams[groups[name]], fmt, dict(options), gptq_options or {})
+            else:
+                record = quant.quantize(kernel.T, fmt, **dict(options))
             deq = quant.dequantize(record).T.astype(kernel.dtype)
-            if measure == "gain" and name in first:
+            if gain and name in first:
                 model_error, layer_error = first[name]
                 ratio = _layer_error(kernel, deq, grams[groups[name]][0]) / layer_error if layer_error else 0.0
                 err = model_error * ratio
+                if measure == "gptq":
+                    bar.step(f"sensitivity {name} {fmt}")
             else:
                 target = _at(copy, path).kernel
                 target.set_value(deq)
@@ -235,11 +251,24 @@ def sensitivity(
                           for (a, k), y in zip(calls, base, strict=True)) / norm  # fmt: skip
                 err = float(err)
                 target.set_value(kernel)
-                if measure == "gain":
+                if gain:
                     first[name] = (err, _layer_error(kernel, deq, grams[groups[name]][0]))
                 bar.step(f"sensitivity {name} {fmt}")
             found.append(LayerChoice(name, fmt, options, int(record.nbytes), int(kernel.size), float(err)))
     return tuple(found)
+
+
+def _gptq_record(kernel: jax.Array, gram_count: tuple, fmt: str, options: dict, gptq_options: dict) -> Any:
+    """GPTQ of ``kernel.T`` in ``fmt`` on the Hessian ``2 G / n``; a ``block_size`` becomes GPTQ's ``group_size``."""
+    from viva_tensor import gptq
+    from viva_tensor.nn._qlinear import _DEFAULT_OPTIONS
+
+    gram, count = gram_count
+    h = gptq.Hessian(gram * (jnp.float32(2) / jnp.maximum(count, jnp.float32(1))), count)
+    options = {**_DEFAULT_OPTIONS.get(fmt, {}), **options, **gptq_options}
+    if "block_size" in options:
+        options["group_size"] = options.pop("block_size")
+    return gptq.quantize(kernel.T, h, fmt, **options)
 
 
 def _layer_error(kernel: jax.Array, deq: jax.Array, gram: jax.Array) -> float:
@@ -334,6 +363,8 @@ def plan(
     formats: Sequence[Any] = DEFAULT_CANDIDATES,
     progress: bool = False,
     measure: str = "model",
+    gptq_options: dict | None = None,
+    grams: tuple[dict, dict] | None = None,
 ) -> Plan:
     """A format per ``nnx.Linear``: the least model error within a budget of bits, or the fewest bits to a target.
 
@@ -347,7 +378,10 @@ def plan(
         formats: candidate formats (names or ``(name, options)`` pairs), see :data:`DEFAULT_CANDIDATES`.
         progress: a rich progress bar on stderr.
         measure: how :func:`sensitivity` measures (``"model"``: every layer and candidate through the
-            model; ``"gain"``: once per layer, the other candidates scaled by their layer output errors).
+            model; ``"gain"``: once per layer, the other candidates scaled by their layer output errors; ``"gptq"``:
+            as ``"gain"`` with every candidate quantized by GPTQ on the layer's Hessian).
+        gptq_options: :func:`sensitivity`'s, with ``measure="gptq"``.
+        grams: :func:`sensitivity`'s: precomputed ``capture_grams`` output for ``"gain"`` / ``"gptq"``.
 
     Returns:
         A :class:`Plan` (``print(plan)`` shows layer, format, bits and measured error).
@@ -373,5 +407,6 @@ def plan(
     if (bits is None) == (target is None):
         raise ConfigError(argument="bits", expected="exactly one of bits and target",
                           got=f"bits={bits}, target={target}")  # fmt: skip
-    measured = sensitivity(model, calibration, formats=formats, show_progress=progress, measure=measure)
+    measured = sensitivity(model, calibration, formats=formats, show_progress=progress, measure=measure,
+                           gptq_options=gptq_options, grams=grams)  # fmt: skip
     return Plan(choose(measured, bits=bits, target=target), measured, bits, target)

@@ -36,8 +36,8 @@ from viva_tensor.errors import ConfigError, ShapeMismatch
 from viva_tensor.nn._awq import linears
 from viva_tensor.nn._graph import set_child
 
-__all__ = ["CalibrationBatch", "capture_grams", "capture_cross", "gptq_records", "migrated_gptq", "migration_scales",
-           "progress"]
+__all__ = ["BIAS_CORRECTIONS", "CalibrationBatch", "bias_corrections", "capture_grams", "capture_cross", "gptq_records",
+           "migrated_gptq", "migration_scales", "progress"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -84,6 +84,8 @@ class _Context:
         self.keep: list[jax.Array] = []  # inputs kept alive while running, so that their ids stay unique
         self.raw: str | None = None  # a layer whose (masked) input rows are kept in `rows`
         self.rows: list[jax.Array] = []
+        self.what = "grams"  # "grams", "both" (grams and input sums) or "sums"
+        self.sums: dict[str, jax.Array] = {}
 
     def token_weights(self, x: jax.Array) -> jax.Array | None:
         """The weight of each row of ``x.reshape(-1, in)`` (mask times weights), or ``None`` (all 1)."""
@@ -102,12 +104,18 @@ class _Context:
         if leader != name or (self.wanted is not None and name not in self.wanted):
             return
         rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        if self.what != "grams":  # the weighted sum of the inputs (their mean times the token count)
+            total = jnp.sum(rows if weight is None else rows * weight[:, None], axis=0)
+            self.sums[name] = total + self.sums[name] if name in self.sums else total
         if weight is not None:
             rows = rows * jnp.sqrt(weight)[:, None]
             count = jnp.sum(weight)
         else:
             count = jnp.float32(rows.shape[0])
-        gram = jax.lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+        if self.what == "sums":
+            gram = jnp.zeros((), jnp.float32)  # not asked: a placeholder scalar, never returned to a caller
+        else:
+            gram = jax.lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=_HIGHEST)
         if name in self.grams:  # a layer called twice in one forward
             old, n = self.grams[name]
             gram, count = old + gram, n + count
@@ -141,21 +149,23 @@ class _Capture(nnx.Module):
         return self.layer(x, *args, **kwargs)
 
 
-def _forward(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, weights: Any, wanted: tuple | None):
+def _forward(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, weights: Any, wanted: tuple | None,
+             what: str = "grams"):  # fmt: skip
     context = _Context(None if wanted is None else set(wanted))
     context.mask = None if mask is None else jnp.asarray(mask)
     context.weights = None if weights is None else jnp.asarray(weights)
+    context.what = what
     _CONTEXT.append(context)
     try:
         nnx.merge(graphdef, state)(*args, **kwargs)
     finally:
         _CONTEXT.pop()
     _TRACED_GROUPS[(graphdef, wanted)] = dict(context.group_of)  # read at trace time: the same on every trace
-    return context.grams
+    return context.grams, context.sums
 
 
 _TRACED_GROUPS: dict[tuple, dict[str, str]] = {}
-_forward_jit = jax.jit(_forward, static_argnums=(0, 6))
+_forward_jit = jax.jit(_forward, static_argnums=(0, 6, 7))
 
 
 def _inputs_of(graphdef: Any, state: Any, args: tuple, kwargs: dict, mask: Any, weights: Any, name: str) -> jax.Array:
@@ -287,37 +297,50 @@ def capture_grams(
         >>> grams["layers.0"][0].tolist()[0], float(grams["layers.0"][1]), groups
         ([5.0, 5.0, 5.0], 5.0, {'layers.0': 'layers.0', 'layers.1': 'layers.1'})
     """
+    grams, groups, _ = _capture(model, calibration, names=names)
+    return grams, groups
+
+
+def _capture(
+    model: nnx.Module, calibration: Any, *, names: Sequence[str] | None = None, what: str = "grams"
+) -> tuple[dict[str, tuple[jax.Array, jax.Array]], dict[str, str], dict[str, jax.Array]]:
+    """:func:`capture_grams` with the inputs' weighted sums ``Σ w_t x_t`` per group leader as well (``what="both"``),
+    or the sums and token counts only (``"sums"``: ``grams[leader] = (placeholder, tokens)``); private."""
     copy = nnx.clone(model)
     for path, layer in linears(copy):
         set_child(copy, path, _Capture(layer, path_str(path)))
     batches = _batches(calibration)
     wanted = None if names is None else tuple(sorted(names))
     total: dict[str, tuple[jax.Array, jax.Array]] = {}
+    sums: dict[str, jax.Array] = {}
     groups: dict[str, str] = {}
 
-    def add(grams, group_of):
+    def add(grams, group_of, batch_sums):
         for name, (gram, count) in grams.items():
             if name in total:
                 gram, count = total[name][0] + gram, total[name][1] + count
             total[name] = (gram, count)
+        for name, value in batch_sums.items():
+            sums[name] = sums[name] + value if name in sums else value
         for name, leader in group_of.items():
             groups.setdefault(name, leader)
 
     if callable(batches):
         context = _Context(None if wanted is None else set(wanted))
+        context.what = what
         _CONTEXT.append(context)
         try:
             batches(copy)
         finally:
             _CONTEXT.pop()
-        add(context.grams, context.group_of)
-        return total, groups
+        add(context.grams, context.group_of, context.sums)
+        return total, groups, sums
     graphdef, state = nnx.split(copy)
     for batch in batches:
-        grams = _forward_jit(graphdef, state, tuple(batch.args), dict(batch.kwargs), batch.mask, batch.weights,
-                             wanted)  # fmt: skip
-        add(grams, _TRACED_GROUPS.get((graphdef, wanted), {}) if not groups else {})
-    return total, groups
+        grams, batch_sums = _forward_jit(graphdef, state, tuple(batch.args), dict(batch.kwargs), batch.mask,
+                                         batch.weights, wanted, what)  # fmt: skip
+        add(grams, _TRACED_GROUPS.get((graphdef, wanted), {}) if not groups else {}, batch_sums)
+    return total, groups, sums
 
 
 def progress(enabled: bool, total: int, description: str):
@@ -379,7 +402,8 @@ def gptq_records(
     show_progress: bool = False,
     migrate: str | None = None,
     migrate_alphas: Sequence[float] = MIGRATE_ALPHAS,
-) -> dict[str, Any]:
+    bias_correction: str | None = None,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """GPTQ records for the chosen ``nnx.Linear`` layers of ``model``, group by group (private helper).
 
     Args:
@@ -403,9 +427,14 @@ def gptq_records(
             :func:`migrated_gptq`); every 5th calibration batch is held out to pick each layer's alpha and
             the Hessians come from the others. ``None``: plain GPTQ.
         migrate_alphas: the alphas tried (0 is plain GPTQ on the same Hessian).
+        bias_correction: ``None``, ``"quantized"`` or ``"float"``: correct each quantized layer's bias for the
+            mean of its output error on the calibration inputs (see :func:`bias_corrections`). With
+            ``sequential`` the corrected biases are in the model whose inputs the later groups' Hessians come
+            from; one-shot, a sweep after GPTQ measures the means group by group on the corrected model.
 
     Returns:
-        ``{name: record}`` of the chosen layers.
+        ``({name: record}, {name: corrected bias})`` of the chosen layers (the second empty without
+        ``bias_correction``; layers without a bias are left out of it).
     """
     chosen = {}
     for path, layer in linears(model):
@@ -414,7 +443,11 @@ def gptq_records(
         if picked is not None:
             chosen[name] = (path, picked)
     if not chosen:
-        return {}
+        return {}, {}
+    _check_bias_correction(bias_correction)
+    if bias_correction is not None and asymmetric:
+        raise ConfigError(argument="bias_correction", expected="None with asymmetric=True", got=repr(bias_correction))
+    what = "grams" if bias_correction is None else "both"
     names = () if asymmetric else None if sequential else list(chosen)
     held: list | None = None
     if migrate is not None:
@@ -423,7 +456,8 @@ def gptq_records(
         if asymmetric:
             raise ConfigError(argument="migrate", expected="migrate=None with asymmetric=True", got=repr(migrate))
         calibration, held = _split(calibration)
-    grams, groups = capture_grams(model, calibration, names=names)
+    grams, groups, sums = _capture(model, calibration, names=names, what=what)
+    float_means = {n: sums[n] / jnp.maximum(grams[n][1], jnp.float32(1e-30)) for n in sums}
     held_grams = capture_grams(model, held, names=names)[0] if held is not None else None
     order: list[str] = []
     for name in groups:  # call order
@@ -439,14 +473,17 @@ def gptq_records(
     # every capture (the same program structure), the same outputs as the records' layers.
     current = nnx.clone(model if start is None else start)
     records: dict[str, Any] = {}
+    biases: dict[str, jax.Array] = {}
     with progress(show_progress, len(chosen), "GPTQ") as bar:
         for i, leader in enumerate(order):
             cross = None
+            means = float_means
             if asymmetric:
                 gram, cross, count = capture_cross(model, current, calibration, leader)
             else:
                 if sequential and (i > 0 or start is not None):
-                    grams, _ = capture_grams(current, calibration, names=[leader])
+                    grams, _, sums = _capture(current, calibration, names=[leader], what=what)
+                    means = {n: sums[n] / jnp.maximum(grams[n][1], jnp.float32(1e-30)) for n in sums}
                     if held is not None:
                         held_grams, _ = capture_grams(current, held, names=[leader])
                 gram, count = grams[leader]
@@ -465,12 +502,126 @@ def gptq_records(
                 else:
                     records[name] = gptq.quantize(w, h, fmt, **options)
                 target = _at(current, path)
+                deq = quant.dequantize(records[name]).T.astype(kernel.dtype)
+                if sequential and bias_correction is not None and layer.bias is not None:
+                    biases[name] = _corrected_bias(layer, deq, means[leader], float_means.get(leader),
+                                                   bias_correction)  # fmt: skip
                 if isinstance(target, nnx.Linear):
-                    target.kernel.set_value(quant.dequantize(records[name]).T.astype(kernel.dtype))
+                    target.kernel.set_value(deq)
+                    if name in biases:
+                        target.bias.set_value(biases[name])
                 else:
                     set_child(current, path, make_layer(layer, records[name]))
                 bar.step(f"GPTQ {name}")
-    return records
+    if bias_correction is not None and not sequential:
+        kernels = {n: quant.dequantize(r).T for n, r in records.items()}
+        biases = bias_corrections(model, kernels, calibration, mode=bias_correction, start=start,
+                                  float_means=float_means, groups=groups)  # fmt: skip
+    return records, biases
+
+
+BIAS_CORRECTIONS = ("quantized", "float")
+"""The modes of :func:`bias_corrections`."""
+
+
+def _check_bias_correction(mode: Any) -> None:
+    if mode is not None and mode not in BIAS_CORRECTIONS:
+        raise ConfigError(argument="bias_correction", expected=f"None or one of {BIAS_CORRECTIONS}", got=repr(mode))
+
+
+def _corrected_bias(layer: nnx.Linear, deq: jax.Array, mean_q: jax.Array, mean_f: jax.Array | None,
+                    mode: str) -> jax.Array:  # fmt: skip
+    """``b + μ_q (K - K_q)`` (``"quantized"``) or ``b + μ_f K - μ_q K_q`` (``"float"``), kernels ``(in, out)``."""
+    kernel = jnp.asarray(layer.kernel.get_value(), jnp.float32)
+    deq = jnp.asarray(deq, jnp.float32)
+    bias = jnp.asarray(layer.bias.get_value())
+    mean_q = jnp.asarray(mean_q, jnp.float32)
+    if mode == "quantized":
+        delta = jnp.matmul(mean_q, kernel - deq, precision=_HIGHEST)
+    else:
+        delta = jnp.matmul(jnp.asarray(mean_f, jnp.float32), kernel, precision=_HIGHEST) - jnp.matmul(
+            mean_q, deq, precision=_HIGHEST)  # fmt: skip
+    return (bias.astype(jnp.float32) + delta).astype(bias.dtype)
+
+
+def bias_corrections(
+    model: nnx.Module,
+    kernels: Mapping[str, jax.Array],
+    calibration: Any,
+    *,
+    mode: str = "quantized",
+    start: nnx.Module | None = None,
+    float_means: Mapping[str, jax.Array] | None = None,
+    groups: Mapping[str, str] | None = None,
+) -> dict[str, jax.Array]:
+    """Biases that cancel the mean output error of quantized kernels, layer group by group (classic PTQ).
+
+    The layers named in ``kernels`` get, in call order, their quantized kernel ``K_q`` (``(in, out)``, nnx's
+    layout) and a new bias: ``b + μ_q (K - K_q)`` (``mode="quantized"``), where ``μ_q`` is the mean input of the
+    layer over the calibration tokens (mask and token weights respected) in the model whose earlier layers are
+    already quantized and corrected, so that each layer's mean output on its own inputs is the float kernel's;
+    or ``b + μ_f K - μ_q K_q`` (``"float"``), ``μ_f`` the mean input in the float model, so that the layer's
+    mean output is the float model's. Layers fed the same input share one measurement (one pass of the
+    calibration per group). No stored bits change: the biases are floats already. Layers without a bias are
+    skipped.
+
+    Args:
+        model: the float model (not changed).
+        kernels: ``{dotted path: quantized kernel (in, out)}`` (e.g. ``quant.dequantize(record).T``).
+        calibration: as :func:`capture_grams` (a callable or a sequence of batches).
+        mode: ``"quantized"`` or ``"float"``.
+        start: the model the sweep starts from (e.g. with quantized embeddings); ``None``: ``model``.
+        float_means: the float model's mean input per group leader, when already measured.
+        groups: ``capture_grams``'s ``{layer: group leader}``, when already known.
+
+    Returns:
+        ``{dotted path: corrected bias}`` for the named layers that have a bias.
+
+    Raises:
+        ConfigError: an unknown ``mode``, or a named layer that the calibration does not call.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+        >>> x = jax.random.normal(jax.random.key(0), (16, 4)) + 1.0
+        >>> k = model.layers[0].kernel.get_value()
+        >>> b = bias_corrections(model, {"layers.0": jnp.round(k * 4) / 4}, [(x,)])
+        >>> y = x @ k + model.layers[0].bias.get_value()
+        >>> yq = x @ (jnp.round(k * 4) / 4) + b["layers.0"]
+        >>> bool(jnp.allclose(y.mean(0), yq.mean(0), atol=1e-5))
+        True
+    """
+    _check_bias_correction(mode)
+    if mode is None:
+        raise ConfigError(argument="mode", expected=f"one of {BIAS_CORRECTIONS}", got="None")
+    if groups is None or (mode == "float" and float_means is None):
+        grams, groups, sums = _capture(model, calibration, what="sums")
+        float_means = {n: sums[n] / jnp.maximum(grams[n][1], jnp.float32(1e-30)) for n in sums}
+    missing = sorted(set(kernels) - set(groups))
+    if missing:
+        raise ConfigError(argument="calibration", expected="a run that calls every quantized layer",
+                          got=f"layers never called: {missing}")  # fmt: skip
+    paths = {path_str(p): (p, layer) for p, layer in linears(model)}
+    order = list(dict.fromkeys(groups[n] for n in groups if n in kernels))
+    current = nnx.clone(model if start is None else start)
+    out: dict[str, jax.Array] = {}
+    for i, leader in enumerate(order):
+        if i == 0 and start is None and float_means is not None and leader in float_means:
+            mean_q = float_means[leader]
+        else:  # every leader's sums: one program per batch shape for the whole sweep (sums cost little)
+            grams, _, sums = _capture(current, calibration, what="sums")
+            mean_q = sums[leader] / jnp.maximum(grams[leader][1], jnp.float32(1e-30))
+        for name in [n for n in groups if groups[n] == leader and n in kernels]:
+            path, layer = paths[name]
+            target = _at(current, path)
+            target.kernel.set_value(jnp.asarray(kernels[name]).astype(target.kernel.get_value().dtype))
+            if layer.bias is None:
+                continue
+            mean_f = None if float_means is None else float_means.get(leader)
+            out[name] = _corrected_bias(layer, kernels[name], mean_q, mean_f, mode)
+            target.bias.set_value(out[name])
+    return out
 
 
 def _split(calibration: Any) -> tuple[list[CalibrationBatch], list[CalibrationBatch]]:
