@@ -38,7 +38,7 @@ more float32 values, 122,880 bytes, which take the float32 rank-16 adapters from
 model, over the 5% budget: ``adapter_dtype=jnp.bfloat16`` halves the adapters), from the defaults' start, 40 steps
 each, 64 held-out texts 0.9920 at step 0 (2026-12-02 06:50 UTC, load 9-18 on 2 cores): adapters alone 0.9937 (on the
 evaluation sentences 0.9871 / 0.9692 / 31); with biases and norms at a peak rate of 3e-3 0.9935 (0.9870 / 0.9691 /
-32). No gain on the held-out slice: kept as an option, off by default.
+32); at 1e-3 0.9937 (0.9873 / 0.9695 / 32). No gain on the held-out slice: kept as an option, off by default.
 
 Measured with the earlier text on all-MiniLM-L6-v2 (``benchmarks/results/qlora_distill.md`` of the round before,
 ``qlora_int4.md``; the 32 evaluation sentences of ``tests/data``, cosine to the float32 encoder, mean / min / same
