@@ -177,8 +177,16 @@ def _zero_adapters(model):
 
 
 def distill_row(
-    quick: bool, steps: int, rank: int, method: str = "lora", fmt: str = "nf4", learning_rate: float | None = None
+    quick: bool,
+    steps: int,
+    rank: int,
+    method: str = "lora",
+    fmt: str = "nf4",
+    learning_rate: float | None = None,
+    lora: dict | None = None,
 ) -> dict:
+    """One distillation run; ``lora``: ``minilm.distill``'s ``train`` / ``bias_learning_rate`` / ``adapter_dtype``
+    (``"lora"`` only)."""
     if quick:
         tok = minilm.load_tokenizer(max_length=64)
         cfg = minilm.MiniLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
@@ -192,6 +200,7 @@ def distill_row(
     qmodel, _ = nn.quantize_model(encoder.model, fmt)
     before = _fidelity(np.asarray(minilm.encode(encoder.replace(model=qmodel), sentences)), base)
     kwargs = {"text": text, "batch_size": batch, "held_out": held_out, "progress": False}
+    lora = dict(lora or {}) if method == "lora" else {}
     start = {}
     if method == "lora":  # the step-0 student (the default GPTQ base, adapters at their calibrated start)
         student0, report0 = minilm.distill(encoder, fmt=fmt, rank=rank, alpha=2 * rank, steps=0, **kwargs)
@@ -203,7 +212,7 @@ def distill_row(
         del student0
     load0 = os.getloadavg()[0]
     student, report = minilm.distill(encoder, method=method, fmt=fmt, rank=rank, alpha=2 * rank, steps=steps,
-                                     learning_rate=learning_rate, **{**kwargs, "progress": True})  # fmt: skip
+                                     learning_rate=learning_rate, **lora, **{**kwargs, "progress": True})  # fmt: skip
     after = _fidelity(np.asarray(minilm.encode(student, sentences)), base)
     row = {
         "method": method, "fmt": fmt, "steps": steps, "rank": report.rank, "batch": batch,
@@ -216,6 +225,10 @@ def distill_row(
         "adapter_fraction": report.adapter_fraction, "held_out_cosine_before": report.held_out_cosine_before,
         "held_out_cosine_after": report.held_out_cosine_after, "sentences": report.sentences,
         "before": before, "after": after, "losses": list(report.losses),
+        "train": list(lora.get("train", ("lora",))) if method == "lora" else [],
+        "bias_learning_rate": lora.get("bias_learning_rate"),
+        "adapter_dtype": str(jnp.dtype(lora["adapter_dtype"])) if lora.get("adapter_dtype") else "float32",
+        "learning_rate": learning_rate,
     }  # fmt: skip
     print(report, flush=True)
     print(f"evaluation sentences: before {before}, after {after}", flush=True)
@@ -231,6 +244,11 @@ def _distill_md(row: dict) -> list[str]:
     else:
         title = f"## Distillation: {row['fmt']} MiniLM + LoRA, trained to match float32 on text shipped with Python"
         trained = f"{row['fmt']} ({row['base']}) + LoRA rank {row['rank']} ({row['init']} start), {row['steps']} steps"
+        extra = [p for p in row.get("train", []) if p != "lora"]
+        if extra:
+            trained += f", {' and '.join(extra)} trained too"
+        if row.get("adapter_dtype", "float32") != "float32":
+            trained += f", adapters stored {row['adapter_dtype']}"
         size = (f"Adapters {row['adapter_bytes']:,} bytes = {100 * row['adapter_fraction']:.2f}% of the quantized "
                 f"model ({row['quantized_bytes']:,} bytes).")  # fmt: skip
     return [title, "", "| | mean cosine | min cosine | top-1 agreement |", "|---|---|---|---|",
@@ -272,7 +290,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=_common.positive_int, default=None, help="distillation steps (default 120)")
     p.add_argument("--rank", type=_common.positive_int, default=16, help="distillation adapters' rank")
     p.add_argument("--learning-rate", type=float, default=None, help="distillation's peak learning rate")
+    p.add_argument("--train", default=None, help="LoRA parts that train, comma-separated (lora,bias,norm)")
+    p.add_argument("--bias-learning-rate", type=float, default=None, help="peak learning rate of biases and norms")
+    p.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default=None, help="adapters' stored dtype")
     args = p.parse_args(argv)
+    lora = {k: v for k, v in (("train", tuple(args.train.split(",")) if args.train else None),
+                              ("bias_learning_rate", args.bias_learning_rate),
+                              ("adapter_dtype", jnp.dtype(args.adapter_dtype) if args.adapter_dtype else None))
+            if v is not None}  # fmt: skip
     data, md = {}, []
     if args.only in (None, "memory"):
         n = 256 if args.quick else 4096
@@ -298,7 +323,7 @@ def main(argv=None) -> None:
         if args.only == part or (args.only is None and not (args.quick and part == "int4")):
             steps = args.steps or (2 if args.quick else 120)
             fmt = "q4_0" if args.quick and fmt == "int4_group" else fmt
-            row = distill_row(args.quick, steps, args.rank, method, fmt, args.learning_rate)
+            row = distill_row(args.quick, steps, args.rank, method, fmt, args.learning_rate, lora)
             md += _distill_md(row)
             data[part] = row
     name = "qlora" if args.only is None else f"qlora_{args.only}"

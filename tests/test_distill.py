@@ -21,6 +21,8 @@ FIXTURE = "tests/data/minilm_reference.npz"
 # step-0 students) are then built once, not once per worker.
 pytestmark = pytest.mark.xdist_group("distill")
 
+PARTS = ("lora", "bias", "norm")  # what the 40-step run trains: adapters, biases, LayerNorms
+
 
 @pytest.fixture(scope="module")
 def encoder():
@@ -41,7 +43,7 @@ def run(encoder):
     traces = _distill._train_step._cache_size()
     student, report = minilm.distill(  # from round to nearest and B = 0: far from the teacher, training shows
         encoder, rank=4, steps=40, text=text, batch_size=8, learning_rate=5e-3, held_out=32, progress=True,
-        base="rtn", init="zero",
+        base="rtn", init="zero", train=PARTS, bias_learning_rate=1e-2, adapter_dtype=jnp.bfloat16,
     )  # fmt: skip
     return text, student, report, _distill._train_step._cache_size() - traces
 
@@ -82,10 +84,27 @@ def test_student_is_quantized_with_adapters_and_the_teacher_untouched(encoder, r
     assert len(layers) == 2 * 6
     assert all(isinstance(layer.base, nn.QLinear) for layer in layers)
     assert {layer.base.weight.get_value().format for layer in layers} == {"nf4"}
-    want = sum(4 * (layer.in_features + layer.out_features) * 4 for layer in layers)
-    assert report.adapter_bytes == want
-    assert report.quantized_bytes == nn.param_bytes(nn.quantize_model(encoder.model, "nf4")[0])
+    assert {layer.lora_a.get_value().dtype for layer in layers} == {jnp.dtype(jnp.bfloat16)}  # adapter_dtype
+    lora_bytes = sum(4 * (layer.in_features + layer.out_features) * 2 for layer in layers)
+    norms = [node for _, node in nnx.iter_graph(student.model) if isinstance(node, nnx.LayerNorm)]
+    assert len(norms) == 1 + 2 * 2
+    extra = 4 * (sum(layer.out_features for layer in layers) + sum(2 * n.scale.get_value().size for n in norms))
+    assert report.adapter_bytes == lora_bytes + extra  # the trained biases and norms count (float32)
+    assert sum(v.nbytes for v in jax.tree_util.tree_leaves(nn.lora_state(student.model, PARTS))) == extra + lora_bytes
+    rtn = nn.quantize_model(encoder.model, "nf4")[0]
+    assert report.quantized_bytes == nn.param_bytes(rtn)
     assert isinstance(encoder.model.layers[0].intermediate, nnx.Linear)  # the teacher is not changed
+    q, t = student.model.layers[0], encoder.model.layers[0]
+    for trained, start in ((q.intermediate.base.bias, t.intermediate.bias), (q.output_norm.scale, t.output_norm.scale)):
+        assert not np.array_equal(np.asarray(trained.get_value()), np.asarray(start.get_value()))
+    np.testing.assert_array_equal(  # the frozen NF4 codes are round to nearest's, untouched
+        np.asarray(q.intermediate.base.weight.get_value().codes),
+        np.asarray(rtn.layers[0].intermediate.weight.get_value().codes),
+    )
+    np.testing.assert_array_equal(  # the embeddings were not trained
+        np.asarray(student.model.embeddings.word.embedding.get_value()),
+        np.asarray(encoder.model.embeddings.word.embedding.get_value()),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -221,10 +240,13 @@ def test_adapters_merge_and_save(tmp_path, encoder, run):
     merged = nn.merge_lora(student.model)
     want = np.asarray(_embed(student.model, ids, mask))
     np.testing.assert_allclose(np.asarray(_embed(merged, ids, mask)), want, atol=1e-5)
-    quant.save(tmp_path / "a.safetensors", nn.lora_state(student.model))
+    quant.save(tmp_path / "a.safetensors", nn.lora_state(student.model, PARTS))
     again = _zero_adapters(student.model)
+    for _, node in nnx.iter_graph(again):  # the norms back at their start: the saved state must restore them
+        if isinstance(node, nnx.LayerNorm):
+            node.scale.set_value(jnp.ones_like(node.scale.get_value()))
     assert not np.allclose(np.asarray(_embed(again, ids, mask)), want)
-    nn.load_lora_state(again, quant.load(tmp_path / "a.safetensors"))
+    nn.load_lora_state(again, quant.load(tmp_path / "a.safetensors"), PARTS)
     np.testing.assert_array_equal(np.asarray(_embed(again, ids, mask)), want)
 
 
@@ -247,6 +269,8 @@ def test_zero_steps_and_bad_arguments(encoder, starts):
         minilm.distill(encoder, method="qat", base="gptq", text=text, progress=False)
     with pytest.raises(ConfigError, match="init"):
         minilm.distill(encoder, init="loftq", text=text, progress=False)
+    with pytest.raises(ConfigError, match="train"):
+        minilm.distill(encoder, train=("lora", "kernel"), text=text, progress=False)
 
 
 def test_sentence_loss_counts_each_text_once_and_weights_the_worst():

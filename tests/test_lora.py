@@ -163,6 +163,80 @@ def test_adapters_save_and_load_alone(tmp_path):
         nn.load_lora_state(nn.lora(_qnet(), rank=2, rngs=nnx.Rngs(0)), quant.load(path))
 
 
+class _NormNet(nnx.Module):
+    def __init__(self):
+        self.up = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+        self.norm = nnx.LayerNorm(128, rngs=nnx.Rngs(0))
+        self.down = nnx.Linear(128, 32, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.norm(self.up(x))))
+
+
+def _quantized_norm_net():
+    return nn.quantize_model(_NormNet(), "nf4", where=lambda path, layer: path == "up")[0]
+
+
+def test_lora_filter_selects_adapters_biases_and_norms_never_a_kernel():
+    adapted = nn.lora(_quantized_norm_net(), rank=4, rngs=nnx.Rngs(0))
+    names = {}
+    for parts in [("lora",), ("bias",), ("norm",), ("lora", "bias", "norm")]:
+        state = nnx.state(adapted, nn.lora_filter(adapted, parts))
+        names[parts] = sorted(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0])
+    assert names["lora",] == sorted(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        nnx.state(adapted, nn.LoRAParam))[0])  # fmt: skip
+    assert names["bias",] == ["['down']['base']['bias'].value", "['up']['base']['bias'].value"]
+    assert names["norm",] == ["['norm']['bias'].value", "['norm']['scale'].value"]
+    assert names["lora", "bias", "norm"] == sorted(names["lora",] + names["bias",] + names["norm",])
+    assert "weight" not in str(names) and "kernel" not in str(names)  # the frozen kernels (NF4 and float) never
+    for bad in [(), ("lora", "kernel"), "everything"]:
+        with pytest.raises(ConfigError, match="train"):
+            nn.lora_filter(adapted, bad)
+
+
+def test_training_biases_and_norms_beside_the_adapters():
+    """BitFit + LayerNorm tuning with LoRA: the selected leaves change, the kernels do not, the loss drops further
+    than with the adapters alone in the same steps; the whole trained state saves and loads."""
+    teacher = _NormNet()
+    x = jax.random.normal(jax.random.key(5), (64, 64), jnp.float32)
+    target = teacher(x) + 0.3 * jnp.tanh(x[:, :32]) + 0.2  # a shift: what biases fix cheaply
+
+    def train(parts):
+        adapted = nn.lora(_quantized_norm_net(), rank=2, rngs=nnx.Rngs(0))
+        keep = nn.lora_filter(adapted, parts)
+        graphdef, params, frozen = nnx.split(adapted, keep, ...)
+        frozen_bytes = [np.asarray(v).tobytes() for v in jax.tree_util.tree_leaves(frozen)]
+        tx = optax.adam(1e-2)
+        opt = tx.init(params)
+
+        def step(params, opt):
+            loss, g = jax.value_and_grad(lambda p: jnp.mean((nnx.merge(graphdef, p, frozen)(x) - target) ** 2))(params)
+            with jax.numpy_dtype_promotion("standard"):
+                updates, opt = tx.update(g, opt, params)
+            return optax.apply_updates(params, updates), opt, loss
+
+        step = jax.jit(step)
+        for _ in range(25):
+            params, opt, loss = step(params, opt)
+        nnx.update(adapted, params)
+        assert [np.asarray(v).tobytes() for v in jax.tree_util.tree_leaves(nnx.state(adapted, nnx.Not(keep)))] == (
+            frozen_bytes
+        )
+        return adapted, float(jnp.mean((adapted(x) - target) ** 2))
+
+    lora_only, loss_lora = train(("lora",))
+    everything, loss_all = train(("lora", "bias", "norm"))
+    assert loss_all < 0.9 * loss_lora  # measured 0.0251 against 0.0290
+    parts = ("lora", "bias", "norm")
+    state = nn.lora_state(everything, parts)
+    assert sorted(state) == ["down", "norm", "up"] and sorted(state["norm"]) == ["bias", "scale"]
+    fresh = nn.lora(_quantized_norm_net(), rank=2, rngs=nnx.Rngs(7))
+    nn.load_lora_state(fresh, state, parts)
+    np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(everything(x)))
+    with pytest.raises(ConfigError, match="state"):  # the adapters alone lack the biases and norms
+        nn.load_lora_state(fresh, nn.lora_state(lora_only), parts)
+
+
 def _base_bytes(model):
     leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nn.LoRAParam)))
     return [np.asarray(leaf).tobytes() for leaf in leaves]

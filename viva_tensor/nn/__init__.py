@@ -49,7 +49,7 @@ from viva_tensor.nn._attention import (
     exact_attention,
 )
 from viva_tensor.nn._awq import capture_linear_inputs
-from viva_tensor.nn._lora import LoRALinear, LoRAParam, load_lora_state, lora, lora_state, merge_lora
+from viva_tensor.nn._lora import LoRALinear, LoRAParam, load_lora_state, lora, lora_filter, lora_state, merge_lora
 from viva_tensor.nn._model import quantize_model
 from viva_tensor.nn._plan import LayerChoice, Plan, plan
 from viva_tensor.nn._qat import FakeQuantLinear, fake_quantize_model, freeze_fake_quant
@@ -95,5 +95,6 @@ __all__ = [
     "lora",
     "merge_lora",
     "lora_state",
+    "lora_filter",
     "load_lora_state",
 ]

@@ -37,10 +37,19 @@ from viva_tensor.errors import ConfigError, InvalidOp
 from viva_tensor.nn._graph import set_child
 from viva_tensor.nn._qlinear import QLinear
 
-__all__ = ["LoRAParam", "LoRALinear", "lora", "lora_init", "merge_lora", "lora_state", "load_lora_state", "INITS"]
+__all__ = [
+    "LoRAParam", "LoRALinear", "lora", "lora_init", "merge_lora", "lora_state", "load_lora_state", "lora_filter",
+    "INITS", "TRAINABLE",
+]  # fmt: skip
 
 INITS = ("zero", "svd", "calibrated")
 """The adapters' initialisations of :func:`lora`."""
+
+TRAINABLE = ("lora", "bias", "norm")
+"""What :func:`lora_filter` can select to train: the adapters, the linear layers' biases (BitFit), the
+normalisation layers' scales and biases (LayerNorm tuning)."""
+
+_NORMS = (nnx.LayerNorm, nnx.RMSNorm)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -404,14 +413,72 @@ def _merged(layer: LoRALinear, fmt: str | None, options: dict[str, Any]) -> Any:
     return linear if fmt is None else QLinear.from_linear(linear, fmt, **options)
 
 
-def lora_state(model: nnx.Module) -> dict:
+def _check_train(train: Any) -> tuple[str, ...]:
+    parts = (train,) if isinstance(train, str) else tuple(train)
+    if not parts or any(p not in TRAINABLE for p in parts):
+        raise ConfigError(argument="train", expected=f"a non-empty tuple of {TRAINABLE}", got=train)
+    return parts
+
+
+def lora_filter(model: nnx.Module, train: Any = ("lora",)) -> Callable[[tuple, Any], bool]:
+    """The ``nnx`` filter of a LoRA model's trained parameters: adapters, and optionally biases and norms.
+
+    ``"lora"`` selects the :class:`LoRAParam` adapters; ``"bias"`` the bias of every ``nnx.Linear`` and
+    :class:`QLinear` (a :class:`LoRALinear`'s base included: BitFit); ``"norm"`` the scale and bias of every
+    ``nnx.LayerNorm`` / ``nnx.RMSNorm``. A quantized kernel is never selected. Use it wherever a filter goes:
+    ``nnx.split(model, lora_filter(model, train), ...)``, ``nnx.Optimizer(..., wrt=...)``. What is trained is
+    what must be saved with the adapters (:func:`lora_state` with the same ``train``).
+
+    Args:
+        model: the adapted model (the filter knows its layers' paths).
+        train: a tuple of :data:`TRAINABLE`.
+
+    Returns:
+        ``keep(path, variable) -> bool``.
+
+    Raises:
+        ConfigError: an empty ``train`` or an unknown part.
+
+    Example:
+        >>> from flax import nnx
+        >>> from viva_tensor import nn
+        >>> model = nnx.Sequential(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), nnx.LayerNorm(8, rngs=nnx.Rngs(0)))
+        >>> adapted = nn.lora(model, rank=2, rngs=nnx.Rngs(1))
+        >>> state = nnx.state(adapted, nn.lora_filter(adapted, ("lora", "bias", "norm")))
+        >>> sum(v.size for v in jax.tree_util.tree_leaves(state))  # 16*2 + 2*8 adapters, 8 bias, 8 + 8 norm
+        72
+    """
+    parts = _check_train(train)
+    owners: list[tuple[tuple, str | None]] = []  # (a layer's path, the one attribute to train or None: all)
+    for path, node in nnx.iter_graph(model):
+        if "bias" in parts and isinstance(node, (nnx.Linear, QLinear)):
+            owners.append((tuple(path), "bias"))
+        elif "norm" in parts and isinstance(node, _NORMS):
+            owners.append((tuple(path), None))
+    keys = set(owners)
+
+    def keep(path: tuple, value: Any) -> bool:
+        if isinstance(value, LoRAParam):
+            return "lora" in parts
+        if not isinstance(value, nnx.Param) or not path:
+            return False
+        path = tuple(path)
+        return (path[:-1], path[-1]) in keys or (path[:-1], None) in keys
+
+    return keep
+
+
+def lora_state(model: nnx.Module, train: Any = ("lora",)) -> dict:
     """The adapters of a model alone, as a nested dict of arrays that :func:`viva_tensor.quant.save` writes.
 
     Args:
         model: an NNX module with :class:`LoRALinear` layers.
+        train: what was trained (:func:`lora_filter`): with ``"bias"`` / ``"norm"`` the trained biases and
+            norm parameters are in the state too (they are part of what a user must save).
 
     Returns:
-        ``{path...: {"lora_a": array, "lora_b": array}}`` (the pure dict of ``nnx.state(model, LoRAParam)``).
+        ``{path...: {"lora_a": array, "lora_b": array}}`` (the pure dict of ``nnx.state(model, LoRAParam)``;
+        of ``nnx.state(model, lora_filter(model, train))`` in general).
 
     Example:
         >>> from flax import nnx
@@ -420,10 +487,10 @@ def lora_state(model: nnx.Module) -> dict:
         >>> sorted(nn.lora_state(adapted))
         ['lora_a', 'lora_b']
     """
-    return nnx.to_pure_dict(nnx.state(model, LoRAParam))
+    return nnx.to_pure_dict(nnx.state(model, lora_filter(model, train)))
 
 
-def load_lora_state(model: nnx.Module, state: Any) -> None:
+def load_lora_state(model: nnx.Module, state: Any, train: Any = ("lora",)) -> None:
     """Puts adapters (from :func:`lora_state`, e.g. read back by :func:`viva_tensor.quant.load`) into ``model``.
 
     The model is updated in place; its base layers are untouched.
@@ -431,6 +498,7 @@ def load_lora_state(model: nnx.Module, state: Any) -> None:
     Args:
         model: an NNX module with the same :class:`LoRALinear` layers (same paths and ranks).
         state: the nested dict of adapter arrays.
+        train: what the state holds (the ``train`` of :func:`lora_state`).
 
     Raises:
         ConfigError: a state whose paths or shapes differ from the model's adapters.
@@ -444,7 +512,7 @@ def load_lora_state(model: nnx.Module, state: Any) -> None:
         >>> float(adapted.lora_b.get_value().sum())
         16.0
     """
-    current = nnx.state(model, LoRAParam)
+    current = nnx.state(model, lora_filter(model, train))
     ours = nnx.to_pure_dict(current)
     mine = jax.tree_util.tree_flatten_with_path(ours)
     theirs = jax.tree_util.tree_flatten_with_path(state)
