@@ -7,6 +7,7 @@ host CPU devices (conftest asks for 8 before jax is imported), and the naive O(n
 import functools
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AxisType
 
@@ -46,3 +47,18 @@ IMPLS = [
 @pytest.mark.parametrize("impl", IMPLS, ids=[i.name for i in IMPLS])
 def test_contract(impl, check):
     contract.CHECKS[check](impl)
+
+
+def test_ring_attention_eager_calls_reuse_one_compiled_program():
+    # ring_attention keeps one jitted shard_map per (mesh, axis, options): eager calls with the same options and
+    # shapes (every check above calls it eagerly next to its jitted VJP) run one compiled program, not one each
+    impl = next(i for i in IMPLS if i.name == "ring_8_devices")
+    q, k, v = contract.inputs(impl, seed=40)
+    first = impl.fn(q, k, v, scale=0.25, is_causal=True)
+    second = impl.fn(q + 1.0, k, v, scale=0.25, is_causal=True)
+    mesh = jax.make_mesh((8,), ("sp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:8])
+    program = ra._program(mesh, "sp", True, 0.25, 2, 2)
+    assert program._cache_size() == 1
+    for out, query in ((first, q), (second, q + 1.0)):
+        np.testing.assert_allclose(out, jax.nn.dot_product_attention(query, k, v, scale=0.25, is_causal=True),
+                                   rtol=2e-5, atol=2e-5)

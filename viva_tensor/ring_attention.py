@@ -282,7 +282,7 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
     """
     query, key, value = _check(query, key, value)
     block_q, block_kv = _check_block("block_q", block_q), _check_block("block_kv", block_kv)
-    _fa._check_scale(scale, query.shape[3])
+    scale = _fa._check_scale(scale, query.shape[3])  # a float (hashable: the cached program's key)
     if mesh is None:
         mesh = jax.sharding.get_mesh()
         if mesh.empty:
@@ -300,7 +300,15 @@ def ring_attention(query, key, value, *, mesh: Any = None, axis: str, is_causal:
         raise ShardingError(argument="query", expected=f"a sequence length divisible by {n} (mesh axis {axis!r})",
                             got=T, hint="pad the sequence.")
     spec = P(None, axis, None, None)
+    program = _program(mesh, axis, is_causal, scale, block_q, block_kv)
+    return program(*(place(x, spec, mesh) for x in (query, key, value)))
+
+
+@functools.lru_cache(maxsize=64)
+def _program(mesh, axis: str, is_causal: bool, scale: float | None, block_q: int, block_kv: int):
+    """The jitted ``shard_map`` of :func:`ring_attention_local` for one mesh, axis and static options: cached, so
+    that eager calls with the same options (and shapes) reuse one compiled program instead of compiling anew."""
+    spec = P(None, axis, None, None)
     f = functools.partial(ring_attention_local, axis_name=axis, is_causal=is_causal, scale=scale,
                           block_q=block_q, block_kv=block_kv)
-    sm = jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
-    return jax.jit(sm)(*(place(x, spec, mesh) for x in (query, key, value)))
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False))

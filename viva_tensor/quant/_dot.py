@@ -49,6 +49,7 @@ from viva_tensor._formats.registry import Planes, check_record, dequantize, is_q
 from viva_tensor._formats.registry import expected_record as _expected_record
 from viva_tensor._kernels import planes
 from viva_tensor.errors import ConfigError, DimensionError, DTypeError, FormatError, ShapeMismatch
+from viva_tensor.quant import _grad
 
 __all__ = ["dot_general", "dot", "promote_dtype"]
 
@@ -186,18 +187,17 @@ def _merge_planes(a: jax.Array, b: jax.Array, layout: str) -> jax.Array:
 
 
 def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtype: Any, precision: Any):
-    """``x @ decode(rec)`` over row chunks of ``rec``: decode a chunk, multiply, accumulate in float32."""
-    spec = spec_of(rec)
-    k, n = rec.shape
-    nc = k // rows
-    leaves, treedef = jax.tree_util.tree_flatten(rec)
-    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced, strict=True)]
-    xs = jnp.moveaxis(x.reshape(*x.shape[:-1], nc, rows), -2, 0)
+    """``x @ decode(rec)`` over row chunks of ``rec`` (:func:`~viva_tensor.quant._grad.row_chunks`): decode a chunk
+    (its two planes when the format has them, else its ``dequantize``), multiply, accumulate in float32."""
+    plan = (rows, sliced)
+    stacked, chunk_of = _grad.row_chunks(rec, plan)
+    # traced once to read the layout (XLA drops this unused decode of the first chunk)
+    probe = _planes(chunk_of([leaf[0] if s else None for leaf, s in zip(stacked, sliced, strict=True)]))
+    if probe is None:
+        return _grad.chunked_dot(x, rec, x.ndim - 1, 0, precision=precision, out_dtype=out_dtype, plan=plan)
+    n = rec.shape[1]
+    xs = jnp.moveaxis(x.reshape(*x.shape[:-1], rec.shape[0] // rows, rows), -2, 0)
     cdtype = _compute_dtype(rec, x)
-
-    def chunk_of(parts):
-        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced, strict=True)]
-        return dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
 
     def mul(xc, w):
         return jax.lax.dot_general(
@@ -205,48 +205,14 @@ def _chunked_dot(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtyp
             precision=precision, preferred_element_type=jnp.float32,
         )  # fmt: skip
 
-    def body(acc, inputs):
-        xc, parts = inputs
-        return acc + mul(xc, spec.dequantize(chunk_of(parts))), None
-
     def planes_body(acc, inputs):
         xc, parts = inputs
         a, b, _ = _planes(chunk_of(parts))
         return (acc[0] + mul(xc, a), acc[1] + mul(xc, b)), None
 
-    # traced once to read the layout (XLA drops this unused decode of the first chunk)
-    probe = _planes(chunk_of([leaf[0] if s else None for leaf, s in zip(stacked, sliced, strict=True)]))
-    if probe is not None:
-        zero = jnp.zeros((*x.shape[:-1], n // 2), jnp.float32)
-        (a, b), _ = jax.lax.scan(planes_body, (zero, zero), (xs, stacked))
-        return _merge_planes(a, b, probe[2]).astype(out_dtype)
-
-    acc = jnp.zeros((*x.shape[:-1], n), jnp.float32)
-    acc, _ = jax.lax.scan(body, acc, (xs, stacked))
-    return acc.astype(out_dtype)
-
-
-def _chunked_dot_nk(x: jax.Array, rec: Any, rows: int, sliced: list[bool], out_dtype: Any, precision: Any):
-    """``x @ decode(rec).T`` over row chunks of ``rec`` (the output's columns): decode a chunk, contract its last
-    axis (never a transposed or whole dense weight), write its columns."""
-    spec = spec_of(rec)
-    n, k = rec.shape
-    nc = n // rows
-    leaves, treedef = jax.tree_util.tree_flatten(rec)
-    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced, strict=True)]
-    cdtype = _compute_dtype(rec, x)
-    xc = x.astype(cdtype)
-
-    def body(carry, parts):
-        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced, strict=True)]
-        chunk = dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, k))
-        w = spec.dequantize(chunk).astype(rec.dtype).astype(cdtype)
-        y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32)
-        return carry, y.astype(out_dtype)
-
-    _, ys = jax.lax.scan(body, None, stacked)  # (nc, ..., rows)
-    return jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], n)
+    zero = jnp.zeros((*x.shape[:-1], n // 2), jnp.float32)
+    (a, b), _ = jax.lax.scan(planes_body, (zero, zero), (xs, stacked))
+    return _merge_planes(a, b, probe[2]).astype(out_dtype)
 
 
 def _matmul_form(lhs: Any, rhs: Any, dims: tuple) -> tuple | None:
@@ -295,7 +261,8 @@ def _fast_matmul(x: jax.Array, rec: Any, layout: str, out_dtype: Any, precision:
         return None
     if layout == "kn":
         return _chunked_dot(x, rec, *plan, out_dtype=out_dtype, precision=precision)
-    return _chunked_dot_nk(x, rec, *plan, out_dtype=out_dtype, precision=precision)
+    # the record's rows are y's columns: each chunk gives its columns of y (never a transposed or dense weight)
+    return _grad.chunked_dot(x, rec, x.ndim - 1, 1, precision=precision, out_dtype=out_dtype, plan=plan)
 
 
 ACTIVATION_QUANT = (None, "int8")
@@ -450,9 +417,7 @@ def dot_general(
     if activation_quant is not None:  # W8A8 rounds the activations: no custom VJP (see ACTIVATION_QUANT)
         return _qdot(lhs, rhs, dims=dims, precision=precision, preferred_element_type=preferred_element_type,
                      out_sharding=out_sharding, activation_quant=activation_quant)
-    from viva_tensor.quant._grad import qdot  # noqa: PLC0415 - the VJP (quant/_grad.py) wraps _qdot
-
-    return qdot(
+    return _grad.qdot(  # the VJP (quant/_grad.py) wraps _qdot
         _qdot,
         lhs,
         rhs,

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +36,7 @@ import numpy as np
 
 from viva_tensor._formats.registry import expected_record, is_quantized, spec_of
 
-__all__ = ["qdot", "chunked_dot", "chunk_plan", "transposed_dims"]
+__all__ = ["qdot", "chunked_dot", "chunk_plan", "row_chunks", "transposed_dims"]
 
 # A chunk of the decoded weight holds at most this many values (2 MiB of float32, an L2 cache) and at most
 # 1/_CHUNK_PARTS of the weight, so that the backward's temporaries stay a small part of a dense copy.
@@ -157,12 +157,41 @@ def chunk_plan(rec: Any) -> tuple[int, tuple[bool, ...]] | None:
     return _plan_for(spec_of(rec), type(rec), key, shapes)
 
 
+def row_chunks(rec: Any, plan: tuple[int, Sequence[bool]]) -> tuple[list, Callable[[list], Any]]:
+    """A 2-D record cut into row chunks by ``plan`` (rows per chunk, which leaves are sliced by rows): the sliced
+    leaves stacked chunk by chunk (``None`` for the shared ones), to scan over, and a function from one chunk's
+    slices to that chunk's record (shape ``(rows, n)``, its format's ``dequantize`` decodes it).
+
+    The row-chunked decoder of :func:`chunked_dot` and of :mod:`viva_tensor.quant._dot`'s large-weight path.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from viva_tensor import quant
+        >>> q = quant.quantize(jnp.ones((256, 64)), "q8_0")
+        >>> stacked, chunk_of = row_chunks(q, chunk_plan(q))
+        >>> [s.shape for s in stacked], chunk_of([s[0] for s in stacked]).shape
+        ([(16, 32, 32), (16, 32)], (16, 64))
+    """
+    rows, sliced = plan
+    k, n = rec.shape
+    nc = k // rows
+    leaves, treedef = jax.tree_util.tree_flatten(rec)
+    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced, strict=True)]
+
+    def chunk_of(parts: list) -> Any:
+        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced, strict=True)]
+        return dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
+
+    return stacked, chunk_of
+
+
 def chunked_dot(a: jax.Array, rec: Any, a_axis: int, rec_axis: int, *, precision: Any = None,
-                out_dtype: Any = None) -> jax.Array:
+                out_dtype: Any = None, plan: tuple[int, Sequence[bool]] | None = None) -> jax.Array:
     """``dot_general(a, rec)`` contracting ``a``'s ``a_axis`` with the 2-D record's ``rec_axis``, decoded in row chunks.
 
-    The record is decoded chunk by chunk inside a ``lax.scan`` (its format's ``dequantize`` of each slice), so no
-    dense copy of it exists at any time. The product accumulates in float32. Needs :func:`chunk_plan`.
+    The record is decoded chunk by chunk inside a ``lax.scan`` (its format's ``dequantize`` of each slice, see
+    :func:`row_chunks`), so no dense copy of it exists at any time. The product accumulates in float32. ``plan``:
+    rows per chunk and the sliced leaves, by default :func:`chunk_plan`'s.
 
     Returns:
         ``a``'s other dims followed by the record's other dim, in ``out_dtype`` (default: as ``dot_general``).
@@ -174,20 +203,17 @@ def chunked_dot(a: jax.Array, rec: Any, a_axis: int, rec_axis: int, *, precision
         >>> chunked_dot(jnp.ones((3, 64)), q, 1, 1).shape
         (3, 256)
     """
-    rows, sliced = chunk_plan(rec)
+    plan = chunk_plan(rec) if plan is None else plan
     spec = spec_of(rec)
     k, n = rec.shape
-    nc = k // rows
+    nc = k // plan[0]
     cdtype = a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else np.dtype(rec.dtype)
     out_dtype = out_dtype or jnp.result_type(a.dtype, cdtype)
-    leaves, treedef = jax.tree_util.tree_flatten(rec)
-    stacked = [leaf.reshape(nc, -1, *leaf.shape[1:]) if s else None for leaf, s in zip(leaves, sliced, strict=True)]
+    stacked, chunk_of = row_chunks(rec, plan)
     a = jnp.moveaxis(a, a_axis, -1).astype(cdtype)
 
     def decode(parts: list) -> jax.Array:
-        chunk_leaves = [p if s else leaf for p, leaf, s in zip(parts, leaves, sliced, strict=True)]
-        chunk = dataclasses.replace(jax.tree_util.tree_unflatten(treedef, chunk_leaves), shape=(rows, n))
-        return spec.dequantize(chunk).astype(rec.dtype).astype(cdtype)
+        return spec.dequantize(chunk_of(parts)).astype(rec.dtype).astype(cdtype)
 
     def mul(x: jax.Array, w: jax.Array, w_axis: int) -> jax.Array:
         dims = (((x.ndim - 1,), (w_axis,)), ((), ()))
@@ -201,7 +227,7 @@ def chunked_dot(a: jax.Array, rec: Any, a_axis: int, rec_axis: int, *, precision
         _, ys = jax.lax.scan(rows_body, None, stacked)  # (nc, ..., rows)
         return jnp.moveaxis(ys, 0, -2).reshape(*a.shape[:-1], k)
 
-    xs = jnp.moveaxis(a.reshape(*a.shape[:-1], nc, rows), -2, 0)
+    xs = jnp.moveaxis(a.reshape(*a.shape[:-1], nc, plan[0]), -2, 0)
 
     def sum_body(acc, inputs):
         xc, parts = inputs
