@@ -587,8 +587,8 @@ def bias_corrections(
         >>> x = jax.random.normal(jax.random.key(0), (16, 4)) + 1.0
         >>> k = model.layers[0].kernel.get_value()
         >>> b = bias_corrections(model, {"layers.0": jnp.round(k * 4) / 4}, [(x,)])
-        >>> y = x @ k + model.layers[0].bias.get_value()
-        >>> yq = x @ (jnp.round(k * 4) / 4) + b["layers.0"]
+        >>> y = x @ k + model.layers[0].bias.get_value()[None]
+        >>> yq = x @ (jnp.round(k * 4) / 4) + b["layers.0"][None]
         >>> bool(jnp.allclose(y.mean(0), yq.mean(0), atol=1e-5))
         True
     """
