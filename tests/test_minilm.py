@@ -381,6 +381,7 @@ def test_quantized_encoder_fidelity(fmt, quantized_embeddings, embeddings):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_gptq_beats_round_to_nearest_on_the_whole_encoder(encoder, quantized_embeddings, embeddings):
     """What issue 14 now meets: GPTQ on calibration text (standard-library docstrings, never these sentences)
     keeps the int4 (groups of 128) encoder closer to float32 than round to nearest, at the same bytes. Issue 6's
@@ -441,6 +442,7 @@ def test_exact_attention_by_rows_equals_the_reference(mask_shape):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_planned_gptq_at_four_and_a_half_bits(encoder, embeddings):
     """minilm.quantize(bits=4.5) with its defaults (calibration_mix, never these sentences; the planner over
     NF4-DQ / Q5 / Q8_0; one-shot GPTQ with mse=True, damp=0.1). Floors: the measured values less a margin
