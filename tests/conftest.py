@@ -87,13 +87,14 @@ _crashed: dict[str, int] = {}
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist there is no worker to crash
 def pytest_handlecrashitem(crashitem, report, sched):
-    if _crashed.get(crashitem, 0) >= _CRASH_RETRIES:
+    crashes = _crashed.get(crashitem, 0)
+    if crashes >= _CRASH_RETRIES:
         return
     try:
         sched.mark_test_pending(crashitem)  # xdist's "load" scheduler; the scope schedulers cannot re-queue one test
     except (AttributeError, NotImplementedError):
         return
-    _crashed[crashitem] = _crashed.get(crashitem, 0) + 1
+    _crashed[crashitem] = crashes + 1
     report.outcome = "rerun"  # neither passed nor failed: the retry's own report decides
 
 
