@@ -24,12 +24,15 @@ applied with the same GPTQ; ``+emb:nf4``: with the word, position and token-type
 "model ratio" column is then the whole model's (``--rows plan:4.5+emb:q5_0`` takes any table format, written
 to ``minilm_fidelity_rows.*``); ``+w:texts``: the calibration tokens weighted ``1 / L`` (a text of ``L`` tokens),
 so that every text counts the same in the Hessians and the planner's layer errors (``weighting="texts"``; the
-default weighs every token 1). Their quantize time includes the calibration.
+default weighs every token 1); ``+rot:128``: every layer's inputs rotated by a random Hadamard transform of blocks
+of up to 128 (``rotate=128``, :mod:`viva_tensor.rotation`; with a plan, every candidate rotated). Their quantize
+time includes the calibration.
 
 Encode time: the minimum of ``viva_tensor._benchmarking.time_fn`` (after a compiling warm-up).
 
 Run: ``python benchmarks/minilm_fidelity.py [--quick]``; writes ``benchmarks/results/minilm_fidelity.{md,json}``
-(``--quick``: int8, q4_0 and GPTQ q4_0 of the first layer's 6 kernels on 4 sentences, into results/quick).
+(``--quick``: int8, q4_0, GPTQ q4_0 and rotated GPTQ q4_0 of the first layer's 6 kernels on 4 sentences, into
+results/quick).
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ from viva_tensor.models import minilm  # noqa: E402
 FIXTURE = _common.FIXTURE
 
 CALIBRATED = ("gptq:int4_group", "gptq:int4_group+w:texts", "awq+gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0",
-              "plan:4.25", "plan:4.5", "plan:4.5+w:texts", "plan:4.5+emb:nf4", "plan:4.5+emb:q5_0")
+              "plan:4.25", "plan:4.5", "plan:4.5+w:texts", "plan:4.5+emb:nf4", "plan:4.5+emb:q5_0",
+              "gptq:int4_group+rot:128", "gptq:nf4_dq+rot:128", "gptq:q4_0+rot:128", "plan:4.25+rot:128",
+              "plan:4.5+rot:128", "plan:4.5+rot:128+emb:q5_0")
 """The calibrated rows of the full run (see the module docstring)."""
 
 SENSITIVE = ("attention.value", "intermediate", "output")
@@ -89,10 +94,11 @@ def calibrated(encoder, spec: str, quick: bool):
     """(model, kernel bytes, float kernel bytes, report) for ``gptq:<fmt>``, ``awq+gptq:<fmt>`` or ``plan:<bits>``."""
     from viva_tensor.models import _calibration
 
-    spec, _, weighting = spec.partition("+w:")
-    spec, _, emb = spec.partition("+emb:")
-    weighting, _, emb2 = weighting.partition("+emb:")
-    emb = emb or emb2
+    head = "awq+gptq:" if spec.startswith("awq+gptq:") else ""
+    spec, *extras = spec[len(head):].split("+")
+    spec = head + spec
+    suffix = dict(e.split(":", 1) for e in extras)  # w:<weighting>, emb:<table format>, rot:<block>
+    weighting, emb = suffix.get("w"), suffix.get("emb")
     kind, value = spec.split(":")
     options = {"embeddings": emb} if emb else {}
     if weighting:
@@ -100,6 +106,8 @@ def calibrated(encoder, spec: str, quick: bool):
     if quick:  # seconds: 32 sentences, the first layer only
         first = lambda path, layer: path.startswith("layers.0.")  # noqa: E731
         options = {"calibration": _calibration.calibration_text(32), "where": first}
+    if "rot" in suffix:
+        options["rotate"] = int(suffix["rot"])
     if kind == "plan":
         enc, r = minilm.quantize(encoder, bits=float(value), **options)
     elif kind == "awq+gptq":  # AWQ-style scale migration, then GPTQ: awq_int4 records
@@ -174,7 +182,8 @@ def main(argv=None) -> None:
         int(node.kernel.get_value().nbytes) for _, node in nnx.iter_graph(encoder.model) if isinstance(node, nnx.Linear)
     )
     rows = []
-    formats = ["int8", "q4_0", "gptq:q4_0"] if args.quick else [*quant.format_names(), "nf4+int8", "2:4", *CALIBRATED]
+    quick = ["int8", "q4_0", "gptq:q4_0", "gptq:q4_0+rot:128"]
+    formats = quick if args.quick else [*quant.format_names(), "nf4+int8", "2:4", *CALIBRATED]
     formats = formats if args.rows is None else [f for f in args.rows if f != "float32"]
     model_f32 = nn.param_bytes(encoder.model)
     for fmt in ["float32", *formats]:

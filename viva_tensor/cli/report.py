@@ -330,7 +330,7 @@ def calibrated_fidelity(
         for path, node in nnx.iter_graph(qenc.model):
             name = ".".join(map(str, path))
             if name in rep.quantized and hasattr(node, "weight"):
-                sums += np.asarray(_stats(jnp.asarray(kernels[name]).T, quant.dequantize(node.weight.get_value())))
+                sums += np.asarray(_stats(jnp.asarray(kernels[name]).T, _dense(node)))
         row = _row(spec, rep.linear_values, rep.linear_bytes_after, rep.linear_bytes_before, sums,
                    len(rep.quantized), seconds)  # fmt: skip
         e = np.asarray(qenc.model(ids, mask, types))
@@ -351,6 +351,11 @@ def _fidelity_blocker(path: str) -> tuple[pathlib.Path | None, str | None]:
     if not _tokenizers_installed():
         return None, "embedding fidelity: skipped (needs the 'tokenizers' package: pip install 'viva_tensor[examples]')"
     return folder, None
+
+
+def _dense(node: Any) -> jax.Array:
+    """A quantized layer's ``(out, in)`` float weight (a rotated QLinear's rotated back)."""
+    return node.dense_weight() if hasattr(node, "dense_weight") else quant.dequantize(node.weight.get_value())
 
 
 def _stats(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -171,6 +171,7 @@ def quantize(
     bias_correction: str | None = None,
     candidates: Sequence[Any] | None = None,
     sensitivity: str = "gain",
+    rotate: int | None = None,
     progress: bool = False,
     **options: Any,
 ) -> tuple[Any, nn.QuantizeReport]:
@@ -209,6 +210,10 @@ def quantize(
         sensitivity: how the planner measures (:func:`viva_tensor.nn.sensitivity`'s ``measure``): ``"gain"``
             (round to nearest, one model run per layer) or ``"gptq"`` (every candidate by GPTQ on the Hessians of
             the whole calibration text, with this call's GPTQ options).
+        rotate: ``None``, or the largest Hadamard block of a random rotation of every layer's inputs
+            (:mod:`viva_tensor.rotation`; the largest power of two up to it that divides the layer's inputs):
+            the records hold ``W R`` and each layer rotates its input, one bit of signs per input feature. With
+            ``bits``, every candidate is rotated and the planner measures the rotated layers.
         progress: a progress bar on stderr.
         **options: passed to :func:`viva_tensor.nn.quantize_model` (e.g. ``group_size``, ``damp``,
             ``migrate="awq"``: AWQ-style scale migration before GPTQ for the ``int4_group`` layers, which then
@@ -237,6 +242,8 @@ def quantize(
     texts = list(_calibration.calibration_mix(DEFAULT_SENTENCES) if calibration is None else calibration)
     batches = calibration_batches(encoder, texts, weighting=weighting)
     options = {**GPTQ_OPTIONS, **options} if method == "gptq" else options
+    if rotate is not None:
+        options["rotate"] = rotate
     if bits is not None:  # the first texts (in their order: every source), one batch each
         sample = texts[: 32 * SENSITIVITY_BATCHES]
         sens = [b for i in range(0, len(sample), 32)
@@ -248,8 +255,12 @@ def quantize(
             gptq_keys = ("damp", "mse", "act_order", "static_groups")
             extra = {"grams": capture_grams(encoder.model, batches),
                      "gptq_options": {k: v for k, v in options.items() if k in gptq_keys}}  # fmt: skip
-        target = nn.plan(encoder.model, sens, bits=bits, formats=PLAN_CANDIDATES if candidates is None else candidates,
-                         progress=progress, measure=sensitivity, **extra)  # fmt: skip
+        formats = PLAN_CANDIDATES if candidates is None else candidates
+        if rotate is not None:
+            pairs = [(c, {}) if isinstance(c, str) else (c[0], dict(c[1])) for c in formats]
+            formats = [(f, {**o, "rotate": rotate}) for f, o in pairs]
+        target = nn.plan(encoder.model, sens, bits=bits, formats=formats, progress=progress, measure=sensitivity,
+                         **extra)  # fmt: skip
     else:
         target = fmt or "int4_group"
     if bias_correction is not None:

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from viva_tensor import quant
 from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, InvalidOp
 from viva_tensor.nn._graph import set_child
@@ -132,7 +131,7 @@ class LoRALinear(nnx.Module):
 def _base_kernel(base: Any) -> jax.Array:
     """A base layer's kernel in float32, ``(in_features, out_features)`` (a :class:`QLinear`'s decoded)."""
     if isinstance(base, QLinear):
-        return quant.dequantize(base.weight.get_value()).astype(jnp.float32).T
+        return base.dense_weight().T
     return jnp.asarray(base.kernel.get_value()).astype(jnp.float32)
 
 

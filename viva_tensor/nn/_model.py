@@ -136,7 +136,10 @@ def quantize_model(
             ``nnx.Conv``), by round to nearest through :func:`viva_tensor.nn.quantize_layer`; ``None`` (default)
             keeps them in float. They are listed in ``report.quantized`` and ``report.formats``, not in the
             ``linear_*`` counts.
-        **options: the format's options (see :meth:`QLinear.from_linear`); for AWQ those of
+        **options: the format's options (see :meth:`QLinear.from_linear`, whose ``rotate=`` / ``rotation_key=``
+            rotate each layer's inputs by a random Hadamard transform, :mod:`viva_tensor.rotation`: the record
+            holds ``W R``, GPTQ works on the rotated Hessian ``Rᵀ H R``; a plan's candidates may carry them too);
+            for AWQ those of
             :func:`viva_tensor.awq.quantize_awq` (``config=awq.AWQConfig(...)``, ``group_size``); for
             GPTQ those of :func:`viva_tensor.gptq.quantize`.
 
@@ -184,6 +187,9 @@ def quantize_model(
         if calibration is None:
             raise ConfigError(argument="calibration", expected="calibration data with bias_correction", got="None")
         _check_bias_correction(bias_correction)
+    if method == "awq" and "rotate" in options:
+        raise ConfigError(argument="rotate", expected="no rotation with method 'awq' (AWQ scales the inputs instead)",
+                          got=repr(options["rotate"]))  # fmt: skip
     if migrate is not None and method != "gptq":
         raise ConfigError(argument="migrate", expected="method='gptq' with migrate", got=f"method={method!r}")
     if method == "gptq" and calibration is None:
@@ -223,7 +229,7 @@ def quantize_model(
             skipped.append((name, "no activations"))
             continue
         selected[name] = (path, layer, layer_fmt, layer_options)
-    records, biases, rtn = {}, {}, {}
+    records, biases, rtn, rotations = {}, {}, {}, {}
     if method == "gptq":
         def choose(name, layer):
             if name not in selected:
@@ -234,18 +240,18 @@ def quantize_model(
         start = None
         if others is not None and sequential:  # the later layers see the quantized others
             start = _quantize_others(nnx.clone(model), model, others, where, [], {})
-        records, biases = gptq_records(model, choose, calibration, _make_qlinear, sequential=sequential,
+        records, biases, rotations = gptq_records(model, choose, calibration, _make_qlinear, sequential=sequential,
                                        asymmetric=asymmetric, target_damp=target_damp, start=start,
                                        show_progress=progress, migrate=migrate,
                                        bias_correction=bias_correction)  # fmt: skip
     if method == "rtn" and bias_correction is not None:
         rtn = {n: QLinear.from_linear(layer, f, **o) for n, (_, layer, f, o) in selected.items()}
         start = None if others is None else _quantize_others(nnx.clone(model), model, others, where, [], {})
-        kernels = {n: quant.dequantize(q.weight.get_value()).T for n, q in rtn.items()}
+        kernels = {n: q.dense_weight().T for n, q in rtn.items()}
         biases = bias_corrections(model, kernels, calibration, mode=bias_correction, start=start)
     for name, (path, layer, layer_fmt, layer_options) in selected.items():
         if method == "gptq":
-            qlayer = _make_qlinear(layer, records[name])
+            qlayer = _make_qlinear(layer, records[name], rotations.get(name))
         elif method == "awq" and activations is not None:
             x = calibration_rows(activations[name], layer.in_features, name)
             record, alphas[name] = awq_weight(layer, x, **layer_options)
@@ -261,7 +267,7 @@ def quantize_model(
         _quantize_others(copy, model, others, where, done, formats)
     done_linear = [n for n in done if n in selected]
     lin_before = sum(int(selected[n][1].kernel.get_value().nbytes) for n in done_linear)
-    lin_after = sum(int(_get_weight(copy, selected[n][0]).nbytes) for n in done_linear)
+    lin_after = sum(_stored_bytes(copy, selected[n][0]) for n in done_linear)
     report = QuantizeReport(
         label, tuple(done), tuple(skipped), before, param_bytes(copy), lin_before, lin_after, alphas,
         method=method, formats=formats,
@@ -285,13 +291,15 @@ def _quantize_others(copy: nnx.Module, model: nnx.Module, others: Any, where: An
     return copy
 
 
-def _make_qlinear(layer: nnx.Linear, record: Any) -> QLinear:
+def _make_qlinear(layer: nnx.Linear, record: Any, rotation: Any = None) -> QLinear:
     bias = None if layer.bias is None else layer.bias.get_value()
-    return QLinear(record, bias, dtype=layer.dtype)
+    return QLinear(record, bias, dtype=layer.dtype, rotation=rotation)
 
 
-def _get_weight(root: nnx.Module, path: tuple) -> Any:
+def _stored_bytes(root: nnx.Module, path: tuple) -> int:
+    """Bytes a quantized layer stores for its weight: the record, and a rotation's signs."""
     node = root
     for key in path:
         node = node[key] if isinstance(key, int) else getattr(node, key)
-    return node.weight.get_value()
+    r = getattr(node, "rotation", None)
+    return int(node.weight.get_value().nbytes) + (0 if r is None else r.get_value().nbytes)

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from viva_tensor import quant
+from viva_tensor import rotation as _rotation
 from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, FormatError
 from viva_tensor.nn._awq import linears
+from viva_tensor.nn._qlinear import rotation_for
 from viva_tensor.nn._sequential import _at, _batches, capture_grams
 from viva_tensor.nn._sequential import progress as _progress
 
@@ -232,11 +234,19 @@ def sensitivity(
         for path, layer, (fmt, options) in todo:
             name = path_str(path)
             kernel = jnp.asarray(layer.kernel.get_value())
+            opts = dict(options)
+            rotate, key = opts.pop("rotate", None), opts.pop("rotation_key", None)
+            r = None if rotate is None else rotation_for(kernel.shape[0], rotate, key)
+            w = kernel.T if r is None else _rotation.apply(kernel.T, r)  # (out, in): W or W R
             if measure == "gptq":
-                record = _gptq_record(kernel, grams[groups[name]], fmt, dict(options), gptq_options or {})
+                gram, count = grams[groups[name]]
+                gram = gram if r is None else _rotation.hessian(gram, r)
+                record = _gptq_record(w.T, (gram, count), fmt, opts, gptq_options or {})
             else:
-                record = quant.quantize(kernel.T, fmt, **dict(options))
-            deq = quant.dequantize(record).T.astype(kernel.dtype)
+                record = quant.quantize(w, fmt, **opts)
+            deq = quant.dequantize(record).astype(jnp.float32)
+            deq = (deq if r is None else _rotation.invert(deq, r)).T.astype(kernel.dtype)
+            stored = int(record.nbytes) + (0 if r is None else r.nbytes)
             if gain and name in first:
                 model_error, layer_error = first[name]
                 ratio = _layer_error(kernel, deq, grams[groups[name]][0]) / layer_error if layer_error else 0.0
@@ -254,7 +264,7 @@ def sensitivity(
                 if gain:
                     first[name] = (err, _layer_error(kernel, deq, grams[groups[name]][0]))
                 bar.step(f"sensitivity {name} {fmt}")
-            found.append(LayerChoice(name, fmt, options, int(record.nbytes), int(kernel.size), float(err)))
+            found.append(LayerChoice(name, fmt, options, stored, int(kernel.size), float(err)))
     return tuple(found)
 
 

@@ -16,9 +16,10 @@ import numpy as np
 from flax import nnx
 
 from viva_tensor import quant
+from viva_tensor import rotation as _rotation
 from viva_tensor.errors import ConfigError, DimensionError, FormatError, ShapeMismatch
 
-__all__ = ["QLinear", "QuantizeReport", "param_bytes"]
+__all__ = ["QLinear", "QuantizeReport", "param_bytes", "rotation_for"]
 
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"int8": {"axis": 0}}
 """Options :meth:`QLinear.from_linear` uses when none are given: INT8 gets one scale per output row."""
@@ -41,12 +42,17 @@ class QLinear(nnx.Module):
         activation_quant: ``None`` (weight-only) or ``"int8"``: dynamic-range W8A8, the activations quantized per
             token at run time and summed in int32 against an int8 / q8_0 weight (see
             :func:`viva_tensor.quant.dot_general`).
+        rotation: ``None``, or a :class:`viva_tensor.rotation.Rotation` ``R`` of ``in_features``: the record
+            holds ``W R`` and the layer computes ``(x R) Qᵀ + b`` (incoherence processing: see
+            :mod:`viva_tensor.rotation`; :meth:`from_linear` with ``rotate=``). Its signs are a parameter (one
+            bit per input feature, counted by :func:`param_bytes`).
 
     Raises:
         DimensionError: a weight that is not a 2-D record, or a bias that is not 1-D.
-        ShapeMismatch: a bias whose length is not ``out_features``.
+        ShapeMismatch: a bias whose length is not ``out_features``, or a rotation not of ``in_features``.
         FormatError: a weight that is not a quantized record.
-        ConfigError: an ``activation_quant`` other than None and ``"int8"``.
+        ConfigError: an ``activation_quant`` other than None and ``"int8"``, or a ``rotation`` that is not a
+            :class:`viva_tensor.rotation.Rotation`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -61,7 +67,7 @@ class QLinear(nnx.Module):
     """
 
     def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None,
-                 activation_quant: str | None = None):
+                 activation_quant: str | None = None, rotation: _rotation.Rotation | None = None):
         if not quant.is_quantized(weight):
             raise FormatError(
                 argument="weight",
@@ -80,17 +86,29 @@ class QLinear(nnx.Module):
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
         if activation_quant not in (None, "int8"):
             raise ConfigError(argument="activation_quant", expected="None or 'int8'", got=activation_quant)
+        if rotation is not None:
+            if not isinstance(rotation, _rotation.Rotation):
+                raise ConfigError(argument="rotation", expected="None or a rotation.Rotation",
+                                  got=type(rotation).__name__)  # fmt: skip
+            if rotation.size != weight.shape[1]:
+                raise ShapeMismatch(argument="rotation", expected=f"a rotation of {weight.shape[1]} features",
+                                    got=rotation.size)  # fmt: skip
+        self.rotation = None if rotation is None else nnx.Param(rotation)
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
         self.activation_quant = activation_quant
 
     @classmethod
-    def from_linear(cls, linear: nnx.Linear, fmt: str, **options: Any) -> QLinear:
+    def from_linear(cls, linear: nnx.Linear, fmt: str, *, rotate: int | None = None, rotation_key: Any = None,
+                    **options: Any) -> QLinear:
         """Quantizes an ``nnx.Linear``'s kernel (transposed to ``(out, in)``) in format ``fmt``.
 
         Args:
             linear: the layer (its kernel ``(in, out)``, its bias if any, its ``dtype``).
             fmt: a format name of :func:`viva_tensor.quant.format_names`.
+            rotate: ``None``, or the largest Hadamard block of a random rotation of the inputs
+                (:func:`rotation_for`): the record quantizes ``W R`` and the layer rotates its inputs.
+            rotation_key: the PRNG key of the rotation's signs (``None``: ``jax.random.key(0)``).
             **options: the format's options; ``int8`` defaults to ``axis=0`` (a scale per output row).
 
         Returns:
@@ -98,6 +116,7 @@ class QLinear(nnx.Module):
 
         Raises:
             FormatError: an unknown format or option.
+            ConfigError: a ``rotate`` that is not a power of two, or inputs not a multiple of 8.
 
         Example:
             >>> from flax import nnx
@@ -107,9 +126,25 @@ class QLinear(nnx.Module):
         """
         options = {**_DEFAULT_OPTIONS.get(fmt, {}), **options}
         kernel = jnp.asarray(linear.kernel.get_value())
-        weight = quant.quantize(kernel.T, fmt, **options)
+        r = None if rotate is None else rotation_for(kernel.shape[0], rotate, rotation_key)
+        weight = quant.quantize(kernel.T if r is None else _rotation.apply(kernel.T, r), fmt, **options)
         bias = None if linear.bias is None else linear.bias.get_value()
-        return cls(weight, bias, dtype=linear.dtype)
+        return cls(weight, bias, dtype=linear.dtype, rotation=r)
+
+    def dense_weight(self) -> jax.Array:
+        """The float32 ``(out, in)`` weight this layer applies: the decoded record, rotated back (``Q Rᵀ``).
+
+        Example:
+            >>> from flax import nnx
+            >>> layer = nnx.Linear(64, 8, rngs=nnx.Rngs(0))
+            >>> q = QLinear.from_linear(layer, "q8_0", rotate=32)
+            >>> err = jnp.abs(q.dense_weight() - layer.kernel.get_value().T).max()
+            >>> q.rotation.get_value().block, bool(err < 0.01)
+            (32, True)
+        """
+        w = quant.dequantize(self.weight.get_value()).astype(jnp.float32)
+        r = getattr(self, "rotation", None)
+        return w if r is None else _rotation.invert(w, r.get_value())
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x @ W^T + b`` for ``x`` of shape ``(..., in_features)``."""
@@ -117,6 +152,9 @@ class QLinear(nnx.Module):
             raise ShapeMismatch(argument="x", expected=f"last dim {self.in_features}", got=x.shape)
         dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
         x = x.astype(dtype)
+        r = getattr(self, "rotation", None)
+        if r is not None:
+            x = _rotation.apply(x, r.get_value())
         dims = (((x.ndim - 1,), (1,)), ((), ()))
         y = quant.dot_general(x, self.weight.get_value(), dims, preferred_element_type=jnp.float32,
                               activation_quant=getattr(self, "activation_quant", None))
@@ -199,6 +237,27 @@ class QuantizeReport:
         if self.alphas:
             text += f"; AWQ alpha {min(self.alphas.values()):.2f}..{max(self.alphas.values()):.2f}"
         return text
+
+
+def rotation_for(features: int, rotate: int, key: Any = None) -> _rotation.Rotation:
+    """The input rotation of a layer of ``features`` inputs for ``rotate=`` (the largest block wanted).
+
+    Args:
+        features: the layer's inputs (a multiple of 8).
+        rotate: the largest Hadamard block, a power of two (:func:`viva_tensor.rotation.block_for` picks the
+            largest that divides ``features``).
+        key: the PRNG key of the signs (``None``: ``jax.random.key(0)``, so that a model quantized twice gets
+            the same rotations).
+
+    Returns:
+        The :class:`viva_tensor.rotation.Rotation`.
+
+    Example:
+        >>> rotation_for(384, 128).block, rotation_for(96, 128).block
+        (128, 32)
+    """
+    block = _rotation.block_for(int(features), rotate)
+    return _rotation.hadamard(jax.random.key(0) if key is None else key, int(features), block=block)
 
 
 def param_bytes(model: nnx.Module) -> int:

@@ -31,10 +31,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from viva_tensor import gptq, quant
+from viva_tensor import rotation as _rotation
 from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, ShapeMismatch
 from viva_tensor.nn._awq import linears
 from viva_tensor.nn._graph import set_child
+from viva_tensor.nn._qlinear import rotation_for
 
 __all__ = ["BIAS_CORRECTIONS", "CalibrationBatch", "bias_corrections", "capture_grams", "capture_cross", "gptq_records",
            "migrated_gptq", "migration_scales", "progress"]
@@ -393,7 +395,7 @@ def gptq_records(
     model: nnx.Module,
     choose: Callable[[str, nnx.Linear], tuple[str, dict] | None],
     calibration: Any,
-    make_layer: Callable[[nnx.Linear, Any], nnx.Module],
+    make_layer: Callable[[nnx.Linear, Any, Any], nnx.Module],
     *,
     sequential: bool = True,
     asymmetric: bool = False,
@@ -409,9 +411,12 @@ def gptq_records(
     Args:
         model: the float model (not changed).
         choose: ``choose(name, layer) -> (fmt, options)`` or ``None`` to leave a layer in float; the
-            options are those of :func:`viva_tensor.gptq.quantize`.
+            options are those of :func:`viva_tensor.gptq.quantize`, and ``rotate`` / ``rotation_key`` (as
+            :meth:`viva_tensor.nn.QLinear.from_linear`'s): GPTQ of ``W R`` on the rotated inputs' Hessian
+            ``Rᵀ H R`` (:mod:`viva_tensor.rotation`).
         calibration: as :func:`capture_grams`.
-        make_layer: builds the quantized layer from the float one and its record (to run the later groups
+        make_layer: builds the quantized layer from the float one, its record and its rotation (or ``None``) (to
+            run the later groups
             on the quantized ones before them).
         sequential: quantize each group on the inputs of the model quantized so far (True), or every layer
             on the float model's inputs (False).
@@ -433,8 +438,8 @@ def gptq_records(
             from; one-shot, a sweep after GPTQ measures the means group by group on the corrected model.
 
     Returns:
-        ``({name: record}, {name: corrected bias})`` of the chosen layers (the second empty without
-        ``bias_correction``; layers without a bias are left out of it).
+        ``({name: record}, {name: corrected bias}, {name: rotation})`` of the chosen layers (the second empty
+        without ``bias_correction``, layers without a bias left out of it; the third holds the rotated layers).
     """
     chosen = {}
     for path, layer in linears(model):
@@ -443,7 +448,7 @@ def gptq_records(
         if picked is not None:
             chosen[name] = (path, picked)
     if not chosen:
-        return {}, {}
+        return {}, {}, {}
     _check_bias_correction(bias_correction)
     if bias_correction is not None and asymmetric:
         raise ConfigError(argument="bias_correction", expected="None with asymmetric=True", got=repr(bias_correction))
@@ -474,6 +479,7 @@ def gptq_records(
     current = nnx.clone(model if start is None else start)
     records: dict[str, Any] = {}
     biases: dict[str, jax.Array] = {}
+    rotations: dict[str, Any] = {}
     with progress(show_progress, len(chosen), "GPTQ") as bar:
         for i, leader in enumerate(order):
             cross = None
@@ -496,13 +502,23 @@ def gptq_records(
                     raise ShapeMismatch(argument="calibration", expected=f"inputs (..., {kernel.shape[0]})",
                                         got=f"a Hessian of size {h.matrix.shape[0]} for {name!r}")  # fmt: skip
                 w = kernel.T if cross is None else gptq.float_target(kernel.T, gram, cross, damp=target_damp)
+                options = dict(options)
+                rotate, key = options.pop("rotate", None), options.pop("rotation_key", None)
+                r = None if rotate is None else rotation_for(kernel.shape[0], rotate, key)
+                if r is not None and held_grams is not None and fmt == "int4_group":
+                    raise ConfigError(argument="rotate", expected="None with migrate='awq'", got=repr(rotate))
                 if held_grams is not None and fmt == "int4_group":
                     records[name] = migrated_gptq(w, gram, count, held_grams[leader][0], alphas=migrate_alphas,
                                                   **options)  # fmt: skip
+                elif r is not None:  # GPTQ of W R on the Hessian of x R: Rᵀ H R
+                    hr = gptq.Hessian(_rotation.hessian(h.matrix, r), h.count)
+                    records[name] = gptq.quantize(_rotation.apply(w, r), hr, fmt, **options)
+                    rotations[name] = r
                 else:
                     records[name] = gptq.quantize(w, h, fmt, **options)
                 target = _at(current, path)
-                deq = quant.dequantize(records[name]).T.astype(kernel.dtype)
+                deq = quant.dequantize(records[name]).astype(jnp.float32)
+                deq = (deq if r is None else _rotation.invert(deq, r)).T.astype(kernel.dtype)
                 if sequential and bias_correction is not None and layer.bias is not None:
                     biases[name] = _corrected_bias(layer, deq, means[leader], float_means.get(leader),
                                                    bias_correction)  # fmt: skip
@@ -511,13 +527,19 @@ def gptq_records(
                     if name in biases:
                         target.bias.set_value(biases[name])
                 else:
-                    set_child(current, path, make_layer(layer, records[name]))
+                    set_child(current, path, make_layer(layer, records[name], r))
                 bar.step(f"GPTQ {name}")
     if bias_correction is not None and not sequential:
-        kernels = {n: quant.dequantize(r).T for n, r in records.items()}
+        kernels = {n: _dense(r, rotations.get(n)).T for n, r in records.items()}
         biases = bias_corrections(model, kernels, calibration, mode=bias_correction, start=start,
                                   float_means=float_means, groups=groups)  # fmt: skip
-    return records, biases
+    return records, biases, rotations
+
+
+def _dense(record: Any, r: Any) -> jax.Array:
+    """The float32 ``(out, in)`` weight of a record, rotated back when ``r`` is a rotation."""
+    w = quant.dequantize(record).astype(jnp.float32)
+    return w if r is None else _rotation.invert(w, r)
 
 
 BIAS_CORRECTIONS = ("quantized", "float")

@@ -26,6 +26,7 @@ from viva_tensor import _safetensors
 from viva_tensor._formats.registry import FORMATS, FormatSpec, format_names, format_spec, is_quantized, spec_of
 from viva_tensor._formats.registry import expected_record as _expected_record
 from viva_tensor.errors import CheckpointError
+from viva_tensor.rotation import Rotation
 
 __all__ = ["save", "load"]
 
@@ -116,6 +117,8 @@ def _encode_node(node: Any, path: str, w: _Writer) -> dict:
                 static[f.name] = _encode_static(v)
         rec = {"format": spec.name, "class": f"{cls.__module__}.{cls.__qualname__}"}
         return {"record": {**rec, "static": static, "children": children}}
+    if isinstance(node, Rotation):  # a rotated QLinear's input rotation: its packed signs and block
+        return {"rotation": {"packed": w.add(f"{path}:packed", node.packed), "block": int(node.block)}}
     if isinstance(node, dict) or (hasattr(node, "items") and hasattr(node, "keys") and not hasattr(node, "shape")):
         items = []
         for k, v in node.items():
@@ -253,6 +256,13 @@ def _decode_node(node: Any, where: str, arrays: dict[str, np.ndarray], path: str
         return out
     if kind == "record" and isinstance(body, dict):
         return _decode_record(body, where, arrays, path, tensor)
+    if kind == "rotation" and isinstance(body, dict) and set(body) == {"packed", "block"}:
+        packed, block = tensor(body["packed"]), body["block"]
+        valid = isinstance(block, int) and not isinstance(block, bool) and block >= 2 and not block & (block - 1)
+        if not valid or packed.dtype != jnp.uint8 or packed.ndim != 1 or (packed.shape[0] * 8) % block:
+            raise CheckpointError(f"{path!r}: malformed rotation at '{where}' (block {block!r}, signs "
+                                  f"{packed.dtype} {tuple(packed.shape)})")  # fmt: skip
+        return Rotation(packed, block)
     raise CheckpointError(f"{path!r}: malformed tree metadata at '{where}' (kind {kind!r})")
 
 
