@@ -13,10 +13,12 @@ The quantized layer keeps ``Q ≈ W R`` and rotates its input at run time: ``y =
 weight it stands for is ``Q Rᵀ`` (:func:`invert` of the decoded rows). A :class:`Rotation` stores only its
 signs, one bit per input feature, and the block size.
 
-Measured on MiniLM (``benchmarks/results/minilm_fidelity.md``; GPTQ on the default calibration text, 32
-evaluation sentences, mean embedding cosine to the float32 model): int4 groups of 128 0.9722 -> 0.9814 with
-blocks of 128; NF4-DQ 0.9805 -> 0.9844 (blocks of 64); Q4_0 0.9810 -> 0.9855 (blocks of 32); Q5_0 0.9943 ->
-0.9966 (blocks of 32).
+Measured on MiniLM (``python benchmarks/minilm_fidelity.py --rows ...``, ``benchmarks/results/
+minilm_fidelity_rows.md``; ``minilm.quantize`` with its GPTQ defaults and ``rotate=128``; 32 evaluation sentences,
+mean / min embedding cosine to the float32 model): int4 groups of 128 0.9722 / 0.933 -> 0.9815 / 0.958; NF4-DQ
+0.9805 / 0.956 -> 0.9843 / 0.967; Q4_0 0.9810 / 0.964 -> 0.9856 / 0.967; the plan at 4.5 bits per value 0.9887 /
+0.974 -> 0.9904 / 0.977, at 4.25 bits 0.9854 / 0.961 -> 0.9881 / 0.972. The signs cost 1/8 byte per input
+feature (0.003 bits per value on MiniLM's kernels).
 
 Example:
     >>> import jax, jax.numpy as jnp
