@@ -184,9 +184,10 @@ def distill_row(
     fmt: str = "nf4",
     learning_rate: float | None = None,
     lora: dict | None = None,
+    rotate: int | None = None,
 ) -> dict:
     """One distillation run; ``lora``: ``minilm.distill``'s ``train`` / ``bias_learning_rate`` / ``adapter_dtype``
-    (``"lora"`` only)."""
+    (``"lora"`` only); ``rotate``: the frozen base's input rotation (``options={"rotate": ...}``, ``"lora"`` only)."""
     if quick:
         tok = minilm.load_tokenizer(max_length=64)
         cfg = minilm.MiniLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
@@ -200,6 +201,8 @@ def distill_row(
     qmodel, _ = nn.quantize_model(encoder.model, fmt)
     before = _fidelity(np.asarray(minilm.encode(encoder.replace(model=qmodel), sentences)), base)
     kwargs = {"text": text, "batch_size": batch, "held_out": held_out, "progress": False}
+    if rotate is not None and method == "lora":
+        kwargs["options"] = {"rotate": rotate}
     lora = dict(lora or {}) if method == "lora" else {}
     start = {}
     if method == "lora":  # the step-0 student (the default GPTQ base, adapters at their calibrated start)
@@ -228,7 +231,7 @@ def distill_row(
         "train": list(lora.get("train", ("lora",))) if method == "lora" else [],
         "bias_learning_rate": lora.get("bias_learning_rate"),
         "adapter_dtype": str(jnp.dtype(lora["adapter_dtype"])) if lora.get("adapter_dtype") else "float32",
-        "learning_rate": learning_rate,
+        "learning_rate": learning_rate, "rotate": rotate if method == "lora" else None,
     }  # fmt: skip
     print(report, flush=True)
     print(f"evaluation sentences: before {before}, after {after}", flush=True)
@@ -249,6 +252,8 @@ def _distill_md(row: dict) -> list[str]:
             trained += f", {' and '.join(extra)} trained too"
         if row.get("adapter_dtype", "float32") != "float32":
             trained += f", adapters stored {row['adapter_dtype']}"
+        if row.get("rotate"):
+            trained += f", base inputs rotated (rotate={row['rotate']})"
         size = (f"Adapters {row['adapter_bytes']:,} bytes = {100 * row['adapter_fraction']:.2f}% of the quantized "
                 f"model ({row['quantized_bytes']:,} bytes).")  # fmt: skip
     return [title, "", "| | mean cosine | min cosine | top-1 agreement |", "|---|---|---|---|",
@@ -289,6 +294,8 @@ def main(argv=None) -> None:
     )
     p.add_argument("--steps", type=_common.positive_int, default=None, help="distillation steps (default 120)")
     p.add_argument("--rank", type=_common.positive_int, default=16, help="distillation adapters' rank")
+    p.add_argument("--rotate", type=_common.positive_int, default=None,
+                   help="LoRA: rotate the frozen base's inputs (Hadamard blocks of up to this size)")
     p.add_argument("--learning-rate", type=float, default=None, help="distillation's peak learning rate")
     p.add_argument("--train", default=None, help="LoRA parts that train, comma-separated (lora,bias,norm)")
     p.add_argument("--bias-learning-rate", type=float, default=None, help="peak learning rate of biases and norms")
@@ -323,7 +330,7 @@ def main(argv=None) -> None:
         if args.only == part or (args.only is None and not (args.quick and part == "int4")):
             steps = args.steps or (2 if args.quick else 120)
             fmt = "q4_0" if args.quick and fmt == "int4_group" else fmt
-            row = distill_row(args.quick, steps, args.rank, method, fmt, args.learning_rate, lora)
+            row = distill_row(args.quick, steps, args.rank, method, fmt, args.learning_rate, lora, args.rotate)
             md += _distill_md(row)
             data[part] = row
     name = "qlora" if args.only is None else f"qlora_{args.only}"

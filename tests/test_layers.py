@@ -27,7 +27,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "formats": (
         "_formats/*", "compression", "nf4", "blackwell", "awq", "sparsity", "metrics", "ggml", "gidx",
     ),
-    "quant": ("quant", "quant/*", "gptq", "_grids", "_kernels/planes"),  # planes: records -> kernel arguments
+    # planes: records -> kernel arguments; rotation: the input rotation of a quantized layer (checkpoints keep it)
+    "quant": ("quant", "quant/*", "gptq", "rotation", "_grids", "_kernels/planes"),
     "attention": ("flash_attention", "named", "sharding"),  # attention and named axes
     "parallel": ("ring_attention", "pool"),
     "memory": ("memory", "memory/*", "hardware"),

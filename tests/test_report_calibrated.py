@@ -15,7 +15,8 @@ from viva_tensor.cli import report
 from viva_tensor.errors import ConfigError
 
 
-@pytest.mark.parametrize("spec", ["gptq", "awq:int4_group", "plan:", "int4_group"])
+@pytest.mark.parametrize("spec", ["gptq", "awq:int4_group", "plan:", "int4_group", "plan:4.5+rot:", "gptq:q4_0+rot:x",
+                                  "plan:+rot:128"])
 def test_a_bad_spec_is_refused_before_any_work(spec):
     with pytest.raises(ConfigError, match="argument 'calibrated'"):
         report.calibrated_fidelity(None, [spec])
@@ -32,6 +33,6 @@ def test_the_top1_column_is_printed_for_calibrated_rows():
 
 
 def test_the_cli_takes_calibrated_specs():
-    args = cli.build_parser().parse_args(["report", "--calibrated", "gptq:int4_group", "plan:4.5"])
-    assert list(args.calibrated) == ["gptq:int4_group", "plan:4.5"]
+    args = cli.build_parser().parse_args(["report", "--calibrated", "gptq:int4_group", "plan:4.5+rot:128"])
+    assert list(args.calibrated) == ["gptq:int4_group", "plan:4.5+rot:128"]
     assert list(cli.build_parser().parse_args(["report"]).calibrated) == []

@@ -274,3 +274,25 @@ def test_rotation_errors_at_the_layer_and_the_model():
 
         _checkpoint._decode_node({"rotation": {"packed": "p", "block": 3}}, "w", {"p": np.zeros(4, np.uint8)}, "f",
                                  set())  # fmt: skip
+
+
+def test_minilm_quantize_rotates_every_candidate_and_damps_more(monkeypatch):
+    from viva_tensor.models import _quantize, minilm
+
+    seen = []
+    monkeypatch.setattr(_quantize.nn, "quantize_model", lambda model, target, **kw: seen.append((target, kw))
+                        or (model, None))  # fmt: skip
+    monkeypatch.setattr(_quantize.nn, "plan", lambda model, sens, **kw: ("plan", kw["formats"]))
+    cfg = minilm.MiniLMConfig(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128)
+    encoder = minilm.SentenceEncoder(minilm.MiniLM(cfg, rngs=nnx.Rngs(0)), minilm.load_tokenizer(max_length=32), 32)
+    texts = ["A short text.", "Another one, a little longer than the first."]
+    minilm.quantize(encoder, fmt="q4_0", calibration=texts, rotate=128)
+    minilm.quantize(encoder, fmt="q4_0", calibration=texts, rotate=64, damp=0.05)
+    minilm.quantize(encoder, fmt="q4_0", calibration=texts)
+    minilm.quantize(encoder, bits=4.5, calibration=texts, rotate=128)
+    (_, a), (_, b), (_, c), ((_, formats), d) = seen
+    assert (a["rotate"], a["damp"]) == (128, _quantize.ROTATED_DAMP)
+    assert (b["rotate"], b["damp"]) == (64, 0.05)
+    assert "rotate" not in c and c["damp"] == _quantize.GPTQ_OPTIONS["damp"]
+    assert all(o["rotate"] == 128 for _, o in formats) and len(formats) == len(_quantize.PLAN_CANDIDATES)
+    assert d["damp"] == _quantize.ROTATED_DAMP

@@ -11,7 +11,8 @@ checks it):
   reader/writer), ``_benchmarking`` (the one timer);
 - formats: ``compression`` (INT8, GGML Q4_0/Q4_1/Q8_0), ``ggml`` (Q5_0/Q5_1 and the K-quants), ``nf4``,
   ``blackwell`` (NVFP4, MXFP4), ``awq``, ``sparsity``, ``metrics``, on the private toolkit ``_formats``;
-- quant: ``quant`` (by name, the quantized matmul, trees, checkpoints), ``gptq`` (GPTQ into any grid format);
+- quant: ``quant`` (by name, the quantized matmul, trees, checkpoints), ``gptq`` (GPTQ into any grid format),
+  ``rotation`` (randomized Hadamard rotations of a layer's inputs, for 4-bit weights);
 - attention and named axes: ``flash_attention``, ``named``, ``sharding``; parallel: ``ring_attention``, ``pool``;
 - memory: ``memory`` (tiers, offloading, streaming, rematerialisation), ``hardware``;
 - interop: ``interop`` (GGUF, bitsandbytes, GPTQ, AWQ, compressed-tensors files);
@@ -43,6 +44,7 @@ from viva_tensor import (
     pool,
     quant,
     ring_attention,
+    rotation,
     sharding,
     sparsity,
     tensor,
@@ -124,7 +126,7 @@ __version__ = "0.1.0"
 _MODULES = [
     "axis", "errors", "tensor", "named", "sharding", "pool",
     "metrics", "compression", "ggml", "nf4", "blackwell", "awq", "sparsity", "quant", "gptq",
-    "flash_attention", "ring_attention", "memory", "hardware", "interop", "nn",
+    "rotation", "flash_attention", "ring_attention", "memory", "hardware", "interop", "nn",
 ]
 # The Gleam names that shadow Python builtins stay reachable as vt.sum, vt.max ... but are left out of
 # __all__, so that `from viva_tensor import *` never hides the builtins.

@@ -11,14 +11,20 @@ Walsh-Hadamard transform of ``log2(block)`` butterfly stages (``n log n`` additi
 The quantized layer keeps ``Q ≈ W R`` and rotates its input at run time: ``y = (x R) Qᵀ``
 (:class:`viva_tensor.nn.QLinear` with ``rotation``; ``nn.quantize_model(..., rotate=128)``). The dense
 weight it stands for is ``Q Rᵀ`` (:func:`invert` of the decoded rows). A :class:`Rotation` stores only its
-signs, one bit per input feature, and the block size.
+signs, one bit per input feature, and the block size. ``quant.save`` keeps it with the model's state; the
+checkpoint writers of other tools (``viva_tensor.interop``: GPTQ, AWQ, bitsandbytes, GGUF ...) have no place for
+it, so a rotated record handed to them alone would decode as ``W R``, not ``W``: export an unrotated quantization
+(or ``QLinear.dense_weight()`` quantized again) to those tools. This is why rotation is opt-in
+(``rotate=None`` by default everywhere).
 
 Measured on MiniLM (``python benchmarks/minilm_fidelity.py --rows ...``, ``benchmarks/results/
 minilm_fidelity_rows.md``; ``minilm.quantize`` with its GPTQ defaults and ``rotate=128``; 32 evaluation sentences,
 mean / min embedding cosine to the float32 model): int4 groups of 128 0.9722 / 0.933 -> 0.9815 / 0.958; NF4-DQ
 0.9805 / 0.956 -> 0.9843 / 0.967; Q4_0 0.9810 / 0.964 -> 0.9856 / 0.967; the plan at 4.5 bits per value 0.9887 /
-0.974 -> 0.9904 / 0.977, at 4.25 bits 0.9854 / 0.961 -> 0.9881 / 0.972. The signs cost 1/8 byte per input
-feature (0.003 bits per value on MiniLM's kernels).
+0.974 -> 0.9904 / 0.977, at 4.25 bits 0.9854 / 0.961 -> 0.9881 / 0.972 (all with GPTQ's damp 0.1); with damp 0.3
+(``minilm.quantize``'s default with ``rotate``) the plan at 4.5 bits reaches 0.9911 / 0.979. The signs cost 1/8
+byte per input feature (0.003 bits per value on MiniLM's kernels). A dense random orthogonal ``R`` (384 x 384)
+measured no better than blocks of 128 (int4 g128 0.9814 against 0.9815).
 
 Example:
     >>> import jax, jax.numpy as jnp

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-f", "--format", action="append", dest="formats", metavar="FMT", help="only these formats")
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep.add_argument("--calibrated", nargs="+", default=(), metavar="SPEC",
-                     help="MiniLM rows quantized on calibration text: gptq:<fmt> or plan:<bits> (minutes each)")
+                     help="MiniLM rows quantized on calibration text: gptq:<fmt> or plan:<bits>, "
+                          "+rot:<block> to rotate the inputs (minutes each)")
     qz = sub.add_parser("quantize", help="quantize a safetensors checkpoint into a viva_tensor checkpoint")
     qz.add_argument("checkpoint", help="a safetensors file")
     qz.add_argument("-f", "--format", required=True, metavar="FMT", help="a format name (see `report`)")

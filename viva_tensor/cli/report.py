@@ -274,7 +274,8 @@ def calibrated_fidelity(
     sentences: Sequence[str] = FIDELITY_SENTENCES,
     on_step: Any = None,
 ) -> list[dict]:
-    """Rows for calibrated MiniLM quantizations: ``"gptq:<fmt>"`` (sequential GPTQ) or ``"plan:<bits>"``.
+    """Rows for calibrated MiniLM quantizations: ``"gptq:<fmt>"`` (sequential GPTQ) or ``"plan:<bits>"``; a
+    ``"+rot:<block>"`` suffix rotates every layer's inputs (``minilm.quantize(..., rotate=<block>)``).
 
     Each is :func:`viva_tensor.models.minilm.quantize` with its default calibration text (standard-library
     docstring sentences, never :data:`FIDELITY_SENTENCES`): ``fmt=<fmt>, method="gptq"``, or ``bits=<bits>``
@@ -293,7 +294,7 @@ def calibrated_fidelity(
         One dict per spec, with the keys of :func:`run_report`'s rows and ``embedding_top1``.
 
     Raises:
-        ConfigError: a spec that is not ``gptq:<fmt>`` or ``plan:<bits>``.
+        ConfigError: a spec that is not ``gptq:<fmt>`` or ``plan:<bits>`` (with an optional ``+rot:<block>``).
 
     Example:
         >>> from viva_tensor.cli import report
@@ -310,21 +311,23 @@ def calibrated_fidelity(
     parsed = []
     for spec in specs:
         kind, _, value = str(spec).partition(":")
-        if kind not in ("gptq", "plan") or not value:
-            raise ConfigError(argument="calibrated", expected="'gptq:<fmt>' or 'plan:<bits>'", got=repr(spec))
-        parsed.append((spec, kind, value))
+        value, _, rot = value.partition("+rot:")
+        if kind not in ("gptq", "plan") or not value or (rot and not rot.isdigit()) or str(spec).endswith("+rot:"):
+            raise ConfigError(argument="calibrated", got=repr(spec),
+                              expected="'gptq:<fmt>' or 'plan:<bits>', optionally '+rot:<block>'")  # fmt: skip
+        parsed.append((spec, kind, value, {"rotate": int(rot)} if rot else {}))
     encoder = minilm.load(folder)
     ids, mask, types = _one_batch(encoder.tokenizer, sentences)
     reference = np.asarray(encoder.model(ids, mask, types))
     kernels = {".".join(map(str, p)): n.kernel.get_value() for p, n in nnx.iter_graph(encoder.model)
                if isinstance(n, nnx.Linear)}  # fmt: skip
     rows = []
-    for spec, kind, value in parsed:
+    for spec, kind, value, rotate in parsed:
         start = time.perf_counter()
         if kind == "plan":
-            qenc, rep = minilm.quantize(encoder, bits=float(value))
+            qenc, rep = minilm.quantize(encoder, bits=float(value), **rotate)
         else:
-            qenc, rep = minilm.quantize(encoder, fmt=value, method="gptq")
+            qenc, rep = minilm.quantize(encoder, fmt=value, method="gptq", **rotate)
         seconds = time.perf_counter() - start
         sums = np.zeros(4)
         for path, node in nnx.iter_graph(qenc.model):

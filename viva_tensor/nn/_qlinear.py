@@ -45,7 +45,8 @@ class QLinear(nnx.Module):
         rotation: ``None``, or a :class:`viva_tensor.rotation.Rotation` ``R`` of ``in_features``: the record
             holds ``W R`` and the layer computes ``(x R) Qᵀ + b`` (incoherence processing: see
             :mod:`viva_tensor.rotation`; :meth:`from_linear` with ``rotate=``). Its signs are a parameter (one
-            bit per input feature, counted by :func:`param_bytes`).
+            bit per input feature, counted by :func:`param_bytes`). The record alone is then ``W R``: other tools'
+            checkpoint writers need :meth:`dense_weight` (quantized again), not ``weight``.
 
     Raises:
         DimensionError: a weight that is not a 2-D record, or a bias that is not 1-D.
