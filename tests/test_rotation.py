@@ -296,3 +296,15 @@ def test_minilm_quantize_rotates_every_candidate_and_damps_more(monkeypatch):
     assert "rotate" not in c and c["damp"] == _quantize.GPTQ_OPTIONS["damp"]
     assert all(o["rotate"] == 128 for _, o in formats) and len(formats) == len(_quantize.PLAN_CANDIDATES)
     assert d["damp"] == _quantize.ROTATED_DAMP
+
+
+def test_hadamard_signs_matrix_and_hessian_agree_under_jit():
+    key = jax.random.key(4)
+    made = jax.jit(rotation.hadamard, static_argnums=1, static_argnames="block")(key, 64, block=32)
+    eager = rotation.hadamard(key, 64, block=32)
+    assert made.block == 32 and np.array_equal(np.asarray(made.packed), np.asarray(eager.packed))
+    np.testing.assert_array_equal(np.asarray(jax.jit(rotation.signs)(eager)), np.asarray(rotation.signs(eager)))
+    np.testing.assert_allclose(np.asarray(jax.jit(rotation.matrix)(eager)), _dense(eager), atol=1e-6)
+    h = jnp.asarray(np.cov(np.asarray(jax.random.normal(key, (64, 200)))), jnp.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(rotation.hessian)(h, eager)), np.asarray(rotation.hessian(h, eager)),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
