@@ -27,7 +27,7 @@ from viva_tensor import rotation as _rotation
 from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, FormatError
 from viva_tensor.nn._awq import linears
-from viva_tensor.nn._qlinear import rotation_for
+from viva_tensor.nn._qlinear import dense, split_rotation
 from viva_tensor.nn._sequential import _at, _batches, capture_grams
 from viva_tensor.nn._sequential import progress as _progress
 
@@ -234,9 +234,7 @@ def sensitivity(
         for path, layer, (fmt, options) in todo:
             name = path_str(path)
             kernel = jnp.asarray(layer.kernel.get_value())
-            opts = dict(options)
-            rotate, key = opts.pop("rotate", None), opts.pop("rotation_key", None)
-            r = None if rotate is None else rotation_for(kernel.shape[0], rotate, key)
+            r, opts = split_rotation(kernel.shape[0], options)
             w = kernel.T if r is None else _rotation.apply(kernel.T, r)  # (out, in): W or W R
             if measure == "gptq":
                 gram, count = grams[groups[name]]
@@ -244,8 +242,7 @@ def sensitivity(
                 record = _gptq_record(w.T, (gram, count), fmt, opts, gptq_options or {})
             else:
                 record = quant.quantize(w, fmt, **opts)
-            deq = quant.dequantize(record).astype(jnp.float32)
-            deq = (deq if r is None else _rotation.invert(deq, r)).T.astype(kernel.dtype)
+            deq = dense(record, r).T.astype(kernel.dtype)
             stored = int(record.nbytes) + (0 if r is None else r.nbytes)
             if gain and name in first:
                 model_error, layer_error = first[name]

@@ -143,9 +143,8 @@ class QLinear(nnx.Module):
             >>> q.rotation.get_value().block, bool(err < 0.01)
             (32, True)
         """
-        w = quant.dequantize(self.weight.get_value()).astype(jnp.float32)
         r = getattr(self, "rotation", None)
-        return w if r is None else _rotation.invert(w, r.get_value())
+        return dense(self.weight.get_value(), None if r is None else r.get_value())
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x @ W^T + b`` for ``x`` of shape ``(..., in_features)``."""
@@ -259,6 +258,38 @@ def rotation_for(features: int, rotate: int, key: Any = None) -> _rotation.Rotat
     """
     block = _rotation.block_for(int(features), rotate)
     return _rotation.hadamard(jax.random.key(0) if key is None else key, int(features), block=block)
+
+
+def split_rotation(features: int, options: dict[str, Any]) -> tuple[_rotation.Rotation | None, dict[str, Any]]:
+    """A layer's options without ``rotate`` / ``rotation_key``, and the rotation they ask for (or ``None``).
+
+    Args:
+        features: the layer's inputs.
+        options: its options (not changed).
+
+    Returns:
+        ``(rotation or None, the other options)``.
+
+    Example:
+        >>> r, rest = split_rotation(384, {"rotate": 128, "group_size": 64})
+        >>> r.block, rest
+        (128, {'group_size': 64})
+    """
+    rest = dict(options)
+    rotate, key = rest.pop("rotate", None), rest.pop("rotation_key", None)
+    return (None if rotate is None else rotation_for(features, rotate, key)), rest
+
+
+def dense(record: Any, r: _rotation.Rotation | None = None) -> jax.Array:
+    """The float32 ``(out, in)`` weight a record stands for: decoded, and rotated back (``Q Rᵀ``) when ``r`` is given.
+
+    Example:
+        >>> w = jnp.eye(32)
+        >>> bool(jnp.allclose(dense(quant.quantize(w, "q8_0")), w, atol=1e-2))
+        True
+    """
+    w = quant.dequantize(record).astype(jnp.float32)
+    return w if r is None else _rotation.invert(w, r)
 
 
 def param_bytes(model: nnx.Module) -> int:

@@ -36,7 +36,7 @@ from viva_tensor._paths import path_str
 from viva_tensor.errors import ConfigError, ShapeMismatch
 from viva_tensor.nn._awq import linears
 from viva_tensor.nn._graph import set_child
-from viva_tensor.nn._qlinear import rotation_for
+from viva_tensor.nn._qlinear import dense, split_rotation
 
 __all__ = ["BIAS_CORRECTIONS", "CalibrationBatch", "bias_corrections", "capture_grams", "capture_cross", "gptq_records",
            "migrated_gptq", "migration_scales", "progress"]
@@ -502,11 +502,10 @@ def gptq_records(
                     raise ShapeMismatch(argument="calibration", expected=f"inputs (..., {kernel.shape[0]})",
                                         got=f"a Hessian of size {h.matrix.shape[0]} for {name!r}")  # fmt: skip
                 w = kernel.T if cross is None else gptq.float_target(kernel.T, gram, cross, damp=target_damp)
-                options = dict(options)
-                rotate, key = options.pop("rotate", None), options.pop("rotation_key", None)
-                r = None if rotate is None else rotation_for(kernel.shape[0], rotate, key)
+                r, options = split_rotation(kernel.shape[0], options)
                 if r is not None and held_grams is not None and fmt == "int4_group":
-                    raise ConfigError(argument="rotate", expected="None with migrate='awq'", got=repr(rotate))
+                    raise ConfigError(argument="rotate", expected="None with migrate='awq'",
+                                      got=repr(chosen[name][1]["rotate"]))  # fmt: skip
                 if held_grams is not None and fmt == "int4_group":
                     records[name] = migrated_gptq(w, gram, count, held_grams[leader][0], alphas=migrate_alphas,
                                                   **options)  # fmt: skip
@@ -517,8 +516,7 @@ def gptq_records(
                 else:
                     records[name] = gptq.quantize(w, h, fmt, **options)
                 target = _at(current, path)
-                deq = quant.dequantize(records[name]).astype(jnp.float32)
-                deq = (deq if r is None else _rotation.invert(deq, r)).T.astype(kernel.dtype)
+                deq = dense(records[name], r).T.astype(kernel.dtype)
                 if sequential and bias_correction is not None and layer.bias is not None:
                     biases[name] = _corrected_bias(layer, deq, means[leader], float_means.get(leader),
                                                    bias_correction)  # fmt: skip
@@ -530,16 +528,10 @@ def gptq_records(
                     set_child(current, path, make_layer(layer, records[name], r))
                 bar.step(f"GPTQ {name}")
     if bias_correction is not None and not sequential:
-        kernels = {n: _dense(r, rotations.get(n)).T for n, r in records.items()}
+        kernels = {n: dense(r, rotations.get(n)).T for n, r in records.items()}
         biases = bias_corrections(model, kernels, calibration, mode=bias_correction, start=start,
                                   float_means=float_means, groups=groups)  # fmt: skip
     return records, biases, rotations
-
-
-def _dense(record: Any, r: Any) -> jax.Array:
-    """The float32 ``(out, in)`` weight of a record, rotated back when ``r`` is a rotation."""
-    w = quant.dequantize(record).astype(jnp.float32)
-    return w if r is None else _rotation.invert(w, r)
 
 
 BIAS_CORRECTIONS = ("quantized", "float")
