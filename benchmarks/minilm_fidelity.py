@@ -22,7 +22,8 @@ float16 input scales); ``plan:<bits>`` is ``minilm.quantize(encoder, bits=...)``
 applied with the same GPTQ; ``+emb:nf4``: with the word, position and token-type tables in NF4 too
 (``embeddings="nf4"``, round to nearest; the GPTQ calibration runs on the model with them quantized), the
 "model ratio" column is then the whole model's (``--rows plan:4.5+emb:q5_0`` takes any table format, written
-to ``minilm_fidelity_rows.*``); ``+w:texts``: the calibration tokens weighted ``1 / L`` (a text of ``L`` tokens),
+to ``minilm_fidelity_rows.*``); ``+emb:mixed``: each table its own format, ``minilm.TABLE_FORMATS`` (word Q5_0,
+position and token type Q8_0); ``+w:texts``: the calibration tokens weighted ``1 / L`` (a text of ``L`` tokens),
 so that every text counts the same in the Hessians and the planner's layer errors (``weighting="texts"``; the
 default weighs every token 1); ``+rot:128``: every layer's inputs rotated by a random Hadamard transform of blocks
 of up to 128 (``rotate=128``, :mod:`viva_tensor.rotation`; with a plan, every candidate rotated). Their quantize
@@ -55,7 +56,7 @@ FIXTURE = _common.FIXTURE
 CALIBRATED = ("gptq:int4_group", "gptq:int4_group+w:texts", "awq+gptq:int4_group", "gptq:nf4_dq", "gptq:q4_0",
               "plan:4.25", "plan:4.5", "plan:4.5+w:texts", "plan:4.5+emb:nf4", "plan:4.5+emb:q5_0",
               "gptq:int4_group+rot:128", "gptq:nf4_dq+rot:128", "gptq:q4_0+rot:128", "plan:4.25+rot:128",
-              "plan:4.5+rot:128", "plan:4.5+rot:128+emb:q5_0")
+              "plan:4.5+rot:128", "plan:4.5+rot:128+emb:q5_0", "plan:4.5+rot:128+emb:mixed")
 """The calibrated rows of the full run (see the module docstring)."""
 
 SENSITIVE = ("attention.value", "intermediate", "output")
@@ -100,7 +101,7 @@ def calibrated(encoder, spec: str, quick: bool):
     suffix = dict(e.split(":", 1) for e in extras)  # w:<weighting>, emb:<table format>, rot:<block>
     weighting, emb = suffix.get("w"), suffix.get("emb")
     kind, value = spec.split(":")
-    options = {"embeddings": emb} if emb else {}
+    options = {"embeddings": minilm.TABLE_FORMATS if emb == "mixed" else emb} if emb else {}
     if weighting:
         options["weighting"] = weighting
     if quick:  # seconds: 32 sentences, the first layer only
@@ -170,6 +171,8 @@ def main(argv=None) -> None:
     parser = _common.parser(__doc__)
     parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                         help="only these rows (formats, gptq:<fmt>, plan:<bits>); writes minilm_fidelity_rows.*")
+    parser.add_argument("--name", default=None, help="the results' file stem (default: minilm_fidelity, with --rows "
+                        "minilm_fidelity_rows)")
     args = parser.parse_args(argv)
     data = np.load(FIXTURE)
     sentences = [str(s) for s in data["sentences"]]
@@ -221,7 +224,8 @@ def write(rows: list[dict], n: int, args) -> None:
         "`calibration_mix`: docstrings, package READMEs, 1-4 word texts; one-shot GPTQ, mse=True, damp=0.1; the "
         "planner: 5 candidates (NF4-DQ 64/32, Q5_0, Q5_1, Q8_0), gain sensitivities on the first 32 texts; "
         "`+emb:nf4` / `+emb:q5_0`: the embedding tables in NF4 / Q5_0 as well, round to nearest (model ratio: the "
-        "whole model's); `+w:texts`: calibration tokens weighted 1/L (L the text's tokens), every text counting the "
+        "whole model's), `+emb:mixed`: the word table in Q5_0, position and token type in Q8_0; `+w:texts`: "
+        "calibration tokens weighted 1/L (L the text's tokens), every text counting the "
         "same in the Hessians and the planner's layer errors; `awq+gptq:`: AWQ-style scale "
         "migration (s = rms(x)^alpha, alpha in 0, 1/4, 1/2 per layer by the least output error on every 5th "
         "calibration batch, held out; GPTQ on the others) before the same GPTQ: awq_int4 records, not plain GPTQ). "
@@ -243,6 +247,7 @@ def write(rows: list[dict], n: int, args) -> None:
     worst = ", ".join(f"{r['format']}: {r['worst_sentence'][:30]!r}" for r in rows[1:])
     lines += ["", f"Worst sentence per format: {worst}.", ""]
     name = "minilm_fidelity" if getattr(args, "rows", None) is None else "minilm_fidelity_rows"
+    name = getattr(args, "name", None) or name
     _common.write_results(name, "\n".join(lines), {"meta": meta, "rows": rows}, quick=args.quick,
                           out=args.out)  # fmt: skip
 

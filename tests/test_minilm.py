@@ -460,3 +460,24 @@ def test_planned_gptq_at_four_and_a_half_bits(encoder, embeddings):
 
 
 PLAN_45_FLOOR = (0.985, 0.965, 0.85)  # mean, min cosine, top-1 agreement (measured on 32: 0.9887, 0.9745, 0.94)
+
+
+def test_quantize_embeddings_mapping_gives_each_table_its_format():
+    """minilm.quantize(embeddings={table: fmt}): each named table an nn.QEmbed in its format, the others float32;
+    TABLE_FORMATS names only MiniLM's tables; a key that is not a table is refused before any calibration."""
+    from viva_tensor.models import _quantize
+
+    cfg = minilm.MiniLMConfig(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128)
+    encoder = minilm.SentenceEncoder(minilm.MiniLM(cfg, rngs=nnx.Rngs(0)), minilm.load_tokenizer(max_length=32), 32)
+    texts = ["A short text.", "Another one, a little longer than the first."]
+    q, report = minilm.quantize(encoder, fmt="q8_0", method="rtn", calibration=texts,
+                                embeddings={"word": "q5_0", "position": ("q8_0", {})})  # fmt: skip
+    tables = q.model.embeddings
+    assert type(tables.word).__name__ == "QEmbed" and tables.word.table.get_value().format == "q5_0"
+    assert tables.position.table.get_value().format == "q8_0" and isinstance(tables.token_type, nnx.Embed)
+    assert report.formats["embeddings.word"] == "q5_0" and "embeddings.token_type" not in report.formats
+    assert set(minilm.TABLE_FORMATS) == set(_quantize.TABLES)
+    e = np.asarray(minilm.encode(q, texts))
+    assert e.shape == (2, 64) and np.isfinite(e).all()
+    with pytest.raises(ConfigError, match="argument 'embeddings'.*'words'"):
+        minilm.quantize(encoder, fmt="q8_0", calibration=texts, embeddings={"words": "q5_0"})

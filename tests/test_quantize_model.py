@@ -212,3 +212,33 @@ def test_others_quantizes_the_embeddings_through_quantize_layer():
     np.testing.assert_array_equal(np.asarray(qmodel.embed(ids)), np.asarray(want))
     plain, _ = nn.quantize_model(model, "q4_0")
     assert isinstance(plain.embed, nnx.Embed)  # others=None: the default keeps them float
+
+
+def test_others_mapping_gives_each_layer_its_format_and_leaves_the_rest_float():
+    class Tok(nnx.Module):
+        def __init__(self):
+            self.word = nnx.Embed(100, 64, rngs=nnx.Rngs(0))
+            self.position = nnx.Embed(16, 64, rngs=nnx.Rngs(1))
+            self.kind = nnx.Embed(2, 64, rngs=nnx.Rngs(2))
+            self.out = nnx.Linear(64, 64, rngs=nnx.Rngs(3))
+
+        def __call__(self, ids):
+            return self.out(self.word(ids) + self.position(jnp.arange(ids.shape[1])[None]) + self.kind(ids % 2))
+
+    model = Tok()
+    ids = jnp.array([[1, 5, 99, 0]], jnp.int32)
+    others = {"word": "q5_0", "position": ("q4_0", {})}
+    qmodel, report = nn.quantize_model(model, "q8_0", others=others)
+    assert report.formats == {"out": "q8_0", "word": "q5_0", "position": "q4_0"}
+    assert isinstance(qmodel.kind, nnx.Embed)  # not in the mapping: float
+    for name, fmt in (("word", "q5_0"), ("position", "q4_0")):
+        want = nn.quantize_layer(getattr(model, name), fmt)(ids % 16)
+        np.testing.assert_array_equal(np.asarray(getattr(qmodel, name)(ids % 16)), np.asarray(want))
+    gmodel, greport = nn.quantize_model(model, "q8_0", method="gptq", calibration=[(ids,)], others=others)
+    assert greport.formats == report.formats and report.bytes_after == nn.param_bytes(qmodel)
+    with pytest.raises(ConfigError, match=r"argument 'others'.*'word'.*got 'out', 'wrd'"):
+        nn.quantize_model(model, "q8_0", others={"wrd": "q5_0", "out": "q8_0"})
+    with pytest.raises(ConfigError, match=r"argument 'others\['word'\]'"):
+        nn.quantize_model(model, "q8_0", method="gptq", calibration=[(ids,)], others={"word": 5})
+    with pytest.raises(ConfigError, match="argument 'others'"):
+        nn.quantize_model(model, "q8_0", others=("q5_0",))

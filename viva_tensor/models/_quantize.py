@@ -11,7 +11,7 @@ tokens are masked out of the Hessians (:class:`viva_tensor.nn.CalibrationBatch`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from viva_tensor import nn
 from viva_tensor.errors import ConfigError
 
 __all__ = ["calibration_batches", "quantize", "DEFAULT_SENTENCES", "GPTQ_OPTIONS", "ROTATED_DAMP",
-           "SENSITIVITY_BATCHES", "PLAN_CANDIDATES"]
+           "SENSITIVITY_BATCHES", "PLAN_CANDIDATES", "TABLES", "TABLE_FORMATS"]
 
 DEFAULT_SENTENCES = 192
 """Texts :func:`quantize` takes from each source of ``calibration_mix`` by default (626 texts, 20 batches of 32)."""
@@ -75,6 +75,22 @@ the 32 evaluation sentences, mean / min cosine / same nearest neighbour): these 
 out, 0.98868 / 0.974 / 30; adding Q4_0 and NVFP4 (4.5 bits each) gave the same numbers (the planner did not
 choose them); ``sensitivity="gptq"`` (every candidate by GPTQ on the whole calibration text's Hessians) 0.99438 /
 0.9870 held out, 0.98781 / 0.970 / 28, in 348 CPU s against 141 on a loaded machine."""
+
+
+TABLES = ("word", "position", "token_type")
+"""MiniLM's embedding tables (``encoder.model.embeddings.<table>``), the keys of :func:`quantize`'s ``embeddings``."""
+
+TABLE_FORMATS = {"word": "q5_0", "position": "q8_0", "token_type": "q8_0"}
+"""Formats per embedding table that make the whole quantized MiniLM over 6x smaller than float32 with a 4.5-bit plan
+(``quantize(encoder, bits=4.5, rotate=128, embeddings=TABLE_FORMATS)``: 6.29x at 0.99074 mean / 0.9782 min cosine /
+31 of 32 same nearest neighbour on the 32 evaluation sentences, ``benchmarks/results/minilm_fidelity_tables.md``).
+The word table (30,522 rows, 98% of the tables' values) takes the bytes; the position table, added to every token,
+takes most of the error. Measured on one plan at 4.5 bits with ``rotate=128`` (2026-12-03, the 32 evaluation
+sentences, mean / min cosine / same nearest neighbour, whole-model ratio): tables float32 0.99111 / 0.9789 / 31
+(1.68x); all three Q5_0 0.98967 / 0.9761 / 31 (6.32x); only the word table Q5_0 0.99073 / 0.9781 / 31 (6.04x); only
+position and token type Q5_0 0.99008 / 0.9771 (1.70x); word Q5_1 and position Q5_0 0.99066 / 0.9759 (6.01x). A
+rotation does not help the word table (Q5_0 relative error 0.04269 plain, 0.04270 rotated: its rows have no outlier
+features); it does the position table's (0.0472 -> 0.0424), but Q8_0 there costs less."""
 
 
 WEIGHTINGS = ("tokens", "sqrt", "texts")
@@ -202,7 +218,9 @@ def quantize(
             and ``damp=0.1``; pass any of them to override.
         calibration: calibration texts instead of the default sentences.
         embeddings: a format for the word, position and token-type tables (``nn.QEmbed``, round to nearest;
-            e.g. ``"nf4"`` makes the whole model over 6x smaller than float32); ``None`` keeps them float32.
+            e.g. ``"nf4"`` makes the whole model over 6x smaller than float32), or a mapping ``{table: format or
+            (format, options)}`` over :data:`TABLES` (those left out stay float32; :data:`TABLE_FORMATS` is the
+            measured mix for a 6x smaller model); ``None`` keeps them float32.
         weighting: the calibration tokens' weights in the Hessians, the planner's layer errors and the AWQ
             statistics (:func:`calibration_batches`: ``"tokens"``, ``"sqrt"``, ``"texts"``); ``None``:
             :data:`DEFAULT_WEIGHTING`.
@@ -238,7 +256,7 @@ def quantize(
         :class:`viva_tensor.nn.QuantizeReport`.
 
     Raises:
-        ConfigError: both ``bits`` and ``fmt``.
+        ConfigError: both ``bits`` and ``fmt``; an ``embeddings`` mapping with a key not in :data:`TABLES`.
 
     Example:
         >>> from viva_tensor.models import minilm
@@ -250,6 +268,7 @@ def quantize(
         raise ConfigError(argument="bits", expected="bits or fmt, not both", got=f"bits={bits}, fmt={fmt!r}")
     from viva_tensor.models import _calibration
 
+    others = _table_formats(embeddings)
     weighting = DEFAULT_WEIGHTING if weighting is None else weighting
     texts = list(_calibration.calibration_mix(DEFAULT_SENTENCES) if calibration is None else calibration)
     batches = calibration_batches(encoder, texts, weighting=weighting)
@@ -279,6 +298,17 @@ def quantize(
     if bias_correction is not None:
         options["bias_correction"] = bias_correction
     model, report = nn.quantize_model(
-        encoder.model, target, method=method, calibration=batches, progress=progress, others=embeddings, **options
+        encoder.model, target, method=method, calibration=batches, progress=progress, others=others, **options
     )
     return encoder.replace(model=model), report
+
+
+def _table_formats(embeddings: Any) -> Any:
+    """``quantize``'s ``embeddings`` as :func:`viva_tensor.nn.quantize_model`'s ``others``."""
+    if not isinstance(embeddings, Mapping):
+        return embeddings
+    unknown = sorted(set(embeddings) - set(TABLES))
+    if unknown:
+        raise ConfigError(argument="embeddings", expected=f"a format, or a mapping over the tables {TABLES}",
+                          got="keys " + ", ".join(map(repr, unknown)))  # fmt: skip
+    return {f"embeddings.{table}": value for table, value in embeddings.items()}

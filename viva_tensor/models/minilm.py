@@ -843,4 +843,4 @@ def _batches(
 
 
 from viva_tensor.models._distill import DistillReport, distill  # noqa: E402, F401 - minilm.distill (issue 16)
-from viva_tensor.models._quantize import quantize  # noqa: E402, F401 - minilm.quantize (models/_quantize.py)
+from viva_tensor.models._quantize import TABLE_FORMATS, quantize  # noqa: E402, F401 - minilm.quantize (models/_quantize.py)

@@ -133,9 +133,10 @@ def quantize_model(
         progress: show a rich progress bar on stderr (GPTQ).
         others: a format name, or ``(name, options)``, for every other layer that
             :func:`viva_tensor.nn.quantizable` accepts (``nnx.Embed``, ``nnx.LinearGeneral``, ``nnx.Einsum``,
-            ``nnx.Conv``), by round to nearest through :func:`viva_tensor.nn.quantize_layer`; ``None`` (default)
-            keeps them in float. They are listed in ``report.quantized`` and ``report.formats``, not in the
-            ``linear_*`` counts.
+            ``nnx.Conv``), by round to nearest through :func:`viva_tensor.nn.quantize_layer`; or a mapping
+            ``{dotted path: name or (name, options)}`` giving each of those layers its own format (the layers
+            it leaves out stay float); ``None`` (default) keeps them in float. They are listed in
+            ``report.quantized`` and ``report.formats``, not in the ``linear_*`` counts.
         **options: the format's options (see :meth:`QLinear.from_linear`, whose ``rotate=`` / ``rotation_key=``
             rotate each layer's inputs by a random Hadamard transform, :mod:`viva_tensor.rotation`: the record
             holds ``W R``, GPTQ works on the rotated Hessian ``Rᵀ H R``; a plan's candidates may carry them too);
@@ -151,7 +152,8 @@ def quantize_model(
         ConfigError: an unknown ``method``, ``method="gptq"`` without ``calibration``, ``activations``
             for a format other than ``"awq_int4"``, a layer selected by ``where`` that has no
             activations, or ``migrate`` with another method than GPTQ, with ``asymmetric`` or with a
-            calibration that is not a sequence of at least 2 batches.
+            calibration that is not a sequence of at least 2 batches; an ``others`` mapping naming a path that is
+            not one of the model's non-Linear quantizable layers, or a value that is not a format or a pair.
         TensorError: whatever the format raises for a kernel it cannot quantize.
 
     Example:
@@ -195,6 +197,9 @@ def quantize_model(
     if method == "gptq" and calibration is None:
         raise ConfigError(argument="calibration", expected="calibration data for method='gptq'", got="None",
                           hint="a sequence of argument tuples / nn.CalibrationBatch, or a callable f(model).")
+    if others is not None:  # checked before any calibration runs
+        _other_formats(others, [path_str(p) for p, n in nnx.iter_graph(model)
+                                if p and quantizable(n) and not isinstance(n, nnx.Linear)])  # fmt: skip
     if method == "awq" or (activations is not None):
         method = "awq"
         if activations is None and calibration is not None:
@@ -278,17 +283,38 @@ def quantize_model(
 
 def _quantize_others(copy: nnx.Module, model: nnx.Module, others: Any, where: Any, done: list, formats: dict):
     """Replaces in ``copy`` the non-Linear quantizable layers of ``model`` (round to nearest); returns ``copy``."""
-    other_fmt, other_options = (others, {}) if isinstance(others, str) else (others[0], dict(others[1]))
-    for path, layer in [(p, n) for p, n in nnx.iter_graph(model) if p and quantizable(n)]:
-        if isinstance(layer, nnx.Linear):
-            continue
+    candidates = [(p, n) for p, n in nnx.iter_graph(model) if p and quantizable(n) and not isinstance(n, nnx.Linear)]
+    per_layer = _other_formats(others, [path_str(p) for p, _ in candidates])
+    for path, layer in candidates:
         name = path_str(path)
-        if where is not None and not where(name, layer):
+        if name not in per_layer or (where is not None and not where(name, layer)):
             continue
+        other_fmt, other_options = per_layer[name]
         set_child(copy, path, quantize_layer(layer, other_fmt, **other_options))
         done.append(name)
         formats[name] = other_fmt
     return copy
+
+
+def _format_and_options(value: Any, argument: str) -> tuple[str, dict]:
+    """``"fmt"`` or ``("fmt", {options})`` as ``(fmt, options)``."""
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], Mapping):
+        return value[0], dict(value[1])
+    raise ConfigError(argument=argument, expected="a format name or a (format, options) pair", got=repr(value))
+
+
+def _other_formats(others: Any, names: list[str]) -> dict[str, tuple[str, dict]]:
+    """``others=`` as ``{path: (fmt, options)}`` over the non-Linear quantizable layers ``names``."""
+    if not isinstance(others, Mapping):
+        fmt, options = _format_and_options(others, "others")
+        return {name: (fmt, options) for name in names}
+    unknown = sorted(set(others) - set(names))
+    if unknown:
+        raise ConfigError(argument="others", expected="paths of the model's non-Linear quantizable layers ("
+                          + ", ".join(map(repr, names)) + ")", got=", ".join(map(repr, unknown)))  # fmt: skip
+    return {name: _format_and_options(value, f"others[{name!r}]") for name, value in others.items()}
 
 
 def _make_qlinear(layer: nnx.Linear, record: Any, rotation: Any = None) -> QLinear:
