@@ -53,6 +53,11 @@ raised it (0.9935). int4 groups of 128 by QAT, 150 steps (510 CPU s): 0.945 -> 0
 defaults' start and not kept (40 steps, held-out training text 0.9917 -> 0.9936): matching every layer's token states
 as well (TinyBERT-style, cosine, weight 1) 0.9936; 80 steps of 4 rows instead of 40 of 8 (the same tokens, 147 against
 151 CPU s) 0.9937.
+
+On a rotated base (``rotate=128``: the NF4 GPTQ base of every layer quantized as ``W R``, 2026-12-03, the 32 evaluation
+sentences; ``benchmarks/results/qlora_distill_rotated*.md``): 120 steps 0.9889 / 0.9755 / 30 of 32 (369 s of wall
+time training); 200 steps 0.9893 / 0.9775 / 31, held-out training text 0.9922 -> 0.9950, in 832 s of wall time on a
+shared machine, over the 10 minutes of the target and still under 0.99: more steps are not the way to 0.99 here.
 """
 
 from __future__ import annotations
