@@ -198,8 +198,7 @@ def quantize_model(
         raise ConfigError(argument="calibration", expected="calibration data for method='gptq'", got="None",
                           hint="a sequence of argument tuples / nn.CalibrationBatch, or a callable f(model).")
     if others is not None:  # checked before any calibration runs
-        _other_formats(others, [path_str(p) for p, n in nnx.iter_graph(model)
-                                if p and quantizable(n) and not isinstance(n, nnx.Linear)])  # fmt: skip
+        _other_formats(others, [path_str(p) for p, _ in _other_layers(model)])
     if method == "awq" or (activations is not None):
         method = "awq"
         if activations is None and calibration is not None:
@@ -283,7 +282,7 @@ def quantize_model(
 
 def _quantize_others(copy: nnx.Module, model: nnx.Module, others: Any, where: Any, done: list, formats: dict):
     """Replaces in ``copy`` the non-Linear quantizable layers of ``model`` (round to nearest); returns ``copy``."""
-    candidates = [(p, n) for p, n in nnx.iter_graph(model) if p and quantizable(n) and not isinstance(n, nnx.Linear)]
+    candidates = _other_layers(model)
     per_layer = _other_formats(others, [path_str(p) for p, _ in candidates])
     for path, layer in candidates:
         name = path_str(path)
@@ -294,6 +293,11 @@ def _quantize_others(copy: nnx.Module, model: nnx.Module, others: Any, where: An
         done.append(name)
         formats[name] = other_fmt
     return copy
+
+
+def _other_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """``(path, layer)`` of the quantizable layers of ``model`` that are not ``nnx.Linear`` (``others=``'s layers)."""
+    return [(p, n) for p, n in nnx.iter_graph(model) if p and quantizable(n) and not isinstance(n, nnx.Linear)]
 
 
 def _format_and_options(value: Any, argument: str) -> tuple[str, dict]:
