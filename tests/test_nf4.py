@@ -250,14 +250,130 @@ def test_quantize_matches_reference_float16(rng):
     assert nf4.dequantize(q).dtype == jnp.float16
 
 
+# ---- torch's CPU float32 sum (bitsandbytes' offset is ``absmax.mean()``), from ATen's SumKernel.cpp
+
+
+def ref_cascade(rows: np.ndarray) -> np.ndarray:
+    """multi_row_sum: rows added one by one into level 0; after every 2**p rows (p = max(4, ceil(log2(size)) // 4))
+    level 0 is added into level 1 and cleared, and so on upward while the row count is a multiple of 2**(p*j)."""
+    size = rows.shape[0]
+    p = max(4, math.ceil(math.log2(size)) // 4) if size > 1 else 4
+    step, mask = 1 << p, (1 << p) - 1
+    acc = np.zeros((4,) + rows.shape[1:], F32)
+    i = 0
+    while i + step <= size:
+        for _ in range(step):
+            acc[0] = (acc[0] + rows[i]).astype(F32)
+            i += 1
+        for j in range(1, 4):
+            acc[j] = (acc[j] + acc[j - 1]).astype(F32)
+            acc[j - 1] = 0
+            if i & (mask << (j * p)):
+                break
+    for r in rows[i:]:
+        acc[0] = (acc[0] + r).astype(F32)
+    for j in range(1, 4):
+        acc[0] = (acc[0] + acc[j]).astype(F32)
+    return acc[0]
+
+
+def ref_serial_sum(a: np.ndarray) -> np.float32:
+    """cascade_sum on one thread: vectorized_inner_sum (8 lanes, 4 vectors side by side) from 8 values on, else
+    scalar_inner_sum (4 scalars side by side); the leftovers go into the first partial sum."""
+    a = a.astype(F32)
+    if a.size < 8:
+        rows = a.size // 4
+        part = ref_cascade(a[: rows * 4].reshape(rows, 4)) if rows else np.zeros(4, F32)
+        for v in a[rows * 4:]:
+            part[0] = F32(part[0] + v)
+        total = part[0]
+        for k in range(1, 4):
+            total = F32(total + part[k])
+        return total
+    nvec = a.size // 8
+    vecs = a[: nvec * 8].reshape(nvec, 8)
+    rows = nvec // 4
+    part = ref_cascade(vecs[: rows * 4].reshape(rows, 4, 8)) if rows else np.zeros((4, 8), F32)
+    for v in vecs[rows * 4:]:
+        part[0] = (part[0] + v).astype(F32)
+    for k in range(1, 4):
+        part[0] = (part[0] + part[k]).astype(F32)
+    total = F32(0)
+    for v in a[nvec * 8:]:
+        total = F32(total + v)
+    for v in part[0]:
+        total = F32(total + v)
+    return total
+
+
+def ref_torch_sum(a: np.ndarray, threads: int) -> np.float32:
+    """From 32768 values on (at::internal::GRAIN_SIZE), min(threads, ceil(n / 32768)) equal chunks, added in order."""
+    n = a.size
+    tasks = 1 if n < 32768 else min(threads, -(-n // 32768))
+    chunk = -(-n // tasks)
+    total = F32(0)
+    for t in range(tasks):
+        total = F32(total + ref_serial_sum(a[t * chunk:(t + 1) * chunk]))
+    return total if tasks > 1 else ref_serial_sum(a)
+
+
+def _torch_sum_values(n: int) -> np.ndarray:  # tools/make_interop_fixtures.py's torch_sum_values
+    i = np.arange(n, dtype=np.int64)
+    return ((i * 2654435761 % 1000003).astype(np.float64) / 1000003 * 0.09 + 0.01).astype(F32)
+
+
+def test_offset_is_torchs_float32_mean_bit_for_bit():
+    """torch.mean on the CPU (tests/data/interop/torch_sums.safetensors, written by torch 2.13 through
+    tools/make_interop_fixtures.py) for 18 lengths up to 300007 and 1, 2, 3, 8 threads, against the offset
+    that _double_core computes (jit) and the NumPy reference above."""
+    import pathlib
+
+    from safetensors.numpy import load_file
+
+    sums = load_file(str(pathlib.Path(__file__).parent / "data" / "interop" / "torch_sums.safetensors"))
+    core = jax.jit(nf4._double_core, static_argnums=(1, 2))
+    for threads in (1, 2, 3, 8):
+        for n, want in zip(sums["lengths"].tolist(), sums[f"mean_threads_{threads}"], strict=True):
+            a = _torch_sum_values(n)
+            got = np.asarray(core(jnp.asarray(a), 256, threads)[2])
+            assert got.view(np.uint32) == want.view(np.uint32), (threads, n, float(got), float(want))
+            if n <= 40000:  # the NumPy reference is slow; its longer runs are the same chunks
+                assert (ref_torch_sum(a, threads) / F32(n)).view(np.uint32) == want.view(np.uint32), (threads, n)
+
+
+@given(n=st.integers(1, 3000), threads=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_property_torch_sum_order_is_the_reference(n, threads, seed):
+    a = np.abs(np.random.default_rng(seed).standard_normal(n)).astype(F32) * F32(0.05)
+    got = np.asarray(nf4._torch_sum(jnp.asarray(a), threads))
+    assert got.view(np.uint32) == ref_torch_sum(a, threads).view(np.uint32)
+
+
+def test_torch_threads_argument_and_default(monkeypatch):
+    x = jnp.abs(jnp.sin(jnp.arange(64 * 40000, dtype=jnp.float32))) + 0.01  # 40000 blocks: the order splits
+    one, two = (nf4.double_quantize(x, torch_threads=t) for t in (1, 2))
+    absmax = np.asarray(nf4.quantize(x).absmax)
+    for q, t in ((one, 1), (two, 2)):
+        np.testing.assert_array_equal(np.asarray(q.offset), ref_torch_sum(absmax, t) / F32(absmax.size))
+    for bad in (0, -1, 2.0, "2", True):
+        with pytest.raises(ConfigError, match="torch_threads"):
+            nf4.double_quantize(x[:64], torch_threads=bad)
+    nf4.torch_default_threads.cache_clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    try:
+        assert nf4.torch_default_threads() == 3
+    finally:
+        nf4.torch_default_threads.cache_clear()
+
+
 @pytest.mark.parametrize("n,block,nested", [(64 * 600, 64, 256), (5000, 64, 256), (3000, 32, 16)])
 def test_double_quantize_matches_reference(n, block, nested, maybe_jit, rng):
     x = jnp.asarray(rng.normal(size=n).astype(F32))
     q = maybe_jit(lambda v: nf4.double_quantize(v, block_size=block, nested_block_size=nested))(x)
     codes, absmax = ref_quantize(np.asarray(x), block)
     np.testing.assert_array_equal(np.asarray(q.codes), codes)
-    # The offset is a float32 mean: XLA and NumPy may sum in different orders.
-    assert float(q.offset) == pytest.approx(float(np.mean(absmax.astype(np.float64))), rel=1e-6)
+    # The offset: the float32 mean of the absmax values in torch's CPU order (bitsandbytes' absmax.mean()).
+    mean = ref_torch_sum(absmax, nf4.torch_default_threads()) / F32(absmax.size)
+    np.testing.assert_array_equal(np.asarray(q.offset), mean)
     acodes, gmax = ref_nested(absmax, np.asarray(q.offset), nested, nf4.DYNAMIC_MAP)
     np.testing.assert_array_equal(np.asarray(q.absmax_codes), acodes)
     np.testing.assert_array_equal(np.asarray(q.nested_absmax), gmax)

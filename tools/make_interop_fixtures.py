@@ -191,11 +191,35 @@ def compressed_tensors(w: torch.Tensor) -> None:
                "weights": json.dumps(args.model_dump(mode="json"))})
 
 
+TORCH_SUM_LENGTHS = (1, 3, 4, 7, 8, 9, 31, 33, 100, 511, 4099, 16384, 32767, 32768, 32769, 70001, 262144, 300007)
+TORCH_SUM_THREADS = (1, 2, 3, 8)
+
+
+def torch_sum_values(n: int) -> np.ndarray:
+    """Deterministic positive float32 values like a tensor's absmax (no RNG: the tests rebuild them)."""
+    i = np.arange(n, dtype=np.int64)
+    return ((i * 2654435761 % 1000003).astype(np.float64) / 1000003 * 0.09 + 0.01).astype(np.float32)
+
+
+def torch_sums() -> None:
+    """torch's float32 ``mean`` of :func:`torch_sum_values` on the CPU for every length and thread count:
+    bitsandbytes' double-quantization ``offset`` is ``absmax.mean()``, whose summation order these pin down."""
+    tensors = {}
+    for threads in TORCH_SUM_THREADS:
+        torch.set_num_threads(threads)
+        means = [torch.from_numpy(torch_sum_values(n)).mean() for n in TORCH_SUM_LENGTHS]
+        tensors[f"mean_threads_{threads}"] = torch.stack(means)
+    tensors["lengths"] = torch.tensor(TORCH_SUM_LENGTHS, dtype=torch.int64)
+    meta = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    _save("torch_sums", tensors, meta)
+
+
 GROUPS = {
     "bitsandbytes": bitsandbytes,
     "autoawq": autoawq,
     "compressed-tensors": compressed_tensors,
     "bnb-fp4-random": lambda w: bitsandbytes_fp4_random(),
+    "torch-sums": lambda w: torch_sums(),
 }
 
 

@@ -446,7 +446,8 @@ def _nf4_record(codes, p, tensor, shape, dtype, layout):
 
 
 def _nf4_dq_finish(q: nf4.NF4Tensor, layout: Layout) -> nf4.NF4DQTensor:
-    absmax_codes, nested_absmax, offset = nf4._double_core(q.absmax, layout.options["nested_block_size"])
+    nested = layout.options["nested_block_size"]
+    absmax_codes, nested_absmax, offset = nf4._double_core(q.absmax, nested, nf4.torch_default_threads())
     return nf4.NF4DQTensor(q.codes, absmax_codes, nested_absmax, offset, shape=q.shape, dtype=q.dtype, **layout.options)
 
 
