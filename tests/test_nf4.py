@@ -348,6 +348,42 @@ def test_property_torch_sum_order_is_the_reference(n, threads, seed):
     assert got.view(np.uint32) == ref_torch_sum(a, threads).view(np.uint32)
 
 
+def ref_cpu_codes(v: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CPU quantize_blockwise for values already times 1/absmax, element by element: the bin
+    int((v + 1) * 0.5 * 65535 + 0.5) of [-1, 1] in 65536 bins, and for bin i the nearest code to -1 + 2i/65535
+    (the first whose upper midpoint is not below it)."""
+    out = np.empty(v.size, np.int64)
+    mid = [F32(0.5) * (F32(code[k]) + F32(code[k + 1])) for k in range(255)]
+    for j, value in enumerate(v.astype(F32)):
+        value = min(max(value, F32(-1)), F32(1))
+        i = int(F32(F32(F32(value + F32(1)) * F32(0.5)) * F32(65535)) + F32(0.5))
+        left = F32(-1) + F32(F32(2) * F32(i)) / F32(65535)
+        k = 0
+        while k < 255 and mid[k] < left:
+            k += 1
+        out[j] = k
+    return out
+
+
+@pytest.mark.parametrize("n,nested", [(5000, 256), (64 * 700, 256), (3000, 16)])
+def test_cpu_backend_absmax_codes_are_the_lookup_table(n, nested, maybe_jit, rng):
+    x = jnp.asarray(rng.normal(size=n).astype(F32))
+    q = maybe_jit(lambda v: nf4.double_quantize(v, nested_block_size=nested))(x)
+    cuda = nf4.double_quantize(x, nested_block_size=nested, backend="cuda")
+    _, absmax = ref_quantize(np.asarray(x), 64)
+    centered = (absmax - np.asarray(q.offset)).astype(F32)
+    want = []
+    for g in range(0, centered.size, nested):
+        group = centered[g:g + nested]
+        want.append(ref_cpu_codes(group * (F32(1) / np.abs(group).max()), nf4.DYNAMIC_MAP))
+    np.testing.assert_array_equal(np.asarray(q.absmax_codes), np.concatenate(want))
+    diff = np.asarray(q.absmax_codes).astype(int) - np.asarray(cuda.absmax_codes).astype(int)
+    assert np.abs(diff).max() <= 1 and np.count_nonzero(diff) <= max(2, diff.size // 100)  # the two kernels
+    np.testing.assert_array_equal(np.asarray(q.nested_absmax), np.asarray(cuda.nested_absmax))
+    with pytest.raises(ConfigError, match="backend"):
+        nf4.double_quantize(x, backend="gpu")
+
+
 def test_torch_threads_argument_and_default(monkeypatch):
     x = jnp.abs(jnp.sin(jnp.arange(64 * 40000, dtype=jnp.float32))) + 0.01  # 40000 blocks: the order splits
     one, two = (nf4.double_quantize(x, torch_threads=t) for t in (1, 2))
@@ -368,7 +404,7 @@ def test_torch_threads_argument_and_default(monkeypatch):
 @pytest.mark.parametrize("n,block,nested", [(64 * 600, 64, 256), (5000, 64, 256), (3000, 32, 16)])
 def test_double_quantize_matches_reference(n, block, nested, maybe_jit, rng):
     x = jnp.asarray(rng.normal(size=n).astype(F32))
-    q = maybe_jit(lambda v: nf4.double_quantize(v, block_size=block, nested_block_size=nested))(x)
+    q = maybe_jit(lambda v: nf4.double_quantize(v, block_size=block, nested_block_size=nested, backend="cuda"))(x)
     codes, absmax = ref_quantize(np.asarray(x), block)
     np.testing.assert_array_equal(np.asarray(q.codes), codes)
     # The offset: the float32 mean of the absmax values in torch's CPU order (bitsandbytes' absmax.mean()).

@@ -13,15 +13,17 @@ Choices made like bitsandbytes (``kQuantizeBlockwise`` / ``dQuantizeNF4``):
   levels): a value exactly on a threshold takes the LOWER code;
 * double quantization subtracts the mean of the absmax values (kept as ``offset``) and quantizes them
   with the signed 8-bit dynamic map (``create_dynamic_map(signed=True)``) in nested blocks of
-  ``nested_block_size``, each with its float32 absmax, using the binary search of bitsandbytes'
-  ``dQuantize``; dequantization is ``dynamic_map[code] * nested_absmax + offset``;
+  ``nested_block_size``, each with its float32 absmax; dequantization is
+  ``dynamic_map[code] * nested_absmax + offset``;
 * the mean is bitsandbytes' ``absmax.mean()``: a float32 sum in the order of PyTorch's CPU sum kernel
   (``cascade_sum``: 8 lanes, 4 vectors side by side, a four-level cascade; from 32768 blocks on, one chunk per
-  thread, see ``torch_threads``), divided by the count. So ``offset`` and ``nested_absmax`` are
-  bitsandbytes' bits on the CPU (tested against torch's own sums for lengths up to 300007 and 1 to 8 threads).
-  bitsandbytes' CPU path then picks the 8-bit absmax codes through a lookup table that is one step off the
-  ``dQuantize`` rule followed here in about 0.2% of the codes (measured: in 43 of 244 random tensors, 1 to 4
-  codes each).
+  thread, see ``torch_threads``), divided by the count, so ``offset`` and ``nested_absmax`` are bitsandbytes'
+  bits (tested against torch's own sums for lengths up to 300007 and 1 to 8 threads);
+* the 8-bit absmax codes follow bitsandbytes' CPU kernel by default (``backend="cpu"``: the value times
+  ``1 / absmax`` looked up in a 65536-bin table of [-1, 1]), or its CUDA kernel (``backend="cuda"``:
+  ``dQuantize``'s 7-step binary search and nearest of three). The two differ by one code step in about 0.2%
+  of the codes (in 43 of 244 random tensors, 1 to 4 codes each); with ``"cpu"`` every field of
+  ``quantize_4bit(..., compress_statistics=True)`` on the CPU is reproduced bit for bit (all 244).
 
 Where this port decides differently, on purpose:
 
@@ -341,6 +343,39 @@ def _dynamic_codes(v: jax.Array) -> jax.Array:
     return jnp.where(above, up, down).astype(jnp.uint8)
 
 
+def _cpu_lookup_table(code: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CPU lookup table (``build_quantize_lut``): for ``i`` in 0..65535 the value
+    ``-1 + 2 i / 65535`` (float32) and the index of the first midpoint ``(code[k] + code[k+1]) / 2`` that is not
+    below it, so each of 65536 equal bins of [-1, 1] holds one code: the nearest to the bin's left edge."""
+    f32 = np.float32
+    mid = (f32(0.5) * (code[:-1].astype(f32) + code[1:].astype(f32))).astype(f32)
+    val = (f32(-1) + (f32(2) * np.arange(65536, dtype=f32)) / f32(65535)).astype(f32)
+    return np.searchsorted(mid, val, side="left").astype(np.uint8)
+
+
+_CPU_LUT = _cpu_lookup_table(DYNAMIC_MAP)
+
+
+def _cpu_dynamic_codes(v: jax.Array) -> jax.Array:
+    """bitsandbytes' CPU ``quantize_blockwise`` for values already scaled by ``1 / absmax``: the bin
+    ``trunc((clip(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)`` of :func:`_cpu_lookup_table`. A bin is 2/65535 wide,
+    so a value within a bin of a midpoint between two codes can take the farther code (about 0.2% of the
+    values of real absmax tensors; measured against bitsandbytes 0.50.2)."""
+    t = (jnp.clip(v, -1.0, 1.0) + jnp.float32(1)) * jnp.float32(0.5)
+    bins = (t * jnp.float32(65535) + jnp.float32(0.5)).astype(jnp.int32)
+    return jnp.asarray(_CPU_LUT)[bins]
+
+
+_ABSMAX_CODES = {"cpu": _cpu_dynamic_codes, "cuda": _dynamic_codes}
+
+
+def _check_backend(backend: Any) -> str:
+    if backend not in _ABSMAX_CODES:
+        raise ConfigError(argument="backend", expected="'cpu' or 'cuda' (which bitsandbytes kernel to match)",
+                          got=backend)
+    return backend
+
+
 def double_quantize(
     x: Any,
     *,
@@ -348,6 +383,7 @@ def double_quantize(
     nested_block_size: int = 256,
     validate: bool = False,
     torch_threads: int | None = None,
+    backend: str = "cpu",
 ) -> NF4DQTensor:
     """NF4 with double quantization, as bitsandbytes' ``quantize_4bit(..., compress_statistics=True)``.
 
@@ -369,6 +405,10 @@ def double_quantize(
             :func:`torch_default_threads`). ``offset`` is the float32 mean of the absmax values summed in the
             order of PyTorch's CPU sum kernel, as bitsandbytes computes it (``absmax.mean()``), bit for bit; from
             32768 NF4 blocks on (2**21 values at ``block_size=64``) that order depends on the thread count.
+        backend: Which bitsandbytes kernel picks the 8-bit absmax codes: ``"cpu"`` (its 65536-entry lookup
+            table: bitsandbytes with torch on the CPU, bit for bit) or ``"cuda"`` (``dQuantize``'s binary search
+            and nearest of three, its CUDA kernel). They differ by one code step in about 0.2% of the codes;
+            either decodes with the same map.
 
     Returns:
         An :class:`NF4DQTensor` with ``codes``, ``absmax_codes`` (uint8), ``nested_absmax`` and
@@ -393,9 +433,9 @@ def double_quantize(
     x = float_input(x)
     if validate:
         validate_finite(x)
-    threads = _threads(torch_threads)
+    threads, backend = _threads(torch_threads), _check_backend(backend)
     codes, absmax = _nf4_core(x, block)
-    absmax_codes, nested_absmax, offset = _double_core(absmax, nested, threads)
+    absmax_codes, nested_absmax, offset = _double_core(absmax, nested, threads, backend)
     q = NF4DQTensor(
         codes=codes,
         absmax_codes=absmax_codes,
@@ -550,8 +590,10 @@ def _threads(torch_threads: int | None) -> int:
     return torch_default_threads() if torch_threads is None else positive_int("torch_threads", torch_threads)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _double_core(absmax: jax.Array, nested: int, threads: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _double_core(
+    absmax: jax.Array, nested: int, threads: int = 1, backend: str = "cpu"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     finite = jnp.isfinite(absmax)
     count = jnp.sum(finite).astype(jnp.float32)
     kept = jnp.where(finite, absmax, 0)
@@ -566,7 +608,7 @@ def _double_core(absmax: jax.Array, nested: int, threads: int = 1) -> tuple[jax.
     groups = _blocks(clean, nested)
     nested_absmax = jnp.max(jnp.abs(groups), axis=1)
     scaled = _scaled(groups, nested_absmax).reshape(-1)[:nb]
-    absmax_codes = _dynamic_codes(scaled)
+    absmax_codes = _ABSMAX_CODES[backend](scaled)
     # An 8-bit code cannot hold NaN: a non-finite absmax makes its nested block's absmax NaN, so
     # those blocks dequantize to NaN instead of to a finite, wrong value.
     spoiled = jnp.any(_blocks(~finite, nested), axis=1)
@@ -760,12 +802,12 @@ def quantize_fp4(x: Any, *, block_size: int = 64, validate: bool = False) -> FP4
 
 def double_quantize_fp4(
     x: Any, *, block_size: int = 64, nested_block_size: int = 256, validate: bool = False,
-    torch_threads: int | None = None,
+    torch_threads: int | None = None, backend: str = "cpu",
 ) -> FP4DQTensor:
     """bitsandbytes FP4 with double quantization (``quantize_4bit(..., "fp4", compress_statistics=True)``).
 
     The FP4 codes of :func:`quantize_fp4`; the absmax values stored as in :func:`double_quantize` (mean
-    subtracted, 8-bit dynamic-map codes per nested block, the rule of bitsandbytes' CUDA ``dQuantize``).
+    subtracted, 8-bit dynamic-map codes per nested block by the rule of ``backend``).
 
     Args:
         x: A float32, bfloat16 or float16 array of any non-empty shape.
@@ -773,6 +815,7 @@ def double_quantize_fp4(
         nested_block_size: absmax values per nested block (a positive integer; bitsandbytes uses 256).
         validate: As :func:`double_quantize`'s.
         torch_threads: As :func:`double_quantize`'s (the order of the float32 mean ``offset``).
+        backend: As :func:`double_quantize`'s (``"cpu"`` or ``"cuda"``: the rule of the 8-bit absmax codes).
 
     Returns:
         An :class:`FP4DQTensor`.
@@ -796,7 +839,7 @@ def double_quantize_fp4(
     if validate:
         validate_finite(x)
     codes, absmax = _fp4_core(x, block)
-    absmax_codes, nested_absmax, offset = _double_core(absmax, nested, _threads(torch_threads))
+    absmax_codes, nested_absmax, offset = _double_core(absmax, nested, _threads(torch_threads), _check_backend(backend))
     q = FP4DQTensor(codes=codes, absmax_codes=absmax_codes, nested_absmax=nested_absmax, offset=offset,
                     shape=tuple(x.shape), dtype=x.dtype, block_size=block, nested_block_size=nested)
     if validate:
