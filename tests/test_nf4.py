@@ -323,7 +323,7 @@ def _torch_sum_values(n: int) -> np.ndarray:  # tools/make_interop_fixtures.py's
 
 
 def test_offset_is_torchs_float32_mean_bit_for_bit():
-    """torch.mean on the CPU (tests/data/interop/torch_sums.safetensors, written by torch 2.13 through
+    """torch.mean on the CPU (tests/data/interop/torch_sums.safetensors, written by torch 2.14.1 on the CPU through
     tools/make_interop_fixtures.py) for 18 lengths up to 300007 and 1, 2, 3, 8 threads, against the offset
     that _double_core computes (jit) and the NumPy reference above."""
     import pathlib
