@@ -508,35 +508,33 @@ def _cascade_sum(rows: jax.Array) -> jax.Array:
     return total
 
 
-def _torch_serial_sum(a: jax.Array) -> jax.Array:
-    """PyTorch's CPU float32 sum of a contiguous 1-D tensor on one thread (``cascade_sum``). From 8 values on
-    (``vectorized_inner_sum``): vectors of 8 lanes in 4 side-by-side cascades, the leftover vectors into the
-    first, the four added; then a scalar ``0 + leftover values + lane 0 + ... + lane 7``. Below 8
-    (``scalar_inner_sum``): 4 side-by-side scalar sums, the leftover values into the first, the four added."""
-    n = a.shape[0]
-    if n < _TORCH_LANES:
-        rows = n // _TORCH_ILP
-        part = _cascade_sum(a[: rows * _TORCH_ILP].reshape(rows, _TORCH_ILP))
-        first = part[0]
-        for i in range(rows * _TORCH_ILP, n):
-            first = first + a[i]
-        for k in range(1, _TORCH_ILP):
-            first = first + part[k]
-        return first
-    nvec = n // _TORCH_LANES
-    vecs = a[: nvec * _TORCH_LANES].reshape(nvec, _TORCH_LANES)
-    nrow = nvec // _TORCH_ILP
-    part = _cascade_sum(vecs[: nrow * _TORCH_ILP].reshape(nrow, _TORCH_ILP, _TORCH_LANES))
+def _row_sum(units: jax.Array) -> jax.Array:
+    """``row_sum``: units (m, ...) in 4 side-by-side cascades over rows of 4, the leftover units added into the
+    first cascade's sum, then the four sums added."""
+    rows = units.shape[0] // _TORCH_ILP
+    part = _cascade_sum(units[: rows * _TORCH_ILP].reshape((rows, _TORCH_ILP) + units.shape[1:]))
     first = part[0]
-    for v in range(nrow * _TORCH_ILP, nvec):
-        first = first + vecs[v]
+    for i in range(rows * _TORCH_ILP, units.shape[0]):
+        first = first + units[i]
     for k in range(1, _TORCH_ILP):
         first = first + part[k]
+    return first
+
+
+def _torch_serial_sum(a: jax.Array) -> jax.Array:
+    """PyTorch's CPU float32 sum of a contiguous 1-D tensor on one thread (``cascade_sum``). Below 8 values
+    (``scalar_inner_sum``): :func:`_row_sum` of the values. From 8 on (``vectorized_inner_sum``): :func:`_row_sum`
+    of the vectors of 8 lanes, then a scalar ``0 + leftover values + lane 0 + ... + lane 7``."""
+    n = a.shape[0]
+    if n < _TORCH_LANES:
+        return _row_sum(a)
+    nvec = n // _TORCH_LANES
+    lanes = _row_sum(a[: nvec * _TORCH_LANES].reshape(nvec, _TORCH_LANES))
     total = jnp.float32(0)
     for i in range(nvec * _TORCH_LANES, n):
         total = total + a[i]
     for lane in range(_TORCH_LANES):
-        total = total + first[lane]
+        total = total + lanes[lane]
     return total
 
 
