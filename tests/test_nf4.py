@@ -311,10 +311,12 @@ def ref_torch_sum(a: np.ndarray, threads: int) -> np.float32:
     n = a.size
     tasks = 1 if n < 32768 else min(threads, -(-n // 32768))
     chunk = -(-n // tasks)
+    if tasks == 1:
+        return ref_serial_sum(a)
     total = F32(0)
     for t in range(tasks):
         total = F32(total + ref_serial_sum(a[t * chunk:(t + 1) * chunk]))
-    return total if tasks > 1 else ref_serial_sum(a)
+    return total
 
 
 def _torch_sum_values(n: int) -> np.ndarray:  # tools/make_interop_fixtures.py's torch_sum_values

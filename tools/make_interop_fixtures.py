@@ -43,11 +43,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _save(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def _save(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, layer: bool = True) -> None:
+    """Writes one fixture; ``layer=False`` for fixtures not made from the MiniLM layer (no ``layer``/``rows`` keys)."""
     OUT.mkdir(parents=True, exist_ok=True)
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+    source = {"layer": LAYER, "rows": str(ROWS)} if layer else {}
     save_file({k: _np(v) for k, v in tensors.items()}, str(OUT / f"{name}.safetensors"),
-              metadata={**meta, "layer": LAYER, "rows": str(ROWS), "torch_dtypes": json.dumps(dtypes)})
+              metadata={**meta, **source, "torch_dtypes": json.dumps(dtypes)})
     print(f"{name}: {', '.join(f'{k} {dtypes[k]}{list(v.shape)}' for k, v in tensors.items())}")
 
 
@@ -118,7 +120,7 @@ def bitsandbytes_fp4_random() -> None:
         meta[name] = json.dumps({"blocksize": block, "double_quant": dq})
     _save("bnb_fp4_random", tensors, {"tool": f"bitsandbytes {bnb.__version__} (CPU)", "cases": json.dumps(meta),
                                       "call": "quantize_4bit(x, blocksize, quant_type='fp4', compress_statistics); "
-                                      "dequantize_4bit"})
+                                      "dequantize_4bit"}, layer=False)
 
 
 def _autoawq():
@@ -211,7 +213,7 @@ def torch_sums() -> None:
         tensors[f"mean_threads_{threads}"] = torch.stack(means)
     tensors["lengths"] = torch.tensor(TORCH_SUM_LENGTHS, dtype=torch.int64)
     meta = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    _save("torch_sums", tensors, meta)
+    _save("torch_sums", tensors, meta, layer=False)
 
 
 GROUPS = {
@@ -222,15 +224,21 @@ GROUPS = {
     "torch-sums": lambda w: torch_sums(),
 }
 
+NEEDS_MODEL = ("bitsandbytes", "autoawq", "compressed-tensors")
+"""The groups made from the MiniLM layer (the others make their own inputs and need no ``--model``)."""
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="all-MiniLM-L6-v2's model.safetensors")
+    p.add_argument("--model", help="all-MiniLM-L6-v2's model.safetensors (needed by " + ", ".join(NEEDS_MODEL) + ")")
     p.add_argument("--only", nargs="*", choices=sorted(GROUPS), help="make only these groups (default: all)")
     args = p.parse_args()
-    w = load_file(args.model)[LAYER][:ROWS].float().contiguous()
+    names = args.only or list(GROUPS)
+    if args.model is None and set(names) & set(NEEDS_MODEL):
+        p.error("--model is needed for " + ", ".join(n for n in names if n in NEEDS_MODEL))
+    w = None if args.model is None else load_file(args.model)[LAYER][:ROWS].float().contiguous()
     torch.manual_seed(0)
-    for name in args.only or GROUPS:
+    for name in names:
         GROUPS[name](w)
 
 
