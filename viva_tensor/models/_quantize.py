@@ -244,6 +244,11 @@ def quantize(
             cannot hold the rotation (see :mod:`viva_tensor.rotation`). Measured (2026-12-03, 32 evaluation
             sentences, mean / min cosine / same nearest neighbour): int4 g128 0.9722 / 0.933 / 28 -> 0.9815 /
             0.958 / 27 (damp 0.1); the plan at 4.5 bits 0.9887 / 0.974 / 30 -> 0.9911 / 0.979 / 31 (damp 0.3).
+            The minimum depends on the rotation's signs (``rotation_key``): the plan at 4.5 bits with
+            :data:`TABLE_FORMATS`, keys 0-3, gave mean 0.99074 / 0.99024 / 0.99019 / 0.99029 and min 0.97821 /
+            0.97397 / 0.98210 / 0.97536 (the worst sentence, "ok", has three tokens). 400 held-out
+            calibration-style texts did not rank the keys that way (min 0.98137 / 0.98016 / 0.97864 / 0.98121),
+            so the signs cannot be chosen on calibration text (``tools/minilm_rotation_seeds.py``, 2026-12-05).
         progress: a progress bar on stderr.
         **options: passed to :func:`viva_tensor.nn.quantize_model` (e.g. ``group_size``, ``damp``,
             ``migrate="awq"``: AWQ-style scale migration before GPTQ for the ``int4_group`` layers, which then
